@@ -1,0 +1,56 @@
+# kdpipe — common tasks. `make help` lists them.
+# Everything runs inside .venv, which `make setup` creates; other targets call it when needed.
+
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Extras installed into the venv: the CPU onnxruntime build plus test tools. The GPU image uses
+# `.[gpu]` instead; never both (see README, "GPU").
+EXTRAS ?= cpu,dev
+export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
+
+.DEFAULT_GOAL := help
+.PHONY: help setup repro data test lint clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+# The stamp depends on pyproject.toml: the venv is (re)installed only when the dependency spec
+# changed, so `make setup` is cheap when nothing did.
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (kdpipe needs Python 3.11; set PYTHON=...)"; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]' 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -m pip check >/dev/null
+	$(BIN)/python -c "import kdpipe, torch, onnxruntime, dvc, mlflow, kfp"
+	@touch $@
+
+setup: $(STAMP) ## create .venv and install kdpipe with its pinned stack (idempotent)
+	@test -d .dvc || $(BIN)/dvc init --quiet
+	@$(BIN)/dvc config core.analytics false
+	@$(BIN)/dvc remote list | grep -q '^local' || $(BIN)/dvc remote add --default local dvc-remote
+
+data: setup ## make sure data/ holds data: pull it from the DVC remote, else write the demo set
+	@if [ ! -d data/labeled ]; then \
+	  $(BIN)/dvc pull --quiet data/labeled.dvc data/unlabeled.dvc data/test.dvc 2>/dev/null \
+	  || { echo "data/ is empty: writing the embedded demo data set"; $(BIN)/kdpipe demo-data data --force; }; \
+	fi
+	@for d in labeled unlabeled test; do \
+	  $(BIN)/dvc status --quiet data/$$d.dvc 2>/dev/null || $(BIN)/dvc add --quiet data/$$d; \
+	done
+
+repro: data ## run the whole pipeline (dvc repro); a second run does nothing
+	$(BIN)/dvc repro
+	@$(BIN)/dvc push --quiet 2>/dev/null || echo "note: dvc push to the default remote failed (outputs stay in the local cache)"
+
+test: setup ## run the test suite
+	$(BIN)/python -m pytest -q
+
+lint: setup ## ruff on the code
+	$(BIN)/ruff check src tests
+
+clean: ## remove generated artifacts (keeps data/ and the venv)
+	rm -rf artifacts .pytest_cache

@@ -1,0 +1,70 @@
+"""Model checkpoints: one format for teacher, student and resume states.
+
+A model checkpoint is a plain dict of tensors and JSON-able values, so it loads with
+``torch.load(..., weights_only=True)`` (no pickled code is ever executed):
+
+    {"arch": str, "num_classes": int, "image_size": int, "class_names": [str],
+     "state_dict": {...}, "meta": {...}}
+
+The model's normalisation lives inside the network (see :mod:`kdpipe.models`), so a checkpoint
+needs nothing else to be used.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .atomic import atomic_path
+from .errors import KdpipeError
+
+
+def save(obj: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write a checkpoint atomically (temp file + rename)."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; a clear error names a missing or broken file."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise KdpipeError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated or foreign files
+        raise KdpipeError(f"{path}: not a readable kdpipe checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def model_checkpoint(model, arch: str, num_classes: int, image_size: int, class_names: list[str],
+                     meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The dict saved for a trained model (unwrapping DDP and torch.compile wrappers)."""
+    inner = getattr(model, "module", model)
+    inner = getattr(inner, "_orig_mod", inner)
+    return {
+        "arch": arch,
+        "num_classes": int(num_classes),
+        "image_size": int(image_size),
+        "class_names": list(class_names),
+        "state_dict": {k: v.detach().cpu() for k, v in inner.state_dict().items()},
+        "meta": dict(meta or {}),
+    }
+
+
+def load_model(path: str | os.PathLike):
+    """Rebuild the network stored in a model checkpoint; returns ``(model, checkpoint)``."""
+    from .models import build_model
+
+    ckpt = load(path)
+    for key in ("arch", "num_classes", "image_size", "state_dict"):
+        if key not in ckpt:
+            raise KdpipeError(f"{path}: checkpoint has no '{key}' entry (not a kdpipe model checkpoint)")
+    model = build_model(ckpt["arch"], num_classes=ckpt["num_classes"], image_size=ckpt["image_size"])
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    return model, ckpt

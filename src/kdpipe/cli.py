@@ -1,0 +1,162 @@
+"""The ``kdpipe`` command line: one subcommand per pipeline step, plus helpers.
+
+Start-up is lazy: this module imports only the standard library, and each subcommand imports its
+step module (and so torch, mlflow...) when it runs, so ``kdpipe --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from . import layout
+
+PARAMS_HELP = "params file (default: params.yaml, or $KDPIPE_PARAMS)"
+
+
+def _add_params_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default=None, help=PARAMS_HELP)
+    parser.add_argument(
+        "-S", "--set", dest="overrides", action="append", default=[], metavar="GROUP.KEY=VALUE",
+        help="override one parameter (repeatable), e.g. -S train.recipe=cotrain",
+    )
+
+
+def _load_params(args: argparse.Namespace):
+    from .params import load_params
+
+    return load_params(args.params, args.overrides)
+
+
+def _step(module: str, **path_args: str) -> Callable[[argparse.Namespace], Any]:
+    """A handler that loads params and calls ``kdpipe.steps.<module>.run(params, **paths)``."""
+
+    def handler(args: argparse.Namespace) -> Any:
+        step = importlib.import_module(f"kdpipe.steps.{module}")
+        kwargs = {name: getattr(args, name) for name in path_args}
+        return step.run(_load_params(args), **kwargs)
+
+    return handler
+
+
+# name -> (help, {argument: (default, help)})
+STEPS: dict[str, tuple[str, dict[str, tuple[str | None, str]]]] = {
+    "prepare": (
+        "decode, validate, de-duplicate and split the images into packed arrays",
+        {"data_root": (None, "data folder (default: params data.root)"),
+         "out_dir": (layout.PREPARED, "output folder")},
+    ),
+    "augment": (
+        "write the augmentation sets (K views per training sample) and a preview sheet",
+        {"prepared_dir": (layout.PREPARED, "prepared data"), "out_dir": (layout.AUGMENTED, "output folder")},
+    ),
+    "teacher": (
+        "train the teacher on the labeled data (or adopt teacher.checkpoint)",
+        {"prepared_dir": (layout.PREPARED, "prepared data"), "out_dir": (layout.TEACHER, "output folder")},
+    ),
+    "distill": (
+        "run the training recipe (train.recipe); resumes from the last checkpoint",
+        {"prepared_dir": (layout.PREPARED, "prepared data"), "augmented_dir": (layout.AUGMENTED, "augmentation sets"),
+         "teacher_dir": (layout.TEACHER, "teacher output"), "out_dir": (layout.DISTILL, "output folder")},
+    ),
+    "select": (
+        "pick the deployable model among the candidates under the deployment limits",
+        {"distill_dir": (layout.DISTILL, "distill output"), "prepared_dir": (layout.PREPARED, "prepared data"),
+         "out_dir": (layout.SELECTED, "output folder")},
+    ),
+    "export": (
+        "export the chosen model to ONNX (+ INT8) behind a torch/onnxruntime parity gate",
+        {"selected_dir": (layout.SELECTED, "select output"), "prepared_dir": (layout.PREPARED, "prepared data"),
+         "out_dir": (layout.EXPORTED, "output folder")},
+    ),
+    "evaluate": (
+        "measure accuracy, per-class metrics, confusion matrix and latency with onnxruntime",
+        {"export_dir": (layout.EXPORTED, "export output"), "prepared_dir": (layout.PREPARED, "prepared data"),
+         "out_dir": (layout.EVALUATION, "output folder")},
+    ),
+    "register": (
+        "log the model to MLflow, register a version, move the champion alias if it is better",
+        {"export_dir": (layout.EXPORTED, "export output"), "evaluation_dir": (layout.EVALUATION, "evaluate output"),
+         "out_dir": (layout.REGISTERED, "output folder")},
+    ),
+}
+
+
+def _demo_data(args: argparse.Namespace) -> None:
+    from .demo_data import DemoSplit, write_demo_data
+
+    counts = write_demo_data(args.dir, DemoSplit(args.labeled_per_class, args.test_per_class, args.seed), args.force)
+    print(f"wrote demo data to {args.dir}: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+
+
+def _params_check(args: argparse.Namespace) -> None:
+    params = _load_params(args)
+    if args.show:
+        import yaml
+
+        print(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False), end="")
+    else:
+        print(f"{args.params or 'params.yaml'}: ok")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kdpipe",
+        description="Train small, fast image classifiers from a few labeled and many unlabeled images.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = sub.add_parser("demo-data", help="write the embedded demo data set (real MNIST digits) to DIR")
+    demo.add_argument("dir", nargs="?", default="data", help="target folder (default: data)")
+    demo.add_argument("--labeled-per-class", type=int, default=30)
+    demo.add_argument("--test-per-class", type=int, default=50)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--force", action="store_true", help="write even if the folder already holds data")
+    demo.set_defaults(handler=_demo_data)
+
+    for name, (help_text, path_args) in STEPS.items():
+        step = sub.add_parser(name, help=help_text, description=help_text)
+        _add_params_options(step)
+        for arg, (default, arg_help) in path_args.items():
+            step.add_argument(f"--{arg.replace('_', '-')}", dest=arg, default=default, help=arg_help)
+        step.set_defaults(handler=_step(name, **{a: a for a in path_args}))
+
+    check = sub.add_parser("params", help="validate params.yaml (and -S overrides); --show prints the resolved values")
+    _add_params_options(check)
+    check.add_argument("--show", action="store_true")
+    check.set_defaults(handler=_params_check)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("KDPIPE_DEBUG") == "1"
+    from .errors import KdpipeError
+
+    try:
+        args.handler(args)
+    except KdpipeError as exc:
+        if debug:
+            raise
+        print(f"kdpipe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"kdpipe {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

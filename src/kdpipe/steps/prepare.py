@@ -1,0 +1,430 @@
+"""The ``prepare`` step: validate, de-duplicate, split and pack the user's images.
+
+Input (the data root, DVC-tracked)::
+
+    labeled/<class>/**     labeled images; the class is the top-level folder name
+    unlabeled/**           unlabeled images, at any depth (e.g. unlabeled/batch-0001/...)
+    test/<class>/**        held-out test images; every class must also exist in labeled/
+
+Output (one folder, replaced atomically)::
+
+    train_x.npy train_y.npy val_x.npy val_y.npy unlabeled_x.npy test_x.npy test_y.npy
+    sources.json    {split: [source path relative to the data root, one per array row]}
+    rejected.json   [{"path", "split", "reason", "detail"}] for every file not used
+    manifest.json   classes, counts, data_version, sha256 of every output file, params
+
+Hidden files and folders (names starting with '.') and OS clutter (Thumbs.db...) are ignored;
+every other file that is not used is listed in ``rejected.json`` with its reason. Outputs are
+byte-identical for the same input and params.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from .. import __version__
+from ..atomic import atomic_dir, write_json
+from ..data import ARRAY_FILES, MANIFEST, REJECTED, SOURCES, file_sha256
+from ..errors import DataError
+from ..imaging import IMAGE_EXTENSIONS, RejectedImage, decode_image, resize_square
+from ..params import Params
+
+log = logging.getLogger(__name__)
+
+IGNORED_NAMES = frozenset({"Thumbs.db", "desktop.ini", "__MACOSX"})
+# Preference order inside a group of identical images: a labeled copy is kept over an unlabeled one.
+_SOURCE_ORDER = {"labeled": 0, "test": 1, "unlabeled": 2}
+_COPY_CHUNK = 1024  # rows copied at a time from the decode spool into the output arrays
+
+
+@dataclass
+class _Item:
+    """One candidate image file."""
+
+    split: str  # source folder: labeled / unlabeled / test
+    rel: str  # path relative to the data root, '/'-separated
+    path: Path
+    label: str | None  # class name; None for unlabeled
+    file_hash: str = ""
+    pixel_hash: str = ""  # sha256 of the resized uint8 pixels: identical images in any format match
+    row: int = -1  # row in the decode spool
+
+    def sort_key(self) -> tuple[int, str]:
+        return _SOURCE_ORDER[self.split], self.rel
+
+
+class _Rejects:
+    """Collects rejected files; written sorted to rejected.json."""
+
+    def __init__(self) -> None:
+        self.entries: list[dict[str, str]] = []
+
+    def add(self, rel: str, split: str, reason: str, detail: str) -> None:
+        self.entries.append({"path": rel, "split": split, "reason": reason, "detail": detail})
+
+    def under(self, prefix: str) -> list[dict[str, str]]:
+        return [e for e in self.entries if e["path"].startswith(prefix)]
+
+    def sorted(self) -> list[dict[str, str]]:
+        return sorted(self.entries, key=lambda e: (e["path"], e["reason"]))
+
+
+def run(
+    params: Params, data_root: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None
+) -> dict:
+    """Run the prepare step; return the manifest (also written to ``<out_dir>/manifest.json``)."""
+    root = Path(data_root if data_root is not None else params.data.root)
+    out = Path(out_dir if out_dir is not None else params.data.prepared)
+    rejects = _Rejects()
+    class_names, items = _scan(root, rejects)
+    cfg = params.prepare
+
+    with atomic_dir(out) as tmp:
+        spool = _decode_all(items, cfg, tmp / ".spool.npy", rejects)
+        kept = _dedupe(items, rejects)
+        _require_each_class(root, class_names, kept, rejects)
+        labeled = [i for i in kept if i.split == "labeled"]
+        train, val = _stratified_split(labeled, class_names, cfg.val_fraction, cfg.seed)
+        splits = {
+            "train": train,
+            "val": val,
+            "unlabeled": [i for i in kept if i.split == "unlabeled"],
+            "test": [i for i in kept if i.split == "test"],
+        }
+        _write_arrays(tmp, spool, splits, class_names, cfg.image_size)
+        del spool
+        (tmp / ".spool.npy").unlink(missing_ok=True)
+        write_json(tmp / SOURCES, {name: [i.rel for i in split] for name, split in splits.items()})
+        write_json(tmp / REJECTED, rejects.sorted())
+        manifest = _manifest(tmp, params, class_names, splits, kept, rejects)
+        write_json(tmp / MANIFEST, manifest)
+
+    _log_summary(manifest, out)
+    return manifest
+
+
+# ---------------------------------------------------------------- scanning
+
+
+def _scan(root: Path, rejects: _Rejects) -> tuple[list[str], list[_Item]]:
+    """Find every candidate file; raise DataError for an unusable folder layout."""
+    if not root.is_dir():
+        raise DataError(f"{root}: data root not found (expected a folder with labeled/, unlabeled/, test/)")
+    labeled_dir = root / "labeled"
+    if not labeled_dir.is_dir():
+        raise DataError(f"{labeled_dir}: folder not found; labeled images go in {labeled_dir}/<class>/")
+    root_real = root.resolve()
+
+    class_dirs = _class_dirs(root, root_real, labeled_dir, rejects)
+    class_names = sorted(class_dirs)
+    if not class_names:
+        raise DataError(
+            f"{labeled_dir}: no class folders; put the images of each class in {labeled_dir}/<class>/"
+        )
+    if len(class_names) < 2:
+        raise DataError(
+            f"{labeled_dir}: found 1 class folder ({class_names[0]!r}); a classifier needs at least 2 classes"
+        )
+
+    items: list[_Item] = []
+    for name in class_names:
+        items += _files(root, root_real, class_dirs[name], "labeled", name, rejects)
+    items += _optional_unlabeled(root, root_real, rejects)
+    items += _optional_test(root, root_real, class_names, rejects)
+    items.sort(key=_Item.sort_key)
+    return class_names, items
+
+
+def _class_dirs(root: Path, root_real: Path, parent: Path, rejects: _Rejects) -> dict[str, Path]:
+    """Class folders directly under ``parent``; stray files there are rejected."""
+    split = parent.name
+    dirs = {}
+    for entry in _entries(root, root_real, parent, split, rejects):
+        if entry.is_dir():
+            dirs[entry.name] = entry
+        else:
+            rejects.add(
+                _rel(root, entry), split, "outside_class_folder", f"files must be in {split}/<class>/"
+            )
+    return dirs
+
+
+def _optional_unlabeled(root: Path, root_real: Path, rejects: _Rejects) -> list[_Item]:
+    folder = root / "unlabeled"
+    if not folder.is_dir():
+        log.warning("%s: folder not found; continuing without unlabeled images", folder)
+        return []
+    return _files(root, root_real, folder, "unlabeled", None, rejects)
+
+
+def _optional_test(root: Path, root_real: Path, class_names: list[str], rejects: _Rejects) -> list[_Item]:
+    folder = root / "test"
+    if not folder.is_dir():
+        log.warning("%s: folder not found; continuing without a test split", folder)
+        return []
+    items = []
+    for name, path in sorted(_class_dirs(root, root_real, folder, rejects).items()):
+        if name not in class_names:
+            raise DataError(
+                f"{path}: test class {name!r} has no folder in {root / 'labeled'} "
+                f"(labeled classes: {', '.join(class_names)})"
+            )
+        items += _files(root, root_real, path, "test", name, rejects)
+    return items
+
+
+def _files(
+    root: Path, root_real: Path, folder: Path, split: str, label: str | None, rejects: _Rejects
+) -> list[_Item]:
+    """Image files under ``folder`` at any depth; non-image extensions are rejected."""
+    items = []
+    for path in _walk(root, root_real, folder, split, rejects, seen=set()):
+        rel = _rel(root, path)
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            allowed = " ".join(sorted(IMAGE_EXTENSIONS))
+            rejects.add(
+                rel, split, "not_an_image", f"extension {path.suffix or '(none)'!r} is not one of: {allowed}"
+            )
+        else:
+            items.append(_Item(split=split, rel=rel, path=path, label=label))
+    return items
+
+
+def _walk(root: Path, root_real: Path, folder: Path, split: str, rejects: _Rejects, seen: set[Path]):
+    # Symlinked folders inside the root are followed; ``seen`` stops symlink loops.
+    real = folder.resolve()
+    if real in seen:
+        return
+    seen.add(real)
+    for entry in _entries(root, root_real, folder, split, rejects):
+        if entry.is_dir():
+            yield from _walk(root, root_real, entry, split, rejects, seen)
+        elif entry.is_file():
+            yield entry
+        else:  # FIFOs, sockets, devices: opening a FIFO would block forever
+            rejects.add(_rel(root, entry), split, "not_a_regular_file", "not a regular file")
+
+
+def _entries(root: Path, root_real: Path, folder: Path, split: str, rejects: _Rejects) -> list[Path]:
+    """Sorted, non-hidden entries of ``folder``; symlinks pointing outside the root are rejected."""
+    out = []
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        if entry.name.startswith(".") or entry.name in IGNORED_NAMES:
+            continue
+        if entry.is_symlink():
+            target = entry.resolve()
+            if not target.exists():
+                rejects.add(
+                    _rel(root, entry),
+                    split,
+                    "broken_symlink",
+                    f"symlink target {os.readlink(entry)} does not exist",
+                )
+                continue
+            if not target.is_relative_to(root_real):
+                rejects.add(
+                    _rel(root, entry), split, "symlink_outside_root", "symlink points outside the data root"
+                )
+                continue
+        out.append(entry)
+    return out
+
+
+def _rel(root: Path, path: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _decode_all(items: list[_Item], cfg: Any, spool_path: Path, rejects: _Rejects) -> np.ndarray:
+    """Decode and resize every candidate into a disk-backed spool (bounded memory); drop failures."""
+    size = cfg.image_size
+    spool = np.lib.format.open_memmap(
+        spool_path, mode="w+", dtype=np.uint8, shape=(max(len(items), 1), size, size, 3)
+    )
+    progress = tqdm(items, desc="prepare: decoding", unit="img", disable=not sys.stderr.isatty())
+    for row, item in enumerate(progress):
+        try:
+            arr = decode_image(
+                item.path,
+                max_pixels=cfg.max_image_pixels,
+                min_side=cfg.min_side,
+                max_aspect_ratio=cfg.max_aspect_ratio,
+            )
+            item.file_hash = file_sha256(item.path)
+        except RejectedImage as exc:
+            rejects.add(item.rel, item.split, exc.reason, exc.detail)
+            continue
+        except OSError as exc:  # permissions, I/O errors
+            rejects.add(item.rel, item.split, "unreadable", f"cannot read the file: {exc.strerror or exc}")
+            continue
+        small = resize_square(arr, size)
+        spool[row] = small
+        item.pixel_hash = hashlib.sha256(small.tobytes()).hexdigest()
+        item.row = row
+    items[:] = [i for i in items if i.row >= 0]
+    return spool
+
+
+# ---------------------------------------------------------------- de-duplication
+
+
+def _dedupe(items: list[_Item], rejects: _Rejects) -> list[_Item]:
+    """Keep one copy of each distinct image; resolve label conflicts and test leakage."""
+    groups: dict[str, list[_Item]] = defaultdict(list)
+    for item in sorted(items, key=_Item.sort_key):
+        groups[item.pixel_hash].append(item)
+    kept = [k for group in groups.values() if (k := _resolve_group(group, rejects)) is not None]
+    return sorted(kept, key=_Item.sort_key)
+
+
+def _resolve_group(group: list[_Item], rejects: _Rejects) -> _Item | None:
+    """Return the copy to keep from a group of identical images (sorted by preference), or None."""
+    if len(group) == 1:
+        return group[0]
+    labels = {i.label for i in group if i.split != "unlabeled"}
+    if len(labels) > 1:
+        # The same picture under two classes: no way to know which is right, so none is used.
+        where = ", ".join(f"{i.rel} ({i.label})" for i in group if i.label is not None)
+        for item in group:
+            rejects.add(
+                item.rel, item.split, "conflicting_labels", f"the same image has different labels: {where}"
+            )
+        return None
+    tests = [i for i in group if i.split == "test"]
+    keep = tests[0] if tests else group[0]
+    for item in group:
+        if item is keep:
+            continue
+        if tests and item.split != "test":
+            rejects.add(
+                item.rel, item.split, "leakage_with_test", f"the same image is in the test split: {keep.rel}"
+            )
+        else:
+            rejects.add(item.rel, item.split, "duplicate", f"the same image as {keep.rel} (kept)")
+    return keep
+
+
+def _require_each_class(root: Path, class_names: list[str], kept: list[_Item], rejects: _Rejects) -> None:
+    present = {i.label for i in kept if i.split == "labeled"}
+    for name in class_names:
+        if name in present:
+            continue
+        folder_rejects = rejects.under(f"labeled/{name}/")
+        examples = "".join(f"\n  {e['path']}: {e['reason']} ({e['detail']})" for e in folder_rejects[:5])
+        more = f"\n  ... and {len(folder_rejects) - 5} more" if len(folder_rejects) > 5 else ""
+        raise DataError(
+            f"{root / 'labeled' / name}: no valid image for class {name!r} "
+            f"({len(folder_rejects)} file(s) rejected){examples}{more}"
+        )
+
+
+# ---------------------------------------------------------------- split
+
+
+def _stratified_split(
+    labeled: list[_Item], class_names: list[str], val_fraction: float, seed: int
+) -> tuple[list[_Item], list[_Item]]:
+    """Per class, put round(n * val_fraction) images (at least 1, at most n - 1) in validation.
+
+    Images are ranked by a seeded hash of their pixels rather than shuffled by position, so the
+    choice does not depend on file names or order, and adding images moves few existing ones.
+    """
+    train: list[_Item] = []
+    val: list[_Item] = []
+    for name in class_names:
+        members = [i for i in labeled if i.label == name]
+        ranked = sorted(members, key=lambda i: hashlib.sha256(f"{seed}:{i.pixel_hash}".encode()).hexdigest())
+        n = len(ranked)
+        n_val = 0 if n < 2 else min(n - 1, max(1, int(n * val_fraction + 0.5)))
+        val += ranked[:n_val]
+        train += ranked[n_val:]
+    return sorted(train, key=_Item.sort_key), sorted(val, key=_Item.sort_key)
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def _write_arrays(
+    out: Path, spool: np.ndarray, splits: dict[str, list[_Item]], class_names: list[str], size: int
+) -> None:
+    index = {name: k for k, name in enumerate(class_names)}
+    for name, members in splits.items():
+        _save_rows(out / f"{name}_x.npy", spool, [i.row for i in members], size)
+        if name != "unlabeled":
+            np.save(out / f"{name}_y.npy", np.array([index[i.label] for i in members], dtype=np.int64))
+
+
+def _save_rows(path: Path, spool: np.ndarray, rows: list[int], size: int) -> None:
+    """Write spool rows as a standard .npy (same bytes as np.save), in chunks to bound memory."""
+    shape = (len(rows), size, size, 3)
+    if not rows:  # np.memmap cannot map a zero-length array
+        np.save(path, np.zeros(shape, dtype=np.uint8))
+        return
+    dest = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    for start in range(0, len(rows), _COPY_CHUNK):
+        dest[start : start + _COPY_CHUNK] = spool[rows[start : start + _COPY_CHUNK]]
+    dest.flush()
+    del dest
+
+
+def _data_version(kept: list[_Item]) -> str:
+    """Content hash of the input actually used: (source split, path, label, file sha256) entries."""
+    digest = hashlib.sha256()
+    for entry in sorted((i.split, i.rel, i.label or "", i.file_hash) for i in kept):
+        digest.update(json.dumps(entry, ensure_ascii=False).encode("utf-8") + b"\n")
+    return digest.hexdigest()
+
+
+def _manifest(
+    out: Path,
+    params: Params,
+    class_names: list[str],
+    splits: dict[str, list[_Item]],
+    kept: list[_Item],
+    rejects: _Rejects,
+) -> dict[str, Any]:
+    counts = {name: len(members) for name, members in splits.items()}
+    counts["rejected"] = len(rejects.entries)
+    per_class = {
+        name: {c: sum(1 for i in splits[name] if i.label == c) for c in class_names}
+        for name in ("train", "val", "test")
+    }
+    files = {name: file_sha256(out / name) for name in (*ARRAY_FILES, SOURCES, REJECTED)}
+    return {
+        "class_names": class_names,
+        "counts": counts,
+        "per_class": per_class,
+        "image_size": params.prepare.image_size,
+        "data_version": _data_version(kept),
+        "files": files,
+        "params": params.prepare.model_dump(),
+        "kdpipe_version": __version__,
+    }
+
+
+def _log_summary(manifest: dict[str, Any], out: Path) -> None:
+    c = manifest["counts"]
+    log.info(
+        "prepare: %d train, %d val, %d unlabeled, %d test, %d rejected -> %s",
+        c["train"],
+        c["val"],
+        c["unlabeled"],
+        c["test"],
+        c["rejected"],
+        out,
+    )
+    if c["val"] == 0:
+        log.warning("prepare: the validation split is empty (every class has a single labeled image)")

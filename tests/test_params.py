@@ -1,0 +1,77 @@
+"""params.yaml schema: defaults, typos, types and ranges give messages naming the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdpipe.errors import ParamsError
+from kdpipe.params import Params, dump_defaults, load_params, validate_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_committed_params_file_is_valid_and_complete():
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = validate_params(raw)
+    # Every schema key appears in params.yaml, so users see every knob in one place.
+    for group, values in dump_defaults().items():
+        assert set(raw[group]) == set(values), f"params.yaml group '{group}' is missing keys"
+    assert params.train.recipe == "full"
+
+
+def test_groups_follow_the_pipeline_steps():
+    assert list(Params.model_fields) == [
+        "data", "prepare", "augment", "teacher", "train", "select", "export", "evaluate", "register",
+    ]
+
+
+def test_unknown_key_names_it_and_the_closest_valid_key():
+    with pytest.raises(ParamsError) as err:
+        validate_params({"train": {"learning_rate": 0.1, "recipee": "full"}})
+    text = str(err.value)
+    assert "unknown key 'train.recipee'" in text and "did you mean 'train.recipe'" in text
+    assert "unknown key 'train.learning_rate'" in text
+
+
+def test_unknown_group_suggests_the_group():
+    with pytest.raises(ParamsError, match=r"unknown key 'trian'; did you mean 'train'"):
+        validate_params({"trian": {"lr": 0.1}})
+
+
+def test_wrong_type_names_key_and_expected_type():
+    with pytest.raises(ParamsError) as err:
+        validate_params({"train": {"batch_size": "big"}})
+    assert "train.batch_size" in str(err.value) and "'big'" in str(err.value) and "int" in str(err.value)
+
+
+def test_out_of_range_names_key_and_allowed_range():
+    with pytest.raises(ParamsError) as err:
+        validate_params({"train": {"lr": -0.1}})
+    assert "train.lr" in str(err.value) and "> 0.0" in str(err.value) and "<= 10.0" in str(err.value)
+
+
+@pytest.mark.parametrize("recipe", ["consistency", "full"])
+def test_view_recipes_need_two_views(recipe):
+    with pytest.raises(ParamsError, match="train.views.*views >= 2"):
+        validate_params({"train": {"recipe": recipe, "views": 1}})
+
+
+def test_unlabeled_recipes_need_unlabeled_samples():
+    with pytest.raises(ParamsError, match="train.mu.*must be > 0"):
+        validate_params({"train": {"recipe": "cotrain", "mu": 0}})
+    assert validate_params({"train": {"recipe": "supervised", "mu": 0}}).train.mu == 0
+
+
+def test_load_params_applies_overrides_with_yaml_types(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  recipe: cotrain\n")
+    params = load_params(path, ["train.lr=0.2", "export.int8=false", "train.recipe=adaptive"])
+    assert params.train.lr == 0.2 and params.export.int8 is False and params.train.recipe == "adaptive"
+
+
+def test_invalid_yaml_names_the_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train: [unclosed\n")
+    with pytest.raises(ParamsError, match="params.yaml: not valid YAML"):
+        load_params(path)
