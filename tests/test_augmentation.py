@@ -20,12 +20,12 @@ def _cfg(**kw):
     return AugmentConfig(**{**dict(pad=4, flip=True, num_ops=2, magnitude=0.5, erase_prob=0.5), **kw})
 
 
-@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.float64])
 @pytest.mark.parametrize("p", [0.0, 0.5, 1.0])
 def test_shape_dtype_range(dtype, p):
     x = _images()
-    if dtype == torch.float32:
-        x = x.float() / 255
+    if dtype != torch.uint8:
+        x = x.to(dtype) / 255
     y = augment(x, make_generator(0), p, _cfg(magnitude=1.0))
     assert y.shape == x.shape and y.dtype == torch.float32
     assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0
@@ -137,7 +137,9 @@ def test_unknown_op_rejected():
 def test_from_params():
     from kdpipe.params import AugmentParams
 
-    cfg = AugmentConfig.from_params(AugmentParams(pad=2, flip=False, num_ops=3, magnitude=0.2, erase_prob=0.1))
+    cfg = AugmentConfig.from_params(
+        AugmentParams(pad=2, flip=False, num_ops=3, magnitude=0.2, erase_prob=0.1)
+    )
     assert cfg == AugmentConfig(pad=2, flip=False, num_ops=3, magnitude=0.2, erase_prob=0.1)
 
 

@@ -2,19 +2,20 @@
 
 Every function takes an ``(N, C, H, W)`` batch (uint8 in 0..255 or float in [0, 1]) and an explicit
 ``torch.Generator`` on the batch's device, and returns float32 in [0, 1] of the same shape. All
-randomness comes from that generator and is drawn in a fixed order, independent of the values
-drawn, so the same seed gives the same output on every call (on one device type).
+randomness comes from that generator, so the same seed and input give the same output on every
+call (on one device type; CPU and CUDA generators produce different streams).
 
 * :func:`weak` -- random crop with reflect padding + horizontal flip, per sample.
 * :func:`strong` -- RandAugment-style: ``num_ops`` ops per sample chosen uniformly from
   :data:`OPS` (each with a random sign), then random erasing with probability ``erase_prob``.
-  Colour ops are batched tensor ops selected per sample with ``torch.where``; all geometric ops of
-  a sample are composed into one affine matrix and applied with a single ``grid_sample`` call.
+  Colour ops are batched tensor ops on the samples that drew them; all geometric ops of a sample
+  are composed into one affine matrix and applied with a single ``grid_sample`` call.
 * :func:`augment` -- ``weak`` always, then ``strong`` on each sample independently with
   probability ``p`` (SPEC, Method A: ``Aug(x; p)``).
 
-No host synchronisation happens inside (no ``.item()``, no boolean indexing), so on a GPU the
-augmentation overlaps with training.
+Work is proportional to the samples an op applies to: samples are grouped by their drawn op, which
+costs one host synchronisation per RandAugment round (plus one for the geometric warp and one in
+:func:`augment` for the strongly augmented subset) -- cheap next to a training step.
 """
 
 from __future__ import annotations
@@ -89,37 +90,38 @@ def _per_sample(v: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------- weak
 
 
-def random_crop(x: torch.Tensor, gen: torch.Generator, pad: int) -> torch.Tensor:
-    """Pad by ``pad`` (reflect) and crop back to ``H x W`` at a random offset per sample.
-
-    Vectorised with two ``gather`` calls (rows, then columns) using per-sample offsets.
-    """
-    if pad <= 0:
-        return x
-    n, c, h, w = x.shape
-    # reflect needs pad < side; fall back to replicate for tiny images
-    mode = "reflect" if pad < h and pad < w else "replicate"
-    xp = F.pad(x, (pad, pad, pad, pad), mode=mode)
-    offsets = torch.randint(0, 2 * pad + 1, (2, n), generator=gen, device=x.device)
-    rows = offsets[0].view(n, 1) + torch.arange(h, device=x.device).view(1, h)  # (N, H)
-    cols = offsets[1].view(n, 1) + torch.arange(w, device=x.device).view(1, w)  # (N, W)
-    xp = xp.gather(2, rows.view(n, 1, h, 1).expand(n, c, h, xp.shape[3]))
-    return xp.gather(3, cols.view(n, 1, 1, w).expand(n, c, h, w))
-
-
-def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Horizontal flip of each sample with probability 0.5."""
-    flip = _rand(gen, x.shape[0], x.device) < 0.5
-    return torch.where(_per_sample(flip), x.flip(3), x)
-
-
 def weak(x: torch.Tensor, gen: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
-    """Weak policy: random crop with reflect padding, then (if ``flip``) random horizontal flip."""
-    x = to_float(x)
-    x = random_crop(x, gen, pad)
+    """Weak policy: random crop with reflect padding (offset per sample), then (if ``flip``) a
+    horizontal flip of each sample with probability 0.5.
+
+    Crop and flip are one ``gather`` with per-sample pixel indices (a flipped sample just reads its
+    columns backwards), done before the float conversion so it moves uint8 bytes when it can.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"expected an (N, C, H, W) batch, got shape {tuple(x.shape)}")
+    if pad <= 0 and not flip:
+        return to_float(x)
+    n, c, h, w = x.shape
+    dev = x.device
+    if pad > 0:
+        # reflect needs pad < side; fall back to replicate for tiny images
+        mode = "reflect" if pad < h and pad < w else "replicate"
+        src = F.pad(x if x.dtype == torch.uint8 else x.float(), (pad, pad, pad, pad), mode=mode)
+        offsets = torch.randint(0, 2 * pad + 1, (2, n), generator=gen, device=dev)
+    else:
+        src = x
+        offsets = torch.zeros(2, n, dtype=torch.long, device=dev)
+    cols = torch.arange(w, device=dev).view(1, w).expand(n, w)
     if flip:
-        x = random_flip(x, gen)
-    return x
+        flipped = _rand(gen, n, dev) < 0.5
+        cols = torch.where(flipped.view(n, 1), cols.flip(1), cols)
+    rows = offsets[0].view(n, 1) + torch.arange(h, device=dev).view(1, h)  # (N, H)
+    cols = offsets[1].view(n, 1) + cols  # (N, W)
+    wp = src.shape[3]
+    flat = (rows.view(n, h, 1) * wp + cols.view(n, 1, w)).view(n, 1, h * w).expand(n, c, h * w)
+    out = src.reshape(n, c, -1).gather(2, flat).view(n, c, h, w)
+    # the gather made a fresh tensor, so no further copy is needed for float input
+    return out.to(torch.float32) / 255.0 if out.dtype == torch.uint8 else out.to(torch.float32)
 
 
 # --------------------------------------------------------------------------------- colour ops
@@ -139,12 +141,12 @@ def _blend(x: torch.Tensor, base: torch.Tensor, factor: torch.Tensor) -> torch.T
 
 
 def _blur(x: torch.Tensor) -> torch.Tensor:
-    """The 3x3 smoothing kernel PIL's sharpness uses ([1 1 1; 1 5 1; 1 1 1] / 13), depthwise."""
-    c = x.shape[1]
-    k = torch.ones(3, 3, dtype=x.dtype, device=x.device)
-    k[1, 1] = 5.0
-    k = (k / k.sum()).expand(c, 1, 3, 3)
-    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k, groups=c)
+    """The 3x3 smoothing kernel PIL's sharpness uses ([1 1 1; 1 5 1; 1 1 1] / 13).
+
+    As (3x3 box sum + 4 * centre) / 13: avg_pool2d is much faster on CPU than a depthwise conv.
+    """
+    box = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1) * 9.0
+    return (box + 4.0 * x) / 13.0
 
 
 def _color_op(name: str, x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
@@ -199,12 +201,11 @@ def _op_matrix(name: str, level: torch.Tensor) -> torch.Tensor:
     return m
 
 
-def _warp(x: torch.Tensor, theta: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    """One ``grid_sample`` for the batch; samples without a geometric op keep their exact pixels."""
+def _warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """One ``grid_sample`` for the batch with per-sample matrices (``(N, 3, 3)``)."""
     grid = F.affine_grid(theta[:, :2, :], list(x.shape), align_corners=False)
     # sampling (x - FILL) with zero padding and adding FILL back = padding with the FILL grey
-    warped = F.grid_sample(x - FILL, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + FILL
-    return torch.where(_per_sample(active), warped, x)
+    return F.grid_sample(x - FILL, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + FILL
 
 
 # ---------------------------------------------------------------------------------- erasing
@@ -266,15 +267,24 @@ def strong(
         op = torch.randint(0, len(ops), (n,), generator=gen, device=dev)
         sign = torch.where(_rand(gen, n, dev) < 0.5, -1.0, 1.0)
         level = sign * float(magnitude)
+        # group the samples by op (one host sync per round) so each colour op only touches
+        # the samples that drew it
+        order = torch.argsort(op, stable=True)
+        counts = torch.bincount(op, minlength=len(ops)).tolist()
+        start = 0
         for k, name in enumerate(ops):
-            chosen = op == k
-            if name in COLOR_OPS:
-                x = torch.where(_per_sample(chosen), _color_op(name, x, level), x)
+            idx = order[start : start + counts[k]]
+            start += counts[k]
+            if name in COLOR_OPS and len(idx):
+                x.index_copy_(0, idx, _color_op(name, x.index_select(0, idx), level.index_select(0, idx)))
             elif name in GEOMETRIC_OPS:
+                chosen = op == k
                 theta = torch.where(chosen.view(n, 1, 1), theta @ _op_matrix(name, level), theta)
                 has_geometric |= chosen
     if any(name in GEOMETRIC_OPS for name in ops) and num_ops > 0:
-        x = _warp(x, theta, has_geometric)
+        idx = has_geometric.nonzero().squeeze(1)
+        if len(idx):
+            x.index_copy_(0, idx, _warp(x.index_select(0, idx), theta.index_select(0, idx)))
     if erase_prob > 0:
         x = random_erase(x, gen, erase_prob)
     return x.clamp(0.0, 1.0)
@@ -283,11 +293,21 @@ def strong(
 def augment(x: torch.Tensor, gen: torch.Generator, p: float, cfg: AugmentConfig) -> torch.Tensor:
     """``Aug(x; p)``: weak ops on every sample, then the strong policy on each sample with probability ``p``.
 
-    With ``p == 0`` the strong policy is skipped entirely (no random numbers drawn for it).
+    The strong policy only runs on the selected samples; with ``p == 0`` it is skipped entirely
+    (no random numbers drawn for it).
     """
     x = weak(x, gen, pad=cfg.pad, flip=cfg.flip)
     if p <= 0:
         return x
-    use_strong = _rand(gen, x.shape[0], x.device) < p
-    y = strong(x, gen, num_ops=cfg.num_ops, magnitude=cfg.magnitude, erase_prob=cfg.erase_prob, ops=cfg.ops)
-    return torch.where(_per_sample(use_strong), y, x)
+    idx = (_rand(gen, x.shape[0], x.device) < p).nonzero().squeeze(1)
+    if len(idx) == 0:
+        return x
+    y = strong(
+        x.index_select(0, idx),
+        gen,
+        num_ops=cfg.num_ops,
+        magnitude=cfg.magnitude,
+        erase_prob=cfg.erase_prob,
+        ops=cfg.ops,
+    )
+    return x.index_copy_(0, idx, y)

@@ -103,6 +103,17 @@ def _params_check(args: argparse.Namespace) -> None:
         print(f"{args.params or 'params.yaml'}: ok")
 
 
+def _predict(args: argparse.Namespace) -> None:
+    from .steps.predict import format_predictions, predict, summary_line, write_predictions
+
+    rows = predict(args.model, args.inputs, top_k=args.top_k, batch_size=args.batch_size, provider=args.provider)
+    if args.output:
+        write_predictions(rows, args.output)
+    else:
+        sys.stdout.write(format_predictions(rows, "csv"))
+    print(summary_line(rows), file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdpipe",
@@ -131,6 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params_options(check)
     check.add_argument("--show", action="store_true")
     check.set_defaults(handler=_params_check)
+
+    pred = sub.add_parser("predict", help="classify image files or folders with an exported ONNX model",
+                          description="classify image files or folders with an exported ONNX model")
+    pred.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
+    pred.add_argument("--model", default=f"{layout.EXPORTED}/model.onnx",
+                      help="ONNX model; preprocess.json must sit next to it (default: %(default)s)")
+    pred.add_argument("--top-k", type=int, default=3, help="classes per image (default: %(default)s)")
+    pred.add_argument("--batch-size", type=int, default=64, help="images per onnxruntime call (default: %(default)s)")
+    pred.add_argument("--output", default=None, help="write .csv or .json (by extension); default: CSV on stdout")
+    pred.add_argument("--provider", default="CPUExecutionProvider", help="onnxruntime execution provider")
+    pred.set_defaults(handler=_predict)
     return parser
 
 

@@ -78,9 +78,7 @@ def pairwise_consistency(logits: Sequence[torch.Tensor]) -> torch.Tensor:
     if len(logits) < 2:
         raise ValueError(f"pairwise_consistency needs at least 2 views, got {len(logits)}")
     probs = [F.softmax(z, dim=1) for z in logits]
-    terms = [
-        ((probs[i] - probs[j]) ** 2).mean() for i in range(len(probs)) for j in range(i + 1, len(probs))
-    ]
+    terms = [((probs[i] - probs[j]) ** 2).mean() for i in range(len(probs)) for j in range(i + 1, len(probs))]
     return torch.stack(terms).mean()
 
 

@@ -81,13 +81,16 @@ class Classifier(nn.Module):
         """Pooled feature vector ``(N, feature_dim)`` for an input in ``[0, 1]``."""
         return self.backbone(self.normalize(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+    def forward(self, x: torch.Tensor, with_features: bool = False):
+        # ``with_features`` goes through forward() (not a second method) so that a DDP-wrapped
+        # model still synchronises gradients: DDP only hooks the wrapper's forward call.
+        feats = self.features(x)
+        logits = self.head(feats)
+        return (logits, feats) if with_features else logits
 
     def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits, features)`` in one pass, for feature distillation without a second forward."""
-        feats = self.features(x)
-        return self.head(feats), feats
+        return self.forward(x, with_features=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -151,7 +151,9 @@ class LabeledUnlabeledSampler:
         self.unlabeled: EndlessSampler | None = None
         if self.unlabeled_size > 0:
             # stream=1: independent of the labeled stream even with the same seed
-            self.unlabeled = EndlessSampler(n_unlabeled, self.unlabeled_size, seed, rank, world_size, stream=1)
+            self.unlabeled = EndlessSampler(
+                n_unlabeled, self.unlabeled_size, seed, rank, world_size, stream=1
+            )
         self.iteration = 0
 
     def next(self) -> tuple[np.ndarray, np.ndarray]:
@@ -177,7 +179,9 @@ class LabeledUnlabeledSampler:
         self.labeled.load_state_dict(state["labeled"])
         has_unlabeled = state.get("unlabeled") is not None
         if has_unlabeled != (self.unlabeled is not None):
-            raise ValueError("sampler state mismatch: unlabeled stream present in only one of checkpoint and config")
+            raise ValueError(
+                "sampler state mismatch: unlabeled stream present in only one of checkpoint and config"
+            )
         if self.unlabeled is not None:
             self.unlabeled.load_state_dict(state["unlabeled"])
         self.iteration = int(state["iteration"])

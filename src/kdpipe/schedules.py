@@ -117,7 +117,13 @@ class AugmentationSchedule:
         s = self.state
         p1, p2, w = self.current()
         s.history.append(
-            {"epoch": s.epoch, "p1": p1, "p2": p2, "w": w, "metric": None if metric is None else float(metric)}
+            {
+                "epoch": s.epoch,
+                "p1": p1,
+                "p2": p2,
+                "w": w,
+                "metric": None if metric is None else float(metric),
+            }
         )
         if self.rule == "adaptive":
             assert metric is not None  # checked above; narrows the type

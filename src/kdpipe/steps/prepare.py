@@ -38,7 +38,7 @@ from ..atomic import atomic_dir, write_json
 from ..data import ARRAY_FILES, MANIFEST, REJECTED, SOURCES, file_sha256
 from ..errors import DataError
 from ..imaging import IMAGE_EXTENSIONS, RejectedImage, decode_image, resize_square
-from ..params import Params
+from ..params import Params, PrepareParams
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ def _rel(root: Path, path: Path) -> str:
 # ---------------------------------------------------------------- decoding
 
 
-def _decode_all(items: list[_Item], cfg: Any, spool_path: Path, rejects: _Rejects) -> np.ndarray:
+def _decode_all(items: list[_Item], cfg: PrepareParams, spool_path: Path, rejects: _Rejects) -> np.ndarray:
     """Decode and resize every candidate into a disk-backed spool (bounded memory); drop failures."""
     size = cfg.image_size
     spool = np.lib.format.open_memmap(

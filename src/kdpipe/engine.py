@@ -1,0 +1,503 @@
+"""The training loop shared by every recipe and by the teacher step.
+
+One loop, many recipes: a :class:`kdpipe.recipes.Recipe` says which views to build and which loss
+terms to sum; this module samples batches, builds the views on the device, runs the networks,
+steps the optimizers, evaluates both networks, keeps the best checkpoint of each, writes the
+history, and checkpoints everything needed to resume bit-for-bit (models, optimizers, LR
+schedules, samplers, RNG states, iteration counter, Method A schedule state, history).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import checkpoints
+from .atomic import write_json
+from .augmentation import AugmentConfig, augment, make_generator, weak
+from .devices import Runtime
+from .errors import KdpipeError
+from .models import build_model, count_parameters
+from .progress import Progress
+from .recipes import Hyper, Recipe, StepOutputs, total_loss
+from .samplers import LabeledUnlabeledSampler
+from .schedules import AugmentationSchedule
+
+LAST = "last.pt"
+
+
+@dataclass
+class LoopConfig:
+    """Optimisation and completion settings (from ``params.train`` or ``params.teacher``)."""
+
+    batch_size: int = 64
+    mu: float = 1.0
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_fraction: float = 0.05
+    max_iterations: int = 400
+    epoch_iterations: int = 50
+    eval_every: int = 50
+    checkpoint_every: int = 50
+    patience: int = 0
+    target_metric: float = 1.01
+    seed: int = 0
+
+    @classmethod
+    def from_train(cls, tp) -> LoopConfig:
+        names = cls.__dataclass_fields__
+        return cls(**{name: getattr(tp, name) for name in names})
+
+    @classmethod
+    def from_teacher(cls, tp) -> LoopConfig:
+        return cls(batch_size=tp.batch_size, mu=0.0, lr=tp.lr, weight_decay=tp.weight_decay,
+                   max_iterations=tp.max_iterations, epoch_iterations=tp.eval_every, eval_every=tp.eval_every,
+                   checkpoint_every=tp.eval_every, seed=tp.seed)
+
+
+@dataclass
+class TrainingData:
+    """uint8 NHWC arrays (memory-mapped or in RAM) the loop samples from."""
+
+    class_names: list[str]
+    image_size: int
+    train_x: np.ndarray
+    train_y: np.ndarray
+    unlabeled_x: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+    labeled_views: np.ndarray | None = None  # (N, K, H, W, 3) from the augment step
+    unlabeled_views: np.ndarray | None = None
+
+
+def to_nchw(batch: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC numpy -> uint8 NCHW tensor (augmentation converts to float on the device)."""
+    return torch.from_numpy(np.array(batch)).permute(0, 3, 1, 2).contiguous()
+
+
+def warmup_cosine(total: int, warmup_fraction: float):
+    """LR factor per iteration: linear warm-up, then cosine decay to zero at ``total``."""
+    warmup = max(1, int(total * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def sgd(params: list[nn.Parameter] | Any, cfg: LoopConfig) -> torch.optim.SGD:
+    """SGD with Nesterov momentum; no weight decay on BN weights and biases (1-d tensors)."""
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: np.ndarray, runtime: Runtime, batch_size: int = 512) -> torch.Tensor:
+    """Logits of ``model`` (eval mode) for uint8 NHWC images, on the CPU."""
+    was_training = model.training
+    model.eval()
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        x = runtime.to_device(to_nchw(images[start:start + batch_size])).float().div_(255.0)
+        if runtime.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with runtime.autocast():
+            outputs.append(model(x).float().cpu())
+    model.train(was_training)
+    if not outputs:
+        return torch.empty(0, 0)
+    return torch.cat(outputs)
+
+
+def accuracy(logits: torch.Tensor, labels: np.ndarray) -> float:
+    if len(labels) == 0:
+        return float("nan")
+    return float((logits.argmax(1).numpy() == np.asarray(labels)).mean())
+
+
+class Trainer:
+    """Runs one recipe to completion, resuming from ``out_dir/last.pt`` when it exists."""
+
+    def __init__(self, recipe: Recipe, data: TrainingData, cfg: LoopConfig, hyper: Hyper, runtime: Runtime,
+                 out_dir: str | os.PathLike, student_arch: str, student_weights: str | None = None,
+                 teacher: nn.Module | None = None, teacher_arch: str | None = None,
+                 augment_cfg: AugmentConfig | None = None, w_feat: float = 0.0, schedule_params=None,
+                 best_names: dict[str, str] | None = None, run_fingerprint: dict[str, Any] | None = None,
+                 progress: bool = True, desc: str = "distill"):
+        self.recipe, self.data, self.cfg, self.hyper, self.rt = recipe, data, cfg, hyper, runtime
+        self.out_dir = Path(out_dir)
+        self.aug_cfg = augment_cfg or AugmentConfig()
+        self.best_names = best_names or {"student": "student.pt", "teacher": "teacher.pt"}
+        self.fingerprint = run_fingerprint or {}
+        self.progress_enabled, self.desc = progress, desc
+        self.student_arch, self.teacher_arch = student_arch, teacher_arch
+        self._check_data()
+
+        torch.manual_seed(cfg.seed)  # same initial weights for the same seed
+        num_classes = len(data.class_names)
+        self.student = build_model(student_arch, num_classes, data.image_size, student_weights).to(runtime.device)
+        self.teacher = teacher.to(runtime.device) if teacher is not None else None
+        if recipe.uses_teacher and self.teacher is None:
+            raise KdpipeError(f"recipe '{recipe.name}' needs a teacher: run `kdpipe teacher` first or set teacher.checkpoint")
+        self.projection = None
+        if w_feat > 0 and self.teacher is not None:
+            # learned linear map from student to teacher feature width (SPEC, Method C, optional)
+            self.projection = nn.Linear(self.student.feature_dim, self.teacher.feature_dim).to(runtime.device)
+        if runtime.channels_last:
+            self.student = self.student.to(memory_format=torch.channels_last)
+            if self.teacher is not None:
+                self.teacher = self.teacher.to(memory_format=torch.channels_last)
+
+        student_params = list(self.student.parameters())
+        if self.projection is not None:
+            student_params += list(self.projection.parameters())
+        self.opt_s = sgd(student_params, cfg)
+        self.sched_s = torch.optim.lr_scheduler.LambdaLR(self.opt_s, warmup_cosine(cfg.max_iterations, cfg.warmup_fraction))
+        self.opt_t = self.sched_t = None
+        if recipe.trains_teacher:
+            self.opt_t = sgd(self.teacher.parameters(), cfg)
+            self.sched_t = torch.optim.lr_scheduler.LambdaLR(self.opt_t, warmup_cosine(cfg.max_iterations, cfg.warmup_fraction))
+        elif self.teacher is not None:
+            self.teacher.eval()  # frozen teacher: BN uses running statistics, no dropout
+            self.teacher.requires_grad_(False)
+        self.scaler = runtime.grad_scaler()
+
+        self.student_ddp, self.teacher_ddp = self._wrap_ddp()
+        n_unlabeled = self._unlabeled_pool() if recipe.uses_unlabeled else 0
+        self.sampler = LabeledUnlabeledSampler(len(data.train_x), n_unlabeled, cfg.batch_size,
+                                               cfg.mu if recipe.uses_unlabeled else 0.0, cfg.seed,
+                                               runtime.rank, runtime.world_size)
+        # each rank augments differently, like it samples differently
+        self.gen = make_generator(cfg.seed * 1000 + 17 + runtime.rank, runtime.device)
+        self.epochs = max(2, math.ceil(cfg.max_iterations / cfg.epoch_iterations))
+        self.schedule = None
+        if recipe.uses_schedule:
+            self.schedule = AugmentationSchedule.from_params(schedule_params, self.epochs)
+
+        self.iteration = 0
+        self.history: list[dict[str, Any]] = []
+        self.best = {"student": {"accuracy": -1.0, "iteration": 0}, "teacher": {"accuracy": -1.0, "iteration": 0}}
+        self.best_metric, self.evals_without_improvement = -1.0, 0
+        self.running: dict[str, float] = {}
+        self.running_steps = 0
+        self.train_seconds = 0.0
+        self.stop_reason: str | None = None
+
+    # ------------------------------------------------------------------------------ set-up
+    def _check_data(self) -> None:
+        d, r = self.data, self.recipe
+        if len(d.train_x) == 0:
+            raise KdpipeError("no labeled training images after prepare")
+        if r.uses_unlabeled and len(d.unlabeled_x) == 0 and self.cfg.mu > 0:
+            print(f"warning: recipe '{r.name}' uses unlabeled data but there is none; training on labeled data only")
+        if r.view_plan == "stored":
+            if d.labeled_views is None:
+                raise KdpipeError(f"recipe '{r.name}' needs the augmentation sets: run `kdpipe augment` first")
+            stored = d.labeled_views.shape[1]
+            if stored < r.num_views:
+                raise KdpipeError(f"train.views={r.num_views} but the augment step stored only {stored} views "
+                                  f"(set augment.views >= {r.num_views})")
+
+    def _unlabeled_pool(self) -> int:
+        if self.recipe.view_plan == "stored":
+            return 0 if self.data.unlabeled_views is None else len(self.data.unlabeled_views)
+        return len(self.data.unlabeled_x)
+
+    def _wrap_ddp(self):
+        if not self.rt.distributed:
+            return self.student, self.teacher
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
+        student = DDP(self.student, device_ids=ids)
+        teacher = DDP(self.teacher, device_ids=ids) if self.recipe.trains_teacher else self.teacher
+        return student, teacher
+
+    # ------------------------------------------------------------------------------ one step
+    def _batch(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Sample one batch and build the recipe's views on the device; labels use -1 for unlabeled."""
+        l_idx, u_idx = self.sampler.next()
+        d = self.data
+        labels = np.concatenate([np.asarray(d.train_y)[l_idx], np.full(len(u_idx), -1, dtype=np.int64)])
+        labels_t = torch.from_numpy(labels.astype(np.int64)).to(self.rt.device)
+        if self.recipe.view_plan == "stored":
+            k = self.recipe.num_views
+            stacked = np.concatenate([d.labeled_views[l_idx, :k],
+                                      d.unlabeled_views[u_idx, :k] if len(u_idx) else d.labeled_views[:0, :k]])
+            jitter_pad = max(1, self.aug_cfg.pad // 2)
+            views = [weak(self.rt.to_device(to_nchw(stacked[:, v])), self.gen, pad=jitter_pad, flip=self.aug_cfg.flip)
+                     for v in range(k)]
+            return views, labels_t
+        x = np.concatenate([d.train_x[l_idx],
+                            d.unlabeled_x[u_idx] if len(u_idx) else d.train_x[:0]])
+        x_t = self.rt.to_device(to_nchw(x))
+        if self.recipe.view_plan == "weak":
+            return [augment(x_t, self.gen, 0.0, self.aug_cfg)], labels_t
+        p1, p2, _ = self.schedule.current()
+        views = [augment(x_t, self.gen, p1 if v == 0 else p2, self.aug_cfg) for v in range(self.recipe.num_views)]
+        return views, labels_t
+
+    def _forward(self, views: list[torch.Tensor], labels: torch.Tensor) -> StepOutputs:
+        n = views[0].shape[0]
+        want_features = self.projection is not None
+        x = torch.cat(views)
+        if self.rt.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        s_out = self.student_ddp(x, with_features=want_features) if want_features else self.student_ddp(x)
+        s_logits, s_feats = s_out if want_features else (s_out, None)
+        teacher_logits: list[torch.Tensor | None] = [None] * len(views)
+        t_feats = None
+        if self.recipe.uses_teacher:
+            tv = self.recipe.teacher_views
+            xt = torch.cat([views[v] for v in tv])
+            if self.rt.channels_last:
+                xt = xt.contiguous(memory_format=torch.channels_last)
+            with torch.set_grad_enabled(self.recipe.trains_teacher):
+                t_out = self.teacher_ddp(xt, with_features=want_features) if want_features else self.teacher_ddp(xt)
+            t_logits, t_feats = t_out if want_features else (t_out, None)
+            for i, v in enumerate(tv):
+                teacher_logits[v] = t_logits[i * n:(i + 1) * n]
+        return StepOutputs(
+            labels=labels,
+            student=list(s_logits.float().split(n)),
+            teacher=[None if t is None else t.float() for t in teacher_logits],
+            student_features=None if s_feats is None else s_feats[:n].float(),
+            teacher_features=None if t_feats is None else t_feats[:n].float(),
+        )
+
+    def _step(self) -> dict[str, float]:
+        views, labels = self._batch()
+        if self.schedule is not None:
+            self.hyper.w = self.schedule.current()[2]
+        with self.rt.autocast():
+            out = self._forward(views, labels)
+        loss, parts = total_loss(self.recipe, out, self.hyper, self.projection)
+        optimizers = [o for o in (self.opt_s, self.opt_t) if o is not None]
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        for opt in optimizers:
+            self.scaler.step(opt)
+        self.scaler.update()
+        for sched in (self.sched_s, self.sched_t):
+            if sched is not None:
+                sched.step()
+        return parts
+
+    # ------------------------------------------------------------------------------ evaluation
+    def _evaluate(self) -> dict[str, Any]:
+        d = self.data
+        s_logits = predict_logits(self.student, d.val_x, self.rt)
+        record: dict[str, Any] = {"val_acc_student": accuracy(s_logits, d.val_y)}
+        if self.teacher is not None:
+            t_logits = predict_logits(self.teacher, d.val_x, self.rt)
+            record["val_acc_teacher"] = accuracy(t_logits, d.val_y)
+            record["agreement"] = float((s_logits.argmax(1) == t_logits.argmax(1)).float().mean()) if len(d.val_y) else float("nan")
+        return record
+
+    def _save_best(self, record: dict[str, Any]) -> None:
+        for role, model, arch in (("student", self.student, self.student_arch), ("teacher", self.teacher, self.teacher_arch)):
+            acc = record.get(f"val_acc_{role}")
+            if model is None or acc is None or (math.isnan(acc) and self.best[role]["accuracy"] >= 0):
+                continue
+            acc_value = -0.0 if math.isnan(acc) else acc
+            if acc_value > self.best[role]["accuracy"]:
+                self.best[role] = {"accuracy": acc_value, "iteration": self.iteration}
+                if self.rt.is_main:
+                    meta = {"val_accuracy": acc_value, "iteration": self.iteration, "role": role,
+                            "recipe": self.recipe.name, "parameters": count_parameters(model)}
+                    ckpt = checkpoints.model_checkpoint(model, arch, len(self.data.class_names), self.data.image_size,
+                                                        self.data.class_names, meta)
+                    checkpoints.save(ckpt, self.out_dir / self.best_names[role])
+
+    def _after_eval(self, record: dict[str, Any]) -> None:
+        metric = record["val_acc_student"]
+        if self.recipe.trains_teacher:
+            metric = max(metric, record.get("val_acc_teacher", metric))
+        if math.isnan(metric):
+            return
+        if metric > self.best_metric:
+            self.best_metric, self.evals_without_improvement = metric, 0
+        else:
+            self.evals_without_improvement += 1
+        if metric >= self.cfg.target_metric:
+            self.stop_reason = f"target_metric {self.cfg.target_metric} reached ({metric:.4f})"
+        elif self.cfg.patience and self.evals_without_improvement >= self.cfg.patience:
+            self.stop_reason = f"no improvement in {self.cfg.patience} evaluations"
+
+    def _record(self, epoch_end: bool) -> dict[str, Any]:
+        record = {"iteration": self.iteration, "epoch": self.iteration / self.cfg.epoch_iterations,
+                  "lr": self.opt_s.param_groups[0]["lr"]}
+        record.update({f"loss_{k}": v / max(1, self.running_steps) for k, v in self.running.items()})
+        record.update(self._evaluate())
+        if self.schedule is not None:
+            p1, p2, w = self.schedule.current()
+            record.update({"p1": p1, "p2": p2, "w": w})
+            if epoch_end:
+                self.schedule.step(record["val_acc_student"])
+        record["train_seconds"] = round(self.train_seconds, 3)
+        self.running, self.running_steps = {}, 0
+        self._save_best(record)
+        self._after_eval(record)
+        self.history.append(record)
+        return record
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        def inner(m):
+            return None if m is None else {k: v.detach().cpu() for k, v in m.state_dict().items()}
+
+        state = {
+            "iteration": self.iteration,
+            "student": inner(self.student),
+            "teacher": inner(self.teacher) if self.recipe.trains_teacher else None,
+            "projection": inner(self.projection),
+            "opt_s": self.opt_s.state_dict(),
+            "opt_t": None if self.opt_t is None else self.opt_t.state_dict(),
+            "sched_s": self.sched_s.state_dict(),
+            "sched_t": None if self.sched_t is None else self.sched_t.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "schedule": None if self.schedule is None else self.schedule.state_dict(),
+            "gen_state": self.gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.rt.device.type == "cuda" else None,
+            "history": self.history,
+            "best": self.best,
+            "best_metric": self.best_metric,
+            "evals_without_improvement": self.evals_without_improvement,
+            "running": self.running,
+            "running_steps": self.running_steps,
+            "train_seconds": self.train_seconds,
+            "stop_reason": self.stop_reason,
+            "fingerprint": self.fingerprint,
+        }
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.iteration = int(state["iteration"])
+        self.student.load_state_dict(state["student"])
+        if state["teacher"] is not None:
+            self.teacher.load_state_dict(state["teacher"])
+        if state["projection"] is not None:
+            self.projection.load_state_dict(state["projection"])
+        self.opt_s.load_state_dict(state["opt_s"])
+        if self.opt_t is not None:
+            self.opt_t.load_state_dict(state["opt_t"])
+        self.sched_s.load_state_dict(state["sched_s"])
+        if self.sched_t is not None:
+            self.sched_t.load_state_dict(state["sched_t"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.sampler.load_state_dict(state["sampler"])
+        if self.schedule is not None:
+            self.schedule.load_state_dict(state["schedule"])
+        self.gen.set_state(state["gen_state"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and self.rt.device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.history = list(state["history"])
+        self.best = state["best"]
+        self.best_metric = float(state["best_metric"])
+        self.evals_without_improvement = int(state["evals_without_improvement"])
+        self.running = dict(state["running"])
+        self.running_steps = int(state["running_steps"])
+        self.train_seconds = float(state["train_seconds"])
+        self.stop_reason = state["stop_reason"]
+
+    def save_last(self) -> None:
+        if self.rt.is_main:
+            checkpoints.save(self.state_dict(), self.out_dir / LAST)
+
+    def try_resume(self) -> bool:
+        """Resume from ``last.pt`` if it belongs to the same configuration; True if resumed."""
+        path = self.out_dir / LAST
+        if not path.exists():
+            return False
+        state = checkpoints.load(path)
+        if state.get("fingerprint") != self.fingerprint:
+            if self.rt.is_main:
+                print(f"{path}: written with other settings; starting over")
+            return False
+        self.load_state_dict(state)
+        if self.rt.is_main:
+            print(f"resuming from {path} at iteration {self.iteration}")
+        return True
+
+    # ------------------------------------------------------------------------------ the loop
+    def _done(self) -> bool:
+        return self.iteration >= self.cfg.max_iterations or self.stop_reason is not None
+
+    def run(self) -> dict[str, Any]:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.try_resume()
+        self.student.train()
+        if self.recipe.trains_teacher:
+            self.teacher.train()
+        bar = Progress(self.cfg.max_iterations, self.desc, initial=self.iteration,
+                       enabled=self.progress_enabled and self.rt.is_main)
+        try:
+            while not self._done():
+                started = time.perf_counter()
+                parts = self._step()
+                self.iteration += 1
+                self.train_seconds += time.perf_counter() - started
+                for key, value in parts.items():
+                    self.running[key] = self.running.get(key, 0.0) + value
+                self.running_steps += 1
+                epoch_end = self.iteration % self.cfg.epoch_iterations == 0
+                if epoch_end or self.iteration % self.cfg.eval_every == 0 or self.iteration == self.cfg.max_iterations:
+                    record = self._record(epoch_end)
+                    bar.write(_format_record(self.desc, record))
+                if self.iteration % self.cfg.checkpoint_every == 0 or self._done():
+                    self.save_last()
+                bar.update(1, loss=parts["total"])
+        finally:
+            bar.close()
+        if self.stop_reason is None:
+            self.stop_reason = f"max_iterations {self.cfg.max_iterations} reached"
+        self.save_last()
+        return self.summary()
+
+    def summary(self) -> dict[str, Any]:
+        summary = {
+            "recipe": self.recipe.name,
+            "iterations": self.iteration,
+            "stop_reason": self.stop_reason,
+            "train_seconds": round(self.train_seconds, 3),
+            "best_student": self.best["student"],
+            "loop": asdict(self.cfg),
+        }
+        if self.teacher is not None:
+            summary["best_teacher"] = self.best["teacher"]
+        if self.schedule is not None:
+            summary["schedule"] = self.schedule.history
+        return summary
+
+    def write_reports(self) -> None:
+        """history.json (one entry per evaluation) and schedule.json (Method A, per epoch)."""
+        if not self.rt.is_main:
+            return
+        write_json(self.out_dir / "history.json", self.history)
+        if self.schedule is not None:
+            write_json(self.out_dir / "schedule.json", self.schedule.history)
+
+
+def _format_record(desc: str, record: dict[str, Any]) -> str:
+    keys = ("val_acc_student", "val_acc_teacher", "agreement", "p1", "w", "loss_total")
+    shown = " ".join(f"{k}={record[k]:.4f}" for k in keys if k in record and record[k] is not None)
+    return f"{desc} it {record['iteration']}: {shown}"

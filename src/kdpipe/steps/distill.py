@@ -1,0 +1,84 @@
+"""The ``distill`` step: run ``train.recipe`` (SPEC.md) and keep the best student and teacher.
+
+Writes into ``out_dir``: ``student.pt`` and ``teacher.pt`` (best validation checkpoint of each
+network), ``last.pt`` (the full resume state, written atomically every ``train.checkpoint_every``
+iterations), ``history.json`` (one entry per evaluation), ``schedule.json`` (Method A, per
+epoch) and ``metrics.json`` (a small summary for DVC). Re-running after an interruption resumes
+from ``last.pt`` if it was written with the same settings.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .. import checkpoints
+from ..atomic import read_json, write_json
+from ..layout import AUGMENTED, DISTILL, PREPARED, TEACHER
+
+
+def _fingerprint(params, prepared_dir) -> dict:
+    """What a resume state must match: every setting that changes the training trajectory."""
+    return {
+        "step": "distill",
+        "train": params.train.model_dump(exclude={"threads"}),
+        "augment": params.augment.model_dump(),
+        "teacher": params.teacher.model_dump(),
+        "data_version": read_json(Path(prepared_dir) / "manifest.json")["data_version"],
+    }
+
+
+def _load_teacher(teacher_dir: str | os.PathLike, needed: bool):
+    path = Path(teacher_dir) / "teacher.pt"
+    if not needed:
+        return None, None
+    model, ckpt = checkpoints.load_model(path)
+    return model, ckpt["arch"]
+
+
+def build_trainer(params, prepared_dir=PREPARED, augmented_dir=AUGMENTED, teacher_dir=TEACHER, out_dir=DISTILL,
+                  runtime=None, progress: bool = True):
+    """The configured :class:`kdpipe.engine.Trainer` for ``params`` (used by the step and by tests)."""
+    from ..augmentation import AugmentConfig
+    from ..devices import runtime_from_params
+    from ..engine import LoopConfig, Trainer
+    from ..recipes import Hyper, build_recipe
+    from .common import training_data
+
+    tp = params.train
+    recipe = build_recipe(tp.recipe, views=tp.views, teacher_trainable=tp.teacher_trainable, w_feat=tp.w_feat)
+    runtime = runtime or runtime_from_params(tp)
+    data = training_data(prepared_dir, augmented_dir if recipe.view_plan == "stored" else None)
+    teacher, teacher_arch = _load_teacher(teacher_dir, recipe.uses_teacher)
+    hyper = Hyper(tau=tp.tau, w=tp.w_init, w_mutual=tp.w_mutual, w_feat=tp.w_feat, a=tp.a, b=tp.b, c=tp.c,
+                  pseudo_threshold=tp.pseudo_threshold)
+    return Trainer(
+        recipe, data, LoopConfig.from_train(tp), hyper, runtime, out_dir,
+        student_arch=tp.student_arch, student_weights=tp.weights, teacher=teacher, teacher_arch=teacher_arch,
+        augment_cfg=AugmentConfig.from_params(params.augment), w_feat=tp.w_feat, schedule_params=tp,
+        run_fingerprint=_fingerprint(params, prepared_dir), progress=progress, desc=f"distill[{tp.recipe}]",
+    )
+
+
+def run(params, prepared_dir: str | os.PathLike = PREPARED, augmented_dir: str | os.PathLike = AUGMENTED,
+        teacher_dir: str | os.PathLike = TEACHER, out_dir: str | os.PathLike = DISTILL) -> dict:
+    trainer = build_trainer(params, prepared_dir, augmented_dir, teacher_dir, out_dir)
+    summary = trainer.run()
+    trainer.write_reports()
+    if trainer.rt.is_main:
+        metrics = {
+            "recipe": summary["recipe"],
+            "iterations": summary["iterations"],
+            "stop_reason": summary["stop_reason"],
+            "train_seconds": summary["train_seconds"],
+            "val_acc_student": summary["best_student"]["accuracy"],
+        }
+        if "best_teacher" in summary:
+            metrics["val_acc_teacher"] = summary["best_teacher"]["accuracy"]
+        write_json(Path(out_dir) / "metrics.json", metrics)
+        print("distill: " + ", ".join(f"{k}={v}" for k, v in metrics.items()))
+    if trainer.rt.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return summary

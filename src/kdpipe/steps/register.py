@@ -1,0 +1,217 @@
+"""Register step: log the exported ONNX model to MLflow, register a version, maybe promote it.
+
+Inputs: ``export_dir`` (``model.onnx``, optional ``model.int8.onnx``, ``parity.json``,
+``preprocess.json``) and ``evaluation_dir`` (``metrics.json`` with the test ``accuracy``, report,
+plots). Output: ``out_dir/decision.json``.
+
+1. Quality gate: ``accuracy < register.min_accuracy`` -> nothing is registered.
+2. Otherwise a new version of ``register.model_name`` is registered (flavor ``onnx``, explicit
+   execution providers and pip requirements, ``preprocess.json`` shipped inside the model), tagged
+   ``test_accuracy``, ``data_version``, ``git_commit``, and given the alias ``challenger`` (the
+   latest candidate; it moves to every new version, promoted or not).
+3. Promotion (:func:`decide_promotion`): the alias ``champion`` moves to the new version iff there
+   is no champion, or ``new_acc > champion_acc`` and ``new_acc >= champion_acc + min_improvement``
+   (with ``min_improvement = 0``: strictly better; a tie keeps the champion). A champion without a
+   readable ``test_accuracy`` tag (set by hand) is never replaced automatically.
+
+Metrics, the evaluation report and plots, ``parity.json`` and ``decision.json`` are logged to the
+step's nested run. Register is the pipeline's last step, so it closes the pipeline run.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from .. import __version__, tracking
+from ..atomic import read_json, write_json
+from ..errors import KdpipeError
+from ..layout import EVALUATION, EXPORTED, REGISTERED
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+ACCURACY_TAG = "test_accuracy"
+# Accuracies are ratios k/n: 0.9 - 0.8 is 0.09999999999999998, which must still count as +0.1.
+_TOLERANCE = 1e-9
+# Checked in this order: the GPU build first, because it also provides the CPU provider.
+_ORT_DISTRIBUTIONS = ("onnxruntime-gpu", "onnxruntime")
+
+
+def decide_promotion(new_acc: float, champion_acc: float | None, min_improvement: float) -> tuple[bool, str]:
+    """Whether the new version should become champion, and why (pure).
+
+    Promote iff there is no champion, or ``new_acc > champion_acc`` and
+    ``new_acc - champion_acc >= min_improvement`` (up to a 1e-9 tolerance for float ratios).
+    """
+    if champion_acc is None:
+        return True, "no champion yet"
+    gain = new_acc - champion_acc
+    if gain <= _TOLERANCE:
+        return False, f"accuracy {new_acc:.4f} does not beat the champion's {champion_acc:.4f}"
+    if gain + _TOLERANCE < min_improvement:
+        return False, (f"accuracy {new_acc:.4f} beats the champion's {champion_acc:.4f} by {gain:.4f}, "
+                       f"less than register.min_improvement={min_improvement}")
+    return True, f"accuracy {new_acc:.4f} beats the champion's {champion_acc:.4f} by {gain:.4f}"
+
+
+def onnxruntime_distribution() -> tuple[str, str]:
+    """(distribution name, version) of the installed onnxruntime build."""
+    for name in _ORT_DISTRIBUTIONS:
+        try:
+            return name, importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    raise KdpipeError("register: no onnxruntime distribution is installed (pip install onnxruntime)")
+
+
+def execution_providers(distribution: str) -> list[str]:
+    # onnxruntime-gpu falls back to the CPU on its own when CUDA is unusable at load time.
+    if distribution == "onnxruntime-gpu":
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _read_accuracy(evaluation_dir: Path) -> tuple[dict[str, Any], float]:
+    path = evaluation_dir / "metrics.json"
+    try:
+        metrics = read_json(path)
+    except OSError as exc:
+        raise KdpipeError(f"{path}: cannot read the evaluation metrics ({exc.strerror}); run `kdpipe evaluate`") from exc
+    accuracy = metrics.get("accuracy") if isinstance(metrics, dict) else None
+    if isinstance(accuracy, bool) or not isinstance(accuracy, int | float) or not math.isfinite(accuracy):
+        raise KdpipeError(f"{path}: expected a numeric top-level 'accuracy', got {accuracy!r}")
+    return metrics, float(accuracy)
+
+
+def _signature(model_path: Path, export_dir: Path):
+    """Signature (dynamic batch) and a (1, 3, S, S) float32 input example."""
+    import numpy as np
+    import onnx
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    dims = [d.dim_value or -1 for d in graph.input[0].type.tensor_type.shape.dim]
+    size = dims[-1] if dims[-1] > 0 else int(read_json(export_dir / "preprocess.json")["image_size"])
+    out_dims = [d.dim_value or -1 for d in graph.output[0].type.tensor_type.shape.dim]
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, size, size), graph.input[0].name)]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *out_dims[1:]), graph.output[0].name)]),
+    )
+    return signature, np.full((1, 3, size, size), 0.5, dtype=np.float32)
+
+
+def _champion(client, name: str) -> tuple[Any, float | None]:
+    """(champion ModelVersion or None, its test accuracy or None if unknown)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None, None  # no registered model yet, or no champion alias
+    try:
+        return version, float(version.tags[ACCURACY_TAG])
+    except (KeyError, TypeError, ValueError):
+        return version, None
+
+
+def _log_model(model_path: Path, export_dir: Path, model_name: str):
+    """Log and register the ONNX model; returns mlflow's ModelInfo."""
+    import mlflow.onnx
+    import onnx
+
+    distribution, ort_version = onnxruntime_distribution()
+    signature, example = _signature(model_path, export_dir)
+    extra = [str(p) for p in [export_dir / "preprocess.json"] if p.is_file()]
+    return mlflow.onnx.log_model(
+        onnx.load(str(model_path)), name="model", registered_model_name=model_name,
+        onnx_execution_providers=execution_providers(distribution),
+        pip_requirements=[f"onnx=={onnx.__version__}", f"{distribution}=={ort_version}"],
+        signature=signature, input_example=example, extra_files=extra or None,
+    )
+
+
+def _promote(client, name: str, version: str, accuracy: float, min_improvement: float) -> dict[str, Any]:
+    """Set ``challenger`` on the new version, move ``champion`` if it wins; the decision fields."""
+    champion, champion_acc = _champion(client, name)
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    if champion is not None and champion_acc is None:
+        promoted, reason = False, (f"champion v{champion.version} has no readable '{ACCURACY_TAG}' tag; "
+                                   "not replacing a hand-set champion automatically")
+    else:
+        promoted, reason = decide_promotion(accuracy, champion_acc, min_improvement)
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    before = None if champion is None else {"version": str(champion.version), "accuracy": champion_acc}
+    after = {"version": version, "accuracy": accuracy} if promoted else before
+    return {"champion_before": before, "champion_after": after, "promoted": promoted, "reason": reason}
+
+
+def _register(params, export_dir: Path, accuracy: float) -> dict[str, Any]:
+    import mlflow
+
+    model_path = export_dir / "model.onnx"
+    if not model_path.is_file():
+        raise KdpipeError(f"{model_path}: no exported model; run `kdpipe export`")
+    name = params.register.model_name
+    info = _log_model(model_path, export_dir, name)
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    tags = {ACCURACY_TAG: repr(accuracy), "data_version": tracking.data_version(params),
+            "git_commit": tracking.git_commit(), "kdpipe_version": __version__}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    mlflow.set_tag("kdpipe.registered_version", version)
+    decision = {"registered": True, "model_name": name, "version": version}
+    decision.update(_promote(client, name, version, accuracy, params.register.min_improvement))
+    return decision
+
+
+def _rejected(name: str, accuracy: float, gate: float) -> dict[str, Any]:
+    import mlflow
+
+    champion, champion_acc = _champion(mlflow.MlflowClient(), name)
+    current = None if champion is None else {"version": str(champion.version), "accuracy": champion_acc}
+    return {"registered": False, "model_name": name, "version": None, "champion_before": current,
+            "champion_after": current, "promoted": False,
+            "reason": f"accuracy {accuracy:.4f} is below register.min_accuracy={gate}"}
+
+
+def run(params, export_dir: str | os.PathLike = EXPORTED, evaluation_dir: str | os.PathLike = EVALUATION,
+        out_dir: str | os.PathLike = REGISTERED) -> dict[str, Any] | None:
+    """Gate, register, promote; writes and returns the decision (``None`` on non-zero DDP ranks)."""
+    if not tracking.is_main_rank():
+        return None
+    export_dir, evaluation_dir, out_dir = Path(export_dir), Path(evaluation_dir), Path(out_dir)
+    metrics, accuracy = _read_accuracy(evaluation_dir)
+    gate = params.register.min_accuracy
+    with tracking.pipeline_run(params, run_name="kdpipe"):
+        tracking.log_params_flat(params)
+        with tracking.step_run("register", params):
+            tracking.log_metrics_flat(metrics)
+            tracking.log_artifacts([evaluation_dir / n for n in ("metrics.json", "report.md", "confusion.png",
+                                                                 "confusion.json")], artifact_path="evaluation")
+            tracking.log_artifacts([export_dir / n for n in ("parity.json", "preprocess.json")
+                                    if (export_dir / n).exists()], artifact_path="export")
+            if accuracy < gate:
+                decision = _rejected(params.register.model_name, accuracy, gate)
+            else:
+                decision = _register(params, export_dir, accuracy)
+            decision["accuracy"] = accuracy
+            decision["tracking_uri"] = tracking.redact(tracking.tracking_uri(params))
+            write_json(out_dir / "decision.json", decision)
+            tracking.log_artifacts([out_dir / "decision.json"])
+    tracking.close_pipeline_run()
+    _print(decision)
+    return decision
+
+
+def _print(decision: dict[str, Any]) -> None:
+    if not decision["registered"]:
+        print(f"register: not registered: {decision['reason']}")
+        return
+    state = "promoted to champion" if decision["promoted"] else "challenger only"
+    print(f"register: {decision['model_name']} v{decision['version']} {state} ({decision['reason']})")

@@ -1,0 +1,375 @@
+"""MLflow tracking for the pipeline: one parent run per pipeline execution, one nested run per step.
+
+Where runs go (:func:`tracking_uri`): env ``MLFLOW_TRACKING_URI`` wins, then
+``register.tracking_uri`` from params, else ``sqlite:///<cwd>/mlflow.db`` with artifacts in
+``<cwd>/mlruns``. The project root is the current directory, because DVC, make and the CLI all run
+steps from there.
+
+One execution, one parent run (:func:`pipeline_run`): each step is its own process, so the parent
+run id has to be handed from step to step. Orchestrators that know the execution (Kubeflow, a
+Makefile) set env ``KDPIPE_MLFLOW_RUN_ID``; otherwise the first step that tracks creates the parent
+and writes its id to ``artifacts/mlflow_run.json``, later steps resume it, and the register step,
+the last one, closes the execution (:func:`close_pipeline_run` removes the file) so the next
+``dvc repro`` starts a new parent. Each step logs into a nested run named after it
+(:func:`step_run`), tagged ``kdpipe.step``: per-step metrics such as the distillation history
+share names (``val_acc_student``...) across steps without colliding on the parent.
+
+Nothing is logged from DDP workers: every public function is a no-op (context managers yield
+``None``) when env ``RANK`` is set and is not ``"0"``.
+
+Credentials never reach the tracking store: :func:`log_params_flat` drops keys that name a secret
+and :func:`redact` masks ``scheme://user:pass@host`` user info in every value.
+
+``mlflow`` is imported inside functions only: ``import mlflow`` costs seconds and the CLI must start
+at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import subprocess
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from . import __version__, layout
+from .atomic import read_json, write_json
+from .errors import KdpipeError
+
+log = logging.getLogger(__name__)
+
+RUN_ID_ENV = "KDPIPE_MLFLOW_RUN_ID"
+RUN_FILE = Path(layout.ARTIFACTS) / "mlflow_run.json"
+DEFAULT_DB = "mlflow.db"
+DEFAULT_ARTIFACTS = "mlruns"
+
+TAG_GIT = "kdpipe.git_commit"
+TAG_DATA = "kdpipe.data_version"
+TAG_VERSION = "kdpipe.version"
+TAG_STEP = "kdpipe.step"
+
+# A key is dropped when one of its words (split on . _ - and camelCase) is one of these.
+SECRET_WORDS = frozenset({"secret", "secrets", "password", "passwd", "token", "tokens", "key", "keys",
+                          "apikey", "credential", "credentials"})
+_URI_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
+_SECRET_QUERY = re.compile(r"([?&][^=&\s]*(?:secret|password|token|key|signature)[^=&\s]*=)[^&\s#]+",
+                           re.IGNORECASE)
+
+
+# ---------------------------------------------------------------- helpers without mlflow
+
+
+def is_main_rank() -> bool:
+    """True unless this is a non-zero DDP rank (env ``RANK`` set and != "0")."""
+    rank = os.environ.get("RANK")
+    return rank is None or rank.strip() in ("", "0")
+
+
+def redact(value: str) -> str:
+    """Mask credentials in URIs: ``s3://user:pass@host/x`` -> ``s3://***@host/x``; also masks
+    secret-looking query parameters (``?token=abc`` -> ``?token=***``)."""
+    value = _URI_USERINFO.sub(r"\1***@", value)
+    return _SECRET_QUERY.sub(r"\1***", value)
+
+
+def is_secret_key(key: str) -> bool:
+    """True when a (dotted) key names a secret as a whole word: ``aws.secret_access_key``,
+    ``apiKey``, ``db.password``; not ``keyframes`` or ``monkey``."""
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", key)  # camelCase -> words
+    words = {w.lower() for w in re.split(r"[^A-Za-z0-9]+", spaced) if w}
+    return not SECRET_WORDS.isdisjoint(words)
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 0.1}}`` -> ``{"train.lr": 0.1}``; lists stay leaves."""
+    if hasattr(obj, "model_dump"):
+        obj = obj.model_dump(mode="json")
+    if not isinstance(obj, Mapping):
+        return {prefix: obj}
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def safe_params(params: Any) -> dict[str, str]:
+    """Flattened params as MLflow strings, without secret keys and with URI credentials masked."""
+    out = {}
+    for key, value in flatten(params).items():
+        if is_secret_key(key):
+            continue
+        text = "" if value is None else value if isinstance(value, str) else json.dumps(value)
+        out[key] = redact(text)[:6000]  # MLflow's param value limit
+    return out
+
+
+def tracking_uri(params: Any) -> str:
+    """Env ``MLFLOW_TRACKING_URI``, else ``register.tracking_uri``, else ``sqlite:///<cwd>/mlflow.db``."""
+    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if env:
+        return env
+    configured = getattr(getattr(params, "register", None), "tracking_uri", None)
+    if configured:
+        return configured
+    return f"sqlite:///{(Path.cwd() / DEFAULT_DB).as_posix()}"
+
+
+def git_commit(cwd: str | os.PathLike | None = None) -> str:
+    """``git rev-parse HEAD`` of the project, ``"unknown"`` outside a repository (or without git)."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                              timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "unknown"
+
+
+def data_version(params: Any) -> str:
+    """``data_version`` of the prepared manifest, ``"unknown"`` before prepare has run."""
+    prepared = getattr(getattr(params, "data", None), "prepared", layout.PREPARED)
+    try:
+        return str(read_json(Path(prepared) / "manifest.json")["data_version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown"
+
+
+def run_tags(params: Any) -> dict[str, str]:
+    return {TAG_GIT: git_commit(), TAG_DATA: data_version(params), TAG_VERSION: __version__}
+
+
+# ---------------------------------------------------------------- runs
+
+
+def configure(params: Any) -> str:
+    """Point MLflow at :func:`tracking_uri` and select (or create) ``register.experiment``.
+
+    For a SQLite store the experiment is created with ``<cwd>/mlruns`` as artifact location, so a
+    local store never scatters artifacts; a server chooses its own artifact root. Returns the URI.
+    """
+    import mlflow
+
+    uri = tracking_uri(params)
+    mlflow.set_tracking_uri(uri)
+    name = getattr(getattr(params, "register", None), "experiment", "kdpipe")
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        location = (Path.cwd() / DEFAULT_ARTIFACTS).as_uri() if uri.startswith("sqlite:") else None
+        try:
+            client.create_experiment(name, artifact_location=location)
+        except mlflow.exceptions.MlflowException:
+            pass  # created meanwhile by a concurrent step; set_experiment finds it
+    mlflow.set_experiment(name)
+    return uri
+
+
+def _stored_run_id(uri: str) -> tuple[str | None, str]:
+    """The parent run id to resume and where it came from ("env", "file" or "")."""
+    env = os.environ.get(RUN_ID_ENV, "").strip()
+    if env:
+        return env, "env"
+    try:
+        stored = read_json(RUN_FILE)
+    except (OSError, ValueError):
+        return None, ""
+    # A file left by a run against another store must not be resumed here.
+    if isinstance(stored, dict) and stored.get("tracking_uri") == redact(uri) and stored.get("run_id"):
+        return str(stored["run_id"]), "file"
+    return None, ""
+
+
+def _run_exists(client, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException:
+        return False
+
+
+@contextlib.contextmanager
+def pipeline_run(params: Any, run_name: str | None = None) -> Iterator[Any]:
+    """Start or resume the parent run of this pipeline execution; yields the ``ActiveRun``.
+
+    Resumes ``$KDPIPE_MLFLOW_RUN_ID`` (an error if that run does not exist) or the run recorded in
+    ``artifacts/mlflow_run.json`` (ignored if stale); otherwise creates a run and records it there.
+    Tags: git commit, data version, kdpipe version. Yields ``None`` on non-zero ranks.
+    """
+    if not is_main_rank():
+        yield None
+        return
+    import mlflow
+
+    uri = configure(params)
+    active = mlflow.active_run()
+    run_id, source = _stored_run_id(uri)
+    if active is not None and active.info.run_id == run_id:
+        yield active  # already inside this execution's parent (a step calling a step)
+        return
+    client = mlflow.MlflowClient(uri)
+    if run_id and not _run_exists(client, run_id):
+        if source == "env":
+            raise KdpipeError(f"{RUN_ID_ENV}={run_id}: no such active run in {redact(uri)}")
+        run_id = None
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name) as run:
+        mlflow.set_tags(run_tags(params))
+        if run_id is None and source != "env":
+            write_json(RUN_FILE, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+                                  "tracking_uri": redact(uri)})
+        yield run
+
+
+@contextlib.contextmanager
+def step_run(name: str, params: Any = None) -> Iterator[Any]:
+    """A nested run for one step inside :func:`pipeline_run`; yields its ``ActiveRun``.
+
+    Tagged ``kdpipe.step=<name>`` plus the parent's tags. Yields ``None`` on non-zero ranks.
+    """
+    if not is_main_rank():
+        yield None
+        return
+    import mlflow
+
+    parent = mlflow.active_run()
+    if parent is None:
+        raise RuntimeError("step_run() must be used inside pipeline_run()")
+    if params is not None:
+        tags = run_tags(params)
+    else:  # copy the parent's tags; ActiveRun.data is a snapshot from its start, so read it back
+        parent_tags = mlflow.MlflowClient().get_run(parent.info.run_id).data.tags
+        tags = {k: v for k, v in parent_tags.items() if k.startswith("kdpipe.")}
+    tags[TAG_STEP] = name
+    with mlflow.start_run(run_name=name, nested=True, tags=tags) as run:
+        yield run
+
+
+def close_pipeline_run() -> None:
+    """End this execution: forget the parent recorded in ``artifacts/mlflow_run.json`` so the
+    next execution starts a new parent. A parent given by ``$KDPIPE_MLFLOW_RUN_ID`` is left alone."""
+    if is_main_rank() and not os.environ.get(RUN_ID_ENV):
+        RUN_FILE.unlink(missing_ok=True)
+
+
+def _active_run_id() -> str:
+    import mlflow
+
+    run = mlflow.active_run()
+    if run is None:
+        # Logging without a run would silently create one in the default experiment.
+        raise RuntimeError("no active MLflow run: call inside pipeline_run() / step_run()")
+    return run.info.run_id
+
+
+# ---------------------------------------------------------------- logging
+
+
+def log_params_flat(params: Any) -> dict[str, str]:
+    """Log params flattened (``train.lr``...) to the active run; returns what was logged.
+
+    Keys naming a secret are dropped, URI credentials in values masked (:func:`safe_params`).
+    MLflow params are immutable, so keys already logged (a resumed parent) are skipped and a
+    changed value is reported in a warning instead of failing the step.
+    """
+    if not is_main_rank():
+        return {}
+    import mlflow
+    from mlflow.entities import Param
+
+    run_id = _active_run_id()
+    client = mlflow.MlflowClient()
+    existing = client.get_run(run_id).data.params
+    new = {}
+    for key, value in safe_params(params).items():
+        if key not in existing:
+            new[key] = value
+        elif existing[key] != value:
+            log.warning("MLflow param %s already logged as %r; not changing it to %r", key, existing[key], value)
+    items = [Param(k, v) for k, v in new.items()]
+    for start in range(0, len(items), 100):  # log_batch accepts at most 100 params per call
+        client.log_batch(run_id, params=items[start:start + 100])
+    return new
+
+
+def _finite_number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def metric_name(key: str) -> str:
+    """MLflow metric names allow letters, digits, ``_ - . / space``; replace anything else."""
+    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", key)
+
+
+def log_metrics_flat(values: Mapping[str, Any], step: int = 0, prefix: str = "") -> dict[str, float]:
+    """Log every finite numeric leaf of a (nested) mapping to the active run; returns them."""
+    if not is_main_rank():
+        return {}
+    import mlflow
+
+    _active_run_id()
+    metrics = {}
+    for key, value in flatten(dict(values)).items():
+        number = _finite_number(value)
+        if number is not None:
+            metrics[metric_name(prefix + key)] = number
+    if metrics:
+        mlflow.log_metrics(metrics, step=step)
+    return metrics
+
+
+def log_history(history_path: str | os.PathLike) -> int:
+    """Log ``history.json`` (a list of per-evaluation dicts) as metrics with ``step=iteration``.
+
+    Every finite numeric field but ``iteration`` becomes a metric; returns the number of points.
+    """
+    if not is_main_rank():
+        return 0
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    run_id = _active_run_id()
+    rows = read_json(history_path)
+    if not isinstance(rows, list):
+        raise KdpipeError(f"{history_path}: expected a list of evaluations")
+    now = int(time.time() * 1000)
+    points = []
+    for row in rows:
+        step = int(row.get("iteration", 0))
+        for key, value in row.items():
+            number = _finite_number(value)
+            if key != "iteration" and number is not None:
+                points.append(Metric(metric_name(key), number, now, step))
+    client = mlflow.MlflowClient()
+    for start in range(0, len(points), 1000):  # log_batch limit
+        client.log_batch(run_id, metrics=points[start:start + 1000])
+    return len(points)
+
+
+def log_artifacts(paths: Iterable[str | os.PathLike], artifact_path: str | None = None) -> list[str]:
+    """Log files and folders (a folder keeps its name) to the active run; missing ones are skipped
+    with a warning. Returns the names logged."""
+    if not is_main_rank():
+        return []
+    import mlflow
+
+    _active_run_id()
+    logged = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            sub = f"{artifact_path}/{path.name}" if artifact_path else path.name
+            mlflow.log_artifacts(str(path), artifact_path=sub)
+        elif path.is_file():
+            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        else:
+            log.warning("artifact %s does not exist; not logged", path)
+            continue
+        logged.append(path.name)
+    return logged

@@ -1,0 +1,150 @@
+"""select: most accurate candidate within the limits, ties to the smaller model, clear failures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kdpipe import checkpoints
+from kdpipe.data import load_prepared
+from kdpipe.errors import KdpipeError
+from kdpipe.models import build_model
+from kdpipe.params import Params
+from kdpipe.steps import prepare, select
+
+COLOURS = {"blue": (40, 40, 200), "green": (40, 200, 40), "red": (200, 40, 40)}
+
+
+def _write_images(root: Path, split: str, counts: dict[str, int], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for name, n in counts.items():
+        for k in range(n):
+            h, w = rng.integers(12, 24, size=2)
+            px = np.clip(np.array(COLOURS[name]) + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+            path = root / split / name / f"{name}_{k:03d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(px).save(path)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    # val_fraction 0.5 of 8/4/4 -> validation holds 4 blue, 2 green, 2 red: a model that always
+    # answers "blue" scores 0.5, one that always answers "green" 0.25.
+    tmp = tmp_path_factory.mktemp("select")
+    _write_images(tmp / "data", "labeled", {"blue": 8, "green": 4, "red": 4}, seed=0)
+    params = Params()
+    params.prepare.val_fraction = 0.5
+    prepare.run(params, tmp / "data", tmp / "prepared")
+    return tmp / "prepared"
+
+
+def _constant_model(path: Path, prepared: Path, arch: str, answer: str, claimed_acc: float = 0.99) -> None:
+    """A checkpoint whose head always answers ``answer`` (known validation accuracy, no training)."""
+    data = load_prepared(prepared)
+    model = build_model(arch, data.num_classes, data.image_size)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.fill_(-10.0)
+        model.head.bias[data.class_names.index(answer)] = 10.0
+    meta = {"val_accuracy": claimed_acc, "role": path.stem}  # deliberately wrong: select must recompute
+    checkpoints.save(checkpoints.model_checkpoint(model, arch, data.num_classes, data.image_size,
+                                                  data.class_names, meta), path)
+
+
+def _distill_dir(tmp_path: Path, prepared: Path, student: tuple[str, str], teacher: tuple[str, str] | None):
+    out = tmp_path / "distill"
+    out.mkdir()
+    _constant_model(out / "student.pt", prepared, *student)
+    if teacher:
+        _constant_model(out / "teacher.pt", prepared, *teacher)
+    return out
+
+
+def _params(**select_kwargs) -> Params:
+    params = Params()
+    params.select.latency_runs = 3
+    for key, value in select_kwargs.items():
+        setattr(params.select, key, value)
+    return params
+
+
+def test_most_accurate_within_limits_wins_and_accuracy_is_recomputed(tmp_path, prepared):
+    distill = _distill_dir(tmp_path, prepared, student=("cnn_tiny", "green"), teacher=("resnet_tiny", "blue"))
+    out = tmp_path / "selected"
+    result = select.run(_params(), distill, prepared, out)
+
+    assert result["chosen"] == "teacher"
+    assert (out / "model.pt").read_bytes() == (distill / "teacher.pt").read_bytes()
+    written = json.loads((out / "selection.json").read_text())
+    assert written["chosen"] == "teacher" and written["reason"]
+    assert written["limits"] == {"max_params": 50_000_000, "max_latency_ms": 1000.0}
+    by_name = {c["name"]: c for c in written["candidates"]}
+    assert by_name["student"]["val_accuracy"] == pytest.approx(0.25)  # not the 0.99 claimed in meta
+    assert by_name["teacher"]["val_accuracy"] == pytest.approx(0.5)
+    for cand in written["candidates"]:
+        assert set(cand) >= {"name", "path", "arch", "parameters", "val_accuracy", "latency_ms_p50", "meets"}
+        assert cand["latency_ms_p50"] > 0 and cand["meets"] == {"max_params": True, "max_latency_ms": True}
+
+
+def test_equal_accuracy_goes_to_the_smaller_model(tmp_path, prepared):
+    # The student is the BIGGER net here, so the tie-break cannot be "student first".
+    distill = _distill_dir(tmp_path, prepared, student=("cnn_small", "blue"), teacher=("cnn_tiny", "blue"))
+    result = select.run(_params(), distill, prepared, tmp_path / "selected")
+    by_name = {c["name"]: c for c in result["candidates"]}
+    assert by_name["student"]["val_accuracy"] == by_name["teacher"]["val_accuracy"]
+    assert by_name["teacher"]["parameters"] < by_name["student"]["parameters"]
+    assert result["chosen"] == "teacher" and "fewer parameters" in result["reason"]
+
+
+def test_parameter_limit_excludes_the_more_accurate_model(tmp_path, prepared):
+    distill = _distill_dir(tmp_path, prepared, student=("cnn_tiny", "green"), teacher=("cnn_small", "blue"))
+    result = select.run(_params(max_params=100_000), distill, prepared, tmp_path / "selected")
+    assert result["chosen"] == "student"
+    assert {c["name"]: c["meets"]["max_params"] for c in result["candidates"]} == {"student": True, "teacher": False}
+
+
+def test_nothing_fits_names_each_candidate_and_limit(tmp_path, prepared):
+    distill = _distill_dir(tmp_path, prepared, student=("cnn_tiny", "green"), teacher=("cnn_small", "blue"))
+    out = tmp_path / "selected"
+    with pytest.raises(KdpipeError) as err:
+        select.run(_params(max_params=1000, max_latency_ms=1e-6), distill, prepared, out)
+    text = str(err.value)
+    assert "student (cnn_tiny)" in text and "teacher (cnn_small)" in text
+    assert "max_params 1000" in text and "max_latency_ms 1e-06" in text and "fallback_fastest" in text
+    assert not out.exists()
+
+
+def test_fallback_fastest_takes_the_lowest_latency(tmp_path, prepared):
+    distill = _distill_dir(tmp_path, prepared, student=("cnn_tiny", "green"), teacher=("cnn_small", "blue"))
+    result = select.run(_params(max_latency_ms=1e-6, fallback_fastest=True, include_champion=True),
+                        distill, prepared, tmp_path / "selected")
+    fastest = min(result["candidates"], key=lambda c: c["latency_ms_p50"])
+    assert result["chosen"] == fastest["name"]
+    assert "fallback_fastest" in result["reason"] and "max_latency_ms" in result["reason"]
+    assert all(not c["meets"]["max_latency_ms"] for c in result["candidates"])
+    assert result["champion"].startswith("not configured")
+
+
+def test_student_only_and_missing_student(tmp_path, prepared):
+    distill = _distill_dir(tmp_path, prepared, student=("cnn_tiny", "red"), teacher=None)
+    assert select.run(_params(), distill, prepared, tmp_path / "selected")["chosen"] == "student"
+    with pytest.raises(KdpipeError, match="student.pt: not found"):
+        select.run(_params(), tmp_path / "empty", prepared, tmp_path / "selected2")
+
+
+def test_choose_rule_is_pure():
+    cands = [
+        {"name": "a", "arch": "x", "parameters": 10, "val_accuracy": 0.8, "latency_ms_p50": 2.0,
+         "meets": {"max_params": True, "max_latency_ms": True}},
+        {"name": "b", "arch": "y", "parameters": 5, "val_accuracy": 0.8, "latency_ms_p50": 3.0,
+         "meets": {"max_params": True, "max_latency_ms": True}},
+        {"name": "c", "arch": "z", "parameters": 1, "val_accuracy": 0.9, "latency_ms_p50": 1.0,
+         "meets": {"max_params": True, "max_latency_ms": False}},
+    ]
+    chosen, _ = select.choose(cands, {"max_params": 100, "max_latency_ms": 2.5}, fallback_fastest=False)
+    assert chosen["name"] == "b"
