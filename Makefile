@@ -10,6 +10,8 @@ STAMP := $(VENV)/.installed
 # `.[gpu]` instead; never both (see README, "GPU").
 EXTRAS ?= cpu,dev
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
+# dvc.yaml stages call `kdpipe`: put the venv first on PATH for them.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .DEFAULT_GOAL := help
 .PHONY: help setup repro data test lint clean

@@ -58,3 +58,115 @@ def image_dataset(tmp_path, make_image):
         return root
 
     return build
+
+
+# ------------------------------------------------------------------------------------------
+# A tiny, learnable pipeline shared by the engine / recipe / resume / DDP tests.
+
+TINY_CLASSES = ("blue", "green", "red")
+
+
+def _class_image(label: int, rng: np.random.Generator, size: int = 16) -> np.ndarray:
+    """A noisy image whose dominant colour channel and stripe orientation follow the class."""
+    img = rng.integers(0, 90, size=(size, size, 3)).astype(np.int16)
+    channel = 2 - label  # blue -> 2, green -> 1, red -> 0 (class names are sorted by prepare)
+    img[..., channel] += 45
+    stripes = np.zeros((size, size), dtype=np.int16)
+    if label == 0:
+        stripes[::4, :] = 25
+    elif label == 1:
+        stripes[:, ::4] = 25
+    else:
+        stripes[np.eye(size, dtype=bool)] = 25
+    img += stripes[..., None]
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_tiny_dataset(root: Path, labeled_per_class: int = 14, unlabeled: int = 60, test_per_class: int = 2,
+                       size: int = 16, seed: int = 0) -> Path:
+    """labeled/<class>/, unlabeled/, test/<class>/ of real PNG files with class-dependent patterns."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for split, per_class in (("labeled", labeled_per_class), ("test", test_per_class)):
+        for label, name in enumerate(TINY_CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for k in range(per_class):
+                Image.fromarray(_class_image(label, rng, size)).save(folder / f"{name}_{k:03d}.png")
+    folder = root / "unlabeled" / "batch-0001"
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(unlabeled):
+        Image.fromarray(_class_image(k % len(TINY_CLASSES), rng, size)).save(folder / f"u_{k:03d}.png")
+    return root
+
+
+def tiny_params(**train_overrides):
+    """Params with settings small enough for a few seconds of CPU training."""
+    from kdpipe.params import validate_params
+
+    train = {
+        "recipe": "cotrain", "student_arch": "cnn_tiny", "batch_size": 8, "mu": 1.0, "lr": 0.05,
+        "max_iterations": 20, "epoch_iterations": 5, "eval_every": 5, "checkpoint_every": 5,
+        "views": 2, "device": "cpu", "amp": "off", "channels_last": "off", "threads": 1, "seed": 0,
+    }
+    train.update(train_overrides)
+    return validate_params({
+        "prepare": {"image_size": 16, "val_fraction": 0.2},
+        "augment": {"views": 2, "preview_samples": 2, "pad": 2},
+        "teacher": {"arch": "cnn_tiny", "max_iterations": 20, "batch_size": 8, "eval_every": 10},
+        "train": train,
+    })
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dirs(tmp_path_factory):
+    """prepare + augment + teacher run ONCE per session on a tiny data set.
+
+    Returns a dict: ``root`` (the tmp folder), ``data``, ``prepared``, ``augmented``, ``teacher``
+    (paths) and ``params`` (the tiny :class:`kdpipe.params.Params`, recipe ``cotrain``).
+    Tests must not write into these folders; they get their own ``out_dir``.
+    """
+    import torch
+
+    from kdpipe.steps import augment, prepare, teacher
+
+    threads = torch.get_num_threads()
+    base = tmp_path_factory.mktemp("tiny_pipeline")
+    params = tiny_params()
+    dirs = {"root": base, "data": base / "data", "prepared": base / "prepared",
+            "augmented": base / "augmented", "teacher": base / "teacher"}
+    write_tiny_dataset(dirs["data"])
+    try:
+        prepare.run(params, dirs["data"], dirs["prepared"])
+        augment.run(params, dirs["prepared"], dirs["augmented"])
+        teacher.run(params, dirs["prepared"], dirs["teacher"])
+    finally:
+        torch.set_num_threads(threads)  # train.threads=1 must not leak into unrelated tests
+    return {**dirs, "params": params}
+
+
+@pytest.fixture(scope="session")
+def tiny_params_factory():
+    """``tiny_params_factory(**train_overrides) -> Params`` (the tiny settings of ``tiny_pipeline_dirs``)."""
+    return tiny_params
+
+
+@pytest.fixture(scope="session")
+def run_distill(tiny_pipeline_dirs):
+    """Factory: ``run_distill(out_dir, **train_overrides) -> summary`` runs the distill step in-process
+    on the tiny pipeline (torch's thread count is restored afterwards)."""
+    import torch
+
+    from kdpipe.steps import distill
+
+    def run(out_dir, **train_overrides):
+        threads = torch.get_num_threads()
+        d = tiny_pipeline_dirs
+        try:
+            return distill.run(tiny_params(**train_overrides), d["prepared"], d["augmented"], d["teacher"], out_dir)
+        finally:
+            torch.set_num_threads(threads)
+
+    return run

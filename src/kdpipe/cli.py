@@ -32,13 +32,43 @@ def _load_params(args: argparse.Namespace):
     return load_params(args.params, args.overrides)
 
 
+# Small files each step copies to --reports-dir: DVC tracks them as metrics/plots in git while
+# the step's (large) output folder is a cached DVC output; DVC forbids a file being both.
+REPORT_FILES: dict[str, tuple[str, ...]] = {
+    "prepare": ("manifest.json", "rejected.json"),
+    "augment": ("policy.json", "preview.png"),
+    "teacher": ("metrics.json", "history.json"),
+    "distill": ("metrics.json", "history.json", "schedule.json"),
+    "select": ("selection.json",),
+    "export": ("parity.json",),
+    "evaluate": ("metrics.json", "confusion.json", "confusion.png", "per_class.json", "report.md"),
+    "register": ("decision.json",),
+}
+
+
+def _publish_reports(step: str, out_dir: str, reports_dir: str) -> None:
+    import shutil
+    from pathlib import Path
+
+    from .atomic import atomic_path
+
+    for name in REPORT_FILES.get(step, ()):
+        source = Path(out_dir) / name
+        if source.is_file():
+            with atomic_path(Path(reports_dir) / name) as tmp:
+                shutil.copyfile(source, tmp)
+
+
 def _step(module: str, **path_args: str) -> Callable[[argparse.Namespace], Any]:
     """A handler that loads params and calls ``kdpipe.steps.<module>.run(params, **paths)``."""
 
     def handler(args: argparse.Namespace) -> Any:
         step = importlib.import_module(f"kdpipe.steps.{module}")
         kwargs = {name: getattr(args, name) for name in path_args}
-        return step.run(_load_params(args), **kwargs)
+        result = step.run(_load_params(args), **kwargs)
+        if args.reports_dir:
+            _publish_reports(module, args.out_dir, args.reports_dir)
+        return result
 
     return handler
 
@@ -136,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_params_options(step)
         for arg, (default, arg_help) in path_args.items():
             step.add_argument(f"--{arg.replace('_', '-')}", dest=arg, default=default, help=arg_help)
+        step.add_argument("--reports-dir", default=None,
+                          help="also copy the step's small reports (metrics, plots) to this folder")
         step.set_defaults(handler=_step(name, **{a: a for a in path_args}))
 
     check = sub.add_parser("params", help="validate params.yaml (and -S overrides); --show prints the resolved values")

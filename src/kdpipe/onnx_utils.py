@@ -102,7 +102,8 @@ def make_session(path: str | os.PathLike, providers: Sequence[str] = (CPU,), all
         session = ort.InferenceSession(str(path), sess_options=options, providers=usable)
     except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph...)
         raise KdpipeError(f"{path}: onnxruntime cannot load the model ({type(exc).__name__}: {exc})") from None
-    _check_active(path, requested, session.get_providers(), allow_cpu_fallback)
+    # Only what the session was given: providers missing from the build were reported above.
+    _check_active(path, usable, session.get_providers(), allow_cpu_fallback)
     return session
 
 

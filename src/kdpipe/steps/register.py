@@ -6,16 +6,16 @@ plots). Output: ``out_dir/decision.json``.
 
 1. Quality gate: ``accuracy < register.min_accuracy`` -> nothing is registered.
 2. Otherwise a new version of ``register.model_name`` is registered (flavor ``onnx``, explicit
-   execution providers and pip requirements, ``preprocess.json`` shipped inside the model), tagged
-   ``test_accuracy``, ``data_version``, ``git_commit``, and given the alias ``challenger`` (the
-   latest candidate; it moves to every new version, promoted or not).
+   execution providers and pip requirements, ``preprocess.json`` shipped inside the model under
+   ``extra_files/``), tagged ``test_accuracy``, ``data_version``, ``git_commit``, and given the
+   alias ``challenger`` (the latest candidate; it moves to every new version, promoted or not).
 3. Promotion (:func:`decide_promotion`): the alias ``champion`` moves to the new version iff there
    is no champion, or ``new_acc > champion_acc`` and ``new_acc >= champion_acc + min_improvement``
    (with ``min_improvement = 0``: strictly better; a tie keeps the champion). A champion without a
    readable ``test_accuracy`` tag (set by hand) is never replaced automatically.
 
-Metrics, the evaluation report and plots, ``parity.json`` and ``decision.json`` are logged to the
-step's nested run. Register is the pipeline's last step, so it closes the pipeline run.
+Metrics, the evaluation report and plots, ``parity.json``, ``model.int8.onnx`` (when exported) and
+``decision.json`` are logged to the step's nested run. Register is the pipeline's last step, so it closes the pipeline run.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ ACCURACY_TAG = "test_accuracy"
 _TOLERANCE = 1e-9
 # Checked in this order: the GPU build first, because it also provides the CPU provider.
 _ORT_DISTRIBUTIONS = ("onnxruntime-gpu", "onnxruntime")
+_EXTERNAL_DATA_BYTES = 1 << 30
 
 
 def decide_promotion(new_acc: float, champion_acc: float | None, min_improvement: float) -> tuple[bool, str]:
@@ -131,6 +132,8 @@ def _log_model(model_path: Path, export_dir: Path, model_name: str):
         onnx_execution_providers=execution_providers(distribution),
         pip_requirements=[f"onnx=={onnx.__version__}", f"{distribution}=={ort_version}"],
         signature=signature, input_example=example, extra_files=extra or None,
+        # One self-contained model.onnx unless protobuf's 2 GB limit forces external tensor data.
+        save_as_external_data=model_path.stat().st_size > _EXTERNAL_DATA_BYTES,
     )
 
 
@@ -194,7 +197,7 @@ def run(params, export_dir: str | os.PathLike = EXPORTED, evaluation_dir: str | 
             tracking.log_metrics_flat(metrics)
             tracking.log_artifacts([evaluation_dir / n for n in ("metrics.json", "report.md", "confusion.png",
                                                                  "confusion.json")], artifact_path="evaluation")
-            tracking.log_artifacts([export_dir / n for n in ("parity.json", "preprocess.json")
+            tracking.log_artifacts([export_dir / n for n in ("parity.json", "preprocess.json", "model.int8.onnx")
                                     if (export_dir / n).exists()], artifact_path="export")
             if accuracy < gate:
                 decision = _rejected(params.register.model_name, accuracy, gate)

@@ -1,0 +1,142 @@
+"""predict: same preprocessing as prepare (so evaluate's accuracy is reproduced), bad files are rows."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kdpipe import checkpoints
+from kdpipe.cli import main
+from kdpipe.data import load_prepared
+from kdpipe.errors import KdpipeError
+from kdpipe.models import build_model
+from kdpipe.params import Params
+from kdpipe.steps import evaluate, export, prepare
+from kdpipe.steps.predict import predict, write_predictions
+
+COLOURS = {"blue": (40, 40, 200), "green": (40, 200, 40), "red": (200, 40, 40)}
+
+
+def _write_images(root: Path, split: str, counts: dict[str, int], seed: int) -> None:
+    # Odd, non-square sizes: predict must resize exactly like prepare did.
+    rng = np.random.default_rng(seed)
+    for name, n in counts.items():
+        for k in range(n):
+            h, w = rng.integers(12, 48, size=2)
+            px = np.clip(np.array(COLOURS[name]) + rng.normal(0, 60, (h, w, 3)), 0, 255).astype(np.uint8)
+            path = root / split / name / f"{name}_{k:03d}.{'jpg' if k % 2 else 'png'}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(px).save(path)
+
+
+def _probe_model(data):
+    """cnn_tiny with a least-squares head on its random features: varied, class-related predictions
+    (a random head tends to answer one class for everything) without training."""
+    torch.manual_seed(0)
+    model = build_model("cnn_tiny", data.num_classes, data.image_size).eval()
+    with torch.no_grad():
+        x = torch.from_numpy(np.array(data.train_x)).permute(0, 3, 1, 2).float() / 255.0
+        feats = torch.cat([model.features(x), torch.ones(len(x), 1)], dim=1)
+        target = torch.eye(data.num_classes)[torch.from_numpy(np.array(data.train_y))]
+        w = torch.linalg.lstsq(feats, target).solution
+        model.head.weight.copy_(w[:-1].T)
+        model.head.bias.copy_(w[-1])
+    return model
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> dict[str, Path]:
+    """data -> prepare -> random cnn_tiny -> export -> evaluate, in a module-wide folder."""
+    tmp = tmp_path_factory.mktemp("predict")
+    _write_images(tmp / "data", "labeled", {"blue": 3, "green": 3, "red": 3}, seed=0)
+    _write_images(tmp / "data", "test", {"blue": 5, "green": 5, "red": 5}, seed=1)
+    params = Params()
+    params.export.calibration_samples = 8
+    params.evaluate.latency_runs = 3
+    params.evaluate.throughput_batch = 4
+    prepare.run(params, tmp / "data", tmp / "prepared")
+    data = load_prepared(tmp / "prepared")
+    model = _probe_model(data)
+    checkpoints.save(checkpoints.model_checkpoint(model, "cnn_tiny", data.num_classes, data.image_size,
+                                                  data.class_names), tmp / "selected" / "model.pt")
+    export.run(params, tmp / "selected", tmp / "prepared", tmp / "export")
+    evaluate.run(params, tmp / "export", tmp / "prepared", tmp / "evaluation")
+    return {"root": tmp, "data": tmp / "data", "model": tmp / "export" / "model.onnx",
+            "metrics": tmp / "evaluation" / "metrics.json"}
+
+
+def test_predict_reproduces_evaluate_accuracy(pipeline):
+    rows = predict(pipeline["model"], [pipeline["data"] / "test"], top_k=3, batch_size=4)
+    assert len(rows) == 15 and all(r["error"] is None for r in rows)
+    correct = [Path(r["path"]).parent.name == r["top1"] for r in rows]
+    metrics = json.loads(pipeline["metrics"].read_text())
+    assert len({r["top1"] for r in rows}) > 1  # the model does discriminate: the match is not trivial
+    assert sum(correct) / len(rows) == metrics["accuracy"]  # exact: identical pixels, identical graph
+    row = rows[0]
+    assert list(row) == ["path", "top1", "p1", "top2", "p2", "top3", "p3", "error"]
+    assert row["p1"] >= row["p2"] >= row["p3"] and row["p1"] + row["p2"] + row["p3"] == pytest.approx(1.0)
+
+
+def test_int8_model_matches_evaluate_too(pipeline):
+    rows = predict(pipeline["model"].with_name("model.int8.onnx"), [pipeline["data"] / "test"])
+    accuracy = sum(Path(r["path"]).parent.name == r["top1"] for r in rows) / len(rows)
+    assert accuracy == json.loads(pipeline["metrics"].read_text())["int8_accuracy"]
+
+
+def test_corrupt_file_gives_an_error_row(pipeline, tmp_path):
+    folder = tmp_path / "inbox"
+    (folder / "nested").mkdir(parents=True)
+    shutil.copy(next((pipeline["data"] / "test" / "red").glob("*.png")), folder / "nested" / "good.png")
+    (folder / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.txt").write_text("ignored: not an image extension")
+    rows = {Path(r["path"]).name: r for r in predict(pipeline["model"], [folder], top_k=2)}
+    assert set(rows) == {"good.png", "bad.png", "empty.jpg"}
+    assert rows["good.png"]["error"] is None and rows["good.png"]["top1"] in COLOURS
+    assert rows["bad.png"]["error"].startswith(("corrupt", "not_an_image", "truncated"))
+    assert rows["bad.png"]["top1"] is None
+    assert rows["empty.jpg"]["error"].startswith("zero_byte")
+
+
+def test_write_predictions_csv_and_json(pipeline, tmp_path):
+    rows = predict(pipeline["model"], [pipeline["data"] / "test" / "blue"], top_k=2)
+    rows.append({"path": "x.png", "top1": None, "p1": None, "top2": None, "p2": None, "error": "corrupt: bad"})
+    write_predictions(rows, tmp_path / "out.csv")
+    with open(tmp_path / "out.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert list(table[0]) == ["path", "top1", "p1", "top2", "p2", "error"]
+    assert len(table) == 6 and table[-1]["error"] == "corrupt: bad" and table[-1]["top1"] == ""
+    write_predictions(rows, tmp_path / "out.json")
+    assert json.loads((tmp_path / "out.json").read_text()) == rows
+    with pytest.raises(KdpipeError, match=r"\.csv or \.json"):
+        write_predictions(rows, tmp_path / "out.txt")
+
+
+def test_missing_sidecar_or_input_is_an_error(pipeline, tmp_path):
+    lonely = tmp_path / "model.onnx"
+    shutil.copy(pipeline["model"], lonely)
+    with pytest.raises(KdpipeError, match="preprocess.json: not found"):
+        predict(lonely, [pipeline["data"] / "test"])
+    with pytest.raises(KdpipeError, match="no such file or folder"):
+        predict(pipeline["model"], [tmp_path / "nope"])
+
+
+def test_cli_predict(pipeline, tmp_path, capsys):
+    out = tmp_path / "pred.json"
+    code = main(["predict", str(pipeline["data"] / "test" / "green"), "--model", str(pipeline["model"]),
+                 "--top-k", "1", "--output", str(out)])
+    assert code == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 5 and list(rows[0]) == ["path", "top1", "p1", "error"]
+    assert "predict: 5 image(s) classified, 0 failed" in capsys.readouterr().err
+    # Default: CSV on stdout.
+    assert main(["predict", str(pipeline["data"] / "test" / "red"), "--model", str(pipeline["model"])]) == 0
+    assert capsys.readouterr().out.startswith("path,top1,p1,top2,p2,top3,p3,error\n")
+    assert main(["predict", str(tmp_path / "missing"), "--model", str(pipeline["model"])]) == 2

@@ -1,0 +1,225 @@
+"""Register step against a real MLflow SQLite store in tmp_path: gate, aliases, loading, secrets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kdpipe.params import Params
+from kdpipe.steps import register
+from kdpipe.steps.register import decide_promotion
+
+SECRET = "kdpipe-test-secret-123"
+NAME = "kdpipe-test-model"
+IMAGE_SIZE = 16
+
+
+# ---------------------------------------------------------------- upstream outputs
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tmp_path_factory) -> Path:
+    """A real tiny classifier exported once per module (input 'images', output 'logits')."""
+    return export_tiny_model(tmp_path_factory.mktemp("onnx") / "model.onnx")
+
+
+def export_tiny_model(path: Path) -> Path:
+    import torch
+
+    from kdpipe.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("cnn_tiny", 3, IMAGE_SIZE).eval()
+    torch.onnx.export(model, (torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE),), str(path), dynamo=False,
+                      opset_version=17, input_names=["images"], output_names=["logits"],
+                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+    return path
+
+
+def make_upstream(root: Path, model: Path, accuracy: float, data_version: str = "dv-1") -> tuple[Path, Path]:
+    """Write export, evaluation and prepared outputs as the upstream steps do; returns
+    (export_dir, evaluation_dir). The prepared manifest goes to root/artifacts/prepared."""
+    export_dir, evaluation_dir = root / "export", root / f"evaluate-{accuracy}"
+    export_dir.mkdir(parents=True, exist_ok=True)
+    evaluation_dir.mkdir(parents=True, exist_ok=True)
+    (export_dir / "model.onnx").write_bytes(model.read_bytes())
+    _write(export_dir / "parity.json", {"max_abs": 1e-6, "agreement": 1.0})
+    _write(export_dir / "preprocess.json", {"class_names": ["a", "b", "c"], "image_size": IMAGE_SIZE})
+    _write(evaluation_dir / "metrics.json", {"accuracy": accuracy, "int8_accuracy": None, "macro_f1": 0.5,
+                                             "models": {"model.onnx": {"accuracy": accuracy}}})
+    (evaluation_dir / "report.md").write_text("# report\n")
+    (evaluation_dir / "confusion.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    _write(evaluation_dir / "confusion.json", {"matrix": [[1, 0], [0, 1]]})
+    _write(root / "artifacts" / "prepared" / "manifest.json", {"data_version": data_version})
+    return export_dir, evaluation_dir
+
+
+def _write(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def make_params(**register_values) -> Params:
+    return Params.model_validate({"register": {"model_name": NAME, **register_values}})
+
+
+@pytest.fixture(scope="session")
+def empty_db(tmp_path_factory) -> Path:
+    """An empty, fully migrated MLflow SQLite file: creating the schema takes ~4 s, copying it 0."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    folder = tmp_path_factory.mktemp("empty-store")
+    SqlAlchemyStore(f"sqlite:///{folder.as_posix()}/mlflow.db", (folder / "mlruns").as_uri()).engine.dispose()
+    return folder / "mlflow.db"
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch, empty_db):
+    """A fresh SQLite MLflow store in tmp_path; cwd is tmp_path so nothing lands in the repo."""
+    import shutil
+
+    import mlflow
+
+    shutil.copyfile(empty_db, tmp_path / "mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path.as_posix()}/mlflow.db")
+    for name in ("RANK", "KDPIPE_MLFLOW_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    yield tmp_path
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)  # mlflow keeps the URI globally (and in os.environ)
+
+
+def _register(tmp_path, model, accuracy, **register_values):
+    export_dir, evaluation_dir = make_upstream(tmp_path, model, accuracy)
+    return register.run(make_params(**register_values), export_dir, evaluation_dir, tmp_path / "out")
+
+
+# ---------------------------------------------------------------- pure logic
+
+
+@pytest.mark.parametrize(("new", "champion", "min_improvement", "expected"), [
+    (0.5, None, 0.0, True),      # first model becomes champion
+    (0.8, 0.7, 0.0, True),       # strictly better
+    (0.7, 0.7, 0.0, False),      # a tie keeps the champion
+    (0.6, 0.7, 0.0, False),      # worse
+    (0.9, 0.8, 0.1, True),       # exactly min_improvement (0.9 - 0.8 is 0.0999... in floats)
+    (0.85, 0.8, 0.1, False),     # better, but not by enough
+    (0.8, 0.8, 0.1, False),
+])
+def test_decide_promotion(new, champion, min_improvement, expected):
+    promoted, reason = decide_promotion(new, champion, min_improvement)
+    assert promoted is expected and reason
+
+
+def test_execution_providers_follow_the_installed_distribution():
+    import onnxruntime
+
+    name, version = register.onnxruntime_distribution()
+    assert name in ("onnxruntime", "onnxruntime-gpu") and version == onnxruntime.__version__
+    assert register.execution_providers("onnxruntime") == ["CPUExecutionProvider"]
+    assert register.execution_providers("onnxruntime-gpu")[0] == "CUDAExecutionProvider"
+
+
+# ---------------------------------------------------------------- against MLflow
+
+
+def test_champion_moves_only_for_a_better_model(store, onnx_model):
+    import mlflow
+
+    first = _register(store, onnx_model, 0.8)
+    assert first["registered"] and first["promoted"] and first["version"] == "1"
+    assert first["champion_before"] is None and first["champion_after"] == {"version": "1", "accuracy": 0.8}
+
+    better = _register(store, onnx_model, 0.9)
+    assert better["promoted"] and better["champion_before"] == {"version": "1", "accuracy": 0.8}
+
+    worse = _register(store, onnx_model, 0.85)
+    assert not worse["promoted"] and worse["champion_after"] == {"version": "2", "accuracy": 0.9}
+    assert json.loads((store / "out" / "decision.json").read_text()) == worse
+
+    client = mlflow.MlflowClient()
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "2"
+    assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "3"
+    tags = client.get_model_version(NAME, "3").tags
+    assert tags["test_accuracy"] == "0.85" and tags["data_version"] == "dv-1" and tags["git_commit"] == "unknown"
+
+
+def test_quality_gate_blocks_registration(store, onnx_model):
+    import mlflow
+
+    decision = _register(store, onnx_model, 0.5, min_accuracy=0.6)
+    assert decision["registered"] is False and "min_accuracy" in decision["reason"]
+    assert json.loads((store / "out" / "decision.json").read_text())["registered"] is False
+    assert mlflow.MlflowClient().search_registered_models() == []
+
+
+def test_champion_loads_from_registry_and_matches_onnxruntime(store, onnx_model):
+    import mlflow
+    import onnxruntime as ort
+
+    _register(store, onnx_model, 0.7)
+    loaded = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    batch = np.random.default_rng(0).random((4, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    predicted = loaded.predict(batch)["logits"]
+    session = ort.InferenceSession(str(onnx_model), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(predicted, session.run(["logits"], {"images": batch})[0], rtol=1e-5, atol=1e-6)
+    # preprocess.json ships with the model, so a consumer of the registry can decode inputs.
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion"))
+    assert [p.name for p in local.glob("*.data")] == []  # a single self-contained model.onnx
+    assert json.loads((local / "extra_files" / "preprocess.json").read_text())["image_size"] == IMAGE_SIZE
+
+
+def test_one_parent_run_with_a_nested_register_run(store, onnx_model):
+    import mlflow
+
+    _register(store, onnx_model, 0.7)
+    runs = mlflow.search_runs(experiment_names=["kdpipe"], output_format="list")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 1
+    parent, child = parents[0], children[0]
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert child.data.tags["kdpipe.step"] == "register"
+    assert parent.data.params["register.model_name"] == NAME
+    assert parent.data.tags["kdpipe.data_version"] == "dv-1"
+    assert child.data.metrics["accuracy"] == 0.7
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(child.info.run_id, "evaluation")}
+    assert {"evaluation/report.md", "evaluation/confusion.png", "evaluation/metrics.json"} <= artifacts
+    # Register is the last step: the next execution starts a new parent run.
+    assert not (store / "artifacts" / "mlflow_run.json").exists()
+
+
+def test_credentials_never_reach_the_store(store, onnx_model, monkeypatch):
+    from kdpipe import tracking
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    params = Params.model_validate({
+        "data": {"root": f"s3://user:{SECRET}@bucket/data"},
+        # The env URI (SQLite) wins; this value is still a param that must be logged redacted.
+        "register": {"model_name": NAME, "tracking_uri": f"http://user:{SECRET}@127.0.0.1:9"},
+    })
+    export_dir, evaluation_dir = make_upstream(store, onnx_model, 0.7)
+    with tracking.pipeline_run(params):
+        logged = tracking.log_params_flat(params)
+        tracking.log_params_flat({"aws": {"secret_access_key": SECRET, "region": "eu"}})
+    assert logged["data.root"] == "s3://***@bucket/data"
+    register.run(params, export_dir, evaluation_dir, store / "out")
+
+    files = [p for p in store.rglob("*") if p.is_file()]
+    assert any(p.name == "mlflow.db" for p in files) and any(p.name == "model.onnx" for p in files)
+    assert (store / "out" / "decision.json").is_file()
+    leaks = [p for p in files if SECRET.encode() in p.read_bytes()]
+    assert leaks == []
+
+
+def test_nothing_happens_on_a_non_zero_rank(store, onnx_model, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    db_before = (store / "mlflow.db").read_bytes()
+    assert _register(store, onnx_model, 0.9) is None
+    assert (store / "mlflow.db").read_bytes() == db_before and not (store / "mlruns").exists()
+    assert not (store / "out").exists()

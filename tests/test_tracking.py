@@ -1,0 +1,181 @@
+"""kdpipe.tracking: URI precedence, redaction, one parent run per execution, ranks, history."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+# Shared with the register tests: a fresh SQLite store in tmp_path, which is also the cwd.
+from test_register import SECRET, empty_db, store  # noqa: F401
+
+from kdpipe import tracking
+from kdpipe.errors import KdpipeError
+from kdpipe.params import Params
+
+pytestmark = pytest.mark.usefixtures("store")
+
+# ---------------------------------------------------------------- without MLflow
+
+
+def test_tracking_uri_precedence(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = Params()
+    assert tracking.tracking_uri(params) == f"sqlite:///{tmp_path.as_posix()}/mlflow.db"
+    params.register.tracking_uri = "http://mlflow.internal:5000"
+    assert tracking.tracking_uri(params) == "http://mlflow.internal:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
+    assert tracking.tracking_uri(params) == "sqlite:///elsewhere.db"
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("https://user:pw@mlflow.example.com/x", "https://***@mlflow.example.com/x"),
+    ("s3://AKIA:secret@bucket/key", "s3://***@bucket/key"),
+    ("postgresql+psycopg2://u:p@db:5432/mlflow", "postgresql+psycopg2://***@db:5432/mlflow"),
+    ("http://host/x?token=abc&page=2", "http://host/x?token=***&page=2"),
+    ("data/labeled", "data/labeled"),
+    ("user@example.com", "user@example.com"),  # not a URI: nothing to mask
+])
+def test_redact(value, expected):
+    assert tracking.redact(value) == expected
+
+
+@pytest.mark.parametrize(("key", "secret"), [
+    ("aws.secret_access_key", True), ("db.password", True), ("hub.apiKey", True), ("auth.token", True),
+    ("register.model_name", False), ("train.keyframes", False), ("data.monkey", False), ("train.lr", False),
+])
+def test_secret_keys_are_recognised_as_words(key, secret):
+    assert tracking.is_secret_key(key) is secret
+
+
+def test_safe_params_flattens_drops_and_redacts():
+    params = Params.model_validate({"data": {"root": f"s3://u:{SECRET}@bucket/data"}})
+    flat = tracking.safe_params(params)
+    assert flat["train.lr"] == "0.05" and flat["data.root"] == "s3://***@bucket/data"
+    assert flat["evaluate.providers"] == '["CPUExecutionProvider"]' and flat["teacher.checkpoint"] == ""
+    assert "x.api_token" not in tracking.safe_params({"x": {"api_token": SECRET, "n": 1}})
+
+
+def test_git_commit_outside_a_repository_is_unknown(tmp_path):
+    assert tracking.git_commit(tmp_path) == "unknown"
+
+
+# ---------------------------------------------------------------- against MLflow
+
+
+def _runs():
+    import mlflow
+
+    return mlflow.search_runs(experiment_names=["kdpipe"], output_format="list")
+
+
+def test_steps_of_one_execution_share_one_parent_run(tmp_path):
+    params = Params()
+    (tmp_path / "artifacts" / "prepared").mkdir(parents=True)
+    (tmp_path / "artifacts" / "prepared" / "manifest.json").write_text(json.dumps({"data_version": "dv-7"}))
+    ids = []
+    for step in ("teacher", "distill"):  # two processes in real life: the id travels in a file
+        with tracking.pipeline_run(params, run_name="exec") as parent, tracking.step_run(step) as child:
+            ids.append((parent.info.run_id, child.info.run_id))
+    assert ids[0][0] == ids[1][0] and ids[0][1] != ids[1][1]
+    recorded = json.loads((tmp_path / "artifacts" / "mlflow_run.json").read_text())
+    assert recorded["run_id"] == ids[0][0]
+
+    by_id = {r.info.run_id: r for r in _runs()}
+    assert len(by_id) == 3
+    parent = by_id[ids[0][0]]
+    assert parent.data.tags["kdpipe.data_version"] == "dv-7" and parent.data.tags["kdpipe.git_commit"] == "unknown"
+    assert parent.data.tags["kdpipe.version"]
+    children = [by_id[c] for _, c in ids]
+    assert [c.data.tags["kdpipe.step"] for c in children] == ["teacher", "distill"]
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    assert all(c.data.tags["kdpipe.data_version"] == "dv-7" for c in children)
+
+    tracking.close_pipeline_run()  # the next execution gets a new parent
+    with tracking.pipeline_run(params) as again:
+        assert again.info.run_id != ids[0][0]
+
+
+def test_run_id_from_the_environment_wins(tmp_path, monkeypatch):
+    import mlflow
+
+    params = Params()
+    tracking.configure(params)
+    run_id = mlflow.MlflowClient().create_run(mlflow.get_experiment_by_name("kdpipe").experiment_id).info.run_id
+    monkeypatch.setenv(tracking.RUN_ID_ENV, run_id)
+    with tracking.pipeline_run(params) as run:
+        assert run.info.run_id == run_id
+    assert not (tmp_path / "artifacts" / "mlflow_run.json").exists()
+    monkeypatch.setenv(tracking.RUN_ID_ENV, "0" * 32)
+    with pytest.raises(KdpipeError, match="no such active run"), tracking.pipeline_run(params):
+        pass
+
+
+def test_stale_run_file_starts_a_new_parent(tmp_path):
+    tracking.RUN_FILE.parent.mkdir(parents=True, exist_ok=True)
+    tracking.RUN_FILE.write_text(json.dumps({"run_id": "0" * 32, "tracking_uri": tracking.tracking_uri(None)}))
+    with tracking.pipeline_run(Params()) as run:
+        assert run.info.run_id != "0" * 32
+
+
+def test_log_params_flat_is_idempotent_and_never_changes_a_value(tmp_path, caplog):
+    params = Params()
+    with tracking.pipeline_run(params) as run:
+        first = tracking.log_params_flat(params)
+        assert tracking.log_params_flat(params) == {}
+        params.train.lr = 0.1
+        assert tracking.log_params_flat(params) == {}
+    assert "train.lr" in caplog.text
+    logged = _runs()[0].data.params
+    assert logged == first and logged["train.lr"] == "0.05" and run.info.run_id
+
+
+def test_log_history_uses_iteration_as_step(tmp_path):
+    import mlflow
+
+    rows = [{"iteration": it, "loss_total": 1.0 / it, "val_acc_student": it / 100, "val_acc_teacher": 0.9,
+             "agreement": 0.8, "p1": 0.5, "p2": 0.5, "w": 1.0, "note": "text", "nan": float("nan")}
+            for it in (50, 100, 150)]
+    (tmp_path / "history.json").write_text(json.dumps(rows))
+    with tracking.pipeline_run(Params()), tracking.step_run("distill") as child:
+        assert tracking.log_history(tmp_path / "history.json") == 3 * 7  # 7 finite numeric fields per row; text and NaN are skipped
+    history = mlflow.MlflowClient().get_metric_history(child.info.run_id, "val_acc_student")
+    assert [(m.step, m.value) for m in history] == [(50, 0.5), (100, 1.0), (150, 1.5)]
+
+
+def test_log_artifacts_files_and_folders(tmp_path):
+    import mlflow
+
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "a.png").write_bytes(b"png")
+    (tmp_path / "report.md").write_text("r")
+    with tracking.pipeline_run(Params()) as run:
+        logged = tracking.log_artifacts([tmp_path / "report.md", tmp_path / "plots", tmp_path / "missing.txt"])
+    assert logged == ["report.md", "plots"]
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert names == {"report.md", "plots"}
+
+
+def test_logging_outside_a_run_is_an_error(tmp_path):
+    tracking.configure(Params())
+    with pytest.raises(RuntimeError, match="no active MLflow run"):
+        tracking.log_params_flat(Params())
+
+
+@pytest.mark.parametrize("rank", ["1", "3"])
+def test_non_zero_ranks_log_nothing(tmp_path, monkeypatch, rank):
+    monkeypatch.setenv("RANK", rank)
+    (tmp_path / "history.json").write_text(json.dumps([{"iteration": 1, "loss": 1.0}]))
+    db_before = (tmp_path / "mlflow.db").read_bytes()
+    with tracking.pipeline_run(Params()) as parent, tracking.step_run("distill") as child:
+        assert parent is None and child is None
+        assert tracking.log_params_flat(Params()) == {}
+        assert tracking.log_metrics_flat({"a": 1.0}) == {}
+        assert tracking.log_history(tmp_path / "history.json") == 0
+        assert tracking.log_artifacts([tmp_path / "history.json"]) == []
+    tracking.close_pipeline_run()
+    assert (tmp_path / "mlflow.db").read_bytes() == db_before
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "artifacts").exists()
+    assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["history.json", "mlflow.db"]
