@@ -38,11 +38,9 @@ setup: $(STAMP) ## create .venv and install kdpipe with its pinned stack (idempo
 data: setup ## make sure data/ holds data: pull it from the DVC remote, else write the demo set
 	@if [ ! -d data/labeled ]; then \
 	  $(BIN)/dvc pull --quiet data/labeled.dvc data/unlabeled.dvc data/test.dvc 2>/dev/null \
-	  || { echo "data/ is empty: writing the embedded demo data set"; $(BIN)/kdpipe demo-data data --force; }; \
+	  || { echo "data/ is empty: writing the embedded demo data set"; \
+	       $(BIN)/kdpipe demo-data data --force && $(BIN)/dvc add --quiet data/labeled data/unlabeled data/test; }; \
 	fi
-	@for d in labeled unlabeled test; do \
-	  $(BIN)/dvc status --quiet data/$$d.dvc 2>/dev/null || $(BIN)/dvc add --quiet data/$$d; \
-	done
 
 repro: data ## run the whole pipeline (dvc repro); a second run does nothing
 	$(BIN)/dvc repro
