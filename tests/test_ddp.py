@@ -7,6 +7,7 @@ form exactly the global batch a single process draws.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import socket
@@ -52,11 +53,15 @@ write_reports = Trainer.write_reports
 
 def logged_reports(self):  # every rank's own view of the run
     (record / f"history_rank{rank}.json").write_text(json.dumps(self.history))
-    (record / f"student_rank{rank}.txt").write_text(
-        repr(sorted((k, float(v.double().sum())) for k, v in self.student.state_dict().items())))
+    for name in ("student", "projection"):
+        (record / f"{name}_rank{rank}.txt").write_text(
+            repr(sorted((k, float(v.double().sum())) for k, v in getattr(self, name).state_dict().items())))
     return write_reports(self)
 
 LabeledUnlabeledSampler.next = logged_next
+if rank == 1:  # fault injection: rank 1's own evaluation disagrees with rank 0's
+    import kdpipe.engine
+    kdpipe.engine.accuracy = lambda logits, labels: 0.0
 Trainer.write_reports = logged_reports
 summary = distill.run(validate_params(cfg["params"]), **cfg["paths"])
 (record / f"summary_rank{rank}.json").write_text(json.dumps(summary))
@@ -79,8 +84,9 @@ def ddp_run(tiny_pipeline_dirs, tiny_params_factory, tmp_path_factory):
     base = tmp_path_factory.mktemp("ddp")
     out, record = base / "distill", base / "record"
     record.mkdir()
+    # w_feat > 0: the learned feature projection is trained too and must stay in sync across ranks
     params = tiny_params_factory(recipe="cotrain", max_iterations=ITERATIONS, eval_every=4, epoch_iterations=4,
-                                 checkpoint_every=4, threads=1)
+                                 checkpoint_every=4, threads=1, w_feat=0.5)
     cfg = base / "cfg.json"
     cfg.write_text(json.dumps({
         "params": params.model_dump(mode="json"), "record_dir": str(record),
@@ -112,6 +118,7 @@ def test_ddp_run_completes_and_rank0_writes_outputs(ddp_run):
     last = checkpoints.load(out / "last.pt")
     assert last["iteration"] == ITERATIONS
     assert last["sampler"]["labeled"]["world_size"] == WORLD
+    assert last["projection"] is not None and "loss_feat" in read_json(out / "history.json")[0]
     # only rank 0 reports: one summary line, and the history file is rank 0's history
     assert proc.stdout.count("distill: recipe=cotrain") == 1
     assert read_json(out / "history.json") == read_json(record / "history_rank0.json")
@@ -120,13 +127,22 @@ def test_ddp_run_completes_and_rank0_writes_outputs(ddp_run):
 def test_ddp_ranks_stay_in_sync(ddp_run):
     record = ddp_run["record"]
     assert ddp_run["proc"].returncode == 0
-    # DDP averages gradients: both ranks end with the same weights ...
-    assert (record / "student_rank0.txt").read_text() == (record / "student_rank1.txt").read_text()
-    # ... and every evaluation-driven decision (best checkpoint, schedule, early stop) sees the same record
+    # DDP averages gradients: both ranks end with the same weights (BatchNorm statistics are
+    # rank-local between forwards, which is why the ranks must not decide on their own evaluations) ...
+    states = [dict(ast.literal_eval((record / f"student_rank{r}.txt").read_text())) for r in range(WORLD)]
+    params = [k for k in states[0] if not k.endswith(("running_mean", "running_var"))]
+    assert {k: states[0][k] for k in params} == {k: states[1][k] for k in params}
+    projections = [(record / f"projection_rank{r}.txt").read_text() for r in range(WORLD)]
+    assert projections[0] == projections[1]
+    # ... and every evaluation-driven decision (best checkpoint, schedule, early stop) sees the same
+    # record, rank 0's, even though rank 1's own evaluation (forced to 0 in RANK_SCRIPT) disagrees
     strip = [[{k: v for k, v in h.items() if k not in ("train_seconds", "lr") and not k.startswith("loss_")}
               for h in read_json(record / f"history_rank{r}.json")] for r in range(WORLD)]
     assert strip[0] == strip[1]
     assert [h["iteration"] for h in strip[0]] == [4, 8]
+    assert strip[0] == [{k: v for k, v in h.items() if k in strip[0][0]}
+                        for h in read_json(ddp_run["out"] / "history.json")]
+    assert max(h["val_acc_teacher"] for h in strip[1]) > 0.0  # not rank 1's injected zeros
 
 
 def test_ddp_sampler_batches_are_disjoint_and_form_the_global_batch(ddp_run):

@@ -177,6 +177,7 @@ class Trainer:
             self.teacher.requires_grad_(False)
         self.scaler = runtime.grad_scaler()
 
+        self.projection_ddp = self.projection
         self.student_ddp, self.teacher_ddp = self._wrap_ddp()
         n_unlabeled = self._unlabeled_pool() if recipe.uses_unlabeled else 0
         self.sampler = LabeledUnlabeledSampler(len(data.train_x), n_unlabeled, cfg.batch_size,
@@ -226,6 +227,8 @@ class Trainer:
         ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
         student = DDP(self.student, device_ids=ids)
         teacher = DDP(self.teacher, device_ids=ids) if self.recipe.trains_teacher else self.teacher
+        if self.projection is not None:  # trained with the student: its gradients must be averaged too
+            self.projection_ddp = DDP(self.projection, device_ids=ids)
         return student, teacher
 
     # ------------------------------------------------------------------------------ one step
@@ -286,7 +289,7 @@ class Trainer:
             self.hyper.w = self.schedule.current()[2]
         with self.rt.autocast():
             out = self._forward(views, labels)
-        loss, parts = total_loss(self.recipe, out, self.hyper, self.projection)
+        loss, parts = total_loss(self.recipe, out, self.hyper, self.projection_ddp)
         optimizers = [o for o in (self.opt_s, self.opt_t) if o is not None]
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
@@ -301,6 +304,19 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ evaluation
     def _evaluate(self) -> dict[str, Any]:
+        if not self.rt.distributed:
+            return self._evaluate_local()
+        # Under DDP each rank's BatchNorm statistics come from its own shard of the last batches, so
+        # rank-local evaluations can differ; the schedule, best-checkpoint and early-stop decisions
+        # must agree on every rank (a rank that stops alone hangs the others), so all ranks use rank
+        # 0's evaluation (the model rank 0 checkpoints).
+        import torch.distributed as dist
+
+        shared = [self._evaluate_local() if self.rt.is_main else None]
+        dist.broadcast_object_list(shared, src=0)
+        return shared[0]
+
+    def _evaluate_local(self) -> dict[str, Any]:
         d = self.data
         s_logits = predict_logits(self.student, d.val_x, self.rt)
         record: dict[str, Any] = {"val_acc_student": accuracy(s_logits, d.val_y)}

@@ -33,6 +33,7 @@ import math
 import os
 import re
 import subprocess
+import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -149,11 +150,12 @@ def configure(params: Any) -> str:
     """Point MLflow at :func:`tracking_uri` and select (or create) ``register.experiment``.
 
     For a SQLite store the experiment is created with ``<cwd>/mlruns`` as artifact location, so a
-    local store never scatters artifacts; a server chooses its own artifact root. Returns the URI.
+    local store never scatters artifacts; a server chooses its own artifact root. Credentials in an
+    HTTP URI move to ``MLFLOW_TRACKING_USERNAME/PASSWORD``. Returns the URI MLflow now uses.
     """
     import mlflow
 
-    uri = tracking_uri(params)
+    uri = _move_credentials_to_env(tracking_uri(params))
     mlflow.set_tracking_uri(uri)
     name = getattr(getattr(params, "register", None), "experiment", "kdpipe")
     client = mlflow.MlflowClient(uri)
@@ -166,6 +168,22 @@ def configure(params: Any) -> str:
             pass  # created meanwhile by a concurrent step; set_experiment finds it
     mlflow.set_experiment(name)
     return uri
+
+
+def _move_credentials_to_env(uri: str) -> str:
+    """``http(s)://user:pass@host`` -> ``http(s)://host`` plus ``MLFLOW_TRACKING_USERNAME/PASSWORD``.
+
+    MLflow prints run URLs and exports the URI to ``os.environ`` for subprocesses; with the
+    credentials in its own variables they are sent as basic auth but never printed or recorded.
+    """
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    os.environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(user)
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(password)
+    return urllib.parse.urlunsplit(parts._replace(netloc=hostport))
 
 
 def _stored_run_id(uri: str) -> tuple[str | None, str]:

@@ -17,9 +17,13 @@ from ..atomic import read_json, write_json
 from ..layout import AUGMENTED, DISTILL, PREPARED, TEACHER
 
 
-def _fingerprint(params, prepared_dir) -> dict:
-    """What a resume state must match: every setting that changes the training trajectory."""
+def _fingerprint(params, prepared_dir, teacher_dir) -> dict:
+    """What a resume state must match: every setting and input that changes the trajectory."""
+    from ..data import file_sha256
+
+    teacher_file = Path(teacher_dir) / "teacher.pt"
     return {
+        "teacher_sha256": file_sha256(teacher_file) if teacher_file.is_file() else None,
         "step": "distill",
         "train": params.train.model_dump(exclude={"threads"}),
         "augment": params.augment.model_dump(),
@@ -56,7 +60,7 @@ def build_trainer(params, prepared_dir=PREPARED, augmented_dir=AUGMENTED, teache
         recipe, data, LoopConfig.from_train(tp), hyper, runtime, out_dir,
         student_arch=tp.student_arch, student_weights=tp.weights, teacher=teacher, teacher_arch=teacher_arch,
         augment_cfg=AugmentConfig.from_params(params.augment), w_feat=tp.w_feat, schedule_params=tp,
-        run_fingerprint=_fingerprint(params, prepared_dir), progress=progress, desc=f"distill[{tp.recipe}]",
+        run_fingerprint=_fingerprint(params, prepared_dir, teacher_dir), progress=progress, desc=f"distill[{tp.recipe}]",
     )
 
 

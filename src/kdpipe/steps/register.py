@@ -191,6 +191,8 @@ def run(params, export_dir: str | os.PathLike = EXPORTED, evaluation_dir: str | 
     export_dir, evaluation_dir, out_dir = Path(export_dir), Path(evaluation_dir), Path(out_dir)
     metrics, accuracy = _read_accuracy(evaluation_dir)
     gate = params.register.min_accuracy
+    # Read before tracking.configure() moves URI credentials out of the URI MLflow keeps.
+    shown_uri = tracking.redact(tracking.tracking_uri(params))
     with tracking.pipeline_run(params, run_name="kdpipe"):
         tracking.log_params_flat(params)
         with tracking.step_run("register", params):
@@ -204,7 +206,7 @@ def run(params, export_dir: str | os.PathLike = EXPORTED, evaluation_dir: str | 
             else:
                 decision = _register(params, export_dir, accuracy)
             decision["accuracy"] = accuracy
-            decision["tracking_uri"] = tracking.redact(tracking.tracking_uri(params))
+            decision["tracking_uri"] = shown_uri
             write_json(out_dir / "decision.json", decision)
             tracking.log_artifacts([out_dir / "decision.json"])
     tracking.close_pipeline_run()
