@@ -43,3 +43,20 @@ def test_refuses_to_mix_with_existing_data(tmp_path):
     (tmp_path / "labeled").mkdir()
     with pytest.raises(KdpipeError, match="refusing to mix"):
         write_demo_data(tmp_path)
+
+
+def test_cli_prepares_the_demo_data(tmp_path):
+    """Integration: `kdpipe demo-data` then `kdpipe prepare` through the CLI entry point."""
+    from kdpipe.atomic import read_json
+    from kdpipe.cli import main
+    from kdpipe.data import load_prepared
+
+    data, out = tmp_path / "data", tmp_path / "prepared"
+    assert main(["demo-data", str(data), "--labeled-per-class", "6", "--test-per-class", "4"]) == 0
+    assert main(["prepare", "--data-root", str(data), "--out-dir", str(out), "-S", "prepare.image_size=16"]) == 0
+    manifest = read_json(out / "manifest.json")
+    assert manifest["class_names"] == [str(d) for d in range(10)]
+    assert manifest["counts"] == {"train": 50, "val": 10, "unlabeled": 4900, "test": 40, "rejected": 0}
+    assert read_json(out / "rejected.json") == []
+    prepared = load_prepared(out)
+    assert prepared.train_x.shape == (50, 16, 16, 3) and prepared.train_x.dtype.name == "uint8"
