@@ -37,10 +37,10 @@ def _adopt(params, data, out: Path, runtime) -> dict:
 
 
 def run(params, prepared_dir: str | os.PathLike = PREPARED, out_dir: str | os.PathLike = TEACHER) -> dict:
+    from ..augmentation import AugmentConfig
     from ..devices import runtime_from_params
     from ..engine import LoopConfig, Trainer
     from ..recipes import Hyper, build_recipe
-    from ..augmentation import AugmentConfig
     from .common import training_data
 
     out = Path(out_dir)
