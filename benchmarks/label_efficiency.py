@@ -1,0 +1,359 @@
+"""Label-efficiency benchmark: does distillation with unlabeled data beat supervised training
+on the same few labels, at the same compute budget (same iterations, same labeled batch size)?
+
+Protocol (per label fraction and seed):
+
+1. From ``x_train`` take a class-balanced, seeded labeled subset of ``N = fraction * len(x_train)``
+   images. ``--val-fraction`` (default 10%) of EACH class of those N is held out as the validation
+   split (model selection / best checkpoint only); the rest is the labeled train split. Every other
+   train image becomes unlabeled (its label is never read). ``x_test`` is only used for the final
+   test accuracy.
+2. Teacher: ``kdpipe.steps.teacher.run`` trains ``--teacher-arch`` supervised on the labeled train
+   split (its own iteration budget, reported); its test accuracy is reported, and it must clearly beat
+   the supervised student for distillation to make sense.
+3. ``supervised`` student on the N labels, then each recipe in ``--recipes`` via
+   ``kdpipe.steps.distill.build_trainer(...).run()``, then ``supervised`` on ALL train labels
+   (the ceiling; validation split kept aside), every one with the same ``--iterations`` and
+   ``--batch-size`` (the recipes add ``mu * batch_size`` unlabeled images per step on top).
+4. Test accuracy of the best-on-validation ``student.pt``; for recipes that train the teacher also of
+   ``teacher.pt``, and "selected" = the one with the better validation accuracy (ties: student).
+   gap closed = (run - supervised_N) / (supervised_all - supervised_N), per seed, then averaged.
+
+Examples::
+
+    .venv/bin/python -m benchmarks.label_efficiency --quick
+    .venv/bin/python -m benchmarks.label_efficiency --full --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (fmt_num, fmt_pct, gap_closed, load_npz, markdown_table, mean_spread,  # noqa: E402
+                               split_labeled, test_accuracy, write_prepared)
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = "../shared/data/cifar10_subset.npz"  # relative to the repository root
+DEFAULT_OUT = "benchmarks/results/label_efficiency"  # + .json / .md
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # 2 CPU cores, <= 10 minutes in all (measured; see benchmarks/results/label_efficiency.md)
+    "quick": dict(fractions=[0.1], seeds=[0], recipes=["full"], student_arch="cnn_tiny", teacher_arch="cnn_small",
+                  image_size=32, batch_size=64, mu=1.0, iterations=300, teacher_iterations=600, eval_every=50,
+                  views=2, lr=0.05, device="cpu"),
+    # GPU: every recipe, two label fractions, two seeds, budgets where the supervised run has converged
+    "full": dict(fractions=[0.1, 0.2], seeds=[0, 1], recipes=["cotrain", "adaptive", "consistency", "full"],
+                 student_arch="cnn_tiny", teacher_arch="resnet20", image_size=32, batch_size=64, mu=1.0,
+                 iterations=6000, teacher_iterations=6000, eval_every=250, views=3, lr=0.05, device="auto"),
+}
+
+
+def _parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``--set train.w_mutual=0.5`` -> {"train": {"w_mutual": 0.5}} (values parsed as YAML)."""
+    import yaml
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        group, dot, name = key.partition(".")
+        if not sep or not dot:
+            raise SystemExit(f"--set expects GROUP.KEY=VALUE (e.g. train.w_mutual=0.5), got {item!r}")
+        out.setdefault(group, {})[name] = yaml.safe_load(value)
+    return out
+
+
+def _merge(base: dict[str, dict[str, Any]], extra: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    merged = {g: dict(v) for g, v in base.items()}
+    for group, values in extra.items():
+        merged.setdefault(group, {}).update(values)
+    return merged
+
+
+class Bench:
+    def __init__(self, cfg: dict[str, Any], overrides: dict[str, dict[str, Any]], work: Path, x_test, y_test):
+        from kdpipe.devices import make_runtime
+
+        self.cfg, self.overrides, self.work = cfg, overrides, work
+        self.x_test, self.y_test = x_test, y_test
+        self.runtime = make_runtime(cfg["device"], "auto", "auto", cfg["threads"])
+
+    def params(self, recipe: str, seed: int):
+        from kdpipe.params import validate_params
+
+        c = self.cfg
+        eval_every = c["eval_every"]
+        raw = {
+            "augment": {"views": max(c["views"], 2), "seed": seed},
+            "teacher": {"arch": c["teacher_arch"], "max_iterations": c["teacher_iterations"],
+                        "batch_size": c["batch_size"], "lr": c["lr"], "eval_every": eval_every, "seed": seed},
+            "train": {"recipe": recipe, "student_arch": c["student_arch"], "batch_size": c["batch_size"],
+                      "mu": c["mu"], "lr": c["lr"], "max_iterations": c["iterations"], "eval_every": eval_every,
+                      "epoch_iterations": eval_every, "checkpoint_every": c["iterations"], "views": c["views"],
+                      "device": c["device"], "threads": c["threads"], "seed": seed},
+        }
+        return validate_params(_merge(raw, self.overrides), source="label_efficiency")
+
+    def teacher(self, prepared: Path, out: Path, seed: int) -> dict[str, Any]:
+        from kdpipe.steps import teacher as teacher_step
+
+        params = self.params("supervised", seed)
+        t0 = time.perf_counter()
+        summary = teacher_step.run(params, prepared, out)
+        wall = time.perf_counter() - t0
+        acc = test_accuracy(out / "teacher.pt", self.x_test, self.y_test, self.runtime)
+        return {"run": f"teacher ({params.teacher.arch})", "kind": "teacher", "iterations": summary.get("iterations"),
+                "wall_s": round(wall, 1), "train_s": summary.get("train_seconds"),
+                "val_student": summary.get("val_accuracy"), "test_student": acc, "test_selected": acc}
+
+    def distill(self, recipe: str, prepared: Path, augmented: Path, teacher_dir: Path, out: Path, seed: int,
+                name: str | None = None) -> dict[str, Any]:
+        from kdpipe.steps.distill import build_trainer
+
+        params = self.params(recipe, seed)
+        trainer = build_trainer(params, prepared, augmented, teacher_dir, out, runtime=self.runtime, progress=False)
+        t0 = time.perf_counter()
+        summary = trainer.run()
+        wall = time.perf_counter() - t0
+        trainer.write_reports()
+        row: dict[str, Any] = {"run": name or recipe, "kind": recipe, "iterations": summary["iterations"],
+                               "wall_s": round(wall, 1), "train_s": summary["train_seconds"],
+                               "stop_reason": summary["stop_reason"],
+                               "val_student": summary["best_student"]["accuracy"],
+                               "test_student": test_accuracy(out / "student.pt", self.x_test, self.y_test, self.runtime)}
+        row["test_selected"], row["selected"] = row["test_student"], "student"
+        if trainer.recipe.trains_teacher and (out / "teacher.pt").exists():
+            row["val_teacher"] = summary["best_teacher"]["accuracy"]
+            row["test_teacher"] = test_accuracy(out / "teacher.pt", self.x_test, self.y_test, self.runtime)
+            if row["val_teacher"] > row["val_student"]:
+                row["test_selected"], row["selected"] = row["test_teacher"], "teacher"
+        if trainer.schedule is not None:
+            row["schedule_last"] = summary.get("schedule", [])[-1:] or None
+        return row
+
+
+def run_benchmark(cfg: dict[str, Any], overrides, data: dict[str, Any], work: Path, log) -> list[dict[str, Any]]:
+    from kdpipe.recipes import build_recipe
+
+    bench = Bench(cfg, overrides, work, data["x_test"], data["y_test"])
+    x, y, names = data["x_train"], data["y_train"], data["class_names"]
+    rows: list[dict[str, Any]] = []
+    needs_views = any(build_recipe(r, views=max(cfg["views"], 2)).view_plan == "stored" for r in cfg["recipes"])
+    for seed in cfg["seeds"]:
+        ceiling_val = None
+        for fraction in cfg["fractions"]:
+            tag = f"f{fraction:g}_s{seed}"
+            tr, va, un = split_labeled(y, fraction, cfg["val_fraction"], seed, len(names))
+            if ceiling_val is None:
+                ceiling_val = va
+            prepared = work / tag / "prepared"
+            write_prepared(prepared, x[tr], y[tr], x[va], y[va], x[un], data["x_test"], data["y_test"], names)
+            base = {"fraction": fraction, "seed": seed, "labels": int(len(tr) + len(va)), "labels_train": int(len(tr)),
+                    "labels_val": int(len(va)), "unlabeled": int(len(un))}
+            log(f"== fraction {fraction:g} seed {seed}: {len(tr)} train + {len(va)} val labels, {len(un)} unlabeled")
+
+            row = bench.teacher(prepared, work / tag / "teacher", seed)
+            rows.append({**base, **row})
+            log(f"   {row['run']}: test {row['test_student']:.4f} ({row['wall_s']} s)")
+            augmented = work / tag / "augmented"
+            if needs_views:
+                from kdpipe.steps import augment as augment_step
+
+                augment_step.run(bench.params("consistency", seed), prepared, augmented)
+            for recipe in ["supervised", *cfg["recipes"]]:
+                row = bench.distill(recipe, prepared, augmented, work / tag / "teacher", work / tag / recipe, seed)
+                rows.append({**base, **row})
+                log(f"   {recipe}: test student {row['test_student']:.4f} selected {row['test_selected']:.4f} "
+                    f"({row['selected']}; {row['wall_s']} s, {row['iterations']} it)")
+        if cfg["ceiling"]:
+            # supervised on ALL train labels (the validation split of the first fraction is kept aside)
+            tag = f"all_s{seed}"
+            rest = np.setdiff1d(np.arange(len(y)), ceiling_val)
+            prepared = work / tag / "prepared"
+            write_prepared(prepared, x[rest], y[rest], x[ceiling_val], y[ceiling_val], x[:0], data["x_test"],
+                           data["y_test"], names)
+            row = bench.distill("supervised", prepared, work / tag / "augmented", work / tag / "teacher",
+                                work / tag / "supervised", seed, name="supervised (all labels)")
+            base = {"fraction": 1.0, "seed": seed, "labels": int(len(y)), "labels_train": int(len(rest)),
+                    "labels_val": int(len(ceiling_val)), "unlabeled": 0}
+            rows.append({**base, **row, "kind": "ceiling"})
+            log(f"   ceiling: test {row['test_student']:.4f} ({row['wall_s']} s)")
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]], fractions: list[float]) -> list[dict[str, Any]]:
+    """Mean and spread over seeds per (fraction, run); gap closed per seed against that seed's runs."""
+    def find(seed, fraction, kind):
+        for r in rows:
+            if r["seed"] == seed and r["kind"] == kind and (kind == "ceiling" or r["fraction"] == fraction):
+                return r
+        return None
+
+    table = []
+    for fraction in fractions:
+        runs = []
+        for r in rows:
+            if r["fraction"] == fraction and r["run"] not in runs:
+                runs.append(r["run"])
+        for ceiling in [r for r in rows if r["kind"] == "ceiling"][:1]:
+            runs.append(ceiling["run"])
+        for run in runs:
+            sel = [r for r in rows if r["run"] == run and (r["kind"] == "ceiling" or r["fraction"] == fraction)]
+            gaps_s, gaps_sel = [], []
+            for r in sel:
+                low, high = find(r["seed"], fraction, "supervised"), find(r["seed"], fraction, "ceiling")
+                lo = low["test_student"] if low else None
+                hi = high["test_student"] if high else None
+                gaps_s.append(gap_closed(r["test_student"], lo, hi))
+                gaps_sel.append(gap_closed(r["test_selected"], lo, hi))
+            entry = {"fraction": fraction, "label_fraction": sel[0]["fraction"], "run": run, "labels": sel[0]["labels"], "seeds": [r["seed"] for r in sel],
+                     "iterations": sel[0]["iterations"]}
+            for key in ("wall_s", "test_student", "test_teacher", "test_selected"):
+                vals = [r.get(key) for r in sel if r.get(key) is not None]
+                entry[key], entry[key + "_sd"] = mean_spread(vals) if vals else (None, None)
+                entry[key + "_per_seed"] = vals
+            entry["gap_closed"], entry["gap_closed_sd"] = mean_spread([g for g in gaps_s if g is not None])
+            entry["gap_closed_selected"], entry["gap_closed_selected_sd"] = mean_spread(
+                [g for g in gaps_sel if g is not None])
+            entry["selected_roles"] = [r.get("selected") for r in sel]
+            table.append(entry)
+    return table
+
+
+def render(table: list[dict[str, Any]], cfg: dict[str, Any], total_wall: float, command: str) -> str:
+    header = ["labels", "run", "iterations", "wall s", "test acc (student)", "test acc (teacher)",
+              "test acc (selected)", "gap closed (student)", "gap closed (selected)"]
+    rows = []
+    for e in table:
+        rows.append([
+            f"{e['labels']} ({100 * e['label_fraction']:g}%)", e["run"], str(e["iterations"]),
+            f"{e['wall_s']:.0f}" if e["wall_s"] is not None else "–",
+            fmt_pct(e["test_student"], e["test_student_sd"]), fmt_pct(e["test_teacher"], e["test_teacher_sd"]),
+            fmt_pct(e["test_selected"], e["test_selected_sd"]) + (
+                f" ({'/'.join(r for r in e['selected_roles'] if r)})" if any(e["selected_roles"]) else ""),
+            fmt_num(e["gap_closed"], e["gap_closed_sd"]), fmt_num(e["gap_closed_selected"], e["gap_closed_selected_sd"]),
+        ])
+    seeds = cfg["seeds"]
+    notes = [
+        f"Command: `{command}`",
+        "",
+        f"Seeds: {', '.join(map(str, seeds))} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}; "
+        + ("values are mean ± sample sd over seeds" if len(seeds) > 1 else
+           "ONE seed only, to fit the time budget: differences of about 1 point are noise") + ").",
+        f"Budget: every student run uses {cfg['iterations']} iterations of {cfg['batch_size']} labeled images "
+        f"(recipes add {cfg['mu']:g} x {cfg['batch_size']} unlabeled images per step); the teacher "
+        f"({cfg['teacher_arch']}) gets {cfg['teacher_iterations']} supervised iterations on the same labels. "
+        "Wall seconds are on a shared machine and noisy; iterations are the budget.",
+        f"Student {cfg['student_arch']}, image {cfg['image_size']}, views {cfg['views']}, lr {cfg['lr']}, "
+        f"device {cfg['device']}, {cfg['threads']} threads. Validation = {100 * cfg['val_fraction']:g}% of each "
+        "class of the labeled images (best-checkpoint selection only); the rest of x_train is unlabeled.",
+        "gap closed = (run − supervised on N labels) / (supervised on all labels − supervised on N labels), per seed.",
+        f"Overrides (--set): {json.dumps(cfg.get('overrides') or {})}.",
+        f"Total wall time: {total_wall / 60:.1f} min.",
+    ]
+    return markdown_table(header, rows) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=DEFAULT_DATA,
+                    help=f"npz with x_train, y_train, x_test, y_test, class_names (default {DEFAULT_DATA}, "
+                         "relative to the repository root)")
+    preset = ap.add_mutually_exclusive_group()
+    preset.add_argument("--quick", action="store_true", help="CPU preset, <= 10 min on 2 cores (the default)")
+    preset.add_argument("--full", action="store_true", help="GPU preset: all recipes, 10%% and 20%% labels, 2 seeds")
+    ap.add_argument("--fractions", type=float, nargs="+", help="labeled fractions of x_train")
+    ap.add_argument("--seeds", type=int, nargs="+", help="seeds (label subset and training); default 0 1 "
+                    "(the quick preset uses 0 only to fit its time budget)")
+    ap.add_argument("--recipes", nargs="+", choices=["cotrain", "adaptive", "consistency", "full"])
+    ap.add_argument("--no-ceiling", action="store_true", help="skip supervised on all labels")
+    ap.add_argument("--iterations", type=int, help="student iterations (every run)")
+    ap.add_argument("--teacher-iterations", type=int)
+    ap.add_argument("--teacher-arch")
+    ap.add_argument("--student-arch")
+    ap.add_argument("--batch-size", type=int, help="labeled images per step")
+    ap.add_argument("--mu", type=float, help="unlabeled images per labeled image")
+    ap.add_argument("--views", type=int)
+    ap.add_argument("--lr", type=float)
+    ap.add_argument("--eval-every", type=int)
+    ap.add_argument("--val-fraction", type=float, default=0.1, help="share of each class's labels kept for validation")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="GROUP.KEY=VALUE",
+                    help="extra params.yaml keys for every run, e.g. --set train.w_mutual=0.5 (repeatable)")
+    ap.add_argument("--out", default=DEFAULT_OUT, help="output path without suffix; writes .json and .md")
+    ap.add_argument("--workdir", help="keep the prepared data and checkpoints here (default: a temp dir, removed)")
+    args = ap.parse_args(argv)
+
+    data_path = Path(args.data)
+    if not data_path.is_absolute():
+        data_path = (REPO / data_path) if not data_path.exists() else data_path
+    if not data_path.is_file():
+        print(f"label_efficiency: data file not found: expected {args.data} (relative to the repository root, "
+              f"i.e. {data_path}). It is not part of the repository: put the CIFAR-10 subset npz there or pass "
+              "--data PATH (an npz with x_train, y_train, x_test, y_test, class_names).", file=sys.stderr)
+        return 2
+
+    cfg = dict(PRESETS["full" if args.full else "quick"])
+    for key in ("fractions", "seeds", "recipes", "iterations", "teacher_iterations", "teacher_arch", "student_arch",
+                "batch_size", "mu", "views", "lr", "eval_every", "device"):
+        value = getattr(args, key)
+        if value is not None:
+            cfg[key] = value
+    cfg.update(threads=args.threads, val_fraction=args.val_fraction, ceiling=not args.no_ceiling)
+    overrides = _parse_set(args.sets)
+    cfg["overrides"] = overrides
+    torch.set_num_threads(args.threads)
+
+    data = load_npz(data_path)
+    if data["x_train"].shape[1] != cfg["image_size"]:
+        cfg["image_size"] = int(data["x_train"].shape[1])
+    command = "python -m benchmarks.label_efficiency " + " ".join(sys.argv[1:] if argv is None else argv)
+
+    started = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - started:6.0f}s] {msg}", flush=True)
+
+    tmp = None
+    if args.workdir:
+        work = Path(args.workdir)
+        if work.exists():
+            shutil.rmtree(work)  # never resume from a stale run of other settings
+        work.mkdir(parents=True)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="kdpipe-label-eff-")
+        work = Path(tmp.name)
+    try:
+        rows = run_benchmark(cfg, overrides, data, work, log)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    total = time.perf_counter() - started
+    table = summarize(rows, cfg["fractions"])
+    md = render(table, cfg, total, command)
+    print("\n" + md)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"command": command, "config": cfg, "total_wall_s": round(total, 1), "summary": table, "runs": rows,
+              "torch": torch.__version__, "threads": torch.get_num_threads()}
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
+    out.with_suffix(".md").write_text("# Label efficiency\n\n" + md)
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
