@@ -192,7 +192,9 @@ def run(params, export_dir: str | os.PathLike = EXPORTED, evaluation_dir: str | 
     metrics, accuracy = _read_accuracy(evaluation_dir)
     gate = params.register.min_accuracy
     # Read before tracking.configure() moves URI credentials out of the URI MLflow keeps.
-    shown_uri = tracking.redact(tracking.tracking_uri(params))
+    # Credentials are masked, and the project folder is shown as "." so decision.json (kept in
+    # git) names no machine-specific path.
+    shown_uri = tracking.redact(tracking.tracking_uri(params)).replace(os.getcwd(), ".")
     with tracking.pipeline_run(params, run_name="kdpipe"):
         tracking.log_params_flat(params)
         with tracking.step_run("register", params):
