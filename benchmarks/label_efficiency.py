@@ -42,8 +42,17 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (fmt_num, fmt_pct, gap_closed, load_npz, markdown_table, mean_spread,  # noqa: E402
-                               split_labeled, test_accuracy, write_prepared)
+from benchmarks.common import (  # noqa: E402
+    fmt_num,
+    fmt_pct,
+    gap_closed,
+    load_npz,
+    markdown_table,
+    mean_spread,
+    split_labeled,
+    test_accuracy,
+    write_prepared,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = "../shared/data/cifar10_subset.npz"  # relative to the repository root
@@ -261,6 +270,10 @@ def render(table: list[dict[str, Any]], cfg: dict[str, Any], total_wall: float, 
         "class of the labeled images (best-checkpoint selection only); the rest of x_train is unlabeled.",
         "gap closed = (run − supervised on N labels) / (supervised on all labels − supervised on N labels), per seed.",
         f"Overrides (--set): {json.dumps(cfg.get('overrides') or {})}.",
+        *(["NOTE: gap closed is undefined ('–') where supervised on all labels did not beat supervised on N labels "
+            "at this iteration budget: the ceiling run is compute-bound, not label-bound, so compare raw test accuracy."]
+          if any(e["gap_closed"] is None and e["run"] != "teacher" for e in table) and any(
+              "all labels" in e["run"] for e in table) else []),
         f"Total wall time: {total_wall / 60:.1f} min.",
     ]
     return markdown_table(header, rows) + "\n\n" + "\n".join(notes) + "\n"
