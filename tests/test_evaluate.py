@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from colour_data import write_images
 
 from kdpipe import checkpoints, onnx_utils
 from kdpipe.data import load_prepared
@@ -18,24 +18,11 @@ from kdpipe.models import build_model
 from kdpipe.params import Params
 from kdpipe.steps import evaluate, export, prepare
 
-COLOURS = {"blue": (40, 40, 200), "green": (40, 200, 40), "red": (200, 40, 40)}
-
-
-def _write_images(root: Path, split: str, counts: dict[str, int], seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    for name, n in counts.items():
-        for k in range(n):
-            h, w = rng.integers(12, 24, size=2)
-            px = np.clip(np.array(COLOURS[name]) + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
-            path = root / split / name / f"{name}_{k:03d}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(px).save(path)
-
 
 def _build(tmp: Path, test_counts: dict[str, int]) -> tuple[Path, Path]:
     """data -> prepare -> random cnn_tiny checkpoint -> export; returns (export_dir, prepared_dir)."""
-    _write_images(tmp / "data", "labeled", {"blue": 4, "green": 4, "red": 4}, seed=0)
-    _write_images(tmp / "data", "test", test_counts, seed=1)
+    write_images(tmp / "data", "labeled", {"blue": 4, "green": 4, "red": 4}, seed=0)
+    write_images(tmp / "data", "test", test_counts, seed=1)
     prepare.run(Params(), tmp / "data", tmp / "prepared")
     data = load_prepared(tmp / "prepared")
     torch.manual_seed(0)

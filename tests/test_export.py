@@ -8,56 +8,26 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
+from colour_data import probe_model, write_images
 from onnx import numpy_helper
-from PIL import Image
 
 from kdpipe import checkpoints, onnx_utils
 from kdpipe.data import load_prepared
 from kdpipe.errors import KdpipeError
-from kdpipe.models import build_model
 from kdpipe.params import Params
 from kdpipe.steps import export, prepare
-
-COLOURS = {"blue": (40, 40, 200), "green": (40, 200, 40), "red": (200, 40, 40)}
-
-
-def _write_images(root: Path, split: str, counts: dict[str, int], seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    for name, n in counts.items():
-        for k in range(n):
-            h, w = rng.integers(12, 24, size=2)
-            px = np.clip(np.array(COLOURS[name]) + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
-            path = root / split / name / f"{name}_{k:03d}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(px).save(path)
-
-
-def _probe_model(data, seed: int = 0):
-    """cnn_tiny with a least-squares head on its random features: predictions that follow the
-    colour classes without spending seconds on training."""
-    torch.manual_seed(seed)
-    model = build_model("cnn_tiny", data.num_classes, data.image_size).eval()
-    with torch.no_grad():
-        feats = model.features(torch.from_numpy(onnx_utils.to_model_input(np.array(data.train_x))))
-        feats = torch.cat([feats, torch.ones(len(feats), 1)], dim=1)
-        target = torch.eye(data.num_classes)[torch.from_numpy(np.array(data.train_y))]
-        w = torch.linalg.lstsq(feats, target).solution
-        model.head.weight.copy_(w[:-1].T)
-        model.head.bias.copy_(w[-1])
-    return model
 
 
 @pytest.fixture(scope="module")
 def selected(tmp_path_factory) -> tuple[Path, Path]:
     """(selected_dir, prepared_dir) for a 3-class colour data set."""
     tmp = tmp_path_factory.mktemp("export")
-    _write_images(tmp / "data", "labeled", {"blue": 6, "green": 6, "red": 6}, seed=0)
+    write_images(tmp / "data", "labeled", {"blue": 6, "green": 6, "red": 6}, seed=0)
     params = Params()
     params.prepare.val_fraction = 0.5
     prepare.run(params, tmp / "data", tmp / "prepared")
     data = load_prepared(tmp / "prepared")
-    model = _probe_model(data)
+    model = probe_model(data)
     ckpt = checkpoints.model_checkpoint(model, "cnn_tiny", data.num_classes, data.image_size, data.class_names,
                                         {"val_accuracy": 1.0, "role": "student"})
     checkpoints.save(ckpt, tmp / "selected" / "model.pt")

@@ -7,63 +7,31 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image
+from colour_data import COLOURS, probe_model, write_images
 
 from kdpipe import checkpoints
 from kdpipe.cli import main
 from kdpipe.data import load_prepared
 from kdpipe.errors import KdpipeError
-from kdpipe.models import build_model
 from kdpipe.params import Params
 from kdpipe.steps import evaluate, export, prepare
 from kdpipe.steps.predict import predict, write_predictions
-
-COLOURS = {"blue": (40, 40, 200), "green": (40, 200, 40), "red": (200, 40, 40)}
-
-
-def _write_images(root: Path, split: str, counts: dict[str, int], seed: int) -> None:
-    # Odd, non-square sizes: predict must resize exactly like prepare did.
-    rng = np.random.default_rng(seed)
-    for name, n in counts.items():
-        for k in range(n):
-            h, w = rng.integers(12, 48, size=2)
-            px = np.clip(np.array(COLOURS[name]) + rng.normal(0, 60, (h, w, 3)), 0, 255).astype(np.uint8)
-            path = root / split / name / f"{name}_{k:03d}.{'jpg' if k % 2 else 'png'}"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(px).save(path)
-
-
-def _probe_model(data):
-    """cnn_tiny with a least-squares head on its random features: varied, class-related predictions
-    (a random head tends to answer one class for everything) without training."""
-    torch.manual_seed(0)
-    model = build_model("cnn_tiny", data.num_classes, data.image_size).eval()
-    with torch.no_grad():
-        x = torch.from_numpy(np.array(data.train_x)).permute(0, 3, 1, 2).float() / 255.0
-        feats = torch.cat([model.features(x), torch.ones(len(x), 1)], dim=1)
-        target = torch.eye(data.num_classes)[torch.from_numpy(np.array(data.train_y))]
-        w = torch.linalg.lstsq(feats, target).solution
-        model.head.weight.copy_(w[:-1].T)
-        model.head.bias.copy_(w[-1])
-    return model
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory) -> dict[str, Path]:
     """data -> prepare -> random cnn_tiny -> export -> evaluate, in a module-wide folder."""
     tmp = tmp_path_factory.mktemp("predict")
-    _write_images(tmp / "data", "labeled", {"blue": 3, "green": 3, "red": 3}, seed=0)
-    _write_images(tmp / "data", "test", {"blue": 5, "green": 5, "red": 5}, seed=1)
+    write_images(tmp / "data", "labeled", {"blue": 3, "green": 3, "red": 3}, seed=0, max_side=48, noise=60, mixed_formats=True)
+    write_images(tmp / "data", "test", {"blue": 5, "green": 5, "red": 5}, seed=1, max_side=48, noise=60, mixed_formats=True)
     params = Params()
     params.export.calibration_samples = 8
     params.evaluate.latency_runs = 3
     params.evaluate.throughput_batch = 4
     prepare.run(params, tmp / "data", tmp / "prepared")
     data = load_prepared(tmp / "prepared")
-    model = _probe_model(data)
+    model = probe_model(data)
     checkpoints.save(checkpoints.model_checkpoint(model, "cnn_tiny", data.num_classes, data.image_size,
                                                   data.class_names), tmp / "selected" / "model.pt")
     export.run(params, tmp / "selected", tmp / "prepared", tmp / "export")

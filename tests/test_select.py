@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from colour_data import write_images
 
 from kdpipe import checkpoints
 from kdpipe.data import load_prepared
@@ -17,26 +16,13 @@ from kdpipe.models import build_model
 from kdpipe.params import Params
 from kdpipe.steps import prepare, select
 
-COLOURS = {"blue": (40, 40, 200), "green": (40, 200, 40), "red": (200, 40, 40)}
-
-
-def _write_images(root: Path, split: str, counts: dict[str, int], seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    for name, n in counts.items():
-        for k in range(n):
-            h, w = rng.integers(12, 24, size=2)
-            px = np.clip(np.array(COLOURS[name]) + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
-            path = root / split / name / f"{name}_{k:03d}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(px).save(path)
-
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     # val_fraction 0.5 of 8/4/4 -> validation holds 4 blue, 2 green, 2 red: a model that always
     # answers "blue" scores 0.5, one that always answers "green" 0.25.
     tmp = tmp_path_factory.mktemp("select")
-    _write_images(tmp / "data", "labeled", {"blue": 8, "green": 4, "red": 4}, seed=0)
+    write_images(tmp / "data", "labeled", {"blue": 8, "green": 4, "red": 4}, seed=0)
     params = Params()
     params.prepare.val_fraction = 0.5
     prepare.run(params, tmp / "data", tmp / "prepared")
