@@ -86,6 +86,10 @@ class TrainParams(_Group):
     w_mutual: float = Field(1.0, ge=0.0, le=100.0)
     w_feat: float = Field(0.0, ge=0.0, le=100.0)
     teacher_trainable: bool = True
+    teacher_lr_scale: float = Field(
+        0.1, gt=0.0, le=10.0,
+        description="teacher LR = lr x this when co-trained; < 1 keeps an already trained teacher from being undone",
+    )
     # Method A
     schedule_rule: Literal["adaptive", "linear", "fixed"] = "adaptive"
     p_max: float = Field(0.8, ge=0.0, le=1.0)
