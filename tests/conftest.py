@@ -8,6 +8,13 @@ import numpy as np
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _no_step_tracking(monkeypatch):
+    """CLI steps log to MLflow by default; tests opt in explicitly (with a store in tmp_path) so
+    no test writes an mlflow.db into the working tree."""
+    monkeypatch.setenv("KDPIPE_TRACKING", "0")
+
+
 def _noise_rgb(size: tuple[int, int], seed: int) -> np.ndarray:
     width, height = size
     return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)

@@ -179,3 +179,43 @@ def test_non_zero_ranks_log_nothing(tmp_path, monkeypatch, rank):
     assert (tmp_path / "mlflow.db").read_bytes() == db_before
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "artifacts").exists()
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["history.json", "mlflow.db"]
+
+
+def test_cli_steps_log_nested_runs_with_curves_and_reports(tmp_path, monkeypatch):
+    """`kdpipe <step>` records the step as a nested run of one parent: params, history curves,
+    Method A schedule and report files."""
+    import json
+
+    import mlflow
+
+    from kdpipe.cli import REPORT_FILES
+    from kdpipe.params import Params
+    from kdpipe.tracking import log_step
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    out = tmp_path / "distill"
+    out.mkdir()
+    (out / "metrics.json").write_text(json.dumps({"val_acc_student": 0.75, "recipe": "full"}))
+    (out / "history.json").write_text(json.dumps([
+        {"iteration": 10, "val_acc_student": 0.5, "loss_total": 2.0},
+        {"iteration": 20, "val_acc_student": 0.75, "loss_total": 1.0},
+    ]))
+    (out / "schedule.json").write_text(json.dumps([{"epoch": 1, "p1": 0.0, "p2": 0.4, "w": 1.0, "metric": 0.5}]))
+    params = Params()
+    log_step("distill", params, out, REPORT_FILES["distill"])
+    log_step("select", params, tmp_path / "missing-dir")
+
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    steps = {r.data.tags.get("kdpipe.step"): r for r in runs if "kdpipe.step" in r.data.tags}
+    parents = [r for r in runs if "kdpipe.step" not in r.data.tags]
+    assert set(steps) == {"distill", "select"} and len(parents) == 1
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in steps.values())
+    distill = steps["distill"]
+    curve = client.get_metric_history(distill.info.run_id, "val_acc_student")
+    assert sorted((m.step, m.value) for m in curve) == [(0, 0.75), (10, 0.5), (20, 0.75)]
+    assert client.get_metric_history(distill.info.run_id, "schedule_p2")[0].value == 0.4
+    names = {a.path for a in client.list_artifacts(distill.info.run_id)}
+    assert {"metrics.json", "history.json", "schedule.json"} <= names
+    assert parents[0].data.params["train.recipe"] == "full"

@@ -59,15 +59,25 @@ def _publish_reports(step: str, out_dir: str, reports_dir: str) -> None:
                 shutil.copyfile(source, tmp)
 
 
+def _track(step: str, params, out_dir: str) -> None:
+    """Log the finished step to MLflow (register logs itself, with the model)."""
+    from . import tracking
+
+    if step != "register" and tracking.tracking_enabled(params):
+        tracking.log_step(step, params, out_dir, REPORT_FILES.get(step, ()))
+
+
 def _step(module: str, **path_args: str) -> Callable[[argparse.Namespace], Any]:
     """A handler that loads params and calls ``kdpipe.steps.<module>.run(params, **paths)``."""
 
     def handler(args: argparse.Namespace) -> Any:
         step = importlib.import_module(f"kdpipe.steps.{module}")
         kwargs = {name: getattr(args, name) for name in path_args}
-        result = step.run(_load_params(args), **kwargs)
+        params = _load_params(args)
+        result = step.run(params, **kwargs)
         if args.reports_dir:
             _publish_reports(module, args.out_dir, args.reports_dir)
+        _track(module, params, args.out_dir)
         return result
 
     return handler

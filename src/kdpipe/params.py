@@ -156,6 +156,7 @@ class RegisterParams(_Group):
     experiment: str = Field("kdpipe", min_length=1)
     min_improvement: float = Field(0.0, ge=0.0, le=1.0)
     min_accuracy: float = Field(0.0, ge=0.0, le=1.0, description="quality gate before registering")
+    track_steps: bool = Field(True, description="log every step's params, curves and reports to MLflow")
 
 
 # pydantic warns that a field named "register" shadows ABCMeta.register; instance attribute

@@ -391,3 +391,35 @@ def log_artifacts(paths: Iterable[str | os.PathLike], artifact_path: str | None 
             continue
         logged.append(path.name)
     return logged
+
+
+def tracking_enabled(params: Any) -> bool:
+    """Steps log to MLflow unless ``register.track_steps`` is false or ``$KDPIPE_TRACKING`` is 0."""
+    return bool(params.register.track_steps) and os.environ.get("KDPIPE_TRACKING", "1") != "0"
+
+
+def log_step(name: str, params: Any, out_dir: str | os.PathLike, report_files: Iterable[str] = ()) -> None:
+    """Record one finished pipeline step in this execution's parent run, as a nested run.
+
+    Logs the (redacted) params on the parent, and on the step's run: the numbers of the step's
+    ``metrics.json``, the per-evaluation curves of ``history.json`` and ``schedule.json`` (step =
+    iteration / epoch), and the step's small report files as artifacts.
+    """
+    if not is_main_rank():
+        return
+    out = Path(out_dir)
+    with pipeline_run(params, run_name="kdpipe"):
+        log_params_flat(params)
+        with step_run(name, params):
+            if (out / "metrics.json").is_file():
+                log_metrics_flat(flatten(read_json(out / "metrics.json")))
+            if (out / "history.json").is_file():
+                log_history(out / "history.json")
+            if (out / "schedule.json").is_file():
+                _log_schedule(out / "schedule.json")
+            log_artifacts([out / f for f in report_files if (out / f).is_file()])
+
+
+def _log_schedule(path: Path) -> None:
+    for row in read_json(path):
+        log_metrics_flat({f"schedule_{k}": v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
