@@ -14,7 +14,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup repro data test lint clean
+.PHONY: help setup repro data test lint clean report compare
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -45,6 +45,13 @@ data: setup ## make sure data/ holds data: pull it from the DVC remote, else wri
 repro: data ## run the whole pipeline (dvc repro); a second run does nothing
 	$(BIN)/dvc repro
 	@$(BIN)/dvc push --quiet 2>/dev/null || echo "note: dvc push to the default remote failed (outputs stay in the local cache)"
+
+report: setup ## render the DVC plots to PNG offline + a one-page report in reports/summary/
+	$(BIN)/kdpipe report --out reports/summary
+
+compare: setup ## compare experiments and metrics with the last commit (dvc exp show, dvc metrics diff)
+	$(BIN)/dvc exp show --no-pager --md --only-changed || true
+	$(BIN)/dvc metrics diff --md HEAD
 
 test: setup ## run the test suite
 	$(BIN)/python -m pytest -q

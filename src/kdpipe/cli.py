@@ -180,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="also copy the step's small reports (metrics, plots) to this folder")
         step.set_defaults(handler=_step(name, **{a: a for a in path_args}))
 
+    report = sub.add_parser("report", help="render the DVC plots to PNG (offline) and write a one-page report")
+    report.add_argument("--out", default="reports/summary", help="output folder (default: reports/summary)")
+    report.set_defaults(handler=lambda args: __import__("kdpipe.report", fromlist=["write_report"]).write_report(".", args.out))
+
     check = sub.add_parser("params", help="validate params.yaml (and -S overrides); --show prints the resolved values")
     _add_params_options(check)
     check.add_argument("--show", action="store_true")
