@@ -14,7 +14,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup repro data test lint clean report compare
+.PHONY: help setup repro data test lint clean report compare bench
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -52,6 +52,11 @@ report: setup ## render the DVC plots to PNG offline + a one-page report in repo
 compare: setup ## compare experiments and metrics with the last commit (dvc exp show, dvc metrics diff)
 	$(BIN)/dvc exp show --no-pager --md --only-changed || true
 	$(BIN)/dvc metrics diff --md HEAD
+
+bench: setup ## quick benchmarks (needs `make repro` first; results in benchmarks/results/, see BENCHMARKS.md)
+	$(BIN)/python -m benchmarks.inference
+	$(BIN)/python -m benchmarks.throughput
+	$(BIN)/python -m benchmarks.label_efficiency --quick
 
 test: setup ## run the test suite
 	$(BIN)/python -m pytest -q
