@@ -62,7 +62,7 @@ test: setup ## run the test suite
 	$(BIN)/python -m pytest -q
 
 lint: setup ## ruff on the code
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests benchmarks
 
 clean: ## remove generated artifacts (keeps data/ and the venv)
 	rm -rf artifacts .pytest_cache

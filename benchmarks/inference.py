@@ -79,7 +79,7 @@ def run(args) -> dict:
         for batch in (1, 64):
             x = np.ascontiguousarray(np.resize(x_test, (batch, *x_test.shape[1:])))
             for name, call in engines.items():
-                rounds[name][batch].append(_time_calls(lambda c=call: c(x), args.runs if batch == 1 else args.runs // 4))
+                rounds[name][batch].append(_time_calls(lambda c=call, x=x: c(x), args.runs if batch == 1 else args.runs // 4))
     return {
         "machine": f"{platform.machine()}, {args.threads} threads, {platform.processor() or 'cpu'}",
         "python": sys.version.split()[0],

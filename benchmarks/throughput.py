@@ -25,7 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,7 +110,7 @@ def run(args) -> dict:
     iters = [endless(loader) for loader in loaders]
 
     def naive_batch():
-        (xl, yl), (xu, yu) = next(iters[0]), next(iters[1])
+        (xl, yl), (xu, _) = next(iters[0]), next(iters[1])
         x = torch.cat([xl, xu])  # (N, K, C, H, W)
         labels = torch.cat([yl, torch.full((len(xu),), -1)])
         return [x[:, k] for k in range(x.shape[1])], labels
