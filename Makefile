@@ -32,8 +32,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## create .venv and install kdpipe with its pinned stack (idempotent)
 	@test -d .dvc || $(BIN)/dvc init --quiet
-	@$(BIN)/dvc config core.analytics false
-	@$(BIN)/dvc remote list | grep -q '^local' || $(BIN)/dvc remote add --default local dvc-remote
+	@# grep first: each dvc call costs about a second, and this runs on every make call
+	@grep -q 'analytics = false' .dvc/config || $(BIN)/dvc config core.analytics false
+	@grep -q 'remote "local"' .dvc/config || $(BIN)/dvc remote add --default local dvc-remote
 
 data: setup ## make sure data/ holds data: pull it from the DVC remote, else write the demo set
 	@if [ ! -d data/labeled ]; then \
