@@ -58,6 +58,7 @@ bench: setup ## quick benchmarks (needs `make repro` first; results in benchmark
 	$(BIN)/python -m benchmarks.inference
 	$(BIN)/python -m benchmarks.throughput
 	$(BIN)/python -m benchmarks.label_efficiency --quick
+	$(BIN)/python -m benchmarks.pipeline_overhead
 
 test: setup ## run the test suite
 	$(BIN)/python -m pytest -q
