@@ -133,12 +133,25 @@ def _demo_data(args: argparse.Namespace) -> None:
     print(f"wrote demo data to {args.dir}: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
 
 
+def _masked(node: Any, key: str = "") -> Any:
+    """Params as shown to people: credentials in URIs (``user:pass@``) and secret-named keys masked."""
+    from .tracking import is_secret_key, redact
+
+    if isinstance(node, dict):
+        return {k: _masked(v, str(k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_masked(v, key) for v in node]
+    if isinstance(node, str):
+        return "***" if is_secret_key(key) else redact(node)
+    return node
+
+
 def _params_check(args: argparse.Namespace) -> None:
     params = _load_params(args)
     if args.show:
         import yaml
 
-        print(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False), end="")
+        print(yaml.safe_dump(_masked(params.model_dump(mode="json")), sort_keys=False), end="")
     else:
         print(f"{args.params or 'params.yaml'}: ok")
 

@@ -238,13 +238,22 @@ def load_params(path: str | os.PathLike | None = None, overrides: list[str] | No
     """Read and validate params.yaml (missing file = all defaults), then apply ``key=value`` overrides."""
     import yaml
 
-    path = Path(path or os.environ.get("KDPIPE_PARAMS", DEFAULT_PARAMS_FILE))
+    # Only the implicit default may be absent; a file named on purpose (argument or env) must exist,
+    # or a typo in --params would silently train with the defaults.
+    explicit = path is not None or bool(os.environ.get("KDPIPE_PARAMS"))
+    path = Path(path or os.environ.get("KDPIPE_PARAMS") or DEFAULT_PARAMS_FILE)
     raw: dict[str, Any] = {}
+    if path.is_dir():
+        raise ParamsError(f"{path}: is a folder, expected a params YAML file")
     if path.exists():
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ParamsError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
+    elif explicit:
+        raise ParamsError(f"{path}: params file not found")
     for item in overrides or []:
         _apply_override(raw, item, str(path))
     return validate_params(raw, str(path))

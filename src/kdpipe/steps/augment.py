@@ -104,6 +104,8 @@ def load_views(augmented_dir: str | os.PathLike, verify: bool = True) -> tuple[n
     arrays = []
     for name in ("labeled_views.npy", "unlabeled_views.npy"):
         path = root / name
+        if not path.is_file() or name not in policy.get("files", {}):
+            raise IntegrityError(f"{path}: missing, or not listed in policy.json (re-run `kdpipe augment`)")
         if verify and file_sha256(path) != policy["files"][name]:
             raise IntegrityError(f"{path}: content does not match the hash in policy.json (re-run `kdpipe augment`)")
         arrays.append(np.load(path, mmap_mode="r"))

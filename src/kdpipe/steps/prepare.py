@@ -88,6 +88,7 @@ def run(
     out = Path(out_dir if out_dir is not None else params.data.prepared)
     rejects = _Rejects()
     class_names, items = _scan(root, rejects)
+    _check_out_dir(root, out)
     cfg = params.prepare
 
     with atomic_dir(out) as tmp:
@@ -112,6 +113,22 @@ def run(
 
     _log_summary(manifest, out)
     return manifest
+
+
+def _check_out_dir(root: Path, out: Path) -> None:
+    """The output folder is replaced as a whole, so it must not hold the data, nor sit inside an input folder."""
+    root_real, out_real = root.resolve(), out.resolve()
+    if root_real.is_relative_to(out_real):
+        raise DataError(
+            f"{out}: the output folder is (or contains) the data root {root}; prepare replaces its output "
+            "folder as a whole, which would delete the data; choose another --out-dir"
+        )
+    for split in _SOURCE_ORDER:
+        if out_real.is_relative_to(root_real / split):
+            raise DataError(
+                f"{out}: the output folder is inside {root / split}; its files would be read back as input "
+                "images; choose another --out-dir"
+            )
 
 
 # ---------------------------------------------------------------- scanning

@@ -153,6 +153,14 @@ def _promote(client, name: str, version: str, accuracy: float, min_improvement: 
     return {"champion_before": before, "champion_after": after, "promoted": promoted, "reason": reason}
 
 
+def _check_model(model_path: Path) -> None:
+    from ..onnx_utils import check_onnx
+
+    if not model_path.is_file():
+        raise KdpipeError(f"{model_path}: no exported model; run `kdpipe export`")
+    check_onnx(model_path)  # onnx.load would otherwise fail with a protobuf traceback
+
+
 def _register(params, export_dir: Path, accuracy: float) -> dict[str, Any]:
     import mlflow
 
@@ -191,6 +199,8 @@ def run(params, export_dir: str | os.PathLike = EXPORTED, evaluation_dir: str | 
     export_dir, evaluation_dir, out_dir = Path(export_dir), Path(evaluation_dir), Path(out_dir)
     metrics, accuracy = _read_accuracy(evaluation_dir)
     gate = params.register.min_accuracy
+    if accuracy >= gate:  # a missing or malformed model fails here, before anything is logged
+        _check_model(export_dir / "model.onnx")
     # Read before tracking.configure() moves URI credentials out of the URI MLflow keeps.
     # Credentials are masked, and the project folder is shown as "." so decision.json (kept in
     # git) names no machine-specific path.
