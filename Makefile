@@ -36,11 +36,14 @@ setup: $(STAMP) ## create .venv and install kdpipe with its pinned stack (idempo
 	@grep -q 'analytics = false' .dvc/config || $(BIN)/dvc config core.analytics false
 	@grep -q 'remote "local"' .dvc/config || $(BIN)/dvc remote add --default local dvc-remote
 
+# Unlabeled data lives in append-only batch folders, each with its own .dvc file
+# (data/unlabeled/batch-0001.dvc, ...; `kdpipe ingest` adds the next one).
 data: setup ## make sure data/ holds data: pull it from the DVC remote, else write the demo set
 	@if [ ! -d data/labeled ]; then \
-	  $(BIN)/dvc pull --quiet data/labeled.dvc data/unlabeled.dvc data/test.dvc 2>/dev/null \
+	  $(BIN)/dvc pull --quiet data/labeled.dvc data/test.dvc $$(ls data/unlabeled/batch-*.dvc 2>/dev/null) 2>/dev/null \
 	  || { echo "data/ is empty: writing the embedded demo data set"; \
-	       $(BIN)/kdpipe demo-data data --force && $(BIN)/dvc add --quiet data/labeled data/unlabeled data/test; }; \
+	       $(BIN)/kdpipe demo-data data --force \
+	       && $(BIN)/dvc add --quiet data/labeled data/test data/unlabeled/batch-0001; }; \
 	fi
 
 repro: data ## run the whole pipeline (dvc repro); a second run does nothing

@@ -23,7 +23,10 @@ def test_layout_counts_and_determinism(tmp_path):
     a = tmp_path / "a"
     assert sorted(p.name for p in (a / "labeled").iterdir()) == [str(d) for d in range(10)]
     assert all(len(list((a / "labeled" / str(d)).iterdir())) == 5 for d in range(10))
-    assert not any(p.is_dir() for p in (a / "unlabeled").iterdir())  # flat: no class folders
+    # one append-only batch folder, flat inside: no class folders
+    assert [p.name for p in (a / "unlabeled").iterdir()] == ["batch-0001"]
+    assert not any(p.is_dir() for p in (a / "unlabeled" / "batch-0001").iterdir())
+    assert len(list((a / "unlabeled" / "batch-0001").iterdir())) == 5000 - 80
     write_demo_data(tmp_path / "b", split)
     assert _tree_digest(a) == _tree_digest(tmp_path / "b")
 

@@ -7,11 +7,12 @@ C. J. C. Burges, http://yann.lecun.com/exdb/mnist/ (CC BY-SA 3.0).
 Layout written (the same as a user's own data):
 
     DIR/labeled/<digit>/mnist-NNNNN.png    a few labeled images per class
-    DIR/unlabeled/mnist-NNNNN.png          most images, flat, no labels
+    DIR/unlabeled/batch-0001/mnist-NNNNN.png  most images, no labels, in the first append-only batch
     DIR/test/<digit>/mnist-NNNNN.png       held-out test images
 
-The split is drawn with a fixed seed and PNGs are written without timestamps, so every run writes
-the same files byte for byte.
+Unlabeled data grows by appending batch folders (``kdpipe ingest`` writes ``batch-0002``, ...), each
+tracked by its own ``.dvc`` file. The split is drawn with a fixed seed and PNGs are written without
+timestamps, so every run writes the same files byte for byte.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import numpy as np
 
 from .atomic import write_bytes
 from .errors import KdpipeError
+
+FIRST_BATCH = "batch-0001"
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,6 @@ def write_demo_data(out_dir: str | Path, split: DemoSplit | None = None, force: 
     for name, indices in parts.items():
         for index in indices:
             file_name = f"mnist-{index:05d}.png"
-            folder = out / name if name == "unlabeled" else out / name / str(labels[index])
+            folder = out / name / (FIRST_BATCH if name == "unlabeled" else str(labels[index]))
             write_bytes(folder / file_name, png_bytes(images[index]))
     return {name: len(indices) for name, indices in parts.items()}

@@ -208,11 +208,8 @@ def _files(
     items = []
     for path in _walk(root, root_real, folder, split, rejects, seen=set()):
         rel = _rel(root, path)
-        if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            allowed = " ".join(sorted(IMAGE_EXTENSIONS))
-            rejects.add(
-                rel, split, "not_an_image", f"extension {path.suffix or '(none)'!r} is not one of: {allowed}"
-            )
+        if (problem := _extension_problem(path)) is not None:
+            rejects.add(rel, split, "not_an_image", problem)
         else:
             items.append(_Item(split=split, rel=rel, path=path, label=label))
     return items
@@ -265,6 +262,30 @@ def _rel(root: Path, path: Path) -> str:
 # ---------------------------------------------------------------- decoding
 
 
+def _extension_problem(path: Path) -> str | None:
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        return None
+    return f"extension {path.suffix or '(none)'!r} is not one of: {' '.join(sorted(IMAGE_EXTENSIONS))}"
+
+
+def validate_image(path: Path, cfg: PrepareParams) -> np.ndarray:
+    """Decode one candidate file with prepare's rules; raise :class:`RejectedImage` if it is unusable.
+
+    The one place the acceptance rules live (``kdpipe ingest`` calls it too): an image extension,
+    then every check of :func:`kdpipe.imaging.decode_image`; an unreadable file (permissions, I/O
+    errors) is rejected as ``unreadable``.
+    """
+    path = Path(path)
+    if (problem := _extension_problem(path)) is not None:
+        raise RejectedImage("not_an_image", problem)
+    try:
+        return decode_image(
+            path, max_pixels=cfg.max_image_pixels, min_side=cfg.min_side, max_aspect_ratio=cfg.max_aspect_ratio
+        )
+    except OSError as exc:  # permissions, I/O errors
+        raise RejectedImage("unreadable", f"cannot read the file: {exc.strerror or exc}") from None
+
+
 def _decode_all(items: list[_Item], cfg: PrepareParams, spool_path: Path, rejects: _Rejects) -> np.ndarray:
     """Decode and resize every candidate into a disk-backed spool (bounded memory); drop failures."""
     size = cfg.image_size
@@ -274,18 +295,10 @@ def _decode_all(items: list[_Item], cfg: PrepareParams, spool_path: Path, reject
     progress = tqdm(items, desc="prepare: decoding", unit="img", disable=not sys.stderr.isatty())
     for row, item in enumerate(progress):
         try:
-            arr = decode_image(
-                item.path,
-                max_pixels=cfg.max_image_pixels,
-                min_side=cfg.min_side,
-                max_aspect_ratio=cfg.max_aspect_ratio,
-            )
+            arr = validate_image(item.path, cfg)
             item.file_hash = file_sha256(item.path)
         except RejectedImage as exc:
             rejects.add(item.rel, item.split, exc.reason, exc.detail)
-            continue
-        except OSError as exc:  # permissions, I/O errors
-            rejects.add(item.rel, item.split, "unreadable", f"cannot read the file: {exc.strerror or exc}")
             continue
         small = resize_square(arr, size)
         spool[row] = small
