@@ -167,6 +167,105 @@ def _predict(args: argparse.Namespace) -> None:
     print(summary_line(rows), file=sys.stderr)
 
 
+# ---------------------------------------------------------------- kdpipe pipeline ... (Kubeflow)
+
+
+def _pipelines(module: str):
+    """Import ``pipelines.<module>`` (and ``components``) from the project checkout: the current
+    directory, else the source tree kdpipe is installed from (editable install)."""
+    from pathlib import Path
+
+    from .errors import KdpipeError
+
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        if (root / "pipelines" / "kdpipe_pipeline.py").is_file() and (root / "components").is_dir():
+            if str(root) not in sys.path:
+                sys.path.insert(0, str(root))
+            return importlib.import_module(f"pipelines.{module}")
+    raise KdpipeError("pipelines/ and components/ not found: run `kdpipe pipeline` from the kdpipe project folder")
+
+
+def _pipeline_compile(args: argparse.Namespace) -> None:
+    out = _pipelines("kdpipe_pipeline").compile_pipeline(args.out or _pipelines("kdpipe_pipeline").PACKAGE,
+                                                         args.params)
+    print(f"pipeline compiled -> {out}")
+
+
+def _pipeline_run_local(args: argparse.Namespace) -> None:
+    from .errors import KdpipeError
+
+    local = _pipelines("local")
+    version = args.data_version or local.resolve_rev(args.data_repo, args.data_rev)
+    if not version:
+        raise KdpipeError(f"{args.data_repo}: cannot resolve git revision {args.data_rev!r}; pass --data-version")
+    repo = os.path.abspath(args.data_repo) if os.path.isdir(args.data_repo) else args.data_repo
+    arguments = {"data_repo": repo, "data_rev": args.data_rev, "data_version": version}
+    run_dir = local.run_local(arguments, args.params, args.overrides, args.pipeline_root)
+    print(f"pipeline run-local: done -> {run_dir}")
+
+
+def _pipeline_remote_args(args: argparse.Namespace) -> dict[str, Any]:
+    return _pipelines("remote").pipeline_arguments(args.package, args.overrides)
+
+
+def _pipeline_submit(args: argparse.Namespace) -> None:
+    run_id = _pipelines("remote").submit(args.host, args.package, _pipeline_remote_args(args), args.experiment,
+                                          args.run_name, args.namespace)
+    print(f"pipeline submitted: run {run_id} in experiment {args.experiment!r}")
+
+
+def _pipeline_schedule(args: argparse.Namespace) -> None:
+    from .errors import KdpipeError
+
+    remote = _pipelines("remote")
+    try:
+        remote.check_cron(args.cron)
+    except ValueError as exc:
+        raise KdpipeError(str(exc)) from None
+    done = remote.schedule(args.host, args.package, _pipeline_remote_args(args), args.name, args.cron,
+                           args.experiment, args.namespace, enable_caching=args.cache)
+    action = f"replaced {len(done['replaced'])}" if done["replaced"] else "created"
+    print(f"pipeline scheduled: {args.name!r} ({done['cron']}), recurring run {done['recurring_run_id']} ({action})")
+
+
+def _add_pipeline_commands(sub) -> None:
+    pipe = sub.add_parser("pipeline", help="the Kubeflow pipeline: compile, run locally, submit, schedule",
+                          description="the Kubeflow pipeline: compile, run locally (kfp.local), submit, schedule")
+    cmds = pipe.add_subparsers(dest="pipeline_command", metavar="ACTION", required=True)
+    comp = cmds.add_parser("compile", help="compile the pipeline (defaults from params.yaml) to YAML")
+    comp.add_argument("--params", default=None, help=PARAMS_HELP)
+    comp.add_argument("--out", default=None, help="output file (default: pipelines/kdpipe_pipeline.yaml)")
+    comp.set_defaults(handler=_pipeline_compile)
+
+    loc = cmds.add_parser("run-local", help="run the whole pipeline here with kfp.local (subprocesses, no cluster)")
+    _add_params_options(loc)
+    loc.add_argument("--data-repo", default=".", help="DVC project (path or git URL) holding the data (default: .)")
+    loc.add_argument("--data-rev", default="HEAD", help="git revision of the data (default: HEAD)")
+    loc.add_argument("--data-version", default=None, help="data version label (default: the commit of --data-rev)")
+    loc.add_argument("--pipeline-root", default="artifacts/kfp", help="where task outputs go (default: %(default)s)")
+    loc.set_defaults(handler=_pipeline_run_local)
+
+    for name, help_text, handler in (
+        ("submit", "submit one run to a Kubeflow Pipelines server", _pipeline_submit),
+        ("schedule", "create or replace a recurring run (cron, 6 fields) on a Kubeflow Pipelines server",
+         _pipeline_schedule),
+    ):
+        cmd = cmds.add_parser(name, help=help_text, description=help_text + "; the API token is read from $KFP_TOKEN")
+        cmd.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kfp.example.com/pipeline")
+        cmd.add_argument("--package", default="pipelines/kdpipe_pipeline.yaml", help="compiled pipeline (default: %(default)s)")
+        cmd.add_argument("--experiment", default="kdpipe", help="KFP experiment (default: %(default)s)")
+        cmd.add_argument("--namespace", default=None, help="Kubernetes namespace (multi-user deployments)")
+        cmd.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="group.key=value (params.yaml key) or parameter=value (e.g. data_rev=v2); repeatable")
+        if name == "submit":
+            cmd.add_argument("--run-name", default=None, help="name of the run in the KFP UI")
+        else:
+            cmd.add_argument("--name", default="kdpipe-retrain", help="recurring run name (default: %(default)s)")
+            cmd.add_argument("--cron", required=True, help="6-field cron, seconds first: '0 0 3 * * *' = 03:00 daily")
+            cmd.add_argument("--cache", action="store_true", help="allow KFP to reuse cached task results")
+        cmd.set_defaults(handler=handler)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdpipe",
@@ -212,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--output", default=None, help="write .csv or .json (by extension); default: CSV on stdout")
     pred.add_argument("--provider", default="CPUExecutionProvider", help="onnxruntime execution provider")
     pred.set_defaults(handler=_predict)
+    _add_pipeline_commands(sub)
     return parser
 
 

@@ -1,0 +1,19 @@
+"""Component: the export step (``kdpipe.steps.export``): ONNX (+ INT8) behind the parity gate."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from kdpipe.kubeflow import image
+
+
+@dsl.component(base_image=image(), install_kfp_package=False)
+def export(selected: Input[Model], prepared: Input[Dataset], export_params: dict, onnx_model: Output[Model],
+           parity: Output[Metrics]):
+    from kdpipe import kubeflow
+    from kdpipe.steps import export as step
+
+    params = kubeflow.params_from(export=export_params)
+    report = step.run(params, selected.path, prepared.path, onnx_model.path)
+    onnx_model.metadata.update({"framework": "onnx", "file": "model.onnx", "opset": params.export.opset,
+                                "int8": params.export.int8})
+    kubeflow.log_numbers(parity, report)

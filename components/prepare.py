@@ -1,0 +1,18 @@
+"""Component: the prepare step (``kdpipe.steps.prepare``)."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Output
+
+from kdpipe.kubeflow import image
+
+
+@dsl.component(base_image=image(), install_kfp_package=False)
+def prepare(raw_data: Input[Dataset], prepare_params: dict, prepared: Output[Dataset], summary: Output[Metrics]):
+    from kdpipe import kubeflow
+    from kdpipe.steps import prepare as step
+
+    params = kubeflow.params_from(prepare=prepare_params)
+    manifest = step.run(params, raw_data.path, prepared.path)
+    prepared.metadata["data_version"] = manifest["data_version"]
+    prepared.metadata["class_names"] = manifest["class_names"]
+    kubeflow.log_numbers(summary, manifest["counts"], prefix="images")

@@ -1,0 +1,20 @@
+"""Component: the teacher step (``kdpipe.steps.teacher``). Runs on a GPU node on a cluster."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from kdpipe.kubeflow import image
+
+
+@dsl.component(base_image=image(), install_kfp_package=False)
+def teacher(prepared: Input[Dataset], teacher_params: dict, augment_params: dict, train_params: dict,
+            teacher_model: Output[Model], summary: Output[Metrics]):
+    """``train_params`` supplies the device settings (device, amp, channels_last, threads)."""
+    from kdpipe import kubeflow
+    from kdpipe.steps import teacher as step
+
+    params = kubeflow.params_from(teacher=teacher_params, augment=augment_params, train=train_params)
+    result = step.run(params, prepared.path, teacher_model.path)
+    teacher_model.metadata["arch"] = params.teacher.arch
+    teacher_model.metadata["file"] = "teacher.pt"
+    kubeflow.log_numbers(summary, result)

@@ -1,0 +1,93 @@
+"""Kubeflow Pipelines settings and the glue the KFP components share.
+
+The components in ``components/`` are thin: each validates its params with :mod:`kdpipe.params`
+and calls ``kdpipe.steps.<step>.run``. What they have in common lives here, in the package that the
+image installs, because a lightweight KFP component ships only its own function body.
+
+Settings (read at compile time): the image every component runs in is :func:`image`
+(``$KDPIPE_IMAGE`` overrides the default); GPU node selection, tolerations, shared memory and the
+Kubernetes secrets the tasks read are the constants below.
+
+This module does not import ``kfp``: the components import it inside their function bodies.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+
+IMAGE_ENV = "KDPIPE_IMAGE"
+DEFAULT_IMAGE = f"kdpipe:{__version__}"
+
+# GPU tasks (teacher, distill): resource name, node selector, toleration, shared memory for
+# data loading and DDP (/dev/shm is 64 MiB in a default pod).
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_NODE_SELECTOR = ("nvidia.com/gpu.present", "true")
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+SHM_VOLUME = "dshm"
+SHM_PATH = "/dev/shm"
+SHM_SIZE = "8Gi"
+
+# Kubernetes secrets, mounted as environment variables (optional: a missing secret leaves them
+# unset). Keys of the secret -> environment variable names. Credentials never travel as pipeline
+# parameters, so they never appear in the compiled YAML, the KFP UI or MLflow.
+DVC_SECRET = "kdpipe-dvc-remote"
+DVC_SECRET_ENV = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
+MLFLOW_SECRET = "kdpipe-mlflow"
+MLFLOW_SECRET_ENV = {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI",
+                     "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+                     "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"}
+
+
+def image() -> str:
+    """The container image of every component: ``$KDPIPE_IMAGE`` or ``kdpipe:<version>``."""
+    return os.environ.get(IMAGE_ENV, "").strip() or DEFAULT_IMAGE
+
+
+# ---------------------------------------------------------------- used inside components
+
+
+def params_from(**groups: Mapping[str, Any] | None):
+    """:class:`kdpipe.params.Params` from pipeline parameters given per group (``train={...}``);
+    groups not given keep their defaults. Invalid values raise ``ParamsError`` naming the key."""
+    from .params import validate_params
+
+    raw = {name: dict(values) for name, values in groups.items() if values is not None}
+    return validate_params(raw, "pipeline parameters")
+
+
+def log_numbers(metrics, values: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Log every finite number of a (nested) mapping to a KFP ``Metrics`` artifact; returns them."""
+    from .tracking import flatten
+
+    logged = {}
+    for key, value in flatten(dict(values), prefix).items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            continue
+        metrics.log_metric(key, float(value))
+        logged[key] = float(value)
+    return logged
+
+
+def confusion_matrix(evaluation_dir: str | os.PathLike, class_names: list[str]) -> list[list[int]]:
+    """Rows = actual class, columns = predicted, from evaluate's ``confusion.json``."""
+    from .atomic import read_json
+
+    index = {name: k for k, name in enumerate(class_names)}
+    matrix = [[0] * len(class_names) for _ in class_names]
+    for row in read_json(Path(evaluation_dir) / "confusion.json"):
+        matrix[index[row["actual"]]][index[row["predicted"]]] += 1
+    return matrix
+
+
+def distill_command(gpus: int, params_file: str, prepared: str, augmented: str, teacher: str,
+                    out: str) -> list[str]:
+    """``torchrun`` command line of a DDP distill run over ``gpus`` local GPUs."""
+    return ["torchrun", "--standalone", f"--nproc_per_node={gpus}", "-m", "kdpipe.cli", "distill",
+            "--params", params_file, "--prepared-dir", prepared, "--augmented-dir", augmented,
+            "--teacher-dir", teacher, "--out-dir", out]
