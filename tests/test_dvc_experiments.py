@@ -4,14 +4,10 @@ Runs the real DVC and the real `kdpipe prepare` in a throw-away git + DVC repo.
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 from colour_data import write_images
-
-BIN = Path(sys.executable).parent
+from dvc_repo import DVC, init_repo, repo_env
+from dvc_repo import run as _run
 
 DVC_YAML = """
 stages:
@@ -26,33 +22,24 @@ stages:
 """
 
 
-def _run(cmd, cwd, env):
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, f"{cmd}: {done.stdout}\n{done.stderr}"
-    return done.stdout
-
-
 def test_experiment_with_a_changed_param_and_metrics_diff(tmp_path):
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "KDPIPE_TRACKING": "0",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    env = repo_env()
     write_images(tmp_path / "data", "labeled", {"blue": 4, "red": 4}, seed=0)
     (tmp_path / "dvc.yaml").write_text(DVC_YAML)
     (tmp_path / "params.yaml").write_text("prepare:\n  image_size: 16\n")
-    _run(["git", "init", "-q"], tmp_path, env)
-    _run([str(BIN / "dvc"), "init", "-q"], tmp_path, env)
-    _run([str(BIN / "dvc"), "repro", "-q"], tmp_path, env)
+    init_repo(tmp_path, env)
+    _run([DVC, "repro", "-q"], tmp_path, env)
     _run(["git", "add", "-A"], tmp_path, env)
     _run(["git", "commit", "-qm", "baseline"], tmp_path, env)
 
-    _run([str(BIN / "dvc"), "exp", "run", "-q", "-n", "small", "-S", "prepare.image_size=8"], tmp_path, env)
-    rows = json.loads(_run([str(BIN / "dvc"), "exp", "show", "--json"], tmp_path, env))
+    _run([DVC, "exp", "run", "-q", "-n", "small", "-S", "prepare.image_size=8"], tmp_path, env)
+    rows = json.loads(_run([DVC, "exp", "show", "--json"], tmp_path, env))
     experiments = [exp for row in rows for exp in (row.get("experiments") or [])]
     names = {run.get("name") for exp in experiments for run in exp.get("revs", [])}
     assert "small" in names
     # The experiment ran in the workspace: the stage really used the new value.
     manifest = json.loads((tmp_path / "reports" / "manifest.json").read_text())
     assert manifest["image_size"] == 8
-    diff = json.loads(_run([str(BIN / "dvc"), "metrics", "diff", "--json", "HEAD"], tmp_path, env))
+    diff = json.loads(_run([DVC, "metrics", "diff", "--json", "HEAD"], tmp_path, env))
     changed = diff["reports/manifest.json"]
     assert changed["image_size"] == {"old": 16, "new": 8, "diff": -8}

@@ -266,6 +266,20 @@ def _add_pipeline_commands(sub) -> None:
         cmd.set_defaults(handler=handler)
 
 
+def _ingest(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .atomic import write_json
+    from .ingest import ingest, summary_lines
+
+    params = _load_params(args)
+    root = Path(args.data_root or params.data.root)
+    result = ingest(args.src, root, params.prepare, use_dvc=not args.no_dvc, lock_timeout=args.lock_timeout)
+    if args.report:
+        write_json(args.report, result.to_json())
+    print("\n".join(summary_lines(result, root)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdpipe",
@@ -312,6 +326,20 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--provider", default="CPUExecutionProvider", help="onnxruntime execution provider")
     pred.set_defaults(handler=_predict)
     _add_pipeline_commands(sub)
+
+    ing = sub.add_parser(
+        "ingest", help="add new unlabeled images from SRC as the next batch folder data/unlabeled/batch-NNNN",
+        description="Validate the images under SRC with prepare's rules, skip exact duplicates of the data set "
+                    "(and within SRC), copy the rest into a new append-only batch folder and `dvc add` it. "
+                    "Running it twice adds nothing; concurrent runs take turns (a lock on the data root).")
+    ing.add_argument("src", help="folder of new images (searched recursively)")
+    ing.add_argument("--data-root", default=None, help="data folder (default: params data.root)")
+    _add_params_options(ing)
+    ing.add_argument("--no-dvc", action="store_true", help="do not run `dvc add` on the new batch folder")
+    ing.add_argument("--report", default=None, help="also write the full ingest report (JSON) to this file")
+    ing.add_argument("--lock-timeout", type=float, default=600.0,
+                     help="seconds to wait for another ingest on the same data root (default: %(default)s)")
+    ing.set_defaults(handler=_ingest)
     return parser
 
 
