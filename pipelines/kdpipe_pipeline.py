@@ -10,7 +10,9 @@ from a DVC revision (``data_repo``, ``data_rev``, ``data_version``).
 ``kdpipe pipeline compile`` writes :data:`PACKAGE`, which is committed; a test fails when it is stale.
 """
 
+import ast
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -115,4 +117,21 @@ def compile_pipeline(out: str | os.PathLike = PACKAGE, params_file: str | os.Pat
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(build_pipeline(params), package_path=str(out))
+    out.write_text(_stable_header(out.read_text(encoding="utf-8")), encoding="utf-8")
     return out
+
+
+_DEFAULT_DICT = re.compile(r"^(#.*\[Default: )(\{.*\})(\])$")
+
+
+def _stable_header(text: str) -> str:
+    """KFP's header comment prints dict defaults in hash order, which changes from run to run; sort
+    them so the same pipeline always compiles to the same bytes (the committed YAML is compared)."""
+    lines = text.split("\n")
+    for k, line in enumerate(lines):
+        if not line.startswith("#"):
+            break
+        match = _DEFAULT_DICT.match(line)
+        if match:
+            lines[k] = f"{match[1]}{dict(sorted(ast.literal_eval(match[2]).items()))!r}{match[3]}"
+    return "\n".join(lines)

@@ -1,0 +1,211 @@
+"""``kdpipe pipeline submit`` and ``schedule`` against a small fake of the Kubeflow Pipelines REST API.
+
+The fake serves the v2beta1 endpoints ``kfp.Client`` calls for these two commands (healthz,
+experiments, runs, recurring runs) on 127.0.0.1, records every request, and is shut down at the
+end of each test. The real ``kfp.Client`` and its generated API client build the requests.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdpipe import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "pipelines" / "kdpipe_pipeline.yaml"
+API = "/apis/v2beta1"
+TOKEN = "test-token-5f2c9a"
+
+
+class FakeKfp:
+    """In-memory experiments, runs and recurring runs; ``requests`` lists (method, path, query, body, headers)."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, dict, dict | None, dict]] = []
+        self.experiments: dict[str, dict] = {}
+        self.runs: dict[str, dict] = {}
+        self.recurring: dict[str, dict] = {}
+        self._ids = itertools.count(1)
+        self.lock = threading.Lock()
+
+    def new_id(self, prefix: str) -> str:
+        return f"{prefix}-{next(self._ids)}"
+
+    @staticmethod
+    def _named(items, query) -> list[dict]:
+        names = [p["stringValue"] for p in json.loads(query.get("filter", ['{"predicates": []}'])[0])["predicates"]
+                 if p.get("key") == "display_name"]
+        return [i for i in items if not names or i["display_name"] in names]
+
+    def handle(self, method: str, path: str, query: dict, body: dict | None) -> tuple[int, dict]:
+        with self.lock:
+            if (method, path) == ("GET", f"{API}/healthz"):
+                return 200, {"multi_user": False}
+            if (method, path) == ("GET", f"{API}/experiments"):
+                found = self._named(self.experiments.values(), query)
+                return 200, {"experiments": found, "total_size": len(found)}
+            if (method, path) == ("POST", f"{API}/experiments"):
+                exp = {**body, "experiment_id": self.new_id("exp")}
+                self.experiments[exp["experiment_id"]] = exp
+                return 200, exp
+            if (method, path) == ("POST", f"{API}/runs"):
+                run = {**body, "run_id": self.new_id("run"), "state": "PENDING"}
+                self.runs[run["run_id"]] = run
+                return 200, run
+            if (method, path) == ("GET", f"{API}/recurringruns"):
+                found = self._named(self.recurring.values(), query)
+                if "experiment_id" in query:
+                    found = [r for r in found if r["experiment_id"] == query["experiment_id"][0]]
+                return 200, {"recurringRuns": found, "total_size": len(found)}
+            if (method, path) == ("POST", f"{API}/recurringruns"):
+                rec = {**body, "recurring_run_id": self.new_id("rec")}
+                self.recurring[rec["recurring_run_id"]] = rec
+                return 200, rec
+            if method == "DELETE" and path.startswith(f"{API}/recurringruns/"):
+                rec_id = path.rsplit("/", 1)[1]
+                if self.recurring.pop(rec_id, None) is None:
+                    return 404, {"error": f"no recurring run {rec_id}"}
+                return 200, {}
+            return 404, {"error": f"not implemented: {method} {path}"}
+
+
+@pytest.fixture
+def kfp_server():
+    fake = FakeKfp()
+
+    class Handler(BaseHTTPRequestHandler):
+        def _serve(self, method: str) -> None:
+            url = urllib.parse.urlsplit(self.path)
+            length = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(length)) if length else None
+            query = urllib.parse.parse_qs(url.query)
+            fake.requests.append((method, url.path, query, body, dict(self.headers)))
+            status, payload = fake.handle(method, url.path, query, body)
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):  # noqa: N802 (http.server's naming)
+            self._serve("GET")
+
+        def do_POST(self):  # noqa: N802
+            self._serve("POST")
+
+        def do_DELETE(self):  # noqa: N802
+            self._serve("DELETE")
+
+        def log_message(self, *args):  # keep the test output quiet
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        yield fake
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.fixture(autouse=True)
+def _kfp_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("KFP_TOKEN", TOKEN)
+    monkeypatch.chdir(ROOT)  # --package defaults to pipelines/kdpipe_pipeline.yaml
+
+
+def compiled_package() -> dict:
+    """What the client sends for the package: the pipeline IR and the kfp-kubernetes platform spec."""
+    spec, platform = yaml.safe_load_all(PACKAGE.read_text(encoding="utf-8"))
+    return {"pipeline_spec": spec, "platform_spec": platform}
+
+
+def without_caching_options(node):
+    if isinstance(node, dict):
+        return {k: without_caching_options(v) for k, v in node.items() if k != "cachingOptions"}
+    if isinstance(node, list):
+        return [without_caching_options(v) for v in node]
+    return node
+
+
+def calls(fake: FakeKfp, method: str, path: str) -> list[dict]:
+    return [body for m, p, _, body, _ in fake.requests if (m, p) == (method, path)]
+
+
+def test_submit_sends_the_compiled_pipeline_and_parameters(kfp_server, capsys):
+    code = cli.main(["pipeline", "submit", "--host", kfp_server.url, "--experiment", "kd-exp", "--run-name", "try-1",
+                     "-S", "train.lr=0.1", "-S", "train.recipe=cotrain", "-S", "register.min_accuracy=0.6",
+                     "-S", "data_rev=v2", "-S", "data_version=2024-06", "-S", "data_repo=https://git.example.com/d.git"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert [b["display_name"] for b in calls(kfp_server, "POST", f"{API}/experiments")] == ["kd-exp"]
+    (run,) = calls(kfp_server, "POST", f"{API}/runs")
+    assert run["display_name"] == "try-1"
+    assert run["experiment_id"] == next(iter(kfp_server.experiments))
+    assert run["pipeline_spec"] == compiled_package()  # the whole compiled pipeline travels in the request
+    assert run["pipeline_spec"]["platform_spec"]["platforms"]["kubernetes"]  # GPU nodes, shm, secrets
+    params = run["runtime_config"]["parameters"]
+    assert params["train_params"]["lr"] == 0.1 and params["train_params"]["recipe"] == "cotrain"
+    assert params["train_params"]["student_arch"] == "cnn_tiny"  # untouched keys keep params.yaml's values
+    assert params["min_accuracy"] == 0.6
+    assert (params["data_rev"], params["data_version"]) == ("v2", "2024-06")
+    assert params["data_repo"] == "https://git.example.com/d.git"
+    # the token is sent as a bearer token, and never printed
+    auth = {h.get("authorization") or h.get("Authorization") for *_, h in kfp_server.requests}
+    assert auth == {f"Bearer {TOKEN}"}
+    assert TOKEN not in out + err
+    assert "run-" in out
+
+
+def test_submit_rejects_bad_params_before_sending(kfp_server, capsys):
+    assert cli.main(["pipeline", "submit", "--host", kfp_server.url, "-S", "train.recipie=full"]) == 2
+    assert cli.main(["pipeline", "submit", "--host", kfp_server.url, "-S", "train.lr=-1"]) == 2
+    assert "train.recipie" in capsys.readouterr().err
+    assert not calls(kfp_server, "POST", f"{API}/runs")
+
+
+def test_schedule_twice_replaces_the_recurring_run(kfp_server, capsys):
+    base = ["pipeline", "schedule", "--host", kfp_server.url, "--name", "nightly", "-S", "data_version=rolling"]
+    assert cli.main([*base, "--cron", "0 0 3 * * *"]) == 0
+    assert cli.main([*base, "--cron", "0 30 4 * * *", "-S", "train.max_iterations=50"]) == 0
+    out = capsys.readouterr().out
+    assert "replaced 1" in out and TOKEN not in out
+
+    created = calls(kfp_server, "POST", f"{API}/recurringruns")
+    assert len(created) == 2
+    for body, cron in zip(created, ("0 0 3 * * *", "0 30 4 * * *"), strict=True):
+        assert body["display_name"] == "nightly"
+        assert body["trigger"]["cron_schedule"]["cron"] == cron
+        assert len(body["trigger"]["cron_schedule"]["cron"].split()) == 6
+        assert int(body["max_concurrency"]) == 1 and body["no_catchup"] is True
+        assert body["mode"] == "ENABLE"
+        # the compiled pipeline, with caching switched off so every scheduled run reads the data anew
+        assert without_caching_options(body["pipeline_spec"]) == without_caching_options(compiled_package())
+        tasks = body["pipeline_spec"]["pipeline_spec"]["root"]["dag"]["tasks"]
+        assert not any(t.get("cachingOptions", {}).get("enableCache") for t in tasks.values())
+        assert body["runtime_config"]["parameters"]["data_version"] == "rolling"
+    assert created[1]["runtime_config"]["parameters"]["train_params"]["max_iterations"] == 50
+    # the first one was deleted: exactly one recurring run of that name is left, the new one
+    deleted = [p for m, p, *_ in kfp_server.requests if m == "DELETE"]
+    assert len(deleted) == 1
+    (left,) = kfp_server.recurring.values()
+    assert left["trigger"]["cron_schedule"]["cron"] == "0 30 4 * * *"
+    assert len(kfp_server.experiments) == 1  # the experiment is reused, not created twice
+
+
+def test_schedule_needs_a_six_field_cron(kfp_server, capsys):
+    assert cli.main(["pipeline", "schedule", "--host", kfp_server.url, "--cron", "0 3 * * *"]) == 2
+    assert "6 fields" in capsys.readouterr().err
+    assert kfp_server.requests == []
