@@ -14,7 +14,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup repro data test lint clean report compare bench
+.PHONY: help setup repro data test lint clean report compare bench image pipeline
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -66,8 +66,18 @@ bench: setup ## quick benchmarks (needs `make repro` first; results in benchmark
 test: setup ## run the test suite
 	$(BIN)/python -m pytest -q
 
-lint: setup ## ruff on the code
-	$(BIN)/ruff check src tests benchmarks
+lint: setup ## ruff on the code, hadolint on the Dockerfile
+	$(BIN)/ruff check src tests benchmarks components pipelines
+	$(BIN)/hadolint Dockerfile
+
+IMAGE ?= kdpipe:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+image: ## build the container image every Kubeflow component runs in (needs Docker)
+	@command -v docker >/dev/null || { echo "error: docker not found: 'make image' needs Docker (the Dockerfile is linted by 'make lint')"; exit 1; }
+	@docker info >/dev/null 2>&1 || { echo "error: no Docker engine is reachable ('docker info' failed): 'make image' needs one"; exit 1; }
+	docker build -t $(IMAGE) .
+
+pipeline: setup ## compile the Kubeflow pipeline to pipelines/kdpipe_pipeline.yaml (commit it)
+	KDPIPE_IMAGE=$(KDPIPE_IMAGE) $(BIN)/kdpipe pipeline compile
 
 clean: ## remove generated artifacts (keeps data/ and the venv)
 	rm -rf artifacts .pytest_cache
