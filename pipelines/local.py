@@ -31,13 +31,13 @@ def run_local(arguments: dict[str, Any], params_file: str | os.PathLike | None =
 
     from kdpipe.params import load_params
 
-    from .kdpipe_pipeline import PARAMS_FILE, PIPELINE_NAME, build_pipeline
+    from .kdpipe_pipeline import PIPELINE_NAME, build_pipeline
 
     root = Path(pipeline_root).resolve()
     before = set(root.glob(f"{PIPELINE_NAME}-*")) if root.is_dir() else set()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True,
                enable_caching=enable_caching)
-    build_pipeline(load_params(params_file or PARAMS_FILE, overrides))(**arguments)
+    build_pipeline(load_params(params_file, overrides))(**arguments)  # like every step: --params, $KDPIPE_PARAMS or ./params.yaml
     new = sorted(set(root.glob(f"{PIPELINE_NAME}-*")) - before, key=lambda p: p.stat().st_mtime)
     if not new:
         raise RuntimeError(f"kfp.local wrote no run folder under {root}")
