@@ -280,6 +280,12 @@ def _ingest(args: argparse.Namespace) -> None:
     print("\n".join(summary_lines(result, root)))
 
 
+def _retrain(args: argparse.Namespace) -> None:
+    from .retrain import retrain
+
+    sys.stdout.write(retrain(".", rev=args.rev, kfp_host=args.kfp_host, push=not args.no_push))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdpipe",
@@ -340,6 +346,17 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--lock-timeout", type=float, default=600.0,
                      help="seconds to wait for another ingest on the same data root (default: %(default)s)")
     ing.set_defaults(handler=_ingest)
+
+    ret = sub.add_parser(
+        "retrain", help="dvc pull + repro + push and a metrics diff (or submit the Kubeflow pipeline)",
+        description="Retrain on the current data: `dvc pull` (tolerated when the workspace already has the data), "
+                    "`dvc repro`, `dvc push`, then `dvc metrics diff REV` as Markdown on stdout and in "
+                    "$GITHUB_STEP_SUMMARY. With a Kubeflow endpoint (--kfp-host or $KDPIPE_KFP_HOST) it runs "
+                    "`kdpipe pipeline submit --host HOST` instead.")
+    ret.add_argument("--rev", default="HEAD", help="git revision to compare the metrics with (default: %(default)s)")
+    ret.add_argument("--kfp-host", default=None, help="Kubeflow Pipelines endpoint (default: $KDPIPE_KFP_HOST)")
+    ret.add_argument("--no-push", action="store_true", help="skip `dvc push`")
+    ret.set_defaults(handler=_retrain)
     return parser
 
 

@@ -1,0 +1,126 @@
+"""``kdpipe retrain``: the retraining loop that CI (``.github/workflows/retrain.yml``) and people run.
+
+Locally (the default): ``dvc pull`` (tolerated when it fails but the workspace already holds every
+DVC-tracked data folder, e.g. a remote that never got the data), ``dvc repro``, ``dvc push``, then
+``dvc metrics diff <rev>`` as Markdown, printed and appended to ``$GITHUB_STEP_SUMMARY`` when set.
+
+With a Kubeflow endpoint (``--kfp-host`` or env ``KDPIPE_KFP_HOST``) it trains nowhere near this
+machine: it submits the KFP pipeline (``kdpipe pipeline submit --host HOST``) and reports that.
+The endpoint may carry credentials, so it is only ever shown masked.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import KdpipeError
+from .ingest import dvc_executable
+
+KFP_HOST_ENV = "KDPIPE_KFP_HOST"
+SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    argv: list[str]
+    tolerate_failure: bool = False  # dvc pull: a failure is checked against the workspace instead
+
+
+def plan(kfp_host: str | None = None, push: bool = True, dvc: str | None = None) -> list[Step]:
+    """The commands ``retrain`` runs, in order (the metrics diff comes after them)."""
+    if kfp_host:
+        return [Step("submit", [sys.executable, "-m", "kdpipe.cli", "pipeline", "submit", "--host", kfp_host])]
+    dvc = dvc or dvc_executable()
+    steps = [Step("pull", [dvc, "pull"], tolerate_failure=True), Step("repro", [dvc, "repro"])]
+    if push:
+        steps.append(Step("push", [dvc, "push"]))
+    return steps
+
+
+def retrain(
+    repo: str | os.PathLike = ".",
+    rev: str = "HEAD",
+    kfp_host: str | None = None,
+    push: bool = True,
+    summary_path: str | os.PathLike | None = None,
+) -> str:
+    """Run the plan in ``repo``; return the Markdown summary (also appended to ``summary_path``)."""
+    from .tracking import redact
+
+    repo = Path(repo)
+    kfp_host = kfp_host if kfp_host is not None else os.environ.get(KFP_HOST_ENV) or None
+    lines = ["## kdpipe retrain", ""]
+    for step in plan(kfp_host, push):
+        shown = " ".join([Path(step.argv[0]).name, *(redact(a) for a in step.argv[1:])])
+        print(f"kdpipe retrain: {shown}", file=sys.stderr, flush=True)
+        # The commands' own output goes to stderr: stdout carries only the Markdown summary.
+        code = subprocess.run(step.argv, cwd=repo, stdout=_stderr_fd()).returncode
+        if code == 0:
+            continue
+        if step.tolerate_failure:
+            missing = missing_tracked_data(repo)
+            if missing:
+                raise KdpipeError(
+                    f"dvc pull failed and the workspace lacks DVC-tracked data: {', '.join(missing)}; "
+                    "check the DVC remote and its credentials (environment variables)"
+                )
+            print("kdpipe retrain: dvc pull failed; the workspace already holds the data, continuing",
+                  file=sys.stderr)
+            lines += ["- `dvc pull` failed; trained on the data already in the workspace", ""]
+            continue
+        if step.name == "submit":
+            raise KdpipeError(f"submitting the Kubeflow pipeline to {redact(kfp_host)} failed (exit {code})")
+        raise KdpipeError(f"`dvc {step.name}` failed (exit {code}); see its output above")
+    if kfp_host:
+        lines += [f"Submitted the Kubeflow pipeline to `{redact(kfp_host)}`; training runs on the cluster.", ""]
+    else:
+        lines += [f"Metrics against `{rev}` (`dvc metrics diff {rev}`):", "", metrics_diff(repo, rev)]
+    text = "\n".join(lines).rstrip() + "\n"
+    summary_path = summary_path if summary_path is not None else os.environ.get(SUMMARY_ENV)
+    if summary_path:
+        with open(summary_path, "a", encoding="utf-8") as fh:
+            fh.write(text)
+    return text
+
+
+def _stderr_fd() -> int | None:
+    try:
+        sys.stderr.flush()
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a replaced stderr without a file descriptor
+        return None
+
+
+def metrics_diff(repo: Path, rev: str) -> str:
+    """``dvc metrics diff --md rev`` (workspace against ``rev``), or a line saying nothing changed."""
+    done = subprocess.run([dvc_executable(), "metrics", "diff", "--md", rev], cwd=repo, capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        detail = (done.stderr or done.stdout).strip().splitlines()
+        raise KdpipeError(f"dvc metrics diff {rev} failed: {detail[-1] if detail else f'exit {done.returncode}'}")
+    return done.stdout.strip() or f"No metric changed against `{rev}`."
+
+
+def missing_tracked_data(repo: Path) -> list[str]:
+    """Outputs of the ``.dvc`` files under ``repo`` (not pipeline outputs) that are not in the workspace."""
+    import yaml
+
+    missing = []
+    for dvc_file in sorted(Path(repo).rglob("*.dvc")):
+        if any(part.startswith(".") or part in ("artifacts", "dvc-remote") for part in dvc_file.relative_to(repo).parts):
+            continue
+        try:
+            outs = (yaml.safe_load(dvc_file.read_text(encoding="utf-8")) or {}).get("outs") or []
+        except (OSError, yaml.YAMLError):
+            missing.append(f"{dvc_file} (unreadable)")
+            continue
+        for out in outs:
+            target = dvc_file.parent / str(out.get("path", ""))
+            if not target.exists():
+                missing.append(target.relative_to(repo).as_posix())
+    return missing

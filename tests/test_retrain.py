@@ -1,0 +1,150 @@
+"""The retraining loop with the real DVC in throw-away git + DVC repositories:
+
+* acceptance: after ``kdpipe ingest`` of new unlabeled images, ``dvc status`` reports ``prepare``
+  stale, ``dvc repro`` re-runs it and its downstream stage, and the manifest's data version changes;
+  ingesting the same files again changes nothing;
+* ``kdpipe retrain``: pull, repro, push and a Markdown metrics diff in ``$GITHUB_STEP_SUMMARY``;
+  a failing pull is tolerated only while the workspace holds the data; with a Kubeflow endpoint it
+  plans ``kdpipe pipeline submit --host HOST`` instead.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import write_tiny_dataset
+from dvc_repo import DVC, KDPIPE, commit, init_repo, repo_env, run
+
+from kdpipe.retrain import plan
+
+pytestmark = pytest.mark.slow
+
+DVC_YAML = """
+stages:
+  prepare:
+    cmd: kdpipe prepare --reports-dir reports/prepare
+    deps: [data/labeled, data/unlabeled, data/test]
+    params: [prepare]
+    outs: [artifacts/prepared]
+    metrics:
+      - reports/prepare/manifest.json:
+          cache: false
+  augment:
+    cmd: kdpipe augment --reports-dir reports/augment
+    deps: [artifacts/prepared]
+    params: [augment]
+    outs: [artifacts/augmented]
+    metrics:
+      - reports/augment/policy.json:
+          cache: false
+"""
+PARAMS = "prepare:\n  image_size: 16\naugment:\n  views: 2\n  preview_samples: 2\n  pad: 2\n"
+
+
+def make_project(path: Path, env) -> Path:
+    """A repo shaped like kdpipe's: data/ with a first unlabeled batch, each folder its own .dvc file."""
+    repo = init_repo(path, env)
+    write_tiny_dataset(repo / "data", labeled_per_class=6, unlabeled=20, test_per_class=2, seed=0)
+    (repo / "dvc.yaml").write_text(DVC_YAML)
+    (repo / "params.yaml").write_text(PARAMS)
+    (repo / ".gitignore").write_text("/artifacts/\n")
+    run([DVC, "add", "-q", "data/labeled", "data/test", "data/unlabeled/batch-0001"], repo, env)
+    run([DVC, "repro", "-q"], repo, env)
+    commit(repo, env, "baseline")
+    return repo
+
+
+def new_images(folder: Path, count: int, seed: int) -> Path:
+    write_tiny_dataset(folder, labeled_per_class=0, unlabeled=count, test_per_class=0, seed=seed)
+    return folder / "unlabeled" / "batch-0001"
+
+
+def manifest(repo: Path) -> dict:
+    return json.loads((repo / "reports" / "prepare" / "manifest.json").read_text())
+
+
+def test_ingest_makes_the_pipeline_stale_and_a_second_ingest_changes_nothing(tmp_path):
+    env = repo_env()
+    repo = make_project(tmp_path / "repo", env)
+    assert "up to date" in run([DVC, "status"], repo, env)
+    before = manifest(repo)
+
+    src = new_images(tmp_path / "incoming", 10, seed=7)
+    out = run([KDPIPE, "ingest", src, "--data-root", "data"], repo, env)
+    assert "added 10 image(s)" in out
+    assert (repo / "data/unlabeled/batch-0002.dvc").is_file()
+    status = json.loads(run([DVC, "status", "--json"], repo, env))
+    assert "prepare" in status  # data/unlabeled changed
+    assert "data/unlabeled/batch-0002.dvc" not in status  # the new batch itself is tracked and clean
+
+    log = run([DVC, "repro"], repo, env)
+    assert "Running stage 'prepare'" in log and "Running stage 'augment'" in log
+    after = manifest(repo)
+    assert after["data_version"] != before["data_version"]
+    assert after["counts"]["unlabeled"] == before["counts"]["unlabeled"] + 10
+    assert "up to date" in run([DVC, "status"], repo, env)
+    commit(repo, env, "batch-0002")
+
+    out = run([KDPIPE, "ingest", src, "--data-root", "data"], repo, env)  # the same files again
+    assert "added nothing" in out and "skipped 10 duplicate(s)" in out
+    assert "up to date" in run([DVC, "status"], repo, env)
+    assert run(["git", "status", "--porcelain"], repo, env) == ""
+    assert sorted(p.name for p in (repo / "data/unlabeled").iterdir() if not p.name.startswith(".")) == [
+        "batch-0001", "batch-0001.dvc", "batch-0002", "batch-0002.dvc"]
+
+
+def test_retrain_pulls_reproduces_pushes_and_writes_the_metrics_diff(tmp_path):
+    env = repo_env()
+    repo = make_project(tmp_path / "repo", env)
+    run([DVC, "remote", "add", "-d", "store", str(tmp_path / "remote")], repo, env)
+    commit(repo, env, "remote")
+    src = new_images(tmp_path / "incoming", 12, seed=9)
+    run([KDPIPE, "ingest", src, "--data-root", "data"], repo, env)
+    commit(repo, env, "new unlabeled batch")  # what triggers the workflow
+
+    summary = tmp_path / "summary.md"
+    out = run([KDPIPE, "retrain"], repo, {**env, "GITHUB_STEP_SUMMARY": str(summary)})
+    text = summary.read_text()
+    assert out == text
+    assert text.startswith("## kdpipe retrain")
+    assert "reports/prepare/manifest.json" in text and "counts.unlabeled" in text
+    assert "| 20 " in text and "| 32 " in text  # unlabeled images before and after
+    assert "in sync" in run([DVC, "status", "--cloud"], repo, env)  # everything was pushed
+    assert "up to date" in run([DVC, "status"], repo, env)
+
+    # a remote without the data: pull fails, the workspace has it, retraining goes on
+    shutil.rmtree(repo / ".dvc" / "cache")
+    run([DVC, "remote", "modify", "store", "url", str(tmp_path / "empty-remote")], repo, env)
+    done = subprocess.run([KDPIPE, "retrain", "--no-push"], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert "dvc pull failed; the workspace already holds the data" in done.stderr
+    assert "`dvc pull` failed" in done.stdout
+
+    # ... but not when the workspace lacks tracked data: a clear error naming it
+    shutil.rmtree(repo / "data" / "test")
+    shutil.rmtree(repo / ".dvc" / "cache")  # the run above re-cached the workspace: drop it again
+    done = subprocess.run([KDPIPE, "retrain", "--no-push"], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 2
+    assert "kdpipe retrain: error: dvc pull failed and the workspace lacks DVC-tracked data: data/test" in done.stderr
+
+
+def test_with_a_kubeflow_endpoint_retrain_submits_the_pipeline_instead():
+    steps = plan(kfp_host="https://kfp.example.com")
+    assert [s.argv for s in steps] == [
+        [sys.executable, "-m", "kdpipe.cli", "pipeline", "submit", "--host", "https://kfp.example.com"]]
+    local = plan(dvc="dvc")
+    assert [s.argv for s in local] == [["dvc", "pull"], ["dvc", "repro"], ["dvc", "push"]]
+    assert [s.tolerate_failure for s in local] == [True, False, False]
+    assert [s.argv for s in plan(dvc="dvc", push=False)] == [["dvc", "pull"], ["dvc", "repro"]]
+    # the command the KFP branch runs exists in this CLI
+    from kdpipe.cli import build_parser
+
+    args = build_parser().parse_args(["pipeline", "submit", "--host", "https://kfp.example.com"])
+    assert args.host == "https://kfp.example.com"
