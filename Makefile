@@ -14,7 +14,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup repro data test lint clean report compare bench image pipeline
+.PHONY: help setup repro data test lint clean report compare bench image pipeline retrain
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -62,6 +62,10 @@ bench: setup ## quick benchmarks (needs `make repro` first; results in benchmark
 	$(BIN)/python -m benchmarks.throughput
 	$(BIN)/python -m benchmarks.label_efficiency --quick
 	$(BIN)/python -m benchmarks.pipeline_overhead
+	$(BIN)/python -m benchmarks.ingest_load
+
+retrain: data ## dvc pull + repro + push + metrics diff (or submit to Kubeflow when KDPIPE_KFP_HOST is set)
+	$(BIN)/kdpipe retrain
 
 test: setup ## run the test suite
 	$(BIN)/python -m pytest -q
