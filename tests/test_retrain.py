@@ -20,7 +20,7 @@ import pytest
 from conftest import write_tiny_dataset
 from dvc_repo import DVC, KDPIPE, commit, init_repo, repo_env, run
 
-from kdpipe.retrain import plan
+from kdpipe.retrain import kfp_data_arguments, plan
 
 pytestmark = pytest.mark.slow
 
@@ -135,10 +135,20 @@ def test_retrain_pulls_reproduces_pushes_and_writes_the_metrics_diff(tmp_path):
     assert "kdpipe retrain: error: dvc pull failed and the workspace lacks DVC-tracked data: data/test" in done.stderr
 
 
-def test_with_a_kubeflow_endpoint_retrain_submits_the_pipeline_instead():
+def test_with_a_kubeflow_endpoint_retrain_submits_the_pipeline_instead(tmp_path):
     steps = plan(kfp_host="https://kfp.example.com")
     assert [s.argv for s in steps] == [
         [sys.executable, "-m", "kdpipe.cli", "pipeline", "submit", "--host", "https://kfp.example.com"]]
+    env = repo_env()
+    repo = init_repo(tmp_path / "repo", env)
+    (repo / "f").write_text("x")
+    commit(repo, env, "one")
+    run(["git", "remote", "add", "origin", "https://git.example.com/team/data.git"], repo, env)
+    data = kfp_data_arguments(repo)
+    head = run(["git", "rev-parse", "HEAD"], repo, env).strip()
+    assert data == {"data_repo": "https://git.example.com/team/data.git", "data_rev": head, "data_version": head}
+    assert plan(kfp_host="https://kfp.example.com", data=data)[0].argv[-6:] == [
+        "-S", f"data_repo={data['data_repo']}", "-S", f"data_rev={head}", "-S", f"data_version={head}"]
     local = plan(dvc="dvc")
     assert [s.argv for s in local] == [["dvc", "pull"], ["dvc", "repro"], ["dvc", "push"]]
     assert [s.tolerate_failure for s in local] == [True, False, False]
@@ -146,5 +156,5 @@ def test_with_a_kubeflow_endpoint_retrain_submits_the_pipeline_instead():
     # the command the KFP branch runs exists in this CLI
     from kdpipe.cli import build_parser
 
-    args = build_parser().parse_args(["pipeline", "submit", "--host", "https://kfp.example.com"])
-    assert args.host == "https://kfp.example.com"
+    args = build_parser().parse_args(plan(kfp_host="https://kfp.example.com", data=data)[0].argv[3:])
+    assert args.host == "https://kfp.example.com" and args.overrides[0] == f"data_repo={data['data_repo']}"

@@ -31,10 +31,14 @@ class Step:
     tolerate_failure: bool = False  # dvc pull: a failure is checked against the workspace instead
 
 
-def plan(kfp_host: str | None = None, push: bool = True, dvc: str | None = None) -> list[Step]:
-    """The commands ``retrain`` runs, in order (the metrics diff comes after them)."""
+def plan(kfp_host: str | None = None, push: bool = True, dvc: str | None = None,
+         data: dict[str, str] | None = None) -> list[Step]:
+    """The commands ``retrain`` runs, in order (the metrics diff comes after them). ``data``: the
+    pipeline's data arguments for a Kubeflow submission (``data_repo``, ``data_rev``, ``data_version``)."""
     if kfp_host:
-        return [Step("submit", [sys.executable, "-m", "kdpipe.cli", "pipeline", "submit", "--host", kfp_host])]
+        overrides = [arg for key, value in (data or {}).items() for arg in ("-S", f"{key}={value}")]
+        return [Step("submit", [sys.executable, "-m", "kdpipe.cli", "pipeline", "submit", "--host", kfp_host,
+                                *overrides])]
     dvc = dvc or dvc_executable()
     steps = [Step("pull", [dvc, "pull"], tolerate_failure=True), Step("repro", [dvc, "repro"])]
     if push:
@@ -55,7 +59,7 @@ def retrain(
     repo = Path(repo)
     kfp_host = kfp_host if kfp_host is not None else os.environ.get(KFP_HOST_ENV) or None
     lines = ["## kdpipe retrain", ""]
-    for step in plan(kfp_host, push):
+    for step in plan(kfp_host, push, data=kfp_data_arguments(repo) if kfp_host else None):
         shown = " ".join([Path(step.argv[0]).name, *(redact(a) for a in step.argv[1:])])
         print(f"kdpipe retrain: {shown}", file=sys.stderr, flush=True)
         # The commands' own output goes to stderr: stdout carries only the Markdown summary.
@@ -86,6 +90,20 @@ def retrain(
         with open(summary_path, "a", encoding="utf-8") as fh:
             fh.write(text)
     return text
+
+
+def kfp_data_arguments(repo: Path) -> dict[str, str]:
+    """Which data the cluster reads: this checkout's commit of its git remote (env ``KDPIPE_DATA_REPO``
+    overrides the remote URL). Empty values are left out (the pipeline's defaults apply)."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    rev = git("rev-parse", "HEAD")
+    url = os.environ.get("KDPIPE_DATA_REPO") or git("remote", "get-url", "origin")
+    found = {"data_repo": url, "data_rev": rev, "data_version": rev}
+    return {k: v for k, v in found.items() if v}
 
 
 def _stderr_fd() -> int | None:
