@@ -198,6 +198,7 @@ def test_bad_files_are_listed_and_hidden_files_ignored(image_dataset, make_image
     (cat / "fake.jpg").write_text("not an image")
     (cat / ".DS_Store").write_bytes(b"\0\0")
     (cat / "Thumbs.db").write_bytes(b"\0\0")
+    (root / "unlabeled" / "batch-0001.dvc").write_text("outs:\n- path: batch-0001\n")  # DVC pointer file
     (root / "labeled" / ".cache").mkdir()
     (root / "labeled" / ".cache" / "x.png").write_bytes(b"")
     (root / "labeled" / "stray.png").write_bytes(b"")

@@ -13,8 +13,8 @@ Output (one folder, replaced atomically)::
     rejected.json   [{"path", "split", "reason", "detail"}] for every file not used
     manifest.json   classes, counts, data_version, sha256 of every output file, params
 
-Hidden files and folders (names starting with '.') and OS clutter (Thumbs.db...) are ignored;
-every other file that is not used is listed in ``rejected.json`` with its reason. Outputs are
+Hidden files and folders (names starting with '.'), OS clutter (Thumbs.db...) and DVC pointer
+files (``*.dvc``, e.g. ``unlabeled/batch-0001.dvc``) are ignored; every other file that is not used is listed in ``rejected.json`` with its reason. Outputs are
 byte-identical for the same input and params.
 """
 
@@ -234,7 +234,7 @@ def _entries(root: Path, root_real: Path, folder: Path, split: str, rejects: _Re
     """Sorted, non-hidden entries of ``folder``; symlinks pointing outside the root are rejected."""
     out = []
     for entry in sorted(folder.iterdir(), key=lambda p: p.name):
-        if entry.name.startswith(".") or entry.name in IGNORED_NAMES:
+        if entry.name.startswith(".") or entry.name in IGNORED_NAMES or _is_dvc_pointer(entry):
             continue
         if entry.is_symlink():
             target = entry.resolve()
@@ -253,6 +253,11 @@ def _entries(root: Path, root_real: Path, folder: Path, split: str, rejects: _Re
                 continue
         out.append(entry)
     return out
+
+
+def _is_dvc_pointer(entry: Path) -> bool:
+    """A DVC pointer file, e.g. ``unlabeled/batch-0001.dvc`` beside the batch folder it tracks."""
+    return entry.suffix == ".dvc" and entry.is_file()
 
 
 def _rel(root: Path, path: Path) -> str:
