@@ -63,7 +63,7 @@ def retrain(
         shown = " ".join([Path(step.argv[0]).name, *(redact(a) for a in step.argv[1:])])
         print(f"kdpipe retrain: {shown}", file=sys.stderr, flush=True)
         # The commands' own output goes to stderr: stdout carries only the Markdown summary.
-        code = subprocess.run(step.argv, cwd=repo, stdout=_stderr_fd()).returncode
+        code = subprocess.run(step.argv, cwd=repo, stdout=_stderr_fd(), env=_venv_env()).returncode
         if code == 0:
             continue
         if step.tolerate_failure:
@@ -104,6 +104,13 @@ def kfp_data_arguments(repo: Path) -> dict[str, str]:
     url = os.environ.get("KDPIPE_DATA_REPO") or git("remote", "get-url", "origin")
     found = {"data_repo": url, "data_rev": rev, "data_version": rev}
     return {k: v for k, v in found.items() if v}
+
+
+def _venv_env() -> dict[str, str]:
+    """This environment with this interpreter's bin folder first on PATH: the dvc.yaml stages call
+    ``kdpipe``, which must be this installation even when the venv is not activated."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
 
 
 def _stderr_fd() -> int | None:
