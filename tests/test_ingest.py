@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 from pathlib import Path
 
@@ -29,12 +30,23 @@ def write_source(folder: Path, make_image, seeds, size=(10, 10)) -> dict[str, st
     return out
 
 
+def batch_key(name: str) -> str:
+    """"batch-0002-1a2b3c4d" -> "batch-0002" (the content-hash suffix differs per content)."""
+    return re.match(r"batch-\d+", name).group(0)
+
+
+def batch_dir(root: Path, key: str) -> Path:
+    """The one folder of batch ``key`` ("batch-0002") under ``root/unlabeled``."""
+    (found,) = [p for p in (root / "unlabeled").glob(f"{key}*") if p.is_dir()]
+    return found
+
+
 def batch_files(root: Path) -> dict[str, list[str]]:
-    """{batch name: [sha256 of each visible file]} for every visible batch folder."""
+    """{"batch-NNNN": [sha256 of each visible file]} for every visible batch folder."""
     batches = {}
     for batch in sorted((root / "unlabeled").iterdir()):
         if batch.is_dir() and not batch.name.startswith("."):
-            batches[batch.name] = [file_sha256(p) for p in sorted(batch.rglob("*"))
+            batches[batch_key(batch.name)] = [file_sha256(p) for p in sorted(batch.rglob("*"))
                                    if p.is_file() and not any(part.startswith(".") for part in p.relative_to(batch).parts)]
     return batches
 
@@ -63,9 +75,9 @@ def test_adds_valid_new_images_and_lists_every_skip_and_rejection(tmp_path, imag
                  "-S", "prepare.max_image_pixels=50000", "-S", "prepare.max_aspect_ratio=10"])
     out = capsys.readouterr().out
     assert code == 0
-    assert f"added 5 image(s) to {root / 'unlabeled' / 'batch-0002'}" in out
     result = json.loads(report.read_text())
-    assert result["batch"] == "unlabeled/batch-0002"
+    assert re.fullmatch(r"unlabeled/batch-0002-[0-9a-f]{8}", result["batch"]), result["batch"]
+    assert f"added 5 image(s) to {root / result['batch']}" in out
     assert sorted(e["source"] for e in result["added"]) == sorted(new)
     assert {e["source"]: e["detail"] for e in result["skipped"]} == {
         "dup_of_labeled.png": "same bytes as labeled/cat/cat_000.png (already in the data set)",
@@ -81,7 +93,7 @@ def test_adds_valid_new_images_and_lists_every_skip_and_rejection(tmp_path, imag
     for entry in result["rejected"]:
         assert entry["source"] in out and entry["reason"] in out  # each rejection is printed
     # the batch holds exactly the new images, under their source paths, plus its index
-    batch = root / "unlabeled" / "batch-0002"
+    batch = root / result["batch"]
     assert {p.relative_to(batch).as_posix() for p in batch.rglob("*") if p.is_file()} == {*new, INDEX_NAME}
     index = json.loads((batch / INDEX_NAME).read_text())
     assert {n: e["sha256"] for n, e in index["files"].items()} == new
@@ -95,7 +107,7 @@ def test_adds_valid_new_images_and_lists_every_skip_and_rejection(tmp_path, imag
     second = ingest(src, root, PrepareParams(max_image_pixels=50000, max_aspect_ratio=10), use_dvc=False)
     assert second.batch is None and second.added == []
     assert len(second.skipped) == 7
-    assert sorted(p.name for p in (root / "unlabeled").iterdir()) == ["batch-0001", "batch-0002"]
+    assert sorted(p.name for p in (root / "unlabeled").iterdir()) == ["batch-0001", batch.name]
 
 
 def test_bad_source_or_data_root_is_a_clear_error(tmp_path, image_dataset, capsys):
@@ -119,9 +131,22 @@ def test_next_number_counts_batches_not_pulled_and_hashes_batches_without_index(
     write_source(src, make_image, [50])
     (src / "again.png").write_bytes((root / "unlabeled" / "batch-0001" / "u_000.png").read_bytes())
     result = ingest(src, root, PrepareParams(), use_dvc=False)
-    assert result.batch == "unlabeled/batch-0008"
+    assert result.batch.startswith("unlabeled/batch-0008-")
     assert [e["source"] for e in result.skipped] == ["again.png"]  # batch-0001 has no index: hashed
     assert any("batch-0007" in w and "dvc pull" in w for w in result.warnings)
+
+
+def test_batch_names_differ_by_content_so_parallel_branches_never_collide(tmp_path, image_dataset, make_image):
+    """Two clones at the same commit that each ingest different images must not both create the same
+    ``batch-NNNN.dvc`` (a git add/add conflict on merge); the same images give the same name."""
+    clones = [image_dataset(root=tmp_path / name) for name in ("main", "branch_a", "branch_b", "branch_c")]
+    write_source(tmp_path / "src_a", make_image, [60, 61])
+    write_source(tmp_path / "src_b", make_image, [62, 63])
+    a = ingest(tmp_path / "src_a", clones[1], PrepareParams(), use_dvc=False).batch
+    b = ingest(tmp_path / "src_b", clones[2], PrepareParams(), use_dvc=False).batch
+    a_again = ingest(tmp_path / "src_a", clones[3], PrepareParams(), use_dvc=False).batch
+    assert a.startswith("unlabeled/batch-0002-") and b.startswith("unlabeled/batch-0002-")
+    assert a != b and a == a_again
 
 
 def test_large_load_in_one_go(tmp_path, image_dataset, make_image):
@@ -154,9 +179,9 @@ def test_two_concurrent_ingests_lose_and_duplicate_nothing(tmp_path, make_image,
     assert len(ingested) == len(set(ingested))  # nothing twice
     assert set(ingested) == set(a.values()) | set(b.values())  # nothing lost
     assert sorted([len(batches["batch-0002"]), len(batches["batch-0003"])]) == [150, 300]
-    for name in ("batch-0002", "batch-0003"):  # each batch got its own .dvc file
-        assert (root / "unlabeled" / f"{name}.dvc").is_file()
-    status = run([DVC, "status", "data/unlabeled/batch-0002.dvc", "data/unlabeled/batch-0003.dvc"], repo, env)
+    dvc_files = [f"data/unlabeled/{batch_dir(root, key).name}.dvc" for key in ("batch-0002", "batch-0003")]
+    assert all((repo / f).is_file() for f in dvc_files)  # each batch got its own .dvc file
+    status = run([DVC, "status", *dvc_files], repo, env)
     assert "up to date" in status
 
 
@@ -228,9 +253,9 @@ def test_killed_before_dvc_add_is_tracked_by_the_next_ingest(zygote, tmp_path, i
     argv = ["ingest", tmp_path / "src", "--data-root", "data"]
     code, _, log = zygote.run(argv, repo, kill_at_replace=[1, "after"])
     assert code == KILLED, log
-    assert (repo / "data/unlabeled/batch-0002").is_dir()
-    assert not (repo / "data/unlabeled/batch-0002.dvc").exists()
+    batch = batch_dir(repo / "data", "batch-0002")
+    assert not batch.with_name(batch.name + ".dvc").exists()
     code, _, log = zygote.run(argv, repo)
     assert code == 0, log
     assert "added nothing" in log and "dvc: tracked" in log
-    assert (repo / "data/unlabeled/batch-0002.dvc").is_file()
+    assert batch.with_name(batch.name + ".dvc").is_file()

@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pipeline_commands(sub)
 
     ing = sub.add_parser(
-        "ingest", help="add new unlabeled images from SRC as the next batch folder data/unlabeled/batch-NNNN",
+        "ingest", help="add new unlabeled images from SRC as the next batch folder data/unlabeled/batch-NNNN-<hash>",
         description="Validate the images under SRC with prepare's rules, skip exact duplicates of the data set "
                     "(and within SRC), copy the rest into a new append-only batch folder and `dvc add` it. "
                     "Running it twice adds nothing; concurrent runs take turns (a lock on the data root).")

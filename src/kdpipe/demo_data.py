@@ -10,7 +10,7 @@ Layout written (the same as a user's own data):
     DIR/unlabeled/batch-0001/mnist-NNNNN.png  most images, no labels, in the first append-only batch
     DIR/test/<digit>/mnist-NNNNN.png       held-out test images
 
-Unlabeled data grows by appending batch folders (``kdpipe ingest`` writes ``batch-0002``, ...), each
+Unlabeled data grows by appending batch folders (``kdpipe ingest`` writes ``batch-0002-<content hash>``, ...), each
 tracked by its own ``.dvc`` file. The split is drawn with a fixed seed and PNGs are written without
 timestamps, so every run writes the same files byte for byte.
 """

@@ -1,8 +1,10 @@
 """``kdpipe ingest SRC``: add new unlabeled images to the data set as an append-only batch folder.
 
-Each run that finds something new writes ONE new folder ``<data root>/unlabeled/batch-NNNN/`` (the
-next number) and, inside a DVC repository, runs ``dvc add`` on it, so the batch gets its own
-``batch-NNNN.dvc`` file: DVC only hashes the new folder, and existing batches never change.
+Each run that finds something new writes ONE new folder ``<data root>/unlabeled/batch-NNNN-HHHHHHHH/``
+(the next number, then 8 hex digits of the batch's content hash) and, inside a DVC repository, runs
+``dvc add`` on it, so the batch gets its own ``.dvc`` file: DVC only hashes the new folder, existing
+batches never change, and two branches that ingest different images create differently named
+``.dvc`` files, so merging them never conflicts.
 
 What is added, skipped and rejected:
 
@@ -28,6 +30,7 @@ batch (they re-hash a batch whose files no longer match it).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -49,7 +52,7 @@ from .params import PrepareParams
 from .progress import Progress
 from .steps.prepare import IGNORED_NAMES, validate_image
 
-BATCH_PATTERN = re.compile(r"^batch-(\d{4,})$")
+BATCH_PATTERN = re.compile(r"^batch-(\d{4,})(?:-[0-9a-f]{8})?$")
 INDEX_NAME = ".ingest.json"
 LOCK_NAME = ".ingest.lock"
 TMP_PREFIX = ".ingest-"
@@ -61,7 +64,7 @@ SPLITS = ("labeled", "test", "unlabeled")
 class IngestResult:
     """What one ingest did. Paths are relative to SRC (``source``) or to the data root (``path``)."""
 
-    batch: str | None = None  # "unlabeled/batch-0002", or None when nothing was added
+    batch: str | None = None  # "unlabeled/batch-0002-1a2b3c4d", or None when nothing was added
     added: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
     rejected: list[dict[str, str]] = field(default_factory=list)
@@ -144,7 +147,7 @@ def _ingest_locked(src: Path, root: Path, cfg: PrepareParams, show_progress: boo
         result.rejected.sort(key=lambda e: e["source"])
         if not files:
             return result  # nothing new: no batch folder at all
-        name = _next_batch_name(unlabeled)
+        name = _next_batch_name(unlabeled, files)
         result.batch = f"unlabeled/{name}"
         for entry in result.added:
             entry["path"] = f"unlabeled/{name}/{entry['source']}"
@@ -334,14 +337,20 @@ def _visible_files(folder: Path) -> dict[str, Path]:
     return out
 
 
-def _next_batch_name(unlabeled: Path) -> str:
-    """batch-NNNN after the highest number in use, counting .dvc files whose folder was not pulled."""
+def _next_batch_name(unlabeled: Path, files: dict[str, dict[str, Any]]) -> str:
+    """batch-NNNN-<hash> after the highest number in use, counting .dvc files whose folder was not pulled.
+
+    The number keeps batches in order; the suffix (from the content hashes of the batch) keeps two
+    branches that each ingest different images from both creating ``batch-NNNN.dvc``, so their
+    merge never conflicts.
+    """
     numbers = [0]
     for entry in unlabeled.iterdir():
         name = entry.name[:-4] if entry.name.endswith(".dvc") else entry.name
         if match := BATCH_PATTERN.match(name):
             numbers.append(int(match.group(1)))
-    return f"batch-{max(numbers) + 1:04d}"
+    content = hashlib.sha256("\n".join(sorted(f["sha256"] for f in files.values())).encode()).hexdigest()
+    return f"batch-{max(numbers) + 1:04d}-{content[:8]}"
 
 
 def _remove_stale_temps(unlabeled: Path) -> None:
