@@ -17,15 +17,16 @@ RUN apt-get update \
 RUN python3.11 -m venv /opt/kdpipe
 ENV PATH=/opt/kdpipe/bin:$PATH
 WORKDIR /src
-# Dependencies first (cached while only the code changes); torch from the CUDA 12.8 wheel index.
+# Dependencies first (cached while only the code changes). The default Linux x86_64 torch wheels are
+# CUDA builds (CUDA libraries come as pip packages), so no extra index is needed.
 RUN pip install --upgrade pip==25.3 setuptools==80.9.0 wheel==0.45.1 \
- && pip install --extra-index-url https://download.pytorch.org/whl/cu128 torch==2.14.1 torchvision==0.29.1
+ && pip install torch==2.14.1 torchvision==0.29.1
 COPY pyproject.toml README.md ./
 COPY src ./src
 # The `gpu` extra: onnxruntime-gpu, never together with onnxruntime (see README, "GPU"). The local
 # package is not version-pinned (its dependencies are pinned in pyproject.toml).
 # hadolint ignore=DL3013
-RUN pip install --extra-index-url https://download.pytorch.org/whl/cu128 '.[gpu]' \
+RUN pip install '.[gpu]' \
  && pip check \
  && python -c "import importlib.metadata as m; d = {x.metadata['Name'].lower() for x in m.distributions()}; \
 assert 'onnxruntime-gpu' in d and 'onnxruntime' not in d, 'onnxruntime and onnxruntime-gpu must not both be installed'"
