@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,20 @@ import numpy as np
 from kdpipe.data import ARRAY_FILES, MANIFEST, file_sha256
 
 REQUIRED_KEYS = ("x_train", "y_train", "x_test", "y_test", "class_names")
+
+
+def cpu_description() -> str:
+    """E.g. "AMD EPYC, 2 cores, x86_64": results on another CPU model differ (other kernels, other
+    rounding, so even seeded training ends elsewhere), so every result file records it."""
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:  # not Linux
+        pass
+    return f"{model}, {os.cpu_count()} cores, {platform.machine()}"
 
 
 # ------------------------------------------------------------------------------------- data

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.common import cpu_description  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,7 +82,7 @@ def run(args) -> dict:
             for name, call in engines.items():
                 rounds[name][batch].append(_time_calls(lambda c=call, x=x: c(x), args.runs if batch == 1 else args.runs // 4))
     return {
-        "machine": f"{platform.machine()}, {args.threads} threads, {platform.processor() or 'cpu'}",
+        "machine": f"{cpu_description()}, {args.threads} threads",
         "python": sys.version.split()[0],
         "model": f"{args.export}/model.onnx",
         "test_images": int(len(x_test)),

@@ -43,6 +43,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
+    cpu_description,
     fmt_num,
     fmt_pct,
     gap_closed,
@@ -64,11 +65,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the ceiling is not a ceiling and "gap closed" means nothing.
     "quick": dict(fractions=[0.1], seeds=[0, 1], recipes=["full"], student_arch="cnn_tiny", teacher_arch="cnn_small",
                   image_size=32, batch_size=64, mu=1.0, iterations=800, teacher_iterations=800, eval_every=100,
-                  views=2, lr=0.05, device="cpu"),
+                  views=2, lr=0.05, device="cpu", jobs=2),
     # GPU: every recipe, two label fractions, two seeds, budgets where the supervised run has converged
     "full": dict(fractions=[0.1, 0.2], seeds=[0, 1], recipes=["cotrain", "adaptive", "consistency", "full"],
                  student_arch="cnn_tiny", teacher_arch="resnet20", image_size=32, batch_size=64, mu=1.0,
-                 iterations=6000, teacher_iterations=6000, eval_every=250, views=3, lr=0.05, device="auto"),
+                 iterations=6000, teacher_iterations=6000, eval_every=250, views=3, lr=0.05, device="auto", jobs=1),
 }
 
 
@@ -155,53 +156,86 @@ class Bench:
         return row
 
 
-def run_benchmark(cfg: dict[str, Any], overrides, data: dict[str, Any], work: Path, log) -> list[dict[str, Any]]:
+def run_seed(cfg: dict[str, Any], overrides, data: dict[str, Any], work: Path, seed: int, log) -> list[dict[str, Any]]:
+    """Every run of one seed: per label fraction the teacher, supervised and each recipe; then the ceiling."""
     from kdpipe.recipes import build_recipe
 
     bench = Bench(cfg, overrides, work, data["x_test"], data["y_test"])
     x, y, names = data["x_train"], data["y_train"], data["class_names"]
     rows: list[dict[str, Any]] = []
     needs_views = any(build_recipe(r, views=max(cfg["views"], 2)).view_plan == "stored" for r in cfg["recipes"])
-    for seed in cfg["seeds"]:
-        ceiling_val = None
-        for fraction in cfg["fractions"]:
-            tag = f"f{fraction:g}_s{seed}"
-            tr, va, un = split_labeled(y, fraction, cfg["val_fraction"], seed, len(names))
-            if ceiling_val is None:
-                ceiling_val = va
-            prepared = work / tag / "prepared"
-            write_prepared(prepared, x[tr], y[tr], x[va], y[va], x[un], data["x_test"], data["y_test"], names)
-            base = {"fraction": fraction, "seed": seed, "labels": int(len(tr) + len(va)), "labels_train": int(len(tr)),
-                    "labels_val": int(len(va)), "unlabeled": int(len(un))}
-            log(f"== fraction {fraction:g} seed {seed}: {len(tr)} train + {len(va)} val labels, {len(un)} unlabeled")
+    ceiling_val = None
+    for fraction in cfg["fractions"]:
+        tag = f"f{fraction:g}_s{seed}"
+        tr, va, un = split_labeled(y, fraction, cfg["val_fraction"], seed, len(names))
+        if ceiling_val is None:
+            ceiling_val = va
+        prepared = work / tag / "prepared"
+        write_prepared(prepared, x[tr], y[tr], x[va], y[va], x[un], data["x_test"], data["y_test"], names)
+        base = {"fraction": fraction, "seed": seed, "labels": int(len(tr) + len(va)), "labels_train": int(len(tr)),
+                "labels_val": int(len(va)), "unlabeled": int(len(un))}
+        log(f"== fraction {fraction:g} seed {seed}: {len(tr)} train + {len(va)} val labels, {len(un)} unlabeled")
 
-            row = bench.teacher(prepared, work / tag / "teacher", seed)
+        row = bench.teacher(prepared, work / tag / "teacher", seed)
+        rows.append({**base, **row})
+        log(f"   seed {seed} {row['run']}: test {row['test_student']:.4f} ({row['wall_s']} s)")
+        augmented = work / tag / "augmented"
+        if needs_views:
+            from kdpipe.steps import augment as augment_step
+
+            augment_step.run(bench.params("consistency", seed), prepared, augmented)
+        for recipe in ["supervised", *cfg["recipes"]]:
+            row = bench.distill(recipe, prepared, augmented, work / tag / "teacher", work / tag / recipe, seed)
             rows.append({**base, **row})
-            log(f"   {row['run']}: test {row['test_student']:.4f} ({row['wall_s']} s)")
-            augmented = work / tag / "augmented"
-            if needs_views:
-                from kdpipe.steps import augment as augment_step
-
-                augment_step.run(bench.params("consistency", seed), prepared, augmented)
-            for recipe in ["supervised", *cfg["recipes"]]:
-                row = bench.distill(recipe, prepared, augmented, work / tag / "teacher", work / tag / recipe, seed)
-                rows.append({**base, **row})
-                log(f"   {recipe}: test student {row['test_student']:.4f} selected {row['test_selected']:.4f} "
-                    f"({row['selected']}; {row['wall_s']} s, {row['iterations']} it)")
-        if cfg["ceiling"]:
-            # supervised on ALL train labels (the validation split of the first fraction is kept aside)
-            tag = f"all_s{seed}"
-            rest = np.setdiff1d(np.arange(len(y)), ceiling_val)
-            prepared = work / tag / "prepared"
-            write_prepared(prepared, x[rest], y[rest], x[ceiling_val], y[ceiling_val], x[:0], data["x_test"],
-                           data["y_test"], names)
-            row = bench.distill("supervised", prepared, work / tag / "augmented", work / tag / "teacher",
-                                work / tag / "supervised", seed, name="supervised (all labels)")
-            base = {"fraction": 1.0, "seed": seed, "labels": int(len(y)), "labels_train": int(len(rest)),
-                    "labels_val": int(len(ceiling_val)), "unlabeled": 0}
-            rows.append({**base, **row, "kind": "ceiling"})
-            log(f"   ceiling: test {row['test_student']:.4f} ({row['wall_s']} s)")
+            log(f"   seed {seed} {recipe}: test student {row['test_student']:.4f} selected "
+                f"{row['test_selected']:.4f} ({row['selected']}; {row['wall_s']} s, {row['iterations']} it)")
+    if cfg["ceiling"]:
+        # supervised on ALL train labels (the validation split of the first fraction is kept aside)
+        tag = f"all_s{seed}"
+        rest = np.setdiff1d(np.arange(len(y)), ceiling_val)
+        prepared = work / tag / "prepared"
+        write_prepared(prepared, x[rest], y[rest], x[ceiling_val], y[ceiling_val], x[:0], data["x_test"],
+                       data["y_test"], names)
+        row = bench.distill("supervised", prepared, work / tag / "augmented", work / tag / "teacher",
+                            work / tag / "supervised", seed, name="supervised (all labels)")
+        base = {"fraction": 1.0, "seed": seed, "labels": int(len(y)), "labels_train": int(len(rest)),
+                "labels_val": int(len(ceiling_val)), "unlabeled": 0}
+        rows.append({**base, **row, "kind": "ceiling"})
+        log(f"   seed {seed} ceiling: test {row['test_student']:.4f} ({row['wall_s']} s)")
     return rows
+
+
+def _seed_in_subprocess(cfg: dict[str, Any], overrides, data_path: str, work: str, seed: int,
+                        started_at: float) -> list[dict[str, Any]]:
+    """One seed in a worker process (``--jobs``): its own torch thread pool of ``cfg["threads"]``."""
+    torch.set_num_threads(cfg["threads"])
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - started_at:6.0f}s] {msg}", flush=True)
+
+    return run_seed(cfg, overrides, load_npz(data_path), Path(work), seed, log)
+
+
+def run_benchmark(cfg: dict[str, Any], overrides, data: dict[str, Any], data_path: Path, work: Path,
+                  log, started_at: float) -> list[dict[str, Any]]:
+    """All seeds, one after the other, or ``cfg["jobs"]`` seeds at a time in worker processes.
+
+    Why processes: these models are small, and two 1-thread trainings side by side keep two cores
+    busier than one 2-thread training (its per-layer work is too small to split well), so the
+    seeds of the quick preset finish sooner. Each process gets ``threads // jobs`` torch threads.
+    """
+    seeds, jobs = list(cfg["seeds"]), max(1, min(cfg["jobs"], len(cfg["seeds"])))
+    if jobs == 1:
+        return [row for seed in seeds for row in run_seed(cfg, overrides, data, work, seed, log)]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    worker_cfg = {**cfg, "threads": max(1, cfg["threads"] // jobs)}
+    log(f"{len(seeds)} seeds, {jobs} at a time, {worker_cfg['threads']} torch thread(s) each")
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_seed_in_subprocess, worker_cfg, overrides, str(data_path), str(work), seed, started_at)
+                   for seed in seeds]
+        return [row for future in futures for row in future.result()]
 
 
 def summarize(rows: list[dict[str, Any]], fractions: list[float]) -> list[dict[str, Any]]:
@@ -243,6 +277,11 @@ def summarize(rows: list[dict[str, Any]], fractions: list[float]) -> list[dict[s
     return table
 
 
+def _jobs_note(cfg: dict[str, Any]) -> str:
+    jobs = max(1, min(cfg.get("jobs", 1), len(cfg["seeds"])))
+    return "" if jobs == 1 else f" in all ({jobs} seeds at a time, {max(1, cfg['threads'] // jobs)} thread(s) each)"
+
+
 def render(table: list[dict[str, Any]], cfg: dict[str, Any], total_wall: float, command: str) -> str:
     header = ["labels", "run", "iterations", "wall s", "test acc (student)", "test acc (teacher)",
               "test acc (selected)", "gap closed (student)", "gap closed (selected)"]
@@ -268,7 +307,7 @@ def render(table: list[dict[str, Any]], cfg: dict[str, Any], total_wall: float, 
         f"({cfg['teacher_arch']}) gets {cfg['teacher_iterations']} supervised iterations on the same labels. "
         "Wall seconds are on a shared machine and noisy; iterations are the budget.",
         f"Student {cfg['student_arch']}, image {cfg['image_size']}, views {cfg['views']}, lr {cfg['lr']}, "
-        f"device {cfg['device']}, {cfg['threads']} threads. Validation = {100 * cfg['val_fraction']:g}% of each "
+        f"device {cfg['device']}, {cfg['threads']} threads{_jobs_note(cfg)}, CPU {cpu_description()}. Validation = {100 * cfg['val_fraction']:g}% of each "
         "class of the labeled images (best-checkpoint selection only); the rest of x_train is unlabeled.",
         "gap closed = (run − supervised on N labels) / (supervised on all labels − supervised on N labels), per seed.",
         f"Overrides (--set): {json.dumps(cfg.get('overrides') or {})}.",
@@ -304,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int)
     ap.add_argument("--val-fraction", type=float, default=0.1, help="share of each class's labels kept for validation")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads in all (default 2)")
+    ap.add_argument("--jobs", type=int, help="seeds trained at once in worker processes, sharing --threads "
+                    "(quick preset: 2, full preset: 1)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="GROUP.KEY=VALUE",
                     help="extra params.yaml keys for every run, e.g. --set train.w_mutual=0.5 (repeatable)")
     ap.add_argument("--out", default=DEFAULT_OUT, help="output path without suffix; writes .json and .md")
@@ -322,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = dict(PRESETS["full" if args.full else "quick"])
     for key in ("fractions", "seeds", "recipes", "iterations", "teacher_iterations", "teacher_arch", "student_arch",
-                "batch_size", "mu", "views", "lr", "eval_every", "device"):
+                "batch_size", "mu", "views", "lr", "eval_every", "device", "jobs"):
         value = getattr(args, key)
         if value is not None:
             cfg[key] = value
@@ -338,8 +379,10 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
 
+    started_at = time.time()  # wall clock: worker processes print on the same one
+
     def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - started:6.0f}s] {msg}", flush=True)
+        print(f"[{time.time() - started_at:6.0f}s] {msg}", flush=True)
 
     tmp = None
     if args.workdir:
@@ -351,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = tempfile.TemporaryDirectory(prefix="kdpipe-label-eff-")
         work = Path(tmp.name)
     try:
-        rows = run_benchmark(cfg, overrides, data, work, log)
+        rows = run_benchmark(cfg, overrides, data, data_path, work, log, started_at)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -362,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"command": command, "config": cfg, "total_wall_s": round(total, 1), "summary": table, "runs": rows,
-              "torch": torch.__version__, "threads": torch.get_num_threads()}
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_description()}
     out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
     out.with_suffix(".md").write_text("# Label efficiency\n\n" + md)
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")

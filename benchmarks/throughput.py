@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from benchmarks.common import cpu_description  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,7 +131,7 @@ def run(args) -> dict:
             rates[name].append(n_samples * args.steps / (time.perf_counter() - start))
     kd, bound, naive = (rates[n] for n in modes)
     return {
-        "machine": f"{platform.machine()}, {args.threads} torch threads, DataLoader workers {args.workers}",
+        "machine": f"{cpu_description()}, {args.threads} torch threads, DataLoader workers {args.workers}",
         "recipe": "full", "student": params.train.student_arch, "teacher": params.teacher.arch,
         "samples_per_step": n_samples, "views": trainer.recipe.num_views, "image_size": params.prepare.image_size,
         "rounds": args.rounds, "steps_per_round": args.steps,
