@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from kdpipe.report import write_report
+from kdpipe.report import colour_lines_by_field, plot_specs, write_report
 
 DVC = str(Path(sys.executable).with_name("dvc"))
 
@@ -52,3 +52,19 @@ def test_report_renders_pngs_and_summary(tmp_path, monkeypatch):
     text = report.read_text()
     assert "| test accuracy (ONNX fp32) | 0.6667 |" in text and "| recipe | full |" in text
     assert "![Learning curves](learning_curves.png)" in text
+
+    # one revision, two fields: the lines are told apart by colour, not by dash pattern alone
+    spec = plot_specs(tmp_path)["learning_curves"][0]["content"]
+    recoloured = colour_lines_by_field(spec)
+    assert recoloured["encoding"]["color"]["field"] == "field"
+    assert recoloured["encoding"]["color"]["scale"]["domain"] == ["val_acc_student", "val_acc_teacher"]
+    assert spec["encoding"]["color"]["field"] == "rev"  # DVC's own spec is left alone
+    with Image.open(tmp_path / "summary" / "learning_curves.png") as image:
+        hues = [h // 20 for h, s, v in image.convert("HSV").getdata() if s > 120 and v > 120]
+    assert sum(1 for bucket in set(hues) if hues.count(bucket) > 50) >= 2
+
+
+def test_specs_with_several_revisions_keep_their_colours():
+    spec = {"encoding": {"color": {"field": "rev", "scale": {"domain": ["HEAD", "workspace"]}},
+                         "strokeDash": {"field": "field", "scale": {"domain": ["a", "b"]}}}}
+    assert colour_lines_by_field(spec) is spec

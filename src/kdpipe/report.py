@@ -35,6 +35,31 @@ def _file_name(plot_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", plot_id.removeprefix("reports/")).strip("_")
 
 
+def colour_lines_by_field(spec: dict[str, Any]) -> dict[str, Any]:
+    """With a single revision, colour the lines of a multi-field DVC plot by field.
+
+    DVC's line templates colour by revision (git commit or workspace) and tell the y fields apart
+    by dash pattern only; with one revision every line has the same colour, which is hard to read
+    in a PNG. The report only ever shows the workspace, so it colours by field (dashes stay, for
+    greyscale printing). Specs with several revisions, or one field, are returned unchanged.
+    """
+    encoding = spec.get("encoding", {})
+    colour, dash = encoding.get("color", {}), encoding.get("strokeDash", {})
+    revisions = colour.get("scale", {}).get("domain", [])
+    if colour.get("field") != "rev" or len(revisions) != 1 or dash.get("field") != "field":
+        return spec
+    recoloured = json.loads(json.dumps(spec))  # a deep copy: the caller's spec stays DVC's
+    # the explicit domain keeps the hover-rule layer (pivoted data, no "field") out of the legend
+    recoloured["encoding"]["color"] = {"field": "field", "type": "nominal", "title": "field",
+                                       "scale": {"domain": list(dash.get("scale", {}).get("domain", []))}}
+    # same field and domain for colour and dash: Vega-Lite draws ONE legend with coloured dashes
+    recoloured["encoding"]["strokeDash"] = {key: value for key, value in dash.items() if key != "legend"}
+    for layer in recoloured.get("layer", []):
+        if layer.get("encoding", {}).get("color", {}).get("field") == "rev":
+            layer["encoding"]["color"] = {"field": "field", "type": "nominal"}
+    return recoloured
+
+
 def render(plots: dict[str, list[dict[str, Any]]], out_dir: Path, repo: Path) -> list[tuple[str, Path]]:
     """Write one PNG per named plot; returns (title, path) pairs in plot order.
 
@@ -47,7 +72,7 @@ def render(plots: dict[str, list[dict[str, Any]]], out_dir: Path, repo: Path) ->
     for plot_id, entries in plots.items():
         for entry in entries:
             if entry.get("type") == "vega" and not plot_id.startswith("reports/"):
-                spec = entry["content"]
+                spec = colour_lines_by_field(entry["content"])
                 target = out_dir / f"{_file_name(plot_id)}.png"
                 with atomic_path(target) as tmp:
                     tmp.write_bytes(vl_convert.vegalite_to_png(spec, scale=2))
