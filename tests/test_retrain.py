@@ -22,6 +22,8 @@ from dvc_repo import DVC, KDPIPE, commit, init_repo, repo_env, run
 
 from kdpipe.retrain import kfp_data_arguments, plan
 
+PROJECT_GITIGNORE = Path(__file__).resolve().parents[1] / ".gitignore"
+
 pytestmark = pytest.mark.slow
 
 DVC_YAML = """
@@ -52,7 +54,7 @@ def make_project(path: Path, env) -> Path:
     write_tiny_dataset(repo / "data", labeled_per_class=6, unlabeled=20, test_per_class=2, seed=0)
     (repo / "dvc.yaml").write_text(DVC_YAML)
     (repo / "params.yaml").write_text(PARAMS)
-    (repo / ".gitignore").write_text("/artifacts/\n")
+    shutil.copyfile(PROJECT_GITIGNORE, repo / ".gitignore")  # the real one: what users get
     run([DVC, "add", "-q", "data/labeled", "data/test", "data/unlabeled/batch-0001"], repo, env)
     run([DVC, "repro", "-q"], repo, env)
     commit(repo, env, "baseline")
@@ -96,6 +98,29 @@ def test_ingest_makes_the_pipeline_stale_and_a_second_ingest_changes_nothing(tmp
     assert run(["git", "status", "--porcelain"], repo, env) == ""
     assert sorted(p.name for p in (repo / "data/unlabeled").iterdir() if not p.name.startswith(".")) == [
         "batch-0001", "batch-0001.dvc", new_dvc[:-4], new_dvc]
+
+
+def test_dvc_sees_every_unlabeled_batch_and_pull_restores_them(tmp_path):
+    """With the project's .gitignore, every batch .dvc file is a DVC stage: push, pull and checkout
+    include the unlabeled data, and no per-batch .gitignore lines appear (merges stay conflict-free)."""
+    env = repo_env()
+    repo = make_project(tmp_path / "repo", env)
+    run([KDPIPE, "ingest", new_images(tmp_path / "incoming", 5, seed=3), "--data-root", "data"], repo, env)
+    commit(repo, env, "new unlabeled batch")
+    (new_dvc,) = [p.name for p in (repo / "data/unlabeled").glob("batch-0002-*.dvc")]
+    stages = run([DVC, "stage", "list", "--all", "--name-only"], repo, env).split()
+    assert "data/unlabeled/batch-0001.dvc" in stages and f"data/unlabeled/{new_dvc}" in stages
+    assert not (repo / "data/unlabeled/.gitignore").exists()
+    assert run(["git", "status", "--porcelain"], repo, env) == ""
+
+    run([DVC, "remote", "add", "-d", "store", str(tmp_path / "remote")], repo, env)
+    run([DVC, "push", "-q"], repo, env)
+    batches = [repo / "data/unlabeled/batch-0001", repo / "data/unlabeled" / new_dvc[:-4]]
+    before = {b.name: sorted(f.read_bytes() for f in b.rglob("*") if f.is_file()) for b in batches}
+    for folder in [*batches, repo / ".dvc" / "cache"]:
+        shutil.rmtree(folder)
+    run([DVC, "pull", "-q"], repo, env)
+    assert {b.name: sorted(f.read_bytes() for f in b.rglob("*") if f.is_file()) for b in batches} == before
 
 
 def test_retrain_pulls_reproduces_pushes_and_writes_the_metrics_diff(tmp_path):
