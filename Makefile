@@ -14,7 +14,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup repro data test lint clean report compare bench image pipeline retrain
+.PHONY: help setup repro data test lint clean report compare exp bench image pipeline retrain
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -56,6 +56,12 @@ report: setup ## render the DVC plots to PNG offline + a one-page report in repo
 compare: setup ## compare experiments and metrics with the last commit (dvc exp show, dvc metrics diff)
 	$(BIN)/dvc exp show --no-pager --md --only-changed || true
 	$(BIN)/dvc metrics diff --md HEAD
+
+# `dvc exp run` straight from .venv/bin would not find `kdpipe` (the stages call it by name): this
+# target runs it with the venv on PATH. S holds one or more GROUP.KEY=VALUE settings.
+exp: setup ## run the pipeline as a DVC experiment: make exp S="train.recipe=cotrain train.mu=2" [NAME=...]
+	@test -n "$(S)" || { echo 'usage: make exp S="train.recipe=cotrain [more GROUP.KEY=VALUE]" [NAME=name]'; exit 2; }
+	$(BIN)/dvc exp run $(if $(NAME),-n $(NAME)) $(foreach setting,$(S),-S $(setting))
 
 bench: setup ## quick benchmarks (needs `make repro` first; results in benchmarks/results/, see BENCHMARKS.md)
 	$(BIN)/python -m benchmarks.inference
