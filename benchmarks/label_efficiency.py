@@ -216,6 +216,12 @@ def _seed_in_subprocess(cfg: dict[str, Any], overrides, data_path: str, work: st
     return run_seed(cfg, overrides, load_npz(data_path), Path(work), seed, log)
 
 
+def parallel_seeds(cfg: dict[str, Any]) -> tuple[int, int]:
+    """(seeds trained at once, torch threads of each): ``--jobs`` capped by the seed count."""
+    jobs = max(1, min(cfg.get("jobs", 1), len(cfg["seeds"])))
+    return jobs, max(1, cfg["threads"] // jobs)
+
+
 def run_benchmark(cfg: dict[str, Any], overrides, data: dict[str, Any], data_path: Path, work: Path,
                   log, started_at: float) -> list[dict[str, Any]]:
     """All seeds, one after the other, or ``cfg["jobs"]`` seeds at a time in worker processes.
@@ -224,13 +230,14 @@ def run_benchmark(cfg: dict[str, Any], overrides, data: dict[str, Any], data_pat
     busier than one 2-thread training (its per-layer work is too small to split well), so the
     seeds of the quick preset finish sooner. Each process gets ``threads // jobs`` torch threads.
     """
-    seeds, jobs = list(cfg["seeds"]), max(1, min(cfg["jobs"], len(cfg["seeds"])))
+    seeds = list(cfg["seeds"])
+    jobs, threads_each = parallel_seeds(cfg)
     if jobs == 1:
         return [row for seed in seeds for row in run_seed(cfg, overrides, data, work, seed, log)]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    worker_cfg = {**cfg, "threads": max(1, cfg["threads"] // jobs)}
+    worker_cfg = {**cfg, "threads": threads_each}
     log(f"{len(seeds)} seeds, {jobs} at a time, {worker_cfg['threads']} torch thread(s) each")
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(_seed_in_subprocess, worker_cfg, overrides, str(data_path), str(work), seed, started_at)
@@ -278,8 +285,8 @@ def summarize(rows: list[dict[str, Any]], fractions: list[float]) -> list[dict[s
 
 
 def _jobs_note(cfg: dict[str, Any]) -> str:
-    jobs = max(1, min(cfg.get("jobs", 1), len(cfg["seeds"])))
-    return "" if jobs == 1 else f" in all ({jobs} seeds at a time, {max(1, cfg['threads'] // jobs)} thread(s) each)"
+    jobs, threads_each = parallel_seeds(cfg)
+    return "" if jobs == 1 else f" in all ({jobs} seeds at a time, {threads_each} thread(s) each)"
 
 
 def render(table: list[dict[str, Any]], cfg: dict[str, Any], total_wall: float, command: str) -> str:

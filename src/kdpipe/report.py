@@ -8,6 +8,7 @@ the key metrics and every image on one page.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -48,7 +49,7 @@ def colour_lines_by_field(spec: dict[str, Any]) -> dict[str, Any]:
     revisions = colour.get("scale", {}).get("domain", [])
     if colour.get("field") != "rev" or len(revisions) != 1 or dash.get("field") != "field":
         return spec
-    recoloured = json.loads(json.dumps(spec))  # a deep copy: the caller's spec stays DVC's
+    recoloured = copy.deepcopy(spec)  # the caller's spec stays DVC's
     # the explicit domain keeps the hover-rule layer (pivoted data, no "field") out of the legend
     recoloured["encoding"]["color"] = {"field": "field", "type": "nominal", "title": "field",
                                        "scale": {"domain": list(dash.get("scale", {}).get("domain", []))}}
