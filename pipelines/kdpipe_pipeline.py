@@ -1,4 +1,4 @@
-"""The kdpipe Kubeflow pipeline: data -> prepare -> augment -> teacher -> distill -> select -> export ->
+"""The kdpipe Kubeflow pipeline: data -> prepare -> teacher -> augment -> distill -> select -> export ->
 evaluate -> (quality gate) -> register.
 
 Pipeline parameters mirror ``params.yaml``: one dict per step group (``train_params``...), with
@@ -33,11 +33,12 @@ _NO_REMOTE_CONFIG: dict[str, Any] = {}
 
 
 def group_defaults(params: Params) -> dict[str, dict[str, Any]]:
-    """``{"train_params": {...}, ...}`` from validated params. Separate values are left out, and so are
-    unset (``None``) values, which KFP cannot store; the schema gives them back as ``None``."""
+    """``{"train_params": {...}, ...}`` from validated params. Separate values are left out. KFP cannot
+    store ``None``, so unset values travel as the string ``"null"`` (``kubeflow.params_from`` turns it
+    back): leaving them out would let a schema default that is not ``None`` take their place."""
     dumped = params.model_dump(mode="json")
-    return {f"{g}_params": {k: v for k, v in dumped[g].items() if (g, k) not in SEPARATE and v is not None}
-            for g in GROUPS}
+    return {f"{g}_params": {k: kubeflow.NULL if v is None else v for k, v in dumped[g].items()
+                            if (g, k) not in SEPARATE} for g in GROUPS}
 
 
 def _gpu_task(task: dsl.PipelineTask, gpus) -> dsl.PipelineTask:
@@ -83,12 +84,16 @@ def build_pipeline(params: "Params | None" = None):
                          dvc_remote=dvc_remote, dvc_remote_config=dvc_remote_config).set_display_name("data")
         kubernetes.use_secret_as_env(data_task, kubeflow.DVC_SECRET, kubeflow.DVC_SECRET_ENV, optional=True)
 
-        prep = prepare(raw_data=data_task.outputs["raw_data"], prepare_params=prepare_params)
+        prep = prepare(raw_data=data_task.outputs["raw_data"], prepare_params=prepare_params,
+                       teacher_params=teacher_params)
         prepared = prep.outputs["prepared"]
-        aug = augment(prepared=prepared, augment_params=augment_params)
         teach = teacher(prepared=prepared, teacher_params=teacher_params, augment_params=augment_params,
                         train_params=train_params)
         _gpu_task(teach, 1)
+        # after the teacher: its logits on every stored view are computed once, with the views
+        aug = augment(prepared=prepared, teacher_model=teach.outputs["teacher_model"],
+                      augment_params=augment_params, train_params=train_params)
+        _gpu_task(aug, 1)
         dist = distill(prepared=prepared, augmented=aug.outputs["augmented"],
                        teacher_model=teach.outputs["teacher_model"], train_params=train_params,
                        augment_params=augment_params, gpus=gpus)

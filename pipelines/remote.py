@@ -31,7 +31,7 @@ def package_defaults(package: str | os.PathLike) -> dict[str, Any]:
 def pipeline_arguments(package: str | os.PathLike, overrides: list[str] | None = None) -> dict[str, Any]:
     """All pipeline arguments: the package's defaults with ``-S`` overrides applied, validated."""
     from kdpipe.errors import ParamsError
-    from kdpipe.kubeflow import params_from
+    from kdpipe.kubeflow import NULL, params_from
 
     from .kdpipe_pipeline import SEPARATE
 
@@ -45,7 +45,8 @@ def pipeline_arguments(package: str | os.PathLike, overrides: list[str] | None =
         if field and (group, field) in SEPARATE:
             args[SEPARATE[group, field]] = value
         elif field and f"{group}_params" in args:
-            args[f"{group}_params"] = {**(args[f"{group}_params"] or {}), field: value}
+            # an unset value travels as kubeflow.NULL, like the compiled defaults (KFP stores no None)
+            args[f"{group}_params"] = {**(args[f"{group}_params"] or {}), field: NULL if value is None else value}
         elif not field and key in args:
             args[key] = value
         else:

@@ -121,15 +121,17 @@ def tiny_params(**train_overrides):
     train.update(train_overrides)
     return validate_params({
         "prepare": {"image_size": 16, "val_fraction": 0.2},
-        "augment": {"views": 2, "preview_samples": 2, "pad": 2},
-        "teacher": {"arch": "cnn_tiny", "max_iterations": 20, "batch_size": 8, "eval_every": 10},
+        # torch computes the cached teacher logits here, so the cache equals running the teacher bit for bit
+        "augment": {"views": 2, "preview_samples": 2, "pad": 2, "teacher_inference": "torch"},
+        "teacher": {"arch": "cnn_tiny", "weights": None, "max_iterations": 20, "batch_size": 8, "eval_every": 10,
+                    "lr": 0.05, "backbone_lr_scale": 1.0, "freeze_batchnorm": False},
         "train": train,
     })
 
 
 @pytest.fixture(scope="session")
 def tiny_pipeline_dirs(tmp_path_factory):
-    """prepare + augment + teacher run ONCE per session on a tiny data set.
+    """prepare + teacher + augment run ONCE per session on a tiny data set.
 
     Returns a dict: ``root`` (the tmp folder), ``data``, ``prepared``, ``augmented``, ``teacher``
     (paths) and ``params`` (the tiny :class:`kdpipe.params.Params`, recipe ``cotrain``).
@@ -147,8 +149,8 @@ def tiny_pipeline_dirs(tmp_path_factory):
     write_tiny_dataset(dirs["data"])
     try:
         prepare.run(params, dirs["data"], dirs["prepared"])
-        augment.run(params, dirs["prepared"], dirs["augmented"])
         teacher.run(params, dirs["prepared"], dirs["teacher"])
+        augment.run(params, dirs["prepared"], dirs["augmented"], dirs["teacher"])
     finally:
         torch.set_num_threads(threads)  # train.threads=1 must not leak into unrelated tests
     return {**dirs, "params": params}

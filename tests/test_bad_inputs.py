@@ -390,7 +390,7 @@ CASES: list[Case] = [
          "{params}: invalid value for 'prepare.val_fraction': Input should be less than 1 (got 1.5; expected float "
          "> 0.0 and < 1.0)", params="prepare:\n  val_fraction: 1.5\n"),
     Case("unknown-recipe", "params", "`train.recipe: magic`", "error",
-         "{params}: invalid value for 'train.recipe': Input should be 'supervised', 'cotrain', 'adaptive', "
+         "{params}: invalid value for 'train.recipe': Input should be 'supervised', 'kd', 'cotrain', 'adaptive', "
          "'consistency' or 'full'", params="train:\n  recipe: magic\n",
          argv=["distill", "--params", "{params}", "--out-dir", "{out}"]),
     Case("views-1-consistency", "params", "`views: 1` with `recipe: consistency`", "error",

@@ -25,8 +25,10 @@ LOSS_TERMS = {
     "adaptive": {"kd", "truth"},
     "consistency": {"gt", "cons", "kd"},
     "full": {"ce_s", "ce_t", "mutual", "cons"},
+    "kd": {"ce", "kd"},
 }
-WITH_TEACHER = {"cotrain", "adaptive", "consistency", "full"}
+WITH_TEACHER = {"cotrain", "adaptive", "consistency", "full", "kd"}  # evaluate a teacher
+TRAINS_TEACHER = {"cotrain", "full"}  # write teacher.pt: the only recipes whose teacher is a result
 WITH_SCHEDULE = {"adaptive", "full"}
 MAX_ITERATIONS, EVAL_EVERY = 20, 5  # the tiny params (see conftest.tiny_params)
 
@@ -59,7 +61,7 @@ def test_recipe_runs_end_to_end(recipe, recipe_runs):
     assert summary["recipe"] == recipe and summary["iterations"] == MAX_ITERATIONS
     names = {p.name for p in out.iterdir()}
     assert {"student.pt", "history.json", "metrics.json", "last.pt"} <= names
-    assert ("teacher.pt" in names) == (recipe in WITH_TEACHER)
+    assert ("teacher.pt" in names) == (recipe in TRAINS_TEACHER)
     assert ("schedule.json" in names) == (recipe in WITH_SCHEDULE)
 
     history = read_json(out / "history.json")
@@ -75,7 +77,8 @@ def test_recipe_runs_end_to_end(recipe, recipe_runs):
     metrics = read_json(out / "metrics.json")
     assert metrics["recipe"] == recipe and metrics["iterations"] == MAX_ITERATIONS
     assert "max_iterations" in metrics["stop_reason"]
-    assert ("val_acc_teacher" in metrics) == (recipe in WITH_TEACHER)
+    assert ("val_acc_teacher" in metrics) == (recipe in TRAINS_TEACHER)
+    assert metrics.get("cached_teacher_logits", False) == (recipe in WITH_TEACHER - TRAINS_TEACHER)
 
     student = checkpoints.load(out / "student.pt")
     assert student["arch"] == "cnn_tiny" and student["class_names"] == ["blue", "green", "red"]
@@ -108,7 +111,8 @@ def test_cli_distill_matches_python_call(recipe, recipe_runs, tiny_pipeline_dirs
     assert rc == 0
     assert f"recipe={recipe}" in capsys.readouterr().out
     assert read_json(out / "metrics.json")["recipe"] == recipe
-    assert (out / "teacher.pt").is_file() and (out / "history.json").is_file()
+    # the frozen input teacher is not a result of this run: it is not written (select cannot ship it)
+    assert not (out / "teacher.pt").exists() and (out / "history.json").is_file()
     # same params, same data, same seed: the CLI trains exactly what the Python call trains
     py_out, _ = recipe_runs[recipe]
     _assert_same_tensors(_state(out / "student.pt"), _state(py_out / "student.pt"))

@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kdpipe import kubeflow
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "pipelines" / "kdpipe_pipeline.yaml"
-STEPS = ("data", "prepare", "augment", "teacher", "distill", "select", "export", "evaluate", "register")
+STEPS = ("data", "prepare", "teacher", "augment", "distill", "select", "export", "evaluate", "register")
 
 
 def compile_to(out: Path, env: dict[str, str] | None = None) -> list[dict]:
@@ -56,7 +58,7 @@ def test_dag_order_and_quality_gate(compiled):
     _, spec, _ = compiled
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == set(STEPS[:-1]) | {"condition-1"}
-    needs = {"data": set(), "prepare": {"data"}, "augment": {"prepare"}, "teacher": {"prepare"},
+    needs = {"data": set(), "prepare": {"data"}, "teacher": {"prepare"}, "augment": {"prepare", "teacher"},
              "distill": {"prepare", "augment", "teacher"}, "select": {"distill", "prepare"},
              "export": {"select", "prepare"}, "evaluate": {"export", "prepare"},
              "condition-1": {"evaluate", "export", "prepare"}}
@@ -125,8 +127,11 @@ def test_pipeline_parameters_mirror_params_yaml(compiled):
     declared = spec["root"]["inputDefinitions"]["parameters"]
     for group in ("prepare", "augment", "teacher", "train", "select", "export", "evaluate", "register"):
         default = declared[f"{group}_params"]["defaultValue"]
-        expected = {k: v for k, v in params[group].items() if v is not None and (group, k) != ("register", "min_accuracy")}
+        # unset values travel as "null" (KFP stores no None) and come back as None in the components
+        expected = {k: "null" if v is None else v for k, v in params[group].items()
+                    if (group, k) != ("register", "min_accuracy")}
         assert default == expected, group
+        assert kubeflow.params_from(**{group: default}).model_dump(mode="json")[group] == params[group]
     assert declared["min_accuracy"]["defaultValue"] == params["register"]["min_accuracy"]
     assert declared["data_root"]["defaultValue"] == params["data"]["root"]
 

@@ -1,8 +1,9 @@
 """The label-efficiency benchmark script itself, on a tiny generated npz (the real run is `make bench`).
 
-Checks that it runs every part of its protocol (teacher, supervised, a recipe, the ceiling) for
-each seed, also with seeds trained in parallel worker processes (``--jobs 2``), that both ways give
-the same table layout, and that a missing data file is a clear error.
+Checks that it runs every part of its protocol (teacher, the teacher's cached logits, supervised, a
+recipe, the equal-wall-clock supervised run, the ceiling) for each seed, also with seeds trained in
+parallel worker processes (``--jobs 2``), that both ways give the same table layout, that its
+derived figures follow from its raw rows, and that a missing data file is a clear error.
 """
 
 import json
@@ -34,8 +35,9 @@ def write_tiny_npz(path, per_class: int = 40, size: int = 8, seed: int = 0) -> N
 def run_bench(tmp_path, name: str, *extra: str) -> dict:
     out = tmp_path / name
     argv = ["--data", str(tmp_path / "tiny.npz"), "--fractions", "0.25", "--seeds", "0", "1",
-            "--recipes", "cotrain", "--iterations", "6", "--teacher-iterations", "6", "--eval-every", "3",
+            "--recipes", "kd", "--iterations", "6", "--teacher-iterations", "6", "--eval-every", "3",
             "--batch-size", "8", "--student-arch", "cnn_tiny", "--teacher-arch", "cnn_tiny",
+            "--teacher-weights", "null", "--teacher-image-size", "16", "--teacher-batch-size", "8",
             "--out", str(out), *extra]
     assert label_efficiency.main(argv) == 0
     return json.loads(out.with_suffix(".json").read_text())
@@ -53,21 +55,44 @@ def results(tmp_path_factory):
 def test_every_seed_gets_every_run(results, mode):
     tmp_path, by_mode = results
     result = by_mode[mode]
+    every = ["cache", "ceiling", "equal_wall_clock", "kd", "supervised", "teacher"]
     kinds_per_seed = {seed: sorted(r["kind"] for r in result["runs"] if r["seed"] == seed) for seed in (0, 1)}
-    assert kinds_per_seed == {0: ["ceiling", "cotrain", "supervised", "teacher"],
-                              1: ["ceiling", "cotrain", "supervised", "teacher"]}
+    assert kinds_per_seed == {0: every, 1: every}
     for row in result["runs"]:
-        assert 0.0 <= row["test_student"] <= 1.0
-        assert row["kind"] == "teacher" or row["iterations"] == 6
-    cotrain = next(e for e in result["summary"] if e["run"] == "cotrain")
-    assert cotrain["seeds"] == [0, 1] and len(cotrain["test_student_per_seed"]) == 2
-    supervised = next(e for e in result["summary"] if e["run"] == "supervised")
-    if supervised["gap_closed"] is not None:  # defined only where the ceiling beat supervised on N labels
-        assert supervised["gap_closed"] == pytest.approx(0.0)
+        if row["kind"] != "cache":
+            assert 0.0 <= row["test_student"] <= 1.0
+        if row["kind"] in ("supervised", "kd", "ceiling"):
+            assert row["iterations"] == 6
+    kd = next(e for e in result["summary"] if e["run"] == "kd")
+    assert kd["seeds"] == [0, 1] and len(kd["test_student_per_seed"]) == 2
     md = (tmp_path / mode).with_suffix(".md").read_text()
-    assert "| cotrain |" in md and "Total wall time" in md
+    assert "| kd |" in md and "Total wall time" in md and "Equal wall clock" in md
     if mode == "parallel":
         assert "2 seeds at a time, 1 thread(s) each" in md
+
+
+@pytest.mark.parametrize("mode", ["serial", "parallel"])
+def test_derived_figures_follow_from_the_raw_rows(results, mode):
+    """Everything the table reports is recomputable from the rows: the equal-wall-clock budget, the
+    cost per iteration, the gap closed."""
+    result = results[1][mode]
+    runs = result["runs"]
+    for seed in (0, 1):
+        row = {r["kind"]: r for r in runs if r["seed"] == seed}
+        path = row["teacher"]["wall_s"] + row["cache"]["wall_s"] + row["kd"]["wall_s"]
+        assert row["equal_wall_clock"]["path_s"] == pytest.approx(path, abs=0.11)
+        per_iteration = row["supervised"]["wall_s"] / row["supervised"]["iterations"]
+        assert row["equal_wall_clock"]["iterations"] == max(1, round(path / per_iteration))
+        assert row["cache"]["views"] == 2 * (row["supervised"]["labels_train"] + row["supervised"]["unlabeled"])
+    kd = next(e for e in result["summary"] if e["run"] == "kd")
+    cost = [next(r for r in runs if r["seed"] == s and r["kind"] == "kd")["s_per_iteration"]
+            / next(r for r in runs if r["seed"] == s and r["kind"] == "supervised")["s_per_iteration"] for s in (0, 1)]
+    assert kd["cost_per_iteration"] == pytest.approx(sum(cost) / 2)
+    for seed, gap in zip((0, 1), kd["gap_closed_per_seed"], strict=True):
+        row = {r["kind"]: r for r in runs if r["seed"] == seed}
+        low, high = row["supervised"]["test_student"], row["ceiling"]["test_student"]
+        expected = None if high - low <= 1e-9 else (row["kd"]["test_student"] - low) / (high - low)
+        assert gap == (None if expected is None else pytest.approx(expected))
 
 
 def test_serial_and_parallel_give_the_same_table_layout(results):

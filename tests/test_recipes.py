@@ -58,8 +58,17 @@ def test_recipe_flags_follow_spec():
     assert full.uses_teacher and full.trains_teacher and full.uses_unlabeled and full.uses_schedule
     assert [t.name for t in full.terms] == ["ce_s", "ce_t", "mutual", "cons"]
 
+    kd = build_recipe("kd")
+    assert kd.uses_teacher and not kd.trains_teacher and kd.uses_unlabeled and kd.view_plan == "weak"
+    assert [t.name for t in kd.terms] == ["ce", "kd"]
+
+    # a frozen teacher means stored views (its logits are cached on them); a trained one, online views
+    assert {r: build_recipe(r).reads_stored_views for r in RECIPES} == {
+        "supervised": False, "kd": True, "cotrain": False, "adaptive": True, "consistency": True, "full": False}
+    assert frozen.reads_stored_views
+
     assert [t.name for t in build_recipe("cotrain", w_feat=0.5).terms][-1] == "feat"
-    assert set(RECIPES) == {"supervised", "cotrain", "adaptive", "consistency", "full"}
+    assert set(RECIPES) == {"supervised", "kd", "cotrain", "adaptive", "consistency", "full"}
 
 
 def test_unknown_recipe_is_rejected():

@@ -29,7 +29,8 @@ def prepared(tmp_path_factory) -> Path:
     return tmp / "prepared"
 
 
-def _constant_model(path: Path, prepared: Path, arch: str, answer: str, claimed_acc: float = 0.99) -> None:
+def _constant_model(path: Path, prepared: Path, arch: str, answer: str, claimed_acc: float = 0.99,
+                    trained_in_run: bool = True) -> None:
     """A checkpoint whose head always answers ``answer`` (known validation accuracy, no training)."""
     data = load_prepared(prepared)
     model = build_model(arch, data.num_classes, data.image_size)
@@ -37,7 +38,8 @@ def _constant_model(path: Path, prepared: Path, arch: str, answer: str, claimed_
         model.head.weight.zero_()
         model.head.bias.fill_(-10.0)
         model.head.bias[data.class_names.index(answer)] = 10.0
-    meta = {"val_accuracy": claimed_acc, "role": path.stem}  # deliberately wrong: select must recompute
+    meta = {"val_accuracy": claimed_acc, "role": path.stem,  # deliberately wrong: select must recompute
+            "trained_in_run": trained_in_run}
     checkpoints.save(checkpoints.model_checkpoint(model, arch, data.num_classes, data.image_size,
                                                   data.class_names, meta), path)
 
@@ -68,7 +70,7 @@ def test_most_accurate_within_limits_wins_and_accuracy_is_recomputed(tmp_path, p
     assert (out / "model.pt").read_bytes() == (distill / "teacher.pt").read_bytes()
     written = json.loads((out / "selection.json").read_text())
     assert written["chosen"] == "teacher" and written["reason"]
-    assert written["limits"] == {"max_params": 50_000_000, "max_latency_ms": 1000.0}
+    assert written["limits"] == {"max_params": 2_000_000, "max_latency_ms": 1000.0}
     by_name = {c["name"]: c for c in written["candidates"]}
     assert by_name["student"]["val_accuracy"] == pytest.approx(0.25)  # not the 0.99 claimed in meta
     assert by_name["teacher"]["val_accuracy"] == pytest.approx(0.5)
@@ -134,3 +136,29 @@ def test_choose_rule_is_pure():
     ]
     chosen, _ = select.choose(cands, {"max_params": 100, "max_latency_ms": 2.5}, fallback_fastest=False)
     assert chosen["name"] == "b"
+
+
+def test_a_frozen_input_teacher_is_never_a_candidate(tmp_path, prepared):
+    """A teacher.pt the run did not train (an input teacher) is listed as excluded, with the reason,
+    even when it is the more accurate model: the user asked for the student."""
+    out = tmp_path / "distill"
+    out.mkdir()
+    _constant_model(out / "student.pt", prepared, "cnn_tiny", "green")
+    _constant_model(out / "teacher.pt", prepared, "resnet_tiny", "blue", trained_in_run=False)
+    result = select.run(_params(), out, prepared, tmp_path / "selected")
+    assert result["chosen"] == "student"
+    assert [c["name"] for c in result["candidates"]] == ["student"]
+    assert [e["name"] for e in result["excluded"]] == ["teacher"]
+    assert "did not train" in result["excluded"][0]["reason"] and "did not train" in result["reason"]
+
+
+def test_default_limits_ship_the_small_student_over_a_large_cotrained_teacher(tmp_path, prepared):
+    """With a pretrained-size teacher co-trained in the run, the default parameter limit keeps it out,
+    and the reason says so."""
+    distill = _distill_dir(tmp_path, prepared, student=("cnn_tiny", "green"), teacher=("resnet18", "blue"))
+    result = select.run(_params(), distill, prepared, tmp_path / "selected")
+    by_name = {c["name"]: c for c in result["candidates"]}
+    assert by_name["teacher"]["val_accuracy"] > by_name["student"]["val_accuracy"]
+    assert by_name["teacher"]["parameters"] > Params().select.max_params
+    assert result["chosen"] == "student"
+    assert "teacher (resnet18) left out: parameters" in result["reason"]

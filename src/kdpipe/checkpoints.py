@@ -3,11 +3,13 @@
 A model checkpoint is a plain dict of tensors and JSON-able values, so it loads with
 ``torch.load(..., weights_only=True)`` (no pickled code is ever executed):
 
-    {"arch": str, "num_classes": int, "image_size": int, "class_names": [str],
-     "state_dict": {...}, "meta": {...}}
+    {"arch": str, "num_classes": int, "image_size": int, "input_size": int | None,
+     "class_names": [str], "state_dict": {...}, "meta": {...}}
 
-The model's normalisation lives inside the network (see :mod:`kdpipe.models`), so a checkpoint
-needs nothing else to be used.
+``image_size`` is the size of the images the model is fed (the prepared data's); ``input_size``,
+when set, is the resolution the network resizes them to before computing (a teacher that sees
+more pixels than the student, see :mod:`kdpipe.models`). The model's normalisation lives inside
+the network, so a checkpoint needs nothing else to be used.
 """
 
 from __future__ import annotations
@@ -46,10 +48,12 @@ def model_checkpoint(model, arch: str, num_classes: int, image_size: int, class_
     """The dict saved for a trained model (unwrapping DDP and torch.compile wrappers)."""
     inner = getattr(model, "module", model)
     inner = getattr(inner, "_orig_mod", inner)
+    input_size = getattr(inner, "input_size", None)
     return {
         "arch": arch,
         "num_classes": int(num_classes),
         "image_size": int(image_size),
+        "input_size": None if input_size is None else int(input_size),
         "class_names": list(class_names),
         "state_dict": {k: v.detach().cpu() for k, v in inner.state_dict().items()},
         "meta": dict(meta or {}),
@@ -64,7 +68,8 @@ def load_model(path: str | os.PathLike):
     for key in ("arch", "num_classes", "image_size", "state_dict"):
         if key not in ckpt:
             raise KdpipeError(f"{path}: checkpoint has no '{key}' entry (not a kdpipe model checkpoint)")
-    model = build_model(ckpt["arch"], num_classes=ckpt["num_classes"], image_size=ckpt["image_size"])
+    model = build_model(ckpt["arch"], num_classes=ckpt["num_classes"], image_size=ckpt["image_size"],
+                        input_size=ckpt.get("input_size"))
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
     return model, ckpt

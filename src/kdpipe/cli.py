@@ -90,13 +90,15 @@ STEPS: dict[str, tuple[str, dict[str, tuple[str | None, str]]]] = {
         {"data_root": (None, "data folder (default: params data.root)"),
          "out_dir": (layout.PREPARED, "output folder")},
     ),
-    "augment": (
-        "write the augmentation sets (K views per training sample) and a preview sheet",
-        {"prepared_dir": (layout.PREPARED, "prepared data"), "out_dir": (layout.AUGMENTED, "output folder")},
-    ),
     "teacher": (
-        "train the teacher on the labeled data (or adopt teacher.checkpoint)",
+        "fine-tune the (pretrained) teacher on the labeled data (or adopt teacher.checkpoint)",
         {"prepared_dir": (layout.PREPARED, "prepared data"), "out_dir": (layout.TEACHER, "output folder")},
+    ),
+    "augment": (
+        "write the augmentation sets (K views per training sample) with the teacher's logits on them",
+        {"prepared_dir": (layout.PREPARED, "prepared data"),
+         "teacher_dir": (layout.TEACHER, "teacher output (its logits are cached when teacher.pt is there)"),
+         "out_dir": (layout.AUGMENTED, "output folder")},
     ),
     "distill": (
         "run the training recipe (train.recipe); resumes from the last checkpoint",

@@ -32,6 +32,9 @@ ARRAY_FILES = (
     "test_x.npy",
     "test_y.npy",
 )
+# The teacher-resolution copies prepare writes when the source images are larger than the student's
+# size (see kdpipe.steps.prepare); optional, listed in the manifest when present.
+TEACHER_COPY_FILES = ("train_xt.npy", "val_xt.npy", "unlabeled_xt.npy", "test_xt.npy")
 
 
 def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
@@ -57,6 +60,12 @@ class PreparedData:
     test_x: np.ndarray
     test_y: np.ndarray
     manifest: dict[str, Any] = field(repr=False)
+    # Teacher-resolution copies (``teacher_image_size`` square), or None when prepare wrote none.
+    teacher_image_size: int | None = None
+    train_xt: np.ndarray | None = None
+    val_xt: np.ndarray | None = None
+    unlabeled_xt: np.ndarray | None = None
+    test_xt: np.ndarray | None = None
 
     @property
     def num_classes(self) -> int:
@@ -81,13 +90,14 @@ def load_prepared(directory: str | os.PathLike, verify: bool = True, mmap: bool 
     _check_files(directory, files, verify)
 
     mode = "r" if mmap else None
-    arrays = {
-        name[:-4]: np.load(directory / name, mmap_mode=mode, allow_pickle=False) for name in ARRAY_FILES
-    }
+    names = ARRAY_FILES + tuple(n for n in TEACHER_COPY_FILES if n in files)
+    arrays = {name[:-4]: np.load(directory / name, mmap_mode=mode, allow_pickle=False) for name in names}
+    teacher_size = manifest.get("teacher_image_size")
     data = PreparedData(
         class_names=list(manifest["class_names"]),
         image_size=int(manifest["image_size"]),
         manifest=manifest,
+        teacher_image_size=int(teacher_size) if teacher_size and "train_xt" in arrays else None,
         **arrays,
     )
     _check_shapes(directory, data)
@@ -114,6 +124,12 @@ def _check_shapes(directory: Path, data: PreparedData) -> None:
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (size, size, 3):
             raise IntegrityError(
                 f"{directory / f'{split}_x.npy'}: expected uint8 (N, {size}, {size}, 3), got {x.dtype} {x.shape}"
+            )
+        copy = getattr(data, f"{split}_xt")
+        big = data.teacher_image_size
+        if copy is not None and (copy.dtype != np.uint8 or copy.shape != (len(x), big, big, 3)):
+            raise IntegrityError(
+                f"{directory / f'{split}_xt.npy'}: expected uint8 ({len(x)}, {big}, {big}, 3), got {copy.dtype} {copy.shape}"
             )
         if split == "unlabeled":
             continue

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import checkpoints
 from .atomic import write_json
-from .augmentation import AugmentConfig, augment, make_generator, weak
+from .augmentation import AugmentConfig, make_generator
 from .devices import Runtime
 from .errors import KdpipeError
 from .models import build_model, count_parameters
@@ -30,6 +30,7 @@ from .progress import Progress
 from .recipes import Hyper, Recipe, StepOutputs, total_loss
 from .samplers import LabeledUnlabeledSampler
 from .schedules import AugmentationSchedule
+from .views import Batch, OnlineViews, StoredViews, to_nchw
 
 LAST = "last.pt"
 
@@ -51,18 +52,27 @@ class LoopConfig:
     patience: int = 0
     target_metric: float = 1.01
     teacher_lr_scale: float = 1.0
+    # Fine-tuning a pretrained network (the teacher step): the backbone learns at lr x this, is frozen
+    # (head alone) for the first iterations, and may keep its pretrained BatchNorm statistics.
+    backbone_lr_scale: float = 1.0
+    freeze_backbone_iterations: int = 0
+    freeze_batchnorm: bool = False
     seed: int = 0
 
     @classmethod
     def from_train(cls, tp) -> LoopConfig:
-        names = cls.__dataclass_fields__
+        # The fine-tuning fields (backbone_lr_scale...) are teacher settings: the student keeps their defaults.
+        names = [name for name in cls.__dataclass_fields__ if name in type(tp).model_fields]
         return cls(**{name: getattr(tp, name) for name in names})
 
     @classmethod
     def from_teacher(cls, tp) -> LoopConfig:
-        return cls(batch_size=tp.batch_size, mu=0.0, lr=tp.lr, weight_decay=tp.weight_decay,
-                   max_iterations=tp.max_iterations, epoch_iterations=tp.eval_every, eval_every=tp.eval_every,
-                   checkpoint_every=tp.eval_every, seed=tp.seed)
+        return cls(batch_size=tp.batch_size, mu=0.0, lr=tp.lr, momentum=tp.momentum, weight_decay=tp.weight_decay,
+                   warmup_fraction=tp.warmup_fraction, max_iterations=tp.max_iterations,
+                   epoch_iterations=tp.eval_every, eval_every=tp.eval_every, checkpoint_every=tp.eval_every,
+                   backbone_lr_scale=tp.backbone_lr_scale,
+                   freeze_backbone_iterations=int(round(tp.freeze_backbone_fraction * tp.max_iterations)),
+                   freeze_batchnorm=tp.freeze_batchnorm, seed=tp.seed)
 
 
 @dataclass
@@ -78,11 +88,12 @@ class TrainingData:
     val_y: np.ndarray
     labeled_views: np.ndarray | None = None  # (N, K, H, W, 3) from the augment step
     unlabeled_views: np.ndarray | None = None
-
-
-def to_nchw(batch: np.ndarray) -> torch.Tensor:
-    """uint8 NHWC numpy -> uint8 NCHW tensor (augmentation converts to float on the device)."""
-    return torch.from_numpy(np.array(batch)).permute(0, 3, 1, 2).contiguous()
+    view_kinds: list[str] | None = None  # "weak" / "strong" per stored view
+    labeled_logits: np.ndarray | None = None  # (N, K, C): the frozen teacher's logits on each stored view
+    unlabeled_logits: np.ndarray | None = None
+    teacher_train_x: np.ndarray | None = None  # teacher-resolution copies from prepare, when it kept them
+    teacher_val_x: np.ndarray | None = None
+    teacher_unlabeled_x: np.ndarray | None = None
 
 
 def warmup_cosine(total: int, warmup_fraction: float):
@@ -98,12 +109,25 @@ def warmup_cosine(total: int, warmup_fraction: float):
     return factor
 
 
-def sgd(params: list[nn.Parameter] | Any, cfg: LoopConfig) -> torch.optim.SGD:
-    """SGD with Nesterov momentum; no weight decay on BN weights and biases (1-d tensors)."""
+def _decay_groups(params, weight_decay: float, lr: float, role: str) -> list[dict[str, Any]]:
+    """Weights decay; norm scales and biases (1-d tensors) do not."""
     params = [p for p in params if p.requires_grad]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay, "lr": lr, "role": role},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr": lr, "role": role}]
+
+
+def sgd(params: list[nn.Parameter] | Any, cfg: LoopConfig, backbone: list[nn.Parameter] | None = None) -> torch.optim.SGD:
+    """SGD with Nesterov momentum; no weight decay on BN weights and biases (1-d tensors).
+
+    ``backbone`` (a subset of ``params``) learns at ``lr * cfg.backbone_lr_scale``: the usual way to
+    fine-tune a pretrained network without undoing what it learned, while its new head learns fast."""
+    params = list(params)
+    in_backbone = {id(p) for p in backbone or []}
+    rest = [p for p in params if id(p) not in in_backbone]
+    groups = _decay_groups(rest, cfg.weight_decay, cfg.lr, "head")
+    if backbone:
+        groups += _decay_groups(backbone, cfg.weight_decay, cfg.lr * cfg.backbone_lr_scale, "backbone")
+    groups = [g for g in groups if g["params"]]
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
 
 
@@ -139,7 +163,8 @@ class Trainer:
                  teacher: nn.Module | None = None, teacher_arch: str | None = None,
                  augment_cfg: AugmentConfig | None = None, w_feat: float = 0.0, schedule_params=None,
                  best_names: dict[str, str] | None = None, run_fingerprint: dict[str, Any] | None = None,
-                 progress: bool = True, desc: str = "distill"):
+                 progress: bool = True, desc: str = "distill", student_input_size: int | None = None,
+                 use_cached_logits: bool = True):
         self.recipe, self.data, self.cfg, self.hyper, self.rt = recipe, data, cfg, hyper, runtime
         self.out_dir = Path(out_dir)
         self.aug_cfg = augment_cfg or AugmentConfig()
@@ -151,7 +176,8 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # same initial weights for the same seed
         num_classes = len(data.class_names)
-        self.student = build_model(student_arch, num_classes, data.image_size, student_weights).to(runtime.device)
+        self.student = build_model(student_arch, num_classes, data.image_size, student_weights,
+                                   input_size=student_input_size).to(runtime.device)
         self.teacher = teacher.to(runtime.device) if teacher is not None else None
         if recipe.uses_teacher and self.teacher is None:
             raise KdpipeError(f"recipe '{recipe.name}' needs a teacher: run `kdpipe teacher` first or set teacher.checkpoint")
@@ -167,7 +193,8 @@ class Trainer:
         student_params = list(self.student.parameters())
         if self.projection is not None:
             student_params += list(self.projection.parameters())
-        self.opt_s = sgd(student_params, cfg)
+        backbone = list(self.student.backbone.parameters()) if cfg.backbone_lr_scale != 1.0 else None
+        self.opt_s = sgd(student_params, cfg, backbone)
         self.sched_s = torch.optim.lr_scheduler.LambdaLR(self.opt_s, warmup_cosine(cfg.max_iterations, cfg.warmup_fraction))
         self.opt_t = self.sched_t = None
         if recipe.trains_teacher:
@@ -194,6 +221,10 @@ class Trainer:
         self.schedule = None
         if recipe.uses_schedule:
             self.schedule = AugmentationSchedule.from_params(schedule_params, self.epochs)
+        if recipe.reads_stored_views:
+            self.views = StoredViews(recipe, data, runtime, cfg.seed, self.schedule, use_cache=use_cached_logits)
+        else:
+            self.views = OnlineViews(recipe, data, self.aug_cfg, self.gen, runtime, self.schedule)
 
         self.iteration = 0
         self.history: list[dict[str, Any]] = []
@@ -203,6 +234,7 @@ class Trainer:
         self.running_steps = 0
         self.train_seconds = 0.0
         self.stop_reason: str | None = None
+        self._frozen_teacher_val: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------ set-up
     def _check_data(self) -> None:
@@ -211,16 +243,16 @@ class Trainer:
             raise KdpipeError("no labeled training images after prepare")
         if r.uses_unlabeled and len(d.unlabeled_x) == 0 and self.cfg.mu > 0:
             print(f"warning: recipe '{r.name}' uses unlabeled data but there is none; training on labeled data only")
-        if r.view_plan == "stored":
+        if r.reads_stored_views:
             if d.labeled_views is None:
-                raise KdpipeError(f"recipe '{r.name}' needs the augmentation sets: run `kdpipe augment` first")
+                raise KdpipeError(f"recipe '{r.name}' reads the augmentation sets: run `kdpipe augment` first")
             stored = d.labeled_views.shape[1]
             if stored < r.num_views:
                 raise KdpipeError(f"train.views={r.num_views} but the augment step stored only {stored} views "
                                   f"(set augment.views >= {r.num_views})")
 
     def _unlabeled_pool(self) -> int:
-        if self.recipe.view_plan == "stored":
+        if self.recipe.reads_stored_views:
             return 0 if self.data.unlabeled_views is None else len(self.data.unlabeled_views)
         return len(self.data.unlabeled_x)
 
@@ -237,63 +269,72 @@ class Trainer:
         return student, teacher
 
     # ------------------------------------------------------------------------------ one step
-    def _batch(self) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Sample one batch and build the recipe's views on the device; labels use -1 for unlabeled."""
+    def _batch(self) -> Batch:
+        """Sample one batch and get the recipe's views (labels use -1 for unlabeled samples)."""
         l_idx, u_idx = self.sampler.next()
-        d = self.data
-        labels = np.concatenate([np.asarray(d.train_y)[l_idx], np.full(len(u_idx), -1, dtype=np.int64)])
-        labels_t = torch.from_numpy(labels.astype(np.int64)).to(self.rt.device)
-        if self.recipe.view_plan == "stored":
-            k = self.recipe.num_views
-            stacked = np.concatenate([d.labeled_views[l_idx, :k],
-                                      d.unlabeled_views[u_idx, :k] if len(u_idx) else d.labeled_views[:0, :k]])
-            jitter_pad = max(1, self.aug_cfg.pad // 2)
-            views = [weak(self.rt.to_device(to_nchw(stacked[:, v])), self.gen, pad=jitter_pad, flip=self.aug_cfg.flip)
-                     for v in range(k)]
-            return views, labels_t
-        x = np.concatenate([d.train_x[l_idx],
-                            d.unlabeled_x[u_idx] if len(u_idx) else d.train_x[:0]])
-        x_t = self.rt.to_device(to_nchw(x))
-        if self.recipe.view_plan == "weak":
-            return [augment(x_t, self.gen, 0.0, self.aug_cfg)], labels_t
-        p1, p2, _ = self.schedule.current()
-        views = [augment(x_t, self.gen, p1 if v == 0 else p2, self.aug_cfg) for v in range(self.recipe.num_views)]
-        return views, labels_t
+        return self.views.next(l_idx, u_idx)
 
-    def _forward(self, views: list[torch.Tensor], labels: torch.Tensor) -> StepOutputs:
-        n = views[0].shape[0]
-        want_features = self.projection is not None
-        x = torch.cat(views)
-        if self.rt.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        s_out = self.student_ddp(x, with_features=want_features) if want_features else self.student_ddp(x)
-        s_logits, s_feats = s_out if want_features else (s_out, None)
-        teacher_logits: list[torch.Tensor | None] = [None] * len(views)
+    def _teacher_logits(self, batch: Batch, want_features: bool) -> tuple[list[torch.Tensor | None], Any]:
+        """The teacher's logits per view: cached ones as they are, the others from one teacher forward."""
+        n = batch.student[0].shape[0]
+        logits: list[torch.Tensor | None] = list(batch.teacher_logits)
+        to_run = [v for v, x in enumerate(batch.teacher) if x is not None]
         t_feats = None
-        if self.recipe.uses_teacher:
-            tv = self.recipe.teacher_views
-            xt = torch.cat([views[v] for v in tv])
+        if to_run:
+            xt = torch.cat([batch.teacher[v] for v in to_run])
             if self.rt.channels_last:
                 xt = xt.contiguous(memory_format=torch.channels_last)
             with torch.set_grad_enabled(self.recipe.trains_teacher):
                 t_out = self.teacher_ddp(xt, with_features=want_features) if want_features else self.teacher_ddp(xt)
             t_logits, t_feats = t_out if want_features else (t_out, None)
-            for i, v in enumerate(tv):
-                teacher_logits[v] = t_logits[i * n:(i + 1) * n]
+            for i, v in enumerate(to_run):
+                logits[v] = t_logits[i * n:(i + 1) * n]
+        return logits, t_feats
+
+    def _forward(self, batch: Batch) -> StepOutputs:
+        n = batch.student[0].shape[0]
+        want_features = self.projection is not None
+        x = torch.cat(batch.student)
+        if self.rt.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        s_out = self.student_ddp(x, with_features=want_features) if want_features else self.student_ddp(x)
+        s_logits, s_feats = s_out if want_features else (s_out, None)
+        teacher_logits, t_feats = self._teacher_logits(batch, want_features)
         return StepOutputs(
-            labels=labels,
+            labels=batch.labels,
             student=list(s_logits.float().split(n)),
             teacher=[None if t is None else t.float() for t in teacher_logits],
             student_features=None if s_feats is None else s_feats[:n].float(),
             teacher_features=None if t_feats is None else t_feats[:n].float(),
         )
 
+    def _backbone_frozen(self) -> bool:
+        return self.iteration < self.cfg.freeze_backbone_iterations
+
+    def _set_train_modes(self) -> None:
+        """Train mode, except what must not learn right now: a frozen backbone (head-only phase) and
+        pretrained BatchNorm statistics kept by ``freeze_batchnorm`` stay in eval mode; a frozen
+        backbone also stops requiring gradients, so the step skips its backward pass."""
+        self.student.train()
+        frozen = self._backbone_frozen()
+        self.student.backbone.requires_grad_(not frozen)
+        if frozen:
+            self.student.backbone.eval()
+        elif self.cfg.freeze_batchnorm:
+            for m in self.student.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        if self.recipe.trains_teacher:
+            self.teacher.train()
+
     def _step(self) -> dict[str, float]:
-        views, labels = self._batch()
+        if self.cfg.freeze_backbone_iterations or self.cfg.freeze_batchnorm:
+            self._set_train_modes()
+        batch = self._batch()
         if self.schedule is not None:
             self.hyper.w = self.schedule.current()[2]
         with self.rt.autocast():
-            out = self._forward(views, labels)
+            out = self._forward(batch)
         loss, parts = total_loss(self.recipe, out, self.hyper, self.projection_ddp)
         optimizers = [o for o in (self.opt_s, self.opt_t) if o is not None]
         for opt in optimizers:
@@ -321,18 +362,31 @@ class Trainer:
         dist.broadcast_object_list(shared, src=0)
         return shared[0]
 
+    def _teacher_val_logits(self) -> torch.Tensor:
+        """The teacher's validation logits; a frozen teacher's never change, so they are computed once
+        (a pretrained teacher at its own resolution costs more to evaluate than the student)."""
+        if self.recipe.trains_teacher or self._frozen_teacher_val is None:
+            logits = predict_logits(self.teacher, self.data.val_x, self.rt)
+            if not self.recipe.trains_teacher:
+                self._frozen_teacher_val = logits
+            return logits
+        return self._frozen_teacher_val
+
     def _evaluate_local(self) -> dict[str, Any]:
         d = self.data
         s_logits = predict_logits(self.student, d.val_x, self.rt)
         record: dict[str, Any] = {"val_acc_student": accuracy(s_logits, d.val_y)}
         if self.teacher is not None:
-            t_logits = predict_logits(self.teacher, d.val_x, self.rt)
+            t_logits = self._teacher_val_logits()
             record["val_acc_teacher"] = accuracy(t_logits, d.val_y)
             record["agreement"] = float((s_logits.argmax(1) == t_logits.argmax(1)).float().mean()) if len(d.val_y) else float("nan")
         return record
 
     def _save_best(self, record: dict[str, Any]) -> None:
-        for role, model, arch in (("student", self.student, self.student_arch), ("teacher", self.teacher, self.teacher_arch)):
+        # A teacher that this run does not train is an input, not a result: it is never saved here
+        # (select must not ship the input teacher unchanged; its accuracy is still recorded).
+        teacher = self.teacher if self.recipe.trains_teacher else None
+        for role, model, arch in (("student", self.student, self.student_arch), ("teacher", teacher, self.teacher_arch)):
             acc = record.get(f"val_acc_{role}")
             if model is None or acc is None or (math.isnan(acc) and self.best[role]["accuracy"] >= 0):
                 continue
@@ -341,15 +395,16 @@ class Trainer:
                 self.best[role] = {"accuracy": acc_value, "iteration": self.iteration}
                 if self.rt.is_main:
                     meta = {"val_accuracy": acc_value, "iteration": self.iteration, "role": role,
-                            "recipe": self.recipe.name, "parameters": count_parameters(model)}
+                            "recipe": self.recipe.name, "parameters": count_parameters(model),
+                            "trained_in_run": True}
                     ckpt = checkpoints.model_checkpoint(model, arch, len(self.data.class_names), self.data.image_size,
                                                         self.data.class_names, meta)
                     checkpoints.save(ckpt, self.out_dir / self.best_names[role])
 
     def _after_eval(self, record: dict[str, Any]) -> None:
+        # Patience and target follow the student, the model the user asked for: a strong (pretrained)
+        # teacher would otherwise meet the target, or stop improving, before the student has learned.
         metric = record["val_acc_student"]
-        if self.recipe.trains_teacher:
-            metric = max(metric, record.get("val_acc_teacher", metric))
         if math.isnan(metric):
             return
         if metric > self.best_metric:
@@ -395,6 +450,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "sampler": self.sampler.state_dict(),
             "schedule": None if self.schedule is None else self.schedule.state_dict(),
+            "views": self.views.state_dict() if isinstance(self.views, StoredViews) else None,
             "gen_state": self.gen.get_state(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.rt.device.type == "cuda" else None,
@@ -427,6 +483,8 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         if self.schedule is not None:
             self.schedule.load_state_dict(state["schedule"])
+        if isinstance(self.views, StoredViews):
+            self.views.load_state_dict(state["views"])
         self.gen.set_state(state["gen_state"])
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and self.rt.device.type == "cuda":
@@ -459,16 +517,22 @@ class Trainer:
             print(f"resuming from {path} at iteration {self.iteration}")
         return True
 
+    def _remove_stale_best(self) -> None:
+        """A fresh run must not leave an earlier run's best checkpoints in its output folder (DVC keeps
+        the folder between runs for resuming): select would take them for this run's results."""
+        if self.rt.is_main:
+            for name in self.best_names.values():
+                (self.out_dir / name).unlink(missing_ok=True)
+
     # ------------------------------------------------------------------------------ the loop
     def _done(self) -> bool:
         return self.iteration >= self.cfg.max_iterations or self.stop_reason is not None
 
     def run(self) -> dict[str, Any]:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.try_resume()
-        self.student.train()
-        if self.recipe.trains_teacher:
-            self.teacher.train()
+        if not self.try_resume():
+            self._remove_stale_best()
+        self._set_train_modes()
         bar = Progress(self.cfg.max_iterations, self.desc, initial=self.iteration,
                        enabled=self.progress_enabled and self.rt.is_main)
         try:
@@ -509,11 +573,16 @@ class Trainer:
             summary["schedule"] = self.schedule.history
         return summary
 
-    def write_reports(self) -> None:
-        """history.json (one entry per evaluation) and schedule.json (Method A, per epoch)."""
+    def write_reports(self, rename: dict[str, str] | None = None) -> None:
+        """history.json (one entry per evaluation) and schedule.json (Method A, per epoch).
+
+        ``rename`` relabels history keys for the reader (the teacher step trains its network in the
+        student's seat, and its curve must not be called ``val_acc_student``)."""
         if not self.rt.is_main:
             return
-        write_json(self.out_dir / "history.json", self.history)
+        rename = rename or {}
+        history = [{rename.get(k, k): v for k, v in record.items()} for record in self.history]
+        write_json(self.out_dir / "history.json", history)
         if self.schedule is not None:
             write_json(self.out_dir / "schedule.json", self.schedule.history)
 

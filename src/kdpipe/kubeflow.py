@@ -52,12 +52,17 @@ def image() -> str:
 # ---------------------------------------------------------------- used inside components
 
 
+# KFP parameters cannot hold None: an unset value (``teacher.weights: null``...) travels as this string.
+NULL = "null"
+
+
 def params_from(**groups: Mapping[str, Any] | None):
     """:class:`kdpipe.params.Params` from pipeline parameters given per group (``train={...}``);
     groups not given keep their defaults. Invalid values raise ``ParamsError`` naming the key."""
     from .params import validate_params
 
-    raw = {name: dict(values) for name, values in groups.items() if values is not None}
+    raw = {name: {k: None if v == NULL else v for k, v in values.items()}
+           for name, values in groups.items() if values is not None}
     return validate_params(raw, "pipeline parameters")
 
 

@@ -27,24 +27,26 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
 
 
-def _masked_mean_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _masked_mean_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                    label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean CE over ``mask``; zero (in the graph) for an empty mask.
 
     Written without boolean indexing so it never waits for the GPU (no host sync per step).
     """
-    per_sample = F.cross_entropy(logits, targets.clamp(min=0), reduction="none")
+    per_sample = F.cross_entropy(logits, targets.clamp(min=0), reduction="none", label_smoothing=label_smoothing)
     # where (not multiply) so an inf loss on an excluded sample cannot turn into NaN
     total = torch.where(mask, per_sample, torch.zeros_like(per_sample)).sum()
     return total / mask.sum().clamp(min=1).to(per_sample.dtype)
 
 
-def masked_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def masked_ce(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy over the labeled samples only.
 
-    ``L = (1 / |M|) * sum_{n in M} -log softmax(z_n)[y_n]`` with ``M = {n : y_n >= 0}``.
+    ``L = (1 / |M|) * sum_{n in M} -log softmax(z_n)[y_n]`` with ``M = {n : y_n >= 0}``
+    (with ``label_smoothing`` e, the target puts 1 - e on ``y_n`` and spreads e over all classes).
     Returns a graph-keeping zero when ``M`` is empty (an all-unlabeled batch).
     """
-    return _masked_mean_ce(logits, labels, labels >= 0)
+    return _masked_mean_ce(logits, labels, labels >= 0, label_smoothing)
 
 
 def kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:

@@ -23,6 +23,18 @@ most of the spatial detail before any feature is learned. So when ``image_size <
 
 The rule depends only on ``(name, image_size)``, so :func:`build_model` rebuilds exactly the network
 a checkpoint was saved from.
+
+timm architectures: any name timm knows (``tf_efficientnet_lite0``, ``convnext_nano``...; prefix
+``timm/`` to prefer timm where torchvision has the same name) is built with timm's pooled-feature
+backbone and kdpipe's own head; its normalisation constants are the ones its pretrained weights
+expect (timm's ``pretrained_cfg``), e.g. mean = std = 0.5 for the TF-ported EfficientNet-Lite. No
+stem surgery: a pretrained timm network keeps the resolution it was trained for, which is what
+``input_size`` is for.
+
+Input resolution: ``build_model(..., input_size=R)`` makes a network that resizes (bilinear) every
+input to ``R x R`` as its very first operation. A teacher can then compute at a higher resolution
+than the student's images while taking the same ``image_size`` arrays, checkpoints and ONNX inputs
+as every other model ("the teacher sees more pixels"). An input already at ``R`` passes through.
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import KdpipeError
@@ -65,20 +78,45 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+class ResizeInput(nn.Module):
+    """Bilinear resize of an NCHW batch to ``size x size``; identity when it already has that size.
+
+    The size check is on Python ints, so an ONNX export traced at one input size holds a fixed
+    Resize (or nothing) -- the exported graph keeps the input size it was traced with."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = int(size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2] == self.size and x.shape[-1] == self.size:
+            return x
+        return F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}"
+
+
 class Classifier(nn.Module):
-    """``normalize`` -> ``backbone`` (pooled features) -> ``head`` (logits)."""
+    """``resize`` (optional) -> ``normalize`` -> ``backbone`` (pooled features) -> ``head`` (logits)."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module, feature_dim: int, *, arch: str = "",
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 input_size: int | None = None):
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.backbone = backbone
         self.head = head
         self.feature_dim = int(feature_dim)
         self.arch = arch
+        self.input_size = None if input_size is None else int(input_size)
+        # Not a child module when unused, so the children (and state_dict) of plain models are unchanged.
+        self._resize = ResizeInput(input_size) if input_size else None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled feature vector ``(N, feature_dim)`` for an input in ``[0, 1]``."""
+        if self._resize is not None:
+            x = self._resize(x)
         return self.backbone(self.normalize(x))
 
     def forward(self, x: torch.Tensor, with_features: bool = False):
@@ -252,8 +290,17 @@ def _build_torchvision(arch: str, weights) -> nn.Module:
     """Build the ImageNet network, loading pretrained weights (before any surgery) if asked."""
     from torchvision.models import get_model
 
+    from . import pretrained
+
     if weights is None:
         return get_model(arch, weights=None)
+    if str(weights) in pretrained.NAMED_SOURCES:
+        raise KdpipeError(f"weights '{weights}' are for '{pretrained.NAMED_SOURCES[str(weights)].arch}', "
+                          f"not for model '{arch}'")
+    if pretrained.looks_like_file(str(weights)):
+        net = get_model(arch, weights=None)
+        pretrained.load_into(net, pretrained.read_state_dict(weights), str(weights), arch)
+        return net
     member = _resolve_weights(arch, weights)
     try:
         return get_model(arch, weights=member)
@@ -279,20 +326,103 @@ def _torchvision_parts(arch: str, num_classes: int, image_size: int, weights) ->
 
 
 # --------------------------------------------------------------------------------------------
+# timm architectures
+# --------------------------------------------------------------------------------------------
+
+TIMM_PREFIX = "timm/"
+
+
+def _timm_name(key: str) -> str | None:
+    """The timm architecture for a lower-cased model name, or None if timm has no such model."""
+    name = key[len(TIMM_PREFIX):] if key.startswith(TIMM_PREFIX) else key
+    if key.startswith(TIMM_PREFIX) or (key not in _TINY and key not in _TORCHVISION):
+        import timm
+
+        if timm.is_model(name):
+            return name
+    return None
+
+
+def _timm_parts(name: str, num_classes: int, weights) -> tuple[nn.Module, nn.Module, int, tuple, tuple]:
+    """A timm backbone (pooled features, no classifier), kdpipe's head, and the mean/std its weights expect.
+
+    timm applies its classifier dropout (``drop_rate``) before the classifier, so the backbone is
+    built with ``drop_rate=0`` and the same dropout moves into the head: the features a
+    feature-distillation loss compares stay deterministic."""
+    net = _create_timm(name, weights)
+    cfg = net.pretrained_cfg or {}
+    drop = float(getattr(net, "drop_rate", 0.0) or 0.0)
+    net.reset_classifier(0)  # the network now ends in global pooling + flatten
+    if hasattr(net, "drop_rate"):
+        net.drop_rate = 0.0
+    # Some architectures (MobileNetV3...) have a hidden layer after the pooling: it stays in the backbone.
+    feature_dim = int(getattr(net, "head_hidden_size", None) or net.num_features)
+    linear = nn.Linear(feature_dim, num_classes)
+    head = nn.Sequential(nn.Dropout(drop), linear) if drop > 0 else linear
+    mean = tuple(cfg.get("mean") or IMAGENET_MEAN)
+    std = tuple(cfg.get("std") or IMAGENET_STD)
+    return net, head, feature_dim, mean, std
+
+
+def _create_timm(name: str, weights) -> nn.Module:
+    """The full ImageNet network with ``weights`` loaded (named source, local file or hub tag)."""
+    import timm
+
+    from . import pretrained
+
+    if weights is None:
+        return timm.create_model(name, pretrained=False)
+    text = str(weights).strip()
+    if text in pretrained.NAMED_SOURCES:
+        source = pretrained.NAMED_SOURCES[text]
+        if source.arch != name:
+            raise KdpipeError(f"weights '{text}' are for '{source.arch}', not for model '{name}'; "
+                              f"set the architecture to {source.arch} or weights to null")
+        net = timm.create_model(name, pretrained=False)
+        pretrained.load_into(net, source.load(), f"weights '{text}'", name)
+        return net
+    if pretrained.looks_like_file(text):
+        net = timm.create_model(name, pretrained=False)
+        head = (net.pretrained_cfg or {}).get("classifier") or "classifier"
+        # A file may hold another number of classes than ImageNet's: its classifier is dropped anyway.
+        pretrained.load_into(net, pretrained.read_state_dict(text), text, name, ignore_prefixes=(f"{head}.",))
+        return net
+    tagged = name if text in ("hub", "default", "DEFAULT") else f"{name}.{text}"
+    try:
+        return timm.create_model(tagged, pretrained=True)
+    except Exception as exc:  # no network, unknown tag, hub errors: all mean "no usable weights"
+        raise pretrained.hub_error(name, text, exc, " saved with timm") from None
+
+
+# --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
 
 
-def available_models() -> list[str]:
-    """Every name :func:`build_model` accepts (tiny hand-written models first)."""
-    return list(_TINY) + list(_TORCHVISION)
+def available_models(include_timm: bool = False) -> list[str]:
+    """The names :func:`build_model` accepts: tiny hand-written models, torchvision's, and (with
+    ``include_timm``) every timm architecture."""
+    names = list(_TINY) + list(_TORCHVISION)
+    if include_timm:
+        import timm
+
+        names += [n for n in timm.list_models() if n not in names]
+    return names
+
+
+def is_timm(name: str) -> bool:
+    """True when ``name`` builds a timm network (not a tiny or torchvision one)."""
+    return _timm_name(str(name).strip().lower()) is not None
 
 
 def _check_name(name: str) -> str:
     key = str(name).strip().lower()
     if key in _TINY or key in _TORCHVISION:
         return key
-    names = available_models()
+    timm_name = _timm_name(key)
+    if timm_name is not None:
+        return timm_name
+    names = available_models(include_timm=True)
     close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else f"available: {', '.join(names)}"
     raise KdpipeError(f"unknown model architecture '{name}'; {hint}")
@@ -306,26 +436,38 @@ def _check_sizes(num_classes: int, image_size: int) -> None:
 
 
 def build_model(name: str, num_classes: int, image_size: int = 32, weights=None, *,
-                mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Classifier:
+                mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                input_size: int | None = None) -> Classifier:
     """Build architecture ``name`` for ``num_classes`` classes and square inputs of ``image_size``.
 
-    ``weights`` (torchvision architectures only) names a torchvision weights enum member, e.g.
-    ``"IMAGENET1K_V1"``, ``"DEFAULT"`` or ``"ResNet18_Weights.IMAGENET1K_V1"``; they are loaded
-    before the head is replaced. ``image_size`` only selects the stem (see the module docstring);
-    the network accepts any input size >= 8 thanks to global pooling.
+    ``weights``: see :mod:`kdpipe.pretrained` (null, a named offline source, a local file, or a hub
+    name); they are loaded into the ImageNet network before its head is replaced. ``image_size``
+    only selects the stem of torchvision networks (see the module docstring); every network
+    accepts any input size >= 8 thanks to global pooling. ``input_size`` makes the network resize
+    its input to that resolution first (and picks the stem for it). ``mean``/``std`` default to the
+    constants the architecture's weights expect (ImageNet's unless timm says otherwise).
     """
     arch = _check_name(name)
     _check_sizes(num_classes, image_size)
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise KdpipeError(f"normalisation needs 3 means and 3 positive stds, got mean={mean} std={std}")
+    if input_size is not None:
+        _check_sizes(num_classes, input_size)
+    compute_size = int(input_size or image_size)
+    arch_mean, arch_std = IMAGENET_MEAN, IMAGENET_STD
     if arch in _TINY:
         if weights is not None:
             raise KdpipeError(f"model '{arch}' has no pretrained weights; set weights to null")
         backbone, feature_dim = _TINY[arch]()
         head = nn.Linear(feature_dim, int(num_classes))
+    elif arch in _TORCHVISION:
+        backbone, head, feature_dim = _torchvision_parts(arch, int(num_classes), compute_size, weights)
     else:
-        backbone, head, feature_dim = _torchvision_parts(arch, int(num_classes), int(image_size), weights)
-    return Classifier(backbone, head, feature_dim, arch=arch, mean=mean, std=std)
+        backbone, head, feature_dim, arch_mean, arch_std = _timm_parts(arch, int(num_classes), weights)
+    mean = arch_mean if mean is None else tuple(mean)
+    std = arch_std if std is None else tuple(std)
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise KdpipeError(f"normalisation needs 3 means and 3 positive stds, got mean={mean} std={std}")
+    resize = int(input_size) if input_size is not None and int(input_size) != int(image_size) else None
+    return Classifier(backbone, head, feature_dim, arch=arch, mean=mean, std=std, input_size=resize)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

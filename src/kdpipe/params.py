@@ -42,7 +42,7 @@ class PrepareParams(_Group):
 
 class AugmentParams(_Group):
     views: int = Field(3, ge=1, le=16, description="K augmented views stored per training sample")
-    p: float = Field(0.5, ge=0.0, le=1.0, description="probability of the strong policy for a stored view")
+    p: float = Field(0.5, ge=0.0, le=1.0, description="share of the stored views that get the strong policy")
     num_ops: int = Field(2, ge=0, le=8, description="RandAugment ops per strongly augmented sample")
     magnitude: float = Field(0.5, ge=0.0, le=1.0, description="RandAugment strength, 0..1")
     erase_prob: float = Field(0.5, ge=0.0, le=1.0, description="random erasing probability inside the strong policy")
@@ -51,22 +51,45 @@ class AugmentParams(_Group):
     preview_samples: int = Field(8, ge=0, le=64)
     seed: int = Field(0, ge=0)
     max_unlabeled: int = Field(0, ge=0, description="0 = views for every unlabeled image")
+    teacher_logits: bool = Field(
+        True, description="store the teacher's logits on every view (frozen-teacher recipes then never run it)")
+    teacher_inference: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto", description="what computes those logits; auto = onnxruntime on a CPU device, torch on CUDA")
 
 
 class TeacherParams(_Group):
-    arch: str = Field("resnet_tiny", description="model name from kdpipe.models")
-    checkpoint: str | None = Field(None, description="path of a trained teacher: skips training")
-    weights: str | None = Field(None, description="torchvision weights enum name (needs a model hub)")
-    max_iterations: int = Field(300, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(0.05, gt=0.0, le=10.0)
-    weight_decay: float = Field(5e-4, ge=0.0, le=1.0)
+    arch: str = Field("tf_efficientnet_lite0", description="model name: a kdpipe tiny net, torchvision or timm")
+    checkpoint: str | None = Field(None, description="path of a trained kdpipe teacher checkpoint: skips training")
+    weights: str | None = Field(
+        "efficientnet_lite0_imagenet",
+        description="pretrained weights: null, a named offline source, a local state-dict/safetensors file, "
+                    "or a hub weights name (needs a network)",
+    )
+    image_size: int | None = Field(
+        None, ge=8, le=1024,
+        description="resolution the teacher computes at (inputs are upsampled on the device; prepare keeps a "
+                    "copy at this size when the source images are larger); null = the student's prepare.image_size",
+    )
+    max_iterations: int = Field(150, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.01, gt=0.0, le=10.0, description="learning rate of the new head")
+    backbone_lr_scale: float = Field(
+        0.1, ge=0.0, le=10.0, description="backbone learning rate = lr x this (pretrained layers move slowly)")
+    freeze_backbone_fraction: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="share of the iterations, at the start, that train the head alone (backbone frozen)")
+    warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-5, ge=0.0, le=1.0, description="on weights only, never on norms and biases")
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    freeze_batchnorm: bool = Field(
+        True, description="keep the pretrained BatchNorm statistics while fine-tuning (small labeled sets)")
     eval_every: int = Field(50, ge=1)
     seed: int = Field(0, ge=0)
 
 
 class TrainParams(_Group):
-    recipe: Literal["supervised", "cotrain", "adaptive", "consistency", "full"] = "full"
+    recipe: Literal["supervised", "kd", "cotrain", "adaptive", "consistency", "full"] = "full"
     student_arch: str = Field("cnn_tiny", description="model name from kdpipe.models")
     weights: str | None = Field(None, description="torchvision weights enum name for the student")
     batch_size: int = Field(64, ge=1, description="labeled samples per batch")
@@ -126,7 +149,9 @@ class TrainParams(_Group):
 
 
 class SelectParams(_Group):
-    max_params: int = Field(50_000_000, ge=1, description="deployment limit on parameter count")
+    max_params: int = Field(
+        2_000_000, ge=1,
+        description="deployment limit on parameter count (keeps a large co-trained teacher out of deployment)")
     max_latency_ms: float = Field(1000.0, gt=0.0, description="deployment limit, onnxruntime batch 1")
     latency_runs: int = Field(30, ge=1, le=10_000)
     fallback_fastest: bool = Field(False, description="if nothing fits the limits, take the fastest")

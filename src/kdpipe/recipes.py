@@ -20,7 +20,7 @@ import torch
 
 from . import losses
 
-RECIPES = ("supervised", "cotrain", "adaptive", "consistency", "full")
+RECIPES = ("supervised", "kd", "cotrain", "adaptive", "consistency", "full")
 
 
 @dataclass
@@ -46,6 +46,7 @@ class Hyper:
     b: float = 1.0
     c: float = 1.0
     pseudo_threshold: float = 0.0
+    label_smoothing: float = 0.0
 
 
 TermFn = Callable[[StepOutputs, Hyper, "torch.nn.Module | None"], torch.Tensor]
@@ -73,10 +74,17 @@ class Recipe:
     teacher_views: tuple[int, ...]  # views the teacher must see
     terms: tuple[Term, ...] = field(default_factory=tuple)
 
+    @property
+    def reads_stored_views(self) -> bool:
+        """Views come from the augment step's sets: always for Method B, and whenever the teacher is
+        frozen, because then its outputs on those views are cached once instead of recomputed at
+        every step (see :mod:`kdpipe.views`)."""
+        return self.view_plan == "stored" or (self.uses_teacher and not self.trains_teacher)
+
 
 # ------------------------------------------------------------------------------- loss terms
 def _ce_student(out: StepOutputs, h: Hyper, proj) -> torch.Tensor:
-    return losses.masked_ce(out.student[0], out.labels)
+    return losses.masked_ce(out.student[0], out.labels, h.label_smoothing)
 
 
 def _ce_teacher(out: StepOutputs, h: Hyper, proj) -> torch.Tensor:
@@ -111,6 +119,11 @@ def _consistency(out: StepOutputs, h: Hyper, proj) -> torch.Tensor:
     return losses.pairwise_consistency(out.student)
 
 
+def _kd_all(out: StepOutputs, h: Hyper, proj) -> torch.Tensor:
+    # Plain distillation: the student matches the teacher on every sample, labeled or not.
+    return losses.kd(out.student[0], out.teacher[0], h.tau)
+
+
 def _kd_views(out: StepOutputs, h: Hyper, proj) -> torch.Tensor:
     # Method B: the teacher sees the SAME augmented view as the student, view by view.
     return torch.stack([losses.kd(zs, zt, h.tau) for zs, zt in zip(out.student, out.teacher, strict=True)]).mean()
@@ -125,6 +138,10 @@ def build_recipe(name: str, views: int = 3, teacher_trainable: bool = True, w_fe
     feat = (Term("feat", lambda h: h.w_feat, _feature),) if w_feat > 0 else ()
     if name == "supervised":
         return Recipe(name, "weak", 1, False, False, False, False, (), (Term("ce", _one, _ce_student),))
+    if name == "kd":
+        # Plain distillation from a fixed teacher: CE on the labels + KD on labeled AND unlabeled samples.
+        terms = (Term("ce", lambda h: h.a, _ce_student), Term("kd", lambda h: h.c, _kd_all))
+        return Recipe(name, "weak", 1, True, True, False, False, (0,), terms)
     if name == "cotrain":
         terms = (Term("ce_s", _one, _ce_student),)
         if teacher_trainable:

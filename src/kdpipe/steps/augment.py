@@ -1,46 +1,148 @@
-"""The ``augment`` step: write the augmentation sets (SPEC Method B) and a preview sheet.
+"""The ``augment`` step: the augmentation sets (SPEC Method B), with the frozen teacher's outputs on them.
 
-For every training sample (labeled train split and unlabeled pool) it stores K views made with
-``Aug(x; augment.p)`` (weak ops always, the strong policy with probability p), seeded, as packed
-uint8 arrays the trainer memory-maps:
+For every training sample (labeled train split and unlabeled pool) it stores K views, seeded, as
+packed uint8 arrays the trainer memory-maps. The first ``K - round(p * K)`` views of every sample
+are weak (flip + crop), the others weak + the strong policy (``augment.p`` is the share of strong
+views), and ``policy.json`` says which is which (``view_kinds``): the trainer picks among them to
+build every recipe's views (see :mod:`kdpipe.views`).
 
-    labeled_views.npy    (N_train, K, S, S, 3)
-    unlabeled_views.npy  (N_unlabeled, K, S, S, 3)
-    policy.json          the resolved policy (every knob, the op table, the seed)
-    preview.png          original + its K views for a few samples (a contact sheet)
+When a teacher checkpoint is there (the ``teacher`` step runs first) and ``augment.teacher_logits``
+is on, the teacher's logits on every stored view are computed once and stored beside the views.
+A recipe with a frozen teacher then never runs the teacher during training. The teacher sees the
+very same view as the student: at the student's size, or -- when prepare kept a teacher-resolution
+copy -- the view is made at the teacher's resolution, the teacher reads it there, and the student's
+stored view is the same image shrunk to its size.
+
+    labeled_views.npy     (N_train, K, S, S, 3) uint8
+    unlabeled_views.npy   (N_unlabeled, K, S, S, 3) uint8
+    labeled_logits.npy    (N_train, K, C) float32      only with a teacher
+    unlabeled_logits.npy  (N_unlabeled, K, C) float32  only with a teacher
+    policy.json           the resolved policy, view kinds, data version, teacher hash, file hashes
+    preview.png           original + its K views for a few samples (a contact sheet)
+
+Arrays are written chunk by chunk into memory-mapped files, so memory does not grow with N.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..atomic import atomic_dir, write_json
 from ..data import file_sha256, load_prepared
-from ..layout import AUGMENTED, PREPARED
+from ..layout import AUGMENTED, PREPARED, TEACHER
 from ..progress import Progress
 
-CHUNK = 1024  # images augmented per call: bounded memory for large pools
+CHUNK = 512  # images augmented per call: bounded memory for large pools
+VIEW_FILES = ("labeled_views.npy", "unlabeled_views.npy")
+LOGIT_FILES = ("labeled_logits.npy", "unlabeled_logits.npy")
 
 
-def _views_for(images: np.ndarray, views: int, p: float, cfg, gen, desc: str) -> np.ndarray:
+def view_kinds(views: int, p: float) -> list[str]:
+    """``["weak", ..., "strong", ...]``: ``round(p * views)`` strong views, the weak ones first."""
+    strong = int(p * views + 0.5)
+    return ["weak"] * (views - strong) + ["strong"] * strong
+
+
+ONNX_OPSET = 17  # for the teacher's temporary inference graph (TorchScript exporter)
+PARITY_MAX_ABS = 1e-3  # onnxruntime must match torch this closely, or the teacher runs in torch
+
+
+@dataclass
+class _Teacher:
+    """The frozen teacher, and how its logits are computed: torch, or onnxruntime on the CPU, where it
+    runs EfficientNet-style networks 3.5-5x faster than torch eager (BENCHMARKS.md)."""
+
+    model: object
+    runtime: object
+    sha256: str
+    meta: dict
+    session: object = None  # onnxruntime session, when used
+
+    def logits(self, x) -> np.ndarray:
+        import torch
+
+        if self.session is not None:
+            return self.session.run(None, {self.session.get_inputs()[0].name: x.cpu().numpy()})[0]
+        with torch.no_grad(), self.runtime.autocast():
+            return self.model(x.to(self.runtime.device)).float().cpu().numpy()
+
+
+def _load_teacher(teacher_dir, params) -> _Teacher | None:
+    from .. import checkpoints
+    from ..devices import runtime_from_params
+
+    path = Path(teacher_dir) / "teacher.pt" if teacher_dir is not None else None
+    if path is None or not path.is_file() or not params.augment.teacher_logits:
+        return None
+    model, ckpt = checkpoints.load_model(path)
+    runtime = runtime_from_params(params.train)
+    model = model.to(runtime.device).eval()
+    meta = {"arch": ckpt["arch"], "input_size": ckpt.get("input_size"), "path": str(path), "inference": "torch"}
+    return _Teacher(model, runtime, file_sha256(path), meta)
+
+
+def _use_onnxruntime(teacher: _Teacher, choice: str, view_size: int, workdir: Path, probe) -> None:
+    """Switch the teacher to onnxruntime when asked (``auto``: on a CPU device), after a parity check
+    against torch on real views; a failed check keeps torch and says so."""
+    import torch
+
+    from ..onnx_utils import CPU, export_onnx, make_session
+
+    if choice == "torch" or (choice == "auto" and teacher.runtime.device.type != "cpu"):
+        return
+    onnx_path = export_onnx(teacher.model.cpu(), workdir / "teacher.onnx", view_size, ONNX_OPSET)
+    teacher.model.to(teacher.runtime.device)
+    session = make_session(onnx_path, [CPU], threads=torch.get_num_threads())
+    reference = teacher.logits(probe)
+    teacher.session = session
+    gap = float(np.abs(teacher.logits(probe) - reference).max()) if len(probe) else 0.0
+    if not gap <= PARITY_MAX_ABS:
+        teacher.session = None
+        print(f"augment: onnxruntime differs from torch by {gap:.2g} on the teacher's logits; using torch")
+        return
+    teacher.meta.update(inference="onnxruntime", parity_max_abs=gap)
+
+
+def _write_sets(images: np.ndarray, small_size: int, kinds: list[str], cfg, gen, teacher: _Teacher | None,
+                views_path: Path, logits_path: Path, num_classes: int, desc: str) -> None:
+    """Augment ``images`` chunk by chunk into ``views_path`` (and the teacher's logits into ``logits_path``)."""
     import torch
 
     from ..augmentation import augment
+    from ..views import shrink, to_nchw
 
-    out = np.empty((len(images), views, *images.shape[1:]), dtype=np.uint8)
-    bar = Progress(len(images), desc)
-    for start in range(0, len(images), CHUNK):
-        chunk = torch.from_numpy(np.array(images[start:start + CHUNK])).permute(0, 3, 1, 2)
-        for k in range(views):
-            view = augment(chunk, gen, p, cfg)
-            out[start:start + len(chunk), k] = (view.mul(255).round().clamp(0, 255).to(torch.uint8)
-                                                .permute(0, 2, 3, 1).numpy())
+    n, k = len(images), len(kinds)
+    if n == 0:  # np.memmap cannot map a zero-length array
+        np.save(views_path, np.zeros((0, k, small_size, small_size, 3), dtype=np.uint8))
+        if teacher is not None:
+            np.save(logits_path, np.zeros((0, k, num_classes), dtype=np.float32))
+        return
+    views_out = np.lib.format.open_memmap(views_path, mode="w+", dtype=np.uint8, shape=(n, k, small_size, small_size, 3))
+    logits_out = None
+    if teacher is not None:
+        logits_out = np.lib.format.open_memmap(logits_path, mode="w+", dtype=np.float32, shape=(n, k, num_classes))
+    bar = Progress(n, desc)
+    for start in range(0, n, CHUNK):
+        chunk = to_nchw(images[start:start + CHUNK])
+        for view, kind in enumerate(kinds):
+            big = augment(chunk, gen, 1.0 if kind == "strong" else 0.0, cfg)
+            small_u8 = shrink(big, small_size).mul(255).round().clamp(0, 255).to(torch.uint8)
+            views_out[start:start + len(chunk), view] = small_u8.permute(0, 2, 3, 1).numpy()
+            if logits_out is not None:
+                # The teacher reads the view it is given: the stored uint8 view itself, or (with a
+                # teacher-resolution copy) the same view before it was shrunk for the student.
+                x = big if big.shape[-1] != small_size else small_u8.float().div_(255.0)
+                logits_out[start:start + len(chunk), view] = teacher.logits(x)
         bar.update(len(chunk))
     bar.close()
-    return out
+    views_out.flush()
+    if logits_out is not None:
+        logits_out.flush()
 
 
 def contact_sheet(originals: np.ndarray, views: np.ndarray, path: Path, scale: int = 3) -> None:
@@ -58,42 +160,73 @@ def contact_sheet(originals: np.ndarray, views: np.ndarray, path: Path, scale: i
     sheet.save(path, format="PNG")
 
 
-def run(params, prepared_dir: str | os.PathLike = PREPARED, out_dir: str | os.PathLike = AUGMENTED) -> dict:
+def run(params, prepared_dir: str | os.PathLike = PREPARED, out_dir: str | os.PathLike = AUGMENTED,
+        teacher_dir: str | os.PathLike | None = TEACHER) -> dict:
     from ..augmentation import OPS, AugmentConfig, make_generator
+    from ..views import scaled_config, to_nchw
 
-    cfg_params = params.augment
+    ap = params.augment
     data = load_prepared(prepared_dir)
-    cfg = AugmentConfig.from_params(cfg_params)
-    gen = make_generator(cfg_params.seed)
-    unlabeled = data.unlabeled_x
-    if cfg_params.max_unlabeled:
-        unlabeled = unlabeled[: cfg_params.max_unlabeled]
+    teacher = _load_teacher(teacher_dir, params)
+    kinds = view_kinds(ap.views, ap.p)
+    cfg = AugmentConfig.from_params(ap)
+    gen = make_generator(ap.seed)
+    # With a teacher-resolution copy (and a teacher to read it) views are made at that resolution.
+    big = teacher is not None and data.train_xt is not None
+    labeled, unlabeled = (data.train_xt, data.unlabeled_xt) if big else (data.train_x, data.unlabeled_x)
+    if ap.max_unlabeled:
+        unlabeled = unlabeled[: ap.max_unlabeled]
+    work_cfg = scaled_config(cfg, data.image_size, labeled.shape[1])
     with atomic_dir(out_dir) as tmp:
-        labeled_views = _views_for(data.train_x, cfg_params.views, cfg_params.p, cfg, gen, "augment labeled")
-        unlabeled_views = _views_for(unlabeled, cfg_params.views, cfg_params.p, cfg, gen, "augment unlabeled")
-        np.save(tmp / "labeled_views.npy", labeled_views)
-        np.save(tmp / "unlabeled_views.npy", unlabeled_views)
-        shown = min(cfg_params.preview_samples, len(labeled_views))
+        if teacher is not None:
+            with tempfile.TemporaryDirectory(prefix="kdpipe-teacher-") as workdir:
+                probe = to_nchw(np.asarray(labeled[:32])).float().div_(255.0)
+                _use_onnxruntime(teacher, ap.teacher_inference, int(labeled.shape[1]), Path(workdir), probe)
+        for images, role in ((labeled, "labeled"), (unlabeled, "unlabeled")):
+            _write_sets(images, data.image_size, kinds, work_cfg, gen, teacher, tmp / f"{role}_views.npy",
+                        tmp / f"{role}_logits.npy", data.num_classes, f"augment {role}")
+        labeled_views = np.load(tmp / VIEW_FILES[0], mmap_mode="r")
+        shown = min(ap.preview_samples, len(labeled_views))
         if shown:
-            contact_sheet(np.asarray(data.train_x[:shown]), labeled_views[:shown], tmp / "preview.png")
+            contact_sheet(np.asarray(data.train_x[:shown]), np.asarray(labeled_views[:shown]), tmp / "preview.png")
+        files = VIEW_FILES + (LOGIT_FILES if teacher is not None else ())
         policy = {
-            **cfg_params.model_dump(),
+            **ap.model_dump(),
+            "view_kinds": kinds,
             "ops": list(OPS),
             "weak": {"pad": cfg.pad, "flip": cfg.flip, "crop": "random crop with reflect padding"},
             "strong": {"num_ops": cfg.num_ops, "magnitude": cfg.magnitude, "erase_prob": cfg.erase_prob,
-                       "applied_with_probability": cfg_params.p},
-            "counts": {"labeled": len(labeled_views), "unlabeled": len(unlabeled_views)},
+                       "views": kinds.count("strong")},
+            "made_at": int(labeled.shape[1]),
+            "counts": {"labeled": int(len(labeled)), "unlabeled": int(len(unlabeled))},
             "data_version": data.manifest["data_version"],
-            "files": {name: file_sha256(tmp / name) for name in ("labeled_views.npy", "unlabeled_views.npy")},
+            "teacher": None if teacher is None else {**teacher.meta, "sha256": teacher.sha256},
+            "files": {name: file_sha256(tmp / name) for name in files},
         }
+        del labeled_views
         write_json(tmp / "policy.json", policy)
-    print(f"augment: {len(labeled_views)} labeled and {len(unlabeled_views)} unlabeled samples x "
-          f"{cfg_params.views} views -> {out_dir}")
+    cached = "with the teacher's logits" if teacher is not None else "without teacher logits (no teacher.pt)"
+    print(f"augment: {len(labeled)} labeled and {len(unlabeled)} unlabeled samples x {ap.views} views "
+          f"({kinds.count('strong')} strong) {cached} -> {out_dir}")
     return policy
 
 
-def load_views(augmented_dir: str | os.PathLike, verify: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Memory-map the stored views; with ``verify`` their hashes must match policy.json."""
+@dataclass
+class StoredSets:
+    """What :func:`load_views` returns: memory-mapped arrays and the policy."""
+
+    labeled_views: np.ndarray
+    unlabeled_views: np.ndarray
+    view_kinds: list[str]
+    labeled_logits: np.ndarray | None
+    unlabeled_logits: np.ndarray | None
+    policy: dict
+
+
+def load_views(augmented_dir: str | os.PathLike, verify: bool = True,
+               expected_data_version: str | None = None) -> StoredSets:
+    """Memory-map the stored views (and logits); with ``verify`` their hashes must match policy.json,
+    and with ``expected_data_version`` they must have been made from that prepared data set."""
     from ..atomic import read_json
     from ..errors import IntegrityError, KdpipeError
 
@@ -101,12 +234,22 @@ def load_views(augmented_dir: str | os.PathLike, verify: bool = True) -> tuple[n
     if not (root / "policy.json").is_file():
         raise KdpipeError(f"{root}: no augmentation sets here (run `kdpipe augment` first)")
     policy = read_json(root / "policy.json")
-    arrays = []
-    for name in ("labeled_views.npy", "unlabeled_views.npy"):
+    if expected_data_version is not None and policy.get("data_version") != expected_data_version:
+        raise IntegrityError(f"{root}: these views were made from another prepared data set "
+                             f"(data version {str(policy.get('data_version'))[:12]}, expected "
+                             f"{expected_data_version[:12]}); re-run `kdpipe augment`")
+    listed = policy.get("files", {})
+    arrays = {}
+    for name in VIEW_FILES + LOGIT_FILES:
         path = root / name
-        if not path.is_file() or name not in policy.get("files", {}):
+        if name in LOGIT_FILES and name not in listed:
+            arrays[name] = None  # made without a teacher
+            continue
+        if not path.is_file() or name not in listed:
             raise IntegrityError(f"{path}: missing, or not listed in policy.json (re-run `kdpipe augment`)")
-        if verify and file_sha256(path) != policy["files"][name]:
+        if verify and file_sha256(path) != listed[name]:
             raise IntegrityError(f"{path}: content does not match the hash in policy.json (re-run `kdpipe augment`)")
-        arrays.append(np.load(path, mmap_mode="r"))
-    return arrays[0], arrays[1], policy
+        arrays[name] = np.load(path, mmap_mode="r")
+    kinds = policy.get("view_kinds") or ["strong"] * arrays[VIEW_FILES[0]].shape[1]
+    return StoredSets(arrays[VIEW_FILES[0]], arrays[VIEW_FILES[1]], list(kinds), arrays[LOGIT_FILES[0]],
+                      arrays[LOGIT_FILES[1]], policy)

@@ -1,4 +1,4 @@
-"""Pieces the training steps (teacher, distill) share: data loading and the runtime."""
+"""Pieces the training steps (teacher, augment, distill) share: data loading."""
 
 from __future__ import annotations
 
@@ -11,20 +11,30 @@ from ..engine import TrainingData
 
 
 def training_data(prepared_dir: str | os.PathLike, augmented_dir: str | os.PathLike | None = None,
-                  in_memory: bool = True) -> TrainingData:
-    """The arrays a trainer samples from. Small data sets are read into RAM (random batch
-    gathers from a memory map cost a page fault per image); ``in_memory=False`` keeps them mapped."""
+                  in_memory: bool = True, teacher_copy: bool = False) -> TrainingData:
+    """The arrays a trainer samples from.
+
+    Small data sets are read into RAM (random batch gathers from a memory map cost a page fault per
+    image); ``in_memory=False`` keeps them mapped. ``augmented_dir`` adds the stored views (and the
+    teacher's cached logits when the augment step wrote them); ``teacher_copy`` adds prepare's
+    teacher-resolution arrays when they exist."""
     data = load_prepared(prepared_dir)
     load = np.asarray if in_memory else (lambda a: a)
-    labeled_views = unlabeled_views = None
+    stored: dict = {}
     if augmented_dir is not None:
         from .augment import load_views
 
-        labeled_views, unlabeled_views, _ = load_views(augmented_dir)
-        labeled_views, unlabeled_views = load(labeled_views), load(unlabeled_views)
+        sets = load_views(augmented_dir, expected_data_version=data.manifest["data_version"])
+        stored = {"labeled_views": load(sets.labeled_views), "unlabeled_views": load(sets.unlabeled_views),
+                  "view_kinds": sets.view_kinds,
+                  "labeled_logits": None if sets.labeled_logits is None else load(sets.labeled_logits),
+                  "unlabeled_logits": None if sets.unlabeled_logits is None else load(sets.unlabeled_logits)}
+    copies: dict = {}
+    if teacher_copy and data.train_xt is not None:
+        copies = {"teacher_train_x": load(data.train_xt), "teacher_val_x": load(data.val_xt),
+                  "teacher_unlabeled_x": load(data.unlabeled_xt)}
     return TrainingData(
         class_names=list(data.class_names), image_size=int(data.image_size),
         train_x=load(data.train_x), train_y=np.asarray(data.train_y), unlabeled_x=load(data.unlabeled_x),
-        val_x=load(data.val_x), val_y=np.asarray(data.val_y),
-        labeled_views=labeled_views, unlabeled_views=unlabeled_views,
+        val_x=load(data.val_x), val_y=np.asarray(data.val_y), **stored, **copies,
     )

@@ -1,7 +1,7 @@
 """The ``distill`` step: run ``train.recipe`` (SPEC.md) and keep the best student and teacher.
 
-Writes into ``out_dir``: ``student.pt`` and ``teacher.pt`` (best validation checkpoint of each
-network), ``last.pt`` (the full resume state, written atomically every ``train.checkpoint_every``
+Writes into ``out_dir``: ``student.pt`` and, when the recipe trains the teacher, ``teacher.pt``
+(best validation checkpoint of each network; a frozen input teacher is not an output), ``last.pt`` (the full resume state, written atomically every ``train.checkpoint_every``
 iterations), ``history.json`` (one entry per evaluation), ``schedule.json`` (Method A, per
 epoch) and ``metrics.json`` (a small summary for DVC). Re-running after an interruption resumes
 from ``last.pt`` if it was written with the same settings.
@@ -40,8 +40,23 @@ def _load_teacher(teacher_dir: str | os.PathLike, needed: bool):
     return model, ckpt["arch"]
 
 
+def check_cached_logits(data, augmented_dir, teacher_dir) -> None:
+    """Cached teacher logits are only valid for the teacher that computed them: refuse stale ones."""
+    from ..data import file_sha256
+    from ..errors import IntegrityError
+
+    if data.labeled_logits is None:
+        return
+    policy = read_json(Path(augmented_dir) / "policy.json")
+    cached_by = (policy.get("teacher") or {}).get("sha256")
+    teacher_file = Path(teacher_dir) / "teacher.pt"
+    if not teacher_file.is_file() or cached_by != file_sha256(teacher_file):
+        raise IntegrityError(f"{augmented_dir}: the stored teacher logits were computed by another teacher than "
+                             f"{teacher_file}; re-run `kdpipe augment` (it runs after `kdpipe teacher`)")
+
+
 def build_trainer(params, prepared_dir=PREPARED, augmented_dir=AUGMENTED, teacher_dir=TEACHER, out_dir=DISTILL,
-                  runtime=None, progress: bool = True):
+                  runtime=None, progress: bool = True, use_cached_logits: bool = True):
     """The configured :class:`kdpipe.engine.Trainer` for ``params`` (used by the step and by tests)."""
     from ..augmentation import AugmentConfig
     from ..devices import runtime_from_params
@@ -52,7 +67,12 @@ def build_trainer(params, prepared_dir=PREPARED, augmented_dir=AUGMENTED, teache
     tp = params.train
     recipe = build_recipe(tp.recipe, views=tp.views, teacher_trainable=tp.teacher_trainable, w_feat=tp.w_feat)
     runtime = runtime or runtime_from_params(tp)
-    data = training_data(prepared_dir, augmented_dir if recipe.view_plan == "stored" else None)
+    stored = recipe.reads_stored_views
+    # An online teacher reads prepare's teacher-resolution copy when there is one.
+    data = training_data(prepared_dir, augmented_dir if stored else None,
+                         teacher_copy=recipe.uses_teacher and not stored)
+    if stored and use_cached_logits:
+        check_cached_logits(data, augmented_dir, teacher_dir)
     teacher, teacher_arch = _load_teacher(teacher_dir, recipe.uses_teacher)
     hyper = Hyper(tau=tp.tau, w=tp.w_init, w_mutual=tp.w_mutual, w_feat=tp.w_feat, a=tp.a, b=tp.b, c=tp.c,
                   pseudo_threshold=tp.pseudo_threshold)
@@ -61,6 +81,7 @@ def build_trainer(params, prepared_dir=PREPARED, augmented_dir=AUGMENTED, teache
         student_arch=tp.student_arch, student_weights=tp.weights, teacher=teacher, teacher_arch=teacher_arch,
         augment_cfg=AugmentConfig.from_params(params.augment), w_feat=tp.w_feat, schedule_params=tp,
         run_fingerprint=_fingerprint(params, prepared_dir, teacher_dir), progress=progress, desc=f"distill[{tp.recipe}]",
+        use_cached_logits=use_cached_logits,
     )
 
 
@@ -77,8 +98,11 @@ def run(params, prepared_dir: str | os.PathLike = PREPARED, augmented_dir: str |
             "train_seconds": summary["train_seconds"],
             "val_acc_student": summary["best_student"]["accuracy"],
         }
-        if "best_teacher" in summary:
+        if "best_teacher" in summary and trainer.recipe.trains_teacher:
             metrics["val_acc_teacher"] = summary["best_teacher"]["accuracy"]
+        if trainer.teacher is not None:
+            metrics["teacher_in_selection"] = trainer.recipe.trains_teacher
+            metrics["cached_teacher_logits"] = bool(getattr(trainer.views, "cached", False))
         write_json(Path(out_dir) / "metrics.json", metrics)
         print("distill: " + ", ".join(f"{k}={v}" for k, v in metrics.items()))
     if trainer.rt.distributed:

@@ -9,9 +9,16 @@ Input (the data root, DVC-tracked)::
 Output (one folder, replaced atomically)::
 
     train_x.npy train_y.npy val_x.npy val_y.npy unlabeled_x.npy test_x.npy test_y.npy
+    train_xt.npy val_xt.npy unlabeled_xt.npy test_xt.npy   (only with a teacher-resolution copy, below)
     sources.json    {split: [source path relative to the data root, one per array row]}
     rejected.json   [{"path", "split", "reason", "detail"}] for every file not used
     manifest.json   classes, counts, data_version, sha256 of every output file, params
+
+Teacher-resolution copy: when ``teacher.image_size`` is larger than ``prepare.image_size`` and
+most source images are larger than ``prepare.image_size`` (real photos, not 32-pixel thumbnails),
+every image is also kept at the teacher's size (``*_xt.npy``), so a pretrained teacher is
+fine-tuned and queried on the photo's own detail instead of an upsampled thumbnail. Otherwise the
+teacher upsamples the student-size arrays on the device and no copy is written.
 
 Hidden files and folders (names starting with '.'), OS clutter (Thumbs.db...) and DVC pointer
 files (``*.dvc``, e.g. ``unlabeled/batch-0001.dvc``) are ignored; every other file that is not used is listed in ``rejected.json`` with its reason. Outputs are
@@ -35,7 +42,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..atomic import atomic_dir, write_json
-from ..data import ARRAY_FILES, MANIFEST, REJECTED, SOURCES, file_sha256
+from ..data import ARRAY_FILES, MANIFEST, REJECTED, SOURCES, TEACHER_COPY_FILES, file_sha256
 from ..errors import DataError
 from ..imaging import IMAGE_EXTENSIONS, RejectedImage, decode_image, resize_square
 from ..params import Params, PrepareParams
@@ -59,6 +66,7 @@ class _Item:
     file_hash: str = ""
     pixel_hash: str = ""  # sha256 of the resized uint8 pixels: identical images in any format match
     row: int = -1  # row in the decode spool
+    larger: bool = False  # both sides of the source image exceed prepare.image_size
 
     def sort_key(self) -> tuple[int, str]:
         return _SOURCE_ORDER[self.split], self.rel
@@ -91,8 +99,9 @@ def run(
     _check_out_dir(root, out)
     cfg = params.prepare
 
+    teacher_size = _teacher_size(params)
     with atomic_dir(out) as tmp:
-        spool = _decode_all(items, cfg, tmp / ".spool.npy", rejects)
+        spool, teacher_spool = _decode_all(items, cfg, teacher_size, tmp, rejects)
         kept = _dedupe(items, rejects)
         _require_each_class(root, class_names, kept, rejects)
         labeled = [i for i in kept if i.split == "labeled"]
@@ -104,11 +113,15 @@ def run(
             "test": [i for i in kept if i.split == "test"],
         }
         _write_arrays(tmp, spool, splits, class_names, cfg.image_size)
-        del spool
-        (tmp / ".spool.npy").unlink(missing_ok=True)
+        copy_size = teacher_size if teacher_size and _mostly_larger(kept) else None
+        if copy_size:
+            _write_teacher_copy(tmp, teacher_spool, splits, copy_size)
+        del spool, teacher_spool
+        for name in (".spool.npy", ".spool_t.npy"):
+            (tmp / name).unlink(missing_ok=True)
         write_json(tmp / SOURCES, {name: [i.rel for i in split] for name, split in splits.items()})
         write_json(tmp / REJECTED, rejects.sorted())
-        manifest = _manifest(tmp, params, class_names, splits, kept, rejects)
+        manifest = _manifest(tmp, params, class_names, splits, kept, rejects, copy_size)
         write_json(tmp / MANIFEST, manifest)
 
     _log_summary(manifest, out)
@@ -291,12 +304,24 @@ def validate_image(path: Path, cfg: PrepareParams) -> np.ndarray:
         raise RejectedImage("unreadable", f"cannot read the file: {exc.strerror or exc}") from None
 
 
-def _decode_all(items: list[_Item], cfg: PrepareParams, spool_path: Path, rejects: _Rejects) -> np.ndarray:
-    """Decode and resize every candidate into a disk-backed spool (bounded memory); drop failures."""
+def _teacher_size(params: Params) -> int | None:
+    """The teacher's resolution when it is larger than the student's, else None (no copy needed)."""
+    size = params.teacher.image_size
+    return int(size) if size and size > params.prepare.image_size else None
+
+
+def _open_spool(path: Path, rows: int, size: int) -> np.ndarray:
+    return np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(max(rows, 1), size, size, 3))
+
+
+def _decode_all(items: list[_Item], cfg: PrepareParams, teacher_size: int | None, tmp: Path,
+                rejects: _Rejects) -> tuple[np.ndarray, np.ndarray | None]:
+    """Decode and resize every candidate into disk-backed spools (bounded memory); drop failures.
+
+    The second spool (teacher resolution) exists only when a teacher-resolution copy may be needed."""
     size = cfg.image_size
-    spool = np.lib.format.open_memmap(
-        spool_path, mode="w+", dtype=np.uint8, shape=(max(len(items), 1), size, size, 3)
-    )
+    spool = _open_spool(tmp / ".spool.npy", len(items), size)
+    teacher_spool = _open_spool(tmp / ".spool_t.npy", len(items), teacher_size) if teacher_size else None
     progress = tqdm(items, desc="prepare: decoding", unit="img", disable=not sys.stderr.isatty())
     for row, item in enumerate(progress):
         try:
@@ -307,10 +332,18 @@ def _decode_all(items: list[_Item], cfg: PrepareParams, spool_path: Path, reject
             continue
         small = resize_square(arr, size)
         spool[row] = small
+        if teacher_spool is not None:
+            teacher_spool[row] = resize_square(arr, teacher_size)
+        item.larger = min(arr.shape[0], arr.shape[1]) > size
         item.pixel_hash = hashlib.sha256(small.tobytes()).hexdigest()
         item.row = row
     items[:] = [i for i in items if i.row >= 0]
-    return spool
+    return spool, teacher_spool
+
+
+def _mostly_larger(kept: list[_Item]) -> bool:
+    """At least half of the images used are larger than the student's size: worth a teacher copy."""
+    return bool(kept) and 2 * sum(i.larger for i in kept) >= len(kept)
 
 
 # ---------------------------------------------------------------- de-duplication
@@ -402,6 +435,11 @@ def _write_arrays(
             np.save(out / f"{name}_y.npy", np.array([index[i.label] for i in members], dtype=np.int64))
 
 
+def _write_teacher_copy(out: Path, teacher_spool: np.ndarray, splits: dict[str, list[_Item]], size: int) -> None:
+    for name, members in splits.items():
+        _save_rows(out / f"{name}_xt.npy", teacher_spool, [i.row for i in members], size)
+
+
 def _save_rows(path: Path, spool: np.ndarray, rows: list[int], size: int) -> None:
     """Write spool rows as a standard .npy (same bytes as np.save), in chunks to bound memory."""
     shape = (len(rows), size, size, 3)
@@ -430,6 +468,7 @@ def _manifest(
     splits: dict[str, list[_Item]],
     kept: list[_Item],
     rejects: _Rejects,
+    teacher_copy_size: int | None = None,
 ) -> dict[str, Any]:
     counts = {name: len(members) for name, members in splits.items()}
     counts["rejected"] = len(rejects.entries)
@@ -437,15 +476,18 @@ def _manifest(
         name: {c: sum(1 for i in splits[name] if i.label == c) for c in class_names}
         for name in ("train", "val", "test")
     }
-    files = {name: file_sha256(out / name) for name in (*ARRAY_FILES, SOURCES, REJECTED)}
+    copies = TEACHER_COPY_FILES if teacher_copy_size else ()
+    files = {name: file_sha256(out / name) for name in (*ARRAY_FILES, *copies, SOURCES, REJECTED)}
     return {
         "class_names": class_names,
         "counts": counts,
         "per_class": per_class,
         "image_size": params.prepare.image_size,
+        # the size of the *_xt.npy copies; null when the teacher upsamples the student-size arrays
+        "teacher_image_size": teacher_copy_size,
         "data_version": _data_version(kept),
         "files": files,
-        "params": params.prepare.model_dump(),
+        "params": {**params.prepare.model_dump(), "teacher_image_size": params.teacher.image_size},
         "kdpipe_version": __version__,
     }
 

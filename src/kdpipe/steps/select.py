@@ -1,7 +1,10 @@
 """The ``select`` step: pick the deployable model among the distillation candidates.
 
-Candidates are ``student.pt`` and (when present) ``teacher.pt`` from the distill output. For each
-one the step measures what deployment cares about, without trusting the checkpoint's own notes:
+Candidates are ``student.pt`` and ``teacher.pt`` from the distill output -- the teacher only when
+this run trained it (Method C's co-training): a frozen input teacher, pretrained or from the
+``teacher`` step, is a means, and shipping it unchanged is not what the user asked for. Every file
+left out is listed in ``selection.json`` with the reason. For each candidate the step measures what
+deployment cares about, without trusting the checkpoint's own notes:
 
 * parameter count;
 * validation accuracy, recomputed with torch on the prepared validation split;
@@ -41,14 +44,18 @@ def run(params, distill_dir: str | os.PathLike = DISTILL, prepared_dir: str | os
 
     cfg = params.select
     data = load_prepared(prepared_dir)
-    paths = _candidate_paths(Path(distill_dir))
+    paths, excluded = _candidate_paths(Path(distill_dir))
     candidates = [measure(name, path, data, cfg.latency_runs, params.export.opset) for name, path in paths]
     limits = {"max_params": cfg.max_params, "max_latency_ms": cfg.max_latency_ms}
     for cand in candidates:
         cand["meets"] = _meets(cand, limits)
     chosen, reason = choose(candidates, limits, cfg.fallback_fastest)
+    reason += "".join(f"; {c['name']} ({c['arch']}) left out: {_violations(c, limits)}"
+                      for c in candidates if not all(c["meets"].values()) and c is not chosen)
+    reason += "".join(f"; {e['name']} not a candidate: {e['reason']}" for e in excluded)
     selection = {
         "candidates": candidates,
+        "excluded": excluded,
         "limits": limits,
         # A registry champion would need MLflow here; select stays registry-free, and says so.
         "champion": CHAMPION_NOT_CONFIGURED if cfg.include_champion else "not requested",
@@ -62,11 +69,25 @@ def run(params, distill_dir: str | os.PathLike = DISTILL, prepared_dir: str | os
     return selection
 
 
-def _candidate_paths(distill_dir: Path) -> list[tuple[str, Path]]:
-    found = [(name, distill_dir / file) for name, file in CANDIDATE_FILES if (distill_dir / file).is_file()]
+def _candidate_paths(distill_dir: Path) -> tuple[list[tuple[str, Path]], list[dict[str, str]]]:
+    """``([(name, path)...], [{"name", "path", "reason"}...])``: the candidates, and the files left out."""
+    from .. import checkpoints
+
+    found, excluded = [], []
+    for name, file in CANDIDATE_FILES:
+        path = distill_dir / file
+        if not path.is_file():
+            continue
+        meta = checkpoints.load(path).get("meta") or {}
+        if name == "teacher" and not meta.get("trained_in_run"):
+            excluded.append({"name": name, "path": str(path),
+                             "reason": "an input teacher that this run did not train (only a co-trained teacher "
+                                       "competes with the student)"})
+            continue
+        found.append((name, path))
     if not any(name == "student" for name, _ in found):
         raise KdpipeError(f"{distill_dir / 'student.pt'}: not found; run the distill step first (`kdpipe distill`)")
-    return found
+    return found, excluded
 
 
 def measure(name: str, path: Path, data, latency_runs: int, opset: int) -> dict[str, Any]:

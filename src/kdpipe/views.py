@@ -1,0 +1,183 @@
+"""Where a training step's images come from: views built on the device, or the stored augmentation sets.
+
+A recipe asks for ``num_views`` views of every sample of a batch, following its ``view_plan``:
+
+* ``weak`` -- one weakly augmented view (flip + crop);
+* ``scheduled`` -- view 0 strongly augmented with probability ``p1``, the others with ``p2``
+  (SPEC Method A's two probabilities, from the schedule);
+* ``stored`` -- ``num_views`` different augmented views of the sample (SPEC Method B).
+
+Two sources deliver them:
+
+:class:`OnlineViews` augments raw images on the device at every step. It serves recipes whose
+teacher is trained in the run (its outputs change at every step, so nothing can be cached). When
+prepare kept a teacher-resolution copy of the images, views are built at that resolution: the
+teacher gets them as they are and the student gets the same view shrunk to its own size.
+
+:class:`StoredViews` picks, for every sample, views among the K the ``augment`` step stored, and
+with them the frozen teacher's logits on exactly those views when the augment step cached them.
+The step then runs the student only, which is what makes a frozen-teacher iteration cost about
+what a supervised one does. The augment step stores both weakly and strongly augmented views and
+records which is which (``view_kinds``), so the plans map onto them without approximation of
+``Aug(x; p)``'s distribution: a view is strong with probability ``p`` by choosing a stored strong
+view with probability ``p`` and a weak one otherwise. Two views of one sample are never the same
+stored view while another one is left.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .augmentation import AugmentConfig, augment
+
+
+@dataclass
+class Batch:
+    """One step's inputs: per view, the student's images, the teacher's images (or None when the
+    teacher is not run) and the cached teacher logits (or None when they are not cached)."""
+
+    labels: torch.Tensor  # int64, -1 for unlabeled samples
+    student: list[torch.Tensor]
+    teacher: list[torch.Tensor | None]
+    teacher_logits: list[torch.Tensor | None]
+
+
+def to_nchw(batch: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC numpy -> uint8 NCHW tensor (augmentation converts to float on the device)."""
+    return torch.from_numpy(np.array(batch)).permute(0, 3, 1, 2).contiguous()
+
+
+def shrink(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Antialiased bilinear resize of a float NCHW batch to ``size x size`` (identity if already there)."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def scaled_config(cfg: AugmentConfig, from_size: int, to_size: int) -> AugmentConfig:
+    """The augmentation config for images of ``to_size``: the crop padding (in pixels) scales with the
+    image, so a view at the teacher's resolution is the same crop as one at the student's."""
+    from dataclasses import replace
+
+    if from_size == to_size:
+        return cfg
+    return replace(cfg, pad=int(round(cfg.pad * to_size / from_size)))
+
+
+def labels_tensor(train_y: np.ndarray, l_idx: np.ndarray, n_unlabeled: int, device) -> torch.Tensor:
+    labels = np.concatenate([np.asarray(train_y)[l_idx], np.full(n_unlabeled, -1, dtype=np.int64)])
+    return torch.from_numpy(labels.astype(np.int64)).to(device)
+
+
+class OnlineViews:
+    """Views augmented on the device at every step (see the module docstring)."""
+
+    def __init__(self, recipe, data, aug_cfg: AugmentConfig, gen: torch.Generator, runtime, schedule=None):
+        self.recipe, self.data, self.gen, self.rt, self.schedule = recipe, data, gen, runtime, schedule
+        # A teacher-resolution copy is used only when a teacher is run on the views.
+        self.big = data.teacher_train_x is not None and recipe.uses_teacher
+        size = data.teacher_train_x.shape[1] if self.big else data.image_size
+        self.cfg = scaled_config(aug_cfg, data.image_size, size)
+
+    def _images(self, l_idx: np.ndarray, u_idx: np.ndarray) -> np.ndarray:
+        d = self.data
+        labeled, unlabeled = (d.teacher_train_x, d.teacher_unlabeled_x) if self.big else (d.train_x, d.unlabeled_x)
+        return np.concatenate([labeled[l_idx], unlabeled[u_idx] if len(u_idx) else labeled[:0]])
+
+    def _probabilities(self) -> list[float]:
+        if self.recipe.view_plan == "weak":
+            return [0.0]
+        p1, p2, _ = self.schedule.current()
+        return [p1 if v == 0 else p2 for v in range(self.recipe.num_views)]
+
+    def next(self, l_idx: np.ndarray, u_idx: np.ndarray) -> Batch:
+        x = self.rt.to_device(to_nchw(self._images(l_idx, u_idx)))
+        views = [augment(x, self.gen, p, self.cfg) for p in self._probabilities()]
+        wanted = set(self.recipe.teacher_views) if self.recipe.uses_teacher else set()
+        return Batch(
+            labels=labels_tensor(self.data.train_y, l_idx, len(u_idx), self.rt.device),
+            student=[shrink(v, self.data.image_size) for v in views],
+            teacher=[v if k in wanted else None for k, v in enumerate(views)],
+            teacher_logits=[None] * len(views),
+        )
+
+
+class StoredViews:
+    """Views (and cached teacher logits) picked from the augment step's sets (see the module docstring)."""
+
+    def __init__(self, recipe, data, runtime, seed: int, schedule=None, use_cache: bool = True):
+        from .errors import KdpipeError
+
+        self.recipe, self.data, self.rt, self.schedule = recipe, data, runtime, schedule
+        kinds = data.view_kinds or ["strong"] * data.labeled_views.shape[1]
+        self.strong = torch.tensor([k == "strong" for k in kinds])
+        if len(kinds) < recipe.num_views:
+            raise KdpipeError(f"recipe '{recipe.name}' compares {recipe.num_views} views but the augment step stored "
+                              f"only {len(kinds)} (set augment.views >= {recipe.num_views})")
+        self.cached = use_cache and data.labeled_logits is not None
+        # View choices are drawn on the CPU (they index host arrays), from their own resumable stream.
+        self.gen = torch.Generator().manual_seed(int(seed) * 7919 + 101 + runtime.rank)
+
+    def _probabilities(self) -> list[float | None]:
+        """Per view slot: the probability of a strong view, or None for "any view not used yet"."""
+        plan = self.recipe.view_plan
+        if plan == "weak":
+            return [0.0]
+        if plan == "scheduled":
+            p1, p2, _ = self.schedule.current()
+            return [p1 if v == 0 else p2 for v in range(self.recipe.num_views)]
+        return [None] * self.recipe.num_views
+
+    def choose(self, n: int) -> list[torch.Tensor]:
+        """For each view slot, the stored view index of each of ``n`` samples (distinct per sample)."""
+        k = len(self.strong)
+        used = torch.zeros(n, k, dtype=torch.bool)
+        picks = []
+        for p in self._probabilities():
+            scores = torch.rand(n, k, generator=self.gen)  # uniform choice among the allowed views
+            if p is None:
+                allowed = ~used
+            else:
+                want_strong = torch.rand(n, generator=self.gen) < p
+                match = (self.strong.view(1, k) == want_strong.view(n, 1)) & ~used
+                # A sample whose views of the wanted kind are used up takes another unused view.
+                allowed = torch.where(match.any(1, keepdim=True), match, ~used)
+            pick = scores.masked_fill(~allowed, -1.0).argmax(1)
+            used[torch.arange(n), pick] = True
+            picks.append(pick)
+        return picks
+
+    def state_dict(self) -> dict:
+        return {"gen": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["gen"])
+
+    def _gather(self, labeled: np.ndarray, unlabeled: np.ndarray, l_idx, u_idx, pick: np.ndarray) -> np.ndarray:
+        nl = len(l_idx)
+        parts = [labeled[l_idx, pick[:nl]]]
+        if len(u_idx):
+            parts.append(unlabeled[u_idx, pick[nl:]])
+        return np.concatenate(parts)
+
+    def next(self, l_idx: np.ndarray, u_idx: np.ndarray) -> Batch:
+        d = self.data
+        picks = [p.numpy() for p in self.choose(len(l_idx) + len(u_idx))]
+        students, teachers, logits = [], [], []
+        wanted = set(self.recipe.teacher_views) if self.recipe.uses_teacher else set()
+        for view, pick in enumerate(picks):
+            images = self._gather(d.labeled_views, d.unlabeled_views, l_idx, u_idx, pick)
+            x = self.rt.to_device(to_nchw(images)).float().div_(255.0)
+            students.append(x)
+            cached = None
+            if self.cached and view in wanted:
+                cached = self.rt.to_device(torch.from_numpy(
+                    self._gather(d.labeled_logits, d.unlabeled_logits, l_idx, u_idx, pick).astype(np.float32)))
+            logits.append(cached)
+            # Without a cache the teacher runs on the very same stored view.
+            teachers.append(x if view in wanted and cached is None else None)
+        return Batch(labels_tensor(d.train_y, l_idx, len(u_idx), self.rt.device), students, teachers, logits)

@@ -1,0 +1,284 @@
+"""The teacher's path through the pipeline: its own resolution (prepare's teacher copy, fine-tuning,
+augment's cached logits), the cache giving the same losses as running the teacher, stale caches
+refused, the fine-tuning recipe (backbone frozen first, its own learning rate), and early stopping
+that follows the student."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_params, write_tiny_dataset
+
+from kdpipe import checkpoints
+from kdpipe.atomic import read_json
+from kdpipe.data import load_prepared
+from kdpipe.errors import IntegrityError
+from kdpipe.recipes import total_loss
+from kdpipe.steps import augment, distill, export, prepare, teacher
+
+pytestmark = pytest.mark.slow
+
+STUDENT, BIG = 16, 32  # the student's and the teacher's resolution in these tests
+
+
+def _params(**teacher):
+    raw = tiny_params(recipe="kd", max_iterations=10).model_dump(mode="json")
+    raw["teacher"].update(image_size=BIG, max_iterations=10, **teacher)
+    raw["export"].update(int8=False, parity_samples=16)
+    from kdpipe.params import validate_params
+
+    return validate_params(raw)
+
+
+def _keep_threads(fn, *args, **kwargs):
+    threads = torch.get_num_threads()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def photos_pipeline(tmp_path_factory):
+    """Source images of 40 px (larger than the 16 px student): prepare keeps a 32 px teacher copy."""
+    base = tmp_path_factory.mktemp("photos")
+    write_tiny_dataset(base / "data", labeled_per_class=6, unlabeled=12, size=40)
+    params = _params()
+    dirs = {name: base / name for name in ("prepared", "teacher", "augmented", "distill", "export")}
+    _keep_threads(prepare.run, params, base / "data", dirs["prepared"])
+    _keep_threads(teacher.run, params, dirs["prepared"], dirs["teacher"])
+    _keep_threads(augment.run, params, dirs["prepared"], dirs["augmented"], dirs["teacher"])
+    _keep_threads(distill.run, params, dirs["prepared"], dirs["augmented"], dirs["teacher"], dirs["distill"])
+    return {**dirs, "params": params, "base": base}
+
+
+# ------------------------------------------------------------------------------ teacher resolution
+def test_prepare_keeps_a_teacher_copy_of_large_images(photos_pipeline):
+    data = load_prepared(photos_pipeline["prepared"])
+    assert data.image_size == STUDENT and data.teacher_image_size == BIG
+    for split in ("train", "val", "unlabeled", "test"):
+        small, big = getattr(data, f"{split}_x"), getattr(data, f"{split}_xt")
+        assert small.shape[1:] == (STUDENT, STUDENT, 3) and big.shape == (len(small), BIG, BIG, 3)
+    # the copy is the same picture: shrunk to the student's size it is close to the student's array
+    shrunk = torch.nn.functional.interpolate(torch.from_numpy(np.array(data.train_xt[:4])).permute(0, 3, 1, 2)
+                                             .float(), size=(STUDENT, STUDENT), mode="bilinear", antialias=True)
+    student = torch.from_numpy(np.array(data.train_x[:4])).permute(0, 3, 1, 2).float()
+    assert (shrunk - student).abs().mean() < 12
+
+
+def test_prepare_writes_no_copy_when_images_are_small(tmp_path):
+    write_tiny_dataset(tmp_path / "data", labeled_per_class=3, unlabeled=2, size=12)
+    manifest = _keep_threads(prepare.run, _params(), tmp_path / "data", tmp_path / "prepared")
+    assert manifest["teacher_image_size"] is None
+    assert not list((tmp_path / "prepared").glob("*_xt.npy"))
+    assert load_prepared(tmp_path / "prepared").train_xt is None
+
+
+def test_teacher_computes_at_its_own_resolution_and_takes_student_images(photos_pipeline):
+    ckpt = checkpoints.load(photos_pipeline["teacher"] / "teacher.pt")
+    assert ckpt["image_size"] == STUDENT and ckpt["input_size"] == BIG
+    metrics = read_json(photos_pipeline["teacher"] / "metrics.json")
+    assert metrics["image_size"] == BIG and metrics["teacher_copy"] is True
+    history = read_json(photos_pipeline["teacher"] / "history.json")
+    assert "val_acc_teacher" in history[-1] and "val_acc_student" not in history[-1]
+    model, _ = checkpoints.load_model(photos_pipeline["teacher"] / "teacher.pt")
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, STUDENT, STUDENT)).shape == (2, 3)
+
+
+def test_augment_stores_student_size_views_and_teacher_logits(photos_pipeline):
+    sets = augment.load_views(photos_pipeline["augmented"])
+    data = load_prepared(photos_pipeline["prepared"])
+    k = photos_pipeline["params"].augment.views
+    assert sets.labeled_views.shape == (len(data.train_x), k, STUDENT, STUDENT, 3)
+    assert sets.labeled_logits.shape == (len(data.train_x), k, 3)
+    assert sets.unlabeled_logits.shape == (len(data.unlabeled_x), k, 3)
+    assert sets.policy["made_at"] == BIG  # views were made on the teacher copy, then shrunk
+    assert sets.policy["teacher"]["sha256"] == checkpoints_sha(photos_pipeline["teacher"] / "teacher.pt")
+    assert sets.view_kinds == ["weak", "strong"]
+
+
+def checkpoints_sha(path: Path) -> str:
+    from kdpipe.data import file_sha256
+
+    return file_sha256(path)
+
+
+def test_exported_student_takes_the_student_size(photos_pipeline):
+    from shutil import copyfile
+
+    from kdpipe.onnx_utils import CPU, make_session
+
+    selected = photos_pipeline["base"] / "selected"
+    selected.mkdir(exist_ok=True)
+    copyfile(photos_pipeline["distill"] / "student.pt", selected / "model.pt")
+    _keep_threads(export.run, photos_pipeline["params"], selected, photos_pipeline["prepared"],
+                  photos_pipeline["export"])
+    session = make_session(photos_pipeline["export"] / "model.onnx", [CPU])
+    assert session.get_inputs()[0].shape[1:] == [3, STUDENT, STUDENT]
+    assert read_json(photos_pipeline["export"] / "preprocess.json")["image_size"] == STUDENT
+    assert not (photos_pipeline["distill"] / "teacher.pt").exists()  # a frozen teacher is not a result
+
+
+# ------------------------------------------------------------------------------ the logit cache
+@pytest.mark.parametrize("recipe", ["kd", "consistency", "adaptive"])
+def test_cached_logits_give_the_same_losses_as_running_the_teacher(recipe, tiny_pipeline_dirs, tmp_path):
+    d = tiny_pipeline_dirs
+    params = tiny_params(recipe=recipe)
+    trainers = {cached: _keep_threads(distill.build_trainer, params, d["prepared"], d["augmented"], d["teacher"],
+                                      tmp_path / str(cached), progress=False, use_cached_logits=cached)
+                for cached in (True, False)}
+    calls = {True: 0, False: 0}
+    for cached, trainer in trainers.items():
+        trainer.teacher.register_forward_hook(lambda *args, c=cached: calls.__setitem__(c, calls[c] + 1))
+    losses = {}
+    for cached, trainer in trainers.items():
+        batch = trainer._batch()
+        with torch.no_grad():
+            _, losses[cached] = total_loss(trainer.recipe, trainer._forward(batch), trainer.hyper)
+    assert calls == {True: 0, False: 1}  # with the cache the teacher never runs
+    assert losses[True].keys() == losses[False].keys()
+    for name in losses[True]:
+        assert losses[True][name] == pytest.approx(losses[False][name], rel=1e-6, abs=1e-7), name
+
+
+def test_onnxruntime_computes_the_same_cache(tiny_pipeline_dirs, tmp_path):
+    """augment's default on a CPU: the teacher's logits from onnxruntime, checked against torch."""
+    d = tiny_pipeline_dirs
+    raw = d["params"].model_dump(mode="json")
+    raw["augment"]["teacher_inference"] = "onnxruntime"
+    from kdpipe.params import validate_params
+
+    policy = _keep_threads(augment.run, validate_params(raw), d["prepared"], tmp_path / "aug", d["teacher"])
+    assert policy["teacher"]["inference"] == "onnxruntime" and policy["teacher"]["parity_max_abs"] <= 1e-3
+    by_ort, by_torch = augment.load_views(tmp_path / "aug"), augment.load_views(d["augmented"])
+    assert np.array_equal(by_ort.labeled_views, by_torch.labeled_views)  # the same seeded views
+    np.testing.assert_allclose(by_ort.unlabeled_logits, by_torch.unlabeled_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_stale_cached_logits_are_refused(tiny_pipeline_dirs, tmp_path):
+    import shutil
+
+    d = tiny_pipeline_dirs
+    other = tmp_path / "teacher"
+    shutil.copytree(d["teacher"], other)
+    ckpt = checkpoints.load(other / "teacher.pt")
+    ckpt["state_dict"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    checkpoints.save(ckpt, other / "teacher.pt")
+    with pytest.raises(IntegrityError, match="another teacher"):
+        distill.build_trainer(tiny_params(recipe="kd"), d["prepared"], d["augmented"], other, tmp_path / "out",
+                              progress=False)
+
+
+def test_views_from_other_data_are_refused(tiny_pipeline_dirs, tmp_path):
+    write_tiny_dataset(tmp_path / "data", labeled_per_class=4, unlabeled=3, seed=7)
+    _keep_threads(prepare.run, tiny_params(), tmp_path / "data", tmp_path / "prepared")
+    d = tiny_pipeline_dirs
+    with pytest.raises(IntegrityError, match="another prepared data set"):
+        distill.build_trainer(tiny_params(recipe="kd"), tmp_path / "prepared", d["augmented"], d["teacher"],
+                              tmp_path / "out", progress=False)
+
+
+def test_stored_views_follow_the_schedule_probability(tiny_pipeline_dirs, tmp_path):
+    """Stored weak/strong views reproduce Aug(x; p): a view slot is strong with probability p, and two
+    slots of one sample never take the same stored view."""
+    from kdpipe.views import StoredViews
+
+    d = tiny_pipeline_dirs
+    trainer = _keep_threads(distill.build_trainer, tiny_params(recipe="adaptive"), d["prepared"], d["augmented"],
+                            d["teacher"], tmp_path / "out", progress=False)
+    views = trainer.views
+    assert isinstance(views, StoredViews) and views.strong.tolist() == [False, True]
+
+    class Fixed:  # a schedule frozen at chosen probabilities
+        def __init__(self, p1, p2):
+            self.p = (p1, p2, 1.0)
+
+        def current(self):
+            return self.p
+
+    views.schedule = Fixed(0.0, 1.0)
+    first, second = views.choose(4000)
+    assert (first == 0).all() and (second == 1).all()
+    views.schedule = Fixed(0.3, 0.3)
+    first, second = views.choose(4000)
+    assert 0.25 < (first == 1).float().mean() < 0.35
+    assert (first != second).all()
+
+
+# ------------------------------------------------------------------------------ fine-tuning recipe
+def test_frozen_backbone_phase_trains_the_head_alone(tmp_path):
+    write_tiny_dataset(tmp_path / "data", labeled_per_class=6, unlabeled=2)
+    params = tiny_params()
+    raw = params.model_dump(mode="json")
+    raw["teacher"].update(max_iterations=4, eval_every=2, freeze_backbone_fraction=0.5, backbone_lr_scale=0.1,
+                          freeze_batchnorm=True)
+    from kdpipe.engine import LoopConfig
+    from kdpipe.params import validate_params
+
+    params = validate_params(raw)
+    cfg = LoopConfig.from_teacher(params.teacher)
+    assert cfg.freeze_backbone_iterations == 2 and cfg.backbone_lr_scale == 0.1
+    _keep_threads(prepare.run, params, tmp_path / "data", tmp_path / "prepared")
+    states = []
+
+    def snapshot(trainer):
+        states.append({k: v.clone() for k, v in trainer.student.backbone.state_dict().items()})
+
+    from kdpipe.engine import Trainer
+
+    original = Trainer._step
+
+    def step(self):
+        parts = original(self)
+        snapshot(self)
+        return parts
+
+    Trainer._step = step
+    try:
+        _keep_threads(teacher.run, params, tmp_path / "prepared", tmp_path / "teacher")
+    finally:
+        Trainer._step = original
+    # iterations 1-2: backbone (weights AND BatchNorm statistics) untouched; 3-4: it learns
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert any(not torch.equal(states[1][k], states[3][k]) for k in states[1] if states[1][k].is_floating_point())
+    # BatchNorm statistics stay the pretrained ones throughout (freeze_batchnorm)
+    running = [k for k in states[0] if k.endswith("running_mean")]
+    assert running and all(torch.equal(states[0][k], states[3][k]) for k in running)
+
+
+def test_backbone_learns_at_its_own_rate(tiny_pipeline_dirs, tmp_path):
+    from kdpipe.engine import LoopConfig, sgd
+    from kdpipe.models import build_model
+
+    model = build_model("cnn_tiny", 3, 16)
+    opt = sgd(model.parameters(), LoopConfig(lr=0.1, backbone_lr_scale=0.05), list(model.backbone.parameters()))
+    rates = {(g["role"], g["weight_decay"] > 0): g["lr"] for g in opt.param_groups}
+    assert rates == {("head", True): 0.1, ("head", False): 0.1, ("backbone", True): pytest.approx(0.005),
+                     ("backbone", False): pytest.approx(0.005)}
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert all(p.ndim > 1 for p in model.parameters() if id(p) in decayed)  # never norms or biases
+
+
+# ------------------------------------------------------------------------------ early stopping
+def test_early_stopping_follows_the_student_not_the_teacher(tiny_pipeline_dirs, tmp_path):
+    d = tiny_pipeline_dirs
+    params = tiny_params(recipe="cotrain", patience=2, target_metric=0.9)
+    trainer = _keep_threads(distill.build_trainer, params, d["prepared"], d["augmented"], d["teacher"],
+                            tmp_path / "out", progress=False)
+    # a strong teacher above the target, a student still learning: no stop
+    for student in (0.4, 0.5, 0.6):
+        trainer._after_eval({"val_acc_student": student, "val_acc_teacher": 0.99})
+        assert trainer.stop_reason is None
+    # the student stalls for `patience` evaluations while the teacher improves: stop
+    trainer._after_eval({"val_acc_student": 0.6, "val_acc_teacher": 0.995})
+    assert trainer.stop_reason is None
+    trainer._after_eval({"val_acc_student": 0.55, "val_acc_teacher": 1.0})
+    assert "no improvement" in trainer.stop_reason
+    # the target is the student's
+    trainer.stop_reason = None
+    trainer._after_eval({"val_acc_student": 0.95, "val_acc_teacher": 0.5})
+    assert "target_metric" in trainer.stop_reason
