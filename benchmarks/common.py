@@ -110,12 +110,27 @@ def write_prepared(directory: str | os.PathLike, train_x, train_y, val_x, val_y,
 
 
 # ------------------------------------------------------------------------------------- scoring
-def test_accuracy(checkpoint: str | os.PathLike, x_test: np.ndarray, y_test: np.ndarray, runtime) -> float:
-    """Test accuracy of a saved kdpipe model checkpoint, through kdpipe's own predict path."""
+def test_accuracy(checkpoint: str | os.PathLike, x_test: np.ndarray, y_test: np.ndarray, runtime,
+                  onnxruntime: bool = False) -> float:
+    """Test accuracy of a saved kdpipe model checkpoint, through kdpipe's own predict path (torch), or
+    through its ONNX export and onnxruntime on the CPU (``onnxruntime=True``: much faster for large
+    teachers; the export is checked against torch by kdpipe's export tests)."""
     from kdpipe import checkpoints
     from kdpipe.engine import accuracy, predict_logits
 
-    model, _ = checkpoints.load_model(checkpoint)
+    model, ckpt = checkpoints.load_model(checkpoint)
+    if onnxruntime and runtime.device.type == "cpu":
+        import tempfile
+
+        import torch
+
+        from kdpipe.onnx_utils import CPU, export_onnx, make_session, run_logits
+        from kdpipe.onnx_utils import accuracy as np_accuracy
+
+        with tempfile.TemporaryDirectory(prefix="kdpipe-bench-") as tmp:
+            path = export_onnx(model, Path(tmp) / "model.onnx", int(ckpt["image_size"]), 17)
+            session = make_session(path, [CPU], threads=torch.get_num_threads())
+            return float(np_accuracy(run_logits(session, x_test), y_test))
     model = model.to(runtime.device)
     return accuracy(predict_logits(model, x_test, runtime), y_test)
 

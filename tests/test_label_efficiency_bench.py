@@ -35,7 +35,8 @@ def write_tiny_npz(path, per_class: int = 40, size: int = 8, seed: int = 0) -> N
 def run_bench(tmp_path, name: str, *extra: str) -> dict:
     out = tmp_path / name
     argv = ["--data", str(tmp_path / "tiny.npz"), "--fractions", "0.25", "--seeds", "0", "1",
-            "--recipes", "kd", "--iterations", "6", "--teacher-iterations", "6", "--eval-every", "3",
+            "--recipes", "kd", "--iterations", "6", "--path-iterations", "9", "--teacher-iterations", "6",
+            "--eval-every", "3",
             "--batch-size", "8", "--student-arch", "cnn_tiny", "--teacher-arch", "cnn_tiny",
             "--teacher-weights", "null", "--teacher-image-size", "16", "--teacher-batch-size", "8",
             "--out", str(out), *extra]
@@ -55,7 +56,7 @@ def results(tmp_path_factory):
 def test_every_seed_gets_every_run(results, mode):
     tmp_path, by_mode = results
     result = by_mode[mode]
-    every = ["cache", "ceiling", "equal_wall_clock", "kd", "supervised", "teacher"]
+    every = ["cache", "ceiling", "equal_wall_clock", "kd", "path", "supervised", "teacher"]
     kinds_per_seed = {seed: sorted(r["kind"] for r in result["runs"] if r["seed"] == seed) for seed in (0, 1)}
     assert kinds_per_seed == {0: every, 1: every}
     for row in result["runs"]:
@@ -63,6 +64,8 @@ def test_every_seed_gets_every_run(results, mode):
             assert 0.0 <= row["test_student"] <= 1.0
         if row["kind"] in ("supervised", "kd", "ceiling"):
             assert row["iterations"] == 6
+        if row["kind"] == "path":
+            assert row["iterations"] == 9
     kd = next(e for e in result["summary"] if e["run"] == "kd")
     assert kd["seeds"] == [0, 1] and len(kd["test_student_per_seed"]) == 2
     md = (tmp_path / mode).with_suffix(".md").read_text()
@@ -79,9 +82,9 @@ def test_derived_figures_follow_from_the_raw_rows(results, mode):
     runs = result["runs"]
     for seed in (0, 1):
         row = {r["kind"]: r for r in runs if r["seed"] == seed}
-        path = row["teacher"]["wall_s"] + row["cache"]["wall_s"] + row["kd"]["wall_s"]
+        path = row["teacher"]["wall_s"] + row["cache"]["wall_s"] + row["path"]["wall_s"]
         assert row["equal_wall_clock"]["path_s"] == pytest.approx(path, abs=0.11)
-        per_iteration = row["supervised"]["wall_s"] / row["supervised"]["iterations"]
+        per_iteration = max(row["supervised"]["wall_s"], 0.1) / row["supervised"]["iterations"]
         assert row["equal_wall_clock"]["iterations"] == max(1, round(path / per_iteration))
         assert row["cache"]["views"] == 2 * (row["supervised"]["labels_train"] + row["supervised"]["unlabeled"])
     kd = next(e for e in result["summary"] if e["run"] == "kd")

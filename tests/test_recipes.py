@@ -59,7 +59,7 @@ def test_recipe_flags_follow_spec():
     assert [t.name for t in full.terms] == ["ce_s", "ce_t", "mutual", "cons"]
 
     kd = build_recipe("kd")
-    assert kd.uses_teacher and not kd.trains_teacher and kd.uses_unlabeled and kd.view_plan == "weak"
+    assert kd.uses_teacher and not kd.trains_teacher and kd.uses_unlabeled and kd.view_plan == "any"
     assert [t.name for t in kd.terms] == ["ce", "kd"]
 
     # a frozen teacher means stored views (its logits are cached on them); a trained one, online views

@@ -208,6 +208,12 @@ def test_stored_views_follow_the_schedule_probability(tiny_pipeline_dirs, tmp_pa
     assert 0.25 < (first == 1).float().mean() < 0.35
     assert (first != second).all()
 
+    # kd reads any stored view, weak or strong, uniformly
+    kd = _keep_threads(distill.build_trainer, tiny_params(recipe="kd"), d["prepared"], d["augmented"],
+                       d["teacher"], tmp_path / "kd", progress=False)
+    (only,) = kd.views.choose(4000)
+    assert 0.45 < (only == 1).float().mean() < 0.55
+
 
 # ------------------------------------------------------------------------------ fine-tuning recipe
 def test_frozen_backbone_phase_trains_the_head_alone(tmp_path):

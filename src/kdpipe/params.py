@@ -104,8 +104,11 @@ class TrainParams(_Group):
     checkpoint_every: int = Field(50, ge=1)
     patience: int = Field(0, ge=0, description="evaluations without improvement before stopping; 0 = off")
     target_metric: float = Field(1.01, ge=0.0, le=1.01, description="stop when validation accuracy reaches it")
-    tau: float = Field(1.0, gt=0.0, le=100.0, description="distillation temperature")
+    tau: float = Field(1.0, gt=0.0, le=100.0, description="temperature of the KD terms (kd, adaptive, consistency)")
     # Method C
+    mutual_tau: float = Field(
+        1.0, gt=0.0, le=100.0,
+        description="temperature of the mutual (DML) term; separate because that term is not tau^2-scaled")
     w_mutual: float = Field(1.0, ge=0.0, le=100.0)
     w_feat: float = Field(0.0, ge=0.0, le=100.0)
     teacher_trainable: bool = True
@@ -115,7 +118,9 @@ class TrainParams(_Group):
     )
     # Method A
     schedule_rule: Literal["adaptive", "linear", "fixed"] = "adaptive"
-    p_max: float = Field(0.8, ge=0.0, le=1.0)
+    p_max: float = Field(0.8, ge=0.0, le=1.0, description="Method A: the strongest augmentation probability")
+    p_fixed: float | None = Field(
+        None, ge=0.0, le=1.0, description="Method A, rule 'fixed': the constant p1; null = p_max / 2")
     delta: float = Field(0.0, ge=0.0, le=1.0)
     w_init: float = Field(1.0, ge=0.0, le=1.0)
     w_min: float = Field(0.3, ge=0.0, le=1.0)

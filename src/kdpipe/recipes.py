@@ -38,7 +38,8 @@ class StepOutputs:
 class Hyper:
     """The scalars terms need: from params, plus the schedule's current ``w``."""
 
-    tau: float = 1.0
+    tau: float = 1.0  # KD temperature (tau^2-scaled terms)
+    mutual_tau: float = 1.0  # Method C's mutual term has its own: DML is not tau^2-scaled (see losses.dml)
     w: float = 1.0
     w_mutual: float = 1.0
     w_feat: float = 0.0
@@ -63,7 +64,9 @@ class Term:
 @dataclass(frozen=True)
 class Recipe:
     name: str
-    # "weak": one weakly augmented view; "scheduled": view k at Method A's p1 (k = 0) or p2
+    # "weak": one weakly augmented view; "any": one of the stored views, weak or strong, at random
+    # (consistent teaching: the teacher's cached answer is for exactly that view, so strong views
+    # are as good a lesson as weak ones); "scheduled": view k at Method A's p1 (k = 0) or p2
     # (k >= 1); "stored": the K views written by the augment step (+ light jitter).
     view_plan: str
     num_views: int
@@ -94,7 +97,7 @@ def _ce_teacher(out: StepOutputs, h: Hyper, proj) -> torch.Tensor:
 def _mutual(out: StepOutputs, h: Hyper, proj) -> torch.Tensor:
     # Method C: symmetric KL on ALL samples of the shared view; gradients reach both networks
     # (a frozen teacher's logits carry no graph, which turns this into SSLD-style distillation).
-    return losses.dml(out.student[0], out.teacher[0], h.tau)
+    return losses.dml(out.student[0], out.teacher[0], h.mutual_tau)
 
 
 def _feature(out: StepOutputs, h: Hyper, proj) -> torch.Tensor:
@@ -141,7 +144,7 @@ def build_recipe(name: str, views: int = 3, teacher_trainable: bool = True, w_fe
     if name == "kd":
         # Plain distillation from a fixed teacher: CE on the labels + KD on labeled AND unlabeled samples.
         terms = (Term("ce", lambda h: h.a, _ce_student), Term("kd", lambda h: h.c, _kd_all))
-        return Recipe(name, "weak", 1, True, True, False, False, (0,), terms)
+        return Recipe(name, "any", 1, True, True, False, False, (0,), terms)
     if name == "cotrain":
         terms = (Term("ce_s", _one, _ce_student),)
         if teacher_trainable:

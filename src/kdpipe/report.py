@@ -103,6 +103,7 @@ def summary_rows(repo: Path) -> list[tuple[str, Any]]:
     """The key numbers of the last run, read from the stages' report files."""
     r = repo / "reports"
     manifest = _load(r / "prepare/manifest.json") or {}
+    teacher = _load(r / "teacher/metrics.json") or {}
     distill = _load(r / "distill/metrics.json") or {}
     selection = _load(r / "select/selection.json") or {}
     evaluation = _load(r / "evaluate/metrics.json") or {}
@@ -112,10 +113,13 @@ def summary_rows(repo: Path) -> list[tuple[str, Any]]:
         ("data version", manifest.get("data_version", "")[:12] or None),
         ("images: train / val / unlabeled / test / rejected",
          " / ".join(str(counts.get(k, "–")) for k in ("train", "val", "unlabeled", "test", "rejected"))),
+        ("teacher", teacher.get("arch") and f"{teacher.get('arch')} ({teacher.get('weights') or 'from scratch'}, "
+                                            f"{teacher.get('image_size')} px)"),
+        ("teacher validation accuracy", teacher.get("val_accuracy")),
         ("recipe", distill.get("recipe")),
         ("iterations", distill.get("iterations")),
         ("best validation accuracy: student", distill.get("val_acc_student")),
-        ("best validation accuracy: teacher", distill.get("val_acc_teacher")),
+        ("best validation accuracy: co-trained teacher", distill.get("val_acc_teacher")),
         ("selected model", selection.get("chosen")),
         ("why", selection.get("reason")),
         ("test accuracy (ONNX fp32)", evaluation.get("accuracy")),

@@ -92,6 +92,7 @@ class AugmentationSchedule:
             w_init=train_params.w_init,
             w_min=train_params.w_min,
             w_step=train_params.w_step,
+            p_fixed=getattr(train_params, "p_fixed", None),
         )
 
     @property

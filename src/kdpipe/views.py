@@ -3,6 +3,7 @@
 A recipe asks for ``num_views`` views of every sample of a batch, following its ``view_plan``:
 
 * ``weak`` -- one weakly augmented view (flip + crop);
+* ``any`` -- one stored view, weak or strong, chosen at random (frozen-teacher recipes only);
 * ``scheduled`` -- view 0 strongly augmented with probability ``p1``, the others with ``p2``
   (SPEC Method A's two probabilities, from the schedule);
 * ``stored`` -- ``num_views`` different augmented views of the sample (SPEC Method B).
@@ -127,6 +128,8 @@ class StoredViews:
         plan = self.recipe.view_plan
         if plan == "weak":
             return [0.0]
+        if plan == "any":
+            return [None]
         if plan == "scheduled":
             p1, p2, _ = self.schedule.current()
             return [p1 if v == 0 else p2 for v in range(self.recipe.num_views)]
