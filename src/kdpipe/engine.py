@@ -139,7 +139,7 @@ def predict_logits(model: nn.Module, images: np.ndarray, runtime: Runtime, batch
     outputs = []
     for start in range(0, len(images), batch_size):
         x = runtime.to_device(to_nchw(images[start:start + batch_size])).float().div_(255.0)
-        if runtime.channels_last:
+        if runtime.wants_channels_last(model):
             x = x.contiguous(memory_format=torch.channels_last)
         with runtime.autocast():
             outputs.append(model(x).float().cpu())
@@ -185,10 +185,12 @@ class Trainer:
         if w_feat > 0 and self.teacher is not None:
             # learned linear map from student to teacher feature width (SPEC, Method C, optional)
             self.projection = nn.Linear(self.student.feature_dim, self.teacher.feature_dim).to(runtime.device)
-        if runtime.channels_last:
+        self.student_cl = runtime.wants_channels_last(self.student)
+        self.teacher_cl = self.teacher is not None and runtime.wants_channels_last(self.teacher)
+        if self.student_cl:
             self.student = self.student.to(memory_format=torch.channels_last)
-            if self.teacher is not None:
-                self.teacher = self.teacher.to(memory_format=torch.channels_last)
+        if self.teacher_cl:
+            self.teacher = self.teacher.to(memory_format=torch.channels_last)
 
         student_params = list(self.student.parameters())
         if self.projection is not None:
@@ -282,7 +284,7 @@ class Trainer:
         t_feats = None
         if to_run:
             xt = torch.cat([batch.teacher[v] for v in to_run])
-            if self.rt.channels_last:
+            if self.teacher_cl:
                 xt = xt.contiguous(memory_format=torch.channels_last)
             with torch.set_grad_enabled(self.recipe.trains_teacher):
                 t_out = self.teacher_ddp(xt, with_features=want_features) if want_features else self.teacher_ddp(xt)
@@ -295,7 +297,7 @@ class Trainer:
         n = batch.student[0].shape[0]
         want_features = self.projection is not None
         x = torch.cat(batch.student)
-        if self.rt.channels_last:
+        if self.student_cl:
             x = x.contiguous(memory_format=torch.channels_last)
         s_out = self.student_ddp(x, with_features=want_features) if want_features else self.student_ddp(x)
         s_logits, s_feats = s_out if want_features else (s_out, None)
