@@ -46,9 +46,15 @@ data: setup ## make sure data/ holds data: pull it from the DVC remote, else wri
 	       && $(BIN)/dvc add --quiet data/labeled data/test data/unlabeled/batch-0001; }; \
 	fi
 
-repro: data ## run the whole pipeline (dvc repro); a second run does nothing
-	$(BIN)/dvc repro
-	@$(BIN)/dvc push --quiet 2>/dev/null || echo "note: dvc push to the default remote failed (outputs stay in the local cache)"
+# S holds GROUP.KEY=VALUE settings written into params.yaml (validated, comments kept) before the run:
+# make repro S="prepare.image_size=64 augment.flip=true"
+repro: data ## run the whole pipeline (dvc repro) [S="group.key=value ..."]; a second run does nothing
+	@if [ -n "$(S)" ]; then $(BIN)/kdpipe params --write $(foreach setting,$(S),-S $(setting)); fi
+	@# dvc repro ends with "Use \`dvc push\`..." although the next line pushes: that hint is filtered
+	@# from its stdout only (the stages' progress bars are on stderr and keep the terminal).
+	@set -o pipefail; $(BIN)/dvc repro | { grep --line-buffered -v '^Use `dvc push`' || true; }
+	@$(BIN)/dvc push --quiet 2>/dev/null && echo "outputs pushed to the default DVC remote" \
+	  || echo "note: dvc push to the default remote failed (outputs stay in the local cache)"
 
 report: setup ## render the DVC plots to PNG offline + a one-page report in reports/summary/
 	$(BIN)/kdpipe report --out reports/summary
@@ -59,9 +65,11 @@ compare: setup ## compare experiments and metrics with the last commit (dvc exp 
 
 # `dvc exp run` straight from .venv/bin would not find `kdpipe` (the stages call it by name): this
 # target runs it with the venv on PATH. S holds one or more GROUP.KEY=VALUE settings.
+# An experiment runs in a temporary copy of the workspace (--temp: params.yaml and the outputs here are
+# left as they are) and never moves the registry's @champion (register.promote=false).
 exp: setup ## run the pipeline as a DVC experiment: make exp S="train.recipe=cotrain train.mu=2" [NAME=...]
 	@test -n "$(S)" || { echo 'usage: make exp S="train.recipe=cotrain [more GROUP.KEY=VALUE]" [NAME=name]'; exit 2; }
-	$(BIN)/dvc exp run $(if $(NAME),-n $(NAME)) $(foreach setting,$(S),-S $(setting))
+	$(BIN)/dvc exp run --temp $(if $(NAME),-n $(NAME)) -S register.promote=false $(foreach setting,$(S),-S $(setting))
 
 bench: setup ## quick benchmarks (needs `make repro` first; results in benchmarks/results/, see BENCHMARKS.md)
 	$(BIN)/python -m benchmarks.inference

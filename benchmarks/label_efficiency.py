@@ -71,8 +71,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 2 CPU cores, <= 30 minutes in all (measured; see BENCHMARKS.md): two seeds side by side.
     "quick": dict(fractions=[0.1], seeds=[0, 1], recipes=["kd"], student_arch="cnn_tiny",
                   **PRETRAINED, teacher_image_size=96, teacher_iterations=200, teacher_batch_size=32,
-                  teacher_lr=0.01, image_size=32, batch_size=64, mu=1.0, tau=4.0, iterations=800,
-                  path_iterations=3200, eval_every=100, views=2, lr=0.1, device="cpu", jobs=2,
+                  teacher_lr=0.01, image_size=32, batch_size=64, mu=2.0, tau=4.0, iterations=800,
+                  path_iterations=1900, eval_every=100, views=2, lr=0.1, device="cpu", jobs=2,
                   equal_wall_clock=True),
     # GPU: every recipe, two label fractions, two seeds, budgets where the supervised run has converged
     "full": dict(fractions=[0.1, 0.2], seeds=[0, 1], recipes=["kd", "consistency", "adaptive", "cotrain", "full"],

@@ -36,11 +36,11 @@ def _trainer(params, workdir: Path):
                          REPO / "artifacts/teacher", workdir, progress=False)
 
 
-def _step_on(trainer, views, labels) -> None:
-    """One optimisation step of the trainer's recipe on given views (the shared model step)."""
+def _step_on(trainer, batch) -> None:
+    """One optimisation step of the trainer's recipe on a given batch (the shared model step)."""
     from kdpipe.recipes import total_loss
 
-    out = trainer._forward(views, labels)
+    out = trainer._forward(batch)
     loss, _ = total_loss(trainer.recipe, out, trainer.hyper, trainer.projection)
     for opt in (trainer.opt_s, trainer.opt_t):
         if opt is not None:
@@ -99,8 +99,7 @@ def run(args) -> dict:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kdpipe-throughput-"))
     trainer = _trainer(params, workdir)
     n_samples = trainer.cfg.batch_size + trainer.sampler.unlabeled_size
-    views_fixed, labels_fixed = trainer._batch()
-    views_fixed = [v.clone() for v in views_fixed]
+    fixed = trainer._batch()
     loaders = _naive_loaders(params, trainer.cfg.batch_size, trainer.sampler.unlabeled_size,
                              trainer.recipe.num_views, args.workers)
     def endless(loader):  # a small labeled set runs out of batches: start a new epoch, as users do
@@ -110,15 +109,19 @@ def run(args) -> dict:
     iters = [endless(loader) for loader in loaders]
 
     def naive_batch():
+        from kdpipe.views import Batch
+
         (xl, yl), (xu, _) = next(iters[0]), next(iters[1])
         x = torch.cat([xl, xu])  # (N, K, C, H, W)
         labels = torch.cat([yl, torch.full((len(xu),), -1)])
-        return [x[:, k] for k in range(x.shape[1])], labels
+        views = [x[:, k] for k in range(x.shape[1])]
+        wanted = set(trainer.recipe.teacher_views)
+        return Batch(labels, views, [v if k in wanted else None for k, v in enumerate(views)], [None] * len(views))
 
     modes = {
         "kdpipe distill step": lambda: trainer._step(),
-        "compute-only bound": lambda: _step_on(trainer, views_fixed, labels_fixed),
-        "naive ImageFolder + DataLoader": lambda: _step_on(trainer, *naive_batch()),
+        "compute-only bound": lambda: _step_on(trainer, fixed),
+        "naive ImageFolder + DataLoader": lambda: _step_on(trainer, naive_batch()),
     }
     for call in modes.values():  # warm-up (DataLoader workers start, kernels chosen)
         call()

@@ -17,7 +17,7 @@ def test_committed_params_file_is_valid_and_complete():
     # Every schema key appears in params.yaml, so users see every knob in one place.
     for group, values in dump_defaults().items():
         assert set(raw[group]) == set(values), f"params.yaml group '{group}' is missing keys"
-    assert params.train.recipe == "full"
+    assert params.train.recipe == "kd"
 
 
 def test_groups_follow_the_pipeline_steps():
@@ -75,3 +75,45 @@ def test_invalid_yaml_names_the_file(tmp_path):
     path.write_text("train: [unclosed\n")
     with pytest.raises(ParamsError, match="params.yaml: not valid YAML"):
         load_params(path)
+
+
+def test_write_overrides_edits_values_in_place_and_keeps_comments(tmp_path):
+    from kdpipe.params import write_overrides
+
+    path = tmp_path / "params.yaml"
+    original = (REPO / "params.yaml").read_text()
+    path.write_text(original)
+    changed = write_overrides(path, ["prepare.image_size=64", "augment.flip=true", "evaluate.providers=[CPUExecutionProvider]"])
+    assert changed == ["prepare.image_size: 64", "augment.flip: true", "evaluate.providers: [CPUExecutionProvider]"]
+    text = path.read_text()
+    assert "  image_size: 64             # images are resized" in text  # the comment stays in its column
+    assert load_params(path).prepare.image_size == 64 and load_params(path).augment.flip is True
+    # every other line is untouched
+    diff = [(a, b) for a, b in zip(original.splitlines(), text.splitlines(), strict=True) if a != b]
+    assert len(diff) == 2
+
+
+def test_write_overrides_refuses_before_writing(tmp_path):
+    from kdpipe.params import write_overrides
+
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    before = path.read_bytes()
+    for bad in (["prepare.image_sise=64"], ["prepare.image_size=2"], ["prepare.image_size=64", "train.lr=-1"]):
+        with pytest.raises(ParamsError):
+            write_overrides(path, bad)
+        assert path.read_bytes() == before
+
+
+def test_schema_defaults_and_params_yaml_agree_on_the_teacher_and_distillation_defaults():
+    """The settings the pretrained-teacher default depends on have one value, wherever it is read."""
+    from kdpipe.params import Params
+
+    committed = load_params(REPO / "params.yaml")
+    schema = Params()
+    for group, keys in {"teacher": ("arch", "weights", "lr", "backbone_lr_scale", "freeze_batchnorm",
+                                    "label_smoothing", "warmup_fraction"),
+                        "train": ("recipe", "tau", "mutual_tau", "mu", "lr"),
+                        "select": ("max_params",)}.items():
+        for key in keys:
+            assert getattr(getattr(committed, group), key) == getattr(getattr(schema, group), key), f"{group}.{key}"

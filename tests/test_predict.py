@@ -108,3 +108,55 @@ def test_cli_predict(pipeline, tmp_path, capsys):
     assert main(["predict", str(pipeline["data"] / "test" / "red"), "--model", str(pipeline["model"])]) == 0
     assert capsys.readouterr().out.startswith("path,top1,p1,top2,p2,top3,p3,error\n")
     assert main(["predict", str(tmp_path / "missing"), "--model", str(pipeline["model"])]) == 2
+
+
+@pytest.mark.parametrize("option", [["--batch-size", "0"], ["--batch-size", "-3"], ["--top-k", "0"]])
+def test_options_that_would_classify_nothing_are_refused(pipeline, tmp_path, capsys, option):
+    out = tmp_path / "pred.csv"
+    code = main(["predict", str(pipeline["data"] / "test"), "--model", str(pipeline["model"]), "--output", str(out),
+                 *option])
+    assert code == 2 and option[0] in capsys.readouterr().err and not out.exists()
+
+
+def test_a_folder_without_images_is_an_error_not_an_empty_csv(pipeline, tmp_path, capsys):
+    empty, notes = tmp_path / "empty", tmp_path / "notes"
+    empty.mkdir()
+    notes.mkdir()
+    (notes / "readme.txt").write_text("no pictures here")
+    for folder in (empty, notes):
+        out = tmp_path / f"{folder.name}.csv"
+        assert main(["predict", str(folder), "--model", str(pipeline["model"]), "--output", str(out)]) == 2
+        assert "no image file found" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("sidecar, message", [
+    ("{not json", "not valid JSON"),
+    ('{"image_size": 16, "class_names": ["blue", "green"]}', "lists 2 class names but"),
+    ('{"image_size": "big", "class_names": ["blue", "green", "red"]}', "image_size must be a positive integer"),
+    ('{"image_size": 16, "class_names": []}', "class_names must be a non-empty list"),
+    ("[1, 2]", "expected a JSON object"),
+])
+def test_a_broken_sidecar_is_one_clear_error(pipeline, tmp_path, capsys, sidecar, message):
+    model = tmp_path / "model.onnx"
+    shutil.copy(pipeline["model"], model)
+    (tmp_path / "preprocess.json").write_text(sidecar)
+    assert main(["predict", str(pipeline["data"] / "test"), "--model", str(model)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "preprocess.json" in err and "Traceback" not in err
+
+
+def test_output_in_a_read_only_folder_fails_before_classifying(pipeline, tmp_path, capsys, monkeypatch):
+    from test_write_failures import _can_mount, tmpfs
+
+    if not _can_mount():
+        pytest.skip("needs root and mount(8) to make a read-only tmpfs")
+    import kdpipe.steps.predict as predict_module
+
+    called = []
+    monkeypatch.setattr(predict_module, "predict", lambda *a, **k: called.append(1) or [])
+    with tmpfs(tmp_path / "ro", "64k", read_only=True) as ro:
+        code = main(["predict", str(pipeline["data"] / "test"), "--model", str(pipeline["model"]),
+                     "--output", str(ro / "pred.csv")])
+    err = capsys.readouterr().err
+    assert code == 2 and "read-only" in err and "Traceback" not in err
+    assert called == []  # nothing was classified for a result that could not be saved

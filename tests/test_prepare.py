@@ -218,7 +218,7 @@ def test_bad_files_are_listed_and_hidden_files_ignored(image_dataset, make_image
         "labeled/cat/tiny.png": "too_small",
         "labeled/cat/link.png": "symlink_outside_root",
         "labeled/stray.png": "outside_class_folder",
-        "unlabeled/inside_link.png": "duplicate",  # same pixels as the labeled file it points to
+        "unlabeled/inside_link.png": "visited_twice",  # the labeled file it points to, already read
     }
     entry = rejects_by_path(out)["labeled/cat/empty.png"]
     assert entry["split"] == "labeled" and entry["detail"]

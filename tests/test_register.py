@@ -13,6 +13,7 @@ from kdpipe.steps import register
 from kdpipe.steps.register import decide_promotion
 
 SECRET = "kdpipe-test-secret-123"
+ROOT = Path(__file__).resolve().parents[1]
 NAME = "kdpipe-test-model"
 IMAGE_SIZE = 16
 
@@ -147,6 +148,26 @@ def test_champion_moves_only_for_a_better_model(store, onnx_model):
     assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "3"
     tags = client.get_model_version(NAME, "3").tags
     assert tags["test_accuracy"] == "0.85" and tags["data_version"] == "dv-1" and tags["git_commit"] == "unknown"
+
+
+def test_an_experiment_never_moves_the_champion(store, onnx_model):
+    """`make exp` runs with register.promote=false: the better model is registered (and becomes
+    @challenger) but @champion stays where it was, and the decision says why."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    _register(store, onnx_model, 0.5)
+    champion = str(client.get_model_version_by_alias(NAME, "champion").version)
+    experiment = _register(store, onnx_model, 0.99, promote=False)
+    assert experiment["registered"] and not experiment["promoted"]
+    assert "register.promote is false" in experiment["reason"]
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == champion
+    assert str(client.get_model_version_by_alias(NAME, "challenger").version) == experiment["version"]
+
+
+def test_make_exp_runs_experiments_without_promotion_in_a_temporary_copy():
+    recipe = next(line for line in (ROOT / "Makefile").read_text().splitlines() if "dvc exp run" in line and not line.lstrip().startswith("#"))
+    assert "--temp" in recipe and "-S register.promote=false" in recipe
 
 
 def test_quality_gate_blocks_registration(store, onnx_model):

@@ -19,10 +19,11 @@ from kdpipe.steps import prepare, select
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
-    # val_fraction 0.5 of 8/4/4 -> validation holds 4 blue, 2 green, 2 red: a model that always
-    # answers "blue" scores 0.5, one that always answers "green" 0.25.
+    # val_fraction 0.5 of 160/80/80 -> validation holds 80 blue, 40 green, 40 red: a model that always
+    # answers "blue" scores 0.5, one that always answers "green" 0.25 -- a difference 160 validation
+    # images resolve (with 8 they could not: see the statistical-tie test).
     tmp = tmp_path_factory.mktemp("select")
-    write_images(tmp / "data", "labeled", {"blue": 8, "green": 4, "red": 4}, seed=0)
+    write_images(tmp / "data", "labeled", {"blue": 160, "green": 80, "red": 80}, seed=0, max_side=14)
     params = Params()
     params.prepare.val_fraction = 0.5
     prepare.run(params, tmp / "data", tmp / "prepared")
@@ -162,3 +163,28 @@ def test_default_limits_ship_the_small_student_over_a_large_cotrained_teacher(tm
     assert by_name["teacher"]["parameters"] > Params().select.max_params
     assert result["chosen"] == "student"
     assert "teacher (resnet18) left out: parameters" in result["reason"]
+
+
+def test_a_lead_the_validation_split_cannot_resolve_goes_to_the_smaller_model(tmp_path):
+    """8 validation images cannot tell 0.5 from 0.25 (95% interval of the paired difference covers 0):
+    the smaller model ships, and the reason gives the numbers."""
+    write_images(tmp_path / "data", "labeled", {"blue": 8, "green": 4, "red": 4}, seed=0)
+    params = Params()
+    params.prepare.val_fraction = 0.5
+    prepare.run(params, tmp_path / "data", tmp_path / "prepared")
+    distill = _distill_dir(tmp_path, tmp_path / "prepared", student=("cnn_tiny", "green"),
+                           teacher=("resnet_tiny", "blue"))
+    result = select.run(_params(), distill, tmp_path / "prepared", tmp_path / "selected")
+    assert result["chosen"] == "student"
+    (cmp,) = result["comparisons"]
+    assert cmp["a"] == "teacher" and cmp["validation_images"] == 8 and cmp["difference"] == pytest.approx(0.25)
+    assert cmp["ci95"][0] < 0 < cmp["ci95"][1] and not cmp["resolved"]
+    assert "8 validation images" in result["reason"] and "not resolvably below" in result["reason"]
+
+
+def test_paired_difference_is_exact_on_a_small_case():
+    # a right on 3 of 4, b on 1 of 4, disagreeing on 2 images
+    cmp = select.paired_difference([True, True, True, False], [True, False, False, False])
+    assert cmp["difference"] == pytest.approx(0.5) and cmp["validation_images"] == 4
+    half = 1.96 * ((sum((d - 0.5) ** 2 for d in (0, 1, 1, 0)) / 3) / 4) ** 0.5
+    assert cmp["ci95"] == pytest.approx([0.5 - half, 0.5 + half])

@@ -53,7 +53,7 @@ def test_secret_keys_are_recognised_as_words(key, secret):
 def test_safe_params_flattens_drops_and_redacts():
     params = Params.model_validate({"data": {"root": f"s3://u:{SECRET}@bucket/data"}})
     flat = tracking.safe_params(params)
-    assert flat["train.lr"] == "0.05" and flat["data.root"] == "s3://***@bucket/data"
+    assert flat["train.lr"] == "0.1" and flat["data.root"] == "s3://***@bucket/data"
     assert flat["evaluate.providers"] == '["CPUExecutionProvider"]' and flat["teacher.checkpoint"] == ""
     assert "x.api_token" not in tracking.safe_params({"x": {"api_token": SECRET, "n": 1}})
 
@@ -125,11 +125,11 @@ def test_log_params_flat_is_idempotent_and_never_changes_a_value(tmp_path, caplo
     with tracking.pipeline_run(params) as run:
         first = tracking.log_params_flat(params)
         assert tracking.log_params_flat(params) == {}
-        params.train.lr = 0.1
+        params.train.lr = 0.2
         assert tracking.log_params_flat(params) == {}
     assert "train.lr" in caplog.text
     logged = _runs()[0].data.params
-    assert logged == first and logged["train.lr"] == "0.05" and run.info.run_id
+    assert logged == first and logged["train.lr"] == "0.1" and run.info.run_id
 
 
 def test_log_history_uses_iteration_as_step(tmp_path):
@@ -141,7 +141,7 @@ def test_log_history_uses_iteration_as_step(tmp_path):
     (tmp_path / "history.json").write_text(json.dumps(rows))
     with tracking.pipeline_run(Params()), tracking.step_run("distill") as child:
         assert tracking.log_history(tmp_path / "history.json") == 3 * 7  # 7 finite numeric fields per row; text and NaN are skipped
-    history = mlflow.MlflowClient().get_metric_history(child.info.run_id, "val_acc_student")
+    history = mlflow.MlflowClient().get_metric_history(child.info.run_id, "curve_val_acc_student")
     assert [(m.step, m.value) for m in history] == [(50, 0.5), (100, 1.0), (150, 1.5)]
 
 
@@ -203,7 +203,10 @@ def test_cli_steps_log_nested_runs_with_curves_and_reports(tmp_path, monkeypatch
     ]))
     (out / "schedule.json").write_text(json.dumps([{"epoch": 1, "p1": 0.0, "p2": 0.4, "w": 1.0, "metric": 0.5}]))
     params = Params()
-    log_step("distill", params, out, REPORT_FILES["distill"])
+    import time
+
+    started = time.time() - 120  # the step ran for two minutes before it was logged
+    log_step("distill", params, out, REPORT_FILES["distill"], started_at=started)
     log_step("select", params, tmp_path / "missing-dir")
 
     client = mlflow.MlflowClient()
@@ -213,9 +216,14 @@ def test_cli_steps_log_nested_runs_with_curves_and_reports(tmp_path, monkeypatch
     assert set(steps) == {"distill", "select"} and len(parents) == 1
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in steps.values())
     distill = steps["distill"]
-    curve = client.get_metric_history(distill.info.run_id, "val_acc_student")
-    assert sorted((m.step, m.value) for m in curve) == [(0, 0.75), (10, 0.5), (20, 0.75)]
+    # the summary metric is the step's (best) figure; the curve is its own metric
+    assert distill.data.metrics["val_acc_student"] == 0.75
+    curve = client.get_metric_history(distill.info.run_id, "curve_val_acc_student")
+    assert sorted((m.step, m.value) for m in curve) == [(10, 0.5), (20, 0.75)]
+    # the step's real duration, not the time it took to log it
+    assert distill.info.end_time - distill.info.start_time >= 120_000
+    assert distill.info.start_time == pytest.approx(started * 1000, abs=1000)
     assert client.get_metric_history(distill.info.run_id, "schedule_p2")[0].value == 0.4
     names = {a.path for a in client.list_artifacts(distill.info.run_id)}
     assert {"metrics.json", "history.json", "schedule.json"} <= names
-    assert parents[0].data.params["train.recipe"] == "full"
+    assert parents[0].data.params["train.recipe"] == params.train.recipe

@@ -59,25 +59,39 @@ def _publish_reports(step: str, out_dir: str, reports_dir: str) -> None:
                 shutil.copyfile(source, tmp)
 
 
-def _track(step: str, params, out_dir: str) -> None:
+def _track(step: str, params, out_dir: str, started_at: float | None = None) -> None:
     """Log the finished step to MLflow (register logs itself, with the model)."""
     from . import tracking
 
     if step != "register" and tracking.tracking_enabled(params):
-        tracking.log_step(step, params, out_dir, REPORT_FILES.get(step, ()))
+        tracking.log_step(step, params, out_dir, REPORT_FILES.get(step, ()), started_at)
 
 
 def _step(module: str, **path_args: str) -> Callable[[argparse.Namespace], Any]:
     """A handler that loads params and calls ``kdpipe.steps.<module>.run(params, **paths)``."""
 
     def handler(args: argparse.Namespace) -> Any:
+        from pathlib import Path
+
+        from .atomic import check_writable
+
         step = importlib.import_module(f"kdpipe.steps.{module}")
         kwargs = {name: getattr(args, name) for name in path_args}
         params = _load_params(args)
+        if getattr(args, "check", False):  # prepare --check: read and report, write nothing
+            return step.run(params, **kwargs, check=True)
+        # Where the results go must take them, before any work: the output folder's parent (it is
+        # replaced as a whole) and the reports folder.
+        for folder in (Path(args.out_dir).parent, args.reports_dir):
+            if folder:
+                check_writable(folder)
+        import time
+
+        started_at = time.time()
         result = step.run(params, **kwargs)
         if args.reports_dir:
             _publish_reports(module, args.out_dir, args.reports_dir)
-        _track(module, params, args.out_dir)
+        _track(module, params, args.out_dir, started_at)
         return result
 
     return handler
@@ -150,6 +164,13 @@ def _masked(node: Any, key: str = "") -> Any:
 
 def _params_check(args: argparse.Namespace) -> None:
     params = _load_params(args)
+    if args.write:
+        from .params import DEFAULT_PARAMS_FILE, write_overrides
+
+        target = args.params or os.environ.get("KDPIPE_PARAMS") or DEFAULT_PARAMS_FILE
+        for line in write_overrides(target, args.overrides):
+            print(f"{target}: {line}")
+        return
     if args.show:
         import yaml
 
@@ -159,8 +180,14 @@ def _params_check(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from .steps.predict import format_predictions, predict, summary_line, write_predictions
+    from pathlib import Path
 
+    from .atomic import check_writable
+    from .steps.predict import check_output, format_predictions, predict, summary_line, write_predictions
+
+    if args.output:  # before classifying anything: the results must have somewhere to go
+        check_output(args.output)
+        check_writable(Path(args.output).parent)
     rows = predict(args.model, args.inputs, top_k=args.top_k, batch_size=args.batch_size, provider=args.provider)
     if args.output:
         write_predictions(rows, args.output)
@@ -312,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
             step.add_argument(f"--{arg.replace('_', '-')}", dest=arg, default=default, help=arg_help)
         step.add_argument("--reports-dir", default=None,
                           help="also copy the step's small reports (metrics, plots) to this folder")
+        if name == "prepare":
+            step.add_argument("--check", action="store_true",
+                              help="only check the data: read, validate and count everything, print the summary "
+                                   "(classes, images per split, rejected files and why), write nothing")
         step.set_defaults(handler=_step(name, **{a: a for a in path_args}))
 
     report = sub.add_parser("report", help="render the DVC plots to PNG (offline) and write a one-page report")
@@ -321,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("params", help="validate params.yaml (and -S overrides); --show prints the resolved values")
     _add_params_options(check)
     check.add_argument("--show", action="store_true")
+    check.add_argument("--write", action="store_true",
+                       help="write the -S settings into the params file (validated first; comments kept)")
     check.set_defaults(handler=_params_check)
 
     pred = sub.add_parser("predict", help="classify image files or folders with an exported ONNX model",

@@ -44,13 +44,14 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .atomic import _fsync_dir
+from .atomic import OUTPUT_ERRNOS, _fsync_dir, normal_mode, write_error
 from .data import file_sha256
 from .errors import DataError, KdpipeError
 from .imaging import RejectedImage
 from .params import PrepareParams
 from .progress import Progress
-from .steps.prepare import IGNORED_NAMES, validate_image
+from .steps.prepare import validate_image
+from .walk import IGNORED_NAMES, Walker, shown
 
 BATCH_PATTERN = re.compile(r"^batch-(\d{4,})(?:-[0-9a-f]{8})?$")
 INDEX_NAME = ".ingest.json"
@@ -112,6 +113,10 @@ def ingest(
             result = _ingest_locked(src, root, cfg, progress)
             if use_dvc:
                 result.tracked = _dvc_track(root, result)
+    except OSError as exc:  # a read-only or full data folder: one line, nothing half-added
+        if exc.errno in OUTPUT_ERRNOS:
+            raise write_error(exc.filename or unlabeled, exc) from None
+        raise
     except Timeout:
         raise KdpipeError(
             f"{lock_path}: another ingest has held this lock for over {lock_timeout:.0f} s; "
@@ -153,7 +158,7 @@ def _ingest_locked(src: Path, root: Path, cfg: PrepareParams, show_progress: boo
             entry["path"] = f"unlabeled/{name}/{entry['source']}"
         index = {
             "batch": name,
-            "source": src.resolve().name,  # a name only: no machine path goes into the data set
+            "source": shown(src.resolve().name),  # a name only: no machine path goes into the data set
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "kdpipe_version": __version__,
             "files": files,
@@ -162,6 +167,7 @@ def _ingest_locked(src: Path, root: Path, cfg: PrepareParams, show_progress: boo
         }
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         os.sync()  # every copied file is on disk before the batch becomes visible under its name
+        normal_mode(tmp)  # mkdtemp made it owner-only; the batch is data everyone may read
         os.replace(tmp, unlabeled / name)
         _fsync_dir(unlabeled)
         return result
@@ -174,38 +180,19 @@ def _ingest_locked(src: Path, root: Path, cfg: PrepareParams, show_progress: boo
 
 
 def _scan_source(src: Path, result: IngestResult) -> list[tuple[str, Path]]:
-    """(relative path, file) for every candidate under ``src``; escaping symlinks etc. are rejected."""
-    src_real = src.resolve()
-    found: list[tuple[str, Path]] = []
+    """(relative path, file) for every candidate under ``src``, each real file once (the shared
+    :class:`kdpipe.walk.Walker`: loops, escaping or broken links and special files are rejected).
+
+    The relative path is the readable form (:func:`kdpipe.walk.shown`): a name that is not UTF-8 is
+    stored in the batch under its ``\\xNN`` spelling, which every tool (DVC, git, JSON) can carry."""
 
     def reject(path: Path, reason: str, detail: str) -> None:
-        result.rejected.append({"source": path.relative_to(src).as_posix(), "reason": reason, "detail": detail})
+        if reason == "symlink_outside_root":
+            reason, detail = "escapes_source", f"symlink to {shown(os.readlink(path))} points outside the source folder"
+        result.rejected.append({"source": shown(path.relative_to(src).as_posix()), "reason": reason, "detail": detail})
 
-    def walk(folder: Path, seen: set[Path]) -> None:
-        real = folder.resolve()
-        if real in seen:  # a symlink loop inside SRC
-            return
-        seen.add(real)
-        for entry in sorted(folder.iterdir(), key=lambda p: p.name):
-            if entry.name.startswith(".") or entry.name in IGNORED_NAMES:
-                continue
-            if entry.is_symlink():
-                target = entry.resolve()
-                if not target.is_relative_to(src_real):
-                    reject(entry, "escapes_source", f"symlink to {os.readlink(entry)} points outside the source folder")
-                    continue
-                if not target.exists():
-                    reject(entry, "broken_symlink", f"symlink target {os.readlink(entry)} does not exist")
-                    continue
-            if entry.is_dir():
-                walk(entry, seen)
-            elif entry.is_file():
-                found.append((entry.relative_to(src).as_posix(), entry))
-            else:  # FIFOs, sockets, devices: reading a FIFO would block forever
-                reject(entry, "not_a_regular_file", "not a regular file")
-
-    walk(src, set())
-    return found
+    walker = Walker(src, reject)
+    return [(shown(path.relative_to(src).as_posix()), path) for path in walker.files_under(src)]
 
 
 def _copy_new(
@@ -252,6 +239,8 @@ def _copy_new(
                 continue
             except OSError as exc:
                 copy.unlink(missing_ok=True)
+                if exc.errno in OUTPUT_ERRNOS and str(exc.filename) != str(path):
+                    raise  # writing the copy failed (full or read-only disk): stop, add nothing
                 result.rejected.append({"source": rel, "reason": "unreadable",
                                         "detail": f"cannot read the file: {exc.strerror or exc}"})
                 continue
@@ -318,7 +307,7 @@ def _batch_hashes(root: Path, batch: Path, known: dict[str, str]) -> None:
 def _hash_tree(root: Path, folder: Path, known: dict[str, str]) -> None:
     for _rel, path in sorted(_visible_files(folder).items()):
         try:
-            known.setdefault(file_sha256(path), path.relative_to(root).as_posix())
+            known.setdefault(file_sha256(path), shown(path.relative_to(root).as_posix()))
         except OSError:
             continue  # unreadable: prepare rejects it; it cannot be matched anyway
 

@@ -8,6 +8,7 @@ valid key suggested), and every number carries its allowed range, which the erro
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import warnings
 from pathlib import Path
@@ -22,6 +23,28 @@ DEFAULT_PARAMS_FILE = "params.yaml"
 
 class _Group(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        """YAML reads ``true``/``false`` as booleans, which pydantic would accept as 1/0 for a number:
+        ``batch_size: true`` is a mistake, not a batch of one."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name)
+                if field is not None and isinstance(value, bool) and _is_number(field.annotation):
+                    raise ValueError(f"{cls._group_name()}.{name}: expected a number, got the boolean {value}")
+        return data
+
+    @classmethod
+    def _group_name(cls) -> str:
+        return cls.__name__.removesuffix("Params").lower()
+
+
+def _is_number(annotation: Any) -> bool:
+    """int, float, or an optional one (``int | None``)."""
+    args = getattr(annotation, "__args__", None) or (annotation,)
+    return any(a in (int, float) for a in args) and bool not in args
 
 
 class DataParams(_Group):
@@ -89,12 +112,12 @@ class TeacherParams(_Group):
 
 
 class TrainParams(_Group):
-    recipe: Literal["supervised", "kd", "cotrain", "adaptive", "consistency", "full"] = "full"
+    recipe: Literal["supervised", "kd", "cotrain", "adaptive", "consistency", "full"] = "kd"
     student_arch: str = Field("cnn_tiny", description="model name from kdpipe.models")
     weights: str | None = Field(None, description="torchvision weights enum name for the student")
     batch_size: int = Field(64, ge=1, description="labeled samples per batch")
-    mu: float = Field(1.0, ge=0.0, le=16.0, description="unlabeled samples per labeled sample in a batch")
-    lr: float = Field(0.05, gt=0.0, le=10.0)
+    mu: float = Field(2.0, ge=0.0, le=16.0, description="unlabeled samples per labeled sample in a batch")
+    lr: float = Field(0.1, gt=0.0, le=10.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(5e-4, ge=0.0, le=1.0)
     warmup_fraction: float = Field(0.05, ge=0.0, lt=1.0)
@@ -104,7 +127,7 @@ class TrainParams(_Group):
     checkpoint_every: int = Field(50, ge=1)
     patience: int = Field(0, ge=0, description="evaluations without improvement before stopping; 0 = off")
     target_metric: float = Field(1.01, ge=0.0, le=1.01, description="stop when validation accuracy reaches it")
-    tau: float = Field(1.0, gt=0.0, le=100.0, description="temperature of the KD terms (kd, adaptive, consistency)")
+    tau: float = Field(4.0, gt=0.0, le=100.0, description="temperature of the KD terms (kd, adaptive, consistency)")
     # Method C
     mutual_tau: float = Field(
         1.0, gt=0.0, le=100.0,
@@ -174,7 +197,17 @@ class ExportParams(_Group):
 
 
 class EvaluateParams(_Group):
-    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
+    providers: list[str] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"], min_length=1,
+        description="onnxruntime execution providers, in order of preference (at least one)")
+
+    @model_validator(mode="after")
+    def _check_providers(self) -> EvaluateParams:
+        for name in self.providers:
+            if not isinstance(name, str) or not name.endswith("ExecutionProvider"):
+                raise ValueError(f"evaluate.providers: {name!r} is not an onnxruntime execution provider name "
+                                 "(e.g. CPUExecutionProvider, CUDAExecutionProvider)")
+        return self
     allow_cpu_fallback: bool = False
     latency_runs: int = Field(50, ge=1, le=100_000)
     throughput_batch: int = Field(64, ge=1)
@@ -186,6 +219,7 @@ class RegisterParams(_Group):
     experiment: str = Field("kdpipe", min_length=1)
     min_improvement: float = Field(0.0, ge=0.0, le=1.0)
     min_accuracy: float = Field(0.0, ge=0.0, le=1.0, description="quality gate before registering")
+    promote: bool = Field(True, description="move @champion when the new version wins; false for experiments")
     track_steps: bool = Field(True, description="log every step's params, curves and reports to MLflow")
 
 
@@ -266,7 +300,6 @@ def validate_params(raw: dict[str, Any] | None, source: str = DEFAULT_PARAMS_FIL
 
 def load_params(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Params:
     """Read and validate params.yaml (missing file = all defaults), then apply ``key=value`` overrides."""
-    import yaml
 
     # Only the implicit default may be absent; a file named on purpose (argument or env) must exist,
     # or a typo in --params would silently train with the defaults.
@@ -277,11 +310,14 @@ def load_params(path: str | os.PathLike | None = None, overrides: list[str] | No
         raise ParamsError(f"{path}: is a folder, expected a params YAML file")
     if path.exists():
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+            text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
             raise ParamsError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
+        raw = parse_yaml(text, str(path))
+        if raw is None:
+            raise ParamsError(f"{path}: holds no settings (empty or only comments); write the step groups "
+                              "(`kdpipe params --show` prints every one with its default), or delete the file "
+                              "to run on the built-in defaults")
     elif explicit:
         raise ParamsError(f"{path}: params file not found")
     for item in overrides or []:
@@ -289,9 +325,55 @@ def load_params(path: str | os.PathLike | None = None, overrides: list[str] | No
     return validate_params(raw, str(path))
 
 
-def _apply_override(raw: dict[str, Any], item: str, source: str) -> None:
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML as params are written: duplicate keys are an error (YAML keeps the last one silently),
+    and so are anchors and aliases (no params file needs them, and an alias "bomb" of a few hundred
+    bytes expands to gigabytes). Errors name the source and the line."""
     import yaml
 
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                raise _LineError(event.start_mark.line + 1, "YAML anchors and aliases (&name, *name) are not "
+                                                            "allowed in params; write the value out")
+        loader = _unique_key_loader()(text)  # a SafeLoader subclass: builds plain data only
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
+    except _LineError as exc:
+        raise ParamsError(f"{source}: line {exc.line}: {exc.message}") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{source}: not valid YAML: {' '.join(str(exc).split())}") from None
+
+
+class _LineError(Exception):
+    def __init__(self, line: int, message: str):
+        super().__init__(message)
+        self.line, self.message = line, message
+
+
+@functools.cache
+def _unique_key_loader():
+    """A SafeLoader that refuses a key repeated in one mapping (built once, on first use)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise _LineError(line, f"key {key!r} appears twice (first on line {seen[key]}); YAML would "
+                                           "silently keep the last one")
+                seen[key] = line
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
+def _apply_override(raw: dict[str, Any], item: str, source: str) -> None:
     if "=" not in item:
         raise ParamsError(f"override {item!r}: expected group.key=value")
     dotted, value = item.split("=", 1)
@@ -301,8 +383,58 @@ def _apply_override(raw: dict[str, Any], item: str, source: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ParamsError(f"override {item!r}: '{part}' is not a group in {source}")
-    node[parts[-1]] = yaml.safe_load(value)
+    node[parts[-1]] = parse_yaml(value, f"override {item!r}")
 
 
 def dump_defaults() -> dict[str, Any]:
     return Params().model_dump(mode="json")
+
+
+def write_overrides(path: str | os.PathLike, overrides: list[str]) -> list[str]:
+    """Write ``group.key=value`` settings into a params file in place, keeping its comments and layout.
+
+    The result is validated first (with the overrides applied), so a typo never reaches the file.
+    Only ``group.key`` (two levels) is supported, which is every params.yaml setting. Returns the
+    lines changed, for the caller to show."""
+    import yaml
+
+    path = Path(path)
+    load_params(path, overrides)  # refuses unknown keys, wrong types, ranges: nothing written then
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    changed = []
+    for item in overrides:
+        dotted, raw = item.split("=", 1)
+        group, _, key = dotted.partition(".")
+        if not key or "." in key:
+            raise ParamsError(f"override {item!r}: only group.key=value can be written to {path}")
+        value = parse_yaml(raw, f"override {item!r}")
+        text = yaml.safe_dump(value, default_flow_style=True, width=1_000_000).strip().removesuffix("...").strip()
+        changed.append(_set_line(lines, group, key, text))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return changed
+
+
+def _set_line(lines: list[str], group: str, key: str, value: str) -> str:
+    """Replace ``key``'s value inside ``group:`` (its inline comment kept), or add the key (or group)."""
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == f"{group}:"), None)
+    if start is None:
+        lines += ["", f"{group}:", f"  {key}: {value}"]
+        return lines[-1].strip()
+    end = next((i for i in range(start + 1, len(lines)) if lines[i] and not lines[i][0].isspace()
+                and not lines[i].startswith("#")), len(lines))
+    for i in range(start + 1, end):
+        stripped = lines[i].lstrip()
+        if stripped.startswith(f"{key}:"):
+            indent = lines[i][: len(lines[i]) - len(stripped)]
+            column = lines[i].find(" #", len(indent) + len(key) + 1)
+            new = f"{indent}{key}: {value}"
+            if column >= 0:  # keep the inline comment, at its column when the new value fits before it
+                comment = lines[i][column:].lstrip()
+                new = new.ljust(column) + " " + comment if len(new) < column else f"{new}  {comment}"
+            lines[i] = new
+            return f"{group}.{key}: {value}"
+    insert = end
+    while insert > start + 1 and not lines[insert - 1].strip():
+        insert -= 1
+    lines.insert(insert, f"  {key}: {value}")
+    return f"{group}.{key}: {value}"

@@ -153,6 +153,7 @@ def configure(params: Any) -> str:
     local store never scatters artifacts; a server chooses its own artifact root. Credentials in an
     HTTP URI move to ``MLFLOW_TRACKING_USERNAME/PASSWORD``. Returns the URI MLflow now uses.
     """
+    _quiet_mlflow()
     import mlflow
 
     uri = _move_credentials_to_env(tracking_uri(params))
@@ -168,6 +169,17 @@ def configure(params: Any) -> str:
             pass  # created meanwhile by a concurrent step; set_experiment finds it
     mlflow.set_experiment(name)
     return uri
+
+
+def _quiet_mlflow() -> None:
+    """MLflow's chatter is not the step's output: the SQLite store's "creating tables" INFO lines
+    (alembic) and a "Downloading artifacts" progress bar when register reads a model back. A user's
+    own setting of the variable wins."""
+    import logging
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _move_credentials_to_env(uri: str) -> str:
@@ -243,10 +255,12 @@ def pipeline_run(params: Any, run_name: str | None = None) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def step_run(name: str, params: Any = None) -> Iterator[Any]:
+def step_run(name: str, params: Any = None, started_at: float | None = None) -> Iterator[Any]:
     """A nested run for one step inside :func:`pipeline_run`; yields its ``ActiveRun``.
 
     Tagged ``kdpipe.step=<name>`` plus the parent's tags. Yields ``None`` on non-zero ranks.
+    ``started_at`` (epoch seconds) is when the step itself began: the run is logged after the step,
+    and its duration in MLflow must be the step's, not the few seconds of logging.
     """
     if not is_main_rank():
         yield None
@@ -262,7 +276,14 @@ def step_run(name: str, params: Any = None) -> Iterator[Any]:
         parent_tags = mlflow.MlflowClient().get_run(parent.info.run_id).data.tags
         tags = {k: v for k, v in parent_tags.items() if k.startswith("kdpipe.")}
     tags[TAG_STEP] = name
-    with mlflow.start_run(run_name=name, nested=True, tags=tags) as run:
+    if started_at is None:
+        with mlflow.start_run(run_name=name, nested=True, tags=tags) as run:
+            yield run
+        return
+    created = mlflow.MlflowClient().create_run(
+        parent.info.experiment_id, start_time=int(started_at * 1000), run_name=name,
+        tags={**tags, "mlflow.parentRunId": parent.info.run_id})
+    with mlflow.start_run(run_id=created.info.run_id, nested=True) as run:
         yield run
 
 
@@ -341,10 +362,16 @@ def log_metrics_flat(values: Mapping[str, Any], step: int = 0, prefix: str = "")
     return metrics
 
 
-def log_history(history_path: str | os.PathLike) -> int:
+HISTORY_PREFIX = "curve_"
+
+
+def log_history(history_path: str | os.PathLike, prefix: str = HISTORY_PREFIX) -> int:
     """Log ``history.json`` (a list of per-evaluation dicts) as metrics with ``step=iteration``.
 
-    Every finite numeric field but ``iteration`` becomes a metric; returns the number of points.
+    Every finite numeric field but ``iteration`` becomes a metric named ``<prefix><field>``: the
+    curves keep apart from the step's summary numbers (``val_acc_student`` is the BEST validation
+    accuracy, as the step reports it; ``curve_val_acc_student`` is its history, whose latest point is
+    the last evaluation). Returns the number of points.
     """
     if not is_main_rank():
         return 0
@@ -364,7 +391,7 @@ def log_history(history_path: str | os.PathLike) -> int:
         for key, value in row.items():
             number = _finite_number(value)
             if key != "iteration" and number is not None:
-                points.append(Metric(metric_name(key), number, now, step))
+                points.append(Metric(metric_name(prefix + key), number, now, step))
     client = mlflow.MlflowClient()
     for start in range(0, len(points), 1000):  # log_batch limit
         client.log_batch(run_id, metrics=points[start:start + 1000])
@@ -398,7 +425,8 @@ def tracking_enabled(params: Any) -> bool:
     return bool(params.register.track_steps) and os.environ.get("KDPIPE_TRACKING", "1") != "0"
 
 
-def log_step(name: str, params: Any, out_dir: str | os.PathLike, report_files: Iterable[str] = ()) -> None:
+def log_step(name: str, params: Any, out_dir: str | os.PathLike, report_files: Iterable[str] = (),
+             started_at: float | None = None) -> None:
     """Record one finished pipeline step in this execution's parent run, as a nested run.
 
     Logs the (redacted) params on the parent, and on the step's run: the numbers of the step's
@@ -410,7 +438,7 @@ def log_step(name: str, params: Any, out_dir: str | os.PathLike, report_files: I
     out = Path(out_dir)
     with pipeline_run(params, run_name="kdpipe"):
         log_params_flat(params)
-        with step_run(name, params):
+        with step_run(name, params, started_at):
             if (out / "metrics.json").is_file():
                 log_metrics_flat(flatten(read_json(out / "metrics.json")))
             if (out / "history.json").is_file():

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_dir, write_json
+from ..atomic import allocated_memmap, atomic_dir, write_json
 from ..data import file_sha256, load_prepared
 from ..layout import AUGMENTED, PREPARED, TEACHER
 from ..progress import Progress
@@ -122,10 +122,10 @@ def _write_sets(images: np.ndarray, small_size: int, kinds: list[str], cfg, gen,
         if teacher is not None:
             np.save(logits_path, np.zeros((0, k, num_classes), dtype=np.float32))
         return
-    views_out = np.lib.format.open_memmap(views_path, mode="w+", dtype=np.uint8, shape=(n, k, small_size, small_size, 3))
+    views_out = allocated_memmap(views_path, np.uint8, (n, k, small_size, small_size, 3))
     logits_out = None
     if teacher is not None:
-        logits_out = np.lib.format.open_memmap(logits_path, mode="w+", dtype=np.float32, shape=(n, k, num_classes))
+        logits_out = allocated_memmap(logits_path, np.float32, (n, k, num_classes))
     bar = Progress(n, desc)
     for start in range(0, n, CHUNK):
         chunk = to_nchw(images[start:start + CHUNK])

@@ -31,16 +31,29 @@ def predict(model_path: str | os.PathLike, inputs: Iterable[str | os.PathLike], 
     """One row per input image: ``{"path", "top1", "p1", ..., "error"}`` (``error`` None when fine)."""
     from ..onnx_utils import make_session
 
+    if int(batch_size) < 1:
+        raise KdpipeError(f"--batch-size must be at least 1 (got {batch_size})")
+    if int(top_k) < 1:
+        raise KdpipeError(f"--top-k must be at least 1 (got {top_k})")
     model_path = Path(model_path)
     spec = load_spec(model_path)
+    files = expand_inputs(inputs)  # before the session: a wrong folder fails fast
     session = make_session(model_path, [provider])
     names = list(spec["class_names"])
-    k = max(1, min(int(top_k), len(names)))
-    files = expand_inputs(inputs)
+    _check_classes(model_path, session, names)
+    k = min(int(top_k), len(names))
     rows: list[dict[str, Any]] = []
-    for start in range(0, len(files), max(1, int(batch_size))):
+    for start in range(0, len(files), int(batch_size)):
         rows += _predict_batch(session, files[start:start + batch_size], spec, names, k)
     return rows
+
+
+def _check_classes(model_path: Path, session, names: list[str]) -> None:
+    """The sidecar must name one class per model output, or every prediction would be mislabelled."""
+    outputs = session.get_outputs()[0].shape[-1]
+    if isinstance(outputs, int) and outputs != len(names):
+        raise KdpipeError(f"{model_path.parent / SIDECAR}: lists {len(names)} class names but {model_path} "
+                          f"outputs {outputs} classes; re-run the export step")
 
 
 def load_spec(model_path: Path) -> dict[str, Any]:
@@ -50,10 +63,20 @@ def load_spec(model_path: Path) -> dict[str, Any]:
     if not spec_path.is_file():
         raise KdpipeError(f"{spec_path}: not found; predict needs the {SIDECAR} that `kdpipe export` writes "
                           "next to the model (it says how to preprocess images)")
-    spec = read_json(spec_path)
+    try:
+        spec = read_json(spec_path)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise KdpipeError(f"{spec_path}: not valid JSON ({exc}); re-run the export step") from None
+    if not isinstance(spec, dict):
+        raise KdpipeError(f"{spec_path}: expected a JSON object; re-run the export step")
     for key in ("image_size", "class_names"):
         if key not in spec:
             raise KdpipeError(f"{spec_path}: has no '{key}' entry; re-run the export step")
+    size, names = spec["image_size"], spec["class_names"]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise KdpipeError(f"{spec_path}: image_size must be a positive integer (got {size!r}); re-run the export step")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise KdpipeError(f"{spec_path}: class_names must be a non-empty list of names; re-run the export step")
     return spec
 
 
@@ -61,6 +84,7 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """Files as given (any extension: decoding decides), folders searched recursively for images."""
     from ..imaging import IMAGE_EXTENSIONS
 
+    inputs = list(inputs)
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
@@ -72,6 +96,10 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
             files.append(path)
         else:
             raise KdpipeError(f"{path}: no such file or folder")
+    if not files:
+        given = ", ".join(str(i) for i in inputs)
+        raise KdpipeError(f"{given}: no image file found (looked for {' '.join(sorted(IMAGE_EXTENSIONS))}, "
+                          "hidden files skipped); nothing to classify")
     return files
 
 
@@ -133,13 +161,16 @@ def format_predictions(rows: list[dict[str, Any]], fmt: str = "csv") -> str:
     return buf.getvalue()
 
 
+def check_output(path: str | os.PathLike) -> None:
+    if Path(path).suffix.lower() not in (".json", ".csv"):
+        raise KdpipeError(f"{path}: --output must end in .csv or .json")
+
+
 def write_predictions(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:
     """Write rows atomically; the extension picks the format (.json, else CSV)."""
+    check_output(path)
     path = Path(path)
-    fmt = "json" if path.suffix.lower() == ".json" else "csv"
-    if path.suffix.lower() not in (".json", ".csv"):
-        raise KdpipeError(f"{path}: --output must end in .csv or .json")
-    write_text(path, format_predictions(rows, fmt))
+    write_text(path, format_predictions(rows, "json" if path.suffix.lower() == ".json" else "csv"))
 
 
 def summary_line(rows: list[dict[str, Any]]) -> str:

@@ -27,12 +27,14 @@ byte-identical for the same input and params.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import sys
-from collections import defaultdict
+import tempfile
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,15 +43,15 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import __version__
-from ..atomic import atomic_dir, write_json
+from ..atomic import allocated_memmap, atomic_dir, write_json
 from ..data import ARRAY_FILES, MANIFEST, REJECTED, SOURCES, TEACHER_COPY_FILES, file_sha256
 from ..errors import DataError
 from ..imaging import IMAGE_EXTENSIONS, RejectedImage, decode_image, resize_square
 from ..params import Params, PrepareParams
+from ..walk import Walker, name_bytes, shown
 
 log = logging.getLogger(__name__)
 
-IGNORED_NAMES = frozenset({"Thumbs.db", "desktop.ini", "__MACOSX"})
 # Preference order inside a group of identical images: a labeled copy is kept over an unlabeled one.
 _SOURCE_ORDER = {"labeled": 0, "test": 1, "unlabeled": 2}
 _COPY_CHUNK = 1024  # rows copied at a time from the decode spool into the output arrays
@@ -89,18 +91,24 @@ class _Rejects:
 
 
 def run(
-    params: Params, data_root: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None
+    params: Params, data_root: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
+    check: bool = False,
 ) -> dict:
-    """Run the prepare step; return the manifest (also written to ``<out_dir>/manifest.json``)."""
+    """Run the prepare step; return the manifest (also written to ``<out_dir>/manifest.json``).
+
+    With ``check``, everything is read, decoded, de-duplicated and split as usual and the summary
+    printed, but nothing is written (``kdpipe prepare --check``: is my data usable, and how?)."""
     root = Path(data_root if data_root is not None else params.data.root)
     out = Path(out_dir if out_dir is not None else params.data.prepared)
     rejects = _Rejects()
     class_names, items = _scan(root, rejects)
-    _check_out_dir(root, out)
+    if not check:
+        _check_out_dir(root, out)
     cfg = params.prepare
 
     teacher_size = _teacher_size(params)
-    with atomic_dir(out) as tmp:
+    workspace = tempfile.TemporaryDirectory(prefix="kdpipe-prepare-check-") if check else None
+    with (contextlib.nullcontext(Path(workspace.name)) if check else atomic_dir(out)) as tmp:
         spool, teacher_spool = _decode_all(items, cfg, teacher_size, tmp, rejects)
         kept = _dedupe(items, rejects)
         _require_each_class(root, class_names, kept, rejects)
@@ -112,19 +120,25 @@ def run(
             "unlabeled": [i for i in kept if i.split == "unlabeled"],
             "test": [i for i in kept if i.split == "test"],
         }
-        _write_arrays(tmp, spool, splits, class_names, cfg.image_size)
         copy_size = teacher_size if teacher_size and _mostly_larger(kept) else None
-        if copy_size:
-            _write_teacher_copy(tmp, teacher_spool, splits, copy_size)
+        if not check:
+            _write_arrays(tmp, spool, splits, class_names, cfg.image_size)
+            if copy_size:
+                _write_teacher_copy(tmp, teacher_spool, splits, copy_size)
         del spool, teacher_spool
         for name in (".spool.npy", ".spool_t.npy"):
             (tmp / name).unlink(missing_ok=True)
-        write_json(tmp / SOURCES, {name: [i.rel for i in split] for name, split in splits.items()})
-        write_json(tmp / REJECTED, rejects.sorted())
-        manifest = _manifest(tmp, params, class_names, splits, kept, rejects, copy_size)
-        write_json(tmp / MANIFEST, manifest)
-
-    _log_summary(manifest, out)
+        if check:
+            manifest = _summary_manifest(params, class_names, splits, rejects, copy_size)
+        else:
+            write_json(tmp / SOURCES, {name: [i.rel for i in split] for name, split in splits.items()})
+            write_json(tmp / REJECTED, rejects.sorted())
+            manifest = _manifest(tmp, params, class_names, splits, kept, rejects, copy_size)
+            write_json(tmp / MANIFEST, manifest)
+    if workspace is not None:
+        workspace.cleanup()
+    for line in summary_lines(manifest, rejects.sorted(), None if check else out):
+        print(line)
     return manifest
 
 
@@ -150,76 +164,78 @@ def _check_out_dir(root: Path, out: Path) -> None:
 def _scan(root: Path, rejects: _Rejects) -> tuple[list[str], list[_Item]]:
     """Find every candidate file; raise DataError for an unusable folder layout."""
     if not root.is_dir():
-        raise DataError(f"{root}: data root not found (expected a folder with labeled/, unlabeled/, test/)")
+        raise DataError(f"{shown(root)}: data root not found (expected a folder with labeled/, unlabeled/, test/)")
     labeled_dir = root / "labeled"
     if not labeled_dir.is_dir():
-        raise DataError(f"{labeled_dir}: folder not found; labeled images go in {labeled_dir}/<class>/")
-    root_real = root.resolve()
+        raise DataError(f"{shown(labeled_dir)}: folder not found; labeled images go in {shown(labeled_dir)}/<class>/")
 
-    class_dirs = _class_dirs(root, root_real, labeled_dir, rejects)
+    def report(path: Path, reason: str, detail: str) -> None:
+        rel = _rel(root, path)
+        rejects.add(rel, rel.split("/", 1)[0], reason, detail)
+
+    walker = Walker(root, report)
+    class_dirs = _class_dirs(root, walker, labeled_dir, rejects)
     class_names = sorted(class_dirs)
     if not class_names:
         raise DataError(
-            f"{labeled_dir}: no class folders; put the images of each class in {labeled_dir}/<class>/"
+            f"{shown(labeled_dir)}: no class folders; put the images of each class in {shown(labeled_dir)}/<class>/"
         )
     if len(class_names) < 2:
         raise DataError(
-            f"{labeled_dir}: found 1 class folder ({class_names[0]!r}); a classifier needs at least 2 classes"
+            f"{shown(labeled_dir)}: found 1 class folder ({class_names[0]!r}); a classifier needs at least 2 classes"
         )
 
     items: list[_Item] = []
     for name in class_names:
-        items += _files(root, root_real, class_dirs[name], "labeled", name, rejects)
-    items += _optional_unlabeled(root, root_real, rejects)
-    items += _optional_test(root, root_real, class_names, rejects)
+        items += _files(root, walker, class_dirs[name], "labeled", name, rejects)
+    items += _optional_unlabeled(root, walker, rejects)
+    items += _optional_test(root, walker, class_names, rejects)
     items.sort(key=_Item.sort_key)
     return class_names, items
 
 
-def _class_dirs(root: Path, root_real: Path, parent: Path, rejects: _Rejects) -> dict[str, Path]:
-    """Class folders directly under ``parent``; stray files there are rejected."""
+def _class_dirs(root: Path, walker: Walker, parent: Path, rejects: _Rejects) -> dict[str, Path]:
+    """Class folders directly under ``parent`` (named as shown: readable even when not UTF-8); stray
+    files there are rejected."""
     split = parent.name
+    walker.enter(parent)  # a class folder linking back to ``parent`` is then a loop, never read
     dirs = {}
-    for entry in _entries(root, root_real, parent, split, rejects):
+    for entry in walker.entries(parent):
         if entry.is_dir():
-            dirs[entry.name] = entry
+            dirs[shown(entry.name)] = entry
         else:
-            rejects.add(
-                _rel(root, entry), split, "outside_class_folder", f"files must be in {split}/<class>/"
-            )
+            rejects.add(_rel(root, entry), split, "outside_class_folder", f"files must be in {split}/<class>/")
     return dirs
 
 
-def _optional_unlabeled(root: Path, root_real: Path, rejects: _Rejects) -> list[_Item]:
+def _optional_unlabeled(root: Path, walker: Walker, rejects: _Rejects) -> list[_Item]:
     folder = root / "unlabeled"
     if not folder.is_dir():
-        log.warning("%s: folder not found; continuing without unlabeled images", folder)
+        log.warning("%s: folder not found; continuing without unlabeled images", shown(folder))
         return []
-    return _files(root, root_real, folder, "unlabeled", None, rejects)
+    return _files(root, walker, folder, "unlabeled", None, rejects)
 
 
-def _optional_test(root: Path, root_real: Path, class_names: list[str], rejects: _Rejects) -> list[_Item]:
+def _optional_test(root: Path, walker: Walker, class_names: list[str], rejects: _Rejects) -> list[_Item]:
     folder = root / "test"
     if not folder.is_dir():
-        log.warning("%s: folder not found; continuing without a test split", folder)
+        log.warning("%s: folder not found; continuing without a test split", shown(folder))
         return []
     items = []
-    for name, path in sorted(_class_dirs(root, root_real, folder, rejects).items()):
+    for name, path in sorted(_class_dirs(root, walker, folder, rejects).items()):
         if name not in class_names:
             raise DataError(
-                f"{path}: test class {name!r} has no folder in {root / 'labeled'} "
+                f"{shown(path)}: test class {name!r} has no folder in {shown(root / 'labeled')} "
                 f"(labeled classes: {', '.join(class_names)})"
             )
-        items += _files(root, root_real, path, "test", name, rejects)
+        items += _files(root, walker, path, "test", name, rejects)
     return items
 
 
-def _files(
-    root: Path, root_real: Path, folder: Path, split: str, label: str | None, rejects: _Rejects
-) -> list[_Item]:
-    """Image files under ``folder`` at any depth; non-image extensions are rejected."""
+def _files(root: Path, walker: Walker, folder: Path, split: str, label: str | None, rejects: _Rejects) -> list[_Item]:
+    """Image files under ``folder`` at any depth, each real file once; non-image extensions are rejected."""
     items = []
-    for path in _walk(root, root_real, folder, split, rejects, seen=set()):
+    for path in walker.files_under(folder):
         rel = _rel(root, path)
         if (problem := _extension_problem(path)) is not None:
             rejects.add(rel, split, "not_an_image", problem)
@@ -228,53 +244,9 @@ def _files(
     return items
 
 
-def _walk(root: Path, root_real: Path, folder: Path, split: str, rejects: _Rejects, seen: set[Path]):
-    # Symlinked folders inside the root are followed; ``seen`` stops symlink loops.
-    real = folder.resolve()
-    if real in seen:
-        return
-    seen.add(real)
-    for entry in _entries(root, root_real, folder, split, rejects):
-        if entry.is_dir():
-            yield from _walk(root, root_real, entry, split, rejects, seen)
-        elif entry.is_file():
-            yield entry
-        else:  # FIFOs, sockets, devices: opening a FIFO would block forever
-            rejects.add(_rel(root, entry), split, "not_a_regular_file", "not a regular file")
-
-
-def _entries(root: Path, root_real: Path, folder: Path, split: str, rejects: _Rejects) -> list[Path]:
-    """Sorted, non-hidden entries of ``folder``; symlinks pointing outside the root are rejected."""
-    out = []
-    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
-        if entry.name.startswith(".") or entry.name in IGNORED_NAMES or _is_dvc_pointer(entry):
-            continue
-        if entry.is_symlink():
-            target = entry.resolve()
-            if not target.exists():
-                rejects.add(
-                    _rel(root, entry),
-                    split,
-                    "broken_symlink",
-                    f"symlink target {os.readlink(entry)} does not exist",
-                )
-                continue
-            if not target.is_relative_to(root_real):
-                rejects.add(
-                    _rel(root, entry), split, "symlink_outside_root", "symlink points outside the data root"
-                )
-                continue
-        out.append(entry)
-    return out
-
-
-def _is_dvc_pointer(entry: Path) -> bool:
-    """A DVC pointer file, e.g. ``unlabeled/batch-0001.dvc`` beside the batch folder it tracks."""
-    return entry.suffix == ".dvc" and entry.is_file()
-
-
 def _rel(root: Path, path: Path) -> str:
-    return path.relative_to(root).as_posix()
+    """The path relative to the data root, as shown in reports (readable even when not UTF-8)."""
+    return shown(path.relative_to(root).as_posix())
 
 
 # ---------------------------------------------------------------- decoding
@@ -311,7 +283,7 @@ def _teacher_size(params: Params) -> int | None:
 
 
 def _open_spool(path: Path, rows: int, size: int) -> np.ndarray:
-    return np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(max(rows, 1), size, size, 3))
+    return allocated_memmap(path, np.uint8, (max(rows, 1), size, size, 3))
 
 
 def _decode_all(items: list[_Item], cfg: PrepareParams, teacher_size: int | None, tmp: Path,
@@ -446,7 +418,7 @@ def _save_rows(path: Path, spool: np.ndarray, rows: list[int], size: int) -> Non
     if not rows:  # np.memmap cannot map a zero-length array
         np.save(path, np.zeros(shape, dtype=np.uint8))
         return
-    dest = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    dest = allocated_memmap(path, np.uint8, shape)
     for start in range(0, len(rows), _COPY_CHUNK):
         dest[start : start + _COPY_CHUNK] = spool[rows[start : start + _COPY_CHUNK]]
     dest.flush()
@@ -454,10 +426,14 @@ def _save_rows(path: Path, spool: np.ndarray, rows: list[int], size: int) -> Non
 
 
 def _data_version(kept: list[_Item]) -> str:
-    """Content hash of the input actually used: (source split, path, label, file sha256) entries."""
+    """Content hash of the input actually used: (source split, path, label, file sha256) entries.
+
+    Paths and labels enter as their exact bytes (``surrogateescape``), so a name that is not UTF-8
+    neither crashes the hash nor collides with its escaped spelling."""
     digest = hashlib.sha256()
-    for entry in sorted((i.split, i.rel, i.label or "", i.file_hash) for i in kept):
-        digest.update(json.dumps(entry, ensure_ascii=False).encode("utf-8") + b"\n")
+    entries = sorted((i.split, os.fsdecode(name_bytes(i.path)), i.label or "", i.file_hash) for i in kept)
+    for entry in entries:
+        digest.update(json.dumps(entry, ensure_ascii=False).encode("utf-8", "surrogateescape") + b"\n")
     return digest.hexdigest()
 
 
@@ -492,16 +468,46 @@ def _manifest(
     }
 
 
-def _log_summary(manifest: dict[str, Any], out: Path) -> None:
+# Below this many validation images, one image is worth more than half a point of accuracy and the
+# comparisons that use the split (best checkpoint, early stopping, select) are mostly noise.
+SMALL_VALIDATION = 100
+
+
+def summary_lines(manifest: dict[str, Any], rejected: list[dict[str, str]], out: Path | None,
+                  limit: int = 8) -> list[str]:
+    """What prepare prints: the classes, the images per split, what was rejected and why (with a few
+    examples), and a warning when the validation split is too small to choose between models."""
     c = manifest["counts"]
-    log.info(
-        "prepare: %d train, %d val, %d unlabeled, %d test, %d rejected -> %s",
-        c["train"],
-        c["val"],
-        c["unlabeled"],
-        c["test"],
-        c["rejected"],
-        out,
-    )
+    names = manifest["class_names"]
+    shown_names = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+    where = f" -> {shown(out)}" if out is not None else " (check only: nothing written)"
+    lines = [f"prepare: {len(names)} classes: {shown_names}",
+             f"prepare: {c['train']} train, {c['val']} validation, {c['unlabeled']} unlabeled, {c['test']} test "
+             f"images{where}"]
+    if rejected:
+        reasons = Counter(r["reason"] for r in rejected)
+        lines.append(f"prepare: {len(rejected)} file(s) not used: "
+                     + ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
+                     + ("" if out is None else f" (all listed in {shown(out / REJECTED)})"))
+        for r in rejected[:limit]:
+            lines.append(f"  {r['path']}: {r['reason']} ({r['detail']})")
+        if len(rejected) > limit:
+            lines.append(f"  ... and {len(rejected) - limit} more")
     if c["val"] == 0:
-        log.warning("prepare: the validation split is empty (every class has a single labeled image)")
+        lines.append("warning: the validation split is empty (every class has a single labeled image): "
+                     "nothing can pick the best checkpoint or model")
+    elif c["val"] < SMALL_VALIDATION:
+        half_width = 100 * 1.96 * (0.25 / c["val"]) ** 0.5
+        lines.append(f"warning: the validation split holds only {c['val']} images: an accuracy measured on it is "
+                     f"uncertain by up to ±{half_width:.0f} points, too coarse to choose between models reliably; "
+                     "label more images or raise prepare.val_fraction")
+    return lines
+
+
+def _summary_manifest(params: Params, class_names: list[str], splits: dict[str, list[_Item]], rejects: _Rejects,
+                      copy_size: int | None) -> dict[str, Any]:
+    """The manifest's counts for ``--check`` (no files, so no hashes)."""
+    counts = {name: len(members) for name, members in splits.items()}
+    counts["rejected"] = len(rejects.entries)
+    return {"class_names": class_names, "counts": counts, "image_size": params.prepare.image_size,
+            "teacher_image_size": copy_size, "check_only": True}

@@ -137,8 +137,10 @@ def _log_model(model_path: Path, export_dir: Path, model_name: str):
     )
 
 
-def _promote(client, name: str, version: str, accuracy: float, min_improvement: float) -> dict[str, Any]:
-    """Set ``challenger`` on the new version, move ``champion`` if it wins; the decision fields."""
+def _promote(client, name: str, version: str, accuracy: float, min_improvement: float,
+             allowed: bool = True) -> dict[str, Any]:
+    """Set ``challenger`` on the new version, move ``champion`` if it wins (and ``allowed``: an
+    experiment never promotes); the decision fields."""
     champion, champion_acc = _champion(client, name)
     client.set_registered_model_alias(name, CHALLENGER, version)
     if champion is not None and champion_acc is None:
@@ -146,6 +148,8 @@ def _promote(client, name: str, version: str, accuracy: float, min_improvement: 
                                    "not replacing a hand-set champion automatically")
     else:
         promoted, reason = decide_promotion(accuracy, champion_acc, min_improvement)
+    if promoted and not allowed:
+        promoted, reason = False, f"{reason}; not promoted: register.promote is false (an experiment)"
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version)
     before = None if champion is None else {"version": str(champion.version), "accuracy": champion_acc}
@@ -177,7 +181,8 @@ def _register(params, export_dir: Path, accuracy: float) -> dict[str, Any]:
         client.set_model_version_tag(name, version, key, value)
     mlflow.set_tag("kdpipe.registered_version", version)
     decision = {"registered": True, "model_name": name, "version": version}
-    decision.update(_promote(client, name, version, accuracy, params.register.min_improvement))
+    decision.update(_promote(client, name, version, accuracy, params.register.min_improvement,
+                             params.register.promote))
     return decision
 
 

@@ -23,6 +23,7 @@ Output (one folder, replaced atomically)::
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -50,6 +51,9 @@ def run(params, distill_dir: str | os.PathLike = DISTILL, prepared_dir: str | os
     for cand in candidates:
         cand["meets"] = _meets(cand, limits)
     chosen, reason = choose(candidates, limits, cfg.fallback_fastest)
+    chosen, reason, comparisons = _prefer_smaller_on_a_statistical_tie(chosen, reason, candidates)
+    for cand in candidates:
+        cand.pop("_correct", None)
     reason += "".join(f"; {c['name']} ({c['arch']}) left out: {_violations(c, limits)}"
                       for c in candidates if not all(c["meets"].values()) and c is not chosen)
     reason += "".join(f"; {e['name']} not a candidate: {e['reason']}" for e in excluded)
@@ -61,12 +65,47 @@ def run(params, distill_dir: str | os.PathLike = DISTILL, prepared_dir: str | os
         "champion": CHAMPION_NOT_CONFIGURED if cfg.include_champion else "not requested",
         "chosen": chosen["name"],
         "reason": reason,
+        "comparisons": comparisons,
     }
     with atomic_dir(out_dir) as tmp:
         shutil.copyfile(chosen["path"], tmp / "model.pt")
         write_json(tmp / "selection.json", selection)
     print(f"select: chose {chosen['name']} ({reason})")
     return selection
+
+
+def paired_difference(a: list[bool], b: list[bool]) -> dict[str, Any]:
+    """Accuracy of ``a`` minus accuracy of ``b`` on the same images, with its 95% interval (normal
+    approximation of the paired differences): how sure the validation split is about the order."""
+    n = len(a)
+    diffs = [int(x) - int(y) for x, y in zip(a, b, strict=True)]
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / max(1, n - 1)
+    half = 1.96 * math.sqrt(var / n) if n > 1 else float("inf")
+    # With no disagreement at all the interval would be 0: one more disagreement is the resolution.
+    half = max(half, 1.0 / n)
+    return {"validation_images": n, "difference": mean, "ci95": [mean - half, mean + half],
+            "resolved": abs(mean) > half}
+
+
+def _prefer_smaller_on_a_statistical_tie(chosen: dict, reason: str, candidates: list[dict]):
+    """Equal accuracy goes to the smaller model (SPEC); a difference the validation split cannot
+    resolve (inside its 95% interval) is treated as equal, so a few validation images never ship a
+    large model for a lead that is noise."""
+    comparisons = []
+    fitting = [c for c in candidates if all(c["meets"].values()) and c is not chosen and c["_correct"]]
+    for other in fitting:
+        if not chosen["_correct"]:
+            break
+        cmp = {"a": chosen["name"], "b": other["name"], **paired_difference(chosen["_correct"], other["_correct"])}
+        comparisons.append(cmp)
+        if not cmp["resolved"] and other["parameters"] < chosen["parameters"]:
+            lo, hi = cmp["ci95"]
+            reason = (f"{other['name']} is smaller and its validation accuracy ({_fmt_acc(other)}) is not resolvably "
+                      f"below {chosen['name']}'s ({_fmt_acc(chosen)}): on {cmp['validation_images']} validation images "
+                      f"the difference {cmp['difference']:+.3f} lies within its 95% interval [{lo:+.3f}, {hi:+.3f}]")
+            return other, reason, comparisons
+    return chosen, reason, comparisons
 
 
 def _candidate_paths(distill_dir: Path) -> tuple[list[tuple[str, Path]], list[dict[str, str]]]:
@@ -98,7 +137,8 @@ def measure(name: str, path: Path, data, latency_runs: int, opset: int) -> dict[
 
     model, ckpt = checkpoints.load_model(path)
     _check_compatible(path, ckpt, data)
-    val_acc = accuracy(torch_logits(model, data.val_x), data.val_y)
+    logits = torch_logits(model, data.val_x)
+    val_acc = accuracy(logits, data.val_y)
     source = "validation split (recomputed)"
     if val_acc is None:  # no validation images: the training-time number is all there is
         val_acc = (ckpt.get("meta") or {}).get("val_accuracy")
@@ -111,6 +151,8 @@ def measure(name: str, path: Path, data, latency_runs: int, opset: int) -> dict[
         "val_accuracy": val_acc,
         "val_accuracy_source": source,
         "latency_ms_p50": _latency_p50(model, ckpt["image_size"], latency_runs, opset),
+        # per validation image: right or wrong (for the paired comparison; not written out)
+        "_correct": [] if val_acc is None else (logits.argmax(axis=1) == data.val_y).tolist(),
     }
 
 

@@ -1,0 +1,248 @@
+"""A new user's first day, run for real: the README's "Bring your own data" checklist on photo files.
+
+What it does, in a fresh clone of the committed HEAD (in a temporary folder, or --workdir):
+
+1. writes a folder of real photos in the README's layout: CIFAR-10 images from
+   ../shared/data/cifar10_subset.npz (see its README for the source and citation), upscaled to
+   128 px and saved as JPEG files, as a user's downsized photos would be; a few real-life problems
+   are planted on purpose (the same photo filed under two classes, an unlabeled photo that is also a
+   test photo, a truncated JPEG, a stray text file);
+2. follows the checklist step by step, with the README's own commands: drop the demo data,
+   ``kdpipe prepare --check``, ``dvc add``, ``make repro S="..."``;
+3. runs one experiment with ``make exp`` (the supervised recipe, for comparison) and checks that it
+   left params.yaml and the registry's @champion alias alone;
+4. writes what each command printed (trimmed) and the measured figures to docs/first-day.md and
+   benchmarks/results/first_day.json.
+
+The fresh clone reuses this checkout's .venv (a symlink) so that no 5 GB of wheels are installed
+again; everything else (DVC init, MLflow store, remote) is created by the Makefile as on any clone.
+
+    .venv/bin/python -m benchmarks.first_day            # about 15 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from benchmarks.common import cpu_description, load_npz
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10_subset.npz"
+CLASSES = ("airplane", "automobile", "bird", "cat", "ship")
+PHOTO_SIZE = 128
+# The settings the checklist tells a photo user to choose (README, "Bring your own data", step 3).
+SETTINGS = (
+    "prepare.image_size=64",
+    "teacher.image_size=128",
+    "augment.flip=true",
+    "prepare.val_fraction=0.5",
+)
+
+
+# ------------------------------------------------------------------------------------- photos
+def photo_bytes(pixels: np.ndarray) -> bytes:
+    """A 32 px CIFAR image as the JPEG file a user would have: upscaled (bicubic), quality 90."""
+    image = Image.fromarray(pixels).resize((PHOTO_SIZE, PHOTO_SIZE), Image.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def pick(y: np.ndarray, label: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    return rng.choice(np.flatnonzero(y == label), size=count, replace=False)
+
+
+def write_photo_folder(data_dir: Path, npz: dict, labeled_per_class: int, unlabeled: int,
+                       test_per_class: int, seed: int) -> dict:
+    """data/labeled/<class>/, data/unlabeled/batch-0001/, data/test/<class>/ plus planted problems."""
+    rng = np.random.default_rng(seed)
+    names = npz["class_names"]
+    labels = [names.index(c) for c in CLASSES]
+    x_train, y_train, x_test, y_test = npz["x_train"], npz["y_train"], npz["x_test"], npz["y_test"]
+    used: set[int] = set()
+    for label, name in zip(labels, CLASSES, strict=True):
+        chosen = pick(y_train, label, labeled_per_class, rng)
+        used.update(chosen.tolist())
+        _write_all(data_dir / "labeled" / name, (x_train[i] for i in chosen), "img")
+        _write_all(data_dir / "test" / name, (x_test[i] for i in pick(y_test, label, test_per_class, rng)), "test")
+    pool = np.setdiff1d(np.flatnonzero(np.isin(y_train, labels)), np.fromiter(used, dtype=np.int64))
+    _write_all(data_dir / "unlabeled" / "batch-0001", (x_train[i] for i in rng.choice(pool, unlabeled, replace=False)),
+               "u")
+    return plant_problems(data_dir)
+
+
+def _write_all(folder: Path, images, prefix: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for number, pixels in enumerate(images):
+        (folder / f"{prefix}{number:05d}.jpg").write_bytes(photo_bytes(pixels))
+
+
+def plant_problems(data_dir: Path) -> dict:
+    """The mistakes real photo folders have (found in a public photo set): prepare must report each."""
+    first, second = CLASSES[0], CLASSES[1]
+    twice = data_dir / "labeled" / second / "filed-twice.jpg"
+    twice.write_bytes((data_dir / "labeled" / first / "img00000.jpg").read_bytes())
+    leak = data_dir / "unlabeled" / "batch-0001" / "also-a-test-photo.jpg"
+    leak.write_bytes((data_dir / "test" / first / "test00000.jpg").read_bytes())
+    truncated = data_dir / "unlabeled" / "batch-0001" / "truncated.jpg"
+    whole = (data_dir / "unlabeled" / "batch-0001" / "u00000.jpg").read_bytes()
+    truncated.write_bytes(whole[: len(whole) // 2])
+    stray = data_dir / "labeled" / first / "notes.txt"
+    stray.write_text("photographer's notes, not an image\n")
+    return {p.name: str(p.relative_to(data_dir.parent)) for p in (twice, leak, truncated, stray)}
+
+
+# ------------------------------------------------------------------------------------- running
+def run(command: list[str] | str, cwd: Path, log: list[dict], env: dict | None = None) -> str:
+    """Run one checklist command like a user would, record its output and duration, stop on failure."""
+    shown = command if isinstance(command, str) else " ".join(command)
+    print(f"$ {shown}", flush=True)
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=cwd, shell=isinstance(command, str), text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    seconds = time.perf_counter() - started
+    log.append({"command": shown, "exit_code": done.returncode, "seconds": round(seconds, 1),
+                "output": done.stdout})
+    print(done.stdout[-3000:], flush=True)
+    if done.returncode != 0:
+        raise SystemExit(f"first day: `{shown}` failed with exit code {done.returncode}")
+    return done.stdout
+
+
+def fresh_clone(workdir: Path) -> Path:
+    clone = workdir / "kdpipe"
+    subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
+    (clone / ".venv").symlink_to(REPO / ".venv")
+    # The venv is installed already: mark it newer than the clone's pyproject.toml for make.
+    (REPO / ".venv" / ".installed").touch()
+    return clone
+
+
+def champion_version(clone: Path) -> str | None:
+    """The registry's @champion version, read with MLflow as the Makefile's store holds it."""
+    code = ("import json, mlflow; c = mlflow.MlflowClient();"
+            "print(json.dumps(c.get_model_version_by_alias('kdpipe-classifier', 'champion').version))")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{clone / 'mlflow.db'}"}
+    done = subprocess.run([str(clone / ".venv/bin/python"), "-c", code], cwd=clone, env=env, text=True,
+                          capture_output=True)
+    return json.loads(done.stdout) if done.returncode == 0 else None
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+# ------------------------------------------------------------------------------------- report
+def trimmed(output: str, lines: int = 40) -> str:
+    kept = [line for line in output.splitlines() if line.strip() and "\r" not in line]
+    if len(kept) <= lines:
+        return "\n".join(kept)
+    return "\n".join(kept[:lines // 2] + [f"... ({len(kept) - lines} lines left out)"] + kept[-lines // 2:])
+
+
+def write_report(result: dict, log: list[dict], out_md: Path, out_json: Path) -> None:
+    out_json.write_text(json.dumps({**result, "commands": [{k: v for k, v in e.items() if k != "output"}
+                                                           for e in log]}, indent=2) + "\n")
+    parts = [
+        "# A first day with real photos (documented run)",
+        "",
+        "The README's *Bring your own data* checklist, followed start to finish in a fresh clone by",
+        "`benchmarks/first_day.py` (`.venv/bin/python -m benchmarks.first_day`). The photos are",
+        f"real: {len(CLASSES)} CIFAR-10 classes ({', '.join(CLASSES)}) from `../shared/data/cifar10_subset.npz`",
+        f"(CIFAR-10, Krizhevsky 2009; see that file's README), upscaled to {PHOTO_SIZE} px JPEG files as a",
+        "user's downsized photos would be. Four real-life problems were planted in the folder: "
+        + ", ".join(f"`{p}`" for p in result["planted"].values()) + ".",
+        "",
+        f"Run on {result['machine']}, {result['date']}; {result['total_minutes']:.1f} minutes in all.",
+        "",
+        "## What it measured",
+        "",
+        "| | |",
+        "| --- | --- |",
+    ]
+    for key, value in result["figures"].items():
+        parts.append(f"| {key} | {value} |")
+    parts += ["", "## Every command, as run, with its output (trimmed)", ""]
+    for entry in log:
+        parts += [f"### `{entry['command']}`", "",
+                  f"exit code {entry['exit_code']}, {entry['seconds']:.0f} s", "", "```",
+                  trimmed(entry["output"]) or "(no output)", "```", ""]
+    out_md.write_text("\n".join(parts))
+
+
+# ------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="the CIFAR-10 subset npz")
+    parser.add_argument("--workdir", help="where the fresh clone goes (default: a temporary folder)")
+    parser.add_argument("--labeled-per-class", type=int, default=40)
+    parser.add_argument("--unlabeled", type=int, default=1500)
+    parser.add_argument("--test-per-class", type=int, default=150)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(REPO / "docs" / "first-day.md"))
+    args = parser.parse_args(argv)
+    if not Path(args.data).is_file():
+        print(f"first day: {args.data} is missing (the CIFAR-10 subset lives in ../shared/data/)", file=sys.stderr)
+        return 2
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kdpipe-first-day-"))
+    started = time.perf_counter()
+    clone = fresh_clone(workdir)
+    log: list[dict] = []
+    # Checklist step 1: the folders in place, the demo dropped (the clone has no data yet).
+    planted = write_photo_folder(clone / "data", load_npz(args.data), args.labeled_per_class, args.unlabeled,
+                                 args.test_per_class, args.seed)
+    run("make setup", clone, log)
+    # Step 2: check the data before training.
+    check = run([".venv/bin/kdpipe", "prepare", "--check"], clone, log)
+    # Steps 3-4: the settings, then the run, with the README's commands.
+    run([".venv/bin/dvc", "add", "data/labeled", "data/test", "data/unlabeled/batch-0001"], clone, log)
+    run(f'make repro S="{" ".join(SETTINGS)}"', clone, log)
+    champion_before = champion_version(clone)
+    params_before = (clone / "params.yaml").read_text()
+    selection = read_json(clone / "reports/select/selection.json")
+    evaluation = read_json(clone / "reports/evaluate/metrics.json")
+    manifest = read_json(clone / "reports/prepare/manifest.json")
+    # An experiment for comparison: the same data, supervised only. It must not touch the workspace.
+    run('make exp S="train.recipe=supervised" NAME=supervised', clone, log)
+    shown = run([".venv/bin/dvc", "exp", "show", "--no-pager", "--md", "--only-changed"], clone, log)
+    result = {
+        "machine": cpu_description(),
+        "date": time.strftime("%Y-%m-%d"),
+        "total_minutes": (time.perf_counter() - started) / 60,
+        "settings": list(SETTINGS),
+        "planted": planted,
+        "figures": {
+            "planted problems reported by `prepare --check`": sum(name in check for name in planted),
+            "images per split (train / val / unlabeled / test)": " / ".join(
+                str(manifest.get("counts", {}).get(s, "?")) for s in ("train", "val", "unlabeled", "test")),
+            "model chosen by select": f"{selection.get('chosen')} ({selection.get('reason', '')})",
+            "test accuracy of the shipped ONNX model": f"{evaluation['accuracy']:.1%}",
+            "params.yaml unchanged by `make exp`": params_before == (clone / "params.yaml").read_text(),
+            "@champion unchanged by `make exp`": champion_before is not None
+            and champion_before == champion_version(clone),
+            "supervised experiment (dvc exp show)": _supervised_row(shown),
+        },
+    }
+    write_report(result, log, Path(args.out), REPO / "benchmarks" / "results" / "first_day.json")
+    print(f"first day: report written to {args.out}")
+    return 0
+
+
+def _supervised_row(table: str) -> str:
+    rows = [line for line in table.splitlines() if "supervised" in line]
+    return rows[0].strip() if rows else "(not shown)"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

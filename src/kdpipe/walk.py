@@ -1,0 +1,118 @@
+"""One directory walk for every step that reads the user's folders (prepare, ingest).
+
+What it guarantees, whatever the folder holds:
+
+* **No file is visited twice**, and no folder: a symlink back to a folder already being walked (a
+  loop, or a class folder linking to ``labeled/``) is reported once as ``symlink_loop`` and not
+  followed, so an image can never be read a second time under another label. A file reached again
+  through a second link is reported as ``visited_twice``.
+* **Symlinks stay inside the walk's boundary** (the data root, or the source folder of an ingest):
+  ``symlink_outside_root`` otherwise; ``broken_symlink`` for a dangling link; ``symlink_loop`` for
+  a link cycle between files (``a.jpg -> b.jpg -> a.jpg``).
+* **Names that are not UTF-8** (a byte such as ``\\xff`` in a file name) are walked like any other;
+  :func:`shown` turns them into readable text with ``\\xNN`` escapes for reports and messages, and
+  :func:`name_bytes` gives their exact bytes for content hashes.
+* Hidden entries (``.name``), OS clutter (``Thumbs.db``...) and DVC pointer files (``*.dvc``) are
+  skipped; special files (FIFOs, sockets, devices) are reported as ``not_a_regular_file``, never
+  opened (reading a FIFO blocks forever).
+
+Every entry is visited in sorted order, so two walks of the same tree report the same things.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+IGNORED_NAMES = frozenset({"Thumbs.db", "desktop.ini", "__MACOSX"})
+
+Report = Callable[[Path, str, str], None]  # (path, reason, detail)
+
+
+def shown(path: str | os.PathLike) -> str:
+    """A path as readable text: undecodable bytes become ``\\xNN`` (valid UTF-8, safe in JSON and logs)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def name_bytes(path: str | os.PathLike) -> bytes:
+    """The exact bytes of a path (what the file system stores), for hashing."""
+    return os.fsencode(path)
+
+
+def skipped(entry: Path) -> bool:
+    """Hidden entries, OS clutter and DVC pointer files are not data."""
+    return entry.name.startswith(".") or entry.name in IGNORED_NAMES or (entry.suffix == ".dvc" and entry.is_file())
+
+
+def real_path(entry: Path) -> Path | None:
+    """The fully resolved path, or None when the link chain loops (Python raises for that)."""
+    try:
+        return entry.resolve(strict=False)
+    except (RuntimeError, OSError):  # "Symlink loop from ..." (RuntimeError in 3.11, OSError ELOOP later)
+        return None
+
+
+class Walker:
+    """Walks folders under a boundary; remembers every real folder and file it has handed out."""
+
+    def __init__(self, boundary: Path, report: Report):
+        self.boundary = Path(boundary)
+        self.boundary_real = self.boundary.resolve()
+        self.report = report
+        self.folders: set[Path] = set()
+        self.files: set[Path] = set()
+
+    def entries(self, folder: Path) -> list[Path]:
+        """Sorted, non-skipped entries of ``folder``; unusable symlinks are reported, not returned."""
+        out = []
+        for entry in sorted(folder.iterdir(), key=lambda p: os.fsencode(p.name)):
+            if skipped(entry):
+                continue
+            if entry.is_symlink() and not self._usable_link(entry):
+                continue
+            out.append(entry)
+        return out
+
+    def _usable_link(self, entry: Path) -> bool:
+        target = real_path(entry)
+        if target is None:
+            self.report(entry, "symlink_loop", "the symlink chain loops back on itself")
+            return False
+        if not target.exists():
+            self.report(entry, "broken_symlink", f"symlink target {shown(os.readlink(entry))} does not exist")
+            return False
+        if not target.is_relative_to(self.boundary_real):
+            self.report(entry, "symlink_outside_root", "symlink points outside the data root")
+            return False
+        return True
+
+    def enter(self, folder: Path) -> bool:
+        """Claim a folder before walking it; a folder already claimed (or an ancestor of one being
+        walked: a link back up the tree) is a loop, reported once and not walked again."""
+        real = folder.resolve()
+        if folder.is_symlink() and folder.parent.resolve().is_relative_to(real):
+            self.report(folder, "symlink_loop", "links back to a folder above it; not followed")
+            return False
+        if real in self.folders or any(walked.is_relative_to(real) for walked in self.folders):
+            self.report(folder, "visited_twice", "the same folder is reachable through another link; read once")
+            return False
+        self.folders.add(real)
+        return True
+
+    def files_under(self, folder: Path) -> Iterator[Path]:
+        """Every regular file under ``folder`` (any depth), each real file at most once."""
+        if not self.enter(folder):
+            return
+        for entry in self.entries(folder):
+            if entry.is_dir():
+                yield from self.files_under(entry)
+            elif entry.is_file():
+                real = entry.resolve()
+                if real in self.files:
+                    self.report(entry, "visited_twice", "the same file is reachable through another link; used once")
+                    continue
+                self.files.add(real)
+                yield entry
+            else:
+                self.report(entry, "not_a_regular_file", "not a regular file")
