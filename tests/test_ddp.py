@@ -56,6 +56,7 @@ def logged_reports(self):  # every rank's own view of the run
     for name in ("student", "projection"):
         (record / f"{name}_rank{rank}.txt").write_text(
             repr(sorted((k, float(v.double().sum())) for k, v in getattr(self, name).state_dict().items())))
+    (record / f"gen_rank{rank}.json").write_text(json.dumps(self.gen.get_state().tolist()))
     return write_reports(self)
 
 LabeledUnlabeledSampler.next = logged_next
@@ -179,3 +180,14 @@ def test_ddp_resume_state_is_usable_by_a_single_process_run(ddp_run):
     model.load_state_dict(last["student"])
     best, _ = checkpoints.load_model(ddp_run["out"] / "student.pt")
     assert isinstance(best, torch.nn.Module)
+
+
+def test_ddp_resume_state_keeps_every_ranks_own_random_streams(ddp_run):
+    """Each rank augments with its own generator; the resume state must give each rank back its own
+    (it used to hold rank 0's only, so after a resume every rank drew rank 0's augmentations)."""
+    record = ddp_run["record"]
+    rng = checkpoints.load(ddp_run["out"] / "last.pt")["rng"]
+    assert len(rng) == WORLD
+    for rank in range(WORLD):
+        assert rng[rank]["gen"].tolist() == read_json(record / f"gen_rank{rank}.json")
+    assert rng[0]["gen"].tolist() != rng[1]["gen"].tolist()

@@ -79,12 +79,23 @@ def test_dml_gives_gradients_to_both():
 
 def test_pairwise_consistency_golden():
     # softmax: a -> [1/2, 1/2], b -> [1/4, 3/4], c -> [1/2, 1/2]
-    # mean sq diff (over 2 classes): (a,b): ((1/4)^2 + (1/4)^2)/2 = 1/16; (a,c): 0; (b,c): 1/16
-    # mean over the 3 pairs = (1/16 + 0 + 1/16) / 3 = 1/24
+    # squared L2 distance (summed over the 2 classes): (a,b): (1/4)^2 + (1/4)^2 = 1/8; (a,c): 0; (b,c): 1/8
+    # mean over the 3 pairs = (1/8 + 0 + 1/8) / 3 = 1/12
     a = torch.tensor([[0.0, 0.0]])
     b = torch.tensor([[0.0, LN3]])
     c = torch.tensor([[5.0, 5.0]])
-    assert losses.pairwise_consistency([a, b, c]).item() == pytest.approx(1 / 24, abs=1e-7)
+    assert losses.pairwise_consistency([a, b, c]).item() == pytest.approx(1 / 12, abs=1e-7)
+
+
+def test_pairwise_consistency_sums_over_classes_and_averages_over_samples():
+    # one sample with distance 1/8 (as above) and one with distance 0: the batch mean is 1/16, and the
+    # value does not shrink with the number of classes (padding classes of -inf adds nothing)
+    a = torch.tensor([[0.0, 0.0], [1.0, 2.0]])
+    b = torch.tensor([[0.0, LN3], [1.0, 2.0]])
+    assert losses.pairwise_consistency([a, b]).item() == pytest.approx(1 / 16, abs=1e-7)
+    pad = torch.full((2, 8), -1e9)
+    wide = losses.pairwise_consistency([torch.cat([a, pad], 1), torch.cat([b, pad], 1)])
+    assert wide.item() == pytest.approx(1 / 16, abs=1e-7)
 
 
 def test_pairwise_consistency_identical_is_zero_else_positive_and_needs_two_views():

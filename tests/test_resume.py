@@ -154,3 +154,50 @@ def test_resume_with_changed_settings_starts_over(run_distill, tmp_path, capsys)
     run_distill(fresh, recipe="supervised", max_iterations=10, lr=0.02)
     _assert_same_state(again["student"], checkpoints.load(fresh / "last.pt")["student"], "student")
     assert _without_timing(again["history"]) == _without_timing(checkpoints.load(fresh / "last.pt")["history"])
+
+
+# ------------------------------------------------------------------------ another precision, another device
+CPU = torch.device("cpu")
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _trainer(d, params, out, amp: str, channels_last: bool = False):
+    """The distill trainer with the runtime given directly: fp16 autocast and its GradScaler run on
+    the CPU exactly as on a GPU (the params only allow fp16 on CUDA, where it pays)."""
+    from kdpipe.devices import Runtime
+    from kdpipe.steps.distill import build_trainer
+
+    runtime = Runtime(CPU, PRECISIONS[amp], channels_last)
+    return build_trainer(params, d["prepared"], d["augmented"], d["teacher"], out, runtime=runtime, progress=False)
+
+
+@pytest.mark.parametrize(("saved", "resumed"), [("fp32", "fp16"), ("fp16", "fp32"), ("fp16", "bf16")])
+def test_a_run_resumes_under_another_precision(saved, resumed, tiny_pipeline_dirs, tiny_params_factory, tmp_path):
+    """A preempted GPU run rescheduled onto another machine resumes, whatever its precision there (an
+    fp32 resume state used to stop an fp16 run with the GradScaler's RuntimeError)."""
+    d = tiny_pipeline_dirs
+    params = tiny_params_factory(recipe="full", max_iterations=6, eval_every=3, epoch_iterations=3,
+                                 checkpoint_every=3)
+    out = tmp_path / "out"
+    first = _trainer(d, params, out, saved)
+    first.run()
+    again = _trainer(d, params, out, resumed)
+    assert again.try_resume() and again.iteration == 6
+    parts = again._step()  # one more step in the new precision: autocast and (for fp16) loss scaling
+    assert all(torch.isfinite(torch.tensor(v)) for v in parts.values())
+    assert again.scaler.is_enabled() == (resumed == "fp16")
+
+
+def test_fp16_autocast_with_loss_scaling_and_channels_last_trains(tiny_pipeline_dirs, tiny_params_factory, tmp_path):
+    """The GPU training path (autocast fp16, GradScaler, channels_last) run end to end on the CPU."""
+    d = tiny_pipeline_dirs
+    params = tiny_params_factory(recipe="full", max_iterations=6, eval_every=3, epoch_iterations=3)
+    trainer = _trainer(d, params, tmp_path / "out", "fp16", channels_last=True)
+    assert trainer.student_cl and trainer.scaler.is_enabled()
+    kernels = [p for p in trainer.student.parameters() if p.dim() == 4]
+    assert kernels and all(k.is_contiguous(memory_format=torch.channels_last) for k in kernels)
+    summary = trainer.run()
+    assert summary["iterations"] == 6
+    losses = [h["loss_total"] for h in trainer.history if "loss_total" in h]
+    assert losses and all(torch.isfinite(torch.tensor(v)) for v in losses)
+    assert trainer.scaler.get_scale() > 0

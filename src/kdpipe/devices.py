@@ -83,10 +83,18 @@ def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
     if name == "auto":
         if device.type != "cuda":
             return None  # fp32 on CPU: bf16 autocast is far slower on most CPUs
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_cuda_bf16() else torch.float16
     if name == "fp16" and device.type != "cuda":
         raise KdpipeError("train.amp 'fp16' needs a CUDA device")
     return torch.bfloat16 if name == "bf16" else torch.float16
+
+
+def native_cuda_bf16() -> bool:
+    """Whether the GPU computes bf16 in hardware (Ampere and later).
+
+    ``torch.cuda.is_bf16_supported()`` also answers True where bf16 is only emulated (T4, V100),
+    which is several times slower than fp16 there; "auto" must then pick fp16 with a GradScaler."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def init_distributed(device: torch.device) -> tuple[int, int, int]:

@@ -436,7 +436,36 @@ class Trainer:
         return record
 
     # ------------------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
+    def _rng_state(self) -> dict[str, Any]:
+        """This rank's random streams: augmentation generators and torch's global RNGs."""
+        return {
+            "gen": self.gen.get_state(),
+            "views": self.views.state_dict() if isinstance(self.views, StoredViews) else None,
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(self.rt.device) if self.rt.device.type == "cuda" else None,
+        }
+
+    def _set_rng_state(self, rng: dict[str, Any]) -> None:
+        self.gen.set_state(rng["gen"])
+        if isinstance(self.views, StoredViews):
+            self.views.load_state_dict(rng["views"])
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") is not None and self.rt.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.rt.device)
+
+    def _every_rank(self, value: Any) -> list[Any]:
+        """``value`` from every rank, in rank order (a collective call under DDP)."""
+        if not self.rt.distributed:
+            return [value]
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.rt.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def state_dict(self, rng_per_rank: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The resume state. ``rng_per_rank`` holds every rank's random streams (each rank augments
+        differently); without it, only this process's."""
         def inner(m):
             return None if m is None else {k: v.detach().cpu() for k, v in m.state_dict().items()}
 
@@ -452,10 +481,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "sampler": self.sampler.state_dict(),
             "schedule": None if self.schedule is None else self.schedule.state_dict(),
-            "views": self.views.state_dict() if isinstance(self.views, StoredViews) else None,
-            "gen_state": self.gen.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if self.rt.device.type == "cuda" else None,
+            "rng": rng_per_rank or [self._rng_state()],
             "history": self.history,
             "best": self.best,
             "best_metric": self.best_metric,
@@ -481,16 +507,14 @@ class Trainer:
         self.sched_s.load_state_dict(state["sched_s"])
         if self.sched_t is not None:
             self.sched_t.load_state_dict(state["sched_t"])
-        self.scaler.load_state_dict(state["scaler"])
+        self._load_scaler(state["scaler"])
         self.sampler.load_state_dict(state["sampler"])
         if self.schedule is not None:
             self.schedule.load_state_dict(state["schedule"])
-        if isinstance(self.views, StoredViews):
-            self.views.load_state_dict(state["views"])
-        self.gen.set_state(state["gen_state"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and self.rt.device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        rng = state["rng"]
+        if len(rng) != self.rt.world_size:  # the sampler check above already refuses this
+            raise KdpipeError(f"resume state of {len(rng)} process(es), this run has {self.rt.world_size}")
+        self._set_rng_state(rng[self.rt.rank])
         self.history = list(state["history"])
         self.best = state["best"]
         self.best_metric = float(state["best_metric"])
@@ -500,9 +524,18 @@ class Trainer:
         self.train_seconds = float(state["train_seconds"])
         self.stop_reason = state["stop_reason"]
 
+    def _load_scaler(self, saved: dict[str, Any]) -> None:
+        """fp16 loss-scaling state, when this run and the saved one both scale. A run resumed with
+        another precision (an fp32 state on an fp16 GPU, or the reverse) starts a fresh scaler: the
+        scale is a running estimate that the new precision re-learns within a few steps."""
+        if self.scaler.is_enabled() and saved:
+            self.scaler.load_state_dict(saved)
+
     def save_last(self) -> None:
+        """Every rank must call this (the random streams are gathered); rank 0 writes."""
+        rng_per_rank = self._every_rank(self._rng_state())
         if self.rt.is_main:
-            checkpoints.save(self.state_dict(), self.out_dir / LAST)
+            checkpoints.save(self.state_dict(rng_per_rank), self.out_dir / LAST)
 
     def try_resume(self) -> bool:
         """Resume from ``last.pt`` if it belongs to the same configuration; True if resumed."""

@@ -18,14 +18,17 @@ from ..layout import AUGMENTED, DISTILL, PREPARED, TEACHER
 
 
 def _fingerprint(params, prepared_dir, teacher_dir) -> dict:
-    """What a resume state must match: every setting and input that changes the trajectory."""
+    """What a resume state must match: every setting and input that changes what is trained.
+
+    Where it runs is left out (device, precision, memory layout, threads): a run preempted on one
+    machine may resume on another, e.g. a GPU pod rescheduled onto another GPU type."""
     from ..data import file_sha256
 
     teacher_file = Path(teacher_dir) / "teacher.pt"
     return {
         "teacher_sha256": file_sha256(teacher_file) if teacher_file.is_file() else None,
         "step": "distill",
-        "train": params.train.model_dump(exclude={"threads"}),
+        "train": params.train.model_dump(exclude={"threads", "device", "amp", "channels_last"}),
         "augment": params.augment.model_dump(),
         "teacher": params.teacher.model_dump(),
         "data_version": read_json(Path(prepared_dir) / "manifest.json")["data_version"],
