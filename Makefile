@@ -14,7 +14,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup repro data test lint clean report compare exp bench image pipeline retrain
+.PHONY: help setup repro data test test-fast lint clean report compare exp bench image pipeline retrain
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -81,8 +81,11 @@ bench: setup ## quick benchmarks (needs `make repro` first; results in benchmark
 retrain: data ## dvc pull + repro + push + metrics diff (or submit to Kubeflow when KDPIPE_KFP_HOST is set)
 	$(BIN)/kdpipe retrain
 
-test: setup ## run the test suite
-	$(BIN)/python -m pytest -q
+test: setup ## run the whole test suite (what CI runs); the 15 slowest tests are listed at the end
+	$(BIN)/python -m pytest -q --durations=15
+
+test-fast: setup ## the inner loop: every test not marked slow (a few minutes on 2 cores)
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
 lint: setup ## ruff on the code, hadolint on the Dockerfile
 	$(BIN)/ruff check src tests benchmarks components pipelines

@@ -42,8 +42,12 @@ def test_report_renders_pngs_and_summary(tmp_path, monkeypatch):
         [{"actual": a, "predicted": p} for a, p in [("cat", "cat"), ("dog", "cat"), ("dog", "dog")]]))
     (reports / "evaluate" / "metrics.json").write_text(json.dumps({"accuracy": 0.6667}))
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "summary").mkdir()
+    stale = tmp_path / "summary" / "schedule.png"  # an earlier run's plot that has no data this time
+    stale.write_bytes(b"old picture")
 
     report = write_report(tmp_path, tmp_path / "summary")
+    assert not stale.exists()
 
     for name in ("learning_curves.png", "confusion.png"):
         with Image.open(tmp_path / "summary" / name) as image:

@@ -164,13 +164,16 @@ class Trainer:
                  augment_cfg: AugmentConfig | None = None, w_feat: float = 0.0, schedule_params=None,
                  best_names: dict[str, str] | None = None, run_fingerprint: dict[str, Any] | None = None,
                  progress: bool = True, desc: str = "distill", student_input_size: int | None = None,
-                 use_cached_logits: bool = True):
+                 use_cached_logits: bool = True, report_names: dict[str, str] | None = None):
         self.recipe, self.data, self.cfg, self.hyper, self.rt = recipe, data, cfg, hyper, runtime
         self.out_dir = Path(out_dir)
         self.aug_cfg = augment_cfg or AugmentConfig()
         self.best_names = best_names or {"student": "student.pt", "teacher": "teacher.pt"}
         self.fingerprint = run_fingerprint or {}
         self.progress_enabled, self.desc = progress, desc
+        # Relabels history keys for the reader, on the console and in history.json: the teacher step
+        # trains its network in the student's seat, and its curve must not read val_acc_student.
+        self.report_names = report_names or {}
         self.student_arch, self.teacher_arch = student_arch, teacher_arch
         self._check_data()
 
@@ -582,7 +585,7 @@ class Trainer:
                 epoch_end = self.iteration % self.cfg.epoch_iterations == 0
                 if epoch_end or self.iteration % self.cfg.eval_every == 0 or self.iteration == self.cfg.max_iterations:
                     record = self._record(epoch_end)
-                    bar.write(_format_record(self.desc, record))
+                    bar.write(_format_record(self.desc, self._renamed(record)))
                 if self.iteration % self.cfg.checkpoint_every == 0 or self._done():
                     self.save_last()
                 bar.update(1, loss=parts["total"])
@@ -608,18 +611,18 @@ class Trainer:
             summary["schedule"] = self.schedule.history
         return summary
 
-    def write_reports(self, rename: dict[str, str] | None = None) -> None:
-        """history.json (one entry per evaluation) and schedule.json (Method A, per epoch).
+    def _renamed(self, record: dict[str, Any]) -> dict[str, Any]:
+        return {self.report_names.get(k, k): v for k, v in record.items()}
 
-        ``rename`` relabels history keys for the reader (the teacher step trains its network in the
-        student's seat, and its curve must not be called ``val_acc_student``)."""
+    def write_reports(self) -> None:
+        """history.json (one entry per evaluation, keys relabelled by ``report_names``) and
+        schedule.json (Method A, per epoch; an empty list for a recipe without the schedule, because
+        the file is a declared DVC output of distill whatever the recipe)."""
         if not self.rt.is_main:
             return
-        rename = rename or {}
-        history = [{rename.get(k, k): v for k, v in record.items()} for record in self.history]
+        history = [self._renamed(record) for record in self.history]
         write_json(self.out_dir / "history.json", history)
-        if self.schedule is not None:
-            write_json(self.out_dir / "schedule.json", self.schedule.history)
+        write_json(self.out_dir / "schedule.json", [] if self.schedule is None else self.schedule.history)
 
 
 def _format_record(desc: str, record: dict[str, Any]) -> str:

@@ -137,6 +137,12 @@ def write_report(repo: str | os.PathLike = ".", out_dir: str | os.PathLike = "re
         raise KdpipeError(f"{repo / 'reports'}: no pipeline reports yet (run `make repro` first)")
     out.mkdir(parents=True, exist_ok=True)
     images = render(plot_specs(repo), out, repo)
+    # A plot with no data this time (e.g. Method A's schedule under a recipe without it) must not
+    # leave an earlier run's picture beside this run's report.
+    current = {path.name for _, path in images}
+    for stale in out.glob("*.png"):
+        if stale.name not in current:
+            stale.unlink()
     lines = ["# kdpipe run report", "", "| what | value |", "| --- | --- |"]
     lines += [f"| {name} | {_fmt(value)} |" for name, value in summary_rows(repo)]
     lines.append("")

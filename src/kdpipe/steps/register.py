@@ -20,9 +20,12 @@ Metrics, the evaluation report and plots, ``parity.json``, ``model.int8.onnx`` (
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import io
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -127,14 +130,32 @@ def _log_model(model_path: Path, export_dir: Path, model_name: str):
     distribution, ort_version = onnxruntime_distribution()
     signature, example = _signature(model_path, export_dir)
     extra = [str(p) for p in [export_dir / "preprocess.json"] if p.is_file()]
-    return mlflow.onnx.log_model(
-        onnx.load(str(model_path)), name="model", registered_model_name=model_name,
-        onnx_execution_providers=execution_providers(distribution),
-        pip_requirements=[f"onnx=={onnx.__version__}", f"{distribution}=={ort_version}"],
-        signature=signature, input_example=example, extra_files=extra or None,
-        # One self-contained model.onnx unless protobuf's 2 GB limit forces external tensor data.
-        save_as_external_data=model_path.stat().st_size > _EXTERNAL_DATA_BYTES,
-    )
+    with _without_registry_chatter():
+        return mlflow.onnx.log_model(
+            onnx.load(str(model_path)), name="model", registered_model_name=model_name,
+            onnx_execution_providers=execution_providers(distribution),
+            pip_requirements=[f"onnx=={onnx.__version__}", f"{distribution}=={ort_version}"],
+            signature=signature, input_example=example, extra_files=extra or None,
+            # One self-contained model.onnx unless protobuf's 2 GB limit forces external tensor data.
+            save_as_external_data=model_path.stat().st_size > _EXTERNAL_DATA_BYTES,
+        )
+
+
+# What MLflow prints to stderr while registering: the step's own line says the same, with the outcome.
+_REGISTRY_CHATTER = ("Successfully registered model ", "Created version ", "Registered model ")
+
+
+@contextlib.contextmanager
+def _without_registry_chatter():
+    """Pass MLflow's stderr through, less its registration notices (warnings and errors still show)."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            yield
+    finally:
+        kept = [line for line in captured.getvalue().splitlines(keepends=True)
+                if not line.startswith(_REGISTRY_CHATTER)]
+        sys.stderr.write("".join(kept))
 
 
 def _promote(client, name: str, version: str, accuracy: float, min_improvement: float,

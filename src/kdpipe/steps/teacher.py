@@ -87,11 +87,12 @@ def run(params, prepared_dir: str | os.PathLike = PREPARED, out_dir: str | os.Pa
         build_recipe("supervised"), tuned, LoopConfig.from_teacher(tp), Hyper(label_smoothing=tp.label_smoothing),
         runtime, out, student_arch=tp.arch, student_weights=tp.weights, augment_cfg=augment_cfg,
         best_names={"student": "teacher.pt"}, desc="teacher", student_input_size=size,
+        report_names={"val_acc_student": "val_acc_teacher"},
         run_fingerprint={"step": "teacher", "teacher": tp.model_dump(), "augment": params.augment.model_dump(),
                          "data_version": _data_version(prepared_dir)},
     )
     summary = trainer.run()
-    trainer.write_reports(rename={"val_acc_student": "val_acc_teacher"})
+    trainer.write_reports()
     result = {"trained": True, "arch": tp.arch, "weights": tp.weights, "image_size": size,
               "teacher_copy": data.teacher_train_x is not None,
               "val_accuracy": summary["best_student"]["accuracy"],
