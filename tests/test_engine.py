@@ -73,7 +73,8 @@ def test_recipe_runs_end_to_end(recipe, recipe_runs):
         losses = {k.removeprefix("loss_") for k in entry if k.startswith("loss_")}
         assert losses == LOSS_TERMS[recipe] | {"total"}
         assert all(math.isfinite(entry[f"loss_{k}"]) for k in losses)
-        assert ({"p1", "p2", "w"} <= entry.keys()) == (recipe in WITH_SCHEDULE)
+        assert ({"p1", "p2"} <= entry.keys()) == (recipe in WITH_SCHEDULE)
+        assert ("w" in entry) == (recipe == "adaptive")  # full takes only the view strength from the schedule
 
     metrics = read_json(out / "metrics.json")
     assert metrics["recipe"] == recipe and metrics["iterations"] == MAX_ITERATIONS
@@ -217,6 +218,15 @@ def test_adaptive_schedule_follows_spec_inside_the_trainer(run_distill, tmp_path
     # p1 never exceeds p_max and w never drops below w_min
     assert all(0.0 <= s["p1"] <= p_max and w_min <= s["w"] <= w_init for s in schedule)
     assert schedule[1]["p1"] == pytest.approx(p_max / epochs)  # the first epoch always counts as progress
+
+
+def test_the_last_partial_epoch_is_scheduled_and_recorded(run_distill, tmp_path):
+    # 12 iterations in epochs of 5: epochs end at 5, 10 and (partial) 12 -> E = 3 schedule entries
+    out = tmp_path / "partial"
+    run_distill(out, recipe="adaptive", max_iterations=12, epoch_iterations=5, eval_every=5)
+    schedule = read_json(out / "schedule.json")
+    assert [s["epoch"] for s in schedule] == [1, 2, 3]
+    assert schedule[-1]["metric"] == read_json(out / "history.json")[-1]["val_acc_student"]
 
 
 def test_linear_schedule_rule_raises_p1_every_epoch(run_distill, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from kdpipe.errors import ParamsError
-from kdpipe.params import Params, dump_defaults, load_params, validate_params
+from kdpipe.params import DEMO_SETTINGS, Params, dump_defaults, load_params, validate_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,6 +18,33 @@ def test_committed_params_file_is_valid_and_complete():
     for group, values in dump_defaults().items():
         assert set(raw[group]) == set(values), f"params.yaml group '{group}' is missing keys"
     assert params.train.recipe == "kd"
+
+
+def test_params_file_is_the_defaults_plus_the_declared_demo_settings():
+    """One source of defaults: the schema. params.yaml repeats it (every knob in one place) and differs
+    only where params.DEMO_SETTINGS says, for the embedded demo."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    expected = dump_defaults()
+    for dotted, value in DEMO_SETTINGS.items():
+        group, key = dotted.split(".")
+        assert expected[group][key] != value, f"{dotted} is the default already: drop it from DEMO_SETTINGS"
+        expected[group][key] = value
+    differing = {f"{g}.{k}": (raw[g][k], v) for g, values in expected.items() for k, v in values.items()
+                 if raw[g][k] != v}
+    assert differing == {}, "params.yaml (left) disagrees with the schema's defaults + DEMO_SETTINGS (right)"
+
+
+def test_the_training_loop_takes_every_setting_from_params():
+    """No third copy of the defaults: LoopConfig is built from the params, field by field."""
+    from dataclasses import fields
+
+    from kdpipe.engine import LoopConfig
+
+    train = Params().train
+    cfg = LoopConfig.from_train(train)
+    for f in fields(LoopConfig):
+        if f.name in type(train).model_fields:
+            assert getattr(cfg, f.name) == getattr(train, f.name), f.name
 
 
 def test_groups_follow_the_pipeline_steps():

@@ -261,7 +261,12 @@ def test_backbone_learns_at_its_own_rate(tiny_pipeline_dirs, tmp_path):
     from kdpipe.models import build_model
 
     model = build_model("cnn_tiny", 3, 16)
-    opt = sgd(model.parameters(), LoopConfig(lr=0.1, backbone_lr_scale=0.05), list(model.backbone.parameters()))
+    from dataclasses import replace
+
+    from kdpipe.params import Params
+
+    cfg = replace(LoopConfig.from_train(Params().train), lr=0.1, backbone_lr_scale=0.05, weight_decay=5e-4)
+    opt = sgd(model.parameters(), cfg, list(model.backbone.parameters()))
     rates = {(g["role"], g["weight_decay"] > 0): g["lr"] for g in opt.param_groups}
     assert rates == {("head", True): 0.1, ("head", False): 0.1, ("backbone", True): pytest.approx(0.005),
                      ("backbone", False): pytest.approx(0.005)}

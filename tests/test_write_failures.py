@@ -148,6 +148,23 @@ def test_outputs_get_the_permissions_of_the_umask(tmp_path, capsys):
     assert np.load(tmp_path / "prepared" / "train_x.npy").shape[1:] == (16, 16, 3)
 
 
+def test_an_ingested_batch_gets_the_permissions_of_the_umask(tmp_path, capsys):
+    """A new unlabeled batch folder and its files: readable by the other users of a shared data folder."""
+    data = write_tiny_dataset(tmp_path / "data", labeled_per_class=3, unlabeled=2)
+    source = write_tiny_dataset(tmp_path / "new", labeled_per_class=1, unlabeled=3) / "unlabeled" / "batch-0001"
+    report = tmp_path / "ingest.json"
+    old = os.umask(0o022)
+    try:
+        code, err = _run(["ingest", source, "--data-root", data, "--no-dvc", "--report", report], capsys)
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    batch = data / json.loads(report.read_text())["batch"]
+    assert batch.stat().st_mode & 0o777 == 0o755
+    files = list(batch.rglob("*.png"))
+    assert files and all(f.stat().st_mode & 0o777 == 0o644 for f in files)
+
+
 def _without_read_anything_capabilities() -> None:
     """In the child, before exec: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set,
     so that even root obeys file modes (as a normal user always does). prctl(PR_CAPBSET_DROP)."""

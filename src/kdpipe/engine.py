@@ -37,27 +37,28 @@ LAST = "last.pt"
 
 @dataclass
 class LoopConfig:
-    """Optimisation and completion settings (from ``params.train`` or ``params.teacher``)."""
+    """Optimisation and completion settings, always built from ``params.train`` (:meth:`from_train`)
+    or ``params.teacher`` (:meth:`from_teacher`): the params schema is the one place for defaults."""
 
-    batch_size: int = 64
-    mu: float = 1.0
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_fraction: float = 0.05
-    max_iterations: int = 400
-    epoch_iterations: int = 50
-    eval_every: int = 50
-    checkpoint_every: int = 50
-    patience: int = 0
+    batch_size: int
+    mu: float
+    lr: float
+    momentum: float
+    weight_decay: float
+    warmup_fraction: float
+    max_iterations: int
+    epoch_iterations: int
+    eval_every: int
+    checkpoint_every: int
+    seed: int
+    patience: int = 0  # the teacher step has no early stop
     target_metric: float = 1.01
-    teacher_lr_scale: float = 1.0
+    teacher_lr_scale: float = 1.0  # only co-training changes the teacher's LR
     # Fine-tuning a pretrained network (the teacher step): the backbone learns at lr x this, is frozen
     # (head alone) for the first iterations, and may keep its pretrained BatchNorm statistics.
     backbone_lr_scale: float = 1.0
     freeze_backbone_iterations: int = 0
     freeze_batchnorm: bool = False
-    seed: int = 0
 
     @classmethod
     def from_train(cls, tp) -> LoopConfig:
@@ -428,8 +429,11 @@ class Trainer:
         record.update(self._evaluate())
         if self.schedule is not None:
             p1, p2, w = self.schedule.current()
-            record.update({"p1": p1, "p2": p2, "w": w})
-            if epoch_end:
+            record.update({"p1": p1, "p2": p2})
+            if self.recipe.weights_by_schedule:  # full uses the schedule for view strength only
+                record["w"] = w
+            # the last, partial epoch (max_iterations not a multiple of epoch_iterations) counts too
+            if epoch_end or self.iteration == self.cfg.max_iterations:
                 self.schedule.step(record["val_acc_student"])
         record["train_seconds"] = round(self.train_seconds, 3)
         self.running, self.running_steps = {}, 0

@@ -76,6 +76,9 @@ class Recipe:
     uses_schedule: bool
     teacher_views: tuple[int, ...]  # views the teacher must see
     terms: tuple[Term, ...] = field(default_factory=tuple)
+    # Whether a term's weight is Method A's w (adaptive); full takes only the view strength from the
+    # schedule, so w is neither used nor logged there.
+    weights_by_schedule: bool = False
 
     @property
     def reads_stored_views(self) -> bool:
@@ -153,7 +156,7 @@ def build_recipe(name: str, views: int = 3, teacher_trainable: bool = True, w_fe
         return Recipe(name, "weak", 1, True, True, teacher_trainable, False, (0,), terms)
     if name == "adaptive":
         terms = (Term("kd", lambda h: h.w, _kd_view1), Term("truth", lambda h: 1.0 - h.w, _truth_view2))
-        return Recipe(name, "scheduled", 2, True, True, False, True, (0, 1), terms)
+        return Recipe(name, "scheduled", 2, True, True, False, True, (0, 1), terms, weights_by_schedule=True)
     if name == "consistency":
         terms = (
             Term("gt", lambda h: h.a, _gt_views),
