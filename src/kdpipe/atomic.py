@@ -150,7 +150,7 @@ def allocated_memmap(path: str | os.PathLike, dtype, shape: tuple[int, ...]):
     return array
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     # The rename itself must reach the disk too, or a power cut could undo it.
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -185,7 +185,7 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
                 os.fsync(fh.fileno())
             normal_mode(tmp)
             os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -235,7 +235,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
                 old = target.with_name(f".{target.name}.old.{os.getpid()}")
                 os.replace(target, old)
             os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import checkpoints
+from . import checkpoints, onnx_utils
 from .atomic import write_json
 from .augmentation import AugmentConfig, make_generator
 from .devices import Runtime
@@ -151,9 +151,9 @@ def predict_logits(model: nn.Module, images: np.ndarray, runtime: Runtime, batch
 
 
 def accuracy(logits: torch.Tensor, labels: np.ndarray) -> float:
-    if len(labels) == 0:
-        return float("nan")
-    return float((logits.argmax(1).numpy() == np.asarray(labels)).mean())
+    """Top-1 accuracy on the validation split, the same definition as the ONNX steps' (one function);
+    the split is never empty here (Trainer._check_data)."""
+    return onnx_utils.accuracy(logits.numpy(), labels)
 
 
 class Trainer:
@@ -247,6 +247,9 @@ class Trainer:
         d, r = self.data, self.recipe
         if len(d.train_x) == 0:
             raise KdpipeError("no labeled training images after prepare")
+        if len(d.val_y) == 0:
+            raise KdpipeError("no validation images after prepare: the best checkpoint and early stopping are "
+                              "chosen on them; label more images or raise prepare.val_fraction")
         if r.uses_unlabeled and len(d.unlabeled_x) == 0 and self.cfg.mu > 0:
             print(f"warning: recipe '{r.name}' uses unlabeled data but there is none; training on labeled data only")
         if r.reads_stored_views:

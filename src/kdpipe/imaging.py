@@ -208,3 +208,28 @@ def content_hash(path_or_bytes: str | os.PathLike | bytes) -> str:
     from .data import file_sha256
 
     return file_sha256(path_or_bytes)
+
+
+def extension_problem(path: Path) -> str | None:
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        return None
+    return f"extension {path.suffix or '(none)'!r} is not one of: {' '.join(sorted(IMAGE_EXTENSIONS))}"
+
+
+def validate_image(path: Path, cfg) -> np.ndarray:
+    """Decode one candidate file with prepare's rules; raise :class:`RejectedImage` if it is unusable.
+
+    ``cfg`` is ``params.prepare``. The one place the acceptance rules live (``prepare`` and
+    ``kdpipe ingest`` both call it): an image extension,
+    then every check of :func:`kdpipe.imaging.decode_image`; an unreadable file (permissions, I/O
+    errors) is rejected as ``unreadable``.
+    """
+    path = Path(path)
+    if (problem := extension_problem(path)) is not None:
+        raise RejectedImage("not_an_image", problem)
+    try:
+        return decode_image(
+            path, max_pixels=cfg.max_image_pixels, min_side=cfg.min_side, max_aspect_ratio=cfg.max_aspect_ratio
+        )
+    except OSError as exc:  # permissions, I/O errors
+        raise RejectedImage("unreadable", f"cannot read the file: {exc.strerror or exc}") from None

@@ -9,7 +9,7 @@ batches never change, and two branches that ingest different images create diffe
 What is added, skipped and rejected:
 
 * every file under SRC (any depth; hidden files and OS clutter are ignored, as in ``prepare``) is
-  checked with ``prepare``'s own rules (:func:`kdpipe.steps.prepare.validate_image`); a file that
+  checked with ``prepare``'s own rules (:func:`kdpipe.imaging.validate_image`); a file that
   ``prepare`` would reject is rejected here, with the same reason;
 * a symlink whose target lies outside SRC (``..`` included) is rejected (``escapes_source``), as
   are broken symlinks and non-regular files (FIFOs, devices);
@@ -44,13 +44,12 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .atomic import OUTPUT_ERRNOS, _fsync_dir, normal_mode, write_error
+from .atomic import OUTPUT_ERRNOS, fsync_dir, normal_mode, write_error
 from .data import file_sha256
 from .errors import DataError, KdpipeError
-from .imaging import RejectedImage
+from .imaging import RejectedImage, validate_image
 from .params import PrepareParams
 from .progress import Progress
-from .steps.prepare import validate_image
 from .walk import IGNORED_NAMES, Walker, shown
 
 BATCH_PATTERN = re.compile(r"^batch-(\d{4,})(?:-[0-9a-f]{8})?$")
@@ -169,7 +168,7 @@ def _ingest_locked(src: Path, root: Path, cfg: PrepareParams, show_progress: boo
         os.sync()  # every copied file is on disk before the batch becomes visible under its name
         normal_mode(tmp)  # mkdtemp made it owner-only; the batch is data everyone may read
         os.replace(tmp, unlabeled / name)
-        _fsync_dir(unlabeled)
+        fsync_dir(unlabeled)
         return result
     finally:
         if tmp.exists():

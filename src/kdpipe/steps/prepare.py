@@ -46,7 +46,7 @@ from .. import __version__
 from ..atomic import allocated_memmap, atomic_dir, write_json
 from ..data import ARRAY_FILES, MANIFEST, REJECTED, SOURCES, TEACHER_COPY_FILES, file_sha256
 from ..errors import DataError
-from ..imaging import IMAGE_EXTENSIONS, RejectedImage, decode_image, resize_square
+from ..imaging import RejectedImage, extension_problem, resize_square, validate_image
 from ..params import Params, PrepareParams
 from ..walk import Walker, name_bytes, shown
 
@@ -237,7 +237,7 @@ def _files(root: Path, walker: Walker, folder: Path, split: str, label: str | No
     items = []
     for path in walker.files_under(folder):
         rel = _rel(root, path)
-        if (problem := _extension_problem(path)) is not None:
+        if (problem := extension_problem(path)) is not None:
             rejects.add(rel, split, "not_an_image", problem)
         else:
             items.append(_Item(split=split, rel=rel, path=path, label=label))
@@ -250,30 +250,6 @@ def _rel(root: Path, path: Path) -> str:
 
 
 # ---------------------------------------------------------------- decoding
-
-
-def _extension_problem(path: Path) -> str | None:
-    if path.suffix.lower() in IMAGE_EXTENSIONS:
-        return None
-    return f"extension {path.suffix or '(none)'!r} is not one of: {' '.join(sorted(IMAGE_EXTENSIONS))}"
-
-
-def validate_image(path: Path, cfg: PrepareParams) -> np.ndarray:
-    """Decode one candidate file with prepare's rules; raise :class:`RejectedImage` if it is unusable.
-
-    The one place the acceptance rules live (``kdpipe ingest`` calls it too): an image extension,
-    then every check of :func:`kdpipe.imaging.decode_image`; an unreadable file (permissions, I/O
-    errors) is rejected as ``unreadable``.
-    """
-    path = Path(path)
-    if (problem := _extension_problem(path)) is not None:
-        raise RejectedImage("not_an_image", problem)
-    try:
-        return decode_image(
-            path, max_pixels=cfg.max_image_pixels, min_side=cfg.min_side, max_aspect_ratio=cfg.max_aspect_ratio
-        )
-    except OSError as exc:  # permissions, I/O errors
-        raise RejectedImage("unreadable", f"cannot read the file: {exc.strerror or exc}") from None
 
 
 def _teacher_size(params: Params) -> int | None:
