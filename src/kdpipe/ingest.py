@@ -50,7 +50,7 @@ from .errors import DataError, KdpipeError
 from .imaging import RejectedImage, validate_image
 from .params import PrepareParams
 from .progress import Progress
-from .walk import IGNORED_NAMES, Walker, shown
+from .walk import Walker, shown, skipped
 
 BATCH_PATTERN = re.compile(r"^batch-(\d{4,})(?:-[0-9a-f]{8})?$")
 INDEX_NAME = ".ingest.json"
@@ -267,7 +267,7 @@ def _known_hashes(root: Path) -> tuple[dict[str, str], list[str]]:
         if not folder.is_dir():
             continue
         for entry in sorted(folder.iterdir(), key=lambda p: p.name):
-            if entry.name.startswith(".") or entry.name in IGNORED_NAMES:
+            if skipped(entry):
                 continue
             if split == "unlabeled" and entry.is_dir() and BATCH_PATTERN.match(entry.name):
                 _batch_hashes(root, entry, known)
@@ -312,17 +312,10 @@ def _hash_tree(root: Path, folder: Path, known: dict[str, str]) -> None:
 
 
 def _visible_files(folder: Path) -> dict[str, Path]:
-    """{relative path: file} under ``folder``, skipping hidden entries as prepare does."""
-    out: dict[str, Path] = {}
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in IGNORED_NAMES]
-        for name in filenames:
-            if name.startswith(".") or name in IGNORED_NAMES:
-                continue
-            path = Path(dirpath) / name
-            if path.is_file():
-                out[path.relative_to(folder).as_posix()] = path
-    return out
+    """{relative path: file} under ``folder``: the files prepare reads there (the same walk, whose
+    reports about links and odd files are prepare's to make, not the duplicate check's)."""
+    walker = Walker(folder, report=lambda path, reason, detail: None)
+    return {path.relative_to(folder).as_posix(): path for path in walker.files_under(folder)}
 
 
 def _next_batch_name(unlabeled: Path, files: dict[str, dict[str, Any]]) -> str:
