@@ -12,10 +12,11 @@ def augment(prepared: Input[Dataset], teacher_model: Input[Model], augment_param
             augmented: Output[Dataset]):
     """``train_params`` supplies the device settings the teacher runs with."""
     from kdpipe import kubeflow
-    from kdpipe.steps import augment as step
+    from kdpipe.steps.catalog import run_step
 
     params = kubeflow.params_from(augment=augment_params, train=train_params)
-    policy = step.run(params, prepared.path, augmented.path, teacher_model.path)
+    policy = run_step("augment", params, track=kubeflow.tracking_for_task(), prepared_dir=prepared.path,
+                      teacher_dir=teacher_model.path, out_dir=augmented.path)
     augmented.metadata["views"] = params.augment.views
     augmented.metadata["view_kinds"] = policy["view_kinds"]
     augmented.metadata["teacher_logits"] = policy["teacher"] is not None

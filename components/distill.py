@@ -19,9 +19,10 @@ def distill(prepared: Input[Dataset], augmented: Input[Dataset], teacher_model: 
     import yaml
 
     from kdpipe import kubeflow
-    from kdpipe.steps import distill as step
+    from kdpipe.steps.catalog import run_step
 
     params = kubeflow.params_from(train=train_params, augment=augment_params)
+    track = kubeflow.tracking_for_task()
     if gpus > 1:
         with tempfile.TemporaryDirectory() as tmp:
             params_file = os.path.join(tmp, "params.yaml")
@@ -29,9 +30,11 @@ def distill(prepared: Input[Dataset], augmented: Input[Dataset], teacher_model: 
             cmd = kubeflow.distill_command(gpus, params_file, prepared.path, augmented.path, teacher_model.path,
                                            student.path)
             print("distill: DDP over", gpus, "GPUs:", " ".join(cmd))
-            subprocess.run(cmd, check=True, env={**os.environ, "KDPIPE_TRACKING": "0"})
+            # rank 0 logs the run (kdpipe.tracking logs on the main rank only)
+            subprocess.run(cmd, check=True, env={**os.environ, "KDPIPE_TRACKING": "1" if track else "0"})
     else:
-        step.run(params, prepared.path, augmented.path, teacher_model.path, student.path)
+        run_step("distill", params, track=track, prepared_dir=prepared.path,
+                 augmented_dir=augmented.path, teacher_dir=teacher_model.path, out_dir=student.path)
     metrics = json.loads((Path(student.path) / "metrics.json").read_text(encoding="utf-8"))
     student.metadata.update({"recipe": params.train.recipe, "arch": params.train.student_arch, "gpus": gpus})
     kubeflow.log_numbers(summary, metrics)

@@ -14,10 +14,11 @@ def evaluate(onnx_model: Input[Model], prepared: Input[Dataset], evaluate_params
 
     from kdpipe import kubeflow
     from kdpipe.data import load_prepared
-    from kdpipe.steps import evaluate as step
+    from kdpipe.steps.catalog import run_step
 
     params = kubeflow.params_from(evaluate=evaluate_params)
-    result = step.run(params, onnx_model.path, prepared.path, evaluation.path)
+    result = run_step("evaluate", params, track=kubeflow.tracking_for_task(), export_dir=onnx_model.path,
+                      prepared_dir=prepared.path, out_dir=evaluation.path)
     kubeflow.log_numbers(metrics, {k: v for k, v in result.items() if k != "per_class"})
     class_names = list(load_prepared(prepared.path, verify=False).class_names)
     confusion.log_confusion_matrix(class_names, kubeflow.confusion_matrix(evaluation.path, class_names))

@@ -10,10 +10,11 @@ from kdpipe.kubeflow import image
 def export(selected: Input[Model], prepared: Input[Dataset], export_params: dict, onnx_model: Output[Model],
            parity: Output[Metrics]):
     from kdpipe import kubeflow
-    from kdpipe.steps import export as step
+    from kdpipe.steps.catalog import run_step
 
     params = kubeflow.params_from(export=export_params)
-    report = step.run(params, selected.path, prepared.path, onnx_model.path)
+    report = run_step("export", params, track=kubeflow.tracking_for_task(), selected_dir=selected.path,
+                      prepared_dir=prepared.path, out_dir=onnx_model.path)
     onnx_model.metadata.update({"framework": "onnx", "file": "model.onnx", "opset": params.export.opset,
                                 "int8": params.export.int8})
     kubeflow.log_numbers(parity, report)

@@ -11,10 +11,11 @@ def prepare(raw_data: Input[Dataset], prepare_params: dict, teacher_params: dict
             summary: Output[Metrics]):
     """``teacher_params`` supplies ``image_size``: prepare keeps a teacher-resolution copy of large images."""
     from kdpipe import kubeflow
-    from kdpipe.steps import prepare as step
+    from kdpipe.steps.catalog import run_step
 
     params = kubeflow.params_from(prepare=prepare_params, teacher=teacher_params)
-    manifest = step.run(params, raw_data.path, prepared.path)
+    manifest = run_step("prepare", params, track=kubeflow.tracking_for_task(), data_root=raw_data.path,
+                        out_dir=prepared.path)
     prepared.metadata["data_version"] = manifest["data_version"]
     prepared.metadata["class_names"] = manifest["class_names"]
     kubeflow.log_numbers(summary, manifest["counts"], prefix="images")

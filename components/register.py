@@ -28,9 +28,10 @@ def register(onnx_model: Input[Model], evaluation: Input[Artifact], prepared: In
         teacher=teacher_params, train=train_params, select=select_params, export=export_params,
         evaluate=evaluate_params, register=register_params,
     )
-    # The step keeps its per-execution run file (and a default SQLite store) under the working
-    # directory: use the output folder, never the image's or the caller's.
-    os.makedirs(decision.path, exist_ok=True)
-    os.chdir(decision.path)
+    kubeflow.tracking_for_task()  # the parent-run file in the pod's temporary folder
+    if not os.environ.get("MLFLOW_TRACKING_URI") and not params.register.tracking_uri:
+        # no tracking server given: a registry in the task's own output, never the image's folder
+        os.makedirs(decision.path, exist_ok=True)
+        params.register.tracking_uri = f"sqlite:///{os.path.abspath(decision.path)}/mlflow.db"
     result = step.run(params, onnx_model.path, evaluation.path, decision.path)
     decision.metadata.update({k: result[k] for k in ("registered", "model_name", "version", "promoted", "reason")})

@@ -11,10 +11,11 @@ def teacher(prepared: Input[Dataset], teacher_params: dict, augment_params: dict
             teacher_model: Output[Model], summary: Output[Metrics]):
     """``train_params`` supplies the device settings (device, amp, channels_last, threads)."""
     from kdpipe import kubeflow
-    from kdpipe.steps import teacher as step
+    from kdpipe.steps.catalog import run_step
 
     params = kubeflow.params_from(teacher=teacher_params, augment=augment_params, train=train_params)
-    result = step.run(params, prepared.path, teacher_model.path)
+    result = run_step("teacher", params, track=kubeflow.tracking_for_task(), prepared_dir=prepared.path,
+                      out_dir=teacher_model.path)
     teacher_model.metadata["arch"] = params.teacher.arch
     teacher_model.metadata["file"] = "teacher.pt"
     kubeflow.log_numbers(summary, result)

@@ -99,7 +99,7 @@ def build_pipeline(params: "Params | None" = None):
                        augment_params=augment_params, gpus=gpus)
         _gpu_task(dist, gpus)
         sel = select(student=dist.outputs["student"], prepared=prepared, select_params=select_params,
-                     register_params=register_params)
+                     export_params=export_params)
         _mlflow_env(sel)
         exp = export(selected=sel.outputs["selected"], prepared=prepared, export_params=export_params)
         ev = evaluate(onnx_model=exp.outputs["onnx_model"], prepared=prepared, evaluate_params=evaluate_params)

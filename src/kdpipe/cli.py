@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import layout
+from .steps import catalog
 
 PARAMS_HELP = "params file (default: params.yaml, or $KDPIPE_PARAMS)"
 
@@ -32,114 +33,32 @@ def _load_params(args: argparse.Namespace):
     return load_params(args.params, args.overrides)
 
 
-# Small files each step copies to --reports-dir: DVC tracks them as metrics/plots in git while
-# the step's (large) output folder is a cached DVC output; DVC forbids a file being both.
-REPORT_FILES: dict[str, tuple[str, ...]] = {
-    "prepare": ("manifest.json", "rejected.json"),
-    "augment": ("policy.json", "preview.png"),
-    "teacher": ("metrics.json", "history.json"),
-    "distill": ("metrics.json", "history.json", "schedule.json"),
-    "select": ("selection.json",),
-    "export": ("parity.json",),
-    "evaluate": ("metrics.json", "confusion.json", "confusion.png", "per_class.json", "report.md"),
-    "register": ("decision.json",),
-}
-
-
-def _publish_reports(step: str, out_dir: str, reports_dir: str) -> None:
-    import shutil
-    from pathlib import Path
-
-    from .atomic import atomic_path
-
-    for name in REPORT_FILES.get(step, ()):
-        source = Path(out_dir) / name
-        if source.is_file():
-            with atomic_path(Path(reports_dir) / name) as tmp:
-                shutil.copyfile(source, tmp)
-
-
-def _track(step: str, params, out_dir: str, started_at: float | None = None) -> None:
-    """Log the finished step to MLflow (register logs itself, with the model)."""
-    from . import tracking
-
-    if step != "register" and tracking.tracking_enabled(params):
-        tracking.log_step(step, params, out_dir, REPORT_FILES.get(step, ()), started_at)
-
-
-def _step(module: str, **path_args: str) -> Callable[[argparse.Namespace], Any]:
-    """A handler that loads params and calls ``kdpipe.steps.<module>.run(params, **paths)``."""
+def _step(name: str) -> Callable[[argparse.Namespace], Any]:
+    """A handler that loads params and runs the step through :func:`kdpipe.steps.catalog.run_step`."""
 
     def handler(args: argparse.Namespace) -> Any:
         from pathlib import Path
 
         from .atomic import check_writable
 
-        step = importlib.import_module(f"kdpipe.steps.{module}")
-        kwargs = {name: getattr(args, name) for name in path_args}
+        kwargs = {arg: getattr(args, arg) for arg in catalog.STEPS[name].paths}
         params = _load_params(args)
         if getattr(args, "check", False):  # prepare --check: read and report, write nothing
-            return step.run(params, **kwargs, check=True)
+            return importlib.import_module(f"kdpipe.steps.{name}").run(params, **kwargs, check=True)
         # Where the results go must take them, before any work: the output folder's parent (it is
         # replaced as a whole) and the reports folder.
         for folder in (Path(args.out_dir).parent, args.reports_dir):
             if folder:
                 check_writable(folder)
-        import time
-
-        started_at = time.time()
-        result = step.run(params, **kwargs)
-        if args.reports_dir:
-            _publish_reports(module, args.out_dir, args.reports_dir)
-        _track(module, params, args.out_dir, started_at)
-        return result
+        return catalog.run_step(name, params, reports_dir=args.reports_dir, **kwargs)
 
     return handler
 
 
-# name -> (help, {argument: (default, help)})
+# Kept for readers of the CLI's table (and its tests): derived from the step catalog.
 STEPS: dict[str, tuple[str, dict[str, tuple[str | None, str]]]] = {
-    "prepare": (
-        "decode, validate, de-duplicate and split the images into packed arrays",
-        {"data_root": (None, "data folder (default: params data.root)"),
-         "out_dir": (layout.PREPARED, "output folder")},
-    ),
-    "teacher": (
-        "fine-tune the (pretrained) teacher on the labeled data (or adopt teacher.checkpoint)",
-        {"prepared_dir": (layout.PREPARED, "prepared data"), "out_dir": (layout.TEACHER, "output folder")},
-    ),
-    "augment": (
-        "write the augmentation sets (K views per training sample) with the teacher's logits on them",
-        {"prepared_dir": (layout.PREPARED, "prepared data"),
-         "teacher_dir": (layout.TEACHER, "teacher output (its logits are cached when teacher.pt is there)"),
-         "out_dir": (layout.AUGMENTED, "output folder")},
-    ),
-    "distill": (
-        "run the training recipe (train.recipe); resumes from the last checkpoint",
-        {"prepared_dir": (layout.PREPARED, "prepared data"), "augmented_dir": (layout.AUGMENTED, "augmentation sets"),
-         "teacher_dir": (layout.TEACHER, "teacher output"), "out_dir": (layout.DISTILL, "output folder")},
-    ),
-    "select": (
-        "pick the deployable model among the candidates under the deployment limits",
-        {"distill_dir": (layout.DISTILL, "distill output"), "prepared_dir": (layout.PREPARED, "prepared data"),
-         "out_dir": (layout.SELECTED, "output folder")},
-    ),
-    "export": (
-        "export the chosen model to ONNX (+ INT8) behind a torch/onnxruntime parity gate",
-        {"selected_dir": (layout.SELECTED, "select output"), "prepared_dir": (layout.PREPARED, "prepared data"),
-         "out_dir": (layout.EXPORTED, "output folder")},
-    ),
-    "evaluate": (
-        "measure accuracy, per-class metrics, confusion matrix and latency with onnxruntime",
-        {"export_dir": (layout.EXPORTED, "export output"), "prepared_dir": (layout.PREPARED, "prepared data"),
-         "out_dir": (layout.EVALUATION, "output folder")},
-    ),
-    "register": (
-        "log the model to MLflow, register a version, move the champion alias if it is better",
-        {"export_dir": (layout.EXPORTED, "export output"), "evaluation_dir": (layout.EVALUATION, "evaluate output"),
-         "out_dir": (layout.REGISTERED, "output folder")},
-    ),
-}
+    name: (step.summary, step.paths) for name, step in catalog.STEPS.items()}
+REPORT_FILES: dict[str, tuple[str, ...]] = {name: step.report_files for name, step in catalog.STEPS.items()}
 
 
 def _demo_data(args: argparse.Namespace) -> None:
@@ -339,11 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
             step.add_argument(f"--{arg.replace('_', '-')}", dest=arg, default=default, help=arg_help)
         step.add_argument("--reports-dir", default=None,
                           help="also copy the step's small reports (metrics, plots) to this folder")
-        if name == "prepare":
-            step.add_argument("--check", action="store_true",
-                              help="only check the data: read, validate and count everything, print the summary "
-                                   "(classes, images per split, rejected files and why), write nothing")
-        step.set_defaults(handler=_step(name, **{a: a for a in path_args}))
+        for option, kwargs in catalog.STEPS[name].options.items():
+            step.add_argument(f"--{option.replace('_', '-')}", dest=option, **kwargs)
+        step.set_defaults(handler=_step(name))
 
     report = sub.add_parser("report", help="render the DVC plots to PNG (offline) and write a one-page report")
     report.add_argument("--out", default="reports/summary", help="output folder (default: reports/summary)")

@@ -96,3 +96,14 @@ def distill_command(gpus: int, params_file: str, prepared: str, augmented: str, 
     return ["torchrun", "--standalone", f"--nproc_per_node={gpus}", "-m", "kdpipe.cli", "distill",
             "--params", params_file, "--prepared-dir", prepared, "--augmented-dir", augmented,
             "--teacher-dir", teacher, "--out-dir", out]
+
+
+def tracking_for_task() -> bool:
+    """MLflow tracking inside a Kubeflow task: on when the task has a tracking server
+    (``MLFLOW_TRACKING_URI`` from the ``kdpipe-mlflow`` secret), never a throw-away store in the pod.
+    The parent-run file goes to the pod's temporary folder, not the image's working directory (each
+    task is its own pod, so each step's run has a parent of its own). Returns whether to track."""
+    import tempfile
+
+    os.environ.setdefault("KDPIPE_MLFLOW_RUN_FILE", os.path.join(tempfile.gettempdir(), "kdpipe_mlflow_run.json"))
+    return bool(os.environ.get("MLFLOW_TRACKING_URI", "").strip())

@@ -135,9 +135,10 @@ class TrainParams(_Group):
     mutual_tau: float = Field(
         1.0, gt=0.0, le=100.0,
         description="temperature of the mutual (DML) term; separate because that term is not tau^2-scaled")
-    w_mutual: float = Field(1.0, ge=0.0, le=100.0)
-    w_feat: float = Field(0.0, ge=0.0, le=100.0)
-    teacher_trainable: bool = True
+    w_mutual: float = Field(1.0, ge=0.0, le=100.0, description="Method C: weight of the mutual (DML) term")
+    w_feat: float = Field(0.0, ge=0.0, le=100.0,
+                          description="Method C: weight of the feature-matching term (0 = off; adds a projection)")
+    teacher_trainable: bool = Field(True, description="cotrain/full: update the teacher too (false = frozen)")
     teacher_lr_scale: float = Field(
         0.1, gt=0.0, le=10.0,
         description="teacher LR = lr x this when co-trained; < 1 keeps an already trained teacher from being undone",
@@ -147,11 +148,13 @@ class TrainParams(_Group):
     p_max: float = Field(0.8, ge=0.0, le=1.0, description="Method A: the strongest augmentation probability")
     p_fixed: float | None = Field(
         None, ge=0.0, le=1.0, description="Method A, rule 'fixed': the constant p1; null = p_max / 2")
-    delta: float = Field(0.0, ge=0.0, le=1.0)
-    w_init: float = Field(1.0, ge=0.0, le=1.0)
-    w_min: float = Field(0.3, ge=0.0, le=1.0)
-    w_step: float = Field(0.1, ge=0.0, le=1.0)
-    pseudo_threshold: float = Field(0.0, ge=0.0, le=1.0)
+    delta: float = Field(0.0, ge=0.0, le=1.0,
+                         description="Method A: the smallest rise of validation accuracy that counts as progress")
+    w_init: float = Field(1.0, ge=0.0, le=1.0, description="Method A: initial weight w of the KD term (truth: 1 - w)")
+    w_min: float = Field(0.3, ge=0.0, le=1.0, description="Method A: w never drops below this")
+    w_step: float = Field(0.1, ge=0.0, le=1.0, description="Method A: how much w drops after an epoch without progress")
+    pseudo_threshold: float = Field(
+        0.0, ge=0.0, le=1.0, description="Method A: teacher confidence needed to pseudo-label an unlabeled image")
     # Method B
     views: int = Field(2, ge=1, le=16, description="views per sample the student sees per step (Method B, full)")
     a: float = Field(1.0, ge=0.0, le=100.0, description="weight of the ground-truth CE term")

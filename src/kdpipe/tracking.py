@@ -46,6 +46,13 @@ log = logging.getLogger(__name__)
 
 RUN_ID_ENV = "KDPIPE_MLFLOW_RUN_ID"
 RUN_FILE = Path(layout.ARTIFACTS) / "mlflow_run.json"
+RUN_FILE_ENV = "KDPIPE_MLFLOW_RUN_FILE"  # where the parent run's id is kept, when not RUN_FILE
+
+
+def run_file() -> Path:
+    """The file recording this execution's parent run: ``$KDPIPE_MLFLOW_RUN_FILE``, else
+    ``artifacts/mlflow_run.json`` of the project (DVC runs every stage from the project root)."""
+    return Path(os.environ.get(RUN_FILE_ENV) or RUN_FILE)
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlruns"
 
@@ -204,7 +211,7 @@ def _stored_run_id(uri: str) -> tuple[str | None, str]:
     if env:
         return env, "env"
     try:
-        stored = read_json(RUN_FILE)
+        stored = read_json(run_file())
     except (OSError, ValueError):
         return None, ""
     # A file left by a run against another store must not be resumed here.
@@ -249,7 +256,7 @@ def pipeline_run(params: Any, run_name: str | None = None) -> Iterator[Any]:
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name) as run:
         mlflow.set_tags(run_tags(params))
         if run_id is None and source != "env":
-            write_json(RUN_FILE, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+            write_json(run_file(), {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
                                   "tracking_uri": redact(uri)})
         yield run
 
@@ -291,7 +298,7 @@ def close_pipeline_run() -> None:
     """End this execution: forget the parent recorded in ``artifacts/mlflow_run.json`` so the
     next execution starts a new parent. A parent given by ``$KDPIPE_MLFLOW_RUN_ID`` is left alone."""
     if is_main_rank() and not os.environ.get(RUN_ID_ENV):
-        RUN_FILE.unlink(missing_ok=True)
+        run_file().unlink(missing_ok=True)
 
 
 def _active_run_id() -> str:

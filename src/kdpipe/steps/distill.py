@@ -30,7 +30,6 @@ def _fingerprint(params, prepared_dir, teacher_dir) -> dict:
         "step": "distill",
         "train": params.train.model_dump(exclude={"threads", "device", "amp", "channels_last"}),
         "augment": params.augment.model_dump(),
-        "teacher": params.teacher.model_dump(),
         "data_version": read_json(Path(prepared_dir) / "manifest.json")["data_version"],
     }
 
