@@ -9,6 +9,7 @@ schedules, samplers, RNG states, iteration counter, Method A schedule state, his
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -473,66 +474,44 @@ class Trainer:
         dist.all_gather_object(gathered, value)
         return gathered
 
+    # What a resume restores, each listed once: the parts that have state_dict()/load_state_dict()
+    # (None where this run has no such part) ...
+    def _stateful_parts(self) -> dict[str, Any]:
+        return {
+            "student": self.student,
+            "teacher": self.teacher if self.recipe.trains_teacher else None,  # a frozen teacher is an input
+            "projection": self.projection,
+            "opt_s": self.opt_s, "opt_t": self.opt_t,
+            "sched_s": self.sched_s, "sched_t": self.sched_t,
+            "sampler": self.sampler,
+            "schedule": self.schedule,
+        }
+
+    # ... and the loop's plain values: progress, records, the best so far, early-stop bookkeeping.
+    RESUMED_VALUES = ("iteration", "history", "best", "best_metric", "evals_without_improvement", "running",
+                      "running_steps", "train_seconds", "stop_reason")
+
     def state_dict(self, rng_per_rank: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """The resume state. ``rng_per_rank`` holds every rank's random streams (each rank augments
-        differently); without it, only this process's."""
-        def inner(m):
-            return None if m is None else {k: v.detach().cpu() for k, v in m.state_dict().items()}
-
-        state = {
-            "iteration": self.iteration,
-            "student": inner(self.student),
-            "teacher": inner(self.teacher) if self.recipe.trains_teacher else None,
-            "projection": inner(self.projection),
-            "opt_s": self.opt_s.state_dict(),
-            "opt_t": None if self.opt_t is None else self.opt_t.state_dict(),
-            "sched_s": self.sched_s.state_dict(),
-            "sched_t": None if self.sched_t is None else self.sched_t.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "sampler": self.sampler.state_dict(),
-            "schedule": None if self.schedule is None else self.schedule.state_dict(),
-            "rng": rng_per_rank or [self._rng_state()],
-            "history": self.history,
-            "best": self.best,
-            "best_metric": self.best_metric,
-            "evals_without_improvement": self.evals_without_improvement,
-            "running": self.running,
-            "running_steps": self.running_steps,
-            "train_seconds": self.train_seconds,
-            "stop_reason": self.stop_reason,
-            "fingerprint": self.fingerprint,
-        }
+        differently); without it, only this process's. Also the scaler (see :meth:`_load_scaler`)
+        and the fingerprint of the settings, which a resume must match."""
+        state = {name: None if part is None else _portable_state(part) for name, part in self._stateful_parts().items()}
+        state.update({name: getattr(self, name) for name in self.RESUMED_VALUES})
+        state.update(scaler=self.scaler.state_dict(), rng=rng_per_rank or [self._rng_state()],
+                     fingerprint=self.fingerprint)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.iteration = int(state["iteration"])
-        self.student.load_state_dict(state["student"])
-        if state["teacher"] is not None:
-            self.teacher.load_state_dict(state["teacher"])
-        if state["projection"] is not None:
-            self.projection.load_state_dict(state["projection"])
-        self.opt_s.load_state_dict(state["opt_s"])
-        if self.opt_t is not None:
-            self.opt_t.load_state_dict(state["opt_t"])
-        self.sched_s.load_state_dict(state["sched_s"])
-        if self.sched_t is not None:
-            self.sched_t.load_state_dict(state["sched_t"])
+        for name, part in self._stateful_parts().items():
+            if part is not None and state.get(name) is not None:
+                part.load_state_dict(state[name])
+        for name in self.RESUMED_VALUES:
+            setattr(self, name, copy.deepcopy(state[name]))
         self._load_scaler(state["scaler"])
-        self.sampler.load_state_dict(state["sampler"])
-        if self.schedule is not None:
-            self.schedule.load_state_dict(state["schedule"])
         rng = state["rng"]
-        if len(rng) != self.rt.world_size:  # the sampler check above already refuses this
+        if len(rng) != self.rt.world_size:  # the sampler's own check refuses this first
             raise KdpipeError(f"resume state of {len(rng)} process(es), this run has {self.rt.world_size}")
         self._set_rng_state(rng[self.rt.rank])
-        self.history = list(state["history"])
-        self.best = state["best"]
-        self.best_metric = float(state["best_metric"])
-        self.evals_without_improvement = int(state["evals_without_improvement"])
-        self.running = dict(state["running"])
-        self.running_steps = int(state["running_steps"])
-        self.train_seconds = float(state["train_seconds"])
-        self.stop_reason = state["stop_reason"]
 
     def _load_scaler(self, saved: dict[str, Any]) -> None:
         """fp16 loss-scaling state, when this run and the saved one both scale. A run resumed with
@@ -630,6 +609,13 @@ class Trainer:
         history = [self._renamed(record) for record in self.history]
         write_json(self.out_dir / "history.json", history)
         write_json(self.out_dir / "schedule.json", [] if self.schedule is None else self.schedule.history)
+
+
+def _portable_state(part: Any) -> dict[str, Any]:
+    """``part.state_dict()``; a network's tensors on the CPU, so a resume state loads on any device."""
+    if isinstance(part, nn.Module):
+        return {k: v.detach().cpu() for k, v in part.state_dict().items()}
+    return part.state_dict()
 
 
 def _format_record(desc: str, record: dict[str, Any]) -> str:

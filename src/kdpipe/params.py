@@ -114,8 +114,12 @@ class TeacherParams(_Group):
     seed: int = Field(0, ge=0)
 
 
+# The training recipes (kdpipe.recipes builds each; docs/methods.md explains them).
+RECIPE_NAMES = ("supervised", "kd", "cotrain", "adaptive", "consistency", "full")
+
+
 class TrainParams(_Group):
-    recipe: Literal["supervised", "kd", "cotrain", "adaptive", "consistency", "full"] = "kd"
+    recipe: Literal[RECIPE_NAMES] = "kd"
     student_arch: str = Field("cnn_tiny", description="model name from kdpipe.models")
     weights: str | None = Field(None, description="torchvision weights enum name for the student")
     batch_size: int = Field(32, ge=1, description="labeled samples per batch")

@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import losses
-
-RECIPES = ("supervised", "kd", "cotrain", "adaptive", "consistency", "full")
+from .params import RECIPE_NAMES
 
 
 @dataclass
@@ -34,20 +33,35 @@ class StepOutputs:
     teacher_features: torch.Tensor | None = None
 
 
-@dataclass
 class Hyper:
-    """The scalars terms need: from params, plus the schedule's current ``w``."""
+    """The scalars the loss terms read, by their ``params.train`` names (``tau``, ``a``, ``w_mutual``...),
+    plus ``w``, Method A's current weight (the schedule's state, starting at ``w_init``), and
+    ``label_smoothing`` (the teacher step's). A new weight or temperature is a field of TrainParams
+    and nothing more here: ``Hyper(settings)`` exposes every field.
 
-    tau: float = 1.0  # KD temperature (tau^2-scaled terms)
-    mutual_tau: float = 1.0  # Method C's mutual term has its own: DML is not tau^2-scaled (see losses.dml)
-    w: float = 1.0
-    w_mutual: float = 1.0
-    w_feat: float = 0.0
-    a: float = 1.0
-    b: float = 1.0
-    c: float = 1.0
-    pseudo_threshold: float = 0.0
-    label_smoothing: float = 0.0
+    ``Hyper(a=0.5)`` is the schema's defaults with ``a`` changed (for tests and the Python API).
+    """
+
+    def __init__(self, settings=None, **overrides: float):
+        from .params import TrainParams
+
+        settings = settings if settings is not None else TrainParams()
+        values = {**settings.model_dump(), "w": settings.w_init, "label_smoothing": 0.0}
+        unknown = set(overrides) - set(values)
+        if unknown:
+            raise TypeError(f"Hyper: unknown setting(s) {', '.join(sorted(unknown))}")
+        self.__dict__["_values"] = {**values, **overrides}
+
+    def __getattr__(self, name: str):
+        try:
+            return self.__dict__["_values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value) -> None:
+        if name not in self._values:
+            raise AttributeError(f"Hyper has no setting {name!r}")
+        self._values[name] = value
 
 
 TermFn = Callable[[StepOutputs, Hyper, "torch.nn.Module | None"], torch.Tensor]
@@ -139,44 +153,81 @@ def _one(h: Hyper) -> float:
     return 1.0
 
 
+# The terms, named as they appear in history.json (loss_<name>), each with its weight.
+CE = Term("ce", _one, _ce_student)
+CE_WEIGHTED = Term("ce", lambda h: h.a, _ce_student)
+KD_ALL = Term("kd", lambda h: h.c, _kd_all)
+CE_STUDENT = Term("ce_s", _one, _ce_student)
+CE_TEACHER = Term("ce_t", _one, _ce_teacher)
+MUTUAL = Term("mutual", lambda h: h.w_mutual, _mutual)
+FEATURE = Term("feat", lambda h: h.w_feat, _feature)
+KD_VIEW1 = Term("kd", lambda h: h.w, _kd_view1)
+TRUTH_VIEW2 = Term("truth", lambda h: 1.0 - h.w, _truth_view2)
+GT_VIEWS = Term("gt", lambda h: h.a, _gt_views)
+CONSISTENCY = Term("cons", lambda h: h.b, _consistency)
+KD_VIEWS = Term("kd", lambda h: h.c, _kd_views)
+
+
+def _co_training(teacher_trainable: bool, w_feat: float, *extra: Term) -> tuple[Term, ...]:
+    """Method C's terms: both networks' CE on the labels and the mutual term on every sample, then
+    ``extra`` terms, then the optional feature matching."""
+    teacher_ce = (CE_TEACHER,) if teacher_trainable else ()
+    feature = (FEATURE,) if w_feat > 0 else ()
+    return (CE_STUDENT, *teacher_ce, MUTUAL, *extra, *feature)
+
+
+def _supervised(views: int, teacher_trainable: bool, w_feat: float) -> Recipe:
+    return Recipe("supervised", view_plan="weak", num_views=1, uses_unlabeled=False, uses_teacher=False,
+                  trains_teacher=False, uses_schedule=False, teacher_views=(), terms=(CE,))
+
+
+def _kd(views: int, teacher_trainable: bool, w_feat: float) -> Recipe:
+    # Plain distillation from a fixed teacher: CE on the labels + KD on labeled AND unlabeled samples.
+    return Recipe("kd", view_plan="any", num_views=1, uses_unlabeled=True, uses_teacher=True,
+                  trains_teacher=False, uses_schedule=False, teacher_views=(0,), terms=(CE_WEIGHTED, KD_ALL))
+
+
+def _cotrain(views: int, teacher_trainable: bool, w_feat: float) -> Recipe:
+    return Recipe("cotrain", view_plan="weak", num_views=1, uses_unlabeled=True, uses_teacher=True,
+                  trains_teacher=teacher_trainable, uses_schedule=False, teacher_views=(0,),
+                  terms=_co_training(teacher_trainable, w_feat))
+
+
+def _adaptive(views: int, teacher_trainable: bool, w_feat: float) -> Recipe:
+    return Recipe("adaptive", view_plan="scheduled", num_views=2, uses_unlabeled=True, uses_teacher=True,
+                  trains_teacher=False, uses_schedule=True, teacher_views=(0, 1), terms=(KD_VIEW1, TRUTH_VIEW2),
+                  weights_by_schedule=True)
+
+
+def _consistency(views: int, teacher_trainable: bool, w_feat: float) -> Recipe:
+    return Recipe("consistency", view_plan="stored", num_views=views, uses_unlabeled=True, uses_teacher=True,
+                  trains_teacher=False, uses_schedule=False, teacher_views=tuple(range(views)),
+                  terms=(GT_VIEWS, CONSISTENCY, KD_VIEWS))
+
+
+def _full(views: int, teacher_trainable: bool, w_feat: float) -> Recipe:
+    # C's co-training on view 0 (shared by both networks) + B's consistency across the student's K
+    # views + A's schedule on how strongly the views are augmented.
+    return Recipe("full", view_plan="scheduled", num_views=views, uses_unlabeled=True, uses_teacher=True,
+                  trains_teacher=teacher_trainable, uses_schedule=True, teacher_views=(0,),
+                  terms=_co_training(teacher_trainable, w_feat, CONSISTENCY))
+
+
+# The recipe table: a new recipe is one builder here plus its name in params.RECIPE_NAMES.
+BUILDERS: dict[str, Callable[[int, bool, float], Recipe]] = {
+    "supervised": _supervised, "kd": _kd, "cotrain": _cotrain, "adaptive": _adaptive,
+    "consistency": _consistency, "full": _full,
+}
+RECIPES = tuple(BUILDERS)
+if set(RECIPES) != set(RECIPE_NAMES):  # the params schema and this table name the same recipes
+    raise ImportError(f"recipes: params.RECIPE_NAMES {RECIPE_NAMES} and the builders {RECIPES} differ")
+
+
 def build_recipe(name: str, views: int = 3, teacher_trainable: bool = True, w_feat: float = 0.0) -> Recipe:
     """The recipe called ``name`` (``params.train.recipe``)."""
-    feat = (Term("feat", lambda h: h.w_feat, _feature),) if w_feat > 0 else ()
-    if name == "supervised":
-        return Recipe(name, "weak", 1, False, False, False, False, (), (Term("ce", _one, _ce_student),))
-    if name == "kd":
-        # Plain distillation from a fixed teacher: CE on the labels + KD on labeled AND unlabeled samples.
-        terms = (Term("ce", lambda h: h.a, _ce_student), Term("kd", lambda h: h.c, _kd_all))
-        return Recipe(name, "any", 1, True, True, False, False, (0,), terms)
-    if name == "cotrain":
-        terms = (Term("ce_s", _one, _ce_student),)
-        if teacher_trainable:
-            terms += (Term("ce_t", _one, _ce_teacher),)
-        terms += (Term("mutual", lambda h: h.w_mutual, _mutual), *feat)
-        return Recipe(name, "weak", 1, True, True, teacher_trainable, False, (0,), terms)
-    if name == "adaptive":
-        terms = (Term("kd", lambda h: h.w, _kd_view1), Term("truth", lambda h: 1.0 - h.w, _truth_view2))
-        return Recipe(name, "scheduled", 2, True, True, False, True, (0, 1), terms, weights_by_schedule=True)
-    if name == "consistency":
-        terms = (
-            Term("gt", lambda h: h.a, _gt_views),
-            Term("cons", lambda h: h.b, _consistency),
-            Term("kd", lambda h: h.c, _kd_views),
-        )
-        return Recipe(name, "stored", views, True, True, False, False, tuple(range(views)), terms)
-    if name == "full":
-        # C's co-training on view 0 (shared by both networks) + B's consistency across the
-        # student's K views + A's schedule on how strongly the views are augmented.
-        terms = (Term("ce_s", _one, _ce_student),)
-        if teacher_trainable:
-            terms += (Term("ce_t", _one, _ce_teacher),)
-        terms += (
-            Term("mutual", lambda h: h.w_mutual, _mutual),
-            Term("cons", lambda h: h.b, _consistency),
-            *feat,
-        )
-        return Recipe(name, "scheduled", views, True, True, teacher_trainable, True, (0,), terms)
-    raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
+    if name not in BUILDERS:
+        raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
+    return BUILDERS[name](views, teacher_trainable, w_feat)
 
 
 def total_loss(recipe: Recipe, out: StepOutputs, hyper: Hyper, projection=None) -> tuple[torch.Tensor, dict[str, float]]:

@@ -76,8 +76,7 @@ def build_trainer(params, prepared_dir=PREPARED, augmented_dir=AUGMENTED, teache
     if stored and use_cached_logits:
         check_cached_logits(data, augmented_dir, teacher_dir)
     teacher, teacher_arch = _load_teacher(teacher_dir, recipe.uses_teacher)
-    hyper = Hyper(tau=tp.tau, mutual_tau=tp.mutual_tau, w=tp.w_init, w_mutual=tp.w_mutual, w_feat=tp.w_feat, a=tp.a, b=tp.b, c=tp.c,
-                  pseudo_threshold=tp.pseudo_threshold)
+    hyper = Hyper(tp)
     return Trainer(
         recipe, data, LoopConfig.from_train(tp), hyper, runtime, out_dir,
         student_arch=tp.student_arch, student_weights=tp.weights, teacher=teacher, teacher_arch=teacher_arch,
