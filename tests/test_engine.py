@@ -14,6 +14,7 @@ from kdpipe.atomic import read_json
 from kdpipe.devices import make_runtime
 from kdpipe.engine import accuracy, predict_logits
 from kdpipe.models import build_model
+from kdpipe.recipes import build_recipe
 from kdpipe.steps import distill
 from kdpipe.steps.common import training_data
 
@@ -27,9 +28,12 @@ LOSS_TERMS = {
     "full": {"ce_s", "ce_t", "mutual", "cons"},
     "kd": {"ce", "kd"},
 }
-WITH_TEACHER = {"cotrain", "adaptive", "consistency", "full", "kd"}  # evaluate a teacher
-TRAINS_TEACHER = {"cotrain", "full"}  # write teacher.pt: the only recipes whose teacher is a result
-WITH_SCHEDULE = {"adaptive", "full"}
+# What the engine must do for each recipe follows from the recipe's declaration (tests/test_recipes.py
+# checks those declarations): evaluate a teacher, write teacher.pt (only when the run trains it: the
+# only case where the teacher is a result), follow Method A's schedule.
+WITH_TEACHER = {r for r in LOSS_TERMS if build_recipe(r).uses_teacher}
+TRAINS_TEACHER = {r for r in LOSS_TERMS if build_recipe(r).trains_teacher}
+WITH_SCHEDULE = {r for r in LOSS_TERMS if build_recipe(r).uses_schedule}
 MAX_ITERATIONS, EVAL_EVERY = 20, 5  # the tiny params (see conftest.tiny_params)
 
 

@@ -69,6 +69,11 @@ def test_recipe_flags_follow_spec():
 
     assert [t.name for t in build_recipe("cotrain", w_feat=0.5).terms][-1] == "feat"
     assert set(RECIPES) == {"supervised", "kd", "cotrain", "adaptive", "consistency", "full"}
+    # which recipes use a teacher, train it, and follow Method A's schedule (the engine acts on these)
+    flags = {r: (build_recipe(r).uses_teacher, build_recipe(r).trains_teacher, build_recipe(r).uses_schedule)
+             for r in RECIPES}
+    assert flags == {"supervised": (False, False, False), "kd": (True, False, False), "cotrain": (True, True, False),
+                     "adaptive": (True, False, True), "consistency": (True, False, False), "full": (True, True, True)}
 
 
 def test_unknown_recipe_is_rejected():
