@@ -161,13 +161,13 @@ CPU = torch.device("cpu")
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _trainer(d, params, out, amp: str, channels_last: bool = False):
+def _trainer(d, params, out, amp: str, channels_last: bool = False, device: torch.device = CPU):
     """The distill trainer with the runtime given directly: fp16 autocast and its GradScaler run on
     the CPU exactly as on a GPU (the params only allow fp16 on CUDA, where it pays)."""
     from kdpipe.devices import Runtime
     from kdpipe.steps.distill import build_trainer
 
-    runtime = Runtime(CPU, PRECISIONS[amp], channels_last)
+    runtime = Runtime(device, PRECISIONS[amp], channels_last)
     return build_trainer(params, d["prepared"], d["augmented"], d["teacher"], out, runtime=runtime, progress=False)
 
 
@@ -188,11 +188,18 @@ def test_a_run_resumes_under_another_precision(saved, resumed, tiny_pipeline_dir
     assert again.scaler.is_enabled() == (resumed == "fp16")
 
 
-def test_fp16_autocast_with_loss_scaling_and_channels_last_trains(tiny_pipeline_dirs, tiny_params_factory, tmp_path):
-    """The GPU training path (autocast fp16, GradScaler, channels_last) run end to end on the CPU."""
+DEVICES = [CPU, pytest.param(torch.device("cuda"), marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=["cpu", "cuda"])
+def test_fp16_autocast_with_loss_scaling_and_channels_last_trains(device, tiny_pipeline_dirs, tiny_params_factory,
+                                                                   tmp_path):
+    """The GPU training path (autocast fp16, GradScaler, channels_last) run end to end: on the CPU
+    here, and on the GPU where there is one."""
     d = tiny_pipeline_dirs
     params = tiny_params_factory(recipe="full", max_iterations=6, eval_every=3, epoch_iterations=3)
-    trainer = _trainer(d, params, tmp_path / "out", "fp16", channels_last=True)
+    trainer = _trainer(d, params, tmp_path / "out", "fp16", channels_last=True, device=device)
     assert trainer.student_cl and trainer.scaler.is_enabled()
     kernels = [p for p in trainer.student.parameters() if p.dim() == 4]
     assert kernels and all(k.is_contiguous(memory_format=torch.channels_last) for k in kernels)
