@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import struct
+import sys
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,7 +75,8 @@ class Case:
     argv: list[str] = field(default_factory=lambda: list(PREPARE))
     params: str | None = None  # params.yaml text (data cases: the default small-image params)
     needs_pipeline: bool = False  # uses the tiny prepared/augmented/teacher folders
-    skip_as_root: bool = False
+    # root reads any file: such a case runs the CLI in a child without the capabilities that allow it
+    needs_file_modes: bool = False
 
     @property
     def messages(self) -> tuple[str, ...]:
@@ -299,9 +301,9 @@ CASES: list[Case] = [
          {"unlabeled/dangling.png": "broken_symlink"}),
     Case("fifo", "data", "named pipe `pipe.png` (reading it would block forever)", "rejected", "not a regular file",
          _fifo, {"unlabeled/pipe.png": "not_a_regular_file"}),
-    Case("unreadable", "data", "image without read permission (as root: run as `nobody` in test_write_failures.py)",
+    Case("unreadable", "data", "image without read permission (as root: the CLI runs without CAP_DAC_OVERRIDE)",
          "rejected",
-         "cannot read the file", _unreadable, {"unlabeled/locked.png": "unreadable"}, skip_as_root=True),
+         "cannot read the file", _unreadable, {"unlabeled/locked.png": "unreadable"}, needs_file_modes=True),
     Case("stray-file", "data", "image directly in `labeled/`, not in a class folder", "rejected",
          "files must be in labeled/<class>/", lambda ctx: ctx.img("labeled/stray.png", seed=10),
          {"labeled/stray.png": "outside_class_folder"}),
@@ -506,6 +508,17 @@ def _input_files(root: Path) -> set[str]:
     return found
 
 
+def _run_obeying_file_modes(argv: list[str]) -> tuple[int, str, str]:
+    """The CLI in a child process that, although root, obeys file modes like any user."""
+    import subprocess
+
+    from conftest import without_read_anything_capabilities
+
+    done = subprocess.run([sys.executable, "-m", "kdpipe.cli", *argv], capture_output=True, text=True, timeout=300,
+                          preexec_fn=without_read_anything_capabilities, env={**os.environ, "KDPIPE_TRACKING": "0"})
+    return done.returncode, done.stdout, done.stderr
+
+
 def _run(argv: list[str], capsys) -> tuple[int, str, str]:
     try:
         code = main(argv)
@@ -530,8 +543,6 @@ def _keep_torch_threads():
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input(case: Case, tmp_path, image_dataset, make_image, capsys, request, monkeypatch,
                    _keep_torch_threads):
-    if case.skip_as_root and hasattr(os, "geteuid") and os.geteuid() == 0:
-        pytest.skip("root reads files without read permission")
     monkeypatch.chdir(tmp_path)  # nothing may depend on (or land in) the working directory
     monkeypatch.delenv("KDPIPE_PARAMS", raising=False)
     root = image_dataset(classes={"cat": 3, "dog": 3}, unlabeled=2, test={"cat": 1, "dog": 1})
@@ -548,7 +559,11 @@ def test_bad_input(case: Case, tmp_path, image_dataset, make_image, capsys, requ
     ctx = Ctx(root=root, tmp=tmp_path, params=params, make_image=make_image)
     case.build(ctx)
 
-    code, _, err = _run([_fill(a, values) for a in case.argv], capsys)
+    argv = [_fill(a, values) for a in case.argv]
+    if case.needs_file_modes and os.geteuid() == 0:
+        code, _, err = _run_obeying_file_modes(argv)
+    else:
+        code, _, err = _run(argv, capsys)
     assert "Traceback" not in err
 
     if case.outcome == "error":

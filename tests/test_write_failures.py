@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_tiny_dataset
+from conftest import without_read_anything_capabilities, write_tiny_dataset
 
 from kdpipe.cli import main
 
@@ -165,17 +165,6 @@ def test_an_ingested_batch_gets_the_permissions_of_the_umask(tmp_path, capsys):
     assert files and all(f.stat().st_mode & 0o777 == 0o644 for f in files)
 
 
-def _without_read_anything_capabilities() -> None:
-    """In the child, before exec: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set,
-    so that even root obeys file modes (as a normal user always does). prctl(PR_CAPBSET_DROP)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
-        if os.geteuid() == 0 and libc.prctl(24, capability, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
-
-
 def test_an_unreadable_image_is_rejected_when_run_as_a_normal_user(tmp_path):
     """Root reads anything, so when the tests run as root the CLI runs without the capabilities that
     allow it (a normal user's rights); a file with mode 000 is then unreadable as it is for any user."""
@@ -186,7 +175,7 @@ def test_an_unreadable_image_is_rejected_when_run_as_a_normal_user(tmp_path):
     try:
         done = subprocess.run([sys.executable, "-m", "kdpipe.cli", "prepare", "--params", str(params),
                                "--data-root", str(data), "--out-dir", str(tmp_path / "prepared")],
-                              capture_output=True, text=True, timeout=300, preexec_fn=_without_read_anything_capabilities,
+                              capture_output=True, text=True, timeout=300, preexec_fn=without_read_anything_capabilities,
                               env={**os.environ, "KDPIPE_TRACKING": "0"})
     finally:
         locked.chmod(0o644)  # so that pytest can clean up
