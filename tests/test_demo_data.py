@@ -9,6 +9,8 @@ import pytest
 from kdpipe.demo_data import DemoSplit, write_demo_data
 from kdpipe.errors import KdpipeError
 
+pytestmark = pytest.mark.slow  # downloads nothing but decodes and writes the whole demo set (minutes)
+
 
 def _tree_digest(root: Path) -> dict[str, str]:
     return {

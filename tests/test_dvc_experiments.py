@@ -5,9 +5,12 @@ Runs the real DVC and the real `kdpipe prepare` in a throw-away git + DVC repo.
 
 import json
 
+import pytest
 from colour_data import write_images
 from dvc_repo import DVC, init_repo, repo_env
 from dvc_repo import run as _run
+
+pytestmark = pytest.mark.slow  # runs a real DVC experiment
 
 DVC_YAML = """
 stages:

@@ -161,6 +161,7 @@ def test_large_load_in_one_go(tmp_path, image_dataset, make_image):
 # ---------------------------------------------------------------- with DVC, concurrently
 
 
+@pytest.mark.slow
 def test_two_concurrent_ingests_lose_and_duplicate_nothing(tmp_path, make_image, image_dataset):
     env = repo_env()
     repo = init_repo(tmp_path / "repo", env)

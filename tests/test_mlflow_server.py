@@ -20,6 +20,8 @@ from test_register import NAME, SECRET, empty_db, make_params, make_upstream, on
 
 from kdpipe.steps import register
 
+pytestmark = pytest.mark.slow  # starts a real MLflow server
+
 READY_TIMEOUT_S = 60
 
 

@@ -165,8 +165,11 @@ def test_a_file_that_is_not_weights_is_refused(tmp_path):
 
 # ------------------------------------------------------------------------------ hub names offline
 def test_hub_weights_offline_fail_with_one_clear_line(monkeypatch):
-    # HF_HUB_OFFLINE makes the hub refuse at once instead of trying the network.
+    # HF_HUB_OFFLINE makes the hub refuse at once instead of trying the network (and retrying for
+    # tens of seconds). huggingface_hub reads it when first imported, so set its constant too.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub_constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(KdpipeError) as info:
         build_model(SMALL_TIMM, num_classes=2, weights="hub")
     message = str(info.value)
