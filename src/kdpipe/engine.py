@@ -31,6 +31,7 @@ from .progress import Progress
 from .recipes import Hyper, Recipe, StepOutputs, total_loss
 from .samplers import LabeledUnlabeledSampler
 from .schedules import AugmentationSchedule
+from .stopping import EarlyStop
 from .views import Batch, OnlineViews, StoredViews, to_nchw
 
 LAST = "last.pt"
@@ -236,11 +237,10 @@ class Trainer:
         self.iteration = 0
         self.history: list[dict[str, Any]] = []
         self.best = {"student": {"accuracy": -1.0, "iteration": 0}, "teacher": {"accuracy": -1.0, "iteration": 0}}
-        self.best_metric, self.evals_without_improvement = -1.0, 0
+        self.stopper = EarlyStop(cfg.patience, cfg.target_metric)
         self.running: dict[str, float] = {}
         self.running_steps = 0
         self.train_seconds = 0.0
-        self.stop_reason: str | None = None
         self._frozen_teacher_val: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------ set-up
@@ -412,19 +412,16 @@ class Trainer:
                     checkpoints.save(ckpt, self.out_dir / self.best_names[role])
 
     def _after_eval(self, record: dict[str, Any]) -> None:
-        # Patience and target follow the student, the model the user asked for: a strong (pretrained)
-        # teacher would otherwise meet the target, or stop improving, before the student has learned.
-        metric = record["val_acc_student"]
-        if math.isnan(metric):
-            return
-        if metric > self.best_metric:
-            self.best_metric, self.evals_without_improvement = metric, 0
-        else:
-            self.evals_without_improvement += 1
-        if metric >= self.cfg.target_metric:
-            self.stop_reason = f"target_metric {self.cfg.target_metric} reached ({metric:.4f})"
-        elif self.cfg.patience and self.evals_without_improvement >= self.cfg.patience:
-            self.stop_reason = f"no improvement in {self.cfg.patience} evaluations"
+        self.stopper.update(record["val_acc_student"])
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why training stops (early stop, target, or max_iterations once reached); None while it runs."""
+        return self.stopper.reason
+
+    @stop_reason.setter
+    def stop_reason(self, reason: str | None) -> None:
+        self.stopper.reason = reason
 
     def _record(self, epoch_end: bool) -> dict[str, Any]:
         record = {"iteration": self.iteration, "epoch": self.iteration / self.cfg.epoch_iterations,
@@ -485,11 +482,11 @@ class Trainer:
             "sched_s": self.sched_s, "sched_t": self.sched_t,
             "sampler": self.sampler,
             "schedule": self.schedule,
+            "early_stop": self.stopper,
         }
 
     # ... and the loop's plain values: progress, records, the best so far, early-stop bookkeeping.
-    RESUMED_VALUES = ("iteration", "history", "best", "best_metric", "evals_without_improvement", "running",
-                      "running_steps", "train_seconds", "stop_reason")
+    RESUMED_VALUES = ("iteration", "history", "best", "running", "running_steps", "train_seconds")
 
     def state_dict(self, rng_per_rank: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """The resume state. ``rng_per_rank`` holds every rank's random streams (each rank augments
