@@ -35,10 +35,10 @@ def gradient_norms(trainer, parameters: list[torch.nn.Parameter]) -> dict[str, f
     if trainer.schedule is not None:
         trainer.hyper.w = trainer.schedule.current()[2]
     with trainer.rt.autocast():
-        out = trainer._forward(batch)
+        out = trainer.nets.forward(batch)
     norms = {}
     for term in trainer.recipe.terms:
-        weighted = term.fn(out, trainer.hyper, trainer.projection) * term.weight(trainer.hyper)
+        weighted = term.fn(out, trainer.hyper, trainer.nets.projection) * term.weight_value(trainer.hyper)
         if not weighted.requires_grad:
             norms[term.name] = 0.0
             continue
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("loss_shares: artifacts/prepared is missing: run `make repro` first")
     out_dir = Path("artifacts/bench-loss-shares")
     trainer = build_trainer(params, out_dir=out_dir, progress=False)
-    trainer._set_train_modes()
+    trainer.nets.set_train_modes(trainer.iteration)
     num_classes = len(trainer.data.class_names)
     networks = {"student": [p for p in trainer.student.parameters() if p.requires_grad]}
     if trainer.recipe.trains_teacher:
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row))
     result = {"recipe": args.recipe, "classes": num_classes, "machine": cpu_description(),
               "date": time.strftime("%Y-%m-%d"), "seconds": round(time.perf_counter() - started, 1),
-              "settings": params.train.model_dump(include={"views", "mu", "tau", "mutual_tau", "a", "b", "c",
+              "settings": params.train.model_dump(include={"views", "mu", "tau", "mutual_tau", "w_labels", "w_consistency", "w_distill",
                                                            "w_mutual", "batch_size"}),
               "rows": rows}
     RESULTS.mkdir(exist_ok=True)

@@ -40,15 +40,13 @@ def _step_on(trainer, batch) -> None:
     """One optimisation step of the trainer's recipe on a given batch (the shared model step)."""
     from kdpipe.recipes import total_loss
 
-    out = trainer._forward(batch)
-    loss, _ = total_loss(trainer.recipe, out, trainer.hyper, trainer.projection)
-    for opt in (trainer.opt_s, trainer.opt_t):
-        if opt is not None:
-            opt.zero_grad(set_to_none=True)
+    out = trainer.nets.forward(batch)
+    loss, _ = total_loss(trainer.recipe, out, trainer.hyper, trainer.nets.projection)
+    for opt in trainer.nets.optimizers:
+        opt.zero_grad(set_to_none=True)
     loss.backward()
-    for opt in (trainer.opt_s, trainer.opt_t):
-        if opt is not None:
-            opt.step()
+    for opt in trainer.nets.optimizers:
+        opt.step()
 
 
 def _naive_loaders(params, batch: int, unlabeled_batch: int, views: int, workers: int):

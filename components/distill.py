@@ -9,7 +9,7 @@ from kdpipe.kubeflow import image
 
 @dsl.component(base_image=image(), install_kfp_package=False)
 def distill(prepared: Input[Dataset], augmented: Input[Dataset], teacher_model: Input[Model], train_params: dict,
-            augment_params: dict, gpus: int, student: Output[Model], summary: Output[Metrics]):
+            augment_params: dict, gpus: int, student: Output[Model], summary: Output[Metrics], execution_key: str = ""):
     import json
     import os
     import subprocess
@@ -22,7 +22,7 @@ def distill(prepared: Input[Dataset], augmented: Input[Dataset], teacher_model: 
     from kdpipe.steps.catalog import run_step
 
     params = kubeflow.params_from(train=train_params, augment=augment_params)
-    track = kubeflow.tracking_for_task()
+    track = kubeflow.tracking_for_task(execution_key)
     if gpus > 1:
         with tempfile.TemporaryDirectory() as tmp:
             params_file = os.path.join(tmp, "params.yaml")

@@ -15,7 +15,7 @@ from kdpipe.kubeflow import image
 def register(onnx_model: Input[Model], evaluation: Input[Artifact], prepared: Input[Dataset], min_accuracy: float,
              prepare_params: dict, augment_params: dict, teacher_params: dict, train_params: dict,
              select_params: dict, export_params: dict, evaluate_params: dict, register_params: dict,
-             decision: Output[Artifact]):
+             decision: Output[Artifact], execution_key: str = ""):
     """Every group is an input so the MLflow run records the parameters the model was built with."""
     import os
 
@@ -28,7 +28,7 @@ def register(onnx_model: Input[Model], evaluation: Input[Artifact], prepared: In
         teacher=teacher_params, train=train_params, select=select_params, export=export_params,
         evaluate=evaluate_params, register=register_params,
     )
-    kubeflow.tracking_for_task()  # the parent-run file in the pod's temporary folder
+    kubeflow.tracking_for_task(execution_key)  # the parent-run file in the pod's temporary folder
     if not os.environ.get("MLFLOW_TRACKING_URI") and not params.register.tracking_uri:
         # no tracking server given: a registry in the task's own output, never the image's folder
         os.makedirs(decision.path, exist_ok=True)

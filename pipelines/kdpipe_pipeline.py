@@ -55,6 +55,10 @@ def _mlflow_env(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return kubernetes.use_secret_as_env(task, kubeflow.MLFLOW_SECRET, kubeflow.MLFLOW_SECRET_ENV, optional=True)
 
 
+# Every step task logs to MLflow under one parent run per pipeline run, found by this key.
+EXECUTION = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+
+
 def build_pipeline(params: "Params | None" = None):
     """The ``@dsl.pipeline`` function, with parameter defaults taken from ``params`` (default: params.yaml)."""
     params = params or load_params(PARAMS_FILE)
@@ -85,31 +89,35 @@ def build_pipeline(params: "Params | None" = None):
         kubernetes.use_secret_as_env(data_task, kubeflow.DVC_SECRET, kubeflow.DVC_SECRET_ENV, optional=True)
 
         prep = prepare(raw_data=data_task.outputs["raw_data"], prepare_params=prepare_params,
-                       teacher_params=teacher_params)
+                       teacher_params=teacher_params, execution_key=EXECUTION)
         prepared = prep.outputs["prepared"]
         teach = teacher(prepared=prepared, teacher_params=teacher_params, augment_params=augment_params,
-                        train_params=train_params)
+                        train_params=train_params, execution_key=EXECUTION)
         _gpu_task(teach, 1)
         # after the teacher: its logits on every stored view are computed once, with the views
         aug = augment(prepared=prepared, teacher_model=teach.outputs["teacher_model"],
-                      augment_params=augment_params, train_params=train_params)
+                      augment_params=augment_params, train_params=train_params, execution_key=EXECUTION)
         _gpu_task(aug, 1)
         dist = distill(prepared=prepared, augmented=aug.outputs["augmented"],
                        teacher_model=teach.outputs["teacher_model"], train_params=train_params,
-                       augment_params=augment_params, gpus=gpus)
+                       augment_params=augment_params, gpus=gpus, execution_key=EXECUTION)
         _gpu_task(dist, gpus)
         sel = select(student=dist.outputs["student"], prepared=prepared, select_params=select_params,
-                     export_params=export_params)
-        _mlflow_env(sel)
-        exp = export(selected=sel.outputs["selected"], prepared=prepared, export_params=export_params)
-        ev = evaluate(onnx_model=exp.outputs["onnx_model"], prepared=prepared, evaluate_params=evaluate_params)
+                     export_params=export_params, execution_key=EXECUTION)
+        exp = export(selected=sel.outputs["selected"], prepared=prepared, export_params=export_params,
+                     execution_key=EXECUTION)
+        ev = evaluate(onnx_model=exp.outputs["onnx_model"], prepared=prepared, evaluate_params=evaluate_params,
+                      execution_key=EXECUTION)
+        for task in (prep, teach, aug, dist, sel, exp, ev):
+            _mlflow_env(task)  # every step logs to the tracking server when the secret exists
 
         with dsl.If(ev.outputs["Output"] >= min_accuracy, name="quality-gate"):
             reg = register(onnx_model=exp.outputs["onnx_model"], evaluation=ev.outputs["evaluation"],
                            prepared=prepared, min_accuracy=min_accuracy, prepare_params=prepare_params,
                            augment_params=augment_params, teacher_params=teacher_params,
                            train_params=train_params, select_params=select_params, export_params=export_params,
-                           evaluate_params=evaluate_params, register_params=register_params)
+                           evaluate_params=evaluate_params, register_params=register_params,
+                           execution_key=EXECUTION)
             reg.set_caching_options(False)  # it changes the registry: never skip it
             _mlflow_env(reg)
 

@@ -1,4 +1,5 @@
-"""Distributed data parallel on CPU: two gloo processes launched by torchrun run a distill recipe.
+"""Distributed data parallel: two processes launched by torchrun run a distill recipe -- gloo on the
+CPU here, and NCCL on two GPUs where a machine has them (the same tests, skipped otherwise).
 
 Checks that the run completes, that only rank 0 writes the outputs, that the ranks agree on every
 evaluation-driven decision, and the sampler contract: the ranks' batches are disjoint and together
@@ -55,7 +56,7 @@ def logged_reports(self):  # every rank's own view of the run
     (record / f"history_rank{rank}.json").write_text(json.dumps(self.history))
     for name in ("student", "projection"):
         (record / f"{name}_rank{rank}.txt").write_text(
-            repr(sorted((k, float(v.double().sum())) for k, v in getattr(self, name).state_dict().items())))
+            repr(sorted((k, float(v.double().sum())) for k, v in getattr(self.nets, name).state_dict().items())))
     (record / f"gen_rank{rank}.json").write_text(json.dumps(self.gen.get_state().tolist()))
     return write_reports(self)
 
@@ -79,15 +80,22 @@ def _read_batches(path):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tiny_pipeline_dirs, tiny_params_factory, tmp_path_factory):
+BACKENDS = [pytest.param("cpu", id="gloo-cpu"),
+            pytest.param("cuda", id="nccl-cuda", marks=pytest.mark.skipif(
+                torch.cuda.device_count() < WORLD, reason=f"NCCL needs {WORLD} CUDA GPUs"))]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def ddp_run(request, tiny_pipeline_dirs, tiny_params_factory, tmp_path_factory):
+    """train.device picks the backend: cuda -> NCCL, one GPU per rank (devices.py); cpu -> gloo."""
     d = tiny_pipeline_dirs
     base = tmp_path_factory.mktemp("ddp")
     out, record = base / "distill", base / "record"
     record.mkdir()
-    # w_feat > 0: the learned feature projection is trained too and must stay in sync across ranks
+    # w_features > 0: the learned feature projection is trained too and must stay in sync across ranks
     params = tiny_params_factory(recipe="cotrain", max_iterations=ITERATIONS, eval_every=4, epoch_iterations=4,
-                                 checkpoint_every=4, threads=1, w_feat=0.5)
+                                 checkpoint_every=4, threads=1, w_features=0.5, device=request.param,
+                                 amp="off")
     cfg = base / "cfg.json"
     cfg.write_text(json.dumps({
         "params": params.model_dump(mode="json"), "record_dir": str(record),

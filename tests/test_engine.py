@@ -160,7 +160,7 @@ def _params(d, **train):
 def test_cotrain_updates_both_networks(tiny_pipeline_dirs, tmp_path):
     loaded = _state(tiny_pipeline_dirs["teacher"] / "teacher.pt")
     trainer = _trained_teacher(tiny_pipeline_dirs, tmp_path, recipe="cotrain", max_iterations=3, eval_every=3)
-    assert trainer.recipe.trains_teacher and trainer.opt_t is not None
+    assert trainer.recipe.trains_teacher and trainer.nets.opt_t is not None
     teacher_now = trainer.teacher.state_dict()
     for name, param in trainer.teacher.named_parameters():
         assert not torch.equal(param.detach(), loaded[name]), f"teacher parameter {name} was not updated"
@@ -178,7 +178,7 @@ def test_cotrain_updates_both_networks(tiny_pipeline_dirs, tmp_path):
 def test_frozen_teacher_is_left_unchanged(recipe, train, tiny_pipeline_dirs, tmp_path):
     loaded = _state(tiny_pipeline_dirs["teacher"] / "teacher.pt")
     trainer = _trained_teacher(tiny_pipeline_dirs, tmp_path, recipe=recipe, max_iterations=3, eval_every=3, **train)
-    assert not trainer.recipe.trains_teacher and trainer.opt_t is None
+    assert not trainer.recipe.trains_teacher and trainer.nets.opt_t is None
     # parameters AND BatchNorm statistics: a frozen teacher runs in eval mode
     _assert_same_tensors({k: v.cpu() for k, v in trainer.teacher.state_dict().items()}, loaded)
     assert all(not p.requires_grad for p in trainer.teacher.parameters())
@@ -193,7 +193,7 @@ def test_adaptive_schedule_follows_spec_inside_the_trainer(run_distill, tmp_path
     p_max, w_init, w_min, w_step, delta = 0.6, 1.0, 0.75, 0.1, 0.0
     out = tmp_path / "adaptive"
     summary = run_distill(out, recipe="adaptive", max_iterations=25, epoch_iterations=5, eval_every=5,
-                          p_max=p_max, w_init=w_init, w_min=w_min, w_step=w_step, delta=delta)
+                          p_max=p_max, w_init=w_init, w_min=w_min, w_step=w_step, progress_margin=delta)
     epochs = 5  # E = ceil(max_iterations / epoch_iterations)
     schedule = read_json(out / "schedule.json")
     history = {h["iteration"]: h for h in read_json(out / "history.json")}
@@ -293,3 +293,30 @@ def test_patience_stops_training_early(tiny_pipeline_dirs, tmp_path, monkeypatch
     assert trainer.iteration == 15
     assert "no improvement" in trainer.stop_reason
     assert checkpoints.load(tmp_path / "out" / "last.pt")["iteration"] == 15
+
+
+def test_an_epoch_of_zero_iterations_means_one_pass_over_the_labeled_images(tiny_pipeline_dirs, tmp_path):
+    """train.epoch_iterations: 0 makes the adaptive schedule step once per pass over the labeled
+    training images (ceil(N / batch_size) iterations), SPEC's meaning of an epoch."""
+    from kdpipe.steps.distill import build_trainer
+    from conftest import tiny_params
+
+    d = tiny_pipeline_dirs
+    trainer = build_trainer(tiny_params(recipe="adaptive", epoch_iterations=0, batch_size=4), d["prepared"],
+                            d["augmented"], d["teacher"], tmp_path / "out", progress=False)
+    n_labeled = len(trainer.data.train_x)
+    assert trainer.epoch_iterations == math.ceil(n_labeled / 4)
+    assert trainer.epochs == max(2, math.ceil(trainer.cfg.max_iterations / trainer.epoch_iterations))
+
+
+def test_best_so_far_keeps_the_peak_and_its_iteration():
+    from kdpipe.checkpoints import BestSoFar
+
+    best = BestSoFar()
+    assert best.offer("student", float("nan"), 1)  # a first record, even without a number
+    assert [best.offer("student", a, i) for i, a in ((2, 0.5), (3, 0.4), (4, 0.5), (5, float("nan")))] == [
+        True, False, False, False]
+    assert best.best["student"] == {"accuracy": 0.5, "iteration": 2}
+    restored = BestSoFar()
+    restored.load_state_dict(best.state_dict())
+    assert restored.best == best.best and restored.best["teacher"]["accuracy"] == -1.0

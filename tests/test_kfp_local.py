@@ -85,6 +85,7 @@ def test_whole_pipeline_runs_locally_and_every_artifact_checks_out(tmp_path, mon
     commit = _run(["git", "rev-parse", "HEAD"], repo)
     tracking_db = tmp_path / "mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tracking_db}")
+    monkeypatch.setenv("KDPIPE_TRACKING", "1")  # every task logs its step (the store is in tmp_path)
     monkeypatch.chdir(tmp_path)  # nothing may be written to the project's working tree
     params = pipeline_params(tmp_path / "params.yaml")
     root = tmp_path / "kfp"
@@ -151,3 +152,12 @@ def test_whole_pipeline_runs_locally_and_every_artifact_checks_out(tmp_path, mon
     version = client.get_model_version("kfp-test", decision["version"])
     assert version.tags["data_version"] == manifest["data_version"]
     assert str(client.get_model_version_by_alias("kfp-test", "champion").version) == decision["version"]
+
+    # every step of this pipeline run logged under ONE parent run, tagged with the run's id
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    steps = client.search_runs(experiments, filter_string="tags.`kdpipe.step` != ''")
+    assert {r.data.tags["kdpipe.step"] for r in steps} >= {"prepare", "teacher", "augment", "distill", "select",
+                                                           "export", "evaluate"}
+    parents = {r.data.tags["mlflow.parentRunId"] for r in steps}
+    assert len(parents) == 1
+    assert client.get_run(parents.pop()).data.tags["kdpipe.execution"]

@@ -144,3 +144,12 @@ def test_schema_defaults_and_params_yaml_agree_on_the_teacher_and_distillation_d
                         "select": ("max_params",)}.items():
         for key in keys:
             assert getattr(getattr(committed, group), key) == getattr(getattr(schema, group), key), f"{group}.{key}"
+
+
+def test_old_short_names_of_the_loss_weights_still_work_with_a_warning():
+    with pytest.warns(FutureWarning, match="train.a is deprecated, use train.w_labels"):
+        assert validate_params({"train": {"a": 0.5}}).train.w_labels == 0.5
+    with pytest.warns(FutureWarning, match="train.delta is deprecated, use train.progress_margin"):
+        assert validate_params({"train": {"delta": 0.01}}).train.progress_margin == 0.01
+    with pytest.raises(ParamsError, match="w_consistency"):
+        validate_params({"train": {"b": 0.5, "w_consistency": 1.0}})

@@ -67,7 +67,7 @@ def test_recipe_flags_follow_spec():
         "supervised": False, "kd": True, "cotrain": False, "adaptive": True, "consistency": True, "full": False}
     assert frozen.reads_stored_views
 
-    assert [t.name for t in build_recipe("cotrain", w_feat=0.5).terms][-1] == "feat"
+    assert [t.name for t in build_recipe("cotrain", feature_matching=True).terms][-1] == "feat"
     assert set(RECIPES) == {"supervised", "kd", "cotrain", "adaptive", "consistency", "full"}
     # which recipes use a teacher, train it, and follow Method A's schedule (the engine acts on these)
     flags = {r: (build_recipe(r).uses_teacher, build_recipe(r).trains_teacher, build_recipe(r).uses_schedule)
@@ -105,7 +105,7 @@ def test_consistency_recipe_combines_its_three_constraints():
     recipe = build_recipe("consistency", views=3)
     student = [_logits(0), _logits(1), _logits(2)]
     teacher = [_logits(10, requires_grad=True), _logits(11, requires_grad=True), _logits(12, requires_grad=True)]
-    h = Hyper(a=0.5, b=2.0, c=3.0, tau=2.0)
+    h = Hyper(w_labels=0.5, w_consistency=2.0, w_distill=3.0, tau=2.0)
     total, parts = total_loss(recipe, _outputs(recipe, student, teacher), h)
 
     gt = torch.stack([losses.masked_ce(z, LABELS) for z in student]).mean()
@@ -178,7 +178,68 @@ def test_all_zero_weights_still_give_a_differentiable_zero():
     recipe = build_recipe("consistency", views=2)
     student = [_logits(0), _logits(1)]
     teacher = [_logits(2, requires_grad=False), _logits(3, requires_grad=False)]
-    total, parts = total_loss(recipe, _outputs(recipe, student, teacher), Hyper(a=0.0, b=0.0, c=0.0))
+    total, parts = total_loss(recipe, _outputs(recipe, student, teacher), Hyper(w_labels=0.0, w_consistency=0.0, w_distill=0.0))
     assert _f(total) == 0.0 and parts["total"] == 0.0
     assert parts["gt"] > 0  # still recorded for the history
     total.backward()  # must not raise
+
+
+# ------------------------------------------------------------------------------ composition
+def test_recipes_are_compositions_of_the_methods_in_the_table():
+    from kdpipe.recipes import RECIPE_METHODS
+
+    assert set(RECIPE_METHODS) == set(RECIPES)
+    full = build_recipe("full", views=3)
+    assert full.methods == ("co-training", "consistency across views", "augmentation schedule")
+    # full takes the views' strength from the schedule, not its weight w
+    assert full.view_plan == "scheduled" and full.num_views == 3 and not full.weights_by_schedule
+    assert build_recipe("adaptive").weights_by_schedule
+    assert build_recipe("consistency").methods == ("multi-view consistency",)
+
+
+def test_methods_that_disagree_on_the_views_cannot_be_composed():
+    from kdpipe.recipes import Method, adaptive_augmentation, compose, distillation
+
+    with pytest.raises(ValueError, match="different view plans"):
+        compose("bad", distillation(), adaptive_augmentation())
+    with pytest.raises(ValueError, match="different numbers of views"):
+        compose("bad", adaptive_augmentation(), Method("three views", terms=(), num_views=3))
+
+
+def test_a_term_weight_must_name_a_train_setting():
+    from kdpipe.recipes import Term
+
+    with pytest.raises(ValueError, match="w_entropy"):
+        Term("entropy", lambda out, h, proj: out.student[0].sum(), "w_entropy")
+    assert Term("kd", lambda out, h, proj: None, "w_distill").weight_value(Hyper(w_distill=0.25)) == 0.25
+    assert Term("t", lambda out, h, proj: None, lambda h: 1.0 - h.w).weight_value(Hyper(w=0.75)) == 0.25
+
+
+def test_each_weight_setting_scales_only_its_terms():
+    """Doubling one w_* setting doubles exactly the terms that name it in the total."""
+    recipe = build_recipe("consistency", views=2)
+    student = [_logits(1), _logits(2)]
+    teacher = [_logits(3, False), _logits(4, False)]
+    base_total, parts = total_loss(recipe, _outputs(recipe, student, teacher), Hyper())
+    for setting, term in (("w_labels", "gt"), ("w_consistency", "cons"), ("w_distill", "kd")):
+        total, _ = total_loss(recipe, _outputs(recipe, student, teacher), Hyper(**{setting: 2.0}))
+        assert _f(total) == pytest.approx(_f(base_total) + parts[term], rel=1e-5), setting
+
+
+def test_the_contributing_guide_example_recipe_composes_and_draws_distinct_views():
+    """CONTRIBUTING.md, worked example 2: distillation + the consistency term across 2 views."""
+    import numpy as np
+
+    from kdpipe.recipes import compose, consistency_across_views, distillation
+    from kdpipe.views import StoredViews
+
+    recipe = compose("kd_consistency", distillation(), consistency_across_views(2))
+    assert (recipe.view_plan, recipe.num_views, recipe.teacher_views) == ("any", 2, (0,))
+    assert [t.name for t in recipe.terms] == ["ce", "kd", "cons"] and recipe.reads_stored_views
+    views = StoredViews.__new__(StoredViews)  # only the view choice is exercised here
+    views.recipe, views.schedule = recipe, None
+    views.strong = torch.tensor([False, True, False, True])
+    views.gen = torch.Generator().manual_seed(0)
+    first, second = views.choose(64)
+    assert bool((first != second).all())  # two different stored views of every sample
+    assert set(np.unique(first.numpy())) | set(np.unique(second.numpy())) == {0, 1, 2, 3}

@@ -200,7 +200,7 @@ def test_fp16_autocast_with_loss_scaling_and_channels_last_trains(device, tiny_p
     d = tiny_pipeline_dirs
     params = tiny_params_factory(recipe="full", max_iterations=6, eval_every=3, epoch_iterations=3)
     trainer = _trainer(d, params, tmp_path / "out", "fp16", channels_last=True, device=device)
-    assert trainer.student_cl and trainer.scaler.is_enabled()
+    assert trainer.nets.student_cl and trainer.scaler.is_enabled()
     kernels = [p for p in trainer.student.parameters() if p.dim() == 4]
     assert kernels and all(k.is_contiguous(memory_format=torch.channels_last) for k in kernels)
     summary = trainer.run()

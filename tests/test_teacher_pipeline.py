@@ -138,7 +138,7 @@ def test_cached_logits_give_the_same_losses_as_running_the_teacher(recipe, tiny_
     for cached, trainer in trainers.items():
         batch = trainer._batch()
         with torch.no_grad():
-            _, losses[cached] = total_loss(trainer.recipe, trainer._forward(batch), trainer.hyper)
+            _, losses[cached] = total_loss(trainer.recipe, trainer.nets.forward(batch), trainer.hyper)
     assert calls == {True: 0, False: 1}  # with the cache the teacher never runs
     assert losses[True].keys() == losses[False].keys()
     for name in losses[True]:
@@ -257,7 +257,8 @@ def test_frozen_backbone_phase_trains_the_head_alone(tmp_path):
 
 
 def test_backbone_learns_at_its_own_rate(tiny_pipeline_dirs, tmp_path):
-    from kdpipe.engine import LoopConfig, sgd
+    from kdpipe.engine import LoopConfig
+    from kdpipe.optimization import sgd
     from kdpipe.models import build_model
 
     model = build_model("cnn_tiny", 3, 16)

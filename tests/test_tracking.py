@@ -98,6 +98,30 @@ def test_steps_of_one_execution_share_one_parent_run(tmp_path):
         assert again.info.run_id != ids[0][0]
 
 
+def test_tasks_of_one_kubeflow_run_share_its_parent_by_the_execution_key(tmp_path, monkeypatch):
+    """Kubeflow tasks are separate pods with no file in common: each one finds the parent run of its
+    pipeline run by the execution key (the run id the pipeline passes), not by a run file."""
+    from kdpipe import kubeflow
+
+    params = Params()
+    monkeypatch.setenv(tracking.EXECUTION_ENV, "")  # tracking_for_task sets it: restored after the test
+
+    def task(step: str, key: str, pod: str) -> tuple[str, str]:
+        monkeypatch.setenv(tracking.RUN_FILE_ENV, str(tmp_path / pod / "run.json"))  # each pod its own folder
+        kubeflow.tracking_for_task(key)
+        with tracking.pipeline_run(params, run_name="kfp") as parent, tracking.step_run(step) as child:
+            ids = parent.info.run_id, child.info.run_id
+        tracking.close_pipeline_run()  # the pod ends
+        return ids
+
+    first = [task(step, "job-1", f"pod{i}") for i, step in enumerate(("prepare", "distill", "register"))]
+    assert len({parent for parent, _ in first}) == 1 and len({child for _, child in first}) == 3
+    other = task("prepare", "job-2", "pod9")
+    assert other[0] != first[0][0]  # another pipeline run, another parent
+    parent = {r.info.run_id: r for r in _runs()}[first[0][0]]
+    assert parent.data.tags[tracking.TAG_EXECUTION] == "job-1"
+
+
 def test_run_id_from_the_environment_wins(tmp_path, monkeypatch):
     import mlflow
 

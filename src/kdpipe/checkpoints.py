@@ -14,6 +14,7 @@ the network, so a checkpoint needs nothing else to be used.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -73,3 +74,31 @@ def load_model(path: str | os.PathLike):
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
     return model, ckpt
+
+
+class BestSoFar:
+    """The best validation accuracy of each trained network so far, and when it was reached.
+
+    The training loop offers every evaluation; an offer that beats the record returns True, and the
+    loop then writes that network's checkpoint. A NaN accuracy (no validation image of a class...)
+    counts only as the first record. Its state is part of the resume state (:meth:`state_dict`)."""
+
+    ROLES = ("student", "teacher")
+
+    def __init__(self) -> None:
+        self.best = {role: {"accuracy": -1.0, "iteration": 0} for role in self.ROLES}
+
+    def offer(self, role: str, accuracy: float, iteration: int) -> bool:
+        if math.isnan(accuracy) and self.best[role]["accuracy"] >= 0:
+            return False
+        value = -0.0 if math.isnan(accuracy) else accuracy
+        if value > self.best[role]["accuracy"]:
+            self.best[role] = {"accuracy": value, "iteration": iteration}
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {role: dict(record) for role, record in self.best.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = {role: dict(state[role]) for role in self.ROLES}

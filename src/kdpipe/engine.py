@@ -1,10 +1,10 @@
 """The training loop shared by every recipe and by the teacher step.
 
 One loop, many recipes: a :class:`kdpipe.recipes.Recipe` says which views to build and which loss
-terms to sum; this module samples batches, builds the views on the device, runs the networks,
-steps the optimizers, evaluates both networks, keeps the best checkpoint of each, writes the
-history, and checkpoints everything needed to resume bit-for-bit (models, optimizers, LR
-schedules, samplers, RNG states, iteration counter, Method A schedule state, history).
+terms to sum, :class:`kdpipe.networks.Networks` runs and optimises the networks it trains, and this
+module samples batches, steps, evaluates, keeps the best checkpoint of each trained network, stops
+early, writes the history, and checkpoints everything needed to resume bit-for-bit. What a resume
+restores is listed once, in :meth:`Trainer._stateful_parts` and :attr:`Trainer.RESUMED_VALUES`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import copy
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,10 @@ from .atomic import write_json
 from .augmentation import AugmentConfig, make_generator
 from .devices import Runtime
 from .errors import KdpipeError
-from .models import build_model, count_parameters
+from .models import count_parameters
+from .networks import Networks, NetworkSpec
 from .progress import Progress
-from .recipes import Hyper, Recipe, StepOutputs, total_loss
+from .recipes import Hyper, Recipe, total_loss
 from .samplers import LabeledUnlabeledSampler
 from .schedules import AugmentationSchedule
 from .stopping import EarlyStop
@@ -99,39 +100,19 @@ class TrainingData:
     teacher_unlabeled_x: np.ndarray | None = None
 
 
-def warmup_cosine(total: int, warmup_fraction: float):
-    """LR factor per iteration: linear warm-up, then cosine decay to zero at ``total``."""
-    warmup = max(1, int(total * warmup_fraction))
+@dataclass
+class RunFiles:
+    """Where a run writes and how it reports: its folder, the file name of each trained network's best
+    checkpoint, the names its history uses (the teacher step trains its network in the student's seat,
+    and its curve must not read ``val_acc_student``), the settings a resume must match, and its
+    progress-bar label."""
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def _decay_groups(params, weight_decay: float, lr: float, role: str) -> list[dict[str, Any]]:
-    """Weights decay; norm scales and biases (1-d tensors) do not."""
-    params = [p for p in params if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay, "lr": lr, "role": role},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr": lr, "role": role}]
-
-
-def sgd(params: list[nn.Parameter] | Any, cfg: LoopConfig, backbone: list[nn.Parameter] | None = None) -> torch.optim.SGD:
-    """SGD with Nesterov momentum; no weight decay on BN weights and biases (1-d tensors).
-
-    ``backbone`` (a subset of ``params``) learns at ``lr * cfg.backbone_lr_scale``: the usual way to
-    fine-tune a pretrained network without undoing what it learned, while its new head learns fast."""
-    params = list(params)
-    in_backbone = {id(p) for p in backbone or []}
-    rest = [p for p in params if id(p) not in in_backbone]
-    groups = _decay_groups(rest, cfg.weight_decay, cfg.lr, "head")
-    if backbone:
-        groups += _decay_groups(backbone, cfg.weight_decay, cfg.lr * cfg.backbone_lr_scale, "backbone")
-    groups = [g for g in groups if g["params"]]
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    out_dir: str | os.PathLike
+    best_names: dict[str, str] = field(default_factory=lambda: {"student": "student.pt", "teacher": "teacher.pt"})
+    report_names: dict[str, str] = field(default_factory=dict)
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    desc: str = "distill"
+    progress: bool = True
 
 
 @torch.no_grad()
@@ -162,86 +143,53 @@ class Trainer:
     """Runs one recipe to completion, resuming from ``out_dir/last.pt`` when it exists."""
 
     def __init__(self, recipe: Recipe, data: TrainingData, cfg: LoopConfig, hyper: Hyper, runtime: Runtime,
-                 out_dir: str | os.PathLike, student_arch: str, student_weights: str | None = None,
-                 teacher: nn.Module | None = None, teacher_arch: str | None = None,
-                 augment_cfg: AugmentConfig | None = None, w_feat: float = 0.0, schedule_params=None,
-                 best_names: dict[str, str] | None = None, run_fingerprint: dict[str, Any] | None = None,
-                 progress: bool = True, desc: str = "distill", student_input_size: int | None = None,
-                 use_cached_logits: bool = True, report_names: dict[str, str] | None = None):
+                 networks: NetworkSpec, run: RunFiles, augment_cfg: AugmentConfig | None = None,
+                 use_cached_logits: bool = True):
         self.recipe, self.data, self.cfg, self.hyper, self.rt = recipe, data, cfg, hyper, runtime
-        self.out_dir = Path(out_dir)
-        self.aug_cfg = augment_cfg or AugmentConfig()
-        self.best_names = best_names or {"student": "student.pt", "teacher": "teacher.pt"}
-        self.fingerprint = run_fingerprint or {}
-        self.progress_enabled, self.desc = progress, desc
-        # Relabels history keys for the reader, on the console and in history.json: the teacher step
-        # trains its network in the student's seat, and its curve must not read val_acc_student.
-        self.report_names = report_names or {}
-        self.student_arch, self.teacher_arch = student_arch, teacher_arch
+        self.run_files = run
+        self.out_dir = Path(run.out_dir)
         self._check_data()
 
         torch.manual_seed(cfg.seed)  # same initial weights for the same seed
-        num_classes = len(data.class_names)
-        self.student = build_model(student_arch, num_classes, data.image_size, student_weights,
-                                   input_size=student_input_size).to(runtime.device)
-        self.teacher = teacher.to(runtime.device) if teacher is not None else None
-        if recipe.uses_teacher and self.teacher is None:
-            raise KdpipeError(f"recipe '{recipe.name}' needs a teacher: run `kdpipe teacher` first or set teacher.checkpoint")
-        self.projection = None
-        if w_feat > 0 and self.teacher is not None:
-            # learned linear map from student to teacher feature width (SPEC, Method C, optional)
-            self.projection = nn.Linear(self.student.feature_dim, self.teacher.feature_dim).to(runtime.device)
-        self.student_cl = runtime.wants_channels_last(self.student)
-        self.teacher_cl = self.teacher is not None and runtime.wants_channels_last(self.teacher)
-        if self.student_cl:
-            self.student = self.student.to(memory_format=torch.channels_last)
-        if self.teacher_cl:
-            self.teacher = self.teacher.to(memory_format=torch.channels_last)
-
-        student_params = list(self.student.parameters())
-        if self.projection is not None:
-            student_params += list(self.projection.parameters())
-        backbone = list(self.student.backbone.parameters()) if cfg.backbone_lr_scale != 1.0 else None
-        self.opt_s = sgd(student_params, cfg, backbone)
-        self.sched_s = torch.optim.lr_scheduler.LambdaLR(self.opt_s, warmup_cosine(cfg.max_iterations, cfg.warmup_fraction))
-        self.opt_t = self.sched_t = None
-        if recipe.trains_teacher:
-            # The teacher arrives trained (teacher step or checkpoint): co-training it at the
-            # student's from-scratch LR first undoes much of that training (measured on CIFAR:
-            # 59.6% -> 55.8%), so it gets a scaled-down LR.
-            teacher_cfg = LoopConfig(**{**asdict(cfg), "lr": cfg.lr * cfg.teacher_lr_scale})
-            self.opt_t = sgd(self.teacher.parameters(), teacher_cfg)
-            self.sched_t = torch.optim.lr_scheduler.LambdaLR(self.opt_t, warmup_cosine(cfg.max_iterations, cfg.warmup_fraction))
-        elif self.teacher is not None:
-            self.teacher.eval()  # frozen teacher: BN uses running statistics, no dropout
-            self.teacher.requires_grad_(False)
+        self.nets = Networks(networks, recipe, len(data.class_names), data.image_size, cfg, runtime)
         self.scaler = runtime.grad_scaler()
-
-        self.projection_ddp = self.projection
-        self.student_ddp, self.teacher_ddp = self._wrap_ddp()
         n_unlabeled = self._unlabeled_pool() if recipe.uses_unlabeled else 0
         self.sampler = LabeledUnlabeledSampler(len(data.train_x), n_unlabeled, cfg.batch_size,
                                                cfg.mu if recipe.uses_unlabeled else 0.0, cfg.seed,
                                                runtime.rank, runtime.world_size)
         # each rank augments differently, like it samples differently
         self.gen = make_generator(cfg.seed * 1000 + 17 + runtime.rank, runtime.device)
-        self.epochs = max(2, math.ceil(cfg.max_iterations / cfg.epoch_iterations))
-        self.schedule = None
-        if recipe.uses_schedule:
-            self.schedule = AugmentationSchedule.from_params(schedule_params, self.epochs)
+        # an "epoch" of the adaptive schedule: epoch_iterations, or one pass over the labeled images
+        self.epoch_iterations = cfg.epoch_iterations or max(
+            1, math.ceil(len(data.train_x) / (cfg.batch_size * runtime.world_size)))
+        self.epochs = max(2, math.ceil(cfg.max_iterations / self.epoch_iterations))
+        self.schedule = AugmentationSchedule.from_params(hyper, self.epochs) if recipe.uses_schedule else None
         if recipe.reads_stored_views:
             self.views = StoredViews(recipe, data, runtime, cfg.seed, self.schedule, use_cache=use_cached_logits)
         else:
-            self.views = OnlineViews(recipe, data, self.aug_cfg, self.gen, runtime, self.schedule)
+            self.views = OnlineViews(recipe, data, augment_cfg or AugmentConfig(), self.gen, runtime, self.schedule)
 
         self.iteration = 0
         self.history: list[dict[str, Any]] = []
-        self.best = {"student": {"accuracy": -1.0, "iteration": 0}, "teacher": {"accuracy": -1.0, "iteration": 0}}
+        self.best_so_far = checkpoints.BestSoFar()
         self.stopper = EarlyStop(cfg.patience, cfg.target_metric)
         self.running: dict[str, float] = {}
         self.running_steps = 0
         self.train_seconds = 0.0
         self._frozen_teacher_val: torch.Tensor | None = None
+
+    # The networks, by the names the rest of kdpipe (and its tests) use.
+    @property
+    def student(self) -> nn.Module:
+        return self.nets.student
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self.nets.teacher
+
+    @property
+    def best(self) -> dict[str, dict[str, Any]]:
+        return self.best_so_far.best
 
     # ------------------------------------------------------------------------------ set-up
     def _check_data(self) -> None:
@@ -266,96 +214,29 @@ class Trainer:
             return 0 if self.data.unlabeled_views is None else len(self.data.unlabeled_views)
         return len(self.data.unlabeled_x)
 
-    def _wrap_ddp(self):
-        if not self.rt.distributed:
-            return self.student, self.teacher
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
-        student = DDP(self.student, device_ids=ids)
-        teacher = DDP(self.teacher, device_ids=ids) if self.recipe.trains_teacher else self.teacher
-        if self.projection is not None:  # trained with the student: its gradients must be averaged too
-            self.projection_ddp = DDP(self.projection, device_ids=ids)
-        return student, teacher
-
     # ------------------------------------------------------------------------------ one step
     def _batch(self) -> Batch:
         """Sample one batch and get the recipe's views (labels use -1 for unlabeled samples)."""
         l_idx, u_idx = self.sampler.next()
         return self.views.next(l_idx, u_idx)
 
-    def _teacher_logits(self, batch: Batch, want_features: bool) -> tuple[list[torch.Tensor | None], Any]:
-        """The teacher's logits per view: cached ones as they are, the others from one teacher forward."""
-        n = batch.student[0].shape[0]
-        logits: list[torch.Tensor | None] = list(batch.teacher_logits)
-        to_run = [v for v, x in enumerate(batch.teacher) if x is not None]
-        t_feats = None
-        if to_run:
-            xt = torch.cat([batch.teacher[v] for v in to_run])
-            if self.teacher_cl:
-                xt = xt.contiguous(memory_format=torch.channels_last)
-            with torch.set_grad_enabled(self.recipe.trains_teacher):
-                t_out = self.teacher_ddp(xt, with_features=want_features) if want_features else self.teacher_ddp(xt)
-            t_logits, t_feats = t_out if want_features else (t_out, None)
-            for i, v in enumerate(to_run):
-                logits[v] = t_logits[i * n:(i + 1) * n]
-        return logits, t_feats
-
-    def _forward(self, batch: Batch) -> StepOutputs:
-        n = batch.student[0].shape[0]
-        want_features = self.projection is not None
-        x = torch.cat(batch.student)
-        if self.student_cl:
-            x = x.contiguous(memory_format=torch.channels_last)
-        s_out = self.student_ddp(x, with_features=want_features) if want_features else self.student_ddp(x)
-        s_logits, s_feats = s_out if want_features else (s_out, None)
-        teacher_logits, t_feats = self._teacher_logits(batch, want_features)
-        return StepOutputs(
-            labels=batch.labels,
-            student=list(s_logits.float().split(n)),
-            teacher=[None if t is None else t.float() for t in teacher_logits],
-            student_features=None if s_feats is None else s_feats[:n].float(),
-            teacher_features=None if t_feats is None else t_feats[:n].float(),
-        )
-
-    def _backbone_frozen(self) -> bool:
-        return self.iteration < self.cfg.freeze_backbone_iterations
-
-    def _set_train_modes(self) -> None:
-        """Train mode, except what must not learn right now: a frozen backbone (head-only phase) and
-        pretrained BatchNorm statistics kept by ``freeze_batchnorm`` stay in eval mode; a frozen
-        backbone also stops requiring gradients, so the step skips its backward pass."""
-        self.student.train()
-        frozen = self._backbone_frozen()
-        self.student.backbone.requires_grad_(not frozen)
-        if frozen:
-            self.student.backbone.eval()
-        elif self.cfg.freeze_batchnorm:
-            for m in self.student.backbone.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        if self.recipe.trains_teacher:
-            self.teacher.train()
-
     def _step(self) -> dict[str, float]:
-        if self.cfg.freeze_backbone_iterations or self.cfg.freeze_batchnorm:
-            self._set_train_modes()
+        if self.nets.modes_change_during_training:
+            self.nets.set_train_modes(self.iteration)
         batch = self._batch()
         if self.schedule is not None:
             self.hyper.w = self.schedule.current()[2]
         with self.rt.autocast():
-            out = self._forward(batch)
-        loss, parts = total_loss(self.recipe, out, self.hyper, self.projection_ddp)
-        optimizers = [o for o in (self.opt_s, self.opt_t) if o is not None]
-        for opt in optimizers:
+            out = self.nets.forward(batch)
+        loss, parts = total_loss(self.recipe, out, self.hyper, self.nets.projection_ddp)
+        for opt in self.nets.optimizers:
             opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        for opt in optimizers:
+        for opt in self.nets.optimizers:
             self.scaler.step(opt)
         self.scaler.update()
-        for sched in (self.sched_s, self.sched_t):
-            if sched is not None:
-                sched.step()
+        for schedule in self.nets.lr_schedules:
+            schedule.step()
         return parts
 
     # ------------------------------------------------------------------------------ evaluation
@@ -393,23 +274,22 @@ class Trainer:
         return record
 
     def _save_best(self, record: dict[str, Any]) -> None:
-        # A teacher that this run does not train is an input, not a result: it is never saved here
-        # (select must not ship the input teacher unchanged; its accuracy is still recorded).
-        teacher = self.teacher if self.recipe.trains_teacher else None
-        for role, model, arch in (("student", self.student, self.student_arch), ("teacher", teacher, self.teacher_arch)):
+        """Write each trained network's checkpoint when this evaluation beats its best. A teacher that
+        this run does not train is an input, not a result: it is never saved here (select must not
+        ship the input teacher unchanged; its accuracy is still recorded)."""
+        names = self.run_files.best_names
+        archs = {"student": self.nets.spec.student_arch, "teacher": self.nets.spec.teacher_arch}
+        for role, model in (("student", self.student), ("teacher", self.nets.trained_teacher)):
             acc = record.get(f"val_acc_{role}")
-            if model is None or acc is None or (math.isnan(acc) and self.best[role]["accuracy"] >= 0):
+            if model is None or acc is None or not self.best_so_far.offer(role, acc, self.iteration):
                 continue
-            acc_value = -0.0 if math.isnan(acc) else acc
-            if acc_value > self.best[role]["accuracy"]:
-                self.best[role] = {"accuracy": acc_value, "iteration": self.iteration}
-                if self.rt.is_main:
-                    meta = {"val_accuracy": acc_value, "iteration": self.iteration, "role": role,
-                            "recipe": self.recipe.name, "parameters": count_parameters(model),
-                            "trained_in_run": True}
-                    ckpt = checkpoints.model_checkpoint(model, arch, len(self.data.class_names), self.data.image_size,
-                                                        self.data.class_names, meta)
-                    checkpoints.save(ckpt, self.out_dir / self.best_names[role])
+            if self.rt.is_main:
+                best = self.best[role]
+                meta = {"val_accuracy": best["accuracy"], "iteration": self.iteration, "role": role,
+                        "recipe": self.recipe.name, "parameters": count_parameters(model), "trained_in_run": True}
+                ckpt = checkpoints.model_checkpoint(model, archs[role], len(self.data.class_names),
+                                                    self.data.image_size, self.data.class_names, meta)
+                checkpoints.save(ckpt, self.out_dir / names[role])
 
     def _after_eval(self, record: dict[str, Any]) -> None:
         self.stopper.update(record["val_acc_student"])
@@ -424,8 +304,8 @@ class Trainer:
         self.stopper.reason = reason
 
     def _record(self, epoch_end: bool) -> dict[str, Any]:
-        record = {"iteration": self.iteration, "epoch": self.iteration / self.cfg.epoch_iterations,
-                  "lr": self.opt_s.param_groups[0]["lr"]}
+        record = {"iteration": self.iteration, "epoch": self.iteration / self.epoch_iterations,
+                  "lr": self.nets.opt_s.param_groups[0]["lr"]}
         record.update({f"loss_{k}": v / max(1, self.running_steps) for k, v in self.running.items()})
         record.update(self._evaluate())
         if self.schedule is not None:
@@ -433,7 +313,7 @@ class Trainer:
             record.update({"p1": p1, "p2": p2})
             if self.recipe.weights_by_schedule:  # full uses the schedule for view strength only
                 record["w"] = w
-            # the last, partial epoch (max_iterations not a multiple of epoch_iterations) counts too
+            # the last, partial epoch (max_iterations not a multiple of the epoch's length) counts too
             if epoch_end or self.iteration == self.cfg.max_iterations:
                 self.schedule.step(record["val_acc_student"])
         record["train_seconds"] = round(self.train_seconds, 3)
@@ -474,19 +354,11 @@ class Trainer:
     # What a resume restores, each listed once: the parts that have state_dict()/load_state_dict()
     # (None where this run has no such part) ...
     def _stateful_parts(self) -> dict[str, Any]:
-        return {
-            "student": self.student,
-            "teacher": self.teacher if self.recipe.trains_teacher else None,  # a frozen teacher is an input
-            "projection": self.projection,
-            "opt_s": self.opt_s, "opt_t": self.opt_t,
-            "sched_s": self.sched_s, "sched_t": self.sched_t,
-            "sampler": self.sampler,
-            "schedule": self.schedule,
-            "early_stop": self.stopper,
-        }
+        return {**self.nets.stateful_parts(), "sampler": self.sampler, "schedule": self.schedule,
+                "early_stop": self.stopper, "best": self.best_so_far}
 
     # ... and the loop's plain values: progress, records, the best so far, early-stop bookkeeping.
-    RESUMED_VALUES = ("iteration", "history", "best", "running", "running_steps", "train_seconds")
+    RESUMED_VALUES = ("iteration", "history", "running", "running_steps", "train_seconds")
 
     def state_dict(self, rng_per_rank: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """The resume state. ``rng_per_rank`` holds every rank's random streams (each rank augments
@@ -495,7 +367,7 @@ class Trainer:
         state = {name: None if part is None else _portable_state(part) for name, part in self._stateful_parts().items()}
         state.update({name: getattr(self, name) for name in self.RESUMED_VALUES})
         state.update(scaler=self.scaler.state_dict(), rng=rng_per_rank or [self._rng_state()],
-                     fingerprint=self.fingerprint)
+                     fingerprint=self.run_files.fingerprint)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -529,7 +401,7 @@ class Trainer:
         if not path.exists():
             return False
         state = checkpoints.load(path)
-        if state.get("fingerprint") != self.fingerprint:
+        if state.get("fingerprint") != self.run_files.fingerprint:
             if self.rt.is_main:
                 print(f"{path}: written with other settings; starting over")
             return False
@@ -542,7 +414,7 @@ class Trainer:
         """A fresh run must not leave an earlier run's best checkpoints in its output folder (DVC keeps
         the folder between runs for resuming): select would take them for this run's results."""
         if self.rt.is_main:
-            for name in self.best_names.values():
+            for name in self.run_files.best_names.values():
                 (self.out_dir / name).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------------------ the loop
@@ -553,9 +425,10 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if not self.try_resume():
             self._remove_stale_best()
-        self._set_train_modes()
-        bar = Progress(self.cfg.max_iterations, self.desc, initial=self.iteration,
-                       enabled=self.progress_enabled and self.rt.is_main)
+        self.nets.set_train_modes(self.iteration)
+        desc = self.run_files.desc
+        bar = Progress(self.cfg.max_iterations, desc, initial=self.iteration,
+                       enabled=self.run_files.progress and self.rt.is_main)
         try:
             while not self._done():
                 started = time.perf_counter()
@@ -565,10 +438,10 @@ class Trainer:
                 for key, value in parts.items():
                     self.running[key] = self.running.get(key, 0.0) + value
                 self.running_steps += 1
-                epoch_end = self.iteration % self.cfg.epoch_iterations == 0
+                epoch_end = self.iteration % self.epoch_iterations == 0
                 if epoch_end or self.iteration % self.cfg.eval_every == 0 or self.iteration == self.cfg.max_iterations:
                     record = self._record(epoch_end)
-                    bar.write(_format_record(self.desc, self._renamed(record)))
+                    bar.write(_format_record(desc, self._renamed(record)))
                 if self.iteration % self.cfg.checkpoint_every == 0 or self._done():
                     self.save_last()
                 bar.update(1, loss=parts["total"])
@@ -595,7 +468,7 @@ class Trainer:
         return summary
 
     def _renamed(self, record: dict[str, Any]) -> dict[str, Any]:
-        return {self.report_names.get(k, k): v for k, v in record.items()}
+        return {self.run_files.report_names.get(k, k): v for k, v in record.items()}
 
     def write_reports(self) -> None:
         """history.json (one entry per evaluation, keys relabelled by ``report_names``) and

@@ -98,12 +98,17 @@ def distill_command(gpus: int, params_file: str, prepared: str, augmented: str, 
             "--teacher-dir", teacher, "--out-dir", out]
 
 
-def tracking_for_task() -> bool:
+def tracking_for_task(execution_key: str = "") -> bool:
     """MLflow tracking inside a Kubeflow task: on when the task has a tracking server
     (``MLFLOW_TRACKING_URI`` from the ``kdpipe-mlflow`` secret), never a throw-away store in the pod.
-    The parent-run file goes to the pod's temporary folder, not the image's working directory (each
-    task is its own pod, so each step's run has a parent of its own). Returns whether to track."""
+
+    Every task of one pipeline run logs its step under one parent run: ``execution_key`` (the
+    pipeline passes its run id) tags that parent, and each task, a pod of its own, finds it by the
+    tag. The parent-run file, the fallback without a key, goes to the pod's temporary folder, never
+    the image's working directory. Returns whether to track."""
     import tempfile
 
+    if execution_key:
+        os.environ["KDPIPE_EXECUTION_KEY"] = execution_key
     os.environ.setdefault("KDPIPE_MLFLOW_RUN_FILE", os.path.join(tempfile.gettempdir(), "kdpipe_mlflow_run.json"))
     return bool(os.environ.get("MLFLOW_TRACKING_URI", "").strip())

@@ -116,6 +116,9 @@ class TeacherParams(_Group):
 
 # The training recipes (kdpipe.recipes builds each; docs/methods.md explains them).
 RECIPE_NAMES = ("supervised", "kd", "cotrain", "adaptive", "consistency", "full")
+# Old names of train settings -> their descriptive names (the old ones are accepted, with a warning).
+RENAMED_TRAIN_SETTINGS = {"a": "w_labels", "b": "w_consistency", "c": "w_distill", "w_feat": "w_features",
+                          "delta": "progress_margin"}
 
 
 class TrainParams(_Group):
@@ -129,47 +132,68 @@ class TrainParams(_Group):
     weight_decay: float = Field(5e-4, ge=0.0, le=1.0)
     warmup_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     max_iterations: int = Field(300, ge=1)
-    epoch_iterations: int = Field(50, ge=1, description="iterations per Method A schedule step (an 'epoch')")
+    epoch_iterations: int = Field(
+        50, ge=0,
+        description="iterations per adaptive-schedule step (an 'epoch'); 0 = one pass over the labeled images")
     eval_every: int = Field(50, ge=1)
     checkpoint_every: int = Field(50, ge=1)
     patience: int = Field(0, ge=0, description="evaluations without improvement before stopping; 0 = off")
     target_metric: float = Field(1.01, ge=0.0, le=1.01, description="stop when validation accuracy reaches it")
     tau: float = Field(4.0, gt=0.0, le=100.0, description="temperature of the KD terms (kd, adaptive, consistency)")
-    # Method C
+    # Loss weights (docs/methods.md says which recipe uses which)
+    w_labels: float = Field(1.0, ge=0.0, le=100.0,
+                            description="weight of the cross-entropy on the labels (kd, consistency; SPEC's a)")
+    w_distill: float = Field(1.0, ge=0.0, le=100.0,
+                             description="weight of the distillation term from the teacher (kd, consistency; SPEC's c)")
+    w_consistency: float = Field(
+        1.0, ge=0.0, le=100.0, description="weight of the consistency term between the student's views (consistency, full; SPEC's b)")
+    w_mutual: float = Field(1.0, ge=0.0, le=100.0, description="weight of the mutual-learning term (cotrain, full)")
+    w_features: float = Field(
+        0.0, ge=0.0, le=100.0,
+        description="weight of feature matching through a learned projection (cotrain, full; 0 = off)")
+    # Co-training (Method C)
     mutual_tau: float = Field(
         1.0, gt=0.0, le=100.0,
         description="temperature of the mutual (DML) term; separate because that term is not tau^2-scaled")
-    w_mutual: float = Field(1.0, ge=0.0, le=100.0, description="Method C: weight of the mutual (DML) term")
-    w_feat: float = Field(0.0, ge=0.0, le=100.0,
-                          description="Method C: weight of the feature-matching term (0 = off; adds a projection)")
     teacher_trainable: bool = Field(True, description="cotrain/full: update the teacher too (false = frozen)")
     teacher_lr_scale: float = Field(
         0.1, gt=0.0, le=10.0,
         description="teacher LR = lr x this when co-trained; < 1 keeps an already trained teacher from being undone",
     )
-    # Method A
+    # Adaptive augmentation (Method A)
     schedule_rule: Literal["adaptive", "linear", "fixed"] = "adaptive"
     p_max: float = Field(0.8, ge=0.0, le=1.0, description="Method A: the strongest augmentation probability")
     p_fixed: float | None = Field(
         None, ge=0.0, le=1.0, description="Method A, rule 'fixed': the constant p1; null = p_max / 2")
-    delta: float = Field(0.0, ge=0.0, le=1.0,
-                         description="Method A: the smallest rise of validation accuracy that counts as progress")
+    progress_margin: float = Field(
+        0.0, ge=0.0, le=1.0, description="Method A: the smallest rise of validation accuracy that counts as progress")
     w_init: float = Field(1.0, ge=0.0, le=1.0, description="Method A: initial weight w of the KD term (truth: 1 - w)")
     w_min: float = Field(0.3, ge=0.0, le=1.0, description="Method A: w never drops below this")
     w_step: float = Field(0.1, ge=0.0, le=1.0, description="Method A: how much w drops after an epoch without progress")
     pseudo_threshold: float = Field(
         0.0, ge=0.0, le=1.0, description="Method A: teacher confidence needed to pseudo-label an unlabeled image")
-    # Method B
+    # Multi-view consistency (Method B)
     views: int = Field(2, ge=1, le=16, description="views per sample the student sees per step (Method B, full)")
-    a: float = Field(1.0, ge=0.0, le=100.0, description="weight of the ground-truth CE term")
-    b: float = Field(1.0, ge=0.0, le=100.0, description="weight of the multi-view consistency term")
-    c: float = Field(1.0, ge=0.0, le=100.0, description="weight of the student-teacher KD term")
     # devices
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch default")
     seed: int = Field(0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_settings(cls, data: Any) -> Any:
+        """Settings renamed for readability keep working under their old (SPEC) names, with a warning."""
+        if isinstance(data, dict):
+            for old, new in RENAMED_TRAIN_SETTINGS.items():
+                if old in data:
+                    if new in data:
+                        raise ValueError(f"train.{old} is the old name of train.{new}: set only train.{new}")
+                    warnings.warn(f"params: train.{old} is deprecated, use train.{new}", FutureWarning, stacklevel=2)
+                    data = {**data, new: data[old]}
+                    del data[old]
+        return data
 
     @model_validator(mode="after")
     def _check_recipe(self) -> TrainParams:

@@ -1,14 +1,19 @@
-"""Recipes: SPEC.md's training methods as lists of weighted loss terms over a set of views.
+"""SPEC.md's training methods as parts, and the recipes users pick, composed from them.
 
-A recipe never owns a training loop (that is :mod:`kdpipe.engine`). It says
+Three layers, each written once:
 
-* which views of a batch the networks see (``view_plan``),
-* whether the teacher is used and whether it is trained,
-* whether unlabeled samples are drawn, and whether Method A's schedule drives the views,
-* and its loss terms: ``(name, weight_fn, term_fn)`` triples summed into one scalar.
+* :mod:`kdpipe.losses` -- the formulas, as pure tensor functions.
+* :class:`Term` (here) -- a formula applied to one step's network outputs, with its weight: the
+  name of a ``params.train`` setting (``w_labels``, ``w_consistency``...), a constant, or a function
+  of the settings (the adaptive schedule's weight ``w``).
+* :class:`Method` (here) -- one training method: the views it needs, which networks run on them,
+  what it trains, and its terms. :func:`compose` merges methods into a :class:`Recipe`, and the
+  :data:`RECIPE_METHODS` table says which methods make up each recipe.
 
-``term_fn(ctx)`` reads network outputs from :class:`StepOutputs`, which runs each network at most
-once per step on all the views it needs (one forward per network also keeps DDP happy).
+A recipe never owns a training loop (that is :mod:`kdpipe.engine`): the engine asks it which views
+to build and which terms to sum. ``term.fn(out, hyper, projection)`` reads network outputs from
+:class:`StepOutputs`, where each network ran at most once per step on all the views it needs (one
+forward per network also keeps DDP happy).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import losses
-from .params import RECIPE_NAMES
+from .params import RECIPE_NAMES, TrainParams
 
 
 @dataclass
@@ -34,17 +39,15 @@ class StepOutputs:
 
 
 class Hyper:
-    """The scalars the loss terms read, by their ``params.train`` names (``tau``, ``a``, ``w_mutual``...),
-    plus ``w``, Method A's current weight (the schedule's state, starting at ``w_init``), and
-    ``label_smoothing`` (the teacher step's). A new weight or temperature is a field of TrainParams
-    and nothing more here: ``Hyper(settings)`` exposes every field.
+    """The scalars the loss terms read: every ``params.train`` field by its name (``tau``,
+    ``w_consistency``, ``pseudo_threshold``...), plus ``w`` -- the adaptive schedule's current weight
+    (its state, starting at ``w_init``) -- and ``label_smoothing`` (the teacher step's). A new weight
+    or temperature is a field of TrainParams and nothing more here.
 
-    ``Hyper(a=0.5)`` is the schema's defaults with ``a`` changed (for tests and the Python API).
+    ``Hyper(w_labels=0.5)`` is the schema's defaults with ``w_labels`` changed (tests, Python API).
     """
 
     def __init__(self, settings=None, **overrides: float):
-        from .params import TrainParams
-
         settings = settings if settings is not None else TrainParams()
         values = {**settings.model_dump(), "w": settings.w_init, "label_smoothing": 0.0}
         unknown = set(overrides) - set(values)
@@ -65,41 +68,28 @@ class Hyper:
 
 
 TermFn = Callable[[StepOutputs, Hyper, "torch.nn.Module | None"], torch.Tensor]
-WeightFn = Callable[[Hyper], float]
 
 
 @dataclass(frozen=True)
 class Term:
+    """One loss term: ``weight * fn(outputs)``; logged in history.json as ``loss_<name>``.
+
+    ``weight`` is the name of a ``params.train`` setting, a constant, or a function of the settings."""
+
     name: str
-    weight: WeightFn
     fn: TermFn
+    weight: str | float | Callable[[Hyper], float] = 1.0
 
+    def __post_init__(self) -> None:
+        if isinstance(self.weight, str) and self.weight not in TrainParams.model_fields:
+            raise ValueError(f"term {self.name!r}: its weight {self.weight!r} is not a params.train setting")
 
-@dataclass(frozen=True)
-class Recipe:
-    name: str
-    # "weak": one weakly augmented view; "any": one of the stored views, weak or strong, at random
-    # (consistent teaching: the teacher's cached answer is for exactly that view, so strong views
-    # are as good a lesson as weak ones); "scheduled": view k at Method A's p1 (k = 0) or p2
-    # (k >= 1); "stored": the K views written by the augment step (+ light jitter).
-    view_plan: str
-    num_views: int
-    uses_unlabeled: bool
-    uses_teacher: bool
-    trains_teacher: bool
-    uses_schedule: bool
-    teacher_views: tuple[int, ...]  # views the teacher must see
-    terms: tuple[Term, ...] = field(default_factory=tuple)
-    # Whether a term's weight is Method A's w (adaptive); full takes only the view strength from the
-    # schedule, so w is neither used nor logged there.
-    weights_by_schedule: bool = False
-
-    @property
-    def reads_stored_views(self) -> bool:
-        """Views come from the augment step's sets: always for Method B, and whenever the teacher is
-        frozen, because then its outputs on those views are cached once instead of recomputed at
-        every step (see :mod:`kdpipe.views`)."""
-        return self.view_plan == "stored" or (self.uses_teacher and not self.trains_teacher)
+    def weight_value(self, hyper: Hyper) -> float:
+        if isinstance(self.weight, str):
+            return float(getattr(hyper, self.weight))
+        if callable(self.weight):
+            return self.weight(hyper)
+        return float(self.weight)
 
 
 # ------------------------------------------------------------------------------- loss terms
@@ -112,7 +102,7 @@ def _ce_teacher(out: StepOutputs, h: Hyper, proj) -> torch.Tensor:
 
 
 def _mutual(out: StepOutputs, h: Hyper, proj) -> torch.Tensor:
-    # Method C: symmetric KL on ALL samples of the shared view; gradients reach both networks
+    # Co-training: symmetric KL on ALL samples of the shared view; gradients reach both networks
     # (a frozen teacher's logits carry no graph, which turns this into SSLD-style distillation).
     return losses.dml(out.student[0], out.teacher[0], h.mutual_tau)
 
@@ -122,12 +112,13 @@ def _feature(out: StepOutputs, h: Hyper, proj) -> torch.Tensor:
 
 
 def _kd_view1(out: StepOutputs, h: Hyper, proj) -> torch.Tensor:
-    # Method A: L_dis = KD(S(x1), T(x1)) on the view augmented with p1.
+    # Adaptive augmentation: distillation on the view augmented with p1.
     return losses.kd(out.student[0], out.teacher[0], h.tau)
 
 
 def _truth_view2(out: StepOutputs, h: Hyper, proj) -> torch.Tensor:
-    # Method A: L_truth on the view augmented with p2, teacher pseudo-labels for unlabeled samples.
+    # Adaptive augmentation: the "truth" loss on the view augmented with p2, the teacher's
+    # pseudo-labels for unlabeled samples.
     return losses.truth_loss(out.student[1], out.teacher[1], out.labels, h.pseudo_threshold)
 
 
@@ -145,89 +136,189 @@ def _kd_all(out: StepOutputs, h: Hyper, proj) -> torch.Tensor:
 
 
 def _kd_views(out: StepOutputs, h: Hyper, proj) -> torch.Tensor:
-    # Method B: the teacher sees the SAME augmented view as the student, view by view.
+    # Multi-view consistency: the teacher sees the SAME augmented view as the student, view by view.
     return torch.stack([losses.kd(zs, zt, h.tau) for zs, zt in zip(out.student, out.teacher, strict=True)]).mean()
 
 
-def _one(h: Hyper) -> float:
-    return 1.0
-
-
 # The terms, named as they appear in history.json (loss_<name>), each with its weight.
-CE = Term("ce", _one, _ce_student)
-CE_WEIGHTED = Term("ce", lambda h: h.a, _ce_student)
-KD_ALL = Term("kd", lambda h: h.c, _kd_all)
-CE_STUDENT = Term("ce_s", _one, _ce_student)
-CE_TEACHER = Term("ce_t", _one, _ce_teacher)
-MUTUAL = Term("mutual", lambda h: h.w_mutual, _mutual)
-FEATURE = Term("feat", lambda h: h.w_feat, _feature)
-KD_VIEW1 = Term("kd", lambda h: h.w, _kd_view1)
-TRUTH_VIEW2 = Term("truth", lambda h: 1.0 - h.w, _truth_view2)
-GT_VIEWS = Term("gt", lambda h: h.a, _gt_views)
-CONSISTENCY = Term("cons", lambda h: h.b, _consistency)
-KD_VIEWS = Term("kd", lambda h: h.c, _kd_views)
+CE = Term("ce", _ce_student)
+CE_WEIGHTED = Term("ce", _ce_student, "w_labels")
+KD_ALL = Term("kd", _kd_all, "w_distill")
+CE_STUDENT = Term("ce_s", _ce_student)
+CE_TEACHER = Term("ce_t", _ce_teacher)
+MUTUAL = Term("mutual", _mutual, "w_mutual")
+FEATURE = Term("feat", _feature, "w_features")
+KD_VIEW1 = Term("kd", _kd_view1, lambda h: h.w)
+TRUTH_VIEW2 = Term("truth", _truth_view2, lambda h: 1.0 - h.w)
+GT_VIEWS = Term("gt", _gt_views, "w_labels")
+CONSISTENCY = Term("cons", _consistency, "w_consistency")
+KD_VIEWS = Term("kd", _kd_views, "w_distill")
 
 
-def _co_training(teacher_trainable: bool, w_feat: float, *extra: Term) -> tuple[Term, ...]:
-    """Method C's terms: both networks' CE on the labels and the mutual term on every sample, then
-    ``extra`` terms, then the optional feature matching."""
-    teacher_ce = (CE_TEACHER,) if teacher_trainable else ()
-    feature = (FEATURE,) if w_feat > 0 else ()
-    return (CE_STUDENT, *teacher_ce, MUTUAL, *extra, *feature)
+# ------------------------------------------------------------------------------- methods
+@dataclass(frozen=True)
+class Method:
+    """One training method, as what it adds to a recipe.
+
+    ``view_plan`` (see :mod:`kdpipe.views`): "weak" -- one weakly augmented view; "any" -- one of
+    the stored views, weak or strong, at random (the teacher's cached answer is for exactly that
+    view, so a strong view is as good a lesson as a weak one); "scheduled" -- view k at the adaptive
+    schedule's p1 (k = 0) or p2 (k >= 1); "stored" -- the K views written by the augment step.
+    None leaves the choice to the other methods of the recipe (alone: "weak").
+
+    ``schedule``: None, "strength" (the adaptive schedule sets how strongly views are augmented), or
+    "strength+weights" (it also sets the weight ``w`` of the distillation and truth terms).
+    """
+
+    name: str
+    terms: tuple[Term, ...]
+    view_plan: str | None = None
+    num_views: int = 1
+    teacher_views: tuple[int, ...] = ()  # views the teacher must see
+    uses_unlabeled: bool = False
+    uses_teacher: bool = False
+    trains_teacher: bool = False
+    schedule: str | None = None
 
 
-def _supervised(views: int, teacher_trainable: bool, w_feat: float) -> Recipe:
-    return Recipe("supervised", view_plan="weak", num_views=1, uses_unlabeled=False, uses_teacher=False,
-                  trains_teacher=False, uses_schedule=False, teacher_views=(), terms=(CE,))
+def supervised_learning() -> Method:
+    """Cross-entropy on the labels; the baseline every benchmark compares with."""
+    return Method("supervised learning", terms=(CE,))
 
 
-def _kd(views: int, teacher_trainable: bool, w_feat: float) -> Recipe:
-    # Plain distillation from a fixed teacher: CE on the labels + KD on labeled AND unlabeled samples.
-    return Recipe("kd", view_plan="any", num_views=1, uses_unlabeled=True, uses_teacher=True,
-                  trains_teacher=False, uses_schedule=False, teacher_views=(0,), terms=(CE_WEIGHTED, KD_ALL))
+def distillation() -> Method:
+    """Plain distillation from a fixed teacher: CE on the labels, KD on labeled AND unlabeled samples."""
+    return Method("distillation", terms=(CE_WEIGHTED, KD_ALL), view_plan="any", teacher_views=(0,),
+                  uses_unlabeled=True, uses_teacher=True)
 
 
-def _cotrain(views: int, teacher_trainable: bool, w_feat: float) -> Recipe:
-    return Recipe("cotrain", view_plan="weak", num_views=1, uses_unlabeled=True, uses_teacher=True,
-                  trains_teacher=teacher_trainable, uses_schedule=False, teacher_views=(0,),
-                  terms=_co_training(teacher_trainable, w_feat))
+def co_training(teacher_trainable: bool = True, feature_matching: bool = False) -> Method:
+    """SPEC Method C: both networks' CE on the labels and the mutual term on every sample of one shared
+    view; the teacher learns too unless frozen; optional feature matching."""
+    terms = (CE_STUDENT, *((CE_TEACHER,) if teacher_trainable else ()), MUTUAL,
+             *((FEATURE,) if feature_matching else ()))
+    return Method("co-training", terms=terms, teacher_views=(0,), uses_unlabeled=True, uses_teacher=True,
+                  trains_teacher=teacher_trainable)
 
 
-def _adaptive(views: int, teacher_trainable: bool, w_feat: float) -> Recipe:
-    return Recipe("adaptive", view_plan="scheduled", num_views=2, uses_unlabeled=True, uses_teacher=True,
-                  trains_teacher=False, uses_schedule=True, teacher_views=(0, 1), terms=(KD_VIEW1, TRUTH_VIEW2),
-                  weights_by_schedule=True)
+def adaptive_augmentation() -> Method:
+    """SPEC Method A: two views augmented at the schedule's p1 and p2; distillation on the first, the
+    truth loss on the second, weighted w and 1 - w by the schedule."""
+    return Method("adaptive augmentation", terms=(KD_VIEW1, TRUTH_VIEW2), view_plan="scheduled", num_views=2,
+                  teacher_views=(0, 1), uses_unlabeled=True, uses_teacher=True, schedule="strength+weights")
 
 
-def _consistency(views: int, teacher_trainable: bool, w_feat: float) -> Recipe:
-    return Recipe("consistency", view_plan="stored", num_views=views, uses_unlabeled=True, uses_teacher=True,
-                  trains_teacher=False, uses_schedule=False, teacher_views=tuple(range(views)),
-                  terms=(GT_VIEWS, CONSISTENCY, KD_VIEWS))
+def multi_view_consistency(views: int) -> Method:
+    """SPEC Method B: K stored views; CE on each, consistency between them, KD on each view from the
+    teacher seeing the same view."""
+    return Method("multi-view consistency", terms=(GT_VIEWS, CONSISTENCY, KD_VIEWS), view_plan="stored",
+                  num_views=views, teacher_views=tuple(range(views)), uses_unlabeled=True, uses_teacher=True)
 
 
-def _full(views: int, teacher_trainable: bool, w_feat: float) -> Recipe:
-    # C's co-training on view 0 (shared by both networks) + B's consistency across the student's K
-    # views + A's schedule on how strongly the views are augmented.
-    return Recipe("full", view_plan="scheduled", num_views=views, uses_unlabeled=True, uses_teacher=True,
-                  trains_teacher=teacher_trainable, uses_schedule=True, teacher_views=(0,),
-                  terms=_co_training(teacher_trainable, w_feat, CONSISTENCY))
+def consistency_across_views(views: int) -> Method:
+    """Method B's consistency term alone, on the student's K views of whatever plan the recipe uses."""
+    return Method("consistency across views", terms=(CONSISTENCY,), num_views=views, uses_unlabeled=True)
 
 
-# The recipe table: a new recipe is one builder here plus its name in params.RECIPE_NAMES.
-BUILDERS: dict[str, Callable[[int, bool, float], Recipe]] = {
-    "supervised": _supervised, "kd": _kd, "cotrain": _cotrain, "adaptive": _adaptive,
-    "consistency": _consistency, "full": _full,
+def augmentation_schedule() -> Method:
+    """Method A's schedule alone: it sets how strongly the views are augmented (not any weight)."""
+    return Method("augmentation schedule", terms=(), view_plan="scheduled", schedule="strength")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What the engine runs: the methods' needs merged (:func:`compose`) and their terms in order."""
+
+    name: str
+    view_plan: str
+    num_views: int
+    uses_unlabeled: bool
+    uses_teacher: bool
+    trains_teacher: bool
+    uses_schedule: bool
+    teacher_views: tuple[int, ...]
+    terms: tuple[Term, ...] = field(default_factory=tuple)
+    # Whether a term's weight is the schedule's w (adaptive); full takes only the view strength from
+    # the schedule, so w is neither used nor logged there.
+    weights_by_schedule: bool = False
+    methods: tuple[str, ...] = ()
+
+    @property
+    def reads_stored_views(self) -> bool:
+        """Views come from the augment step's sets: always for the "stored" plan, and whenever the
+        teacher is frozen, because then its outputs on those views are cached once instead of
+        recomputed at every step (see :mod:`kdpipe.views`)."""
+        return self.view_plan == "stored" or (self.uses_teacher and not self.trains_teacher)
+
+    @property
+    def matches_features(self) -> bool:
+        """A term compares the networks' features (through a learned projection)."""
+        return any(term.fn is _feature for term in self.terms)
+
+
+def compose(name: str, *methods: Method) -> Recipe:
+    """One recipe from methods: their terms in order, the union of what they need. Two methods that
+    ask for different view plans cannot be combined (a batch has one plan)."""
+    plans = {m.view_plan for m in methods if m.view_plan is not None}
+    if len(plans) > 1:
+        raise ValueError(f"recipe {name!r}: its methods ask for different view plans {sorted(plans)}")
+    view_counts = {m.num_views for m in methods if m.num_views > 1}
+    if len(view_counts) > 1:
+        raise ValueError(f"recipe {name!r}: its methods ask for different numbers of views {sorted(view_counts)}")
+    return Recipe(
+        name,
+        view_plan=plans.pop() if plans else "weak",
+        num_views=view_counts.pop() if view_counts else 1,
+        uses_unlabeled=any(m.uses_unlabeled for m in methods),
+        uses_teacher=any(m.uses_teacher for m in methods),
+        trains_teacher=any(m.trains_teacher for m in methods),
+        uses_schedule=any(m.schedule for m in methods),
+        teacher_views=tuple(sorted({k for m in methods for k in m.teacher_views})),
+        terms=tuple(term for m in methods for term in m.terms),
+        weights_by_schedule=any(m.schedule == "strength+weights" for m in methods),
+        methods=tuple(m.name for m in methods),
+    )
+
+
+@dataclass(frozen=True)
+class RecipeSettings:
+    """The settings that change a recipe's make-up: ``params.train``'s views, teacher_trainable and
+    whether feature matching has a weight (w_features > 0)."""
+
+    views: int = 3
+    teacher_trainable: bool = True
+    feature_matching: bool = False
+
+
+# The recipe table: each recipe is the methods it composes. A new recipe is a line here plus its name
+# in params.RECIPE_NAMES (which validates train.recipe without importing torch).
+RECIPE_METHODS: dict[str, Callable[[RecipeSettings], tuple[Method, ...]]] = {
+    "supervised": lambda s: (supervised_learning(),),
+    "kd": lambda s: (distillation(),),
+    "cotrain": lambda s: (co_training(s.teacher_trainable, s.feature_matching),),
+    "adaptive": lambda s: (adaptive_augmentation(),),
+    "consistency": lambda s: (multi_view_consistency(s.views),),
+    # the product's combination: co-training on view 0 (shared by both networks), the consistency
+    # term across the student's K views, and the adaptive schedule on how strongly they are augmented
+    "full": lambda s: (co_training(s.teacher_trainable, s.feature_matching), consistency_across_views(s.views),
+                       augmentation_schedule()),
 }
-RECIPES = tuple(BUILDERS)
+RECIPES = tuple(RECIPE_METHODS)
 if set(RECIPES) != set(RECIPE_NAMES):  # the params schema and this table name the same recipes
-    raise ImportError(f"recipes: params.RECIPE_NAMES {RECIPE_NAMES} and the builders {RECIPES} differ")
+    raise ImportError(f"recipes: params.RECIPE_NAMES {RECIPE_NAMES} and the table {RECIPES} differ")
 
 
-def build_recipe(name: str, views: int = 3, teacher_trainable: bool = True, w_feat: float = 0.0) -> Recipe:
+def build_recipe(name: str, views: int = 3, teacher_trainable: bool = True, feature_matching: bool = False) -> Recipe:
     """The recipe called ``name`` (``params.train.recipe``)."""
-    if name not in BUILDERS:
+    if name not in RECIPE_METHODS:
         raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
-    return BUILDERS[name](views, teacher_trainable, w_feat)
+    return compose(name, *RECIPE_METHODS[name](RecipeSettings(views, teacher_trainable, feature_matching)))
+
+
+def recipe_for(train_params) -> Recipe:
+    """The recipe ``params.train`` asks for."""
+    return build_recipe(train_params.recipe, views=train_params.views, teacher_trainable=train_params.teacher_trainable,
+                        feature_matching=train_params.w_features > 0)
 
 
 def total_loss(recipe: Recipe, out: StepOutputs, hyper: Hyper, projection=None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -235,7 +326,7 @@ def total_loss(recipe: Recipe, out: StepOutputs, hyper: Hyper, projection=None) 
     total = None
     parts: dict[str, float] = {}
     for term in recipe.terms:
-        weight = term.weight(hyper)
+        weight = term.weight_value(hyper)
         value = term.fn(out, hyper, projection)
         parts[term.name] = float(value.detach())
         if weight:

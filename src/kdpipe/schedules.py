@@ -88,7 +88,7 @@ class AugmentationSchedule:
             rule=train_params.schedule_rule,
             p_max=train_params.p_max,
             total_epochs=total_epochs,
-            delta=train_params.delta,
+            delta=train_params.progress_margin,
             w_init=train_params.w_init,
             w_min=train_params.w_min,
             w_step=train_params.w_step,

@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 RUN_ID_ENV = "KDPIPE_MLFLOW_RUN_ID"
 RUN_FILE = Path(layout.ARTIFACTS) / "mlflow_run.json"
 RUN_FILE_ENV = "KDPIPE_MLFLOW_RUN_FILE"  # where the parent run's id is kept, when not RUN_FILE
+# A key naming one pipeline execution (a Kubeflow run's id): steps that run in separate pods, with
+# no file in common, find their shared parent run by this tag.
+EXECUTION_ENV = "KDPIPE_EXECUTION_KEY"
+TAG_EXECUTION = "kdpipe.execution"
 
 
 def run_file() -> Path:
@@ -220,6 +224,17 @@ def _stored_run_id(uri: str) -> tuple[str | None, str]:
     return None, ""
 
 
+def _execution_run(client, key: str) -> str | None:
+    """The active parent run tagged with execution ``key``, in any experiment (a step may log to
+    another experiment than the first one did); the oldest when two steps raced to create it."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return None
+    runs = client.search_runs(experiments, filter_string=f"tags.`{TAG_EXECUTION}` = '{key}'",
+                              order_by=["attributes.start_time ASC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
 def _run_exists(client, run_id: str) -> bool:
     from mlflow.exceptions import MlflowException
 
@@ -233,9 +248,11 @@ def _run_exists(client, run_id: str) -> bool:
 def pipeline_run(params: Any, run_name: str | None = None) -> Iterator[Any]:
     """Start or resume the parent run of this pipeline execution; yields the ``ActiveRun``.
 
-    Resumes ``$KDPIPE_MLFLOW_RUN_ID`` (an error if that run does not exist) or the run recorded in
-    ``artifacts/mlflow_run.json`` (ignored if stale); otherwise creates a run and records it there.
-    Tags: git commit, data version, kdpipe version. Yields ``None`` on non-zero ranks.
+    Resumes ``$KDPIPE_MLFLOW_RUN_ID`` (an error if that run does not exist), else the run tagged
+    with ``$KDPIPE_EXECUTION_KEY`` (a Kubeflow run: every task of one run shares its parent, although
+    each task is a pod of its own), else the run recorded in ``artifacts/mlflow_run.json`` (ignored
+    if stale); otherwise creates a run and records it there. Tags: git commit, data version, kdpipe
+    version, and the execution key when there is one. Yields ``None`` on non-zero ranks.
     """
     if not is_main_rank():
         yield None
@@ -249,12 +266,15 @@ def pipeline_run(params: Any, run_name: str | None = None) -> Iterator[Any]:
         yield active  # already inside this execution's parent (a step calling a step)
         return
     client = mlflow.MlflowClient(uri)
+    execution = os.environ.get(EXECUTION_ENV, "").strip()
+    if execution and source != "env":
+        run_id, source = _execution_run(client, execution), "execution"
     if run_id and not _run_exists(client, run_id):
         if source == "env":
             raise KdpipeError(f"{RUN_ID_ENV}={run_id}: no such active run in {redact(uri)}")
         run_id = None
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name) as run:
-        mlflow.set_tags(run_tags(params))
+        mlflow.set_tags({**run_tags(params), **({TAG_EXECUTION: execution} if execution else {})})
         if run_id is None and source != "env":
             write_json(run_file(), {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
                                   "tracking_uri": redact(uri)})

@@ -90,8 +90,11 @@ class OnlineViews:
         return np.concatenate([labeled[l_idx], unlabeled[u_idx] if len(u_idx) else labeled[:0]])
 
     def _probabilities(self) -> list[float]:
-        if self.recipe.view_plan == "weak":
-            return [0.0]
+        plan, k = self.recipe.view_plan, self.recipe.num_views
+        if plan == "weak":
+            return [0.0] * k
+        if plan != "scheduled":  # "any"/"stored" pick among stored views: a trained teacher cannot use them
+            raise ValueError(f"recipe '{self.recipe.name}': view plan {plan!r} needs stored views and a frozen teacher")
         p1, p2, _ = self.schedule.current()
         return [p1 if v == 0 else p2 for v in range(self.recipe.num_views)]
 
@@ -125,15 +128,13 @@ class StoredViews:
 
     def _probabilities(self) -> list[float | None]:
         """Per view slot: the probability of a strong view, or None for "any view not used yet"."""
-        plan = self.recipe.view_plan
+        plan, k = self.recipe.view_plan, self.recipe.num_views
         if plan == "weak":
-            return [0.0]
-        if plan == "any":
-            return [None]
+            return [0.0] * k
         if plan == "scheduled":
             p1, p2, _ = self.schedule.current()
-            return [p1 if v == 0 else p2 for v in range(self.recipe.num_views)]
-        return [None] * self.recipe.num_views
+            return [p1 if v == 0 else p2 for v in range(k)]
+        return [None] * k  # "any" and "stored": distinct stored views, weak or strong
 
     def choose(self, n: int) -> list[torch.Tensor]:
         """For each view slot, the stored view index of each of ``n`` samples (distinct per sample)."""

@@ -62,12 +62,13 @@ def build_trainer(params, prepared_dir=PREPARED, augmented_dir=AUGMENTED, teache
     """The configured :class:`kdpipe.engine.Trainer` for ``params`` (used by the step and by tests)."""
     from ..augmentation import AugmentConfig
     from ..devices import runtime_from_params
-    from ..engine import LoopConfig, Trainer
-    from ..recipes import Hyper, build_recipe
+    from ..engine import LoopConfig, RunFiles, Trainer
+    from ..networks import NetworkSpec
+    from ..recipes import Hyper, recipe_for
     from .common import training_data
 
     tp = params.train
-    recipe = build_recipe(tp.recipe, views=tp.views, teacher_trainable=tp.teacher_trainable, w_feat=tp.w_feat)
+    recipe = recipe_for(tp)
     runtime = runtime or runtime_from_params(tp)
     stored = recipe.reads_stored_views
     # An online teacher reads prepare's teacher-resolution copy when there is one.
@@ -76,14 +77,11 @@ def build_trainer(params, prepared_dir=PREPARED, augmented_dir=AUGMENTED, teache
     if stored and use_cached_logits:
         check_cached_logits(data, augmented_dir, teacher_dir)
     teacher, teacher_arch = _load_teacher(teacher_dir, recipe.uses_teacher)
-    hyper = Hyper(tp)
-    return Trainer(
-        recipe, data, LoopConfig.from_train(tp), hyper, runtime, out_dir,
-        student_arch=tp.student_arch, student_weights=tp.weights, teacher=teacher, teacher_arch=teacher_arch,
-        augment_cfg=AugmentConfig.from_params(params.augment), w_feat=tp.w_feat, schedule_params=tp,
-        run_fingerprint=_fingerprint(params, prepared_dir, teacher_dir), progress=progress, desc=f"distill[{tp.recipe}]",
-        use_cached_logits=use_cached_logits,
-    )
+    networks = NetworkSpec(tp.student_arch, tp.weights, teacher=teacher, teacher_arch=teacher_arch)
+    run_files = RunFiles(out_dir, fingerprint=_fingerprint(params, prepared_dir, teacher_dir),
+                         desc=f"distill[{tp.recipe}]", progress=progress)
+    return Trainer(recipe, data, LoopConfig.from_train(tp), Hyper(tp), runtime, networks, run_files,
+                   augment_cfg=AugmentConfig.from_params(params.augment), use_cached_logits=use_cached_logits)
 
 
 def run(params, prepared_dir: str | os.PathLike = PREPARED, augmented_dir: str | os.PathLike = AUGMENTED,

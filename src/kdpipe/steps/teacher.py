@@ -68,7 +68,8 @@ def fine_tuning_data(data):
 def run(params, prepared_dir: str | os.PathLike = PREPARED, out_dir: str | os.PathLike = TEACHER) -> dict:
     from ..augmentation import AugmentConfig
     from ..devices import runtime_from_params
-    from ..engine import LoopConfig, Trainer
+    from ..engine import LoopConfig, RunFiles, Trainer
+    from ..networks import NetworkSpec
     from ..recipes import Hyper, build_recipe
     from ..views import scaled_config
     from .common import training_data
@@ -83,14 +84,14 @@ def run(params, prepared_dir: str | os.PathLike = PREPARED, out_dir: str | os.Pa
     size = teacher_resolution(params, data.image_size)
     tuned = fine_tuning_data(data)
     augment_cfg = scaled_config(AugmentConfig.from_params(params.augment), data.image_size, tuned.train_x.shape[1])
-    trainer = Trainer(
-        build_recipe("supervised"), tuned, LoopConfig.from_teacher(tp), Hyper(label_smoothing=tp.label_smoothing),
-        runtime, out, student_arch=tp.arch, student_weights=tp.weights, augment_cfg=augment_cfg,
-        best_names={"student": "teacher.pt"}, desc="teacher", student_input_size=size,
-        report_names={"val_acc_student": "val_acc_teacher"},
-        run_fingerprint={"step": "teacher", "teacher": tp.model_dump(), "augment": params.augment.model_dump(),
-                         "data_version": _data_version(prepared_dir)},
-    )
+    # The teacher is fine-tuned in the student's seat of the loop, under its own names.
+    networks = NetworkSpec(tp.arch, tp.weights, student_input_size=size)
+    run_files = RunFiles(out, best_names={"student": "teacher.pt"}, report_names={"val_acc_student": "val_acc_teacher"},
+                         fingerprint={"step": "teacher", "teacher": tp.model_dump(),
+                                      "augment": params.augment.model_dump(), "data_version": _data_version(prepared_dir)},
+                         desc="teacher")
+    trainer = Trainer(build_recipe("supervised"), tuned, LoopConfig.from_teacher(tp),
+                      Hyper(label_smoothing=tp.label_smoothing), runtime, networks, run_files, augment_cfg=augment_cfg)
     summary = trainer.run()
     trainer.write_reports()
     result = {"trained": True, "arch": tp.arch, "weights": tp.weights, "image_size": size,
