@@ -9,7 +9,8 @@ from kdpipe.kubeflow import image
 
 @dsl.component(base_image=image(), install_kfp_package=False)
 def distill(prepared: Input[Dataset], augmented: Input[Dataset], teacher_model: Input[Model], train_params: dict,
-            augment_params: dict, gpus: int, student: Output[Model], summary: Output[Metrics], execution_key: str = ""):
+            augment_params: dict, gpus: int, student: Output[Model], summary: Output[Metrics], execution_key: str = "",
+        git_commit: str = ""):
     import json
     import os
     import subprocess
@@ -22,7 +23,7 @@ def distill(prepared: Input[Dataset], augmented: Input[Dataset], teacher_model: 
     from kdpipe.steps.catalog import run_step
 
     params = kubeflow.params_from(train=train_params, augment=augment_params)
-    track = kubeflow.tracking_for_task(execution_key)
+    track = kubeflow.tracking_for_task(execution_key, git_commit)
     if gpus > 1:
         with tempfile.TemporaryDirectory() as tmp:
             params_file = os.path.join(tmp, "params.yaml")

@@ -9,7 +9,8 @@ from kdpipe.kubeflow import image
 
 @dsl.component(base_image=image(), install_kfp_package=False)
 def evaluate(onnx_model: Input[Model], prepared: Input[Dataset], evaluate_params: dict, evaluation: Output[Artifact],
-             metrics: Output[Metrics], confusion: Output[ClassificationMetrics], report: Output[Markdown], execution_key: str = "") -> float:
+             metrics: Output[Metrics], confusion: Output[ClassificationMetrics], report: Output[Markdown], execution_key: str = "",
+        git_commit: str = "") -> float:
     from pathlib import Path
 
     from kdpipe import kubeflow
@@ -17,7 +18,7 @@ def evaluate(onnx_model: Input[Model], prepared: Input[Dataset], evaluate_params
     from kdpipe.steps.catalog import run_step
 
     params = kubeflow.params_from(evaluate=evaluate_params)
-    result = run_step("evaluate", params, track=kubeflow.tracking_for_task(execution_key), export_dir=onnx_model.path,
+    result = run_step("evaluate", params, track=kubeflow.tracking_for_task(execution_key, git_commit), export_dir=onnx_model.path,
                       prepared_dir=prepared.path, out_dir=evaluation.path)
     kubeflow.log_numbers(metrics, {k: v for k, v in result.items() if k != "per_class"})
     class_names = list(load_prepared(prepared.path, verify=False).class_names)

@@ -1,8 +1,9 @@
 """Component: the register step (``kdpipe.steps.register``): MLflow model version, champion alias.
 
 The tracking server comes from ``MLFLOW_TRACKING_URI`` (a Kubernetes secret on a cluster) or
-``register.tracking_uri``; without either, MLflow's SQLite store is written inside the
-``decision`` artifact (a throw-away registry: set a server for champion/challenger to mean anything).
+``register.tracking_uri``. Without either the task fails when ``require_tracking_server`` (the
+default: a cluster run must not report "promoted" into a throw-away registry); ``kdpipe pipeline
+run-local`` turns it off, and MLflow's SQLite store is then written inside the ``decision`` artifact.
 """
 
 from kfp import dsl
@@ -15,10 +16,9 @@ from kdpipe.kubeflow import image
 def register(onnx_model: Input[Model], evaluation: Input[Artifact], prepared: Input[Dataset], min_accuracy: float,
              prepare_params: dict, augment_params: dict, teacher_params: dict, train_params: dict,
              select_params: dict, export_params: dict, evaluate_params: dict, register_params: dict,
-             decision: Output[Artifact], execution_key: str = ""):
+             decision: Output[Artifact], execution_key: str = "", git_commit: str = "",
+             require_tracking_server: bool = True):
     """Every group is an input so the MLflow run records the parameters the model was built with."""
-    import os
-
     from kdpipe import kubeflow
     from kdpipe.steps import register as step
 
@@ -28,10 +28,7 @@ def register(onnx_model: Input[Model], evaluation: Input[Artifact], prepared: In
         teacher=teacher_params, train=train_params, select=select_params, export=export_params,
         evaluate=evaluate_params, register=register_params,
     )
-    kubeflow.tracking_for_task(execution_key)  # the parent-run file in the pod's temporary folder
-    if not os.environ.get("MLFLOW_TRACKING_URI") and not params.register.tracking_uri:
-        # no tracking server given: a registry in the task's own output, never the image's folder
-        os.makedirs(decision.path, exist_ok=True)
-        params.register.tracking_uri = f"sqlite:///{os.path.abspath(decision.path)}/mlflow.db"
+    kubeflow.tracking_for_task(execution_key, git_commit)
+    kubeflow.registry_for_task(params.register, decision.path, require_tracking_server)
     result = step.run(params, onnx_model.path, evaluation.path, decision.path)
     decision.metadata.update({k: result[k] for k in ("registered", "model_name", "version", "promoted", "reason")})

@@ -8,13 +8,14 @@ from kdpipe.kubeflow import image
 
 @dsl.component(base_image=image(), install_kfp_package=False)
 def select(student: Input[Model], prepared: Input[Dataset], select_params: dict, export_params: dict,
-           selected: Output[Model], summary: Output[Metrics], execution_key: str = ""):
+           selected: Output[Model], summary: Output[Metrics], execution_key: str = "",
+        git_commit: str = ""):
     """``export_params`` supplies ``opset``: candidates are measured as they will be exported."""
     from kdpipe import kubeflow
     from kdpipe.steps.catalog import run_step
 
     params = kubeflow.params_from(select=select_params, export=export_params)
-    selection = run_step("select", params, track=kubeflow.tracking_for_task(execution_key), distill_dir=student.path,
+    selection = run_step("select", params, track=kubeflow.tracking_for_task(execution_key, git_commit), distill_dir=student.path,
                          prepared_dir=prepared.path, out_dir=selected.path)
     selected.metadata["chosen"] = selection["chosen"]
     selected.metadata["reason"] = selection["reason"]

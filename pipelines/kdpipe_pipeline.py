@@ -3,8 +3,10 @@ evaluate -> (quality gate) -> register.
 
 Pipeline parameters mirror ``params.yaml``: one dict per step group (``train_params``...), with
 the file's values as defaults, so a run without arguments trains exactly what ``dvc repro`` would.
-Two values are separate parameters: ``min_accuracy`` (``register.min_accuracy``, the quality gate)
-and ``gpus`` (GPUs per training task). The ``data`` group's folders do not apply: the data comes
+Two values are separate parameters: ``min_accuracy`` (``register.min_accuracy``, the quality gate:
+a model below it ends the run failed) and ``gpus`` (GPUs per training task). ``git_commit`` (the
+commit the run was submitted from) and the run's id reach every task and MLflow;
+``require_tracking_server`` makes register fail without an MLflow server (on by default). The ``data`` group's folders do not apply: the data comes
 from a DVC revision (``data_repo``, ``data_rev``, ``data_version``).
 
 ``kdpipe pipeline compile`` writes :data:`PACKAGE`, which is committed; a test fails when it is stale.
@@ -19,8 +21,11 @@ from typing import Any
 from kfp import compiler, dsl, kubernetes
 
 from components import augment, data, distill, evaluate, export, prepare, register, select, teacher
+from components.gate import quality_gate_failed
 from kdpipe import kubeflow
+from kdpipe.cluster import MIN_BACKEND, ClusterSettings, load_cluster_settings, parse_version
 from kdpipe.params import Params, load_params
+from kdpipe.tracking import IMAGE_REF_ENV
 
 PIPELINE_NAME = "kdpipe"
 PACKAGE = Path(__file__).with_name("kdpipe_pipeline.yaml")
@@ -41,27 +46,56 @@ def group_defaults(params: Params) -> dict[str, dict[str, Any]]:
                             if (g, k) not in SEPARATE} for g in GROUPS}
 
 
-def _gpu_task(task: dsl.PipelineTask, gpus) -> dsl.PipelineTask:
-    """GPU request, GPU node placement and shared memory for a training task."""
+def _gpu_task(task: dsl.PipelineTask, gpus, cluster: ClusterSettings) -> dsl.PipelineTask:
+    """GPU request (what places the pod on a GPU node), the cluster's GPU node selector and
+    tolerations, and shared memory for data loading and DDP."""
     task.set_accelerator_type(kubeflow.GPU_RESOURCE).set_accelerator_limit(gpus)
-    kubernetes.add_node_selector(task, *kubeflow.GPU_NODE_SELECTOR)
-    kubernetes.add_toleration(task, **kubeflow.GPU_TOLERATION)
+    for label, value in cluster.gpu_node_selector.items():
+        kubernetes.add_node_selector(task, label, value)
+    for toleration in cluster.gpu_tolerations:
+        kubernetes.add_toleration(task, **toleration.model_dump(exclude_none=True))
     kubernetes.empty_dir_mount(task, volume_name=kubeflow.SHM_VOLUME, mount_path=kubeflow.SHM_PATH,
-                               medium="Memory", size_limit=kubeflow.SHM_SIZE)
+                               medium="Memory", size_limit=cluster.shm_size)
     return task
 
 
-def _mlflow_env(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    return kubernetes.use_secret_as_env(task, kubeflow.MLFLOW_SECRET, kubeflow.MLFLOW_SECRET_ENV, optional=True)
+def _cluster_task(task: dsl.PipelineTask, name: str, cluster: ClusterSettings) -> dsl.PipelineTask:
+    """The task's requests and limits, retries and time limit, pull secrets, and the name of its image
+    (recorded in MLflow: which build produced a model)."""
+    settings = cluster.task(name)
+    for setter, value in ((task.set_cpu_request, settings.cpu_request), (task.set_cpu_limit, settings.cpu_limit),
+                          (task.set_memory_request, settings.memory_request),
+                          (task.set_memory_limit, settings.memory_limit)):
+        if value:
+            setter(value)
+    if settings.retries:
+        # exponential back-off from a minute: a preempted node needs time to be replaced
+        task.set_retry(num_retries=settings.retries, backoff_duration="60s", backoff_factor=2.0,
+                       backoff_max_duration="3600s")
+    if settings.timeout_seconds:
+        kubernetes.set_timeout(task, settings.timeout_seconds)
+    if cluster.image_pull_secrets:
+        kubernetes.set_image_pull_secrets(task, cluster.image_pull_secrets)
+    task.set_env_variable(IMAGE_REF_ENV, kubeflow.image())
+    return task
+
+
+def _mlflow_env(task: dsl.PipelineTask, optional_secrets: bool) -> dsl.PipelineTask:
+    return kubernetes.use_secret_as_env(task, kubeflow.MLFLOW_SECRET, kubeflow.MLFLOW_SECRET_ENV,
+                                        optional=optional_secrets)
 
 
 # Every step task logs to MLflow under one parent run per pipeline run, found by this key.
 EXECUTION = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 
 
-def build_pipeline(params: "Params | None" = None):
-    """The ``@dsl.pipeline`` function, with parameter defaults taken from ``params`` (default: params.yaml)."""
+def build_pipeline(params: "Params | None" = None, cluster: ClusterSettings | None = None,
+                   optional_secrets: bool = True):
+    """The ``@dsl.pipeline`` function, with parameter defaults taken from ``params`` (default:
+    params.yaml) and the cluster's settings (default: :class:`kdpipe.cluster.ClusterSettings`).
+    ``optional_secrets=False`` compiles for a backend older than 2.15: every secret must then exist."""
     params = params or load_params(PARAMS_FILE)
+    cluster = cluster or ClusterSettings()
     d = group_defaults(params)
 
     @dsl.pipeline(name=PIPELINE_NAME, description="kdpipe: semi-supervised distillation of a small image "
@@ -75,6 +109,8 @@ def build_pipeline(params: "Params | None" = None):
         dvc_remote_config: dict = _NO_REMOTE_CONFIG,
         gpus: int = 1,
         min_accuracy: float = params.register.min_accuracy,
+        git_commit: str = "",
+        require_tracking_server: bool = True,
         prepare_params: dict = d["prepare_params"],
         augment_params: dict = d["augment_params"],
         teacher_params: dict = d["teacher_params"],
@@ -86,30 +122,34 @@ def build_pipeline(params: "Params | None" = None):
     ):
         data_task = data(repo=data_repo, rev=data_rev, data_version=data_version, data_root=data_root,
                          dvc_remote=dvc_remote, dvc_remote_config=dvc_remote_config).set_display_name("data")
-        kubernetes.use_secret_as_env(data_task, kubeflow.DVC_SECRET, kubeflow.DVC_SECRET_ENV, optional=True)
+        kubernetes.use_secret_as_env(data_task, kubeflow.DVC_SECRET, kubeflow.DVC_SECRET_ENV,
+                                     optional=optional_secrets)
+        kubernetes.use_secret_as_env(data_task, kubeflow.GIT_SECRET, kubeflow.GIT_SECRET_ENV,
+                                     optional=optional_secrets)
+        run = {"execution_key": EXECUTION, "git_commit": git_commit}  # every step task's run context
 
         prep = prepare(raw_data=data_task.outputs["raw_data"], prepare_params=prepare_params,
-                       teacher_params=teacher_params, execution_key=EXECUTION)
+                       teacher_params=teacher_params, **run)
         prepared = prep.outputs["prepared"]
         teach = teacher(prepared=prepared, teacher_params=teacher_params, augment_params=augment_params,
-                        train_params=train_params, execution_key=EXECUTION)
-        _gpu_task(teach, 1)
+                        train_params=train_params, **run)
+        _gpu_task(teach, 1, cluster)
         # after the teacher: its logits on every stored view are computed once, with the views
         aug = augment(prepared=prepared, teacher_model=teach.outputs["teacher_model"],
-                      augment_params=augment_params, train_params=train_params, execution_key=EXECUTION)
-        _gpu_task(aug, 1)
+                      augment_params=augment_params, train_params=train_params, **run)
+        _gpu_task(aug, 1, cluster)
         dist = distill(prepared=prepared, augmented=aug.outputs["augmented"],
                        teacher_model=teach.outputs["teacher_model"], train_params=train_params,
-                       augment_params=augment_params, gpus=gpus, execution_key=EXECUTION)
-        _gpu_task(dist, gpus)
+                       augment_params=augment_params, gpus=gpus, **run)
+        _gpu_task(dist, gpus, cluster)
         sel = select(student=dist.outputs["student"], prepared=prepared, select_params=select_params,
-                     export_params=export_params, execution_key=EXECUTION)
+                     export_params=export_params, **run)
         exp = export(selected=sel.outputs["selected"], prepared=prepared, export_params=export_params,
-                     execution_key=EXECUTION)
+                     **run)
         ev = evaluate(onnx_model=exp.outputs["onnx_model"], prepared=prepared, evaluate_params=evaluate_params,
-                      execution_key=EXECUTION)
+                      **run)
         for task in (prep, teach, aug, dist, sel, exp, ev):
-            _mlflow_env(task)  # every step logs to the tracking server when the secret exists
+            _mlflow_env(task, optional_secrets)  # every step logs to the tracking server when the secret exists
 
         with dsl.If(ev.outputs["Output"] >= min_accuracy, name="quality-gate"):
             reg = register(onnx_model=exp.outputs["onnx_model"], evaluation=ev.outputs["evaluation"],
@@ -117,19 +157,38 @@ def build_pipeline(params: "Params | None" = None):
                            augment_params=augment_params, teacher_params=teacher_params,
                            train_params=train_params, select_params=select_params, export_params=export_params,
                            evaluate_params=evaluate_params, register_params=register_params,
-                           execution_key=EXECUTION)
+                           require_tracking_server=require_tracking_server, **run)
             reg.set_caching_options(False)  # it changes the registry: never skip it
-            _mlflow_env(reg)
+            _mlflow_env(reg, optional_secrets)
+            _cluster_task(reg, "register", cluster)
+        with dsl.Else(name="quality-gate-failed"):
+            # a model below the gate ends the run failed, not green with nothing registered
+            failed = quality_gate_failed(accuracy=ev.outputs["Output"], min_accuracy=min_accuracy)
+            failed.set_caching_options(False)
+            _cluster_task(failed, "register", cluster)
+        for name, task in (("data", data_task), ("prepare", prep), ("teacher", teach), ("augment", aug),
+                           ("distill", dist), ("select", sel), ("export", exp), ("evaluate", ev)):
+            _cluster_task(task, name, cluster)
 
     return kdpipe_pipeline
 
 
-def compile_pipeline(out: str | os.PathLike = PACKAGE, params_file: str | os.PathLike | None = None) -> Path:
-    """Compile the pipeline (defaults from ``params_file``, else params.yaml) to ``out``."""
+def compile_pipeline(out: str | os.PathLike = PACKAGE, params_file: str | os.PathLike | None = None,
+                     cluster_file: str | os.PathLike | None = None, backend_version: str | None = None) -> Path:
+    """Compile the pipeline (defaults from ``params_file``, else params.yaml; cluster settings from
+    ``cluster_file``, else the defaults) to ``out``. ``backend_version`` below 2.15 drops the fields
+    older backends reject (optional secrets)."""
     params = load_params(params_file or PARAMS_FILE)
+    optional_secrets = True
+    if backend_version is not None:
+        version = parse_version(backend_version)
+        if version is None:
+            raise ValueError(f"--backend-version {backend_version!r}: expected a version like 2.14.0")
+        optional_secrets = version >= MIN_BACKEND
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(params), package_path=str(out))
+    pipeline = build_pipeline(params, load_cluster_settings(cluster_file), optional_secrets=optional_secrets)
+    compiler.Compiler().compile(pipeline, package_path=str(out))
     out.write_text(_stable_header(out.read_text(encoding="utf-8")), encoding="utf-8")
     return out
 

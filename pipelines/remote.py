@@ -6,12 +6,22 @@ sets the quality gate, ``-S data_rev=v2`` sets a top-level pipeline parameter. E
 validated with kdpipe's params schema before anything is sent.
 
 The API token comes only from ``$KFP_TOKEN`` (sent as a bearer token) and is never printed.
+
+Before anything is sent: the server's backend version is read and an older one than the pipeline
+needs is refused (:data:`kdpipe.cluster.MIN_BACKEND`); the package's tasks are pointed at the image
+given (``--image`` / ``$KDPIPE_IMAGE``), which must name a registry and a digest, so the cluster can
+pull it and KFP's cache can never serve an older build's results under the same name; and the run
+gets the commit it was submitted from (``git_commit``), which every task records in MLflow.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -65,11 +75,83 @@ def client(host: str, namespace: str | None = None):
     return kfp.Client(host=host, existing_token=token, **kwargs)
 
 
+def server_version(host: str) -> str | None:
+    """The backend's version (``tag_name`` of the v1beta1 health endpoint, which every 2.x backend
+    still serves); None when it does not say or cannot be asked."""
+    request = urllib.request.Request(host.rstrip("/") + "/apis/v1beta1/healthz")
+    token = os.environ.get(TOKEN_ENV)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 (the user's own endpoint)
+            return json.loads(response.read().decode("utf-8")).get("tag_name") or None
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def check_server(host: str) -> None:
+    from kdpipe.cluster import MIN_BACKEND, check_backend_version
+    from kdpipe.tracking import redact
+
+    if check_backend_version(server_version(host), redact(host)) is None:
+        needed = ".".join(map(str, MIN_BACKEND))
+        print(f"warning: {redact(host)} does not report its Kubeflow Pipelines version; this pipeline needs "
+              f"backend {needed} or newer")
+
+
+def package_images(docs: list[dict]) -> set[str]:
+    return {e["container"]["image"] for e in docs[0]["deploymentSpec"]["executors"].values()}
+
+
+def with_image(docs: list[dict], image: str) -> list[dict]:
+    """The package with every task's image (and the image name it records in MLflow) set to ``image``."""
+    from kdpipe.tracking import IMAGE_REF_ENV
+
+    for executor in docs[0]["deploymentSpec"]["executors"].values():
+        container = executor["container"]
+        container["image"] = image
+        for variable in container.get("env", []):
+            if variable.get("name") == IMAGE_REF_ENV:
+                variable["value"] = image
+    return docs
+
+
+@contextmanager
+def package_for_cluster(package: str | os.PathLike, image: str | None):
+    """The package to send: ``package`` with its tasks on ``image`` (default ``$KDPIPE_IMAGE``; else the
+    package's own), which must name a registry and a digest. Yields the path of a temporary copy."""
+    from kdpipe.cluster import check_image_for_cluster
+
+    with open(package, encoding="utf-8") as fh:
+        docs = list(yaml.safe_load_all(fh))
+    image = image or os.environ.get("KDPIPE_IMAGE", "").strip() or None
+    if image:
+        docs = with_image(docs, check_image_for_cluster(image))
+    for ref in sorted(package_images(docs)):
+        check_image_for_cluster(ref)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(package).name
+        path.write_text(yaml.safe_dump_all(docs, sort_keys=False), encoding="utf-8")
+        yield path
+
+
+def with_git_commit(package: str | os.PathLike, arguments: dict[str, Any]) -> dict[str, Any]:
+    """``arguments`` plus the commit this checkout is at, unless given (recorded by every task)."""
+    from kdpipe.tracking import git_commit
+
+    if "git_commit" in package_defaults(package) and not arguments.get("git_commit"):
+        return {**arguments, "git_commit": git_commit(Path(__file__).resolve().parents[1])}
+    return arguments
+
+
 def submit(host: str, package: str | os.PathLike, arguments: dict[str, Any], experiment: str = "kdpipe",
-           run_name: str | None = None, namespace: str | None = None) -> str:
-    """Create one run of the package; returns the run id."""
-    result = client(host, namespace).create_run_from_pipeline_package(
-        str(package), arguments=arguments, run_name=run_name, experiment_name=experiment, namespace=namespace)
+           run_name: str | None = None, namespace: str | None = None, image: str | None = None) -> str:
+    """Create one run of the package on ``image``; returns the run id."""
+    check_server(host)
+    with package_for_cluster(package, image) as sent:
+        result = client(host, namespace).create_run_from_pipeline_package(
+            str(sent), arguments=with_git_commit(sent, arguments), run_name=run_name, experiment_name=experiment,
+            namespace=namespace)
     return result.run_id
 
 
@@ -82,19 +164,22 @@ def check_cron(cron: str) -> str:
 
 
 def schedule(host: str, package: str | os.PathLike, arguments: dict[str, Any], name: str, cron: str,
-             experiment: str = "kdpipe", namespace: str | None = None, enable_caching: bool = False) -> dict[str, Any]:
-    """Create the recurring run ``name``, replacing any recurring run of that name in the experiment
-    (KFP has no update call: the old one is deleted, then the new one created).
+             experiment: str = "kdpipe", namespace: str | None = None, enable_caching: bool = False,
+             image: str | None = None) -> dict[str, Any]:
+    """Create the recurring run ``name`` on ``image``, replacing any recurring run of that name in the
+    experiment (KFP has no update call: the old one is deleted, then the new one created).
     One run at a time, no catch-up. Caching is off by default, so each run reads the data anew."""
     cron = check_cron(cron)
-    kfp_client = client(host, namespace)
-    experiment_id = kfp_client.create_experiment(experiment, namespace=namespace).experiment_id
-    by_name = json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]})
-    listed = kfp_client.list_recurring_runs(experiment_id=experiment_id, filter=by_name, page_size=100)
-    replaced = [r.recurring_run_id for r in (listed.recurring_runs or []) if r.display_name == name]
-    for recurring_run_id in replaced:
-        kfp_client.delete_recurring_run(recurring_run_id)
-    created = kfp_client.create_recurring_run(
-        experiment_id=experiment_id, job_name=name, cron_expression=cron, max_concurrency=1, no_catchup=True,
-        pipeline_package_path=str(Path(package)), params=arguments, enable_caching=enable_caching)
+    check_server(host)
+    with package_for_cluster(package, image) as sent:
+        kfp_client = client(host, namespace)
+        experiment_id = kfp_client.create_experiment(experiment, namespace=namespace).experiment_id
+        by_name = json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]})
+        listed = kfp_client.list_recurring_runs(experiment_id=experiment_id, filter=by_name, page_size=100)
+        replaced = [r.recurring_run_id for r in (listed.recurring_runs or []) if r.display_name == name]
+        for recurring_run_id in replaced:
+            kfp_client.delete_recurring_run(recurring_run_id)
+        created = kfp_client.create_recurring_run(
+            experiment_id=experiment_id, job_name=name, cron_expression=cron, max_concurrency=1, no_catchup=True,
+            pipeline_package_path=str(sent), params=with_git_commit(sent, arguments), enable_caching=enable_caching)
     return {"recurring_run_id": created.recurring_run_id, "replaced": replaced, "cron": cron}

@@ -298,8 +298,9 @@ def test_patience_stops_training_early(tiny_pipeline_dirs, tmp_path, monkeypatch
 def test_an_epoch_of_zero_iterations_means_one_pass_over_the_labeled_images(tiny_pipeline_dirs, tmp_path):
     """train.epoch_iterations: 0 makes the adaptive schedule step once per pass over the labeled
     training images (ceil(N / batch_size) iterations), SPEC's meaning of an epoch."""
-    from kdpipe.steps.distill import build_trainer
     from conftest import tiny_params
+
+    from kdpipe.steps.distill import build_trainer
 
     d = tiny_pipeline_dirs
     trainer = build_trainer(tiny_params(recipe="adaptive", epoch_iterations=0, batch_size=4), d["prepared"],

@@ -161,3 +161,7 @@ def test_whole_pipeline_runs_locally_and_every_artifact_checks_out(tmp_path, mon
     parents = {r.data.tags["mlflow.parentRunId"] for r in steps}
     assert len(parents) == 1
     assert client.get_run(parents.pop()).data.tags["kdpipe.execution"]
+    # the commit the pipeline came from and the image every task ran in, recorded for every step
+    code_commit = _run(["git", "rev-parse", "HEAD"], Path(__file__).resolve().parents[1])
+    assert {r.data.tags["kdpipe.git_commit"] for r in steps} == {code_commit}
+    assert {r.data.tags["kdpipe.image"] for r in steps} == {"kdpipe:0.1.0"}

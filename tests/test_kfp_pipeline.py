@@ -19,10 +19,11 @@ PACKAGE = ROOT / "pipelines" / "kdpipe_pipeline.yaml"
 STEPS = ("data", "prepare", "teacher", "augment", "distill", "select", "export", "evaluate", "register")
 
 
-def compile_to(out: Path, env: dict[str, str] | None = None) -> list[dict]:
+def compile_to(out: Path, env: dict[str, str] | None = None, extra_args: list[str] | None = None) -> list[dict]:
     """Compile in a fresh interpreter (KDPIPE_IMAGE is read at import time) from the project root."""
-    done = subprocess.run([sys.executable, "-m", "kdpipe.cli", "pipeline", "compile", "--out", str(out)], cwd=ROOT,
-                          env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "kdpipe.cli", "pipeline", "compile", "--out", str(out),
+                           *(extra_args or [])], cwd=ROOT, env={**os.environ, "KDPIPE_IMAGE": "", **(env or {})},
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return list(yaml.safe_load_all(out.read_text(encoding="utf-8")))
 
@@ -57,20 +58,103 @@ def test_staleness_check_still_sees_real_changes():
 def test_dag_order_and_quality_gate(compiled):
     _, spec, _ = compiled
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == set(STEPS[:-1]) | {"condition-1"}
+    assert set(tasks) == set(STEPS[:-1]) | {"condition-branches-1"}
     needs = {"data": set(), "prepare": {"data"}, "teacher": {"prepare"}, "augment": {"prepare", "teacher"},
              "distill": {"prepare", "augment", "teacher"}, "select": {"distill", "prepare"},
              "export": {"select", "prepare"}, "evaluate": {"export", "prepare"},
-             "condition-1": {"evaluate", "export", "prepare"}}
+             "condition-branches-1": {"evaluate", "export", "prepare"}}
     assert {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()} == needs
-    gate = tasks["condition-1"]
-    assert gate["taskInfo"]["name"] == "quality-gate"
-    condition = gate["triggerPolicy"]["condition"]
+    branches = spec["components"]["comp-condition-branches-1"]["dag"]["tasks"]
+    passed, failed = branches["condition-2"], branches["condition-3"]
+    assert passed["taskInfo"]["name"] == "quality-gate" and failed["taskInfo"]["name"] == "quality-gate-failed"
+    condition = passed["triggerPolicy"]["condition"]
     assert "pipelinechannel--evaluate-Output" in condition and ">=" in condition
     assert "pipelinechannel--min_accuracy" in condition
-    inner = spec["components"]["comp-condition-1"]["dag"]["tasks"]
+    assert failed["triggerPolicy"]["condition"] == f"!({condition})"  # exactly the other case
+    inner = spec["components"]["comp-condition-2"]["dag"]["tasks"]
     assert list(inner) == ["register"]
     assert inner["register"]["cachingOptions"] == {}  # caching disabled: it changes the registry
+    assert list(spec["components"]["comp-condition-3"]["dag"]["tasks"]) == ["quality-gate-failed"]
+
+
+def test_a_model_below_the_gate_fails_the_run():
+    """The failing branch's component raises: the run ends failed, with the reason in one line."""
+    from kdpipe.errors import KdpipeError
+
+    sys.path.insert(0, str(ROOT))
+    from components.gate import quality_gate_failed
+
+    with pytest.raises(KdpipeError, match=r"test accuracy 0.4200 is below min_accuracy 0.9000"):
+        quality_gate_failed.python_func(accuracy=0.42, min_accuracy=0.9)
+
+
+def test_every_task_has_resources_retries_and_a_time_limit(compiled):
+    from kdpipe.cluster import ClusterSettings
+
+    _, spec, platform = compiled
+    executors = spec["deploymentSpec"]["executors"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    tasks = {**spec["root"]["dag"]["tasks"], **spec["components"]["comp-condition-2"]["dag"]["tasks"],
+             **spec["components"]["comp-condition-3"]["dag"]["tasks"]}
+    defaults = ClusterSettings()
+    for name in STEPS:
+        wanted = defaults.task(name)
+        resources = executors[f"exec-{name}"]["container"]["resources"]
+        assert resources["resourceCpuRequest"] == wanted.cpu_request, name
+        assert resources["resourceMemoryRequest"] == wanted.memory_request, name
+        assert resources["resourceMemoryLimit"] == wanted.memory_limit, name
+        assert "resourceCpuLimit" not in resources  # no CPU throttling by default
+        assert int(k8s[f"exec-{name}"]["activeDeadlineSeconds"]) == wanted.timeout_seconds > 0, name
+        retry = tasks[name].get("retryPolicy")
+        if name == "register":  # never retried: a retry after a half-done registration registers twice
+            assert retry is None
+        else:
+            assert retry["maxRetryCount"] == wanted.retries >= 2 and retry["backoffDuration"] == "60s", name
+        # which image produced a model is recorded in MLflow
+        assert {"name": "KDPIPE_IMAGE_REF", "value": kubeflow.DEFAULT_IMAGE} in executors[f"exec-{name}"]["container"]["env"]
+
+
+def test_cluster_settings_file_changes_placement_and_resources(tmp_path):
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(yaml.safe_dump({
+        "gpu_node_selector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
+        "gpu_tolerations": [{"key": "nvidia.com/gpu"}, {"key": "dedicated", "operator": "Equal", "value": "ml"}],
+        "shm_size": "16Gi", "image_pull_secrets": ["regcred"],
+        "tasks": {"distill": {"memory_request": "64Gi", "cpu_limit": "16", "retries": 5, "timeout_seconds": 600}},
+    }))
+    spec, platform = compile_to(tmp_path / "p.yaml", extra_args=["--cluster", str(cluster)])
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name in ("exec-teacher", "exec-augment", "exec-distill"):
+        assert k8s[name]["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+        assert {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"} in k8s[name]["tolerations"]
+        assert k8s[name]["emptyDirMounts"][0]["sizeLimit"] == "16Gi"
+    assert "nodeSelector" not in k8s["exec-prepare"]
+    assert all([s["secretName"] for s in cfg["imagePullSecret"]] == ["regcred"] for cfg in k8s.values())
+    distill = spec["deploymentSpec"]["executors"]["exec-distill"]["container"]["resources"]
+    assert distill["resourceMemoryRequest"] == "64Gi" and distill["resourceCpuLimit"] == "16"
+    assert distill["resourceMemoryLimit"] == "96Gi"  # unset keys of a task keep their defaults
+    assert spec["root"]["dag"]["tasks"]["distill"]["retryPolicy"]["maxRetryCount"] == 5
+    assert int(k8s["exec-distill"]["activeDeadlineSeconds"]) == 600
+    assert int(k8s["exec-prepare"]["activeDeadlineSeconds"]) == 12 * 3600  # other tasks: the defaults
+
+
+def test_a_bad_cluster_settings_file_is_one_clear_error(tmp_path):
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text("tasks:\n  distil:\n    retries: 2\n")
+    done = subprocess.run([sys.executable, "-m", "kdpipe.cli", "pipeline", "compile", "--out", str(tmp_path / "p.yaml"),
+                           "--cluster", str(cluster)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "cluster.yaml" in done.stderr and "distil" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "p.yaml").exists()
+
+
+def test_old_backends_get_a_pipeline_without_optional_secrets(tmp_path, compiled):
+    _, _, platform = compiled
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert all(s.get("optional") is True for cfg in k8s.values() for s in cfg.get("secretAsEnv", []))
+    _, old = compile_to(tmp_path / "p.yaml", extra_args=["--backend-version", "2.14.0"])
+    old_k8s = old["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    secrets = [s for cfg in old_k8s.values() for s in cfg.get("secretAsEnv", [])]
+    assert secrets and not any(s.get("optional") for s in secrets)
 
 
 def test_training_tasks_request_gpus(compiled):
@@ -90,18 +174,20 @@ def test_training_tasks_request_gpus(compiled):
 def test_kubernetes_platform_settings(compiled):
     _, _, platform = compiled
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    for name in ("exec-teacher", "exec-distill"):
+    for name in ("exec-teacher", "exec-augment", "exec-distill"):
         cfg = executors[name]
-        assert cfg["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+        # no node selector by default: the GPU request places the pod, whatever the cluster's labels
+        assert "nodeSelector" not in cfg
         assert cfg["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
         assert cfg["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "8Gi",
                                           "volumeName": "dshm"}]
     secrets = {name: {s["secretName"]: {k["envVar"] for k in s["keyToEnv"]} for s in cfg.get("secretAsEnv", [])}
                for name, cfg in executors.items()}
-    assert secrets["exec-data"] == {"kdpipe-dvc-remote": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}}
-    for name in ("exec-select", "exec-register"):
-        assert secrets[name]["kdpipe-mlflow"] == {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
-                                                 "MLFLOW_TRACKING_PASSWORD"}
+    assert secrets["exec-data"] == {"kdpipe-dvc-remote": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
+                                    "kdpipe-git": {"KDPIPE_GIT_USERNAME", "KDPIPE_GIT_TOKEN"}}
+    for step in STEPS[1:]:  # every step logs to MLflow when the secret exists
+        assert secrets[f"exec-{step}"]["kdpipe-mlflow"] == {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
+                                                            "MLFLOW_TRACKING_PASSWORD"}, step
 
 
 def test_data_version_and_rev_key_the_cache(compiled):

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "pipelines" / "kdpipe_pipeline.yaml"
 API = "/apis/v2beta1"
 TOKEN = "test-token-5f2c9a"
+IMAGE = "registry.example.com/team/kdpipe@sha256:" + "0123456789abcdef" * 4
 
 
 class FakeKfp:
@@ -35,6 +36,7 @@ class FakeKfp:
         self.recurring: dict[str, dict] = {}
         self._ids = itertools.count(1)
         self.lock = threading.Lock()
+        self.backend_version = "2.15.0"  # what the v1beta1 health endpoint reports
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}-{next(self._ids)}"
@@ -49,6 +51,8 @@ class FakeKfp:
         with self.lock:
             if (method, path) == ("GET", f"{API}/healthz"):
                 return 200, {"multi_user": False}
+            if (method, path) == ("GET", "/apis/v1beta1/healthz"):
+                return 200, {"commit_sha": "abc", "tag_name": self.backend_version, "multi_user": False}
             if (method, path) == ("GET", f"{API}/experiments"):
                 found = self._named(self.experiments.values(), query)
                 return 200, {"experiments": found, "total_size": len(found)}
@@ -123,12 +127,19 @@ def kfp_server():
 @pytest.fixture(autouse=True)
 def _kfp_env(monkeypatch, tmp_path):
     monkeypatch.setenv("KFP_TOKEN", TOKEN)
+    monkeypatch.setenv("KDPIPE_IMAGE", IMAGE)  # what the release workflow exports: registry + digest
     monkeypatch.chdir(ROOT)  # --package defaults to pipelines/kdpipe_pipeline.yaml
 
 
 def compiled_package() -> dict:
-    """What the client sends for the package: the pipeline IR and the kfp-kubernetes platform spec."""
-    spec, platform = yaml.safe_load_all(PACKAGE.read_text(encoding="utf-8"))
+    """What the client sends for the package: the pipeline IR and the kfp-kubernetes platform spec,
+    every task on the image given (IMAGE)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from pipelines.remote import with_image
+
+    spec, platform = with_image(list(yaml.safe_load_all(PACKAGE.read_text(encoding="utf-8"))), IMAGE)
     return {"pipeline_spec": spec, "platform_spec": platform}
 
 
@@ -162,6 +173,13 @@ def test_submit_sends_the_compiled_pipeline_and_parameters(kfp_server, capsys):
     assert params["min_accuracy"] == 0.6
     assert (params["data_rev"], params["data_version"]) == ("v2", "2024-06")
     assert params["data_repo"] == "https://git.example.com/d.git"
+    # the commit it was submitted from, recorded by every task in MLflow
+    import subprocess
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert params["git_commit"] == head
+    executors = run["pipeline_spec"]["pipeline_spec"]["deploymentSpec"]["executors"]
+    assert {e["container"]["image"] for e in executors.values()} == {IMAGE}
     # the token is sent as a bearer token, and never printed
     auth = {h.get("authorization") or h.get("Authorization") for *_, h in kfp_server.requests}
     assert auth == {f"Bearer {TOKEN}"}
@@ -209,3 +227,25 @@ def test_schedule_needs_a_six_field_cron(kfp_server, capsys):
     assert cli.main(["pipeline", "schedule", "--host", kfp_server.url, "--cron", "0 3 * * *"]) == 2
     assert "6 fields" in capsys.readouterr().err
     assert kfp_server.requests == []
+
+
+@pytest.mark.parametrize("image, reason", [("kdpipe:0.1.0", "names no registry"),
+                                           ("registry.example.com/team/kdpipe:latest", "not pinned by digest")])
+def test_submit_refuses_an_image_a_cluster_cannot_pull_or_cache_safely(kfp_server, capsys, monkeypatch, image,
+                                                                        reason):
+    monkeypatch.delenv("KDPIPE_IMAGE")
+    assert cli.main(["pipeline", "submit", "--host", kfp_server.url, "--image", image]) == 2
+    assert reason in capsys.readouterr().err
+    assert not calls(kfp_server, "POST", f"{API}/runs")
+    # the committed package alone names the local default image: refused too
+    assert cli.main(["pipeline", "submit", "--host", kfp_server.url]) == 2
+    assert "names no registry" in capsys.readouterr().err
+
+
+def test_submit_and_schedule_refuse_an_older_backend(kfp_server, capsys):
+    kfp_server.backend_version = "2.14.0"
+    assert cli.main(["pipeline", "submit", "--host", kfp_server.url]) == 2
+    assert cli.main(["pipeline", "schedule", "--host", kfp_server.url, "--cron", "0 0 3 * * *"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("older than 2.15.0") == 2 and "Traceback" not in err
+    assert not calls(kfp_server, "POST", f"{API}/runs") and not calls(kfp_server, "POST", f"{API}/recurringruns")

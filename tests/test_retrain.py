@@ -183,3 +183,37 @@ def test_with_a_kubeflow_endpoint_retrain_submits_the_pipeline_instead(tmp_path)
 
     args = build_parser().parse_args(plan(kfp_host="https://kfp.example.com", data=data)[0].argv[3:])
     assert args.host == "https://kfp.example.com" and args.overrides[0] == f"data_repo={data['data_repo']}"
+
+
+def test_a_kubeflow_submission_carries_the_dvc_remote_namespace_and_never_credentials(tmp_path, monkeypatch):
+    from kdpipe.errors import KdpipeError
+    from kdpipe.retrain import kfp_remote_arguments
+
+    env = repo_env()
+    repo = init_repo(tmp_path / "repo", env)  # git + dvc init
+    monkeypatch.delenv("KDPIPE_DVC_REMOTE", raising=False)
+    with pytest.raises(KdpipeError, match="no default DVC remote"):
+        kfp_remote_arguments(repo)
+    run([DVC, "remote", "add", "--default", "local", "../dvc-remote"], repo, env)
+    with pytest.raises(KdpipeError, match="is a local folder: the cluster cannot read it"):
+        kfp_remote_arguments(repo)
+    run([DVC, "remote", "add", "--force", "--default", "store", "s3://bucket/kdpipe"], repo, env)
+    run([DVC, "remote", "modify", "store", "endpointurl", "https://s3.example.com"], repo, env)
+    run([DVC, "remote", "modify", "--local", "store", "secret_access_key", "hush-9f2"], repo, env)
+    run([DVC, "remote", "modify", "--local", "store", "access_key_id", "AKIAEXAMPLE"], repo, env)
+    found = kfp_remote_arguments(repo)
+    assert found == {"dvc_remote_config": {"url": "s3://bucket/kdpipe", "endpointurl": "https://s3.example.com"}}
+    monkeypatch.setenv("KDPIPE_DVC_REMOTE", "gs://other/kdpipe")
+    assert kfp_remote_arguments(repo) == {"dvc_remote_config": {"url": "gs://other/kdpipe"}}
+
+    argv = plan(kfp_host="https://kfp.example.com", data=found, namespace="team-a")[0].argv
+    assert argv[5:9] == ["--host", "https://kfp.example.com", "--namespace", "team-a"]
+    assert "hush-9f2" not in " ".join(argv) and "AKIAEXAMPLE" not in " ".join(argv)
+    # the submit command parses it into the pipeline's dvc_remote_config parameter
+    from kdpipe.cli import _pipelines, build_parser
+
+    args = build_parser().parse_args(argv[3:])
+    assert args.namespace == "team-a"
+    package = Path(__file__).resolve().parents[1] / "pipelines" / "kdpipe_pipeline.yaml"
+    sent = _pipelines("remote").pipeline_arguments(package, args.overrides)
+    assert sent["dvc_remote_config"] == found["dvc_remote_config"]

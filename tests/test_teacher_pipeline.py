@@ -258,8 +258,8 @@ def test_frozen_backbone_phase_trains_the_head_alone(tmp_path):
 
 def test_backbone_learns_at_its_own_rate(tiny_pipeline_dirs, tmp_path):
     from kdpipe.engine import LoopConfig
-    from kdpipe.optimization import sgd
     from kdpipe.models import build_model
+    from kdpipe.optimization import sgd
 
     model = build_model("cnn_tiny", 3, 16)
     from dataclasses import replace

@@ -134,12 +134,21 @@ def _pipelines(module: str):
 
 
 def _pipeline_compile(args: argparse.Namespace) -> None:
-    out = _pipelines("kdpipe_pipeline").compile_pipeline(args.out or _pipelines("kdpipe_pipeline").PACKAGE,
-                                                         args.params)
+    from .errors import KdpipeError
+
+    if args.image:
+        os.environ["KDPIPE_IMAGE"] = args.image  # read when the components are imported
+    pipeline = _pipelines("kdpipe_pipeline")
+    try:
+        out = pipeline.compile_pipeline(args.out or pipeline.PACKAGE, args.params, args.cluster, args.backend_version)
+    except ValueError as exc:
+        raise KdpipeError(str(exc)) from None
     print(f"pipeline compiled -> {out}")
 
 
 def _pipeline_run_local(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from .errors import KdpipeError
 
     local = _pipelines("local")
@@ -147,7 +156,12 @@ def _pipeline_run_local(args: argparse.Namespace) -> None:
     if not version:
         raise KdpipeError(f"{args.data_repo}: cannot resolve git revision {args.data_rev!r}; pass --data-version")
     repo = os.path.abspath(args.data_repo) if os.path.isdir(args.data_repo) else args.data_repo
-    arguments = {"data_repo": repo, "data_rev": args.data_rev, "data_version": version}
+    from .tracking import git_commit
+
+    # Locally, a run without an MLflow server keeps its registry in the register task's output.
+    code_commit = git_commit(Path(local.__file__).resolve().parents[1])  # the kdpipe checkout, not the data's
+    arguments = {"data_repo": repo, "data_rev": args.data_rev, "data_version": version, "git_commit": code_commit,
+                 "require_tracking_server": bool(os.environ.get("MLFLOW_TRACKING_URI", "").strip())}
     run_dir = local.run_local(arguments, args.params, args.overrides, args.pipeline_root)
     print(f"pipeline run-local: done -> {run_dir}")
 
@@ -158,7 +172,7 @@ def _pipeline_remote_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def _pipeline_submit(args: argparse.Namespace) -> None:
     run_id = _pipelines("remote").submit(args.host, args.package, _pipeline_remote_args(args), args.experiment,
-                                          args.run_name, args.namespace)
+                                          args.run_name, args.namespace, image=args.image)
     print(f"pipeline submitted: run {run_id} in experiment {args.experiment!r}")
 
 
@@ -171,7 +185,7 @@ def _pipeline_schedule(args: argparse.Namespace) -> None:
     except ValueError as exc:
         raise KdpipeError(str(exc)) from None
     done = remote.schedule(args.host, args.package, _pipeline_remote_args(args), args.name, args.cron,
-                           args.experiment, args.namespace, enable_caching=args.cache)
+                           args.experiment, args.namespace, enable_caching=args.cache, image=args.image)
     action = f"replaced {len(done['replaced'])}" if done["replaced"] else "created"
     print(f"pipeline scheduled: {args.name!r} ({done['cron']}), recurring run {done['recurring_run_id']} ({action})")
 
@@ -183,6 +197,15 @@ def _add_pipeline_commands(sub) -> None:
     comp = cmds.add_parser("compile", help="compile the pipeline (defaults from params.yaml) to YAML")
     comp.add_argument("--params", default=None, help=PARAMS_HELP)
     comp.add_argument("--out", default=None, help="output file (default: pipelines/kdpipe_pipeline.yaml)")
+    comp.add_argument("--cluster", default=None, metavar="FILE",
+                      help="cluster settings (YAML: GPU node selector, tolerations, per-task resources, retries, "
+                           "timeouts; see docs/kubeflow.md); default: settings that work on GKE, EKS, AKS and "
+                           "GPU-operator clusters")
+    comp.add_argument("--image", default=None,
+                      help="the image every task runs in (default: $KDPIPE_IMAGE, else kdpipe:<version>)")
+    comp.add_argument("--backend-version", default=None, metavar="VERSION",
+                      help="the Kubeflow Pipelines backend to compile for; below 2.15 the optional-secret "
+                           "fields are left out (every secret must then exist)")
     comp.set_defaults(handler=_pipeline_compile)
 
     loc = cmds.add_parser("run-local", help="run the whole pipeline here with kfp.local (subprocesses, no cluster)")
@@ -203,6 +226,9 @@ def _add_pipeline_commands(sub) -> None:
         cmd.add_argument("--package", default="pipelines/kdpipe_pipeline.yaml", help="compiled pipeline (default: %(default)s)")
         cmd.add_argument("--experiment", default="kdpipe", help="KFP experiment (default: %(default)s)")
         cmd.add_argument("--namespace", default=None, help="Kubernetes namespace (multi-user deployments)")
+        cmd.add_argument("--image", default=None,
+                         help="the image every task runs in, by registry and digest "
+                              "(registry.example.com/team/kdpipe@sha256:...); default: $KDPIPE_IMAGE")
         cmd.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="group.key=value (params.yaml key) or parameter=value (e.g. data_rev=v2); repeatable")
         if name == "submit":
@@ -231,7 +257,8 @@ def _ingest(args: argparse.Namespace) -> None:
 def _retrain(args: argparse.Namespace) -> None:
     from .retrain import retrain
 
-    sys.stdout.write(retrain(".", rev=args.rev, kfp_host=args.kfp_host, push=not args.no_push))
+    sys.stdout.write(retrain(".", rev=args.rev, kfp_host=args.kfp_host, push=not args.no_push,
+                             namespace=args.kfp_namespace))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "`kdpipe pipeline submit --host HOST` instead.")
     ret.add_argument("--rev", default="HEAD", help="git revision to compare the metrics with (default: %(default)s)")
     ret.add_argument("--kfp-host", default=None, help="Kubeflow Pipelines endpoint (default: $KDPIPE_KFP_HOST)")
+    ret.add_argument("--kfp-namespace", default=None,
+                     help="Kubernetes namespace of a multi-user Kubeflow (default: $KDPIPE_KFP_NAMESPACE)")
     ret.add_argument("--no-push", action="store_true", help="skip `dvc push`")
     ret.set_defaults(handler=_retrain)
     return parser

@@ -5,8 +5,8 @@ and calls ``kdpipe.steps.<step>.run``. What they have in common lives here, in t
 image installs, because a lightweight KFP component ships only its own function body.
 
 Settings (read at compile time): the image every component runs in is :func:`image`
-(``$KDPIPE_IMAGE`` overrides the default); GPU node selection, tolerations, shared memory and the
-Kubernetes secrets the tasks read are the constants below.
+(``$KDPIPE_IMAGE`` overrides the default); the Kubernetes secrets the tasks read are the constants
+below; the cluster's settings (GPU placement, resources, retries) are :mod:`kdpipe.cluster`'s.
 
 This module does not import ``kfp``: the components import it inside their function bodies.
 """
@@ -24,20 +24,20 @@ from . import __version__
 IMAGE_ENV = "KDPIPE_IMAGE"
 DEFAULT_IMAGE = f"kdpipe:{__version__}"
 
-# GPU tasks (teacher, distill): resource name, node selector, toleration, shared memory for
-# data loading and DDP (/dev/shm is 64 MiB in a default pod).
+# GPU tasks (teacher, augment, distill): the resource they request, and the shared-memory volume
+# for data loading and DDP (/dev/shm is 64 MiB in a default pod). Node selector, tolerations, the
+# volume's size and every task's resources are cluster settings (kdpipe.cluster).
 GPU_RESOURCE = "nvidia.com/gpu"
-GPU_NODE_SELECTOR = ("nvidia.com/gpu.present", "true")
-GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 SHM_VOLUME = "dshm"
 SHM_PATH = "/dev/shm"
-SHM_SIZE = "8Gi"
 
 # Kubernetes secrets, mounted as environment variables (optional: a missing secret leaves them
 # unset). Keys of the secret -> environment variable names. Credentials never travel as pipeline
 # parameters, so they never appear in the compiled YAML, the KFP UI or MLflow.
 DVC_SECRET = "kdpipe-dvc-remote"
 DVC_SECRET_ENV = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
+GIT_SECRET = "kdpipe-git"  # a private data repository over HTTPS: username (optional) and token
+GIT_SECRET_ENV = {"username": "KDPIPE_GIT_USERNAME", "token": "KDPIPE_GIT_TOKEN"}
 MLFLOW_SECRET = "kdpipe-mlflow"
 MLFLOW_SECRET_ENV = {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI",
                      "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
@@ -98,17 +98,47 @@ def distill_command(gpus: int, params_file: str, prepared: str, augmented: str, 
             "--teacher-dir", teacher, "--out-dir", out]
 
 
-def tracking_for_task(execution_key: str = "") -> bool:
+def tracking_for_task(execution_key: str = "", git_commit: str = "") -> bool:
     """MLflow tracking inside a Kubeflow task: on when the task has a tracking server
     (``MLFLOW_TRACKING_URI`` from the ``kdpipe-mlflow`` secret), never a throw-away store in the pod.
 
     Every task of one pipeline run logs its step under one parent run: ``execution_key`` (the
     pipeline passes its run id) tags that parent, and each task, a pod of its own, finds it by the
-    tag. The parent-run file, the fallback without a key, goes to the pod's temporary folder, never
-    the image's working directory. Returns whether to track."""
+    tag. ``git_commit`` is the commit the run was submitted from (the image holds no repository).
+    The parent-run file, the fallback without a key, goes to the pod's temporary folder, never the
+    image's working directory. Returns whether to track."""
     import tempfile
 
     if execution_key:
         os.environ["KDPIPE_EXECUTION_KEY"] = execution_key
+    if git_commit:
+        os.environ["KDPIPE_GIT_COMMIT"] = git_commit
     os.environ.setdefault("KDPIPE_MLFLOW_RUN_FILE", os.path.join(tempfile.gettempdir(), "kdpipe_mlflow_run.json"))
     return bool(os.environ.get("MLFLOW_TRACKING_URI", "").strip())
+
+
+def registry_for_task(register_params, decision_dir: str, require_tracking_server: bool) -> None:
+    """Where the register task records the model. With ``MLFLOW_TRACKING_URI`` (the ``kdpipe-mlflow``
+    secret) or ``register.tracking_uri``: there. Without either, a registry would be a throw-away
+    SQLite file in the task's output, and "promoted" would mean nothing: an error when the pipeline
+    expects a tracking server (``require_tracking_server``, the default on a cluster); otherwise
+    (``kdpipe pipeline run-local``) that file, never the image's folder."""
+    if os.environ.get("MLFLOW_TRACKING_URI", "").strip() or register_params.tracking_uri:
+        return
+    if require_tracking_server:
+        from .errors import KdpipeError
+
+        raise KdpipeError(f"register: no MLflow tracking server: the Kubernetes secret {MLFLOW_SECRET!r} (key "
+                          "MLFLOW_TRACKING_URI) is missing in this namespace and register.tracking_uri is unset; "
+                          "create the secret, or run with require_tracking_server=false to keep the registry "
+                          "in the task's output")
+    os.makedirs(decision_dir, exist_ok=True)
+    register_params.tracking_uri = f"sqlite:///{os.path.abspath(decision_dir)}/mlflow.db"
+
+
+def fail_quality_gate(accuracy: float, min_accuracy: float) -> None:
+    """The else-branch of the pipeline's quality gate: the run must end failed, not green."""
+    from .errors import KdpipeError
+
+    raise KdpipeError(f"quality gate: test accuracy {accuracy:.4f} is below min_accuracy {min_accuracy:.4f}; "
+                      "the model was not registered")

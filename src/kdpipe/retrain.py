@@ -5,22 +5,31 @@ DVC-tracked data folder, e.g. a remote that never got the data), ``dvc repro``, 
 ``dvc metrics diff <rev>`` as Markdown, printed and appended to ``$GITHUB_STEP_SUMMARY`` when set.
 
 With a Kubeflow endpoint (``--kfp-host`` or env ``KDPIPE_KFP_HOST``) it trains nowhere near this
-machine: it submits the KFP pipeline (``kdpipe pipeline submit --host HOST``) and reports that.
+machine: it submits the KFP pipeline (``kdpipe pipeline submit --host HOST``) and reports that. The
+submission carries what the cluster needs to read this revision's data: the git URL and commit, and
+the DVC remote (``$KDPIPE_DVC_REMOTE``, else the project's default remote; its URL and non-secret
+settings as pipeline parameters, its credentials only ever from the cluster's ``kdpipe-dvc-remote``
+secret); the namespace (``--kfp-namespace`` / ``$KDPIPE_KFP_NAMESPACE``); the API token travels in
+``$KFP_TOKEN`` and the image in ``$KDPIPE_IMAGE``, both read by ``submit``.
 The endpoint may carry credentials, so it is only ever shown masked.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import KdpipeError
 from .ingest import dvc_executable
 
 KFP_HOST_ENV = "KDPIPE_KFP_HOST"
+KFP_NAMESPACE_ENV = "KDPIPE_KFP_NAMESPACE"
+DVC_REMOTE_ENV = "KDPIPE_DVC_REMOTE"
 SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
 
 
@@ -32,13 +41,16 @@ class Step:
 
 
 def plan(kfp_host: str | None = None, push: bool = True, dvc: str | None = None,
-         data: dict[str, str] | None = None) -> list[Step]:
+         data: dict[str, Any] | None = None, namespace: str | None = None) -> list[Step]:
     """The commands ``retrain`` runs, in order (the metrics diff comes after them). ``data``: the
-    pipeline's data arguments for a Kubeflow submission (``data_repo``, ``data_rev``, ``data_version``)."""
+    pipeline's data arguments for a Kubeflow submission (``data_repo``, ``data_rev``, ``data_version``,
+    ``dvc_remote_config``)."""
     if kfp_host:
-        overrides = [arg for key, value in (data or {}).items() for arg in ("-S", f"{key}={value}")]
+        overrides = [arg for key, value in (data or {}).items()
+                     for arg in ("-S", f"{key}={json.dumps(value) if isinstance(value, dict) else value}")]
+        where = ["--namespace", namespace] if namespace else []
         return [Step("submit", [sys.executable, "-m", "kdpipe.cli", "pipeline", "submit", "--host", kfp_host,
-                                *overrides])]
+                                *where, *overrides])]
     dvc = dvc or dvc_executable()
     steps = [Step("pull", [dvc, "pull"], tolerate_failure=True), Step("repro", [dvc, "repro"])]
     if push:
@@ -52,14 +64,21 @@ def retrain(
     kfp_host: str | None = None,
     push: bool = True,
     summary_path: str | os.PathLike | None = None,
+    namespace: str | None = None,
 ) -> str:
     """Run the plan in ``repo``; return the Markdown summary (also appended to ``summary_path``)."""
     from .tracking import redact
 
     repo = Path(repo)
     kfp_host = kfp_host if kfp_host is not None else os.environ.get(KFP_HOST_ENV) or None
+    namespace = namespace if namespace is not None else os.environ.get(KFP_NAMESPACE_ENV) or None
+    data = None
+    if kfp_host:
+        data = {**kfp_data_arguments(repo), **kfp_remote_arguments(repo)}
+        if not os.environ.get("KFP_TOKEN"):
+            print("kdpipe retrain: warning: KFP_TOKEN is unset; the submission is unauthenticated", file=sys.stderr)
     lines = ["## kdpipe retrain", ""]
-    for step in plan(kfp_host, push, data=kfp_data_arguments(repo) if kfp_host else None):
+    for step in plan(kfp_host, push, data=data, namespace=namespace):
         shown = " ".join([Path(step.argv[0]).name, *(redact(a) for a in step.argv[1:])])
         print(f"kdpipe retrain: {shown}", file=sys.stderr, flush=True)
         # The commands' own output goes to stderr: stdout carries only the Markdown summary.
@@ -104,6 +123,44 @@ def kfp_data_arguments(repo: Path) -> dict[str, str]:
     url = os.environ.get("KDPIPE_DATA_REPO") or git("remote", "get-url", "origin")
     found = {"data_repo": url, "data_rev": rev, "data_version": rev}
     return {k: v for k, v in found.items() if v}
+
+
+def kfp_remote_arguments(repo: Path) -> dict[str, Any]:
+    """The DVC remote the cluster's data task reads, as ``dvc_remote_config`` (the URL and the
+    remote's non-secret settings such as ``endpointurl``): ``$KDPIPE_DVC_REMOTE`` (a URL), else the
+    project's default remote. Credentials never travel: the cluster reads them from its secret.
+    A local-folder remote is refused: a cluster cannot read this machine's disk."""
+    from .tracking import is_secret_key
+
+    url = os.environ.get(DVC_REMOTE_ENV, "").strip()
+    settings: dict[str, Any] = {}
+    if not url:
+        name, settings = _default_remote(repo)
+        url = str(settings.pop("url", ""))
+    if "://" not in url:
+        raise KdpipeError(f"DVC remote {url!r} is a local folder: the cluster cannot read it; push the data to an "
+                          f"object store (s3://, gs://, azure://...) and set it as the default remote or ${DVC_REMOTE_ENV}")
+    public = {k: v for k, v in settings.items()
+              if not is_secret_key(k) and "password" not in k.lower() and isinstance(v, str | int | float | bool)}
+    return {"dvc_remote_config": {"url": url, **public}}
+
+
+def _default_remote(repo: Path) -> tuple[str, dict[str, Any]]:
+    """The project's default DVC remote and the settings written for it in its config files (not
+    DVC's filled-in defaults), the local file (git-ignored, where CI puts its remote) last."""
+    from dvc.repo import Repo
+
+    name, remotes = None, {}
+    with Repo(str(repo)) as project:
+        for level in ("system", "global", "repo", "local"):
+            found = project.config.load_one(level)
+            name = found.get("core", {}).get("remote", name)
+            for remote, settings in found.get("remote", {}).items():
+                remotes[remote] = {**remotes.get(remote, {}), **settings}
+    if not name or name not in remotes:
+        raise KdpipeError(f"{repo}: no default DVC remote, so the cluster cannot read the data; "
+                          f"set one (dvc remote default NAME) or ${DVC_REMOTE_ENV}")
+    return name, dict(remotes[name])
 
 
 def _venv_env() -> dict[str, str]:

@@ -51,6 +51,9 @@ RUN_FILE_ENV = "KDPIPE_MLFLOW_RUN_FILE"  # where the parent run's id is kept, wh
 # no file in common, find their shared parent run by this tag.
 EXECUTION_ENV = "KDPIPE_EXECUTION_KEY"
 TAG_EXECUTION = "kdpipe.execution"
+GIT_COMMIT_ENV = "KDPIPE_GIT_COMMIT"
+IMAGE_REF_ENV = "KDPIPE_IMAGE_REF"  # the image a Kubeflow task runs in, set by the pipeline
+TAG_IMAGE = "kdpipe.image"
 
 
 def run_file() -> Path:
@@ -132,7 +135,12 @@ def tracking_uri(params: Any) -> str:
 
 
 def git_commit(cwd: str | os.PathLike | None = None) -> str:
-    """``git rev-parse HEAD`` of the project, ``"unknown"`` outside a repository (or without git)."""
+    """``$KDPIPE_GIT_COMMIT`` (a Kubeflow task runs in an image without the repository: the pipeline
+    passes the commit it was submitted from), else ``git rev-parse HEAD`` of the project, else
+    ``"unknown"`` (outside a repository, or without git)."""
+    given = os.environ.get(GIT_COMMIT_ENV, "").strip()
+    if given:
+        return given
     try:
         done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
                               timeout=10, check=False)
@@ -151,7 +159,11 @@ def data_version(params: Any) -> str:
 
 
 def run_tags(params: Any) -> dict[str, str]:
-    return {TAG_GIT: git_commit(), TAG_DATA: data_version(params), TAG_VERSION: __version__}
+    tags = {TAG_GIT: git_commit(), TAG_DATA: data_version(params), TAG_VERSION: __version__}
+    image = os.environ.get(IMAGE_REF_ENV, "").strip()
+    if image:
+        tags[TAG_IMAGE] = image
+    return tags
 
 
 # ---------------------------------------------------------------- runs

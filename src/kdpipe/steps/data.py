@@ -11,6 +11,10 @@ read (default: the project's default remote) and ``remote_config`` overrides its
 environment (``AWS_ACCESS_KEY_ID``... from a Kubernetes secret), so they never appear in pipeline
 parameters.
 
+A private git repository over HTTPS: the token comes from ``$KDPIPE_GIT_TOKEN`` (user
+``$KDPIPE_GIT_USERNAME``, default ``oauth2``) -- on a cluster the ``kdpipe-git`` Kubernetes secret --
+and is put into the URL only inside this process; every printed or returned URL is redacted.
+
 Output: ``out_dir/labeled``, ``out_dir/unlabeled``, ``out_dir/test`` (those that exist at the
 revision), written atomically. Returns where the data came from: the resolved commit and file count.
 """
@@ -25,6 +29,21 @@ from ..atomic import atomic_dir
 from ..errors import DataError, KdpipeError
 
 SPLITS = ("labeled", "unlabeled", "test")
+GIT_TOKEN_ENV = "KDPIPE_GIT_TOKEN"
+GIT_USER_ENV = "KDPIPE_GIT_USERNAME"
+
+
+def with_git_credentials(repo: str) -> str:
+    """``repo`` with the token of ``$KDPIPE_GIT_TOKEN`` for an HTTPS URL that carries none."""
+    import urllib.parse
+
+    token = os.environ.get(GIT_TOKEN_ENV, "").strip()
+    parts = urllib.parse.urlsplit(repo)
+    if not token or parts.scheme not in ("https", "http") or "@" in parts.netloc:
+        return repo
+    user = os.environ.get(GIT_USER_ENV, "").strip() or "oauth2"
+    userinfo = f"{urllib.parse.quote(user, safe='')}:{urllib.parse.quote(token, safe='')}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{userinfo}@{parts.netloc}"))
 
 
 def run(params, out_dir: str | os.PathLike, repo: str, rev: str = "HEAD", remote: str | None = None,
@@ -44,7 +63,8 @@ def run(params, out_dir: str | os.PathLike, repo: str, rev: str = "HEAD", remote
         remote = "kdpipe"  # DVC needs a remote name to attach settings to
     root = PurePosixPath(params.data.root).as_posix().strip("/") or "."
     try:
-        fs = DVCFileSystem(repo, rev=rev or None, remote=remote or None, remote_config=remote_config or None)
+        fs = DVCFileSystem(with_git_credentials(repo), rev=rev or None, remote=remote or None,
+                           remote_config=remote_config or None)
         commit = fs.repo.scm.get_rev()
         present = [s for s in SPLITS if fs.isdir(f"{root}/{s}")]
         if "labeled" not in present:

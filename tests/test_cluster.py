@@ -1,0 +1,92 @@
+"""kdpipe.cluster and the Kubeflow task helpers: image references, backend versions, cluster
+settings files, and the register task's choice of registry."""
+
+from __future__ import annotations
+
+import pytest
+
+from kdpipe import cluster, kubeflow
+from kdpipe.errors import KdpipeError
+from kdpipe.params import RegisterParams
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+@pytest.mark.parametrize("ref, registry", [
+    ("kdpipe:0.1.0", None), ("team/kdpipe:1", None), (f"ghcr.io/team/kdpipe@{DIGEST}", "ghcr.io"),
+    ("registry.example.com:5000/kdpipe:1", "registry.example.com:5000"), ("localhost/kdpipe:1", "localhost"),
+])
+def test_image_registry(ref, registry):
+    assert cluster.image_registry(ref) == registry
+
+
+def test_a_cluster_image_needs_a_registry_and_a_digest():
+    good = f"ghcr.io/team/kdpipe@{DIGEST}"
+    assert cluster.check_image_for_cluster(good) == good
+    with pytest.raises(KdpipeError, match="names no registry"):
+        cluster.check_image_for_cluster("kdpipe:0.1.0")
+    with pytest.raises(KdpipeError, match="not pinned by digest"):
+        cluster.check_image_for_cluster("ghcr.io/team/kdpipe:latest")
+    with pytest.raises(KdpipeError, match="not pinned by digest"):
+        cluster.check_image_for_cluster("ghcr.io/team/kdpipe@sha256:abc")  # not a sha256
+
+
+@pytest.mark.parametrize("text, version", [("2.15.0", (2, 15, 0)), ("v2.14.2-rc.1", (2, 14, 2)), ("2.5", (2, 5, 0)),
+                                           ("", None), ("dev", None)])
+def test_parse_version(text, version):
+    assert cluster.parse_version(text) == version
+
+
+def test_an_older_backend_is_refused_in_one_line():
+    assert cluster.check_backend_version("2.15.1", "https://kfp") == (2, 15, 1)
+    assert cluster.check_backend_version(None, "https://kfp") is None  # the server does not say
+    with pytest.raises(KdpipeError) as err:
+        cluster.check_backend_version("2.14.0", "https://kfp")
+    assert "older than 2.15.0" in str(err.value) and "--backend-version 2.14.0" in str(err.value)
+
+
+def test_cluster_settings_merge_a_file_into_the_defaults(tmp_path):
+    path = tmp_path / "cluster.yaml"
+    path.write_text("tasks:\n  distill:\n    retries: 5\n")
+    settings = cluster.load_cluster_settings(path)
+    assert settings.task("distill").retries == 5
+    assert settings.task("distill").memory_request == cluster.ClusterSettings().task("distill").memory_request
+    assert settings.task("register").retries == 0 and settings.gpu_node_selector == {}
+    path.write_text("gpu_node_selektor: {a: b}\n")
+    with pytest.raises(KdpipeError, match="cluster.yaml: invalid cluster settings"):
+        cluster.load_cluster_settings(path)
+    with pytest.raises(KdpipeError, match="cannot read"):
+        cluster.load_cluster_settings(tmp_path / "missing.yaml")
+
+
+def test_register_task_fails_without_a_tracking_server_when_one_is_expected(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(KdpipeError, match="kdpipe-mlflow"):
+        kubeflow.registry_for_task(RegisterParams(), str(tmp_path / "decision"), require_tracking_server=True)
+    assert not (tmp_path / "decision").exists()
+    # kdpipe pipeline run-local: a registry in the task's own output
+    local = RegisterParams()
+    kubeflow.registry_for_task(local, str(tmp_path / "decision"), require_tracking_server=False)
+    assert local.tracking_uri == f"sqlite:///{tmp_path / 'decision'}/mlflow.db"
+    # with a server (the secret's variable, or the params) nothing changes
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    served = RegisterParams()
+    kubeflow.registry_for_task(served, str(tmp_path / "d2"), require_tracking_server=True)
+    assert served.tracking_uri is None
+
+
+def test_a_private_data_repository_gets_the_token_only_inside_the_data_step(monkeypatch):
+    from kdpipe.steps.data import with_git_credentials
+    from kdpipe.tracking import redact
+
+    url = "https://git.example.com/team/data.git"
+    monkeypatch.delenv("KDPIPE_GIT_TOKEN", raising=False)
+    assert with_git_credentials(url) == url
+    monkeypatch.setenv("KDPIPE_GIT_TOKEN", "t0k/en")
+    assert with_git_credentials(url) == "https://oauth2:t0k%2Fen@git.example.com/team/data.git"
+    monkeypatch.setenv("KDPIPE_GIT_USERNAME", "ci-bot")
+    assert with_git_credentials(url).startswith("https://ci-bot:t0k%2Fen@")
+    assert "t0k" not in redact(with_git_credentials(url))
+    # a URL that carries credentials, an SSH URL and a local path are left as they are
+    for other in ("https://me:pw@git.example.com/d.git", "git@git.example.com:team/d.git", "/srv/data-repo"):
+        assert with_git_credentials(other) == other
