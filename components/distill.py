@@ -10,7 +10,7 @@ from kdpipe.kubeflow import image
 @dsl.component(base_image=image(), install_kfp_package=False)
 def distill(prepared: Input[Dataset], augmented: Input[Dataset], teacher_model: Input[Model], train_params: dict,
             augment_params: dict, gpus: int, student: Output[Model], summary: Output[Metrics], execution_key: str = "",
-        git_commit: str = ""):
+        git_commit: str = "", state_dir: str = ""):
     import json
     import os
     import subprocess
@@ -24,18 +24,22 @@ def distill(prepared: Input[Dataset], augmented: Input[Dataset], teacher_model: 
 
     params = kubeflow.params_from(train=train_params, augment=augment_params)
     track = kubeflow.tracking_for_task(execution_key, git_commit)
+    # With a state volume the run trains in this run's folder there, so a retried or preempted pod
+    # resumes from its last.pt; the results are then copied into the task's output.
+    work = kubeflow.resumable_dir(state_dir, execution_key, "distill") or Path(student.path)
     if gpus > 1:
         with tempfile.TemporaryDirectory() as tmp:
             params_file = os.path.join(tmp, "params.yaml")
             Path(params_file).write_text(yaml.safe_dump(params.model_dump(mode="json")), encoding="utf-8")
             cmd = kubeflow.distill_command(gpus, params_file, prepared.path, augmented.path, teacher_model.path,
-                                           student.path)
+                                           str(work))
             print("distill: DDP over", gpus, "GPUs:", " ".join(cmd))
             # rank 0 logs the run (kdpipe.tracking logs on the main rank only)
             subprocess.run(cmd, check=True, env={**os.environ, "KDPIPE_TRACKING": "1" if track else "0"})
     else:
         run_step("distill", params, track=track, prepared_dir=prepared.path,
-                 augmented_dir=augmented.path, teacher_dir=teacher_model.path, out_dir=student.path)
+                 augmented_dir=augmented.path, teacher_dir=teacher_model.path, out_dir=str(work))
+    kubeflow.publish(work, student.path)
     metrics = json.loads((Path(student.path) / "metrics.json").read_text(encoding="utf-8"))
     student.metadata.update({"recipe": params.train.recipe, "arch": params.train.student_arch, "gpus": gpus})
     kubeflow.log_numbers(summary, metrics)

@@ -24,6 +24,7 @@ from components import augment, data, distill, evaluate, export, prepare, regist
 from components.gate import quality_gate_failed
 from kdpipe import kubeflow
 from kdpipe.cluster import MIN_BACKEND, ClusterSettings, load_cluster_settings, parse_version
+from kdpipe.devices import EXPECT_GPU_ENV
 from kdpipe.params import Params, load_params
 from kdpipe.tracking import IMAGE_REF_ENV
 
@@ -50,6 +51,7 @@ def _gpu_task(task: dsl.PipelineTask, gpus, cluster: ClusterSettings) -> dsl.Pip
     """GPU request (what places the pod on a GPU node), the cluster's GPU node selector and
     tolerations, and shared memory for data loading and DDP."""
     task.set_accelerator_type(kubeflow.GPU_RESOURCE).set_accelerator_limit(gpus)
+    task.set_env_variable(EXPECT_GPU_ENV, "1")  # fail loudly when CUDA is unusable, never train on the CPU
     for label, value in cluster.gpu_node_selector.items():
         kubernetes.add_node_selector(task, label, value)
     for toleration in cluster.gpu_tolerations:
@@ -140,8 +142,11 @@ def build_pipeline(params: "Params | None" = None, cluster: ClusterSettings | No
         _gpu_task(aug, 1, cluster)
         dist = distill(prepared=prepared, augmented=aug.outputs["augmented"],
                        teacher_model=teach.outputs["teacher_model"], train_params=train_params,
-                       augment_params=augment_params, gpus=gpus, **run)
+                       augment_params=augment_params, gpus=gpus,
+                       state_dir=cluster.state_mount if cluster.state_pvc else "", **run)
         _gpu_task(dist, gpus, cluster)
+        if cluster.state_pvc:  # durable resume state: a retried or preempted pod resumes
+            kubernetes.mount_pvc(dist, pvc_name=cluster.state_pvc, mount_path=cluster.state_mount)
         sel = select(student=dist.outputs["student"], prepared=prepared, select_params=select_params,
                      export_params=export_params, **run)
         exp = export(selected=sel.outputs["selected"], prepared=prepared, export_params=export_params,

@@ -90,3 +90,35 @@ def test_a_private_data_repository_gets_the_token_only_inside_the_data_step(monk
     # a URL that carries credentials, an SSH URL and a local path are left as they are
     for other in ("https://me:pw@git.example.com/d.git", "git@git.example.com:team/d.git", "/srv/data-repo"):
         assert with_git_credentials(other) == other
+
+
+def test_a_task_given_a_gpu_fails_loudly_when_cuda_is_unusable(monkeypatch):
+    import torch
+
+    from kdpipe.devices import resolve_device
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA works here: the failure needs a machine where it does not")
+    monkeypatch.delenv("KDPIPE_EXPECT_GPU", raising=False)
+    assert resolve_device("auto").type == "cpu"  # no GPU expected: the CPU is fine
+    monkeypatch.setenv("KDPIPE_EXPECT_GPU", "1")
+    with pytest.raises(KdpipeError, match="given a GPU .* CUDA is unusable"):
+        resolve_device("auto")
+    assert resolve_device("cpu").type == "cpu"  # an explicit choice of the CPU is respected
+
+
+def test_a_retried_distill_pod_finds_its_run_state_on_the_state_volume(tmp_path):
+    volume = tmp_path / "kdpipe-state"
+    first = kubeflow.resumable_dir(str(volume), "run-7f3a", "distill")
+    (first / "last.pt").write_bytes(b"state at iteration 150")
+    retried = kubeflow.resumable_dir(str(volume), "run-7f3a", "distill")
+    assert retried == first and (retried / "last.pt").read_bytes() == b"state at iteration 150"
+    assert kubeflow.resumable_dir(str(volume), "run-8b1c", "distill") != first  # another run starts afresh
+    assert kubeflow.resumable_dir(str(volume), "../../etc", "distill").is_relative_to(volume)
+    assert kubeflow.resumable_dir("", "run-7f3a", "distill") is None  # no volume: the pod's own folder
+    with pytest.raises(ValueError, match="execution key"):
+        kubeflow.resumable_dir(str(volume), "", "distill")
+    out = tmp_path / "student"
+    kubeflow.publish(first, str(out))
+    assert (out / "last.pt").read_bytes() == b"state at iteration 150"
+    kubeflow.publish(out, str(out))  # the same folder: nothing to do

@@ -119,7 +119,7 @@ def test_cluster_settings_file_changes_placement_and_resources(tmp_path):
     cluster.write_text(yaml.safe_dump({
         "gpu_node_selector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
         "gpu_tolerations": [{"key": "nvidia.com/gpu"}, {"key": "dedicated", "operator": "Equal", "value": "ml"}],
-        "shm_size": "16Gi", "image_pull_secrets": ["regcred"],
+        "shm_size": "16Gi", "image_pull_secrets": ["regcred"], "state_pvc": "kdpipe-state",
         "tasks": {"distill": {"memory_request": "64Gi", "cpu_limit": "16", "retries": 5, "timeout_seconds": 600}},
     }))
     spec, platform = compile_to(tmp_path / "p.yaml", extra_args=["--cluster", str(cluster)])
@@ -135,6 +135,12 @@ def test_cluster_settings_file_changes_placement_and_resources(tmp_path):
     assert distill["resourceMemoryLimit"] == "96Gi"  # unset keys of a task keep their defaults
     assert spec["root"]["dag"]["tasks"]["distill"]["retryPolicy"]["maxRetryCount"] == 5
     assert int(k8s["exec-distill"]["activeDeadlineSeconds"]) == 600
+    # the resume state on the claim: a retried or preempted distill pod resumes from its last.pt
+    (mount,) = k8s["exec-distill"]["pvcMount"]
+    assert mount["mountPath"] == "/kdpipe-state" and mount["pvcNameParameter"]["runtimeValue"]["constant"] == "kdpipe-state"
+    distill_in = spec["root"]["dag"]["tasks"]["distill"]["inputs"]["parameters"]
+    assert distill_in["state_dir"]["runtimeValue"]["constant"] == "/kdpipe-state"
+    assert "pvcMount" not in k8s["exec-teacher"]
     assert int(k8s["exec-prepare"]["activeDeadlineSeconds"]) == 12 * 3600  # other tasks: the defaults
 
 
@@ -169,6 +175,10 @@ def test_training_tasks_request_gpus(compiled):
     assert spec["root"]["dag"]["tasks"]["distill"]["inputs"]["parameters"]["gpus"] == {"componentInputParameter": "gpus"}
     for name in ("exec-data", "exec-prepare", "exec-evaluate", "exec-register"):
         assert "accelerator" not in executors[name]["container"].get("resources", {})
+    # a task holding a GPU fails when CUDA is unusable instead of training on the CPU
+    for name in ("exec-teacher", "exec-augment", "exec-distill"):
+        assert {"name": "KDPIPE_EXPECT_GPU", "value": "1"} in executors[name]["container"]["env"]
+    assert not any(v["name"] == "KDPIPE_EXPECT_GPU" for v in executors["exec-prepare"]["container"]["env"])
 
 
 def test_kubernetes_platform_settings(compiled):

@@ -86,6 +86,10 @@ class ClusterSettings(_Strict):
     gpu_tolerations: list[Toleration] = Field(default_factory=lambda: [Toleration(key="nvidia.com/gpu")])
     shm_size: str = Field("8Gi", description="/dev/shm of GPU tasks (64 MiB by default in a pod)")
     image_pull_secrets: list[str] = Field(default_factory=list, description="secrets for a private registry")
+    state_pvc: str | None = Field(
+        None, description="an existing PersistentVolumeClaim where distill keeps each run's resume state "
+                          "(last.pt), so a retried or preempted pod resumes; null = in the pod (a retry starts over)")
+    state_mount: str = Field("/kdpipe-state", description="where the state volume is mounted")
     tasks: dict[str, TaskSettings] = Field(default_factory=_default_tasks)
 
     def task(self, name: str) -> TaskSettings:

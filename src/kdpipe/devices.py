@@ -67,9 +67,18 @@ class Runtime:
         return batch.to(self.device)
 
 
+EXPECT_GPU_ENV = "KDPIPE_EXPECT_GPU"  # set by the Kubeflow pipeline on the tasks it gives a GPU
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
+    if os.environ.get(EXPECT_GPU_ENV) == "1" and not torch.cuda.is_available():
+        # A task that holds a GPU and trains on the CPU would run for days and look healthy.
+        raise KdpipeError(
+            f"this task was given a GPU ({EXPECT_GPU_ENV}=1) but CUDA is unusable: torch {torch.__version__} is built "
+            f"for CUDA {torch.version.cuda or 'none (a CPU-only build)'}; check the node's NVIDIA driver against that "
+            "CUDA version and the image's torch build (README, 'Cluster prerequisites')")
     if name == "cuda":
         if not torch.cuda.is_available():
             raise KdpipeError("train.device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")

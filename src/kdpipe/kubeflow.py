@@ -142,3 +142,27 @@ def fail_quality_gate(accuracy: float, min_accuracy: float) -> None:
 
     raise KdpipeError(f"quality gate: test accuracy {accuracy:.4f} is below min_accuracy {min_accuracy:.4f}; "
                       "the model was not registered")
+
+
+def resumable_dir(state_dir: str, execution_key: str, step: str) -> Path | None:
+    """``state_dir/<execution_key>/<step>``: where a step keeps its resume state on the cluster's state
+    volume (``state_pvc`` in the cluster settings). A retried or preempted pod of the same pipeline run
+    finds its ``last.pt`` there. None without a state volume (the state lives and dies with the pod)."""
+    if not state_dir:
+        return None
+    if not execution_key:
+        raise ValueError("a state volume needs the run's execution key to keep runs apart")
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in execution_key)
+    work = Path(state_dir) / safe / step
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def publish(work: Path, out_dir: str) -> None:
+    """Copy a step's outputs from its working folder to the task's output folder (no-op when they are
+    the same folder)."""
+    import shutil
+
+    if Path(work).resolve() == Path(out_dir).resolve():
+        return
+    shutil.copytree(work, out_dir, dirs_exist_ok=True)
