@@ -10,7 +10,7 @@ from kdpipe.kubeflow import image
 @dsl.component(base_image=image(), install_kfp_package=False)
 def distill(prepared: Input[Dataset], augmented: Input[Dataset], teacher_model: Input[Model], train_params: dict,
             augment_params: dict, gpus: int, student: Output[Model], summary: Output[Metrics], execution_key: str = "",
-        git_commit: str = "", state_dir: str = ""):
+        git_commit: str = "", state_dir: str = "", nodes: int = 1):
     import json
     import os
     import subprocess
@@ -27,7 +27,21 @@ def distill(prepared: Input[Dataset], augmented: Input[Dataset], teacher_model: 
     # With a state volume the run trains in this run's folder there, so a retried or preempted pod
     # resumes from its last.pt; the results are then copied into the task's output.
     work = kubeflow.resumable_dir(state_dir, execution_key, "distill") or Path(student.path)
-    if gpus > 1:
+    if nodes > 1:
+        # Kubeflow Trainer runs distill on `nodes` nodes of `gpus` GPUs; this task launches and awaits it
+        from kdpipe import objectstore, trainjob
+
+        staging = student.uri.rstrip("/") + ".trainjob"
+        job = trainjob.manifest(
+            trainjob.job_name(execution_key or student.uri), trainjob.current_namespace(),
+            os.environ.get("KDPIPE_IMAGE_REF") or kubeflow.image(), nodes, gpus,
+            {"prepared": prepared.uri, "augmented": augmented.uri, "teacher": teacher_model.uri}, staging,
+            params.model_dump(mode="json"),
+            env={"KDPIPE_EXECUTION_KEY": execution_key, "KDPIPE_GIT_COMMIT": git_commit,
+                 "KDPIPE_TRACKING": "1" if track else "0"})
+        trainjob.run_and_wait(job, trainjob.in_cluster_api())
+        objectstore.get(staging, work)
+    elif gpus > 1:
         with tempfile.TemporaryDirectory() as tmp:
             params_file = os.path.join(tmp, "params.yaml")
             Path(params_file).write_text(yaml.safe_dump(params.model_dump(mode="json")), encoding="utf-8")

@@ -143,8 +143,11 @@ def build_pipeline(params: "Params | None" = None, cluster: ClusterSettings | No
         dist = distill(prepared=prepared, augmented=aug.outputs["augmented"],
                        teacher_model=teach.outputs["teacher_model"], train_params=train_params,
                        augment_params=augment_params, gpus=gpus,
-                       state_dir=cluster.state_mount if cluster.state_pvc else "", **run)
-        _gpu_task(dist, gpus, cluster)
+                       state_dir=cluster.state_mount if cluster.state_pvc else "", nodes=cluster.distill_nodes,
+                       **run)
+        if cluster.distill_nodes == 1:
+            _gpu_task(dist, gpus, cluster)
+        # else: the task only launches and awaits the multi-node TrainJob, which holds the GPUs
         if cluster.state_pvc:  # durable resume state: a retried or preempted pod resumes
             kubernetes.mount_pvc(dist, pvc_name=cluster.state_pvc, mount_path=cluster.state_mount)
         sel = select(student=dist.outputs["student"], prepared=prepared, select_params=select_params,

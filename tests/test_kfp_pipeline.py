@@ -242,3 +242,15 @@ def test_image_comes_from_one_setting(tmp_path):
     assert {e["container"]["image"] for e in committed["deploymentSpec"]["executors"].values()} == {DEFAULT_IMAGE}
     # components run the installed kdpipe: nothing is pip-installed at run time
     assert "pip install" not in PACKAGE.read_text()
+
+
+def test_multi_node_distill_is_a_cpu_task_that_launches_a_trainjob(tmp_path):
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text("distill_nodes: 2\n")
+    spec, platform = compile_to(tmp_path / "p.yaml", extra_args=["--cluster", str(cluster)])
+    distill = spec["root"]["dag"]["tasks"]["distill"]["inputs"]["parameters"]
+    assert distill["nodes"]["runtimeValue"]["constant"] == 2
+    assert distill["gpus"] == {"componentInputParameter": "gpus"}  # GPUs per node of the TrainJob
+    # the launching task holds no GPU: the TrainJob's pods do
+    assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-distill"]["container"]["resources"]
+    assert "tolerations" not in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-distill"]

@@ -254,6 +254,13 @@ def _ingest(args: argparse.Namespace) -> None:
     print("\n".join(summary_lines(result, root)))
 
 
+def _distill_node(args: argparse.Namespace) -> int:
+    from .trainjob import distill_node
+
+    inputs = {"prepared": args.prepared, "augmented": args.augmented, "teacher": args.teacher}
+    return distill_node(inputs, args.output, args.workdir)
+
+
 def _retrain(args: argparse.Namespace) -> None:
     from .retrain import retrain
 
@@ -311,6 +318,15 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--provider", default="CPUExecutionProvider", help="onnxruntime execution provider")
     pred.set_defaults(handler=_predict)
     _add_pipeline_commands(sub)
+    node = sub.add_parser("distill-node", help="one node of a multi-node distill TrainJob (Kubeflow Trainer runs it)",
+                          description="one node of a multi-node distill TrainJob: fetch the inputs from the object "
+                                      "store, torchrun distill across the nodes, node 0 uploads the outputs; the "
+                                      "params come in $KDPIPE_PARAMS_JSON")
+    for name in ("prepared", "augmented", "teacher"):
+        node.add_argument(f"--{name}", required=True, help=f"URI of the {name} artifact")
+    node.add_argument("--output", required=True, help="URI where node 0 puts the distill outputs")
+    node.add_argument("--workdir", default="/tmp/kdpipe-node", help="local scratch folder (default: %(default)s)")
+    node.set_defaults(handler=_distill_node)
 
     ing = sub.add_parser(
         "ingest", help="add new unlabeled images from SRC as the next batch folder data/unlabeled/batch-NNNN-<hash>",
@@ -353,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import KdpipeError
 
     try:
-        args.handler(args)
+        code = args.handler(args)
     except KdpipeError as exc:
         if debug:
             raise
@@ -362,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"kdpipe {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code if type(code) is int else 0  # a handler may return its exit code (distill-node)
 
 
 if __name__ == "__main__":  # pragma: no cover

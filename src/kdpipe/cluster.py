@@ -90,6 +90,10 @@ class ClusterSettings(_Strict):
         None, description="an existing PersistentVolumeClaim where distill keeps each run's resume state "
                           "(last.pt), so a retried or preempted pod resumes; null = in the pod (a retry starts over)")
     state_mount: str = Field("/kdpipe-state", description="where the state volume is mounted")
+    distill_nodes: int = Field(
+        1, ge=1, le=256,
+        description="nodes for distill; above 1 it runs as a Kubeflow Trainer TrainJob of this many nodes with "
+                    "`gpus` GPUs each, launched and awaited by a CPU-only distill task")
     tasks: dict[str, TaskSettings] = Field(default_factory=_default_tasks)
 
     def task(self, name: str) -> TaskSettings:

@@ -1,0 +1,221 @@
+"""Multi-node distill: the TrainJob manifest (checked against Kubeflow Trainer's API models), its
+launch-and-wait against a fake Kubernetes API on 127.0.0.1, the object-store copies, and the node
+entry point run for real (torchrun, one node)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from test_s3_remote import s3_endpoint as s3_endpoint  # a fixture, used by name
+
+from kdpipe import objectstore, trainjob
+from kdpipe.errors import KdpipeError
+
+INPUTS = {"prepared": "s3://runs/r1/prepare/prepared", "augmented": "s3://runs/r1/augment/augmented",
+          "teacher": "s3://runs/r1/teacher/teacher_model"}
+IMAGE = "registry.example.com/team/kdpipe@sha256:" + "0" * 64
+
+
+def _job(name="kdpipe-distill-run-1", nodes=2):
+    return trainjob.manifest(name, "team-a", IMAGE, nodes, 4, INPUTS, "s3://runs/r1/distill/student.trainjob",
+                             {"train": {"recipe": "kd"}}, env={"KDPIPE_EXECUTION_KEY": "run-1"})
+
+
+def test_the_trainjob_for_two_nodes_validates_against_the_trainer_api():
+    from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
+
+    job = _job()
+    # every field is one the CRD's models know: a round trip through them changes nothing
+    assert TrainerV1alpha1TrainJob.from_dict(job).to_dict() == job
+    assert job["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and job["kind"] == "TrainJob"
+    spec = job["spec"]
+    assert spec["runtimeRef"] == {"name": "torch-distributed", "kind": "ClusterTrainingRuntime",
+                                  "apiGroup": "trainer.kubeflow.org"}
+    trainer = spec["trainer"]
+    assert trainer["numNodes"] == 2 and trainer["numProcPerNode"] == 4 and trainer["image"] == IMAGE
+    assert trainer["resourcesPerNode"]["limits"] == {"nvidia.com/gpu": "4"}
+    assert trainer["command"][:2] == ["kdpipe", "distill-node"]
+    args = trainer["command"]
+    assert args[args.index("--prepared") + 1] == INPUTS["prepared"]
+    assert args[args.index("--output") + 1] == "s3://runs/r1/distill/student.trainjob"
+    env = {e["name"]: e for e in trainer["env"]}
+    assert json.loads(env["KDPIPE_PARAMS_JSON"]["value"]) == {"train": {"recipe": "kd"}}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "kdpipe-object-store", "key": "AWS_SECRET_ACCESS_KEY", "optional": True}
+    assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["secretKeyRef"]["name"] == "kdpipe-mlflow"
+    assert "value" not in env["AWS_SECRET_ACCESS_KEY"]  # credentials by reference only
+    with pytest.raises(ValueError, match="nodes > 1"):
+        _job(nodes=1)
+
+
+def test_job_names_are_valid_kubernetes_names_and_stable_per_run():
+    name = trainjob.job_name("Run_7f3A/../x" * 10)
+    assert len(name) <= 63 and name == name.lower() and name[-1].isalnum()
+    assert set(name) <= set("abcdefghijklmnopqrstuvwxyz0123456789-")
+    assert trainjob.job_name("run-1") == trainjob.job_name("run-1")
+
+
+class FakeKubernetes:
+    """TrainJobs in memory; each GET advances a job through ``states`` (its conditions)."""
+
+    def __init__(self, states):
+        self.jobs: dict[str, dict] = {}
+        self.states = list(states)
+        self.requests: list[tuple[str, str]] = []
+
+    def handle(self, method: str, path: str, body):
+        prefix = "/apis/trainer.kubeflow.org/v1alpha1/namespaces/team-a/trainjobs"
+        self.requests.append((method, path))
+        if method == "POST" and path == prefix:
+            name = body["metadata"]["name"]
+            if name in self.jobs:
+                return 409, {"kind": "Status", "code": 409, "reason": "AlreadyExists"}
+            self.jobs[name] = body
+            return 201, body
+        if method == "GET" and path.startswith(prefix + "/"):
+            job = self.jobs[path.rsplit("/", 1)[1]]
+            state = self.states.pop(0) if len(self.states) > 1 else self.states[0]
+            if state:
+                job = {**job, "status": {"conditions": [{"type": state[0], "status": "True", "message": state[1],
+                                                         "reason": state[0], "lastTransitionTime": "2026-12-02T00:00:00Z"}]}}
+            return 200, job
+        return 404, {"kind": "Status", "code": 404}
+
+
+@pytest.fixture
+def kube():
+    holder = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def _serve(self, method):
+            length = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(length)) if length else None
+            status, payload = holder["fake"].handle(method, self.path.split("?")[0], body)
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):  # noqa: N802
+            self._serve("GET")
+
+        def do_POST(self):  # noqa: N802
+            self._serve("POST")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+
+    def api(states):
+        from kubernetes import client
+
+        holder["fake"] = FakeKubernetes(states)
+        config = client.Configuration(host=f"http://127.0.0.1:{server.server_address[1]}")
+        return client.CustomObjectsApi(client.ApiClient(config)), holder["fake"]
+
+    try:
+        yield api
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_the_task_launches_the_trainjob_and_waits_until_it_completes(kube):
+    api, fake = kube([None, None, ("Complete", "done")])
+    sleeps = []
+    done = trainjob.run_and_wait(_job(), api, poll_seconds=5, sleep=sleeps.append)
+    assert done["status"]["conditions"][0]["type"] == "Complete"
+    assert fake.requests[0][0] == "POST" and sleeps == [5, 5]  # polled until the condition came
+    assert fake.jobs["kdpipe-distill-run-1"]["spec"]["trainer"]["numNodes"] == 2
+
+
+def test_a_failed_trainjob_fails_the_task_with_its_message(kube):
+    api, _ = kube([("Failed", "node 1: NCCL timeout")])
+    with pytest.raises(KdpipeError, match="failed: node 1: NCCL timeout"):
+        trainjob.run_and_wait(_job(), api, sleep=lambda s: None)
+
+
+def test_a_retried_task_waits_for_the_trainjob_its_first_try_created(kube):
+    api, fake = kube([None, ("Complete", "")])
+    fake.jobs["kdpipe-distill-run-1"] = _job()
+    trainjob.run_and_wait(_job(), api, sleep=lambda s: None)
+    assert len(fake.jobs) == 1 and [m for m, _ in fake.requests].count("POST") == 1
+
+
+def test_the_wait_is_bounded(kube):
+    api, _ = kube([None])
+    with pytest.raises(KdpipeError, match="did not finish in 10 s"):
+        trainjob.run_and_wait(_job(), api, poll_seconds=5, timeout_seconds=10, sleep=lambda s: None)
+
+
+def test_object_store_copies_a_folder_both_ways(tmp_path):
+    source = tmp_path / "out"
+    (source / "sub").mkdir(parents=True)
+    (source / "a.json").write_text("{}")
+    (source / "sub" / "b.bin").write_bytes(b"\x00\x01")
+    objectstore.put(source, str(tmp_path / "store" / "student"))
+    back = objectstore.get(str(tmp_path / "store" / "student"), tmp_path / "back")
+    assert (back / "a.json").read_text() == "{}" and (back / "sub" / "b.bin").read_bytes() == b"\x00\x01"
+    with pytest.raises(KdpipeError, match="not found"):
+        objectstore.get(str(tmp_path / "store" / "missing"), tmp_path / "x")
+
+
+@pytest.mark.slow
+def test_object_store_over_a_real_s3_api(tmp_path, s3_endpoint, monkeypatch):
+    import boto3
+    from test_s3_remote import FAKE_CREDENTIALS
+
+    for key, value in FAKE_CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket="runs")
+    source = tmp_path / "out"
+    (source / "sub").mkdir(parents=True)
+    (source / "metrics.json").write_text('{"iterations": 4}')
+    (source / "sub" / "w.bin").write_bytes(os.urandom(1000))
+    objectstore.put(source, "s3://runs/r1/distill/student.trainjob")
+    back = objectstore.get("s3://runs/r1/distill/student.trainjob", tmp_path / "back")
+    assert (back / "metrics.json").read_text() == '{"iterations": 4}'
+    assert (back / "sub" / "w.bin").read_bytes() == (source / "sub" / "w.bin").read_bytes()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_node_fetches_trains_with_torchrun_and_node_0_uploads(tiny_pipeline_dirs, tiny_params_factory, tmp_path,
+                                                                 monkeypatch):
+    """The node entry point for real, on one node of one process: torchrun from $PET_* variables,
+    inputs from the "object store" (local folders here), outputs uploaded by node 0."""
+    import shutil
+
+    d = tiny_pipeline_dirs
+    store = tmp_path / "store"
+    for name, folder in (("prepared", d["prepared"]), ("augmented", d["augmented"]), ("teacher", d["teacher"])):
+        shutil.copytree(folder, store / name)
+    params = tiny_params_factory(recipe="kd", max_iterations=4, eval_every=2, checkpoint_every=2)
+    monkeypatch.setenv("KDPIPE_PARAMS_JSON", json.dumps(params.model_dump(mode="json")))
+    for key, value in {"PET_NNODES": "1", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": "0",
+                       "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(_free_port())}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PATH", f"{Path(os.sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    code = trainjob.distill_node({name: str(store / name) for name in trainjob.INPUTS}, str(store / "student.trainjob"),
+                                 tmp_path / "node")
+    assert code == 0
+    metrics = json.loads((store / "student.trainjob" / "metrics.json").read_text())
+    assert metrics["iterations"] == 4 and (store / "student.trainjob" / "student.pt").is_file()
