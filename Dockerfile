@@ -1,58 +1,77 @@
-# kdpipe image: every Kubeflow component runs in it (see components/ and README "Kubeflow").
-# Build: make image (or: docker build -t kdpipe:0.1.0 .). GPU: CUDA 12 runtime, onnxruntime-gpu, the
-# pinned torch/torchvision; CPU-only nodes run it too (torch and onnxruntime fall back to the CPU).
+# syntax=docker/dockerfile:1
+# kdpipe images: every Kubeflow component runs in one of them (see components/, docs/kubeflow.md).
+#
+#   target `cpu` -- CPU-only torch: the tasks that need no GPU (data, prepare, select, export,
+#                   evaluate, register) and CPU clusters. About a fifth of the GPU image.
+#   target `gpu` -- torch 2.14.1's own CUDA 13.0 wheels (the CUDA libraries come as pip packages, so
+#                   the base image needs no CUDA) and onnxruntime-gpu built for CUDA 13: one
+#                   coherent CUDA stack. Needs an NVIDIA driver R580 or newer on the node.
+#
+# Build (make image builds both, with docker or else buildah):
+#   docker build --target cpu --build-arg TORCH_INDEX_URL=<PyTorch's CPU wheel index> -t kdpipe:cpu .
+#   docker build --target gpu -t kdpipe:gpu .
+# Base image: BASE_IMAGE (default Debian 12 slim, which ships Python 3.11); a locally imported root
+# file system works too. Behind a TLS-intercepting proxy pass its CA bundle as a build secret
+# (`--secret id=ca,src=<bundle>`): it is used by pip during the build and never stored in a layer.
+# Dependencies are pinned by docker/constraints.txt (`make constraints` regenerates it), so two
+# builds of one commit install the same versions.
 
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04
+ARG BASE_IMAGE=debian:bookworm-slim
 
-# ---- build stage: a virtual environment with kdpipe and its pinned stack -------------------------
-FROM ${CUDA_IMAGE} AS build
-ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# ---- base: Python 3.11, git (DVC reads git repositories), a venv, the non-root user ------------
+FROM ${BASE_IMAGE} AS base
+ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/kdpipe/bin:$PATH
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends software-properties-common gnupg \
- && add-apt-repository -y ppa:deadsnakes/ppa \
- && apt-get update \
- && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3.11-dev build-essential git \
- && rm -rf /var/lib/apt/lists/*
-RUN python3.11 -m venv /opt/kdpipe
-ENV PATH=/opt/kdpipe/bin:$PATH
+ && apt-get install -y --no-install-recommends python3 python3-venv git ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3 -m venv /opt/kdpipe \
+ && useradd --create-home --uid 10001 --shell /usr/sbin/nologin kdpipe
 WORKDIR /src
-# Dependencies first (cached while only the code changes). The default Linux x86_64 torch wheels are
-# CUDA builds (CUDA libraries come as pip packages), so no extra index is needed.
-RUN pip install --upgrade pip==25.3 setuptools==80.9.0 wheel==0.45.1 \
- && pip install torch==2.14.1 torchvision==0.29.1
+
+# ---- cpu: dependencies first (a layer cached while only the code changes), then kdpipe ----------
+FROM base AS cpu
+ARG TORCH_INDEX_URL=""
+ARG VERSION=0.1.0
+COPY docker/constraints.txt /tmp/constraints.txt
+RUN --mount=type=secret,id=ca,required=false \
+    if [ -f /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+ && pip install --constraint /tmp/constraints.txt torch torchvision ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
+ && pip install --constraint /tmp/constraints.txt onnxruntime
 COPY pyproject.toml README.md ./
 COPY src ./src
-# The `gpu` extra: onnxruntime-gpu, never together with onnxruntime (see README, "GPU"). The local
-# package is not version-pinned (its dependencies are pinned in pyproject.toml).
-# hadolint ignore=DL3013
-RUN pip install '.[gpu]' \
+RUN --mount=type=secret,id=ca,required=false \
+    if [ -f /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+ && pip install --constraint /tmp/constraints.txt '.[cpu]' \
  && pip check \
- && python -c "import importlib.metadata as m; d = {x.metadata['Name'].lower() for x in m.distributions()}; \
-assert 'onnxruntime-gpu' in d and 'onnxruntime' not in d, 'onnxruntime and onnxruntime-gpu must not both be installed'"
-
-# ---- final stage: runtime only (no compiler, no headers, no pip caches) ---------------------------
-FROM ${CUDA_IMAGE} AS runtime
-ARG VERSION=0.1.0
-LABEL org.opencontainers.image.title="kdpipe" \
-      org.opencontainers.image.description="Semi-supervised knowledge-distillation image classifier pipeline (Kubeflow components)" \
-      org.opencontainers.image.version="${VERSION}" \
+ && rm -rf /src/build
+LABEL org.opencontainers.image.title="kdpipe (CPU)" org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0"
-ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
-    PATH=/opt/kdpipe/bin:$PATH
-# python3.11 runtime (no -dev, no build tools); git for DVC's repository access.
-# hadolint ignore=DL3008
-RUN apt-get update \
- && apt-get install -y --no-install-recommends software-properties-common gnupg \
- && add-apt-repository -y ppa:deadsnakes/ppa \
- && apt-get update \
- && apt-get install -y --no-install-recommends python3.11 python3.11-venv git ca-certificates \
- && apt-get purge -y --auto-remove software-properties-common gnupg \
- && rm -rf /var/lib/apt/lists/*
-COPY --from=build /opt/kdpipe /opt/kdpipe
-RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin kdpipe
 USER 10001
 WORKDIR /home/kdpipe/work
 HEALTHCHECK --interval=60s --timeout=30s --retries=3 CMD ["kdpipe", "--version"]
-ENTRYPOINT []
+CMD ["kdpipe", "--help"]
+
+# ---- gpu: torch's CUDA 13.0 wheels and onnxruntime-gpu for CUDA 13 (never with onnxruntime) ----
+FROM base AS gpu
+ARG VERSION=0.1.0
+COPY docker/constraints.txt /tmp/constraints.txt
+RUN --mount=type=secret,id=ca,required=false \
+    if [ -f /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+ && pip install --constraint /tmp/constraints.txt torch torchvision
+COPY pyproject.toml README.md ./
+COPY src ./src
+RUN --mount=type=secret,id=ca,required=false \
+    if [ -f /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+ && pip install --constraint /tmp/constraints.txt '.[gpu]' \
+ && pip check \
+ && python -c "import importlib.metadata as m; d = {x.metadata['Name'].lower() for x in m.distributions()}; \
+assert 'onnxruntime-gpu' in d and 'onnxruntime' not in d, 'onnxruntime and onnxruntime-gpu must not both be installed'" \
+ && rm -rf /src/build
+LABEL org.opencontainers.image.title="kdpipe (GPU, CUDA 13.0)" org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
+USER 10001
+WORKDIR /home/kdpipe/work
+HEALTHCHECK --interval=60s --timeout=30s --retries=3 CMD ["kdpipe", "--version"]
 CMD ["kdpipe", "--help"]

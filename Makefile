@@ -14,7 +14,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup repro data test test-fast lint clean report compare exp bench image pipeline retrain
+.PHONY: help setup repro data test test-fast lint clean report compare exp bench image constraints test-image pipeline retrain
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -91,11 +91,29 @@ lint: setup ## ruff on the code, hadolint on the Dockerfile
 	$(BIN)/ruff check src tests benchmarks components pipelines
 	$(BIN)/hadolint Dockerfile
 
-IMAGE ?= kdpipe:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
-image: ## build the container image every Kubeflow component runs in (needs Docker)
-	@command -v docker >/dev/null || { echo "error: docker not found: 'make image' needs Docker (the Dockerfile is linted by 'make lint')"; exit 1; }
-	@docker info >/dev/null 2>&1 || { echo "error: no Docker engine is reachable ('docker info' failed): 'make image' needs one"; exit 1; }
-	docker build -t $(IMAGE) .
+# Images (Dockerfile targets cpu and gpu). With docker, or else buildah (chroot isolation: no daemon
+# needed). BASE_IMAGE, TORCH_INDEX_URL (PyTorch's CPU wheel index, for the cpu target) and CA_BUNDLE
+# (a CA bundle for pip behind a TLS-intercepting proxy, passed as a build secret) are optional.
+IMAGE_TAG ?= kdpipe:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+BASE_IMAGE ?= debian:bookworm-slim
+CA_BUNDLE ?=
+BUILD_ARGS = --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL) \
+	$(if $(CA_BUNDLE),--secret id=ca$(comma)src=$(CA_BUNDLE))
+comma := ,
+image: ## build the cpu and gpu images (docker, else buildah); see the Dockerfile's header
+	@if command -v docker >/dev/null && docker info >/dev/null 2>&1; then \
+	  DOCKER_BUILDKIT=1 docker build --target cpu $(BUILD_ARGS) -t $(IMAGE_TAG)-cpu . && \
+	  DOCKER_BUILDKIT=1 docker build --target gpu $(BUILD_ARGS) -t $(IMAGE_TAG)-gpu . ; \
+	elif command -v buildah >/dev/null; then \
+	  buildah bud --isolation=chroot --layers --target cpu $(BUILD_ARGS) -t $(IMAGE_TAG)-cpu . && \
+	  buildah bud --isolation=chroot --layers --target gpu $(BUILD_ARGS) -t $(IMAGE_TAG)-gpu . ; \
+	else echo "error: 'make image' needs docker (with a running engine) or buildah"; exit 1; fi
+
+constraints: setup ## re-pin docker/constraints.txt from pyproject.toml (every package the images install)
+	$(BIN)/python docker/constraints.py
+
+test-image: setup ## build the cpu image from a local base and run kdpipe in it (needs buildah; minutes)
+	$(BIN)/python -m pytest -q -m image tests/test_image.py
 
 pipeline: setup ## compile the Kubeflow pipeline to pipelines/kdpipe_pipeline.yaml (commit it)
 	KDPIPE_IMAGE=$(KDPIPE_IMAGE) $(BIN)/kdpipe pipeline compile

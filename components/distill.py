@@ -34,7 +34,7 @@ def distill(prepared: Input[Dataset], augmented: Input[Dataset], teacher_model: 
         staging = student.uri.rstrip("/") + ".trainjob"
         job = trainjob.manifest(
             trainjob.job_name(execution_key or student.uri), trainjob.current_namespace(),
-            os.environ.get("KDPIPE_IMAGE_REF") or kubeflow.image(), nodes, gpus,
+            os.environ.get(trainjob.TRAINJOB_IMAGE_ENV) or kubeflow.gpu_image(), nodes, gpus,
             {"prepared": prepared.uri, "augmented": augmented.uri, "teacher": teacher_model.uri}, staging,
             params.model_dump(mode="json"),
             env={"KDPIPE_EXECUTION_KEY": execution_key, "KDPIPE_GIT_COMMIT": git_commit,

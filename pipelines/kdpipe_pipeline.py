@@ -23,10 +23,11 @@ from kfp import compiler, dsl, kubernetes
 from components import augment, data, distill, evaluate, export, prepare, register, select, teacher
 from components.gate import quality_gate_failed
 from kdpipe import kubeflow
-from kdpipe.cluster import MIN_BACKEND, ClusterSettings, load_cluster_settings, parse_version
+from kdpipe.cluster import GPU_TASKS, MIN_BACKEND, ClusterSettings, load_cluster_settings, parse_version
 from kdpipe.devices import EXPECT_GPU_ENV
 from kdpipe.params import Params, load_params
 from kdpipe.tracking import IMAGE_REF_ENV
+from kdpipe.trainjob import TRAINJOB_IMAGE_ENV
 
 PIPELINE_NAME = "kdpipe"
 PACKAGE = Path(__file__).with_name("kdpipe_pipeline.yaml")
@@ -52,6 +53,7 @@ def _gpu_task(task: dsl.PipelineTask, gpus, cluster: ClusterSettings) -> dsl.Pip
     tolerations, and shared memory for data loading and DDP."""
     task.set_accelerator_type(kubeflow.GPU_RESOURCE).set_accelerator_limit(gpus)
     task.set_env_variable(EXPECT_GPU_ENV, "1")  # fail loudly when CUDA is unusable, never train on the CPU
+    task.set_container_image(kubeflow.gpu_image())
     for label, value in cluster.gpu_node_selector.items():
         kubernetes.add_node_selector(task, label, value)
     for toleration in cluster.gpu_tolerations:
@@ -78,7 +80,8 @@ def _cluster_task(task: dsl.PipelineTask, name: str, cluster: ClusterSettings) -
         kubernetes.set_timeout(task, settings.timeout_seconds)
     if cluster.image_pull_secrets:
         kubernetes.set_image_pull_secrets(task, cluster.image_pull_secrets)
-    task.set_env_variable(IMAGE_REF_ENV, kubeflow.image())
+    on_gpu = name in GPU_TASKS and not (name == "distill" and cluster.distill_nodes > 1)
+    task.set_env_variable(IMAGE_REF_ENV, kubeflow.gpu_image() if on_gpu else kubeflow.image())
     return task
 
 
@@ -147,7 +150,8 @@ def build_pipeline(params: "Params | None" = None, cluster: ClusterSettings | No
                        **run)
         if cluster.distill_nodes == 1:
             _gpu_task(dist, gpus, cluster)
-        # else: the task only launches and awaits the multi-node TrainJob, which holds the GPUs
+        else:  # the task only launches and awaits the multi-node TrainJob, whose nodes hold the GPUs
+            dist.set_env_variable(TRAINJOB_IMAGE_ENV, kubeflow.gpu_image())
         if cluster.state_pvc:  # durable resume state: a retried or preempted pod resumes
             kubernetes.mount_pvc(dist, pvc_name=cluster.state_pvc, mount_path=cluster.state_mount)
         sel = select(student=dist.outputs["student"], prepared=prepared, select_params=select_params,

@@ -103,30 +103,39 @@ def package_images(docs: list[dict]) -> set[str]:
     return {e["container"]["image"] for e in docs[0]["deploymentSpec"]["executors"].values()}
 
 
-def with_image(docs: list[dict], image: str) -> list[dict]:
-    """The package with every task's image (and the image name it records in MLflow) set to ``image``."""
+def with_image(docs: list[dict], image: str, gpu_image: str | None = None) -> list[dict]:
+    """The package with its tasks on ``image``, and those given a GPU (and a multi-node TrainJob's
+    nodes) on ``gpu_image`` (default: ``image``); the image names they record in MLflow follow."""
+    from kdpipe.devices import EXPECT_GPU_ENV
     from kdpipe.tracking import IMAGE_REF_ENV
+    from kdpipe.trainjob import TRAINJOB_IMAGE_ENV
 
+    gpu_image = gpu_image or image
     for executor in docs[0]["deploymentSpec"]["executors"].values():
         container = executor["container"]
-        container["image"] = image
-        for variable in container.get("env", []):
-            if variable.get("name") == IMAGE_REF_ENV:
-                variable["value"] = image
+        env = {v.get("name"): v for v in container.get("env", [])}
+        on_gpu = env.get(EXPECT_GPU_ENV, {}).get("value") == "1"
+        container["image"] = gpu_image if on_gpu else image
+        if IMAGE_REF_ENV in env:
+            env[IMAGE_REF_ENV]["value"] = container["image"]
+        if TRAINJOB_IMAGE_ENV in env:
+            env[TRAINJOB_IMAGE_ENV]["value"] = gpu_image
     return docs
 
 
 @contextmanager
-def package_for_cluster(package: str | os.PathLike, image: str | None):
+def package_for_cluster(package: str | os.PathLike, image: str | None, gpu_image: str | None = None):
     """The package to send: ``package`` with its tasks on ``image`` (default ``$KDPIPE_IMAGE``; else the
-    package's own), which must name a registry and a digest. Yields the path of a temporary copy."""
+    package's own) and its GPU tasks on ``gpu_image`` (default ``$KDPIPE_GPU_IMAGE``, else ``image``);
+    each must name a registry and a digest. Yields the path of a temporary copy."""
     from kdpipe.cluster import check_image_for_cluster
 
     with open(package, encoding="utf-8") as fh:
         docs = list(yaml.safe_load_all(fh))
     image = image or os.environ.get("KDPIPE_IMAGE", "").strip() or None
+    gpu_image = gpu_image or os.environ.get("KDPIPE_GPU_IMAGE", "").strip() or None
     if image:
-        docs = with_image(docs, check_image_for_cluster(image))
+        docs = with_image(docs, check_image_for_cluster(image), gpu_image and check_image_for_cluster(gpu_image))
     for ref in sorted(package_images(docs)):
         check_image_for_cluster(ref)
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,10 +154,11 @@ def with_git_commit(package: str | os.PathLike, arguments: dict[str, Any]) -> di
 
 
 def submit(host: str, package: str | os.PathLike, arguments: dict[str, Any], experiment: str = "kdpipe",
-           run_name: str | None = None, namespace: str | None = None, image: str | None = None) -> str:
-    """Create one run of the package on ``image``; returns the run id."""
+           run_name: str | None = None, namespace: str | None = None, image: str | None = None,
+           gpu_image: str | None = None) -> str:
+    """Create one run of the package on ``image`` (GPU tasks on ``gpu_image``); returns the run id."""
     check_server(host)
-    with package_for_cluster(package, image) as sent:
+    with package_for_cluster(package, image, gpu_image) as sent:
         result = client(host, namespace).create_run_from_pipeline_package(
             str(sent), arguments=with_git_commit(sent, arguments), run_name=run_name, experiment_name=experiment,
             namespace=namespace)
@@ -165,13 +175,13 @@ def check_cron(cron: str) -> str:
 
 def schedule(host: str, package: str | os.PathLike, arguments: dict[str, Any], name: str, cron: str,
              experiment: str = "kdpipe", namespace: str | None = None, enable_caching: bool = False,
-             image: str | None = None) -> dict[str, Any]:
+             image: str | None = None, gpu_image: str | None = None) -> dict[str, Any]:
     """Create the recurring run ``name`` on ``image``, replacing any recurring run of that name in the
     experiment (KFP has no update call: the old one is deleted, then the new one created).
     One run at a time, no catch-up. Caching is off by default, so each run reads the data anew."""
     cron = check_cron(cron)
     check_server(host)
-    with package_for_cluster(package, image) as sent:
+    with package_for_cluster(package, image, gpu_image) as sent:
         kfp_client = client(host, namespace)
         experiment_id = kfp_client.create_experiment(experiment, namespace=namespace).experiment_id
         by_name = json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]})

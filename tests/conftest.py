@@ -191,3 +191,13 @@ def without_read_anything_capabilities() -> None:
     for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
         if os.geteuid() == 0 and libc.prctl(24, capability, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Image builds take minutes: they run only when asked for (`-m image`, `make test-image`)."""
+    if "image" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="builds a container image (minutes): run `make test-image`")
+    for item in items:
+        if "image" in item.keywords:
+            item.add_marker(skip)

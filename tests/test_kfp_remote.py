@@ -249,3 +249,17 @@ def test_submit_and_schedule_refuse_an_older_backend(kfp_server, capsys):
     err = capsys.readouterr().err
     assert err.count("older than 2.15.0") == 2 and "Traceback" not in err
     assert not calls(kfp_server, "POST", f"{API}/runs") and not calls(kfp_server, "POST", f"{API}/recurringruns")
+
+
+def test_gpu_tasks_get_the_gpu_image_and_the_others_the_slim_one(kfp_server, capsys):
+    gpu = "registry.example.com/team/kdpipe-gpu@sha256:" + "fedcba9876543210" * 4
+    assert cli.main(["pipeline", "submit", "--host", kfp_server.url, "--gpu-image", gpu]) == 0, capsys.readouterr().err
+    (run,) = calls(kfp_server, "POST", f"{API}/runs")
+    executors = run["pipeline_spec"]["pipeline_spec"]["deploymentSpec"]["executors"]
+    images = {name.removeprefix("exec-"): e["container"]["image"] for name, e in executors.items()}
+    assert {name for name, image in images.items() if image == gpu} == {"teacher", "augment", "distill"}
+    assert {image for name, image in images.items() if image != gpu} == {IMAGE}
+    # what each task records in MLflow is the image it really runs in
+    for name, executor in executors.items():
+        ref = {v["name"]: v["value"] for v in executor["container"]["env"]}["KDPIPE_IMAGE_REF"]
+        assert ref == executor["container"]["image"], name

@@ -52,3 +52,39 @@ def test_local_retraining_opens_a_pull_request_with_the_new_lock_file():
     assert "--body-file retrain-summary.md" in pr["run"]  # the metrics diff is the PR's description
     assert steps["venv cache"]["with"]["path"] == ".venv"
     assert "TORCH_CPU_INDEX" in steps["set up (venv with CPU-only torch, DVC config)"]["run"]
+
+
+def test_release_compiles_the_pipeline_against_the_pushed_images_by_digest():
+    flow = _workflow("release.yml")
+    assert flow["on"]["push"]["tags"] == ["v*"]
+    images = {s.get("id"): s for s in flow["jobs"]["images"]["steps"]}
+    assert images["cpu"]["with"]["target"] == "cpu" and images["gpu"]["with"]["target"] == "gpu"
+    assert images["cpu"]["with"]["push"] is True and "TORCH_INDEX_URL" in images["cpu"]["with"]["build-args"]
+    assert flow["jobs"]["images"]["outputs"] == {"cpu": "${{ steps.cpu.outputs.digest }}",
+                                                 "gpu": "${{ steps.gpu.outputs.digest }}"}
+    steps = {s["name"]: s for s in flow["jobs"]["pipeline"]["steps"] if "name" in s}
+    compile_step = steps["compile the pipeline against the images, by digest"]
+    assert compile_step["env"]["CPU_IMAGE"].endswith("@${{ needs.images.outputs.cpu }}")
+    assert compile_step["env"]["GPU_IMAGE"].endswith("@${{ needs.images.outputs.gpu }}")
+    assert '--image "$CPU_IMAGE" --gpu-image "$GPU_IMAGE"' in compile_step["run"]
+    assert "gh release upload" in steps["release with the compiled pipeline"]["run"]
+
+
+def test_the_release_images_are_accepted_by_submit_and_compile(tmp_path):
+    """What the release step does, here: compile against two digests and check them like submit does."""
+    import subprocess
+    import sys
+
+    from kdpipe.cluster import check_image_for_cluster
+
+    cpu = "registry.example.com/team/kdpipe@sha256:" + "1" * 64
+    gpu = "registry.example.com/team/kdpipe@sha256:" + "2" * 64
+    out = tmp_path / "release.yaml"
+    done = subprocess.run([sys.executable, "-m", "kdpipe.cli", "pipeline", "compile", "--image", cpu, "--gpu-image",
+                           gpu, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in __import__("os").environ.items() if not k.startswith("KDPIPE_")})
+    assert done.returncode == 0, done.stderr
+    spec = next(yaml.safe_load_all(out.read_text()))
+    images = {name: e["container"]["image"] for name, e in spec["deploymentSpec"]["executors"].items()}
+    assert {n for n, i in images.items() if i == gpu} == {"exec-teacher", "exec-augment", "exec-distill"}
+    assert all(check_image_for_cluster(i) for i in images.values())

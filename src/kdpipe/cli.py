@@ -138,6 +138,8 @@ def _pipeline_compile(args: argparse.Namespace) -> None:
 
     if args.image:
         os.environ["KDPIPE_IMAGE"] = args.image  # read when the components are imported
+    if args.gpu_image:
+        os.environ["KDPIPE_GPU_IMAGE"] = args.gpu_image
     pipeline = _pipelines("kdpipe_pipeline")
     try:
         out = pipeline.compile_pipeline(args.out or pipeline.PACKAGE, args.params, args.cluster, args.backend_version)
@@ -172,7 +174,7 @@ def _pipeline_remote_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def _pipeline_submit(args: argparse.Namespace) -> None:
     run_id = _pipelines("remote").submit(args.host, args.package, _pipeline_remote_args(args), args.experiment,
-                                          args.run_name, args.namespace, image=args.image)
+                                          args.run_name, args.namespace, image=args.image, gpu_image=args.gpu_image)
     print(f"pipeline submitted: run {run_id} in experiment {args.experiment!r}")
 
 
@@ -185,7 +187,8 @@ def _pipeline_schedule(args: argparse.Namespace) -> None:
     except ValueError as exc:
         raise KdpipeError(str(exc)) from None
     done = remote.schedule(args.host, args.package, _pipeline_remote_args(args), args.name, args.cron,
-                           args.experiment, args.namespace, enable_caching=args.cache, image=args.image)
+                           args.experiment, args.namespace, enable_caching=args.cache, image=args.image,
+                           gpu_image=args.gpu_image)
     action = f"replaced {len(done['replaced'])}" if done["replaced"] else "created"
     print(f"pipeline scheduled: {args.name!r} ({done['cron']}), recurring run {done['recurring_run_id']} ({action})")
 
@@ -203,6 +206,8 @@ def _add_pipeline_commands(sub) -> None:
                            "GPU-operator clusters")
     comp.add_argument("--image", default=None,
                       help="the image every task runs in (default: $KDPIPE_IMAGE, else kdpipe:<version>)")
+    comp.add_argument("--gpu-image", default=None,
+                      help="the image of the tasks given a GPU (default: $KDPIPE_GPU_IMAGE, else --image)")
     comp.add_argument("--backend-version", default=None, metavar="VERSION",
                       help="the Kubeflow Pipelines backend to compile for; below 2.15 the optional-secret "
                            "fields are left out (every secret must then exist)")
@@ -229,6 +234,9 @@ def _add_pipeline_commands(sub) -> None:
         cmd.add_argument("--image", default=None,
                          help="the image every task runs in, by registry and digest "
                               "(registry.example.com/team/kdpipe@sha256:...); default: $KDPIPE_IMAGE")
+        cmd.add_argument("--gpu-image", default=None,
+                         help="the image of the tasks given a GPU, by registry and digest "
+                              "(default: $KDPIPE_GPU_IMAGE, else --image)")
         cmd.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="group.key=value (params.yaml key) or parameter=value (e.g. data_rev=v2); repeatable")
         if name == "submit":

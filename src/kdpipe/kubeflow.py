@@ -49,6 +49,15 @@ def image() -> str:
     return os.environ.get(IMAGE_ENV, "").strip() or DEFAULT_IMAGE
 
 
+GPU_IMAGE_ENV = "KDPIPE_GPU_IMAGE"
+
+
+def gpu_image() -> str:
+    """The image of the tasks given a GPU (and of a multi-node TrainJob's nodes): ``$KDPIPE_GPU_IMAGE``,
+    else :func:`image` (one image for all: the Dockerfile's gpu target also runs on CPUs)."""
+    return os.environ.get(GPU_IMAGE_ENV, "").strip() or image()
+
+
 # ---------------------------------------------------------------- used inside components
 
 

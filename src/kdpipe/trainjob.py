@@ -40,6 +40,7 @@ RUNTIME = "torch-distributed"
 STORE_SECRET = "kdpipe-object-store"
 STORE_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")
 INPUTS = ("prepared", "augmented", "teacher")
+TRAINJOB_IMAGE_ENV = "KDPIPE_TRAINJOB_IMAGE"  # the nodes' (GPU) image, set on the launching task
 
 
 def node_command(inputs: Mapping[str, str], output: str) -> list[str]:
