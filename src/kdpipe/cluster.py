@@ -23,9 +23,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import KdpipeError
+from .steps.catalog import STEPS
 
-# The step tasks of the pipeline, in order.
-TASKS = ("data", "prepare", "teacher", "augment", "distill", "select", "export", "evaluate", "register")
+# The step tasks of the pipeline, in order: the data task, then every step of the catalog.
+TASKS = ("data", *STEPS)
 GPU_TASKS = ("teacher", "augment", "distill")
 
 # Optional secrets (``secretAsEnv.optional``) are understood from backend 2.15 on: 2.14 rejects the
@@ -62,7 +63,8 @@ def _task(cpu: str, memory: str, memory_limit: str, retries: int, hours: float) 
 
 
 def _default_tasks() -> dict[str, TaskSettings]:
-    return {
+    # a step without an entry here (a new one) gets modest, bounded, retried settings
+    return {name: _task("1", "2Gi", "8Gi", 2, 2) for name in TASKS} | {
         "data": _task("1", "2Gi", "8Gi", 2, 2),
         "prepare": _task("4", "8Gi", "32Gi", 2, 12),
         "teacher": _task("4", "16Gi", "64Gi", 2, 24),
