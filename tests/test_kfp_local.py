@@ -165,3 +165,24 @@ def test_whole_pipeline_runs_locally_and_every_artifact_checks_out(tmp_path, mon
     code_commit = _run(["git", "rev-parse", "HEAD"], Path(__file__).resolve().parents[1])
     assert {r.data.tags["kdpipe.git_commit"] for r in steps} == {code_commit}
     assert {r.data.tags["kdpipe.image"] for r in steps} == {"kdpipe:0.1.0"}
+
+
+def test_a_model_below_the_quality_gate_fails_the_local_run(tmp_path, monkeypatch, capfd):
+    """The gate's other branch runs and fails: the run ends failed, with the reason, and nothing is
+    registered."""
+    repo, _ = dvc_project(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    params = pipeline_params(tmp_path / "params.yaml")
+    root = tmp_path / "kfp"
+    code = cli.main(["pipeline", "run-local", "--params", str(params), "--data-repo", str(repo),
+                     "--pipeline-root", str(root), "-S", "register.min_accuracy=1.0",
+                     "-S", "train.max_iterations=1", "-S", "teacher.max_iterations=1",
+                     "-S", "register.model_name=kfp-gate"])
+    captured = capfd.readouterr()
+    text = captured.out + captured.err
+    assert code != 0
+    assert "quality gate: test accuracy" in text and "below min_accuracy 1.0000" in text
+    (run,) = root.glob("kdpipe-*")
+    assert not (run / "register").exists()  # nothing was registered
+    assert (run / "evaluate" / "evaluation" / "metrics.json").is_file()  # evaluate did run

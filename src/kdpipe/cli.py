@@ -164,7 +164,12 @@ def _pipeline_run_local(args: argparse.Namespace) -> None:
     code_commit = git_commit(Path(local.__file__).resolve().parents[1])  # the kdpipe checkout, not the data's
     arguments = {"data_repo": repo, "data_rev": args.data_rev, "data_version": version, "git_commit": code_commit,
                  "require_tracking_server": bool(os.environ.get("MLFLOW_TRACKING_URI", "").strip())}
-    run_dir = local.run_local(arguments, args.params, args.overrides, args.pipeline_root)
+    try:
+        run_dir = local.run_local(arguments, args.params, args.overrides, args.pipeline_root)
+    except RuntimeError as exc:  # kfp.local: a task failed (its own error is in the output above)
+        import re
+
+        raise KdpipeError(re.sub(r"\x1b\[[0-9;]*m", "", str(exc))) from None
     print(f"pipeline run-local: done -> {run_dir}")
 
 
