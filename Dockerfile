@@ -13,8 +13,8 @@
 # Base image: BASE_IMAGE (default Debian 12 slim, which ships Python 3.11); a locally imported root
 # file system works too. Behind a TLS-intercepting proxy pass its CA bundle as a build secret
 # (`--secret id=ca,src=<bundle>`): it is used by pip during the build and never stored in a layer.
-# Dependencies are pinned by docker/constraints.txt (`make constraints` regenerates it), so two
-# builds of one commit install the same versions.
+# Dependencies are pinned by docker/requirements-{cpu,gpu}.txt (`make constraints` regenerates them),
+# so two builds of one commit install the same versions.
 
 ARG BASE_IMAGE=debian:bookworm-slim
 
@@ -30,22 +30,19 @@ RUN apt-get update \
  && useradd --create-home --uid 10001 --shell /usr/sbin/nologin kdpipe
 WORKDIR /src
 
-# ---- cpu: dependencies first (a layer cached while only the code changes), then kdpipe ----------
+# ---- cpu: CPU-only torch, then every pinned dependency, then kdpipe itself ----------------------
+# Dependencies sit in layers before the code is copied: a code change rebuilds one small layer.
 FROM base AS cpu
 ARG TORCH_INDEX_URL=""
 ARG VERSION=0.1.0
-COPY docker/constraints.txt /tmp/constraints.txt
+COPY docker/requirements-cpu.txt /tmp/requirements.txt
 RUN --mount=type=secret,id=ca,required=false \
     if [ -f /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
- && pip install --constraint /tmp/constraints.txt torch torchvision ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
- && pip install --constraint /tmp/constraints.txt onnxruntime
+ && pip install --constraint /tmp/requirements.txt torch torchvision ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
+ && pip install --requirement /tmp/requirements.txt
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN --mount=type=secret,id=ca,required=false \
-    if [ -f /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
- && pip install --constraint /tmp/constraints.txt '.[cpu]' \
- && pip check \
- && rm -rf /src/build
+RUN pip install --no-deps . && pip check && rm -rf /src/build
 LABEL org.opencontainers.image.title="kdpipe (CPU)" org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0"
 USER 10001
@@ -56,15 +53,13 @@ CMD ["kdpipe", "--help"]
 # ---- gpu: torch's CUDA 13.0 wheels and onnxruntime-gpu for CUDA 13 (never with onnxruntime) ----
 FROM base AS gpu
 ARG VERSION=0.1.0
-COPY docker/constraints.txt /tmp/constraints.txt
+COPY docker/requirements-gpu.txt /tmp/requirements.txt
 RUN --mount=type=secret,id=ca,required=false \
     if [ -f /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
- && pip install --constraint /tmp/constraints.txt torch torchvision
+ && pip install --requirement /tmp/requirements.txt
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN --mount=type=secret,id=ca,required=false \
-    if [ -f /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
- && pip install --constraint /tmp/constraints.txt '.[gpu]' \
+RUN pip install --no-deps . \
  && pip check \
  && python -c "import importlib.metadata as m; d = {x.metadata['Name'].lower() for x in m.distributions()}; \
 assert 'onnxruntime-gpu' in d and 'onnxruntime' not in d, 'onnxruntime and onnxruntime-gpu must not both be installed'" \

@@ -109,8 +109,8 @@ image: ## build the cpu and gpu images (docker, else buildah); see the Dockerfil
 	  buildah bud --isolation=chroot --layers --target gpu $(BUILD_ARGS) -t $(IMAGE_TAG)-gpu . ; \
 	else echo "error: 'make image' needs docker (with a running engine) or buildah"; exit 1; fi
 
-constraints: setup ## re-pin docker/constraints.txt from pyproject.toml (every package the images install)
-	$(BIN)/python docker/constraints.py
+constraints: setup ## re-pin docker/requirements-{cpu,gpu}.txt from pyproject.toml (every package the images install)
+	$(BIN)/python docker/lock.py
 
 test-image: setup ## build the cpu image from a local base and run kdpipe in it (needs buildah; minutes)
 	$(BIN)/python -m pytest -q -m image tests/test_image.py

@@ -78,7 +78,7 @@ def test_kdpipe_runs_in_the_image_as_the_non_root_user(cpu_image):
     assert torch_version.startswith("2.14.1")
     if cpu_image["cpu_torch"]:
         assert cuda == "None"  # CPU-only torch: no CUDA libraries
-    pins = dict(line.split("==") for line in (ROOT / "docker" / "constraints.txt").read_text().splitlines()
+    pins = dict(line.split("==") for line in (ROOT / "docker" / "requirements-cpu.txt").read_text().splitlines()
                 if "==" in line and not line.startswith("#"))
     assert ort == pins["onnxruntime"]  # installed as pinned
 
