@@ -10,12 +10,11 @@ from __future__ import annotations
 import itertools
 import json
 import threading
-import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
+from fake_http import serve
 
 from kdpipe import cli
 
@@ -85,43 +84,13 @@ class FakeKfp:
 def kfp_server():
     fake = FakeKfp()
 
-    class Handler(BaseHTTPRequestHandler):
-        def _serve(self, method: str) -> None:
-            url = urllib.parse.urlsplit(self.path)
-            length = int(self.headers.get("Content-Length") or 0)
-            body = json.loads(self.rfile.read(length)) if length else None
-            query = urllib.parse.parse_qs(url.query)
-            fake.requests.append((method, url.path, query, body, dict(self.headers)))
-            status, payload = fake.handle(method, url.path, query, body)
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def handle(method, path, query, body, headers):
+        fake.requests.append((method, path, query, body, headers))
+        return fake.handle(method, path, query, body)
 
-        def do_GET(self):  # noqa: N802 (http.server's naming)
-            self._serve("GET")
-
-        def do_POST(self):  # noqa: N802
-            self._serve("POST")
-
-        def do_DELETE(self):  # noqa: N802
-            self._serve("DELETE")
-
-        def log_message(self, *args):  # keep the test output quiet
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread.start()
-    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with serve(handle) as url:
+        fake.url = url
         yield fake
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 @pytest.fixture(autouse=True)

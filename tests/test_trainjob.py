@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 import os
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from fake_http import serve
 from test_s3_remote import s3_endpoint as s3_endpoint  # a fixture, used by name
 
 from kdpipe import objectstore, trainjob
@@ -91,45 +90,15 @@ class FakeKubernetes:
 @pytest.fixture
 def kube():
     holder = {}
+    with serve(lambda method, path, query, body, headers: holder["fake"].handle(method, path, body)) as url:
 
-    class Handler(BaseHTTPRequestHandler):
-        def _serve(self, method):
-            length = int(self.headers.get("Content-Length") or 0)
-            body = json.loads(self.rfile.read(length)) if length else None
-            status, payload = holder["fake"].handle(method, self.path.split("?")[0], body)
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+        def api(states):
+            from kubernetes import client
 
-        def do_GET(self):  # noqa: N802
-            self._serve("GET")
+            holder["fake"] = FakeKubernetes(states)
+            return client.CustomObjectsApi(client.ApiClient(client.Configuration(host=url))), holder["fake"]
 
-        def do_POST(self):  # noqa: N802
-            self._serve("POST")
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread.start()
-
-    def api(states):
-        from kubernetes import client
-
-        holder["fake"] = FakeKubernetes(states)
-        config = client.Configuration(host=f"http://127.0.0.1:{server.server_address[1]}")
-        return client.CustomObjectsApi(client.ApiClient(config)), holder["fake"]
-
-    try:
         yield api
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 def test_the_task_launches_the_trainjob_and_waits_until_it_completes(kube):

@@ -1,0 +1,54 @@
+"""A JSON HTTP server on 127.0.0.1 for the tests' fakes of remote APIs (Kubeflow Pipelines, Kubernetes):
+each request goes to ``handle(method, path, query, body, headers) -> (status, payload)``; the server
+is shut down when the ``with`` block ends."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import urllib.parse
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+Handle = Callable[[str, str, dict, "dict | None", dict], "tuple[int, dict]"]
+
+
+@contextlib.contextmanager
+def serve(handle: Handle) -> Iterator[str]:
+    """Serve ``handle``; yields the base URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def _serve(self, method: str) -> None:
+            url = urllib.parse.urlsplit(self.path)
+            length = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(length)) if length else None
+            status, payload = handle(method, url.path, urllib.parse.parse_qs(url.query), body, dict(self.headers))
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):  # noqa: N802 (http.server's naming)
+            self._serve("GET")
+
+        def do_POST(self):  # noqa: N802
+            self._serve("POST")
+
+        def do_DELETE(self):  # noqa: N802
+            self._serve("DELETE")
+
+        def log_message(self, *args):  # keep the test output quiet
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
