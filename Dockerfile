@@ -42,7 +42,8 @@ RUN --mount=type=secret,id=ca,required=false \
  && pip install --requirement /tmp/requirements.txt
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN pip install --no-deps . && pip check && rm -rf /src/build
+# kdpipe alone, built with the pinned setuptools already installed: this layer needs no network
+RUN pip install --no-deps --no-build-isolation . && pip check && rm -rf /src/build
 LABEL org.opencontainers.image.title="kdpipe (CPU)" org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0"
 USER 10001
@@ -59,7 +60,7 @@ RUN --mount=type=secret,id=ca,required=false \
  && pip install --requirement /tmp/requirements.txt
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN pip install --no-deps . \
+RUN pip install --no-deps --no-build-isolation . \
  && pip check \
  && python -c "import importlib.metadata as m; d = {x.metadata['Name'].lower() for x in m.distributions()}; \
 assert 'onnxruntime-gpu' in d and 'onnxruntime' not in d, 'onnxruntime and onnxruntime-gpu must not both be installed'" \
