@@ -321,3 +321,18 @@ def test_best_so_far_keeps_the_peak_and_its_iteration():
     restored = BestSoFar()
     restored.load_state_dict(best.state_dict())
     assert restored.best == best.best and restored.best["teacher"]["accuracy"] == -1.0
+
+
+def test_training_data_is_read_into_ram_when_small_and_stays_mapped_when_large(tiny_pipeline_dirs, monkeypatch):
+    import numpy as np
+
+    from kdpipe.steps import common
+
+    d = tiny_pipeline_dirs
+    in_ram = common.training_data(d["prepared"], d["augmented"])
+    assert not isinstance(in_ram.train_x, np.memmap) and not isinstance(in_ram.labeled_views, np.memmap)
+    mapped = common.training_data(d["prepared"], d["augmented"], in_memory=False)
+    assert isinstance(mapped.train_x, np.memmap) and isinstance(mapped.labeled_views, np.memmap)
+    assert np.array_equal(in_ram.train_x, mapped.train_x)  # the same pixels either way
+    monkeypatch.setattr(common, "IN_MEMORY_LIMIT_BYTES", 0)  # a data set too large for RAM
+    assert isinstance(common.training_data(d["prepared"], d["augmented"]).unlabeled_x, np.memmap)

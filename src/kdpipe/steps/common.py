@@ -9,17 +9,30 @@ import numpy as np
 from ..data import load_prepared
 from ..engine import TrainingData
 
+# An array up to this size is copied into RAM for training (a random batch gathered from a memory map
+# costs a page fault per image); a larger one stays memory-mapped, so memory stays bounded at scale.
+IN_MEMORY_LIMIT_BYTES = 2 * 1024**3
+
+
+def _in_ram(array: np.ndarray, in_memory: bool) -> np.ndarray:
+    """``array`` copied into RAM when asked and small enough; otherwise as it is (mapped)."""
+    if in_memory and isinstance(array, np.memmap) and array.nbytes <= IN_MEMORY_LIMIT_BYTES:
+        return np.array(array)  # a copy: np.asarray of a memory map would still read from the file
+    return array
+
 
 def training_data(prepared_dir: str | os.PathLike, augmented_dir: str | os.PathLike | None = None,
                   in_memory: bool = True, teacher_copy: bool = False) -> TrainingData:
     """The arrays a trainer samples from.
 
-    Small data sets are read into RAM (random batch gathers from a memory map cost a page fault per
-    image); ``in_memory=False`` keeps them mapped. ``augmented_dir`` adds the stored views (and the
+    Arrays up to :data:`IN_MEMORY_LIMIT_BYTES` are read into RAM (random batch gathers from a memory
+    map cost a page fault per image); larger ones, and all with ``in_memory=False``, stay mapped. ``augmented_dir`` adds the stored views (and the
     teacher's cached logits when the augment step wrote them); ``teacher_copy`` adds prepare's
     teacher-resolution arrays when they exist."""
     data = load_prepared(prepared_dir)
-    load = np.asarray if in_memory else (lambda a: a)
+    def load(array: np.ndarray) -> np.ndarray:
+        return _in_ram(array, in_memory)
+
     stored: dict = {}
     if augmented_dir is not None:
         from .augment import load_views
