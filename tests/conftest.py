@@ -16,6 +16,13 @@ def _no_step_tracking(monkeypatch):
     monkeypatch.setenv("KDPIPE_TRACKING", "0")
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(monkeypatch, tmp_path_factory):
+    """kdpipe's cache folder (integrity stamps) inside pytest's temporary folder, never the user's."""
+    monkeypatch.setenv("KDPIPE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "kdpipe-cache"))
+    monkeypatch.delenv("KDPIPE_VERIFY", raising=False)
+
+
 def _noise_rgb(size: tuple[int, int], seed: int) -> np.ndarray:
     width, height = size
     return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)

@@ -96,7 +96,7 @@ def test_altered_prepared_data_is_refused(step, tiny_pipeline_dirs, exported, pa
 
 def test_every_prepared_file_is_covered_by_the_manifest(tiny_pipeline_dirs):
     manifest = json.loads((tiny_pipeline_dirs["prepared"] / "manifest.json").read_text())
-    assert set(ARRAY_FILES) | {"sources.json", "rejected.json"} == set(manifest["files"])
+    assert set(ARRAY_FILES) | {"rows.npy", "sources.json", "rejected.json"} == set(manifest["files"])
     assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in manifest["files"].values())
 
 

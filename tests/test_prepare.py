@@ -50,12 +50,12 @@ def test_end_to_end_outputs_and_manifest(image_dataset, tmp_path):
         "test": {"cat": 2, "dog": 2},
     }
     assert manifest["image_size"] == SIZE
-    assert manifest["params"] == {**make_params().prepare.model_dump(), "teacher_image_size": None}
+    assert manifest["params"] == {**make_params().prepare.model_dump(exclude={"workers"}), "teacher_image_size": None}
     assert manifest["teacher_image_size"] is None  # no teacher-resolution copy for these small images
     assert manifest["kdpipe_version"]
     assert len(manifest["data_version"]) == 64
     assert json.loads((out / "manifest.json").read_text(encoding="utf-8")) == manifest
-    assert set(manifest["files"]) == {*ARRAY_FILES, "sources.json", "rejected.json"}
+    assert set(manifest["files"]) == {*ARRAY_FILES, "rows.npy", "sources.json", "rejected.json"}
     for name, digest in manifest["files"].items():
         assert file_sha256(out / name) == digest
     assert sorted(p.name for p in out.iterdir()) == sorted([*manifest["files"], "manifest.json"])

@@ -43,6 +43,10 @@ def _step(name: str) -> Callable[[argparse.Namespace], Any]:
 
         kwargs = {arg: getattr(args, arg) for arg in catalog.STEPS[name].paths}
         params = _load_params(args)
+        if getattr(args, "verify", False):  # read by every loader of step outputs (kdpipe.integrity)
+            from .integrity import VERIFY_ENV
+
+            os.environ[VERIFY_ENV] = "1"
         if getattr(args, "check", False):  # prepare --check: read and report, write nothing
             return importlib.import_module(f"kdpipe.steps.{name}").run(params, **kwargs, check=True)
         # Where the results go must take them, before any work: the output folder's parent (it is
@@ -305,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
             step.add_argument(f"--{arg.replace('_', '-')}", dest=arg, default=default, help=arg_help)
         step.add_argument("--reports-dir", default=None,
                           help="also copy the step's small reports (metrics, plots) to this folder")
+        if name != "prepare":
+            step.add_argument("--verify", action="store_true",
+                              help="hash every input file again (by default a file whose size, mtime and inode "
+                                   "are unchanged since its hash last matched is trusted)")
         for option, kwargs in catalog.STEPS[name].options.items():
             step.add_argument(f"--{option.replace('_', '-')}", dest=option, **kwargs)
         step.set_defaults(handler=_step(name))

@@ -2,7 +2,8 @@
 
 ``prepare`` writes packed uint8 arrays plus ``manifest.json``, which records the sha256 of every
 file it wrote. :func:`load_prepared` checks those hashes (so a later step never trains on data that
-changed behind DVC's back) and memory-maps the arrays, so large datasets are not read into RAM.
+changed behind DVC's back: a changed file is hashed again, an unchanged one is trusted, see
+:mod:`kdpipe.integrity`) and memory-maps the arrays, so large datasets are not read into RAM.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .errors import DataError, IntegrityError
 MANIFEST = "manifest.json"
 SOURCES = "sources.json"
 REJECTED = "rejected.json"
+ROWS = "rows.npy"  # per output row: the source file's sha256, the pixels' sha256 (prepare reuses rows by them)
 SPLITS = ("train", "val", "unlabeled", "test")
 # Array files, in the order prepare writes them; splits with labels have a matching *_y.npy.
 ARRAY_FILES = (
@@ -52,13 +54,14 @@ class PreparedData:
 
     class_names: list[str]
     image_size: int
-    train_x: np.ndarray
-    train_y: np.ndarray
-    val_x: np.ndarray
-    val_y: np.ndarray
-    unlabeled_x: np.ndarray
-    test_x: np.ndarray
-    test_y: np.ndarray
+    # None for the splits a step did not ask for (``load_prepared(splits=...)``)
+    train_x: np.ndarray | None
+    train_y: np.ndarray | None
+    val_x: np.ndarray | None
+    val_y: np.ndarray | None
+    unlabeled_x: np.ndarray | None
+    test_x: np.ndarray | None
+    test_y: np.ndarray | None
     manifest: dict[str, Any] = field(repr=False)
     # Teacher-resolution copies (``teacher_image_size`` square), or None when prepare wrote none.
     teacher_image_size: int | None = None
@@ -72,8 +75,13 @@ class PreparedData:
         return len(self.class_names)
 
 
-def load_prepared(directory: str | os.PathLike, verify: bool = True, mmap: bool = True) -> PreparedData:
-    """Load a ``prepare`` output folder; with ``verify``, every file must match its manifest hash.
+def load_prepared(directory: str | os.PathLike, verify: bool | None = None, mmap: bool = True,
+                  splits: tuple[str, ...] = SPLITS) -> PreparedData:
+    """Load a ``prepare`` output folder: the arrays of ``splits`` only (the others are None).
+
+    Integrity (see :mod:`kdpipe.integrity`): each file must match its manifest hash; ``verify=None``
+    hashes only files that changed since their hash last matched, ``True`` hashes every one
+    (``--verify``), ``False`` only checks they exist.
 
     Raises :class:`DataError` when the folder or its manifest is missing and :class:`IntegrityError`
     when a file listed in the manifest is missing, altered, or has the wrong shape.
@@ -87,33 +95,38 @@ def load_prepared(directory: str | os.PathLike, verify: bool = True, mmap: bool 
     for name in ARRAY_FILES:
         if name not in files:
             raise IntegrityError(f"{manifest_path}: does not list {name}; re-run the prepare step")
-    _check_files(directory, files, verify)
+    names = [n for n in (*ARRAY_FILES, *TEACHER_COPY_FILES) if n in files and n.split("_")[0] in splits]
+    _check_files(directory, files, names, verify)
 
     mode = "r" if mmap else None
-    names = ARRAY_FILES + tuple(n for n in TEACHER_COPY_FILES if n in files)
     arrays = {name[:-4]: np.load(directory / name, mmap_mode=mode, allow_pickle=False) for name in names}
     teacher_size = manifest.get("teacher_image_size")
+    has_copy = "train_xt.npy" in files and teacher_size
     data = PreparedData(
         class_names=list(manifest["class_names"]),
         image_size=int(manifest["image_size"]),
         manifest=manifest,
-        teacher_image_size=int(teacher_size) if teacher_size and "train_xt" in arrays else None,
-        **arrays,
+        teacher_image_size=int(teacher_size) if has_copy else None,
+        **{f"{split}_{kind}": arrays.get(f"{split}_{kind}") for split in SPLITS for kind in ("x", "y")
+           if split != "unlabeled" or kind == "x"},
+        **{name[:-4]: arrays.get(name[:-4]) for name in TEACHER_COPY_FILES},
     )
     _check_shapes(directory, data)
     return data
 
 
-def _check_files(directory: Path, files: dict[str, str], verify: bool) -> None:
-    for name, expected in sorted(files.items()):
-        path = directory / name
-        if not path.is_file():
-            raise IntegrityError(f"{path}: listed in {MANIFEST} but missing; re-run the prepare step")
-        if verify and file_sha256(path) != expected:
-            raise IntegrityError(
-                f"{path}: content does not match the sha256 recorded in {MANIFEST} "
-                "(modified after prepare?); re-run the prepare step"
-            )
+def _check_files(directory: Path, files: dict[str, str], names: list[str], verify: bool | None) -> None:
+    from .integrity import first_mismatch
+
+    for name in names:
+        if not (directory / name).is_file():
+            raise IntegrityError(f"{directory / name}: listed in {MANIFEST} but missing; re-run the prepare step")
+    changed = first_mismatch(directory, files, names, full=verify)
+    if changed is not None:
+        raise IntegrityError(
+            f"{directory / changed}: content does not match the sha256 recorded in {MANIFEST} "
+            "(modified after prepare?); re-run the prepare step"
+        )
 
 
 def _check_shapes(directory: Path, data: PreparedData) -> None:
@@ -121,6 +134,8 @@ def _check_shapes(directory: Path, data: PreparedData) -> None:
     size = data.image_size
     for split in SPLITS:
         x = getattr(data, f"{split}_x")
+        if x is None:  # not loaded
+            continue
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (size, size, 3):
             raise IntegrityError(
                 f"{directory / f'{split}_x.npy'}: expected uint8 (N, {size}, {size}, 3), got {x.dtype} {x.shape}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import threading
 import warnings
@@ -61,26 +62,36 @@ def _pillow_limits(max_pixels: int) -> Iterator[None]:
 
 
 def decode_image(
-    path: str | os.PathLike, *, max_pixels: int, min_side: int, max_aspect_ratio: float
+    path: str | os.PathLike, *, max_pixels: int, min_side: int, max_aspect_ratio: float,
+    data: bytes | None = None, draft_size: int | None = None,
 ) -> np.ndarray:
     """Decode one image file to an ``HxWx3`` uint8 RGB array, or raise :class:`RejectedImage`.
 
     Animated images give their first frame; EXIF orientation is applied; transparency is
     composited over a white background; 16-bit and float images are scaled (not clipped) to 8 bits.
+
+    ``data``: the file's bytes when the caller has already read them (prepare hashes and decodes
+    one read). ``draft_size``: the image will be resized to this square size, so a JPEG may be
+    decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, several times faster) as long as both
+    sides stay at least this large; other formats decode in full. The geometry checks always use
+    the file's real size.
     """
     path = Path(path)
-    if path.stat().st_size == 0:
+    size = len(data) if data is not None else path.stat().st_size
+    if size == 0:
         raise RejectedImage("zero_byte", "the file is empty (0 bytes)")
     with _pillow_limits(max_pixels):
-        with _open(path) as img:
+        with _open(path if data is None else io.BytesIO(data)) as img:
             _check_geometry(img.size, max_pixels, min_side, max_aspect_ratio)
+            if draft_size and img.format == "JPEG":
+                img.draft("RGB", (draft_size, draft_size))
             _load(img)
             img = _exif_transpose(img)
             return _to_rgb(img)
 
 
 @contextlib.contextmanager
-def _open(path: Path) -> Iterator[Image.Image]:
+def _open(path: Path | io.BytesIO) -> Iterator[Image.Image]:
     try:
         img = Image.open(path)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -216,20 +227,21 @@ def extension_problem(path: Path) -> str | None:
     return f"extension {path.suffix or '(none)'!r} is not one of: {' '.join(sorted(IMAGE_EXTENSIONS))}"
 
 
-def validate_image(path: Path, cfg) -> np.ndarray:
+def validate_image(path: Path, cfg, data: bytes | None = None, draft_size: int | None = None) -> np.ndarray:
     """Decode one candidate file with prepare's rules; raise :class:`RejectedImage` if it is unusable.
 
     ``cfg`` is ``params.prepare``. The one place the acceptance rules live (``prepare`` and
     ``kdpipe ingest`` both call it): an image extension,
     then every check of :func:`kdpipe.imaging.decode_image`; an unreadable file (permissions, I/O
-    errors) is rejected as ``unreadable``.
+    errors) is rejected as ``unreadable``. ``data`` and ``draft_size``: see :func:`decode_image`.
     """
     path = Path(path)
     if (problem := extension_problem(path)) is not None:
         raise RejectedImage("not_an_image", problem)
     try:
         return decode_image(
-            path, max_pixels=cfg.max_image_pixels, min_side=cfg.min_side, max_aspect_ratio=cfg.max_aspect_ratio
+            path, max_pixels=cfg.max_image_pixels, min_side=cfg.min_side, max_aspect_ratio=cfg.max_aspect_ratio,
+            data=data, draft_size=draft_size,
         )
     except OSError as exc:  # permissions, I/O errors
         raise RejectedImage("unreadable", f"cannot read the file: {exc.strerror or exc}") from None

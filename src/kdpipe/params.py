@@ -61,6 +61,7 @@ class PrepareParams(_Group):
     )
     min_side: int = Field(2, ge=1, description="images with a smaller side are rejected")
     max_aspect_ratio: float = Field(20.0, ge=1.0, description="longer/shorter side above this is rejected")
+    workers: int = Field(0, ge=0, le=512, description="processes decoding images; 0 = one per core")
 
 
 class AugmentParams(_Group):

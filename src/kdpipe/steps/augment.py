@@ -166,7 +166,7 @@ def run(params, prepared_dir: str | os.PathLike = PREPARED, out_dir: str | os.Pa
     from ..views import scaled_config, to_nchw
 
     ap = params.augment
-    data = load_prepared(prepared_dir)
+    data = load_prepared(prepared_dir, splits=("train", "unlabeled"))
     teacher = _load_teacher(teacher_dir, params)
     kinds = view_kinds(ap.views, ap.p)
     cfg = AugmentConfig.from_params(ap)
@@ -223,12 +223,14 @@ class StoredSets:
     policy: dict
 
 
-def load_views(augmented_dir: str | os.PathLike, verify: bool = True,
+def load_views(augmented_dir: str | os.PathLike, verify: bool | None = None,
                expected_data_version: str | None = None) -> StoredSets:
-    """Memory-map the stored views (and logits); with ``verify`` their hashes must match policy.json,
-    and with ``expected_data_version`` they must have been made from that prepared data set."""
+    """Memory-map the stored views (and logits). Their hashes must match policy.json (``verify``: as
+    in :func:`kdpipe.data.load_prepared`), and with ``expected_data_version`` they must have been
+    made from that prepared data set."""
     from ..atomic import read_json
     from ..errors import IntegrityError, KdpipeError
+    from ..integrity import first_mismatch
 
     root = Path(augmented_dir)
     if not (root / "policy.json").is_file():
@@ -239,17 +241,16 @@ def load_views(augmented_dir: str | os.PathLike, verify: bool = True,
                              f"(data version {str(policy.get('data_version'))[:12]}, expected "
                              f"{expected_data_version[:12]}); re-run `kdpipe augment`")
     listed = policy.get("files", {})
-    arrays = {}
-    for name in VIEW_FILES + LOGIT_FILES:
-        path = root / name
-        if name in LOGIT_FILES and name not in listed:
-            arrays[name] = None  # made without a teacher
-            continue
-        if not path.is_file() or name not in listed:
-            raise IntegrityError(f"{path}: missing, or not listed in policy.json (re-run `kdpipe augment`)")
-        if verify and file_sha256(path) != listed[name]:
-            raise IntegrityError(f"{path}: content does not match the hash in policy.json (re-run `kdpipe augment`)")
-        arrays[name] = np.load(path, mmap_mode="r")
+    present = [name for name in VIEW_FILES + LOGIT_FILES if name in VIEW_FILES or name in listed]
+    for name in present:  # logits are absent when the views were made without a teacher
+        if not (root / name).is_file() or name not in listed:
+            raise IntegrityError(f"{root / name}: missing, or not listed in policy.json (re-run `kdpipe augment`)")
+    changed = first_mismatch(root, listed, present, full=verify)
+    if changed is not None:
+        raise IntegrityError(f"{root / changed}: content does not match the hash in policy.json "
+                             "(re-run `kdpipe augment`)")
+    arrays = {name: np.load(root / name, mmap_mode="r") if name in present else None
+              for name in VIEW_FILES + LOGIT_FILES}
     kinds = policy.get("view_kinds") or ["strong"] * arrays[VIEW_FILES[0]].shape[1]
     return StoredSets(arrays[VIEW_FILES[0]], arrays[VIEW_FILES[1]], list(kinds), arrays[LOGIT_FILES[0]],
                       arrays[LOGIT_FILES[1]], policy)

@@ -29,7 +29,7 @@ def training_data(prepared_dir: str | os.PathLike, augmented_dir: str | os.PathL
     map cost a page fault per image); larger ones, and all with ``in_memory=False``, stay mapped. ``augmented_dir`` adds the stored views (and the
     teacher's cached logits when the augment step wrote them); ``teacher_copy`` adds prepare's
     teacher-resolution arrays when they exist."""
-    data = load_prepared(prepared_dir)
+    data = load_prepared(prepared_dir, splits=("train", "val", "unlabeled"))
     def load(array: np.ndarray) -> np.ndarray:
         return _in_ram(array, in_memory)
 

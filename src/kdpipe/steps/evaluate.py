@@ -37,7 +37,7 @@ def run(params, export_dir: str | os.PathLike = EXPORTED, prepared_dir: str | os
     from ..onnx_utils import check_onnx
 
     cfg = params.evaluate
-    data = load_prepared(prepared_dir, verify=True)
+    data = load_prepared(prepared_dir, splits=("test",))
     if len(data.test_x) == 0:
         raise KdpipeError(f"{prepared_dir}: the test split is empty; add images under <data root>/test/<class>/ "
                           "and re-run prepare")

@@ -67,7 +67,7 @@ def run(params, selected_dir: str | os.PathLike = SELECTED, prepared_dir: str | 
     from ..data import load_prepared
 
     cfg = params.export
-    data = load_prepared(prepared_dir)
+    data = load_prepared(prepared_dir, splits=("train", "val"))
     model_path = Path(selected_dir) / "model.pt"
     model, ckpt = checkpoints.load_model(model_path)
     _check_compatible(model_path, ckpt, data)
@@ -219,6 +219,14 @@ def compare_int8(fp32_path: Path, int8_path: Path, data) -> dict[str, Any]:
 # ---------------------------------------------------------------- sidecar
 
 
+def jpeg_draft_size(manifest: dict[str, Any]) -> int | None:
+    """The draft size prepare used (None for data prepared before draft decoding)."""
+    decoding = manifest.get("decoding") or {}
+    if not decoding:
+        return None
+    return max(int(decoding["image_size"]), int(decoding.get("teacher_size") or 0))
+
+
 def preprocess_spec(data, params) -> dict[str, Any]:
     """``preprocess.json``: everything needed to feed the graph exactly like the training data."""
     from ..onnx_utils import INPUT_NAME, OUTPUT_NAME
@@ -231,6 +239,9 @@ def preprocess_spec(data, params) -> dict[str, Any]:
                   "no crop; kdpipe.imaging.resize_square",
         "decode": "kdpipe.imaging.decode_image: EXIF orientation applied, alpha over white, RGB",
         "decode_limits": {k: prep[k] for k in ("max_image_pixels", "min_side", "max_aspect_ratio")},
+        # prepare decodes a JPEG at a reduced scale no smaller than this (libjpeg DCT scaling); predict
+        # does the same so its pixels match the training data's exactly
+        "jpeg_draft_size": jpeg_draft_size(data.manifest),
         "input": "float32 NCHW RGB in [0,1]",
         "normalization": "inside the graph",
         "class_names": list(data.class_names),

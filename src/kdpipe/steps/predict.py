@@ -110,7 +110,7 @@ def _decode(path: Path, spec: dict[str, Any]) -> np.ndarray:
 
     limits = {**PrepareParams().model_dump(), **(spec.get("decode_limits") or {})}
     rgb = decode_image(path, max_pixels=int(limits["max_image_pixels"]), min_side=int(limits["min_side"]),
-                       max_aspect_ratio=float(limits["max_aspect_ratio"]))
+                       max_aspect_ratio=float(limits["max_aspect_ratio"]), draft_size=spec.get("jpeg_draft_size"))
     return resize_square(rgb, int(spec["image_size"]))
 
 

@@ -28,6 +28,7 @@ byte-identical for the same input and params.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -43,10 +44,12 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import __version__
-from ..atomic import allocated_memmap, atomic_dir, write_json
-from ..data import ARRAY_FILES, MANIFEST, REJECTED, SOURCES, TEACHER_COPY_FILES, file_sha256
-from ..errors import DataError
-from ..imaging import RejectedImage, extension_problem, resize_square, validate_image
+from ..atomic import allocated_memmap, atomic_dir, read_json, write_json
+from ..data import ARRAY_FILES, MANIFEST, REJECTED, ROWS, SOURCES, SPLITS, TEACHER_COPY_FILES, file_sha256
+from ..decoding import DECODE_VERSION, DecodeSettings, Spool, decode_files, worker_count
+from ..errors import DataError, KdpipeError
+from ..imaging import extension_problem
+from ..integrity import record_verified
 from ..params import Params, PrepareParams
 from ..walk import Walker, name_bytes, shown
 
@@ -57,7 +60,7 @@ _SOURCE_ORDER = {"labeled": 0, "test": 1, "unlabeled": 2}
 _COPY_CHUNK = 1024  # rows copied at a time from the decode spool into the output arrays
 
 
-@dataclass
+@dataclass(slots=True)  # slots: a million of these must stay small
 class _Item:
     """One candidate image file."""
 
@@ -67,7 +70,9 @@ class _Item:
     label: str | None  # class name; None for unlabeled
     file_hash: str = ""
     pixel_hash: str = ""  # sha256 of the resized uint8 pixels: identical images in any format match
-    row: int = -1  # row in the decode spool
+    # Where its pixels are: ("spool", row) when decoded now, (split, row) in the previous output when
+    # reused; None when rejected.
+    origin: tuple[str, int] | None = None
     larger: bool = False  # both sides of the source image exceed prepare.image_size
 
     def sort_key(self) -> tuple[int, str]:
@@ -92,14 +97,32 @@ class _Rejects:
 
 def run(
     params: Params, data_root: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
-    check: bool = False,
+    check: bool = False, reuse: bool = True,
 ) -> dict:
     """Run the prepare step; return the manifest (also written to ``<out_dir>/manifest.json``).
 
     With ``check``, everything is read, decoded, de-duplicated and split as usual and the summary
-    printed, but nothing is written (``kdpipe prepare --check``: is my data usable, and how?)."""
+    printed, but nothing is written (``kdpipe prepare --check``: is my data usable, and how?).
+
+    Images decoded by the previous prepare into ``out_dir`` (same decoding settings) are taken from
+    there by their file's sha256 instead of being decoded again (``reuse``); the outputs are the
+    same bytes either way."""
     root = Path(data_root if data_root is not None else params.data.root)
     out = Path(out_dir if out_dir is not None else params.data.prepared)
+    if not reuse:
+        return _run(params, root, out, check, reuse=False)
+    try:
+        return _run(params, root, out, check, reuse=True)
+    except _DecodeEverything:
+        log.info("prepare: a teacher-resolution copy is now needed; decoding every image again")
+        return _run(params, root, out, check, reuse=False)
+
+
+class _DecodeEverything(Exception):
+    """Reused images lack the teacher-resolution copy that the new data set needs."""
+
+
+def _run(params: Params, root: Path, out: Path, check: bool, reuse: bool) -> dict:
     rejects = _Rejects()
     class_names, items = _scan(root, rejects)
     if not check:
@@ -107,9 +130,10 @@ def run(
     cfg = params.prepare
 
     teacher_size = _teacher_size(params)
+    previous = _Previous.find(out, _decode_settings(cfg, teacher_size)) if reuse else None
     workspace = tempfile.TemporaryDirectory(prefix="kdpipe-prepare-check-") if check else None
     with (contextlib.nullcontext(Path(workspace.name)) if check else atomic_dir(out)) as tmp:
-        spool, teacher_spool = _decode_all(items, cfg, teacher_size, tmp, rejects)
+        spool, teacher_spool = _decode_all(items, cfg, teacher_size, tmp, rejects, previous)
         kept = _dedupe(items, rejects)
         _require_each_class(root, class_names, kept, rejects)
         labeled = [i for i in kept if i.split == "labeled"]
@@ -121,10 +145,19 @@ def run(
             "test": [i for i in kept if i.split == "test"],
         }
         copy_size = teacher_size if teacher_size and _mostly_larger(kept) else None
+        if copy_size and previous is not None and not previous.has_teacher_copy:
+            # The new images tipped the balance: a teacher-resolution copy is now kept, and the reused
+            # images have none, so everything is decoded again (rare: once, when it happens).
+            raise _DecodeEverything  # leaves atomic_dir: its temporary folder goes, the output stays
         if not check:
-            _write_arrays(tmp, spool, splits, class_names, cfg.image_size)
+            sources = {"spool": spool, **(previous.arrays("x") if previous else {})}
+            _write_arrays(tmp, sources, splits, class_names, cfg.image_size)
             if copy_size:
-                _write_teacher_copy(tmp, teacher_spool, splits, copy_size)
+                _write_teacher_copy(tmp, {"spool": teacher_spool, **(previous.arrays("xt") if previous else {})},
+                                    splits, copy_size)
+            _write_rows(tmp, splits)
+        if previous is not None:
+            previous.close()
         del spool, teacher_spool
         for name in (".spool.npy", ".spool_t.npy"):
             (tmp / name).unlink(missing_ok=True)
@@ -137,6 +170,8 @@ def run(
             write_json(tmp / MANIFEST, manifest)
     if workspace is not None:
         workspace.cleanup()
+    else:
+        record_verified(out, manifest["files"])  # just hashed: the next steps need not read them again
     for line in summary_lines(manifest, rejects.sorted(), None if check else out):
         print(line)
     return manifest
@@ -258,35 +293,93 @@ def _teacher_size(params: Params) -> int | None:
     return int(size) if size and size > params.prepare.image_size else None
 
 
-def _open_spool(path: Path, rows: int, size: int) -> np.ndarray:
-    return allocated_memmap(path, np.uint8, (max(rows, 1), size, size, 3))
+def _decode_settings(cfg: PrepareParams, teacher_size: int | None) -> DecodeSettings:
+    return DecodeSettings(image_size=cfg.image_size, teacher_size=teacher_size, max_image_pixels=cfg.max_image_pixels,
+                          min_side=cfg.min_side, max_aspect_ratio=cfg.max_aspect_ratio)
 
 
 def _decode_all(items: list[_Item], cfg: PrepareParams, teacher_size: int | None, tmp: Path,
-                rejects: _Rejects) -> tuple[np.ndarray, np.ndarray | None]:
-    """Decode and resize every candidate into disk-backed spools (bounded memory); drop failures.
+                rejects: _Rejects, previous: _Previous | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Decode and resize every candidate into disk-backed spools (bounded memory, every core); drop
+    failures. Files the previous output already holds are only hashed (their rows are copied later).
 
     The second spool (teacher resolution) exists only when a teacher-resolution copy may be needed."""
-    size = cfg.image_size
-    spool = _open_spool(tmp / ".spool.npy", len(items), size)
-    teacher_spool = _open_spool(tmp / ".spool_t.npy", len(items), teacher_size) if teacher_size else None
-    progress = tqdm(items, desc="prepare: decoding", unit="img", disable=not sys.stderr.isatty())
-    for row, item in enumerate(progress):
-        try:
-            arr = validate_image(item.path, cfg)
-            item.file_hash = file_sha256(item.path)
-        except RejectedImage as exc:
-            rejects.add(item.rel, item.split, exc.reason, exc.detail)
+    settings = _decode_settings(cfg, teacher_size)
+    spool = Spool.create(tmp / ".spool.npy", len(items), cfg.image_size)
+    teacher_spool = Spool.create(tmp / ".spool_t.npy", len(items), teacher_size) if teacher_size else None
+    outcomes = decode_files([os.fsdecode(i.path) for i in items], settings, spool, teacher_spool,
+                            previous.file_hashes() if previous else (), worker_count(cfg.workers))
+    progress = tqdm(zip(items, outcomes), total=len(items), desc="prepare: decoding", unit="img",
+                    disable=not sys.stderr.isatty())
+    for row, (item, outcome) in enumerate(progress):
+        if outcome.rejected:
+            rejects.add(item.rel, item.split, outcome.reason, outcome.detail)
             continue
-        small = resize_square(arr, size)
-        spool[row] = small
-        if teacher_spool is not None:
-            teacher_spool[row] = resize_square(arr, teacher_size)
-        item.larger = min(arr.shape[0], arr.shape[1]) > size
-        item.pixel_hash = hashlib.sha256(small.tobytes()).hexdigest()
-        item.row = row
-    items[:] = [i for i in items if i.row >= 0]
-    return spool, teacher_spool
+        item.file_hash = outcome.file_hash
+        if outcome.reused:
+            item.origin, item.pixel_hash, item.larger = previous.record(outcome.file_hash)
+        else:
+            item.origin, item.pixel_hash, item.larger = ("spool", row), outcome.pixel_hash, outcome.larger
+    items[:] = [i for i in items if i.origin is not None]
+    reused = sum(1 for i in items if i.origin[0] != "spool")
+    if previous is not None:
+        print(f"prepare: {reused} image(s) reused from the previous output, {len(items) - reused} decoded")
+    return spool.open(), teacher_spool.open() if teacher_spool else None
+
+
+class _Previous:
+    """The previous prepare's output, as a source of already decoded images (by file sha256).
+
+    Used only when it was made with the same decoding settings and passes the integrity check;
+    otherwise everything is decoded (and that is said in the log, not an error)."""
+
+    def __init__(self, manifest: dict, data, rows: np.ndarray):
+        self.has_teacher_copy = data.train_xt is not None
+        self._data = data
+        order = np.argsort(rows["file"], kind="stable")
+        self._hashes, self._rows = rows["file"][order], rows[order]
+        self._position = order  # row in the concatenated splits
+        counts = [int(manifest["counts"][name]) for name in SPLITS]
+        self._starts = np.cumsum([0, *counts])
+
+    @classmethod
+    def find(cls, out: Path, settings: DecodeSettings) -> _Previous | None:
+        from ..data import load_prepared
+
+        if not (out / MANIFEST).is_file() or not (out / ROWS).is_file():
+            return None
+        try:
+            manifest = read_json(out / MANIFEST)
+            if manifest.get("decoding") != _decoding_record(settings):
+                log.info("prepare: %s was decoded with other settings; decoding every image", shown(out))
+                return None
+            data = load_prepared(out)
+            return cls(manifest, data, np.load(out / ROWS, allow_pickle=False))
+        except (KdpipeError, OSError, ValueError, KeyError) as exc:
+            log.info("prepare: not reusing %s (%s); decoding every image", shown(out), exc)
+            return None
+
+    def file_hashes(self) -> list[str]:
+        return [h.decode() for h in self._hashes]
+
+    def record(self, file_hash: str) -> tuple[tuple[str, int], str, bool]:
+        """The image's place in the previous output, its pixel sha256 and whether it is larger."""
+        at = int(np.searchsorted(self._hashes, file_hash.encode()))
+        row = self._rows[at]
+        position = int(self._position[at])
+        k = int(np.searchsorted(self._starts, position, side="right")) - 1
+        return (SPLITS[k], position - int(self._starts[k])), row["pixel"].decode(), bool(row["larger"])
+
+    def arrays(self, kind: str) -> dict[str, np.ndarray]:
+        return {name: getattr(self._data, f"{name}_{kind}") for name in SPLITS}
+
+    def close(self) -> None:
+        self._data = None
+
+
+def _decoding_record(settings: DecodeSettings) -> dict[str, Any]:
+    """What decides the decoded pixels and which files are accepted (reuse requires all equal)."""
+    return {"version": DECODE_VERSION, **dataclasses.asdict(settings)}
 
 
 def _mostly_larger(kept: list[_Item]) -> bool:
@@ -373,30 +466,44 @@ def _stratified_split(
 # ---------------------------------------------------------------- outputs
 
 
-def _write_arrays(
-    out: Path, spool: np.ndarray, splits: dict[str, list[_Item]], class_names: list[str], size: int
-) -> None:
+def _write_arrays(out: Path, sources: dict[str, np.ndarray], splits: dict[str, list[_Item]],
+                  class_names: list[str], size: int) -> None:
     index = {name: k for k, name in enumerate(class_names)}
     for name, members in splits.items():
-        _save_rows(out / f"{name}_x.npy", spool, [i.row for i in members], size)
+        _save_rows(out / f"{name}_x.npy", sources, [i.origin for i in members], size)
         if name != "unlabeled":
             np.save(out / f"{name}_y.npy", np.array([index[i.label] for i in members], dtype=np.int64))
 
 
-def _write_teacher_copy(out: Path, teacher_spool: np.ndarray, splits: dict[str, list[_Item]], size: int) -> None:
+def _write_teacher_copy(out: Path, sources: dict[str, np.ndarray], splits: dict[str, list[_Item]], size: int) -> None:
     for name, members in splits.items():
-        _save_rows(out / f"{name}_xt.npy", teacher_spool, [i.row for i in members], size)
+        _save_rows(out / f"{name}_xt.npy", sources, [i.origin for i in members], size)
 
 
-def _save_rows(path: Path, spool: np.ndarray, rows: list[int], size: int) -> None:
-    """Write spool rows as a standard .npy (same bytes as np.save), in chunks to bound memory."""
-    shape = (len(rows), size, size, 3)
-    if not rows:  # np.memmap cannot map a zero-length array
+# One record per output row (splits in SPLITS order): what the next prepare needs to reuse the row.
+ROW_RECORD = np.dtype([("file", "S64"), ("pixel", "S64"), ("larger", "?")])
+
+
+def _write_rows(out: Path, splits: dict[str, list[_Item]]) -> None:
+    members = [i for name in SPLITS for i in splits[name]]
+    rows = np.array([(i.file_hash.encode(), i.pixel_hash.encode(), i.larger) for i in members], dtype=ROW_RECORD)
+    np.save(out / ROWS, rows)
+
+
+def _save_rows(path: Path, sources: dict[str, np.ndarray], origins: list[tuple[str, int]], size: int) -> None:
+    """Write the rows named by ``origins`` (source array, row) as a standard .npy (same bytes as
+    np.save), in chunks to bound memory; rows from one source are gathered in one indexing call."""
+    shape = (len(origins), size, size, 3)
+    if not origins:  # np.memmap cannot map a zero-length array
         np.save(path, np.zeros(shape, dtype=np.uint8))
         return
     dest = allocated_memmap(path, np.uint8, shape)
-    for start in range(0, len(rows), _COPY_CHUNK):
-        dest[start : start + _COPY_CHUNK] = spool[rows[start : start + _COPY_CHUNK]]
+    for start in range(0, len(origins), _COPY_CHUNK):
+        chunk = origins[start:start + _COPY_CHUNK]
+        for source in {name for name, _ in chunk}:
+            at = [k for k, (name, _) in enumerate(chunk) if name == source]
+            rows = [chunk[k][1] for k in at]
+            dest[[start + k for k in at]] = sources[source][rows]
     dest.flush()
     del dest
 
@@ -429,7 +536,7 @@ def _manifest(
         for name in ("train", "val", "test")
     }
     copies = TEACHER_COPY_FILES if teacher_copy_size else ()
-    files = {name: file_sha256(out / name) for name in (*ARRAY_FILES, *copies, SOURCES, REJECTED)}
+    files = {name: file_sha256(out / name) for name in (*ARRAY_FILES, *copies, ROWS, SOURCES, REJECTED)}
     return {
         "class_names": class_names,
         "counts": counts,
@@ -439,7 +546,9 @@ def _manifest(
         "teacher_image_size": teacher_copy_size,
         "data_version": _data_version(kept),
         "files": files,
-        "params": {**params.prepare.model_dump(), "teacher_image_size": params.teacher.image_size},
+        # workers is left out: it changes how fast, never what (the outputs are the same bytes)
+        "params": {**params.prepare.model_dump(exclude={"workers"}), "teacher_image_size": params.teacher.image_size},
+        "decoding": _decoding_record(_decode_settings(params.prepare, _teacher_size(params))),
         "kdpipe_version": __version__,
     }
 

@@ -44,7 +44,7 @@ def run(params, distill_dir: str | os.PathLike = DISTILL, prepared_dir: str | os
     from ..data import load_prepared
 
     cfg = params.select
-    data = load_prepared(prepared_dir)
+    data = load_prepared(prepared_dir, splits=("val",))
     paths, excluded = _candidate_paths(Path(distill_dir))
     candidates = [measure(name, path, data, cfg.latency_runs, params.export.opset) for name, path in paths]
     limits = {"max_params": cfg.max_params, "max_latency_ms": cfg.max_latency_ms}

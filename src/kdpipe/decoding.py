@@ -1,0 +1,210 @@
+"""Decoding prepare's candidate files on every core, straight into disk-backed spools.
+
+Each file is read once: the same bytes give its sha256 (the file's identity, used for the data
+version and for reuse) and its pixels. A file whose sha256 is in ``known`` (decoded by an earlier
+prepare whose output is still there) is only hashed, not decoded: that is what makes a prepare after
+``kdpipe ingest`` cost about as much as the new images.
+
+Workers write the resized pixels into the spool files themselves (``os.pwrite`` at the row's
+offset), so only a few bytes of metadata per image travel back to the parent and memory does not
+grow with the data set; a full disk is an ``OSError`` naming the spool, never a SIGBUS. The results
+come back in input order, whatever the number of workers, so the outputs are identical for any
+``prepare.workers``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+from .imaging import RejectedImage, resize_square, validate_image
+
+# Bump when the decoded pixels of the same file change (e.g. draft decoding came in with version 2):
+# an earlier prepare's rows are then not reused.
+DECODE_VERSION = 2
+_TASKS_PER_CALL = 16  # files per round trip to a worker: amortises the inter-process overhead
+_CALLS_IN_FLIGHT_PER_WORKER = 4  # bounded look-ahead: memory stays flat however many files there are
+SERIAL_BELOW = 64  # fewer files than this decode in-process (starting workers would cost more)
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """What decides whether a file is accepted and what its pixels become (prepare's settings)."""
+
+    image_size: int
+    teacher_size: int | None
+    max_image_pixels: int
+    min_side: int
+    max_aspect_ratio: float
+
+
+@dataclass(frozen=True)
+class Spool:
+    """A ``.npy`` file of ``(rows, size, size, 3)`` uint8 that workers fill row by row.
+
+    Created sparse: rows never written (rejected or reused files) take no disk space."""
+
+    path: str
+    offset: int  # bytes before the first row (the .npy header)
+    size: int
+
+    @property
+    def row_bytes(self) -> int:
+        return self.size * self.size * 3
+
+    @classmethod
+    def create(cls, path: Path, rows: int, size: int) -> Spool:
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(max(rows, 1), size, size, 3))
+        offset = int(array.offset)
+        del array
+        return cls(str(path), offset, size)
+
+    def open(self) -> np.ndarray:
+        return np.load(self.path, mmap_mode="r")
+
+    def write(self, fd: int, row: int, pixels: np.ndarray) -> None:
+        data = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
+        written = os.pwrite(fd, data, self.offset + row * self.row_bytes)
+        if written != len(data):  # a short write: the file system is full
+            raise OSError(28, "short write (no space left on the device?)", self.path)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one file: rejected (``reason``, ``detail``), reused (known hash) or decoded."""
+
+    file_hash: str = ""
+    reason: str = ""
+    detail: str = ""
+    reused: bool = False
+    larger: bool = False  # both sides of the source exceed image_size
+    pixel_hash: str = ""  # sha256 of the image_size pixels (identical images in any format match)
+
+    @property
+    def rejected(self) -> bool:
+        return bool(self.reason)
+
+
+@dataclass(frozen=True)
+class _Job:
+    settings: DecodeSettings
+    spool: Spool
+    teacher_spool: Spool | None
+    known: np.ndarray  # sorted sha256 hex digests (bytes) of files that need no decoding
+
+
+_JOB: _Job | None = None  # the job of this process (set in every worker, and in-process when serial)
+_FDS: dict[str, int] = {}
+
+
+def _start(job: _Job) -> None:
+    global _JOB
+    _JOB = job
+    _FDS.clear()
+
+
+def _fd(spool: Spool) -> int:
+    if spool.path not in _FDS:
+        _FDS[spool.path] = os.open(spool.path, os.O_WRONLY)
+    return _FDS[spool.path]
+
+
+def _is_known(file_hash: str) -> bool:
+    known = _JOB.known
+    key = file_hash.encode()
+    at = int(np.searchsorted(known, key))
+    return at < len(known) and known[at] == key
+
+
+def _decode_one(row: int, path: str) -> Outcome:
+    job = _JOB
+    settings = job.settings
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        return Outcome(reason="unreadable", detail=f"cannot read the file: {exc.strerror or exc}")
+    file_hash = hashlib.sha256(data).hexdigest()
+    if _is_known(file_hash):
+        return Outcome(file_hash=file_hash, reused=True)
+    largest = max(settings.image_size, settings.teacher_size or 0)
+    try:
+        rgb = validate_image(Path(path), settings, data=data, draft_size=largest)
+    except RejectedImage as exc:
+        return Outcome(file_hash=file_hash, reason=exc.reason, detail=exc.detail)
+    small = resize_square(rgb, settings.image_size)
+    job.spool.write(_fd(job.spool), row, small)
+    if job.teacher_spool is not None:
+        job.teacher_spool.write(_fd(job.teacher_spool), row, resize_square(rgb, settings.teacher_size))
+    return Outcome(file_hash=file_hash, larger=min(rgb.shape[0], rgb.shape[1]) > settings.image_size,
+                   pixel_hash=hashlib.sha256(small.tobytes()).hexdigest())
+
+
+def _decode_many(tasks: list[tuple[int, str]]) -> list[Outcome]:
+    return [_decode_one(row, path) for row, path in tasks]
+
+
+def worker_count(setting: int) -> int:
+    """``prepare.workers``: 0 means every core this process may run on."""
+    if setting > 0:
+        return setting
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def decode_files(paths: list[str], settings: DecodeSettings, spool: Spool, teacher_spool: Spool | None,
+                 known: Iterable[str], workers: int) -> Iterator[Outcome]:
+    """Decode ``paths[i]`` into row ``i`` of the spools; yield one :class:`Outcome` per path, in order."""
+    job = _Job(settings, spool, teacher_spool, np.array(sorted(h.encode() for h in known), dtype="S64"))
+    tasks = list(enumerate(paths))
+    if workers <= 1 or len(paths) < SERIAL_BELOW:
+        yield from _decode_serially(job, tasks)
+    else:
+        yield from _decode_in_pool(job, tasks, workers)
+
+
+def _decode_serially(job: _Job, tasks: list[tuple[int, str]]) -> Iterator[Outcome]:
+    _start(job)
+    try:
+        for row, path in tasks:
+            yield _decode_one(row, path)
+    finally:
+        _close_fds()
+
+
+def _decode_in_pool(job: _Job, tasks: list[tuple[int, str]], workers: int) -> Iterator[Outcome]:
+    # forkserver/spawn, not fork: the parent may hold threads (progress bars, torch) whose locks a
+    # forked child would inherit held.
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(method)
+    chunks = iter(lambda it=iter(tasks): list(islice(it, _TASKS_PER_CALL)), [])
+    try:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_start, initargs=(job,)) as pool:
+            pending: deque = deque()
+            for chunk in chunks:
+                pending.append(pool.submit(_decode_many, chunk))
+                if len(pending) >= workers * _CALLS_IN_FLIGHT_PER_WORKER:
+                    yield from pending.popleft().result()
+            while pending:
+                yield from pending.popleft().result()
+    except BrokenProcessPool:
+        raise DataError("prepare: a decoding process died (out of memory?); run again with prepare.workers=1 "
+                        "to decode in one process, or with fewer workers") from None
+
+
+def _close_fds() -> None:
+    for fd in _FDS.values():
+        os.close(fd)
+    _FDS.clear()

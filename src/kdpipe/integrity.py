@@ -1,0 +1,113 @@
+"""Checking step outputs against their recorded sha256, hashing each file once rather than at every load.
+
+A step records the sha256 of every file it writes (prepare in ``manifest.json``, augment in
+``policy.json``). Hashing them again at every load costs a full read of the data set per step (and
+per DDP rank): about 150 GB at a million 224-pixel images. So a file is hashed when it is produced
+and whenever it is handed over (a DVC checkout, a copy, an edit: any of them gives the file a new
+mtime or inode); after a full hash matches, its size, mtime and inode are remembered in a stamp, and
+while they stay the same the file is trusted without reading it. ``kdpipe <step> --verify`` (or
+``KDPIPE_VERIFY=1``) hashes everything regardless.
+
+The stamps live in kdpipe's cache folder (``$KDPIPE_CACHE_DIR``, else ``$XDG_CACHE_HOME/kdpipe``,
+else ``~/.cache/kdpipe``), not beside the data: a folder DVC tracks must not change under it. A
+stamp that cannot be written only means the next load hashes again.
+
+Like git's index, a stamp taken less than :data:`RACY_SECONDS` after the file's last change is not
+trusted: file times have a coarse clock, so a second same-size write inside that window could keep
+the recorded mtime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+RACY_SECONDS = 2.0
+VERIFY_ENV = "KDPIPE_VERIFY"
+
+
+def cache_dir() -> Path:
+    """kdpipe's cache folder (see the module docstring)."""
+    if os.environ.get("KDPIPE_CACHE_DIR"):
+        return Path(os.environ["KDPIPE_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kdpipe"
+
+
+def full_verification_requested() -> bool:
+    return os.environ.get(VERIFY_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _stamp_path(directory: Path) -> Path:
+    key = hashlib.sha256(os.fsencode(os.path.realpath(directory))).hexdigest()[:32]
+    return cache_dir() / "verified" / f"{key}.json"
+
+
+def _identity(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _read_stamps(directory: Path) -> dict:
+    try:
+        stamps = json.loads(_stamp_path(directory).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return stamps.get("files", {}) if isinstance(stamps, dict) else {}
+
+
+def _trusted(stamp: dict | None, path: Path, expected: str) -> bool:
+    if not stamp or stamp.get("sha256") != expected:
+        return False
+    identity = _identity(path)
+    racy = stamp.get("stamped_ns", 0) - identity[1] < RACY_SECONDS * 1e9
+    return stamp.get("identity") == identity and not racy
+
+
+def first_mismatch(directory: str | os.PathLike, expected: dict[str, str], names: Iterable[str],
+                   full: bool | None = None) -> str | None:
+    """The first of ``names`` (files of ``directory``) whose sha256 differs from ``expected``, or None.
+
+    ``full``: hash every file (True), trust unchanged stamped files (None: the default, unless
+    ``KDPIPE_VERIFY`` is set), or check nothing (False). Files are assumed to exist."""
+    if full is False:
+        return None
+    from .data import file_sha256
+
+    full = full or full_verification_requested()
+    directory = Path(directory)
+    stamps = {} if full else _read_stamps(directory)
+    verified: dict[str, str] = {}
+    for name in names:
+        path = directory / name
+        if not full and _trusted(stamps.get(name), path, expected[name]):
+            continue
+        if file_sha256(path) != expected[name]:
+            return name
+        verified[name] = expected[name]
+    if verified:
+        record_verified(directory, verified)
+    return None
+
+
+def record_verified(directory: str | os.PathLike, digests: dict[str, str]) -> None:
+    """Remember that these files of ``directory`` have these sha256 as they are now (best effort)."""
+    from .atomic import write_json
+
+    directory = Path(directory)
+    files = _read_stamps(directory)
+    now = time.time_ns()
+    for name, digest in digests.items():
+        try:
+            files[name] = {"sha256": digest, "identity": _identity(directory / name), "stamped_ns": now}
+        except OSError:
+            files.pop(name, None)
+    try:
+        _stamp_path(directory).parent.mkdir(parents=True, exist_ok=True)
+        write_json(_stamp_path(directory), {"directory": os.fsdecode(os.path.realpath(directory)), "files": files})
+    except Exception:  # a read-only home or cache: the next load hashes again, nothing else changes
+        pass

@@ -1,0 +1,234 @@
+"""prepare at scale: decoding on a process pool, reuse of an earlier output after new images arrive,
+and the cheap integrity check that trusts a file only while it is unchanged."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kdpipe import integrity
+from kdpipe.data import load_prepared
+from kdpipe.decoding import SERIAL_BELOW
+from kdpipe.errors import IntegrityError
+from kdpipe.params import Params
+from kdpipe.steps import prepare
+
+SIZE = 16
+
+
+def photo(seed: int, size: tuple[int, int]) -> Image.Image:
+    """A smooth, photo-like image (JPEG-friendly), distinct per seed."""
+    rng = np.random.default_rng(seed)
+    h, w = size[1], size[0]
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    base = rng.uniform(0, 255, 3) + rng.uniform(-120, 120, 3) * xx[..., None] + rng.uniform(-120, 120, 3) * yy[..., None]
+    noise = rng.normal(0, 12, (h, w, 3))
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+
+def write_images(folder: Path, count: int, first_seed: int, size=(72, 56), fmt="JPEG") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(count):
+        ext = "jpg" if fmt == "JPEG" else "png"
+        photo(first_seed + k, size).save(folder / f"img_{first_seed + k:05d}.{ext}", format=fmt, quality=90)
+
+
+@pytest.fixture
+def photo_root(tmp_path) -> Path:
+    """Enough JPEG and PNG photos (larger than SIZE, so JPEG draft decoding applies) to use the pool."""
+    root = tmp_path / "data"
+    write_images(root / "labeled" / "a", 12, 0)
+    write_images(root / "labeled" / "b", 12, 100, fmt="PNG")
+    write_images(root / "unlabeled" / "batch-0000", SERIAL_BELOW, 1000)
+    write_images(root / "test" / "a", 3, 5000)
+    write_images(root / "test" / "b", 3, 5100)
+    return root
+
+
+def params(workers: int = 1, teacher_size: int | None = None, **prepare_settings) -> Params:
+    return Params(prepare={"image_size": SIZE, "workers": workers, **prepare_settings},
+                  teacher={"image_size": teacher_size})
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_pool_gives_the_same_bytes_as_one_process(photo_root, tmp_path):
+    prepare.run(params(workers=1), photo_root, tmp_path / "serial")
+    prepare.run(params(workers=2), photo_root, tmp_path / "pool")
+    assert files_of(tmp_path / "serial") == files_of(tmp_path / "pool")
+    assert load_prepared(tmp_path / "pool").manifest["counts"]["unlabeled"] == SERIAL_BELOW
+
+
+def add_batch(root: Path, count: int) -> Path:
+    """A new unlabeled batch as `kdpipe ingest` adds it: new photos, one exact copy of an existing
+    image and one broken file."""
+    batch = root / "unlabeled" / "batch-0001"
+    write_images(batch, count, 9000)
+    existing = sorted((root / "labeled" / "a").iterdir())[0]
+    shutil.copy(existing, batch / "copy_of_labeled.jpg")
+    (batch / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    return batch
+
+
+@pytest.mark.parametrize("teacher_size", [None, 32])
+def test_incremental_prepare_equals_a_full_prepare_bit_for_bit(photo_root, tmp_path, capsys, teacher_size):
+    out = tmp_path / "prepared"
+    prepare.run(params(workers=2, teacher_size=teacher_size), photo_root, out)
+    capsys.readouterr()
+    add_batch(photo_root, 5)
+
+    prepare.run(params(workers=2, teacher_size=teacher_size), photo_root, out)
+    said = capsys.readouterr().out
+    full = tmp_path / "full"
+    prepare.run(params(workers=1, teacher_size=teacher_size), photo_root, full)
+
+    previous_images = 24 + SERIAL_BELOW + 6
+    # only the 5 new photos are decoded; the exact copy has a known file hash (reused, then rejected as
+    # a duplicate as before); the broken file is rejected
+    assert f"prepare: {previous_images + 1} image(s) reused from the previous output, 5 decoded" in said
+    assert files_of(out) == files_of(full)
+    manifest = load_prepared(out).manifest
+    assert manifest["counts"]["unlabeled"] == SERIAL_BELOW + 5
+    assert (manifest["teacher_image_size"] == 32) == (teacher_size == 32)
+
+
+def test_other_decoding_settings_decode_everything(photo_root, tmp_path, capsys):
+    out = tmp_path / "prepared"
+    prepare.run(params(), photo_root, out)
+    capsys.readouterr()
+    prepare.run(params(image_size=12), photo_root, out)
+    assert "reused" not in capsys.readouterr().out
+    prepare.run(params(image_size=12), photo_root, tmp_path / "full")
+    assert files_of(out) == files_of(tmp_path / "full")
+
+
+def test_a_tampered_previous_output_is_not_reused(photo_root, tmp_path, capsys):
+    out = tmp_path / "prepared"
+    prepare.run(params(), photo_root, out)
+    array = np.load(out / "unlabeled_x.npy", mmap_mode="r+")
+    array[0] = 255 - array[0]  # same size, other pixels
+    array.flush()
+    del array
+    capsys.readouterr()
+    prepare.run(params(), photo_root, out)
+    assert "reused" not in capsys.readouterr().out
+    prepare.run(params(), photo_root, tmp_path / "full")
+    assert files_of(out) == files_of(tmp_path / "full")
+
+
+def test_teacher_copy_needed_after_new_images_decodes_everything_once(tmp_path, capsys):
+    """Small images first (no teacher-resolution copy), then mostly large ones: the reused rows have
+    no copy, so prepare decodes everything again instead of mixing."""
+    root = tmp_path / "data"
+    for name, seed in (("a", 0), ("b", 100)):
+        write_images(root / "labeled" / name, 4, seed, size=(SIZE, SIZE), fmt="PNG")
+    out = tmp_path / "prepared"
+    prepare.run(params(teacher_size=32), root, out)
+    assert load_prepared(out).teacher_image_size is None
+    write_images(root / "unlabeled" / "batch-0001", 20, 7000, size=(80, 64))
+    prepare.run(params(teacher_size=32), root, out)
+    assert load_prepared(out).teacher_image_size == 32
+    prepare.run(params(teacher_size=32), root, tmp_path / "full")
+    assert files_of(out) == files_of(tmp_path / "full")
+
+
+# ---------------------------------------------------------------- verify once, then trust unchanged files
+
+
+def age(path: Path, seconds: float) -> None:
+    """Move a file's mtime into the past, as if it had been written ``seconds`` ago."""
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - int(seconds * 1e9)))
+
+
+def hashed_files(monkeypatch) -> list[str]:
+    """Record which files the integrity check reads in full."""
+    import kdpipe.data
+
+    seen: list[str] = []
+    original = kdpipe.data.file_sha256
+
+    def counting(path, *args, **kwargs):
+        seen.append(Path(path).name)
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(kdpipe.data, "file_sha256", counting)
+    return seen
+
+
+def test_an_unchanged_file_is_hashed_once_and_a_changed_one_again(photo_root, tmp_path, monkeypatch):
+    out = tmp_path / "prepared"
+    prepare.run(params(), photo_root, out)
+    for path in out.iterdir():
+        age(path, 60)  # older than the racy window: the next full hash gives a trusted stamp
+    seen = hashed_files(monkeypatch)
+
+    load_prepared(out)  # stamps from prepare are racy (files just written): hashed once more
+    assert "train_x.npy" in seen
+    seen.clear()
+    load_prepared(out)
+    assert seen == []  # unchanged since their hash matched: trusted without reading them
+    load_prepared(out, verify=True)
+    assert "train_x.npy" in seen  # --verify reads everything
+    seen.clear()
+    monkeypatch.setenv("KDPIPE_VERIFY", "1")
+    load_prepared(out, splits=("val",))
+    assert sorted(set(seen)) == ["val_x.npy", "val_y.npy"]  # only the arrays asked for
+    monkeypatch.delenv("KDPIPE_VERIFY")
+
+    array = np.load(out / "train_x.npy", mmap_mode="r+")
+    array[0, 0, 0, 0] ^= 0xFF  # same size; the mtime moves on
+    array.flush()
+    del array
+    with pytest.raises(IntegrityError, match="train_x.npy: content does not match"):
+        load_prepared(out)
+
+
+def test_a_stamp_from_the_racy_window_is_not_trusted(tmp_path):
+    """A file changed within the clock's granularity after its stamp keeps its mtime: a stamp taken
+    right after a write is therefore checked again next time."""
+    folder = tmp_path / "f"
+    folder.mkdir()
+    (folder / "a.bin").write_bytes(b"one")
+    digest = __import__("hashlib").sha256(b"one").hexdigest()
+    integrity.record_verified(folder, {"a.bin": digest})
+    st = (folder / "a.bin").stat()
+    (folder / "a.bin").write_bytes(b"two")  # same size
+    os.utime(folder / "a.bin", ns=(st.st_atime_ns, st.st_mtime_ns))  # the same mtime, as a coarse clock gives
+    assert integrity.first_mismatch(folder, {"a.bin": digest}, ["a.bin"]) == "a.bin"
+
+
+def test_stamps_stay_out_of_the_data_folder(photo_root, tmp_path):
+    out = tmp_path / "prepared"
+    prepare.run(params(), photo_root, out)
+    before = sorted(p.name for p in out.iterdir())
+    load_prepared(out)
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert any((integrity.cache_dir() / "verified").iterdir())
+
+
+def test_predict_decodes_a_jpeg_exactly_like_prepare(tmp_path):
+    """prepare decodes large JPEGs at a reduced scale (draft); predict must get the same pixels."""
+    from kdpipe.steps.export import jpeg_draft_size
+    from kdpipe.steps.predict import _decode
+
+    root = tmp_path / "data"
+    for name, seed in (("a", 0), ("b", 100)):
+        write_images(root / "labeled" / name, 3, seed, size=(240, 180))
+    write_images(root / "test" / "a", 1, 500, size=(240, 180))
+    out = tmp_path / "prepared"
+    prepare.run(params(teacher_size=32), root, out)
+    data = load_prepared(out)
+    spec = {"image_size": SIZE, "jpeg_draft_size": jpeg_draft_size(data.manifest)}
+    assert spec["jpeg_draft_size"] == 32
+    test_file = next((root / "test" / "a").iterdir())
+    assert np.array_equal(_decode(test_file, spec), data.test_x[0])
+    # the draft matters: a full decode gives other pixels, so the match above is not trivial
+    assert not np.array_equal(_decode(test_file, {**spec, "jpeg_draft_size": None}), data.test_x[0])
