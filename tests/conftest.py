@@ -158,7 +158,8 @@ def tiny_pipeline_dirs(tmp_path_factory):
     try:
         prepare.run(params, dirs["data"], dirs["prepared"])
         teacher.run(params, dirs["prepared"], dirs["teacher"])
-        augment.run(params, dirs["prepared"], dirs["augmented"], dirs["teacher"])
+        # stored views for the tests of frozen-teacher recipes (for cotrain itself augment stores none)
+        augment.run(tiny_params(recipe="kd"), dirs["prepared"], dirs["augmented"], dirs["teacher"])
     finally:
         torch.set_num_threads(threads)  # train.threads=1 must not leak into unrelated tests
     return {**dirs, "params": params}

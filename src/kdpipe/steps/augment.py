@@ -20,7 +20,14 @@ stored view is the same image shrunk to its size.
     policy.json           the resolved policy, view kinds, data version, teacher hash, file hashes
     preview.png           original + its K views for a few samples (a contact sheet)
 
-Arrays are written chunk by chunk into memory-mapped files, so memory does not grow with N.
+Arrays are written chunk by chunk into memory-mapped files, so memory does not grow with N; the
+views are made on the training device (``train.device``) when there is one.
+
+Only recipes with a frozen teacher read stored views. For the others (their teacher is trained in the
+run, so views are made during training) the step stores nothing: it writes a ``policy.json`` that
+says so and the preview, in seconds. ``preview_samples`` changes only the preview: it is not in
+policy.json, so distill (which depends on policy.json, where every stored file's sha256 is recorded)
+is not rerun for it.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import numpy as np
 
 from ..atomic import allocated_memmap, atomic_dir, write_json
 from ..data import file_sha256, load_prepared
+from ..integrity import record_verified
 from ..layout import AUGMENTED, PREPARED, TEACHER
 from ..progress import Progress
 
@@ -109,8 +117,9 @@ def _use_onnxruntime(teacher: _Teacher, choice: str, view_size: int, workdir: Pa
 
 
 def _write_sets(images: np.ndarray, small_size: int, kinds: list[str], cfg, gen, teacher: _Teacher | None,
-                views_path: Path, logits_path: Path, num_classes: int, desc: str) -> None:
-    """Augment ``images`` chunk by chunk into ``views_path`` (and the teacher's logits into ``logits_path``)."""
+                views_path: Path, logits_path: Path, num_classes: int, desc: str, device) -> None:
+    """Augment ``images`` chunk by chunk on ``device`` into ``views_path`` (and the teacher's logits into
+    ``logits_path``): memory holds one chunk, whatever the number of images."""
     import torch
 
     from ..augmentation import augment
@@ -128,11 +137,11 @@ def _write_sets(images: np.ndarray, small_size: int, kinds: list[str], cfg, gen,
         logits_out = allocated_memmap(logits_path, np.float32, (n, k, num_classes))
     bar = Progress(n, desc)
     for start in range(0, n, CHUNK):
-        chunk = to_nchw(images[start:start + CHUNK])
+        chunk = to_nchw(images[start:start + CHUNK]).to(device)
         for view, kind in enumerate(kinds):
             big = augment(chunk, gen, 1.0 if kind == "strong" else 0.0, cfg)
             small_u8 = shrink(big, small_size).mul(255).round().clamp(0, 255).to(torch.uint8)
-            views_out[start:start + len(chunk), view] = small_u8.permute(0, 2, 3, 1).numpy()
+            views_out[start:start + len(chunk), view] = small_u8.permute(0, 2, 3, 1).cpu().numpy()
             if logits_out is not None:
                 # The teacher reads the view it is given: the stored uint8 view itself, or (with a
                 # teacher-resolution copy) the same view before it was shrunk for the student.
@@ -160,17 +169,34 @@ def contact_sheet(originals: np.ndarray, views: np.ndarray, path: Path, scale: i
     sheet.save(path, format="PNG")
 
 
+# Settings that change only what is shown (the contact sheet), never the stored views: they are left
+# out of policy.json and of distill's resume fingerprint and DVC dependencies, so changing them
+# never retrains anything.
+PRESENTATION_ONLY = frozenset({"preview_samples"})
+
+
+def stored_views_needed(params) -> bool:
+    """Does the recipe to train read stored views? (Those with a trained teacher build them online.)"""
+    from ..recipes import recipe_for
+
+    return recipe_for(params.train).reads_stored_views
+
+
 def run(params, prepared_dir: str | os.PathLike = PREPARED, out_dir: str | os.PathLike = AUGMENTED,
         teacher_dir: str | os.PathLike | None = TEACHER) -> dict:
     from ..augmentation import OPS, AugmentConfig, make_generator
+    from ..devices import runtime_from_params
     from ..views import scaled_config, to_nchw
 
     ap = params.augment
     data = load_prepared(prepared_dir, splits=("train", "unlabeled"))
+    if not stored_views_needed(params):
+        return _skip(params, data, out_dir)
     teacher = _load_teacher(teacher_dir, params)
+    device = runtime_from_params(params.train).device
     kinds = view_kinds(ap.views, ap.p)
     cfg = AugmentConfig.from_params(ap)
-    gen = make_generator(ap.seed)
+    gen = make_generator(ap.seed, device)
     # With a teacher-resolution copy (and a teacher to read it) views are made at that resolution.
     big = teacher is not None and data.train_xt is not None
     labeled, unlabeled = (data.train_xt, data.unlabeled_xt) if big else (data.train_x, data.unlabeled_x)
@@ -184,14 +210,14 @@ def run(params, prepared_dir: str | os.PathLike = PREPARED, out_dir: str | os.Pa
                 _use_onnxruntime(teacher, ap.teacher_inference, int(labeled.shape[1]), Path(workdir), probe)
         for images, role in ((labeled, "labeled"), (unlabeled, "unlabeled")):
             _write_sets(images, data.image_size, kinds, work_cfg, gen, teacher, tmp / f"{role}_views.npy",
-                        tmp / f"{role}_logits.npy", data.num_classes, f"augment {role}")
+                        tmp / f"{role}_logits.npy", data.num_classes, f"augment {role}", device)
         labeled_views = np.load(tmp / VIEW_FILES[0], mmap_mode="r")
         shown = min(ap.preview_samples, len(labeled_views))
         if shown:
             contact_sheet(np.asarray(data.train_x[:shown]), np.asarray(labeled_views[:shown]), tmp / "preview.png")
         files = VIEW_FILES + (LOGIT_FILES if teacher is not None else ())
         policy = {
-            **ap.model_dump(),
+            **ap.model_dump(exclude=PRESENTATION_ONLY),
             "view_kinds": kinds,
             "ops": list(OPS),
             "weak": {"pad": cfg.pad, "flip": cfg.flip, "crop": "random crop with reflect padding"},
@@ -205,10 +231,45 @@ def run(params, prepared_dir: str | os.PathLike = PREPARED, out_dir: str | os.Pa
         }
         del labeled_views
         write_json(tmp / "policy.json", policy)
+    record_verified(out_dir, policy["files"])  # just hashed: distill need not read them again
     cached = "with the teacher's logits" if teacher is not None else "without teacher logits (no teacher.pt)"
     print(f"augment: {len(labeled)} labeled and {len(unlabeled)} unlabeled samples x {ap.views} views "
           f"({kinds.count('strong')} strong) {cached} -> {out_dir}")
     return policy
+
+
+def _skip(params, data, out_dir: str | os.PathLike) -> dict:
+    """Nothing to store for a recipe that builds its views during training: write only the policy
+    (which says so) and a preview of the policy's views, in seconds instead of a pass over the data."""
+    from ..augmentation import AugmentConfig, make_generator
+
+    ap = params.augment
+    recipe = params.train.recipe
+    policy = {**ap.model_dump(exclude=PRESENTATION_ONLY), "skipped_for_recipe": recipe,
+              "data_version": data.manifest["data_version"], "files": {}}
+    with atomic_dir(out_dir) as tmp:
+        shown = min(ap.preview_samples, len(data.train_x))
+        if shown:
+            originals = np.asarray(data.train_x[:shown])
+            previews = _preview_views(originals, view_kinds(ap.views, ap.p), AugmentConfig.from_params(ap),
+                                      make_generator(ap.seed))
+            contact_sheet(originals, previews, tmp / "preview.png")
+        write_json(tmp / "policy.json", policy)
+    print(f"augment: recipe '{recipe}' builds its views during training; no views stored -> {out_dir}")
+    return policy
+
+
+def _preview_views(originals: np.ndarray, kinds: list[str], cfg, gen) -> np.ndarray:
+    """``(n, K, S, S, 3)`` uint8: each original augmented once per view kind, for the contact sheet."""
+    import torch
+
+    from ..augmentation import augment
+    from ..views import to_nchw
+
+    x = to_nchw(originals)
+    views = [augment(x, gen, 1.0 if kind == "strong" else 0.0, cfg).mul(255).round().clamp(0, 255).to(torch.uint8)
+             for kind in kinds]
+    return torch.stack(views, dim=1).permute(0, 1, 3, 4, 2).numpy()
 
 
 @dataclass
@@ -236,6 +297,10 @@ def load_views(augmented_dir: str | os.PathLike, verify: bool | None = None,
     if not (root / "policy.json").is_file():
         raise KdpipeError(f"{root}: no augmentation sets here (run `kdpipe augment` first)")
     policy = read_json(root / "policy.json")
+    if policy.get("skipped_for_recipe"):
+        raise KdpipeError(f"{root}: no views stored here: the augment step ran for recipe "
+                          f"'{policy['skipped_for_recipe']}', which builds its views during training; run "
+                          "`kdpipe augment` with the recipe you train (train.recipe)")
     if expected_data_version is not None and policy.get("data_version") != expected_data_version:
         raise IntegrityError(f"{root}: these views were made from another prepared data set "
                              f"(data version {str(policy.get('data_version'))[:12]}, expected "

@@ -15,6 +15,7 @@ from pathlib import Path
 from .. import checkpoints
 from ..atomic import read_json, write_json
 from ..layout import AUGMENTED, DISTILL, PREPARED, TEACHER
+from .augment import PRESENTATION_ONLY
 
 
 def _fingerprint(params, prepared_dir, teacher_dir) -> dict:
@@ -29,7 +30,7 @@ def _fingerprint(params, prepared_dir, teacher_dir) -> dict:
         "teacher_sha256": file_sha256(teacher_file) if teacher_file.is_file() else None,
         "step": "distill",
         "train": params.train.model_dump(exclude={"threads", "device", "amp", "channels_last"}),
-        "augment": params.augment.model_dump(),
+        "augment": params.augment.model_dump(exclude=PRESENTATION_ONLY),
         "data_version": read_json(Path(prepared_dir) / "manifest.json")["data_version"],
     }
 

@@ -1,0 +1,89 @@
+"""The augment step: streamed views, a skip for recipes that make their views online, settings that
+only change the preview, and views refused when they were made from other data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kdpipe.augmentation import AugmentConfig, augment, make_generator
+from kdpipe.errors import IntegrityError, KdpipeError
+from kdpipe.steps import augment as augment_step
+from kdpipe.steps.common import training_data
+from kdpipe.views import to_nchw
+
+
+def run_augment(params, dirs, out, **train):
+    threads = torch.get_num_threads()
+    try:
+        return augment_step.run(params.model_copy(update={"train": params.train.model_copy(update=train)}),
+                                dirs["prepared"], out, dirs["teacher"])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_views_are_streamed_chunk_by_chunk_into_the_same_arrays_as_in_memory(tiny_pipeline_dirs, tmp_path,
+                                                                             monkeypatch):
+    """Written a few samples at a time, the stored views are exactly what augmenting the whole set in
+    memory with the same generator sequence gives (the reference below keeps everything in RAM)."""
+    d = tiny_pipeline_dirs
+    monkeypatch.setattr(augment_step, "CHUNK", 7)  # several chunks, the last one partial
+    run_augment(d["params"], d, tmp_path / "aug", recipe="kd")
+    stored = augment_step.load_views(tmp_path / "aug")
+
+    from kdpipe.data import load_prepared
+
+    data = load_prepared(d["prepared"])
+    ap = d["params"].augment
+    kinds = augment_step.view_kinds(ap.views, ap.p)
+    cfg, gen = AugmentConfig.from_params(ap), make_generator(ap.seed)
+    for images, views in ((data.train_x, stored.labeled_views), (data.unlabeled_x, stored.unlabeled_views)):
+        expected = np.empty((len(images), len(kinds), *images.shape[1:]), dtype=np.uint8)
+        for start in range(0, len(images), 7):
+            chunk = to_nchw(images[start:start + 7])
+            for k, kind in enumerate(kinds):
+                view = augment(chunk, gen, 1.0 if kind == "strong" else 0.0, cfg)
+                expected[start:start + 7, k] = view.mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        assert np.array_equal(views, expected)
+
+
+def test_recipes_with_a_trained_teacher_store_nothing(tiny_pipeline_dirs, tmp_path, capsys):
+    d = tiny_pipeline_dirs
+    policy = run_augment(d["params"], d, tmp_path / "aug", recipe="cotrain")
+    assert policy["skipped_for_recipe"] == "cotrain"
+    assert sorted(p.name for p in (tmp_path / "aug").iterdir()) == ["policy.json", "preview.png"]
+    assert "builds its views during training" in capsys.readouterr().out
+    # a frozen-teacher recipe given these sets is told what to do
+    with pytest.raises(KdpipeError, match="ran for recipe 'cotrain'.*run `kdpipe augment` with the recipe"):
+        augment_step.load_views(tmp_path / "aug")
+
+
+def test_preview_settings_do_not_change_what_distill_depends_on(tiny_pipeline_dirs, tmp_path):
+    d = tiny_pipeline_dirs
+    params = d["params"]
+    other = params.model_copy(update={"augment": params.augment.model_copy(update={"preview_samples": params.augment.preview_samples + 3})})
+    run_augment(params, d, tmp_path / "a", recipe="kd")
+    run_augment(other, d, tmp_path / "b", recipe="kd")
+    assert (tmp_path / "a" / "policy.json").read_bytes() == (tmp_path / "b" / "policy.json").read_bytes()
+    assert (tmp_path / "a" / "preview.png").read_bytes() != (tmp_path / "b" / "preview.png").read_bytes()
+
+    from kdpipe.steps.distill import _fingerprint
+
+    assert _fingerprint(params, d["prepared"], d["teacher"]) == _fingerprint(other, d["prepared"], d["teacher"])
+
+
+def test_views_made_from_other_data_are_refused(tiny_pipeline_dirs, tmp_path):
+    """A manual run pairing a prepared set with views made from another one must not train."""
+    import shutil
+
+    d = tiny_pipeline_dirs
+    augmented = tmp_path / "augmented"
+    shutil.copytree(d["augmented"], augmented)
+    policy = json.loads((augmented / "policy.json").read_text())
+    policy["data_version"] = "0" * 64
+    (augmented / "policy.json").write_text(json.dumps(policy))
+    with pytest.raises(IntegrityError, match="made from another prepared data set"):
+        training_data(d["prepared"], augmented)
