@@ -232,3 +232,20 @@ def test_predict_decodes_a_jpeg_exactly_like_prepare(tmp_path):
     assert np.array_equal(_decode(test_file, spec), data.test_x[0])
     # the draft matters: a full decode gives other pixels, so the match above is not trivial
     assert not np.array_equal(_decode(test_file, {**spec, "jpeg_draft_size": None}), data.test_x[0])
+
+
+def test_worker_count_follows_the_setting_the_cores_and_a_container_quota(tmp_path, monkeypatch):
+    from kdpipe import decoding
+
+    assert decoding.worker_count(3) == 3
+    monkeypatch.setattr(decoding.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
+    monkeypatch.setattr(decoding, "_cgroup_cpu_quota", lambda: None)
+    assert decoding.worker_count(0) == 8
+    monkeypatch.setattr(decoding, "_cgroup_cpu_quota", lambda: 2)
+    assert decoding.worker_count(0) == 2
+    monkeypatch.undo()
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("250000 100000\n")
+    assert decoding._cgroup_cpu_quota(str(cpu_max)) == 3  # 2.5 CPUs: 3 processes
+    cpu_max.write_text("max 100000\n")
+    assert decoding._cgroup_cpu_quota(str(cpu_max)) is None

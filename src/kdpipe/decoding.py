@@ -155,13 +155,27 @@ def _decode_many(tasks: list[tuple[int, str]]) -> list[Outcome]:
 
 
 def worker_count(setting: int) -> int:
-    """``prepare.workers``: 0 means every core this process may run on."""
+    """``prepare.workers``: 0 means every core this process may use (its CPU affinity, and in a
+    container its cgroup CPU quota: a pod limited to 4 CPUs on a 64-core node gets 4)."""
     if setting > 0:
         return setting
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    return max(1, min(cores, quota) if quota else cores)
+
+
+def _cgroup_cpu_quota(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
+    """The CPUs a cgroup v2 quota allows (rounded up), or None without a quota."""
+    try:
+        limit, period = Path(path).read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if limit == "max":
+        return None
+    return max(1, -(-int(limit) // int(period)))
 
 
 def decode_files(paths: list[str], settings: DecodeSettings, spool: Spool, teacher_spool: Spool | None,
