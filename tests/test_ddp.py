@@ -77,7 +77,14 @@ def _free_port() -> int:
 
 
 def _read_batches(path):
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    """The batches a rank's trainer drew, one per iteration. Batches are drawn ahead of the loop
+    (kdpipe.prefetch): the ones dropped at a checkpoint are drawn again, identical, and the last
+    ones drawn may never be used, so each iteration is kept once."""
+    by_iteration = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        batch = json.loads(line)
+        assert by_iteration.setdefault(batch["iteration"], batch) == batch, "a redrawn batch differs"
+    return [by_iteration[i] for i in sorted(by_iteration)][:ITERATIONS]
 
 
 BACKENDS = [pytest.param("cpu", id="gloo-cpu"),

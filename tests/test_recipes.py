@@ -223,7 +223,7 @@ def test_each_weight_setting_scales_only_its_terms():
     base_total, parts = total_loss(recipe, _outputs(recipe, student, teacher), Hyper())
     for setting, term in (("w_labels", "gt"), ("w_consistency", "cons"), ("w_distill", "kd")):
         total, _ = total_loss(recipe, _outputs(recipe, student, teacher), Hyper(**{setting: 2.0}))
-        assert _f(total) == pytest.approx(_f(base_total) + parts[term], rel=1e-5), setting
+        assert _f(total) == pytest.approx(_f(base_total) + _f(parts[term]), rel=1e-5), setting
 
 
 def test_the_contributing_guide_example_recipe_composes_and_draws_distinct_views():

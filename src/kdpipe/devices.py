@@ -62,9 +62,17 @@ class Runtime:
         return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
     def to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the device; from pinned memory (a :meth:`host_buffer`) the copy is
+        asynchronous and needs no staging copy (``pin_memory`` returns a pinned tensor as it is)."""
         if self.device.type == "cuda":
             return batch.pin_memory().to(self.device, non_blocking=True)
         return batch.to(self.device)
+
+    def host_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised host tensor to assemble a batch in: pinned when the device is a GPU.
+        Freeing it right after an asynchronous copy is safe: torch's pinned-memory cache reuses a
+        block only once the copies that read it have completed."""
+        return torch.empty(shape, dtype=dtype, pin_memory=self.device.type == "cuda")
 
 
 EXPECT_GPU_ENV = "KDPIPE_EXPECT_GPU"  # set by the Kubeflow pipeline on the tasks it gives a GPU

@@ -28,6 +28,7 @@ from .devices import Runtime
 from .errors import KdpipeError
 from .models import count_parameters
 from .networks import Networks, NetworkSpec
+from .prefetch import BatchStream
 from .progress import Progress
 from .recipes import Hyper, Recipe, total_loss
 from .samplers import LabeledUnlabeledSampler
@@ -62,6 +63,9 @@ class LoopConfig:
     backbone_lr_scale: float = 1.0
     freeze_backbone_iterations: int = 0
     freeze_batchnorm: bool = False
+    # Batches whose host part (indices, gather into pinned memory) is assembled ahead, in a background
+    # thread, while the device computes; 0 assembles each on the training thread. Results are the same.
+    prefetch: int = 2
 
     @classmethod
     def from_train(cls, tp) -> LoopConfig:
@@ -168,12 +172,15 @@ class Trainer:
             self.views = StoredViews(recipe, data, runtime, cfg.seed, self.schedule, use_cache=use_cached_logits)
         else:
             self.views = OnlineViews(recipe, data, augment_cfg or AugmentConfig(), self.gen, runtime, self.schedule)
+        self.batches = BatchStream(self.sampler, self.views, cfg.prefetch)
 
         self.iteration = 0
         self.history: list[dict[str, Any]] = []
         self.best_so_far = checkpoints.BestSoFar()
         self.stopper = EarlyStop(cfg.patience, cfg.target_metric)
-        self.running: dict[str, float] = {}
+        # Running sums of the loss terms since the last record, as float64 device tensors: adding the
+        # float32 values in float64 gives exactly the Python-float sums, without a host sync per step.
+        self.running: dict[str, float | torch.Tensor] = {}
         self.running_steps = 0
         self.train_seconds = 0.0
         self._frozen_teacher_val: torch.Tensor | None = None
@@ -217,10 +224,10 @@ class Trainer:
     # ------------------------------------------------------------------------------ one step
     def _batch(self) -> Batch:
         """Sample one batch and get the recipe's views (labels use -1 for unlabeled samples)."""
-        l_idx, u_idx = self.sampler.next()
-        return self.views.next(l_idx, u_idx)
+        return self.batches.next()
 
-    def _step(self) -> dict[str, float]:
+    def _step(self) -> dict[str, torch.Tensor]:
+        """One optimisation step; the loss terms' values as detached device tensors (no host sync)."""
         if self.nets.modes_change_during_training:
             self.nets.set_train_modes(self.iteration)
         batch = self._batch()
@@ -306,7 +313,7 @@ class Trainer:
     def _record(self, epoch_end: bool) -> dict[str, Any]:
         record = {"iteration": self.iteration, "epoch": self.iteration / self.epoch_iterations,
                   "lr": self.nets.opt_s.param_groups[0]["lr"]}
-        record.update({f"loss_{k}": v / max(1, self.running_steps) for k, v in self.running.items()})
+        record.update({f"loss_{k}": float(v) / max(1, self.running_steps) for k, v in self.running.items()})
         record.update(self._evaluate())
         if self.schedule is not None:
             p1, p2, w = self.schedule.current()
@@ -366,11 +373,13 @@ class Trainer:
         and the fingerprint of the settings, which a resume must match."""
         state = {name: None if part is None else _portable_state(part) for name, part in self._stateful_parts().items()}
         state.update({name: getattr(self, name) for name in self.RESUMED_VALUES})
+        state["running"] = {k: float(v) for k, v in self.running.items()}  # portable, like the networks
         state.update(scaler=self.scaler.state_dict(), rng=rng_per_rank or [self._rng_state()],
                      fingerprint=self.run_files.fingerprint)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batches.stop()  # batches drawn ahead from the old state must not be used
         for name, part in self._stateful_parts().items():
             if part is not None and state.get(name) is not None:
                 part.load_state_dict(state[name])
@@ -391,6 +400,9 @@ class Trainer:
 
     def save_last(self) -> None:
         """Every rank must call this (the random streams are gathered); rank 0 writes."""
+        # The sampler and the view chooser run ahead while batches are prefetched: put them back to
+        # the last consumed batch (the thread restarts with the next batch).
+        self.batches.stop()
         rng_per_rank = self._every_rank(self._rng_state())
         if self.rt.is_main:
             checkpoints.save(self.state_dict(rng_per_rank), self.out_dir / LAST)
@@ -430,27 +442,32 @@ class Trainer:
         bar = Progress(self.cfg.max_iterations, desc, initial=self.iteration,
                        enabled=self.run_files.progress and self.rt.is_main)
         try:
-            while not self._done():
-                started = time.perf_counter()
-                parts = self._step()
-                self.iteration += 1
-                self.train_seconds += time.perf_counter() - started
-                for key, value in parts.items():
-                    self.running[key] = self.running.get(key, 0.0) + value
-                self.running_steps += 1
-                epoch_end = self.iteration % self.epoch_iterations == 0
-                if epoch_end or self.iteration % self.cfg.eval_every == 0 or self.iteration == self.cfg.max_iterations:
-                    record = self._record(epoch_end)
-                    bar.write(_format_record(desc, self._renamed(record)))
-                if self.iteration % self.cfg.checkpoint_every == 0 or self._done():
-                    self.save_last()
-                bar.update(1, loss=parts["total"])
+            with self.batches.prefetching():  # the thread stops however the loop ends
+                while not self._done():
+                    self._train_one_step()
+                    epoch_end = self.iteration % self.epoch_iterations == 0
+                    if epoch_end or self.iteration % self.cfg.eval_every == 0 or self.iteration == self.cfg.max_iterations:
+                        record = self._record(epoch_end)
+                        bar.write(_format_record(desc, self._renamed(record)))
+                        bar.show(loss=record["loss_total"])
+                    if self.iteration % self.cfg.checkpoint_every == 0 or self._done():
+                        self.save_last()
+                    bar.update(1)
         finally:
             bar.close()
         if self.stop_reason is None:
             self.stop_reason = f"max_iterations {self.cfg.max_iterations} reached"
         self.save_last()
         return self.summary()
+
+    def _train_one_step(self) -> None:
+        started = time.perf_counter()
+        parts = self._step()
+        self.iteration += 1
+        self.train_seconds += time.perf_counter() - started
+        for key, value in parts.items():
+            self.running[key] = self.running.get(key, 0.0) + value.double()
+        self.running_steps += 1
 
     def summary(self) -> dict[str, Any]:
         summary = {

@@ -321,17 +321,19 @@ def recipe_for(train_params) -> Recipe:
                         feature_matching=train_params.w_features > 0)
 
 
-def total_loss(recipe: Recipe, out: StepOutputs, hyper: Hyper, projection=None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Sum of the recipe's weighted terms, and each term's value (unweighted) for the history."""
+def total_loss(recipe: Recipe, out: StepOutputs, hyper: Hyper,
+               projection=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Sum of the recipe's weighted terms, and each term's value (unweighted) for the history, as
+    detached tensors on the device: reading them on the host would wait for the step at every step."""
     total = None
-    parts: dict[str, float] = {}
+    parts: dict[str, torch.Tensor] = {}
     for term in recipe.terms:
         weight = term.weight_value(hyper)
         value = term.fn(out, hyper, projection)
-        parts[term.name] = float(value.detach())
+        parts[term.name] = value.detach()
         if weight:
             total = value * weight if total is None else total + value * weight
     if total is None:  # every weight is zero: keep a graph so backward() still works
         total = out.student[0].sum() * 0.0
-    parts["total"] = float(total.detach())
+    parts["total"] = total.detach()
     return total, parts

@@ -27,6 +27,7 @@ stored view while another one is left.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,9 +48,52 @@ class Batch:
     teacher_logits: list[torch.Tensor | None]
 
 
+@dataclass
+class HostBatch:
+    """One step's inputs as the host assembles them (possibly ahead, in a background thread): buffers
+    ready for a single copy to the device, pinned there when the device is a GPU."""
+
+    labels: torch.Tensor  # int64, -1 for unlabeled samples
+    images: list[torch.Tensor]  # uint8 NHWC: the raw images (online views) or one per stored view
+    teacher_logits: list[torch.Tensor | None]  # per view: cached logits in their stored dtype, or None
+
+
 def to_nchw(batch: np.ndarray) -> torch.Tensor:
     """uint8 NHWC numpy -> uint8 NCHW tensor (augmentation converts to float on the device)."""
     return torch.from_numpy(np.array(batch)).permute(0, 3, 1, 2).contiguous()
+
+
+def nchw_on_device(images: torch.Tensor, runtime) -> torch.Tensor:
+    """A host uint8 NHWC batch -> uint8 NCHW on the device: the bytes cross once, and the layout
+    change is a device copy (the same contiguous NCHW tensor :func:`to_nchw` makes on the host)."""
+    return runtime.to_device(images).permute(0, 3, 1, 2).contiguous()
+
+
+def gather_rows(source: np.ndarray, index: tuple[np.ndarray, ...], out: np.ndarray) -> None:
+    """``out[j] = source[index[0][j], index[1][j], ...]`` for every ``j``, in one copy.
+
+    The rows are read in file order (a memory map then reads its pages forward instead of jumping
+    around) and each is written straight into its batch slot, so the batch keeps the sampler's
+    order. One memcpy per row: at 224 px this is 2.5x faster than ``np.take``, which copies byte by
+    byte for a uint8 array.
+    """
+    positions = np.stack(index, axis=1) if len(index[0]) else np.empty((0, len(index)), dtype=np.int64)
+    order = np.lexsort(index[::-1])  # by the first index, then the second: file order
+    for slot, position in zip(order.tolist(), positions[order].tolist()):
+        out[slot] = source[tuple(position)]
+
+
+def gather_batch(labeled: np.ndarray, unlabeled: np.ndarray, l_index: tuple[np.ndarray, ...],
+                 u_index: tuple[np.ndarray, ...], runtime) -> torch.Tensor:
+    """The labeled rows then the unlabeled ones, in one new host buffer (pinned for a GPU)."""
+    nl, nu = len(l_index[0]), len(u_index[0])
+    row_shape = labeled.shape[len(l_index):]
+    buffer = runtime.host_buffer((nl + nu, *row_shape), torch.from_numpy(np.empty(0, labeled.dtype)).dtype)
+    out = buffer.numpy()
+    gather_rows(labeled, l_index, out[:nl])
+    if nu:
+        gather_rows(unlabeled, u_index, out[nl:])
+    return buffer
 
 
 def shrink(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -69,9 +113,10 @@ def scaled_config(cfg: AugmentConfig, from_size: int, to_size: int) -> AugmentCo
     return replace(cfg, pad=int(round(cfg.pad * to_size / from_size)))
 
 
-def labels_tensor(train_y: np.ndarray, l_idx: np.ndarray, n_unlabeled: int, device) -> torch.Tensor:
+def labels_tensor(train_y: np.ndarray, l_idx: np.ndarray, n_unlabeled: int) -> torch.Tensor:
+    """The batch's labels on the host, -1 for the unlabeled samples."""
     labels = np.concatenate([np.asarray(train_y)[l_idx], np.full(n_unlabeled, -1, dtype=np.int64)])
-    return torch.from_numpy(labels.astype(np.int64)).to(device)
+    return torch.from_numpy(labels.astype(np.int64))
 
 
 class OnlineViews:
@@ -84,10 +129,16 @@ class OnlineViews:
         size = data.teacher_train_x.shape[1] if self.big else data.image_size
         self.cfg = scaled_config(aug_cfg, data.image_size, size)
 
-    def _images(self, l_idx: np.ndarray, u_idx: np.ndarray) -> np.ndarray:
+    def draw_key(self) -> None:
+        """What the host part's random draws depend on: nothing (it draws nothing; see :class:`StoredViews`)."""
+        return None
+
+    def host(self, l_idx: np.ndarray, u_idx: np.ndarray, key: None = None) -> HostBatch:
+        """The raw images of the batch (host work, safe in a background thread)."""
         d = self.data
         labeled, unlabeled = (d.teacher_train_x, d.teacher_unlabeled_x) if self.big else (d.train_x, d.unlabeled_x)
-        return np.concatenate([labeled[l_idx], unlabeled[u_idx] if len(u_idx) else labeled[:0]])
+        images = gather_batch(labeled, unlabeled, (l_idx,), (u_idx,), self.rt)
+        return HostBatch(labels_tensor(d.train_y, l_idx, len(u_idx)), [images], [None])
 
     def _probabilities(self) -> list[float]:
         plan, k = self.recipe.view_plan, self.recipe.num_views
@@ -98,16 +149,21 @@ class OnlineViews:
         p1, p2, _ = self.schedule.current()
         return [p1 if v == 0 else p2 for v in range(self.recipe.num_views)]
 
-    def next(self, l_idx: np.ndarray, u_idx: np.ndarray) -> Batch:
-        x = self.rt.to_device(to_nchw(self._images(l_idx, u_idx)))
+    def on_device(self, host: HostBatch) -> Batch:
+        """The views, augmented on the device. Runs on the training thread: the device generator's
+        stream is consumed in step order, and the schedule's probabilities are the current ones."""
+        x = nchw_on_device(host.images[0], self.rt)
         views = [augment(x, self.gen, p, self.cfg) for p in self._probabilities()]
         wanted = set(self.recipe.teacher_views) if self.recipe.uses_teacher else set()
         return Batch(
-            labels=labels_tensor(self.data.train_y, l_idx, len(u_idx), self.rt.device),
+            labels=self.rt.to_device(host.labels),
             student=[shrink(v, self.data.image_size) for v in views],
             teacher=[v if k in wanted else None for k, v in enumerate(views)],
             teacher_logits=[None] * len(views),
         )
+
+    def next(self, l_idx: np.ndarray, u_idx: np.ndarray) -> Batch:
+        return self.on_device(self.host(l_idx, u_idx))
 
 
 class StoredViews:
@@ -136,12 +192,18 @@ class StoredViews:
             return [p1 if v == 0 else p2 for v in range(k)]
         return [None] * k  # "any" and "stored": distinct stored views, weak or strong
 
-    def choose(self, n: int) -> list[torch.Tensor]:
-        """For each view slot, the stored view index of each of ``n`` samples (distinct per sample)."""
+    def draw_key(self) -> tuple[float | None, ...]:
+        """What the host part's random draws depend on that the loop changes between steps: the
+        schedule's probabilities. A batch prefetched under other probabilities is drawn again."""
+        return tuple(self._probabilities())
+
+    def choose(self, n: int, probabilities: Sequence[float | None] | None = None) -> list[torch.Tensor]:
+        """For each view slot, the stored view index of each of ``n`` samples (distinct per sample);
+        ``probabilities`` (one per slot, see :meth:`_probabilities`) default to the schedule's current ones."""
         k = len(self.strong)
         used = torch.zeros(n, k, dtype=torch.bool)
         picks = []
-        for p in self._probabilities():
+        for p in self._probabilities() if probabilities is None else probabilities:
             scores = torch.rand(n, k, generator=self.gen)  # uniform choice among the allowed views
             if p is None:
                 allowed = ~used
@@ -161,27 +223,35 @@ class StoredViews:
     def load_state_dict(self, state: dict) -> None:
         self.gen.set_state(state["gen"])
 
-    def _gather(self, labeled: np.ndarray, unlabeled: np.ndarray, l_idx, u_idx, pick: np.ndarray) -> np.ndarray:
-        nl = len(l_idx)
-        parts = [labeled[l_idx, pick[:nl]]]
-        if len(u_idx):
-            parts.append(unlabeled[u_idx, pick[nl:]])
-        return np.concatenate(parts)
-
-    def next(self, l_idx: np.ndarray, u_idx: np.ndarray) -> Batch:
+    def host(self, l_idx: np.ndarray, u_idx: np.ndarray, key: tuple[float | None, ...] | None = None) -> HostBatch:
+        """Chooses the stored views (this stream's generator) and gathers them, with their cached
+        logits where the teacher wants them: host work, safe in a background thread. ``key`` is
+        :meth:`draw_key` as the training thread last read it."""
         d = self.data
-        picks = [p.numpy() for p in self.choose(len(l_idx) + len(u_idx))]
-        students, teachers, logits = [], [], []
+        nl = len(l_idx)
         wanted = set(self.recipe.teacher_views) if self.recipe.uses_teacher else set()
-        for view, pick in enumerate(picks):
-            images = self._gather(d.labeled_views, d.unlabeled_views, l_idx, u_idx, pick)
-            x = self.rt.to_device(to_nchw(images)).float().div_(255.0)
+        images, logits = [], []
+        for view, pick in enumerate(self.choose(nl + len(u_idx), key)):
+            pick = pick.numpy()
+            l_index, u_index = (l_idx, pick[:nl]), (u_idx, pick[nl:])
+            images.append(gather_batch(d.labeled_views, d.unlabeled_views, l_index, u_index, self.rt))
+            cached = self.cached and view in wanted
+            logits.append(gather_batch(d.labeled_logits, d.unlabeled_logits, l_index, u_index, self.rt)
+                          if cached else None)
+        return HostBatch(labels_tensor(d.train_y, l_idx, len(u_idx)), images, logits)
+
+    def on_device(self, host: HostBatch) -> Batch:
+        """The views as the networks take them: float NCHW in [0, 1] on the device."""
+        wanted = set(self.recipe.teacher_views) if self.recipe.uses_teacher else set()
+        students, teachers, logits = [], [], []
+        for view, (images, stored_logits) in enumerate(zip(host.images, host.teacher_logits)):
+            x = nchw_on_device(images, self.rt).float().div_(255.0)
             students.append(x)
-            cached = None
-            if self.cached and view in wanted:
-                cached = self.rt.to_device(torch.from_numpy(
-                    self._gather(d.labeled_logits, d.unlabeled_logits, l_idx, u_idx, pick).astype(np.float32)))
+            cached = None if stored_logits is None else self.rt.to_device(stored_logits).float()
             logits.append(cached)
             # Without a cache the teacher runs on the very same stored view.
             teachers.append(x if view in wanted and cached is None else None)
-        return Batch(labels_tensor(d.train_y, l_idx, len(u_idx), self.rt.device), students, teachers, logits)
+        return Batch(self.rt.to_device(host.labels), students, teachers, logits)
+
+    def next(self, l_idx: np.ndarray, u_idx: np.ndarray) -> Batch:
+        return self.on_device(self.host(l_idx, u_idx))
