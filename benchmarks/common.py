@@ -166,3 +166,23 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def provenance(module: str, argv: list[str] | None) -> dict[str, str]:
+    """What a result file records about its run: the exact command, the CPU, the date, the code.
+
+    ``module`` is the benchmark's module name (``benchmarks.<name>``); ``argv`` its arguments.
+    """
+    import shlex
+    import subprocess
+    import sys
+    import time
+
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout
+        commit = "unknown"
+    return {"command": shlex.join([".venv/bin/python", "-m", module, *args]), "cpu": cpu_description(),
+            "date": time.strftime("%Y-%m-%d"), "commit": commit}
