@@ -199,9 +199,12 @@ def _decode_serially(job: _Job, tasks: list[tuple[int, str]]) -> Iterator[Outcom
 
 
 def _decode_in_pool(job: _Job, tasks: list[tuple[int, str]], workers: int) -> Iterator[Outcome]:
-    # forkserver/spawn, not fork: the parent may hold threads (progress bars, torch) whose locks a
-    # forked child would inherit held.
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    # fork where there is one (as torch's DataLoader does): workers start at once, with the job in
+    # memory, and do not re-run the caller's main module, which spawn and forkserver do (a script
+    # without a __main__ guard would start workers recursively; under pytest every worker would
+    # import the whole test session). Workers use no threads or locks the parent may hold: they only
+    # read files, decode with Pillow and write with os.pwrite.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     context = multiprocessing.get_context(method)
     chunks = iter(lambda it=iter(tasks): list(islice(it, _TASKS_PER_CALL)), [])
     try:
