@@ -13,7 +13,7 @@ import torch
 from kdpipe import checkpoints
 from kdpipe.devices import Runtime
 from kdpipe.prefetch import THREAD_NAME, BatchStream
-from kdpipe.views import gather_batch, nchw_on_device, to_nchw
+from kdpipe.views import gather_batch, gathers_channels_first, nchw_on_device, to_nchw
 
 CPU_RUNTIME = Runtime(torch.device("cpu"), None, False)
 
@@ -41,17 +41,19 @@ def _old_assembly(labeled, unlabeled, l_idx, u_idx) -> torch.Tensor:
     return to_nchw(np.concatenate([labeled[l_idx], unlabeled[u_idx] if len(u_idx) else labeled[:0]]))
 
 
+@pytest.mark.parametrize("channels_first", [True, False], ids=["nchw-gather", "nhwc-gather"])
 @pytest.mark.parametrize(("l_idx", "u_idx"), [
     ([7, 3, 39, 0, 12], [29, 1, 15]),  # unsorted
     ([5, 5, 2, 5, 2], [4, 4, 4]),  # repeats (a small labeled set cycles inside one batch)
     ([9, 1, 30], []),  # no unlabeled samples
 ], ids=["unsorted", "repeats", "no-unlabeled"])
-def test_one_copy_assembly_equals_the_old_one(memmapped, l_idx, u_idx):
+def test_one_copy_assembly_equals_the_old_one(memmapped, l_idx, u_idx, channels_first):
+    """Both layouts: gathered as NCHW (a CPU device) and as NHWC, permuted on the device (a GPU)."""
     l_idx, u_idx = np.array(l_idx, dtype=np.int64), np.array(u_idx, dtype=np.int64)
     labeled, unlabeled = memmapped["labeled"], memmapped["unlabeled"]
-    host = gather_batch(labeled, unlabeled, (l_idx,), (u_idx,), CPU_RUNTIME)
+    host = gather_batch(labeled, unlabeled, (l_idx,), (u_idx,), CPU_RUNTIME, channels_first)
     old = _old_assembly(labeled, unlabeled, l_idx, u_idx)
-    new = nchw_on_device(host, CPU_RUNTIME)
+    new = host if channels_first else host.permute(0, 3, 1, 2).contiguous()
     assert new.dtype == old.dtype == torch.uint8 and new.shape == old.shape and new.is_contiguous()
     assert torch.equal(new, old)
 
@@ -60,9 +62,11 @@ def test_stored_view_assembly_equals_the_old_one(memmapped):
     l_idx, u_idx = np.array([11, 2, 2, 37], dtype=np.int64), np.array([0, 28, 0], dtype=np.int64)
     pick = np.array([2, 0, 1, 2, 1, 0, 1], dtype=np.int64)
     views, u_views = memmapped["labeled_views"], memmapped["unlabeled_views"]
-    host = gather_batch(views, u_views, (l_idx, pick[:4]), (u_idx, pick[4:]), CPU_RUNTIME)
+    host = gather_batch(views, u_views, (l_idx, pick[:4]), (u_idx, pick[4:]), CPU_RUNTIME,
+                        gathers_channels_first(CPU_RUNTIME))
     old = to_nchw(np.concatenate([views[l_idx, pick[:4]], u_views[u_idx, pick[4:]]]))
-    assert torch.equal(nchw_on_device(host, CPU_RUNTIME), old)
+    new = nchw_on_device(host, CPU_RUNTIME)
+    assert new.is_contiguous() and torch.equal(new, old)
 
 
 # ------------------------------------------------------------------------------ the trainer
