@@ -107,6 +107,8 @@ def test_prepare_killed_anywhere_leaves_old_or_new_output(zygote, tmp_path, tiny
     shutil.copytree(target, pristine)
     write_tiny_dataset(tmp_path / "batch", labeled_per_class=0, unlabeled=100, seed=2)
     shutil.move(tmp_path / "batch" / "unlabeled" / "batch-0001", data / "unlabeled" / "batch-0002")
+    # timed like the killed runs: over a copy of the previous output, whose images it reuses
+    shutil.copytree(pristine, tmp_path / "reference")
     code, seconds, log = zygote.run([*argv[:-1], tmp_path / "reference"], tmp_path)
     assert code == 0, log
     new = snapshot(tmp_path / "reference")

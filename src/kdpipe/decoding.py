@@ -14,6 +14,7 @@ come back in input order, whatever the number of workers, so the outputs are ide
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import multiprocessing
 import os
@@ -77,7 +78,7 @@ class Spool:
         data = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
         written = os.pwrite(fd, data, self.offset + row * self.row_bytes)
         if written != len(data):  # a short write: the file system is full
-            raise OSError(28, "short write (no space left on the device?)", self.path)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
 
 
 @dataclass(frozen=True)

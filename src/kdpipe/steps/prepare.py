@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -66,7 +67,7 @@ class _Item:
 
     split: str  # source folder: labeled / unlabeled / test
     rel: str  # path relative to the data root, '/'-separated
-    path: Path
+    path: str  # as os.fsdecode gives it (a str is a fraction of a Path's size; a million of them add up)
     label: str | None  # class name; None for unlabeled
     file_hash: str = ""
     pixel_hash: str = ""  # sha256 of the resized uint8 pixels: identical images in any format match
@@ -150,10 +151,10 @@ def _run(params: Params, root: Path, out: Path, check: bool, reuse: bool) -> dic
             # images have none, so everything is decoded again (rare: once, when it happens).
             raise _DecodeEverything  # leaves atomic_dir: its temporary folder goes, the output stays
         if not check:
-            sources = {"spool": spool, **(previous.arrays("x") if previous else {})}
+            sources = {"spool": spool, **(previous.array_files("x") if previous else {})}
             _write_arrays(tmp, sources, splits, class_names, cfg.image_size)
             if copy_size:
-                _write_teacher_copy(tmp, {"spool": teacher_spool, **(previous.arrays("xt") if previous else {})},
+                _write_teacher_copy(tmp, {"spool": teacher_spool, **(previous.array_files("xt") if previous else {})},
                                     splits, copy_size)
             _write_rows(tmp, splits)
         if previous is not None:
@@ -275,7 +276,7 @@ def _files(root: Path, walker: Walker, folder: Path, split: str, label: str | No
         if (problem := extension_problem(path)) is not None:
             rejects.add(rel, split, "not_an_image", problem)
         else:
-            items.append(_Item(split=split, rel=rel, path=path, label=label))
+            items.append(_Item(split=split, rel=rel, path=os.fsdecode(path), label=label))
     return items
 
 
@@ -307,7 +308,7 @@ def _decode_all(items: list[_Item], cfg: PrepareParams, teacher_size: int | None
     settings = _decode_settings(cfg, teacher_size)
     spool = Spool.create(tmp / ".spool.npy", len(items), cfg.image_size)
     teacher_spool = Spool.create(tmp / ".spool_t.npy", len(items), teacher_size) if teacher_size else None
-    outcomes = decode_files([os.fsdecode(i.path) for i in items], settings, spool, teacher_spool,
+    outcomes = decode_files([i.path for i in items], settings, spool, teacher_spool,
                             previous.file_hashes() if previous else (), worker_count(cfg.workers))
     progress = tqdm(zip(items, outcomes), total=len(items), desc="prepare: decoding", unit="img",
                     disable=not sys.stderr.isatty())
@@ -324,7 +325,7 @@ def _decode_all(items: list[_Item], cfg: PrepareParams, teacher_size: int | None
     reused = sum(1 for i in items if i.origin[0] != "spool")
     if previous is not None:
         print(f"prepare: {reused} image(s) reused from the previous output, {len(items) - reused} decoded")
-    return spool.open(), teacher_spool.open() if teacher_spool else None
+    return Path(spool.path), Path(teacher_spool.path) if teacher_spool else None
 
 
 class _Previous:
@@ -333,9 +334,9 @@ class _Previous:
     Used only when it was made with the same decoding settings and passes the integrity check;
     otherwise everything is decoded (and that is said in the log, not an error)."""
 
-    def __init__(self, manifest: dict, data, rows: np.ndarray):
+    def __init__(self, folder: Path, manifest: dict, data, rows: np.ndarray):
         self.has_teacher_copy = data.train_xt is not None
-        self._data = data
+        self._folder, self._data = folder, data
         order = np.argsort(rows["file"], kind="stable")
         self._hashes, self._rows = rows["file"][order], rows[order]
         self._position = order  # row in the concatenated splits
@@ -354,7 +355,7 @@ class _Previous:
                 log.info("prepare: %s was decoded with other settings; decoding every image", shown(out))
                 return None
             data = load_prepared(out)
-            return cls(manifest, data, np.load(out / ROWS, allow_pickle=False))
+            return cls(out, manifest, data, np.load(out / ROWS, allow_pickle=False))
         except (KdpipeError, OSError, ValueError, KeyError) as exc:
             log.info("prepare: not reusing %s (%s); decoding every image", shown(out), exc)
             return None
@@ -370,8 +371,9 @@ class _Previous:
         k = int(np.searchsorted(self._starts, position, side="right")) - 1
         return (SPLITS[k], position - int(self._starts[k])), row["pixel"].decode(), bool(row["larger"])
 
-    def arrays(self, kind: str) -> dict[str, np.ndarray]:
-        return {name: getattr(self._data, f"{name}_{kind}") for name in SPLITS}
+    def array_files(self, kind: str) -> dict[str, Path]:
+        """The previous output's ``<split>_<kind>.npy`` files (read until the new output replaces them)."""
+        return {name: self._folder / f"{name}_{kind}.npy" for name in SPLITS}
 
     def close(self) -> None:
         self._data = None
@@ -466,7 +468,7 @@ def _stratified_split(
 # ---------------------------------------------------------------- outputs
 
 
-def _write_arrays(out: Path, sources: dict[str, np.ndarray], splits: dict[str, list[_Item]],
+def _write_arrays(out: Path, sources: dict[str, Path], splits: dict[str, list[_Item]],
                   class_names: list[str], size: int) -> None:
     index = {name: k for k, name in enumerate(class_names)}
     for name, members in splits.items():
@@ -475,7 +477,7 @@ def _write_arrays(out: Path, sources: dict[str, np.ndarray], splits: dict[str, l
             np.save(out / f"{name}_y.npy", np.array([index[i.label] for i in members], dtype=np.int64))
 
 
-def _write_teacher_copy(out: Path, sources: dict[str, np.ndarray], splits: dict[str, list[_Item]], size: int) -> None:
+def _write_teacher_copy(out: Path, sources: dict[str, Path], splits: dict[str, list[_Item]], size: int) -> None:
     for name, members in splits.items():
         _save_rows(out / f"{name}_xt.npy", sources, [i.origin for i in members], size)
 
@@ -490,22 +492,41 @@ def _write_rows(out: Path, splits: dict[str, list[_Item]]) -> None:
     np.save(out / ROWS, rows)
 
 
-def _save_rows(path: Path, sources: dict[str, np.ndarray], origins: list[tuple[str, int]], size: int) -> None:
-    """Write the rows named by ``origins`` (source array, row) as a standard .npy (same bytes as
-    np.save), in chunks to bound memory; rows from one source are gathered in one indexing call."""
+def _save_rows(path: Path, sources: dict[str, Path], origins: list[tuple[str, int]], size: int) -> None:
+    """Write the rows named by ``origins`` (source .npy file, row) as a standard .npy (same bytes as
+    np.save), a chunk at a time. Neither the output nor the sources stay mapped: a chunk is gathered
+    from freshly mapped sources into a buffer and written with ``os.pwrite``, so the resident memory
+    is one chunk, not the pages of every file touched so far."""
     shape = (len(origins), size, size, 3)
     if not origins:  # np.memmap cannot map a zero-length array
         np.save(path, np.zeros(shape, dtype=np.uint8))
         return
-    dest = allocated_memmap(path, np.uint8, shape)
-    for start in range(0, len(origins), _COPY_CHUNK):
-        chunk = origins[start:start + _COPY_CHUNK]
-        for source in {name for name, _ in chunk}:
-            at = [k for k, (name, _) in enumerate(chunk) if name == source]
-            rows = [chunk[k][1] for k in at]
-            dest[[start + k for k in at]] = sources[source][rows]
-    dest.flush()
+    dest = allocated_memmap(path, np.uint8, shape)  # header written, blocks reserved (ENOSPC now, not later)
+    offset, row_bytes = int(dest.offset), size * size * 3
     del dest
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for start in range(0, len(origins), _COPY_CHUNK):
+            chunk = origins[start:start + _COPY_CHUNK]
+            buffer = np.empty((len(chunk), size, size, 3), dtype=np.uint8)
+            for source in {name for name, _ in chunk}:
+                at = [k for k, (name, _) in enumerate(chunk) if name == source]
+                mapped = np.load(sources[source], mmap_mode="r")
+                buffer[at] = mapped[[chunk[k][1] for k in at]]
+                del mapped
+            _write_all(fd, buffer.tobytes(), offset + start * row_bytes, path)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes, offset: int, path: Path) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        view, offset = view[written:], offset + written
 
 
 def _data_version(kept: list[_Item]) -> str:
