@@ -336,3 +336,8 @@ def test_training_data_is_read_into_ram_when_small_and_stays_mapped_when_large(t
     assert np.array_equal(in_ram.train_x, mapped.train_x)  # the same pixels either way
     monkeypatch.setattr(common, "IN_MEMORY_LIMIT_BYTES", 0)  # a data set too large for RAM
     assert isinstance(common.training_data(d["prepared"], d["augmented"]).unlabeled_x, np.memmap)
+    # a budget for some arrays: the labeled ones come first, the unlabeled pool stays mapped
+    monkeypatch.setattr(common, "IN_MEMORY_LIMIT_BYTES", in_ram.train_x.nbytes + in_ram.labeled_views.nbytes)
+    partly = common.training_data(d["prepared"], d["augmented"])
+    assert not isinstance(partly.train_x, np.memmap) and not isinstance(partly.labeled_views, np.memmap)
+    assert isinstance(partly.unlabeled_x, np.memmap) and isinstance(partly.unlabeled_views, np.memmap)

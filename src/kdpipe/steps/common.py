@@ -9,45 +9,57 @@ import numpy as np
 from ..data import load_prepared
 from ..engine import TrainingData
 
-# An array up to this size is copied into RAM for training (a random batch gathered from a memory map
-# costs a page fault per image); a larger one stays memory-mapped, so memory stays bounded at scale.
-IN_MEMORY_LIMIT_BYTES = 2 * 1024**3
+# Arrays are copied into RAM for training (a random batch gathered from a memory map costs a page
+# fault per image the first time) until they add up to this budget; the rest stay memory-mapped, so a
+# step's memory does not grow with the data set (the prefetching input pipeline hides the mapped
+# gathers). The budget goes first to what every step reads: the labeled images, then validation,
+# then the unlabeled pool.
+IN_MEMORY_LIMIT_BYTES = 128 * 1024**2
 
 
-def _in_ram(array: np.ndarray, in_memory: bool) -> np.ndarray:
-    """``array`` copied into RAM when asked and small enough; otherwise as it is (mapped)."""
-    if in_memory and isinstance(array, np.memmap) and array.nbytes <= IN_MEMORY_LIMIT_BYTES:
+class _RamBudget:
+    def __init__(self, enabled: bool):
+        self.left = IN_MEMORY_LIMIT_BYTES if enabled else 0
+
+    def take(self, array: np.ndarray | None) -> np.ndarray | None:
+        """``array`` copied into RAM while the budget allows; otherwise as it is (mapped)."""
+        if array is None or not isinstance(array, np.memmap) or array.nbytes > self.left:
+            return array
+        self.left -= array.nbytes
         return np.array(array)  # a copy: np.asarray of a memory map would still read from the file
-    return array
 
 
 def training_data(prepared_dir: str | os.PathLike, augmented_dir: str | os.PathLike | None = None,
                   in_memory: bool = True, teacher_copy: bool = False) -> TrainingData:
     """The arrays a trainer samples from.
 
-    Arrays up to :data:`IN_MEMORY_LIMIT_BYTES` are read into RAM (random batch gathers from a memory
-    map cost a page fault per image); larger ones, and all with ``in_memory=False``, stay mapped. ``augmented_dir`` adds the stored views (and the
-    teacher's cached logits when the augment step wrote them); ``teacher_copy`` adds prepare's
-    teacher-resolution arrays when they exist."""
+    Arrays are read into RAM up to :data:`IN_MEMORY_LIMIT_BYTES` in all (none with ``in_memory=False``);
+    the others stay mapped. ``augmented_dir`` adds the stored views (and the teacher's cached logits
+    when the augment step wrote them); ``teacher_copy`` adds prepare's teacher-resolution arrays when
+    they exist."""
     data = load_prepared(prepared_dir, splits=("train", "val", "unlabeled"))
-    def load(array: np.ndarray) -> np.ndarray:
-        return _in_ram(array, in_memory)
-
-    stored: dict = {}
+    stored = None
     if augmented_dir is not None:
         from .augment import load_views
 
-        sets = load_views(augmented_dir, expected_data_version=data.manifest["data_version"])
-        stored = {"labeled_views": load(sets.labeled_views), "unlabeled_views": load(sets.unlabeled_views),
-                  "view_kinds": sets.view_kinds,
-                  "labeled_logits": None if sets.labeled_logits is None else load(sets.labeled_logits),
-                  "unlabeled_logits": None if sets.unlabeled_logits is None else load(sets.unlabeled_logits)}
-    copies: dict = {}
-    if teacher_copy and data.train_xt is not None:
-        copies = {"teacher_train_x": load(data.train_xt), "teacher_val_x": load(data.val_xt),
-                  "teacher_unlabeled_x": load(data.unlabeled_xt)}
+        stored = load_views(augmented_dir, expected_data_version=data.manifest["data_version"])
+    copies = teacher_copy and data.train_xt is not None
+    ram = _RamBudget(in_memory)
+    # in the order the budget serves them
+    arrays = {
+        "train_x": data.train_x,
+        "labeled_views": stored.labeled_views if stored else None,
+        "labeled_logits": stored.labeled_logits if stored else None,
+        "teacher_train_x": data.train_xt if copies else None,
+        "val_x": data.val_x,
+        "teacher_val_x": data.val_xt if copies else None,
+        "unlabeled_x": data.unlabeled_x,
+        "unlabeled_views": stored.unlabeled_views if stored else None,
+        "unlabeled_logits": stored.unlabeled_logits if stored else None,
+        "teacher_unlabeled_x": data.unlabeled_xt if copies else None,
+    }
     return TrainingData(
-        class_names=list(data.class_names), image_size=int(data.image_size),
-        train_x=load(data.train_x), train_y=np.asarray(data.train_y), unlabeled_x=load(data.unlabeled_x),
-        val_x=load(data.val_x), val_y=np.asarray(data.val_y), **stored, **copies,
+        class_names=list(data.class_names), image_size=int(data.image_size), train_y=np.asarray(data.train_y),
+        val_y=np.asarray(data.val_y), view_kinds=stored.view_kinds if stored else None,
+        **{name: ram.take(array) for name, array in arrays.items()},
     )
