@@ -14,7 +14,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup repro data test test-fast lint clean report compare exp bench image constraints test-image pipeline retrain
+.PHONY: help setup repro data test test-fast lint clean report compare exp bench bench-large image constraints test-image pipeline retrain
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -77,6 +77,12 @@ bench: setup ## quick benchmarks (needs `make repro` first; results in benchmark
 	$(BIN)/python -m benchmarks.label_efficiency --quick
 	$(BIN)/python -m benchmarks.pipeline_overhead
 	$(BIN)/python -m benchmarks.ingest_load
+	$(BIN)/python -m benchmarks.prepare_throughput
+	$(BIN)/python -m benchmarks.batch_assembly
+	$(BIN)/python -m benchmarks.memory_scaling
+
+bench-large: setup ## the data-path benchmarks at scale (memory at N = 10k, 50k, 200k images: ~30 min)
+	$(BIN)/python -m benchmarks.memory_scaling --large
 
 retrain: data ## dvc pull + repro + push + metrics diff (or submit to Kubeflow when KDPIPE_KFP_HOST is set)
 	$(BIN)/kdpipe retrain

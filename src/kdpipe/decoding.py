@@ -183,14 +183,14 @@ def decode_files(paths: list[str], settings: DecodeSettings, spool: Spool, teach
                  known: Iterable[str], workers: int) -> Iterator[Outcome]:
     """Decode ``paths[i]`` into row ``i`` of the spools; yield one :class:`Outcome` per path, in order."""
     job = _Job(settings, spool, teacher_spool, np.array(sorted(h.encode() for h in known), dtype="S64"))
-    tasks = list(enumerate(paths))
+    tasks = enumerate(paths)  # lazily: no second list as long as the data set
     if workers <= 1 or len(paths) < SERIAL_BELOW:
         yield from _decode_serially(job, tasks)
     else:
         yield from _decode_in_pool(job, tasks, workers)
 
 
-def _decode_serially(job: _Job, tasks: list[tuple[int, str]]) -> Iterator[Outcome]:
+def _decode_serially(job: _Job, tasks: Iterable[tuple[int, str]]) -> Iterator[Outcome]:
     _start(job)
     try:
         for row, path in tasks:
@@ -199,7 +199,7 @@ def _decode_serially(job: _Job, tasks: list[tuple[int, str]]) -> Iterator[Outcom
         _close_fds()
 
 
-def _decode_in_pool(job: _Job, tasks: list[tuple[int, str]], workers: int) -> Iterator[Outcome]:
+def _decode_in_pool(job: _Job, tasks: Iterable[tuple[int, str]], workers: int) -> Iterator[Outcome]:
     # fork where there is one (as torch's DataLoader does): workers start at once, with the job in
     # memory, and do not re-run the caller's main module, which spawn and forkserver do (a script
     # without a __main__ guard would start workers recursively; under pytest every worker would
@@ -207,7 +207,8 @@ def _decode_in_pool(job: _Job, tasks: list[tuple[int, str]], workers: int) -> It
     # read files, decode with Pillow and write with os.pwrite.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     context = multiprocessing.get_context(method)
-    chunks = iter(lambda it=iter(tasks): list(islice(it, _TASKS_PER_CALL)), [])
+    remaining = iter(tasks)
+    chunks = iter(lambda: list(islice(remaining, _TASKS_PER_CALL)), [])
     try:
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_start, initargs=(job,)) as pool:
             pending: deque = deque()

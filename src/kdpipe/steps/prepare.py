@@ -310,7 +310,7 @@ def _decode_all(items: list[_Item], cfg: PrepareParams, teacher_size: int | None
     teacher_spool = Spool.create(tmp / ".spool_t.npy", len(items), teacher_size) if teacher_size else None
     outcomes = decode_files([i.path for i in items], settings, spool, teacher_spool,
                             previous.file_hashes() if previous else (), worker_count(cfg.workers))
-    progress = tqdm(zip(items, outcomes), total=len(items), desc="prepare: decoding", unit="img",
+    progress = tqdm(zip(items, outcomes, strict=True), total=len(items), desc="prepare: decoding", unit="img",
                     disable=not sys.stderr.isatty())
     for row, (item, outcome) in enumerate(progress):
         if outcome.rejected:
