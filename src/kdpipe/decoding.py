@@ -15,6 +15,7 @@ come back in input order, whatever the number of workers, so the outputs are ide
 from __future__ import annotations
 
 import errno
+import gc
 import hashlib
 import multiprocessing
 import os
@@ -209,6 +210,9 @@ def _decode_in_pool(job: _Job, tasks: Iterable[tuple[int, str]], workers: int) -
     context = multiprocessing.get_context(method)
     remaining = iter(tasks)
     chunks = iter(lambda: list(islice(remaining, _TASKS_PER_CALL)), [])
+    # A forked worker's garbage collector would write to the header of every object it inherited (the
+    # parent's per-image records), copying their pages into each worker; frozen objects are skipped.
+    gc.freeze()
     try:
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_start, initargs=(job,)) as pool:
             pending: deque = deque()
@@ -221,6 +225,8 @@ def _decode_in_pool(job: _Job, tasks: Iterable[tuple[int, str]], workers: int) -
     except BrokenProcessPool:
         raise DataError("prepare: a decoding process died (out of memory?); run again with prepare.workers=1 "
                         "to decode in one process, or with fewer workers") from None
+    finally:
+        gc.unfreeze()
 
 
 def _close_fds() -> None:
