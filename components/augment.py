@@ -19,5 +19,7 @@ def augment(prepared: Input[Dataset], teacher_model: Input[Model], augment_param
     policy = run_step("augment", params, track=kubeflow.tracking_for_task(execution_key, git_commit), prepared_dir=prepared.path,
                       teacher_dir=teacher_model.path, out_dir=augmented.path)
     augmented.metadata["views"] = params.augment.views
-    augmented.metadata["view_kinds"] = policy["view_kinds"]
-    augmented.metadata["teacher_logits"] = policy["teacher"] is not None
+    # recipes whose teacher is trained in the run store no views (the policy says for which recipe)
+    augmented.metadata["stored_views"] = not policy.get("skipped_for_recipe")
+    augmented.metadata["view_kinds"] = policy.get("view_kinds", [])
+    augmented.metadata["teacher_logits"] = policy.get("teacher") is not None

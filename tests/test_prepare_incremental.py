@@ -142,12 +142,6 @@ def test_teacher_copy_needed_after_new_images_decodes_everything_once(tmp_path, 
 # ---------------------------------------------------------------- verify once, then trust unchanged files
 
 
-def age(path: Path, seconds: float) -> None:
-    """Move a file's mtime into the past, as if it had been written ``seconds`` ago."""
-    st = path.stat()
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - int(seconds * 1e9)))
-
-
 def hashed_files(monkeypatch) -> list[str]:
     """Record which files the integrity check reads in full."""
     import kdpipe.data
@@ -166,12 +160,13 @@ def hashed_files(monkeypatch) -> list[str]:
 def test_an_unchanged_file_is_hashed_once_and_a_changed_one_again(photo_root, tmp_path, monkeypatch):
     out = tmp_path / "prepared"
     prepare.run(params(), photo_root, out)
-    for path in out.iterdir():
-        age(path, 60)  # older than the racy window: the next full hash gives a trusted stamp
     seen = hashed_files(monkeypatch)
-
     load_prepared(out)  # stamps from prepare are racy (files just written): hashed once more
     assert "train_x.npy" in seen
+    seen.clear()
+    # as if the files had been written long ago (no sleeping in tests): no stamp is racy any more
+    monkeypatch.setattr(integrity, "RACY_SECONDS", 0.0)
+    load_prepared(out)
     seen.clear()
     load_prepared(out)
     assert seen == []  # unchanged since their hash matched: trusted without reading them

@@ -48,8 +48,10 @@ def _stamp_path(directory: Path) -> Path:
 
 
 def _identity(path: Path) -> list[int]:
+    # ctime too: nobody can set it, so a copy that keeps the mtime (cp -p, a DVC checkout) into a
+    # recycled inode still reads as changed
     st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
 
 
 def _read_stamps(directory: Path) -> dict:
@@ -64,7 +66,7 @@ def _trusted(stamp: dict | None, path: Path, expected: str) -> bool:
     if not stamp or stamp.get("sha256") != expected:
         return False
     identity = _identity(path)
-    racy = stamp.get("stamped_ns", 0) - identity[1] < RACY_SECONDS * 1e9
+    racy = stamp.get("stamped_ns", 0) - max(identity[1], identity[3]) < RACY_SECONDS * 1e9
     return stamp.get("identity") == identity and not racy
 
 
@@ -96,8 +98,6 @@ def first_mismatch(directory: str | os.PathLike, expected: dict[str, str], names
 
 def record_verified(directory: str | os.PathLike, digests: dict[str, str]) -> None:
     """Remember that these files of ``directory`` have these sha256 as they are now (best effort)."""
-    from .atomic import write_json
-
     directory = Path(directory)
     files = _read_stamps(directory)
     now = time.time_ns()
@@ -106,8 +106,14 @@ def record_verified(directory: str | os.PathLike, digests: dict[str, str]) -> No
             files[name] = {"sha256": digest, "identity": _identity(directory / name), "stamped_ns": now}
         except OSError:
             files.pop(name, None)
+    target = _stamp_path(directory)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        _stamp_path(directory).parent.mkdir(parents=True, exist_ok=True)
-        write_json(_stamp_path(directory), {"directory": os.fsdecode(os.path.realpath(directory)), "files": files})
-    except Exception:  # a read-only home or cache: the next load hashes again, nothing else changes
-        pass
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_text(json.dumps({"directory": os.fsdecode(os.path.realpath(directory)), "files": files}),
+                             encoding="utf-8")
+        # a cache file, not a step output: a plain atomic rename, no fsync (a lost stamp only means
+        # the next load hashes again)
+        os.rename(temporary, target)
+    except OSError:  # a read-only home or cache: the next load hashes again, nothing else changes
+        temporary.unlink(missing_ok=True)
