@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from unittest import mock
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kdpipe import augmentation as aug
 from kdpipe.augmentation import AugmentConfig, augment, make_generator, strong, weak
@@ -156,3 +158,71 @@ def test_speed_sanity():
     augment(x, gen, 1.0, _cfg())
     t_all = time.perf_counter() - t0
     assert t_weak < 0.5 and t_all < 3.0
+
+
+# ------------------------------------------------------------------- host synchronisations
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts the operations that read tensor data back to the host. On a GPU each one waits for
+    every queued kernel to finish (a host synchronisation); counting them on the CPU shows how many
+    a call would make there. Data-dependent ops are counted as the host reads they make on CUDA
+    (``bincount`` reads its input's min and max, ``nonzero`` its output size, boolean indexing is a
+    ``nonzero``); ``.tolist()`` and ``.numpy()`` do not dispatch on a CPU tensor, so the caller wraps them."""
+
+    SYNCING = {"_local_scalar_dense", "nonzero", "bincount", "masked_select", "_unique2", "unique_dim",
+               "unique_consecutive", "repeat_interleave", "equal", "is_nonzero"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.SYNCING or (name == "index" and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _count_host_reads(fn) -> int:
+    """Host reads ``fn()`` makes (see :class:`_HostReads`)."""
+    mode = _HostReads()
+
+    def counted(original):
+        def wrapped(self, *a, **kw):
+            mode.count += 1
+            return original(self, *a, **kw)
+
+        return wrapped
+
+    with (mock.patch.object(torch.Tensor, "tolist", counted(torch.Tensor.tolist)),
+          mock.patch.object(torch.Tensor, "numpy", counted(torch.Tensor.numpy)), mode):
+        fn()
+    return mode.count
+
+
+def test_host_read_counter_sees_the_usual_reads():
+    t = torch.tensor([0, 2, 2, 1])
+    assert _count_host_reads(lambda: torch.bincount(t).tolist()) == 2
+    assert _count_host_reads(lambda: (t.nonzero(), t[t > 0], bool(t.any()), t.sum().item())) == 4
+    assert _count_host_reads(lambda: (t + 1, t.argsort(stable=True), t.index_select(0, t))) == 0
+
+
+@pytest.mark.parametrize("num_ops", [1, 2, 4, 8])
+@pytest.mark.parametrize("ops", [aug.OPS, ("contrast", "identity"), aug.GEOMETRIC_OPS])
+def test_strong_reads_the_host_once_whatever_the_rounds(num_ops, ops):
+    # one read for all the rounds' op counts and the warp (it was one per round plus one for the
+    # warp, more on CUDA where bincount reads its input too): a GPU keeps its queue of kernels full
+    x = _images(n=12)
+    assert _count_host_reads(lambda: strong(x, make_generator(0), num_ops=num_ops, ops=ops)) == 1
+    assert _count_host_reads(lambda: strong(x, make_generator(0), num_ops=0)) == 0
+
+
+def test_augment_host_reads():
+    # p == 1 selects every sample without reading the selection back; 0 < p < 1 has to read the
+    # subset's size (it sets how many random numbers the strong policy draws)
+    x = _images(n=12)
+    assert _count_host_reads(lambda: augment(x, make_generator(0), 0.0, _cfg(num_ops=3))) == 0
+    assert _count_host_reads(lambda: augment(x, make_generator(0), 1.0, _cfg(num_ops=3))) == 1
+    assert _count_host_reads(lambda: augment(x, make_generator(0), 0.5, _cfg(num_ops=3))) == 2

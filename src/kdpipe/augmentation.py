@@ -13,9 +13,11 @@ call (on one device type; CPU and CUDA generators produce different streams).
 * :func:`augment` -- ``weak`` always, then ``strong`` on each sample independently with
   probability ``p`` (SPEC, Method A: ``Aug(x; p)``).
 
-Work is proportional to the samples an op applies to: samples are grouped by their drawn op, which
-costs one host synchronisation per RandAugment round (plus one for the geometric warp and one in
-:func:`augment` for the strongly augmented subset) -- cheap next to a training step.
+Work is proportional to the samples an op applies to: samples are grouped by their drawn op. The
+group sizes must be known on the host (they size the tensors), so :func:`strong` reads them -- for
+every round and the geometric warp at once -- in one host synchronisation per call (none with
+``num_ops == 0``); :func:`augment` adds one for the size of the strongly augmented subset when
+``0 < p < 1``. A synchronisation stalls a GPU's queue of kernels, so they are kept this few.
 """
 
 from __future__ import annotations
@@ -261,30 +263,47 @@ def strong(
         raise ValueError(f"unknown augmentation ops {unknown}; choose from {OPS}")
     x = to_float(x)
     n, dev = x.shape[0], x.device
-    theta = torch.eye(3, device=dev).repeat(n, 1, 1)
-    has_geometric = torch.zeros(n, dtype=torch.bool, device=dev)
+    # Every round's draws come first, in the order the rounds make them (op, then sign, round by
+    # round). Nothing else reads the generator before random erasing, and the ops never depend on
+    # the image data, so this is the same random stream as drawing round by round.
+    rounds = []
     for _ in range(num_ops):
         op = torch.randint(0, len(ops), (n,), generator=gen, device=dev)
         sign = torch.where(_rand(gen, n, dev) < 0.5, -1.0, 1.0)
-        level = sign * float(magnitude)
-        # group the samples by op (one host sync per round) so each colour op only touches
-        # the samples that drew it
-        order = torch.argsort(op, stable=True)
-        counts = torch.bincount(op, minlength=len(ops)).tolist()
-        start = 0
+        rounds.append((op, sign * float(magnitude)))
+    # The geometric ops of all rounds only compose a matrix per sample (applied once, below), so they
+    # need nothing from the host either.
+    theta = torch.eye(3, device=dev).repeat(n, 1, 1)
+    has_geometric = torch.zeros(n, dtype=torch.bool, device=dev)
+    for op, level in rounds:
         for k, name in enumerate(ops):
-            idx = order[start : start + counts[k]]
-            start += counts[k]
-            if name in COLOR_OPS and len(idx):
-                x.index_copy_(0, idx, _color_op(name, x.index_select(0, idx), level.index_select(0, idx)))
-            elif name in GEOMETRIC_OPS:
+            if name in GEOMETRIC_OPS:
                 chosen = op == k
                 theta = torch.where(chosen.view(n, 1, 1), theta @ _op_matrix(name, level), theta)
                 has_geometric |= chosen
-    if any(name in GEOMETRIC_OPS for name in ops) and num_ops > 0:
-        idx = has_geometric.nonzero().squeeze(1)
-        if len(idx):
-            x.index_copy_(0, idx, _warp(x.index_select(0, idx), theta.index_select(0, idx)))
+    sizes: list[int] = []
+    if rounds:
+        # The one host synchronisation: how many samples drew each op in each round, and how many
+        # are warped, read in a single .tolist() (each colour op runs on a subset of that size).
+        # Counted with a comparison, not torch.bincount, which synchronises by itself on CUDA.
+        op_ids = torch.arange(len(ops), device=dev)
+        counts = [(op.view(n, 1) == op_ids).sum(dim=0) for op, _ in rounds]
+        sizes = torch.cat([*counts, has_geometric.sum().view(1)]).tolist()
+    for r, (op, level) in enumerate(rounds):
+        # samples grouped by op: group k is order[start : start + count of op k]
+        order = torch.argsort(op, stable=True)
+        start = 0
+        for k, name in enumerate(ops):
+            count = sizes[r * len(ops) + k]
+            if name in COLOR_OPS and count:
+                idx = order[start : start + count]
+                x.index_copy_(0, idx, _color_op(name, x.index_select(0, idx), level.index_select(0, idx)))
+            start += count
+    if sizes and sizes[-1]:  # some sample drew a geometric op
+        # the warped samples in ascending order (what has_geometric.nonzero() gives, without its
+        # synchronisation): a stable sort puts the samples with key 0 (geometric) first
+        idx = torch.argsort(has_geometric.logical_not().to(torch.uint8), stable=True)[: sizes[-1]]
+        x.index_copy_(0, idx, _warp(x.index_select(0, idx), theta.index_select(0, idx)))
     if erase_prob > 0:
         x = random_erase(x, gen, erase_prob)
     return x.clamp(0.0, 1.0)
@@ -299,15 +318,17 @@ def augment(x: torch.Tensor, gen: torch.Generator, p: float, cfg: AugmentConfig)
     x = weak(x, gen, pad=cfg.pad, flip=cfg.flip)
     if p <= 0:
         return x
-    idx = (_rand(gen, x.shape[0], x.device) < p).nonzero().squeeze(1)
+
+    def strong_on(v: torch.Tensor) -> torch.Tensor:
+        return strong(v, gen, num_ops=cfg.num_ops, magnitude=cfg.magnitude, erase_prob=cfg.erase_prob, ops=cfg.ops)
+
+    selected = _rand(gen, x.shape[0], x.device) < p
+    if p >= 1:
+        # rand() < 1 always: every sample is selected, so skip reading the selection back (a host
+        # synchronisation); the draw above still happens, to keep the random stream unchanged
+        return strong_on(x)
+    # the subset's size sets how many random numbers strong() draws, so it must reach the host
+    idx = selected.nonzero().squeeze(1)
     if len(idx) == 0:
         return x
-    y = strong(
-        x.index_select(0, idx),
-        gen,
-        num_ops=cfg.num_ops,
-        magnitude=cfg.magnitude,
-        erase_prob=cfg.erase_prob,
-        ops=cfg.ops,
-    )
-    return x.index_copy_(0, idx, y)
+    return x.index_copy_(0, idx, strong_on(x.index_select(0, idx)))
