@@ -161,11 +161,16 @@ def test_an_unchanged_file_is_hashed_once_and_a_changed_one_again(photo_root, tm
     out = tmp_path / "prepared"
     prepare.run(params(), photo_root, out)
     seen = hashed_files(monkeypatch)
-    load_prepared(out)  # stamps from prepare are racy (files just written): hashed once more
+    # as if the file system's clock were coarser than the time since prepare stamped its files: the
+    # stamps are racy, so the files are hashed once more (no sleeping or timing in tests)
+    monkeypatch.setattr(integrity, "RACY_SECONDS", 1e9)
+    monkeypatch.setattr(integrity, "FINE_RACY_SECONDS", 1e9)
+    load_prepared(out)
     assert "train_x.npy" in seen
     seen.clear()
-    # as if the files had been written long ago (no sleeping in tests): no stamp is racy any more
+    # as if the files had been written long ago: no stamp is racy any more
     monkeypatch.setattr(integrity, "RACY_SECONDS", 0.0)
+    monkeypatch.setattr(integrity, "FINE_RACY_SECONDS", 0.0)
     load_prepared(out)
     seen.clear()
     load_prepared(out)
@@ -244,3 +249,93 @@ def test_worker_count_follows_the_setting_the_cores_and_a_container_quota(tmp_pa
     assert decoding._cgroup_cpu_quota(str(cpu_max)) == 3  # 2.5 CPUs: 3 processes
     cpu_max.write_text("max 100000\n")
     assert decoding._cgroup_cpu_quota(str(cpu_max)) is None
+
+
+# ---------------------------------------------------------------- the unlabeled split in segments
+
+
+@pytest.fixture
+def small_segments(monkeypatch):
+    """Segments close at 20 rows of SIZE pixels (the real threshold is 64 MiB)."""
+    import kdpipe.segments
+
+    monkeypatch.setattr(kdpipe.segments, "SEGMENT_MIN_BYTES", 20 * SIZE * SIZE * 3)
+
+
+def test_an_ingest_leaves_earlier_segments_as_they_were(photo_root, tmp_path, capsys, small_segments):
+    out = tmp_path / "prepared"
+    prepare.run(params(workers=2), photo_root, out)
+    first = load_prepared(out).manifest
+    # batch-0000 holds SERIAL_BELOW (64) images, one folder: one segment however large
+    assert first.get("segments") is None
+    inode = (out / "unlabeled_x.npy").stat().st_ino
+    add_batch(photo_root, 25)
+    capsys.readouterr()
+
+    prepare.run(params(workers=2), photo_root, out)
+    assert "25 decoded" in capsys.readouterr().out
+    manifest = load_prepared(out).manifest
+    assert manifest["segments"] == {"unlabeled": [SERIAL_BELOW, 25]}
+    # the earlier batch's file is the same file: not copied, its recorded hash reused
+    assert (out / "unlabeled_x.npy").stat().st_ino == inode
+    assert manifest["files"]["unlabeled_x.npy"] == first["files"]["unlabeled_x.npy"]
+    # ...and so are the unchanged labeled splits
+    assert manifest["files"]["train_x.npy"] == first["files"]["train_x.npy"]
+
+    full = tmp_path / "full"
+    prepare.run(params(workers=1), photo_root, full)
+    assert files_of(out) == files_of(full)  # bit for bit, segments included
+    load_prepared(out, verify=True)  # every recorded hash matches its file
+
+    # the same rows as one file would hold them
+    data = load_prepared(out)
+    from kdpipe.segments import RowSegments
+
+    assert isinstance(data.unlabeled_x, RowSegments)
+    whole = np.concatenate([np.load(out / "unlabeled_x.npy"), np.load(out / "unlabeled_x.1.npy")])
+    assert np.array_equal(np.asarray(data.unlabeled_x), whole)
+    assert data.unlabeled_x.shape == whole.shape
+
+
+def test_a_changed_segment_is_caught_and_rewritten(photo_root, tmp_path, capsys, small_segments):
+    add_batch(photo_root, 25)
+    out = tmp_path / "prepared"
+    prepare.run(params(workers=2), photo_root, out)
+    array = np.load(out / "unlabeled_x.1.npy", mmap_mode="r+")
+    array[0] = 255 - array[0]
+    array.flush()
+    del array
+    with pytest.raises(IntegrityError, match=r"unlabeled_x\.1\.npy: content does not match"):
+        load_prepared(out)
+    prepare.run(params(workers=2), photo_root, out)  # not reused: decoded again, and right
+    prepare.run(params(workers=1), photo_root, tmp_path / "full")
+    assert files_of(out) == files_of(tmp_path / "full")
+
+
+def test_input_files_are_not_read_again_while_unchanged(photo_root, tmp_path, capsys, monkeypatch):
+    """The second prepare trusts the remembered sha256 of unchanged input files: none is opened,
+    except a file changed in between, which is hashed (and decoded) again."""
+    out = tmp_path / "prepared"
+    prepare.run(params(), photo_root, out)
+    monkeypatch.setattr(integrity, "FINE_RACY_SECONDS", 0.0)  # as if the files were written long ago
+    monkeypatch.setattr(integrity, "RACY_SECONDS", 0.0)
+    prepare.run(params(), photo_root, out)  # remembers the inputs' hashes (now not racy)
+    changed = sorted((photo_root / "unlabeled" / "batch-0000").iterdir())[3]
+    write_images(changed.parent, 1, 777)  # a new picture...
+    os.replace(changed.parent / "img_00777.jpg", changed)  # ...under an existing name
+
+    opened = []
+    real_read = Path.read_bytes
+
+    def read_bytes(self):
+        opened.append(self.name)
+        return real_read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    capsys.readouterr()
+    prepare.run(params(), photo_root, out)
+    assert opened == [changed.name]
+    assert "1 decoded" in capsys.readouterr().out
+    monkeypatch.undo()
+    prepare.run(params(), photo_root, tmp_path / "full")
+    assert files_of(out) == files_of(tmp_path / "full")

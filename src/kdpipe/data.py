@@ -18,6 +18,7 @@ import numpy as np
 
 from .atomic import read_json
 from .errors import DataError, IntegrityError
+from .segments import joined, segment_file
 
 MANIFEST = "manifest.json"
 SOURCES = "sources.json"
@@ -96,10 +97,12 @@ def load_prepared(directory: str | os.PathLike, verify: bool | None = None, mmap
         if name not in files:
             raise IntegrityError(f"{manifest_path}: does not list {name}; re-run the prepare step")
     names = [n for n in (*ARRAY_FILES, *TEACHER_COPY_FILES) if n in files and n.split("_")[0] in splits]
-    _check_files(directory, files, names, verify)
+    parts = {name: segment_names(manifest, name) for name in names}
+    _check_files(directory, files, [part for name in names for part in parts[name]], verify)
 
     mode = "r" if mmap else None
-    arrays = {name[:-4]: np.load(directory / name, mmap_mode=mode, allow_pickle=False) for name in names}
+    arrays = {name[:-4]: joined([np.load(directory / part, mmap_mode=mode, allow_pickle=False) for part in parts[name]])
+              for name in names}
     teacher_size = manifest.get("teacher_image_size")
     has_copy = "train_xt.npy" in files and teacher_size
     data = PreparedData(
@@ -113,6 +116,14 @@ def load_prepared(directory: str | os.PathLike, verify: bool | None = None, mmap
     )
     _check_shapes(directory, data)
     return data
+
+
+def segment_names(manifest: dict[str, Any], name: str) -> list[str]:
+    """The files that hold array ``name`` (``unlabeled_x.npy``...): itself, or its segments (see
+    :mod:`kdpipe.segments`) as the manifest lists them."""
+    split, kind = name[:-4].split("_", 1)
+    sizes = (manifest.get("segments") or {}).get(split, [None])
+    return [segment_file(split, kind, k) for k in range(len(sizes))]
 
 
 def _check_files(directory: Path, files: dict[str, str], names: list[str], verify: bool | None) -> None:

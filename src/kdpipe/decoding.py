@@ -20,7 +20,7 @@ import hashlib
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -123,7 +123,10 @@ def _fd(spool: Spool) -> int:
 
 
 def _is_known(file_hash: str) -> bool:
-    known = _JOB.known
+    return _is_in(_JOB.known, file_hash)
+
+
+def _is_in(known: np.ndarray, file_hash: str) -> bool:
     key = file_hash.encode()
     at = int(np.searchsorted(known, key))
     return at < len(known) and known[at] == key
@@ -181,14 +184,25 @@ def _cgroup_cpu_quota(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
 
 
 def decode_files(paths: list[str], settings: DecodeSettings, spool: Spool, teacher_spool: Spool | None,
-                 known: Iterable[str], workers: int) -> Iterator[Outcome]:
-    """Decode ``paths[i]`` into row ``i`` of the spools; yield one :class:`Outcome` per path, in order."""
+                 known: Iterable[str], workers: int,
+                 trusted: Sequence[str | None] | None = None) -> Iterator[Outcome]:
+    """Decode ``paths[i]`` into row ``i`` of the spools; yield one :class:`Outcome` per path, in order.
+
+    ``trusted[i]``, when given, is the file's sha256 as remembered from an earlier run (its identity
+    unchanged since): a known one is reused without even reading the file."""
     job = _Job(settings, spool, teacher_spool, np.array(sorted(h.encode() for h in known), dtype="S64"))
-    tasks = enumerate(paths)  # lazily: no second list as long as the data set
-    if workers <= 1 or len(paths) < SERIAL_BELOW:
-        yield from _decode_serially(job, tasks)
+    trusted = trusted if trusted is not None else [None] * len(paths)
+    skip = [h is not None and _is_in(job.known, h) for h in trusted]
+    # lazily: no second list as long as the data set
+    tasks = ((row, path) for row, path in enumerate(paths) if not skip[row])
+    if workers <= 1 or sum(1 for s in skip if not s) < SERIAL_BELOW:
+        decoded = _decode_serially(job, tasks)
     else:
-        yield from _decode_in_pool(job, tasks, workers)
+        decoded = _decode_in_pool(job, tasks, workers)
+    # the workers' results come in task order: merge them with the files reused without a read
+    for row in range(len(paths)):
+        yield Outcome(file_hash=trusted[row], reused=True) if skip[row] else next(decoded)
+    decoded.close()
 
 
 def _decode_serially(job: _Job, tasks: Iterable[tuple[int, str]]) -> Iterator[Outcome]:

@@ -12,9 +12,12 @@ The stamps live in kdpipe's cache folder (``$KDPIPE_CACHE_DIR``, else ``$XDG_CAC
 else ``~/.cache/kdpipe``), not beside the data: a folder DVC tracks must not change under it. A
 stamp that cannot be written only means the next load hashes again.
 
-Like git's index, a stamp taken less than :data:`RACY_SECONDS` after the file's last change is not
-trusted: file times have a coarse clock, so a second same-size write inside that window could keep
-the recorded mtime.
+Like git's index, a stamp taken within the file system's clock granularity after the file's last
+change is not trusted: a second same-size write inside that window could keep the recorded mtime.
+The granularity is read from the file's own ctime (which nobody can set): a whole second means a
+coarse file system (FAT, ext3, some network mounts), so :data:`RACY_SECONDS`; otherwise the kernel's
+clock tick, well under :data:`FINE_RACY_SECONDS`. So the files a step has just written are trusted
+by the next step, not hashed once more.
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-RACY_SECONDS = 2.0
+import numpy as np
+
+RACY_SECONDS = 2.0  # file systems whose times have a one- or two-second granularity
+FINE_RACY_SECONDS = 0.05  # nanosecond time stamps: Linux's coarse clock ticks every 1 to 10 ms
 VERIFY_ENV = "KDPIPE_VERIFY"
 
 
@@ -66,8 +72,14 @@ def _trusted(stamp: dict | None, path: Path, expected: str) -> bool:
     if not stamp or stamp.get("sha256") != expected:
         return False
     identity = _identity(path)
-    racy = stamp.get("stamped_ns", 0) - max(identity[1], identity[3]) < RACY_SECONDS * 1e9
-    return stamp.get("identity") == identity and not racy
+    return stamp.get("identity") == identity and not _racy(stamp.get("stamped_ns", 0), identity[1], identity[3])
+
+
+def _racy(stamped_ns, mtime_ns, ctime_ns):
+    """Whether a stamp taken at ``stamped_ns`` may predate a same-size change with the same times
+    (works element-wise on numpy arrays too)."""
+    window_ns = np.where(np.asarray(ctime_ns) % 1_000_000_000 == 0, RACY_SECONDS * 1e9, FINE_RACY_SECONDS * 1e9)
+    return stamped_ns - np.maximum(mtime_ns, ctime_ns) < window_ns
 
 
 def first_mismatch(directory: str | os.PathLike, expected: dict[str, str], names: Iterable[str],
@@ -117,3 +129,61 @@ def record_verified(directory: str | os.PathLike, digests: dict[str, str]) -> No
         os.rename(temporary, target)
     except OSError:  # a read-only home or cache: the next load hashes again, nothing else changes
         temporary.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- input files (prepare)
+#
+# The same idea for the user's images: prepare needs every input file's sha256 (its identity in the
+# data version, and the key under which the previous output holds its pixels). Reading a million
+# photos only to learn that they did not change costs as much as the rest of an incremental
+# prepare, so a file's hash is remembered under its identity (device, inode, size, mtime, ctime) and
+# trusted while that identity is unchanged and the stamp is not racy. One file per data root.
+
+_INPUT_RECORD = np.dtype([("dev", "<u8"), ("ino", "<u8"), ("size", "<i8"), ("mtime", "<i8"), ("ctime", "<i8"),
+                          ("stamped", "<i8"), ("sha256", "S64")])
+FileIdentity = tuple[int, int, int, int, int]
+
+
+def file_identity(path: str | os.PathLike) -> FileIdentity:
+    """(device, inode, size, mtime_ns, ctime_ns): changes whenever the file's content may have."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+class InputHashes:
+    """Remembered sha256 of the input files under one data root (see above)."""
+
+    def __init__(self, root: str | os.PathLike):
+        key = hashlib.sha256(os.fsencode(os.path.realpath(root))).hexdigest()[:32]
+        self._path = cache_dir() / "inputs" / f"{key}.npy"
+        self._known: dict[FileIdentity, str] = {}
+        self._new: dict[FileIdentity, str] = {}
+        if full_verification_requested():
+            return
+        try:
+            records = np.load(self._path, allow_pickle=False)
+        except (OSError, ValueError):
+            return
+        # a stamp taken within the clock's granularity of the file's last change cannot vouch for it
+        fresh = ~_racy(records["stamped"], records["mtime"], records["ctime"])
+        for r in records[fresh].tolist():
+            self._known[r[:5]] = r[6].decode()
+
+    def get(self, identity: FileIdentity) -> str | None:
+        return self._known.get(identity)
+
+    def remember(self, identity: FileIdentity, sha256: str) -> None:
+        self._new[identity] = sha256
+
+    def save(self) -> None:
+        """Keep the hashes of this run's files only (best effort: a failure means hashing next time)."""
+        now = time.time_ns()
+        rows = [(*identity, now, digest.encode()) for identity, digest in self._new.items()]
+        temporary = self._path.with_name(f".{self._path.name}.{os.getpid()}.tmp")
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            with open(temporary, "wb") as f:
+                np.save(f, np.array(rows, dtype=_INPUT_RECORD))
+            os.rename(temporary, self._path)
+        except OSError:
+            temporary.unlink(missing_ok=True)

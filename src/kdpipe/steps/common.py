@@ -8,6 +8,7 @@ import numpy as np
 
 from ..data import load_prepared
 from ..engine import TrainingData
+from ..segments import RowSegments
 
 # Arrays are copied into RAM for training (a random batch gathered from a memory map costs a page
 # fault per image the first time) until they add up to this budget; the rest stay memory-mapped, so a
@@ -23,7 +24,7 @@ class _RamBudget:
 
     def take(self, array: np.ndarray | None) -> np.ndarray | None:
         """``array`` copied into RAM while the budget allows; otherwise as it is (mapped)."""
-        if array is None or not isinstance(array, np.memmap) or array.nbytes > self.left:
+        if array is None or not isinstance(array, (np.memmap, RowSegments)) or array.nbytes > self.left:
             return array
         self.left -= array.nbytes
         return np.array(array)  # a copy: np.asarray of a memory map would still read from the file

@@ -46,12 +46,23 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..atomic import allocated_memmap, atomic_dir, read_json, write_json
-from ..data import ARRAY_FILES, MANIFEST, REJECTED, ROWS, SOURCES, SPLITS, TEACHER_COPY_FILES, file_sha256
+from ..data import (
+    ARRAY_FILES,
+    MANIFEST,
+    REJECTED,
+    ROWS,
+    SOURCES,
+    SPLITS,
+    TEACHER_COPY_FILES,
+    file_sha256,
+    segment_names,
+)
 from ..decoding import DECODE_VERSION, DecodeSettings, Spool, decode_files, worker_count
 from ..errors import DataError, KdpipeError
 from ..imaging import extension_problem
-from ..integrity import record_verified
+from ..integrity import FileIdentity, InputHashes, file_identity, record_verified
 from ..params import Params, PrepareParams
+from ..segments import joined, segment_file, segment_sizes
 from ..walk import Walker, name_bytes, shown
 
 log = logging.getLogger(__name__)
@@ -134,7 +145,7 @@ def _run(params: Params, root: Path, out: Path, check: bool, reuse: bool) -> dic
     previous = _Previous.find(out, _decode_settings(cfg, teacher_size)) if reuse else None
     workspace = tempfile.TemporaryDirectory(prefix="kdpipe-prepare-check-") if check else None
     with (contextlib.nullcontext(Path(workspace.name)) if check else atomic_dir(out)) as tmp:
-        spool, teacher_spool = _decode_all(items, cfg, teacher_size, tmp, rejects, previous)
+        spool, teacher_spool = _decode_all(root, items, cfg, teacher_size, tmp, rejects, previous)
         kept = _dedupe(items, rejects)
         _require_each_class(root, class_names, kept, rejects)
         labeled = [i for i in kept if i.split == "labeled"]
@@ -151,11 +162,12 @@ def _run(params: Params, root: Path, out: Path, check: bool, reuse: bool) -> dic
             # images have none, so everything is decoded again (rare: once, when it happens).
             raise _DecodeEverything  # leaves atomic_dir: its temporary folder goes, the output stays
         if not check:
-            sources = {"spool": spool, **(previous.array_files("x") if previous else {})}
-            _write_arrays(tmp, sources, splits, class_names, cfg.image_size)
+            layout = _Layout(splits, cfg.image_size)
+            writer = _ArrayWriter(tmp, layout, previous)
+            writer.write_images("x", spool, cfg.image_size)
             if copy_size:
-                _write_teacher_copy(tmp, {"spool": teacher_spool, **(previous.array_files("xt") if previous else {})},
-                                    splits, copy_size)
+                writer.write_images("xt", teacher_spool, copy_size)
+            _write_labels(tmp, splits, class_names)
             _write_rows(tmp, splits)
         if previous is not None:
             previous.close()
@@ -167,7 +179,7 @@ def _run(params: Params, root: Path, out: Path, check: bool, reuse: bool) -> dic
         else:
             write_json(tmp / SOURCES, {name: [i.rel for i in split] for name, split in splits.items()})
             write_json(tmp / REJECTED, rejects.sorted())
-            manifest = _manifest(tmp, params, class_names, splits, kept, rejects, copy_size)
+            manifest = _manifest(tmp, params, class_names, splits, kept, rejects, copy_size, layout, writer.linked)
             write_json(tmp / MANIFEST, manifest)
     if workspace is not None:
         workspace.cleanup()
@@ -299,17 +311,28 @@ def _decode_settings(cfg: PrepareParams, teacher_size: int | None) -> DecodeSett
                           min_side=cfg.min_side, max_aspect_ratio=cfg.max_aspect_ratio)
 
 
-def _decode_all(items: list[_Item], cfg: PrepareParams, teacher_size: int | None, tmp: Path,
+def _identity(path: str) -> FileIdentity | None:
+    try:
+        return file_identity(path)
+    except OSError:  # gone or unreadable: the decoder reports it
+        return None
+
+
+def _decode_all(root: Path, items: list[_Item], cfg: PrepareParams, teacher_size: int | None, tmp: Path,
                 rejects: _Rejects, previous: _Previous | None) -> tuple[np.ndarray, np.ndarray | None]:
     """Decode and resize every candidate into disk-backed spools (bounded memory, every core); drop
-    failures. Files the previous output already holds are only hashed (their rows are copied later).
+    failures. Files the previous output already holds are only hashed (their rows are copied later),
+    or not even read while their remembered hash can be trusted (:class:`InputHashes`).
 
     The second spool (teacher resolution) exists only when a teacher-resolution copy may be needed."""
     settings = _decode_settings(cfg, teacher_size)
     spool = Spool.create(tmp / ".spool.npy", len(items), cfg.image_size)
     teacher_spool = Spool.create(tmp / ".spool_t.npy", len(items), teacher_size) if teacher_size else None
+    remembered = InputHashes(root)
+    identities = [_identity(i.path) for i in items]
+    trusted = [remembered.get(identity) if identity else None for identity in identities]
     outcomes = decode_files([i.path for i in items], settings, spool, teacher_spool,
-                            previous.file_hashes() if previous else (), worker_count(cfg.workers))
+                            previous.file_hashes() if previous else (), worker_count(cfg.workers), trusted)
     progress = tqdm(zip(items, outcomes, strict=True), total=len(items), desc="prepare: decoding", unit="img",
                     disable=not sys.stderr.isatty())
     for row, (item, outcome) in enumerate(progress):
@@ -317,10 +340,13 @@ def _decode_all(items: list[_Item], cfg: PrepareParams, teacher_size: int | None
             rejects.add(item.rel, item.split, outcome.reason, outcome.detail)
             continue
         item.file_hash = outcome.file_hash
+        if identities[row]:
+            remembered.remember(identities[row], outcome.file_hash)
         if outcome.reused:
             item.origin, item.pixel_hash, item.larger = previous.record(outcome.file_hash)
         else:
             item.origin, item.pixel_hash, item.larger = ("spool", row), outcome.pixel_hash, outcome.larger
+    remembered.save()
     items[:] = [i for i in items if i.origin is not None]
     reused = sum(1 for i in items if i.origin[0] != "spool")
     if previous is not None:
@@ -342,6 +368,13 @@ class _Previous:
         self._position = order  # row in the concatenated splits
         counts = [int(manifest["counts"][name]) for name in SPLITS]
         self._starts = np.cumsum([0, *counts])
+        self._manifest = manifest
+        # (split, first row) -> (segment number, end row) of every array file
+        self._file_starts = {}
+        for split in SPLITS:
+            sizes = (manifest.get("segments") or {}).get(split) or [int(manifest["counts"][split])]
+            for k, (a, b) in enumerate(zip(np.cumsum([0, *sizes[:-1]]).tolist(), np.cumsum(sizes).tolist(), strict=True)):
+                self._file_starts[(split, a)] = (k, b)
 
     @classmethod
     def find(cls, out: Path, settings: DecodeSettings) -> _Previous | None:
@@ -371,9 +404,26 @@ class _Previous:
         k = int(np.searchsorted(self._starts, position, side="right")) - 1
         return (SPLITS[k], position - int(self._starts[k])), row["pixel"].decode(), bool(row["larger"])
 
-    def array_files(self, kind: str) -> dict[str, Path]:
-        """The previous output's ``<split>_<kind>.npy`` files (read until the new output replaces them)."""
-        return {name: self._folder / f"{name}_{kind}.npy" for name in SPLITS}
+    def array_files(self, kind: str) -> dict[str, list[Path]]:
+        """The previous output's files of each split's ``kind`` array, in row order (its segments, if
+        several); read until the new output replaces them."""
+        return {split: [self._folder / f for f in segment_names(self._manifest, f"{split}_{kind}.npy")]
+                for split in SPLITS}
+
+    def file_holding(self, origins: list[tuple[str, int]], kind: str) -> tuple[Path, str] | None:
+        """The previous file (and its recorded sha256) whose rows are exactly ``origins``, in order:
+        such a file is hard-linked into the new output instead of being written and hashed again."""
+        if not origins:
+            return None
+        split, start = origins[0]
+        found = self._file_starts.get((split, start))
+        if found is None or found[1] - start != len(origins):
+            return None
+        if any(o != (split, start + k) for k, o in enumerate(origins)):
+            return None
+        name = segment_file(split, kind, found[0])
+        digest = self._manifest["files"].get(name)
+        return (self._folder / name, digest) if digest else None
 
     def close(self) -> None:
         self._data = None
@@ -468,18 +518,66 @@ def _stratified_split(
 # ---------------------------------------------------------------- outputs
 
 
-def _write_arrays(out: Path, sources: dict[str, Path], splits: dict[str, list[_Item]],
-                  class_names: list[str], size: int) -> None:
+class _Layout:
+    """Which output files hold which rows: one file per split, except the unlabeled split, kept in
+    segments by batch folder (see :mod:`kdpipe.segments`) so an ingest leaves earlier files alone."""
+
+    def __init__(self, splits: dict[str, list[_Item]], size: int):
+        self.splits = splits
+        unlabeled = splits["unlabeled"]
+        self.segments = {"unlabeled": segment_sizes([_batch_folder(i.rel) for i in unlabeled], size * size * 3)
+                         or [0]}
+
+    def files(self, kind: str) -> list[tuple[str, list[_Item]]]:
+        """(file name, the rows it holds) for every ``kind`` array file, in the order they are written."""
+        out = []
+        for split, members in self.splits.items():
+            sizes = self.segments.get(split, [len(members)])
+            bounds = np.cumsum([0, *sizes]).tolist()
+            out += [(segment_file(split, kind, k), members[bounds[k]:bounds[k + 1]]) for k in range(len(sizes))]
+        return out
+
+
+def _batch_folder(rel: str) -> str:
+    """``unlabeled/batch-0002-1a2b3c4d/x.jpg`` -> ``batch-0002-1a2b3c4d``; a file directly in unlabeled/ -> ''."""
+    parts = rel.split("/")
+    return parts[1] if len(parts) > 2 else ""
+
+
+class _ArrayWriter:
+    """Writes the image arrays, hard-linking any file of the previous output that holds exactly the
+    same rows (an ingest changes only the last unlabeled segment): no copy and no new hash for it."""
+
+    def __init__(self, out: Path, layout: _Layout, previous: _Previous | None):
+        self.out, self.layout, self.previous = out, layout, previous
+        self.linked: dict[str, str] = {}  # file name -> sha256 recorded by the previous output
+
+    def write_images(self, kind: str, spool: Path, size: int) -> None:
+        sources = {"spool": [spool], **(self.previous.array_files(kind) if self.previous else {})}
+        for name, members in self.layout.files(kind):
+            origins = [i.origin for i in members]
+            held = self.previous.file_holding(origins, kind) if self.previous else None
+            if held is not None and _hard_link(held[0], self.out / name):
+                self.linked[name] = held[1]
+            else:
+                _save_rows(self.out / name, sources, origins, size)
+
+
+def _hard_link(source: Path, target: Path) -> bool:
+    """A second name for an unchanged file (same inode: no copy, and DVC sees it unchanged); False
+    where the file system cannot (another device, no hard links), and the rows are copied instead."""
+    try:
+        os.link(source, target)
+    except OSError:
+        return False
+    return True
+
+
+def _write_labels(out: Path, splits: dict[str, list[_Item]], class_names: list[str]) -> None:
     index = {name: k for k, name in enumerate(class_names)}
     for name, members in splits.items():
-        _save_rows(out / f"{name}_x.npy", sources, [i.origin for i in members], size)
         if name != "unlabeled":
             np.save(out / f"{name}_y.npy", np.array([index[i.label] for i in members], dtype=np.int64))
-
-
-def _write_teacher_copy(out: Path, sources: dict[str, Path], splits: dict[str, list[_Item]], size: int) -> None:
-    for name, members in splits.items():
-        _save_rows(out / f"{name}_xt.npy", sources, [i.origin for i in members], size)
 
 
 # One record per output row (splits in SPLITS order): what the next prepare needs to reuse the row.
@@ -492,7 +590,7 @@ def _write_rows(out: Path, splits: dict[str, list[_Item]]) -> None:
     np.save(out / ROWS, rows)
 
 
-def _save_rows(path: Path, sources: dict[str, Path], origins: list[tuple[str, int]], size: int) -> None:
+def _save_rows(path: Path, sources: dict[str, list[Path]], origins: list[tuple[str, int]], size: int) -> None:
     """Write the rows named by ``origins`` (source .npy file, row) as a standard .npy (same bytes as
     np.save), a chunk at a time. Neither the output nor the sources stay mapped: a chunk is gathered
     from freshly mapped sources into a buffer and written with ``os.pwrite``, so the resident memory
@@ -511,7 +609,7 @@ def _save_rows(path: Path, sources: dict[str, Path], origins: list[tuple[str, in
             buffer = np.empty((len(chunk), size, size, 3), dtype=np.uint8)
             for source in {name for name, _ in chunk}:
                 at = [k for k, (name, _) in enumerate(chunk) if name == source]
-                mapped = np.load(sources[source], mmap_mode="r")
+                mapped = joined([np.load(part, mmap_mode="r") for part in sources[source]])
                 buffer[at] = mapped[[chunk[k][1] for k in at]]
                 del mapped
             _write_all(fd, buffer.tobytes(), offset + start * row_bytes, path)
@@ -527,6 +625,14 @@ def _write_all(fd: int, data: bytes, offset: int, path: Path) -> None:
         if written <= 0:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         view, offset = view[written:], offset + written
+
+
+def _file_order(name: str) -> tuple[int, int, int]:
+    """Manifest order: the arrays as before (ARRAY_FILES, then the teacher copies), segments after their first file."""
+    stem, _, rest = name.partition(".")
+    base = f"{stem}.npy"
+    order = (*ARRAY_FILES, *TEACHER_COPY_FILES)
+    return order.index(base), int(rest[:-4]) if rest != "npy" else 0, 0
 
 
 def _data_version(kept: list[_Item]) -> str:
@@ -549,6 +655,8 @@ def _manifest(
     kept: list[_Item],
     rejects: _Rejects,
     teacher_copy_size: int | None = None,
+    layout: _Layout | None = None,
+    linked: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     counts = {name: len(members) for name, members in splits.items()}
     counts["rejected"] = len(rejects.entries)
@@ -556,8 +664,12 @@ def _manifest(
         name: {c: sum(1 for i in splits[name] if i.label == c) for c in class_names}
         for name in ("train", "val", "test")
     }
-    copies = TEACHER_COPY_FILES if teacher_copy_size else ()
-    files = {name: file_sha256(out / name) for name in (*ARRAY_FILES, *copies, ROWS, SOURCES, REJECTED)}
+    linked = linked or {}
+    images = [name for kind in ("x", "xt" if teacher_copy_size else None) if kind for name, _ in layout.files(kind)]
+    labels = [name for name in ARRAY_FILES if name.endswith("_y.npy")]
+    # a hard-linked file is the previous output's, which passed its integrity check: its hash stands
+    files = {name: linked.get(name) or file_sha256(out / name)
+             for name in sorted((*images, *labels), key=_file_order) + [ROWS, SOURCES, REJECTED]}
     return {
         "class_names": class_names,
         "counts": counts,
@@ -567,6 +679,8 @@ def _manifest(
         "teacher_image_size": teacher_copy_size,
         "data_version": _data_version(kept),
         "files": files,
+        # rows per file of a split kept in several files (kdpipe.segments); absent when each split is one file
+        **({"segments": layout.segments} if any(len(v) > 1 for v in layout.segments.values()) else {}),
         # workers is left out: it changes how fast, never what (the outputs are the same bytes)
         "params": {**params.prepare.model_dump(exclude={"workers"}), "teacher_image_size": params.teacher.image_size},
         "decoding": _decoding_record(_decode_settings(params.prepare, _teacher_size(params))),
