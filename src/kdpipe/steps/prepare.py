@@ -10,6 +10,8 @@ Output (one folder, replaced atomically)::
 
     train_x.npy train_y.npy val_x.npy val_y.npy unlabeled_x.npy test_x.npy test_y.npy
     train_xt.npy val_xt.npy unlabeled_xt.npy test_xt.npy   (only with a teacher-resolution copy, below)
+    unlabeled_x.1.npy ...  (more segments of the unlabeled split, below)
+    rows.npy        per array row: the source file's sha256, the pixels' sha256 (for reuse, below)
     sources.json    {split: [source path relative to the data root, one per array row]}
     rejected.json   [{"path", "split", "reason", "detail"}] for every file not used
     manifest.json   classes, counts, data_version, sha256 of every output file, params
@@ -19,6 +21,13 @@ most source images are larger than ``prepare.image_size`` (real photos, not 32-p
 every image is also kept at the teacher's size (``*_xt.npy``), so a pretrained teacher is
 fine-tuned and queried on the photo's own detail instead of an upsampled thumbnail. Otherwise the
 teacher upsamples the student-size arrays on the device and no copy is written.
+
+Incremental: the previous output (DVC ``persist``) is a source of decoded rows, by file sha256, and
+an input file's sha256 is remembered under its identity (:class:`kdpipe.integrity.InputHashes`), so
+after ``kdpipe ingest`` only the new batch is read and decoded. The unlabeled split is kept in
+segments by batch folder (:mod:`kdpipe.segments`; ``segments`` in the manifest when there are
+several), and a file holding the same rows as one of the previous output is hard-linked, with its
+recorded sha256: an ingest writes and hashes only the new segment.
 
 Hidden files and folders (names starting with '.'), OS clutter (Thumbs.db...) and DVC pointer
 files (``*.dvc``, e.g. ``unlabeled/batch-0001.dvc``) are ignored; every other file that is not used is listed in ``rejected.json`` with its reason. Outputs are
@@ -60,7 +69,7 @@ from ..data import (
 from ..decoding import DECODE_VERSION, DecodeSettings, Spool, decode_files, worker_count
 from ..errors import DataError, KdpipeError
 from ..imaging import extension_problem
-from ..integrity import FileIdentity, InputHashes, file_identity, record_verified
+from ..integrity import InputHashes, file_identities, record_verified
 from ..params import Params, PrepareParams
 from ..segments import joined, segment_file, segment_sizes
 from ..walk import Walker, name_bytes, shown
@@ -311,13 +320,6 @@ def _decode_settings(cfg: PrepareParams, teacher_size: int | None) -> DecodeSett
                           min_side=cfg.min_side, max_aspect_ratio=cfg.max_aspect_ratio)
 
 
-def _identity(path: str) -> FileIdentity | None:
-    try:
-        return file_identity(path)
-    except OSError:  # gone or unreadable: the decoder reports it
-        return None
-
-
 def _decode_all(root: Path, items: list[_Item], cfg: PrepareParams, teacher_size: int | None, tmp: Path,
                 rejects: _Rejects, previous: _Previous | None) -> tuple[np.ndarray, np.ndarray | None]:
     """Decode and resize every candidate into disk-backed spools (bounded memory, every core); drop
@@ -329,8 +331,8 @@ def _decode_all(root: Path, items: list[_Item], cfg: PrepareParams, teacher_size
     spool = Spool.create(tmp / ".spool.npy", len(items), cfg.image_size)
     teacher_spool = Spool.create(tmp / ".spool_t.npy", len(items), teacher_size) if teacher_size else None
     remembered = InputHashes(root)
-    identities = [_identity(i.path) for i in items]
-    trusted = [remembered.get(identity) if identity else None for identity in identities]
+    identities = file_identities([i.path for i in items])
+    trusted = remembered.lookup(identities)
     outcomes = decode_files([i.path for i in items], settings, spool, teacher_spool,
                             previous.file_hashes() if previous else (), worker_count(cfg.workers), trusted)
     progress = tqdm(zip(items, outcomes, strict=True), total=len(items), desc="prepare: decoding", unit="img",
@@ -340,13 +342,12 @@ def _decode_all(root: Path, items: list[_Item], cfg: PrepareParams, teacher_size
             rejects.add(item.rel, item.split, outcome.reason, outcome.detail)
             continue
         item.file_hash = outcome.file_hash
-        if identities[row]:
-            remembered.remember(identities[row], outcome.file_hash)
         if outcome.reused:
             item.origin, item.pixel_hash, item.larger = previous.record(outcome.file_hash)
         else:
             item.origin, item.pixel_hash, item.larger = ("spool", row), outcome.pixel_hash, outcome.larger
-    remembered.save()
+    remembered.save(identities, [i.file_hash for i in items])  # rejected files have none: read again
+    del identities, trusted
     items[:] = [i for i in items if i.origin is not None]
     reused = sum(1 for i in items if i.origin[0] != "spool")
     if previous is not None:
