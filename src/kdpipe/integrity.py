@@ -78,8 +78,12 @@ def _trusted(stamp: dict | None, path: Path, expected: str) -> bool:
 def _racy(stamped_ns, mtime_ns, ctime_ns):
     """Whether a stamp taken at ``stamped_ns`` may predate a same-size change with the same times
     (works element-wise on numpy arrays too)."""
-    window_ns = np.where(np.asarray(ctime_ns) % 1_000_000_000 == 0, RACY_SECONDS * 1e9, FINE_RACY_SECONDS * 1e9)
-    return stamped_ns - np.maximum(mtime_ns, ctime_ns) < window_ns
+    return stamped_ns - np.maximum(mtime_ns, ctime_ns) < _window_ns(ctime_ns)
+
+
+def _window_ns(ctime_ns):
+    """The racy window of a file whose ctime is ``ctime_ns``: a whole second means a coarse clock."""
+    return np.where(np.asarray(ctime_ns) % 1_000_000_000 == 0, RACY_SECONDS * 1e9, FINE_RACY_SECONDS * 1e9)
 
 
 def first_mismatch(directory: str | os.PathLike, expected: dict[str, str], names: Iterable[str],
@@ -108,10 +112,30 @@ def first_mismatch(directory: str | os.PathLike, expected: dict[str, str], names
     return None
 
 
+SETTLE_SECONDS = 0.2  # the longest a stamp waits for its files to leave the racy window
+
+
+def _settle(paths: list[Path]) -> None:
+    """Wait until no file is within its racy window (at most :data:`SETTLE_SECONDS`, once per step):
+    a step's outputs were just written, and a stamp taken at once would be racy, so the next step
+    would hash them all again. On a coarse file system (two seconds) that wait is not made."""
+    latest = 0
+    for path in paths:
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        latest = max(latest, max(st.st_mtime_ns, st.st_ctime_ns) + int(_window_ns(st.st_ctime_ns)))
+    wait = (latest - time.time_ns()) / 1e9
+    if 0 < wait <= SETTLE_SECONDS:
+        time.sleep(wait)
+
+
 def record_verified(directory: str | os.PathLike, digests: dict[str, str]) -> None:
     """Remember that these files of ``directory`` have these sha256 as they are now (best effort)."""
     directory = Path(directory)
     files = _read_stamps(directory)
+    _settle([directory / name for name in digests])
     now = time.time_ns()
     for name, digest in digests.items():
         try:

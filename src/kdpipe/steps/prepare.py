@@ -292,12 +292,15 @@ def _optional_test(root: Path, walker: Walker, class_names: list[str], rejects: 
 def _files(root: Path, walker: Walker, folder: Path, split: str, label: str | None, rejects: _Rejects) -> list[_Item]:
     """Image files under ``folder`` at any depth, each real file once; non-image extensions are rejected."""
     items = []
+    # the walk builds every path as root / ...: cut the prefix off instead of a pathlib call per file
+    prefix = os.path.join(os.fspath(root), "")
     for path in walker.files_under(folder):
-        rel = _rel(root, path)
+        full = os.fspath(path)
+        rel = shown(full[len(prefix):]) if full.startswith(prefix) else _rel(root, path)
         if (problem := extension_problem(path)) is not None:
             rejects.add(rel, split, "not_an_image", problem)
         else:
-            items.append(_Item(split=split, rel=rel, path=os.fsdecode(path), label=label))
+            items.append(_Item(split=split, rel=rel, path=full, label=label))
     return items
 
 
