@@ -178,8 +178,6 @@ def _run(params: Params, root: Path, out: Path, check: bool, reuse: bool) -> dic
                 writer.write_images("xt", teacher_spool, copy_size)
             _write_labels(tmp, splits, class_names)
             _write_rows(tmp, splits)
-        if previous is not None:
-            previous.close()
         del spool, teacher_spool
         for name in (".spool.npy", ".spool_t.npy"):
             (tmp / name).unlink(missing_ok=True)
@@ -364,9 +362,9 @@ class _Previous:
     Used only when it was made with the same decoding settings and passes the integrity check;
     otherwise everything is decoded (and that is said in the log, not an error)."""
 
-    def __init__(self, folder: Path, manifest: dict, data, rows: np.ndarray):
-        self.has_teacher_copy = data.train_xt is not None
-        self._folder, self._data = folder, data
+    def __init__(self, folder: Path, manifest: dict, has_teacher_copy: bool, rows: np.ndarray):
+        self.has_teacher_copy = has_teacher_copy
+        self._folder = folder
         order = np.argsort(rows["file"], kind="stable")
         self._hashes, self._rows = rows["file"][order], rows[order]
         self._position = order  # row in the concatenated splits
@@ -391,8 +389,8 @@ class _Previous:
             if manifest.get("decoding") != _decoding_record(settings):
                 log.info("prepare: %s was decoded with other settings; decoding every image", shown(out))
                 return None
-            data = load_prepared(out)
-            return cls(out, manifest, data, np.load(out / ROWS, allow_pickle=False))
+            data = load_prepared(out)  # the integrity check: a changed file means no reuse
+            return cls(out, manifest, data.train_xt is not None, np.load(out / ROWS, allow_pickle=False))
         except (KdpipeError, OSError, ValueError, KeyError) as exc:
             log.info("prepare: not reusing %s (%s); decoding every image", shown(out), exc)
             return None
@@ -428,9 +426,6 @@ class _Previous:
         name = segment_file(split, kind, found[0])
         digest = self._manifest["files"].get(name)
         return (self._folder / name, digest) if digest else None
-
-    def close(self) -> None:
-        self._data = None
 
 
 def _decoding_record(settings: DecodeSettings) -> dict[str, Any]:
