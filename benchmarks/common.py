@@ -186,3 +186,12 @@ def provenance(module: str, argv: list[str] | None) -> dict[str, str]:
         commit = "unknown"
     return {"command": shlex.join([".venv/bin/python", "-m", module, *args]), "cpu": cpu_description(),
             "date": time.strftime("%Y-%m-%d"), "commit": commit}
+
+
+def write_results(out: str | os.PathLike, result: dict[str, Any], text: str) -> None:
+    """``<out>.json`` (the raw result) and ``<out>.md`` (its report), and the report on stdout."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(text)
+    print(text)

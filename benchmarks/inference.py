@@ -15,7 +15,6 @@ the median ratio is reported. Accuracy of each engine is measured on the full te
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import cpu_description  # noqa: E402
+from benchmarks.common import cpu_description, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,11 +131,7 @@ def main(argv=None) -> int:
         print(f"no exported model in {args.export}: run `make repro` first", file=sys.stderr)
         return 2
     result = run(args)
-    out = REPO / args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(REPO / args.out, result, markdown(result))
     return 0
 
 

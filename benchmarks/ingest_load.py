@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -21,6 +20,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.common import write_results
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -133,11 +134,7 @@ def main(argv=None) -> int:
         f"{con['added']} | {con['lost']} | {con['duplicated']} | {con['seconds']} "
         f"| {round(con['distinct'] / con['seconds'], 1)} |",
     ]
-    out = REPO / args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(REPO / args.out, result, "\n".join(lines) + "\n")
     return 0 if ok else 1
 
 

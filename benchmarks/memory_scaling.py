@@ -29,7 +29,6 @@ repository's data/ and artifacts/ are never touched). Results: benchmarks/result
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -39,7 +38,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.common import markdown_table, provenance
+from benchmarks.common import markdown_table, provenance, write_results
 from benchmarks.synthetic_images import THUMBNAIL_SIZES, add_unlabeled_batch, generate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -272,11 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     result["rss_ratio"] = ratios(result["table"], "peak_rss_mib")
     result["anon_ratio"] = ratios(result["table"], "peak_anon_mib")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    text = render(result)
-    out.with_suffix(".md").write_text(text)
-    print(text)
+    write_results(out, result, render(result))
     return 0
 
 

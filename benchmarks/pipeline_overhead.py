@@ -9,12 +9,13 @@ Run it after `make repro` (the pipeline must be up to date). Times are medians o
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchmarks.common import write_results
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -49,11 +50,7 @@ def main(argv=None) -> int:
     if args.forced:
         result["dvc repro --force (all stages, demo data) s"] = _timed([str(BIN / "dvc"), "repro", "--force"], 1)[0]
     lines = ["| measurement | seconds |", "| --- | --- |"] + [f"| {k[:-2]} | {v:.2f} |" for k, v in result.items()]
-    out = REPO / args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(REPO / args.out, result, "\n".join(lines) + "\n")
     return 0
 
 

@@ -42,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import markdown_table, provenance
+from benchmarks.common import markdown_table, provenance, write_results
 from benchmarks.synthetic_images import PHOTO_SIZES, SETTINGS_FILE, add_unlabeled_batch, generate, image_files
 
 REPO = Path(__file__).resolve().parents[1]
@@ -329,11 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         result["incremental"] = incremental(measurer, data, 0 if result["workers_setting"] else None, len(files),
                                          args.rounds)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    text = render(result)
-    out.with_suffix(".md").write_text(text)
-    print(text)
+    write_results(out, result, render(result))
     return 0
 
 

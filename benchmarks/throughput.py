@@ -18,13 +18,12 @@ Needs the demo data and the prepared/teacher outputs: run `make repro` first.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import cpu_description  # noqa: E402
+from benchmarks.common import cpu_description, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -167,11 +166,7 @@ def main(argv=None) -> int:
         print("no teacher in artifacts/teacher: run `make repro` first", file=sys.stderr)
         return 2
     result = run(args)
-    out = REPO / args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(REPO / args.out, result, markdown(result))
     return 0
 
 
