@@ -339,3 +339,65 @@ def test_input_files_are_not_read_again_while_unchanged(photo_root, tmp_path, ca
     monkeypatch.undo()
     prepare.run(params(), photo_root, tmp_path / "full")
     assert files_of(out) == files_of(tmp_path / "full")
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # field 4: the parent's pid
+                found.add(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+def test_decode_workers_die_with_a_killed_prepare(tmp_path):
+    """kill -9 of prepare while its pool decodes: the workers exit too, instead of waiting forever."""
+    import contextlib
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "data"
+    write_images(root / "labeled" / "a", 2, 0)
+    write_images(root / "labeled" / "b", 2, 100)
+    one = root / "unlabeled" / "batch-0000"
+    write_images(one, 1, 1000)
+    picture = (one / "img_01000.jpg").read_bytes()
+    for k in range(3000):  # many files to decode (duplicates are only known once decoded)
+        (one / f"copy_{k:05d}.jpg").write_bytes(picture)
+    script = ("import sys; from kdpipe.params import Params; from kdpipe.steps import prepare; "
+              "prepare.run(Params(prepare={'image_size': 256, 'workers': 2}), sys.argv[1], sys.argv[2])")
+    child = subprocess.Popen([sys.executable, "-c", script, str(root), str(tmp_path / "out")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        workers: set[int] = set()
+        while not workers and child.poll() is None:  # synchronise on the pool's processes appearing
+            workers = _children(child.pid)
+        child.send_signal(signal.SIGKILL)
+        assert child.wait() == -signal.SIGKILL, "prepare ended before it could be killed while decoding"
+        assert len(workers) >= 1
+        deadline = time.monotonic() + 60  # a bound on a hang, not a timing assumption: they exit at once
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = [w for w in workers if _alive(w)]
+        for worker in left:  # leave no orphan behind, then fail
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signal.SIGKILL)
+        assert not left, "decode workers outlived the killed prepare"
+    finally:
+        child.kill()
+        child.wait()

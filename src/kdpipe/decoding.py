@@ -19,6 +19,7 @@ import gc
 import hashlib
 import multiprocessing
 import os
+import sys
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -114,6 +115,25 @@ def _start(job: _Job) -> None:
     global _JOB
     _JOB = job
     _FDS.clear()
+
+
+def _start_worker(job: _Job, parent: int) -> None:
+    """A pool worker's start: it dies with prepare. A ``kill -9`` of prepare would otherwise leave
+    its workers waiting forever on the task queue (they hold its write end themselves, so it never
+    reaches end-of-file)."""
+    _die_with_parent(parent)
+    _start(job)
+
+
+def _die_with_parent(parent: int) -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the request above took effect
+        os._exit(1)
 
 
 def _fd(spool: Spool) -> int:
@@ -228,7 +248,7 @@ def _decode_in_pool(job: _Job, tasks: Iterable[tuple[int, str]], workers: int) -
     # parent's per-image records), copying their pages into each worker; frozen objects are skipped.
     gc.freeze()
     try:
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_start, initargs=(job,)) as pool:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(job, os.getpid())) as pool:
             pending: deque = deque()
             for chunk in chunks:
                 pending.append(pool.submit(_decode_many, chunk))
