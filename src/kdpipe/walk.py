@@ -67,19 +67,18 @@ class Walker:
         """Sorted, non-skipped entries of ``folder``; unusable symlinks are reported, not returned."""
         return [path for path, _ in self._listing(folder)]
 
-    def _listing(self, folder: Path) -> list[tuple[Path, os.DirEntry]]:
-        # os.scandir: the entry types come with the listing, so a million files cost no extra stat
+    def _listing(self, folder: Path) -> Iterator[tuple[Path, os.DirEntry]]:
+        # os.scandir: the entry types come with the listing, so a million files cost no extra stat;
+        # a Path is made per entry as it is used, not for the whole folder at once
         with os.scandir(folder) as it:
             found = sorted(it, key=lambda e: os.fsencode(e.name))
-        out = []
         for entry in found:
             path = folder / entry.name
             if skipped(path):
                 continue
             if entry.is_symlink() and not self._usable_link(path):
                 continue
-            out.append((path, entry))
-        return out
+            yield path, entry
 
     def _usable_link(self, entry: Path) -> bool:
         target = real_path(entry)

@@ -584,8 +584,11 @@ ROW_RECORD = np.dtype([("file", "S64"), ("pixel", "S64"), ("larger", "?")])
 
 
 def _write_rows(out: Path, splits: dict[str, list[_Item]]) -> None:
+    # filled column by column: a list of one tuple per row would cost more than the array itself
     members = [i for name in SPLITS for i in splits[name]]
-    rows = np.array([(i.file_hash.encode(), i.pixel_hash.encode(), i.larger) for i in members], dtype=ROW_RECORD)
+    rows = np.zeros(len(members), dtype=ROW_RECORD)
+    for k, item in enumerate(members):
+        rows[k] = (item.file_hash, item.pixel_hash, item.larger)
     np.save(out / ROWS, rows)
 
 
