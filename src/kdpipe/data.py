@@ -118,12 +118,16 @@ def load_prepared(directory: str | os.PathLike, verify: bool | None = None, mmap
     return data
 
 
+def segment_rows(manifest: dict[str, Any], split: str) -> list[int]:
+    """Rows per file of ``split``'s arrays: the manifest's ``segments`` (see :mod:`kdpipe.segments`),
+    else one file holding the whole split."""
+    return (manifest.get("segments") or {}).get(split) or [int(manifest["counts"][split])]
+
+
 def segment_names(manifest: dict[str, Any], name: str) -> list[str]:
-    """The files that hold array ``name`` (``unlabeled_x.npy``...): itself, or its segments (see
-    :mod:`kdpipe.segments`) as the manifest lists them."""
+    """The files that hold array ``name`` (``unlabeled_x.npy``...): itself, or its segments."""
     split, kind = name[:-4].split("_", 1)
-    sizes = (manifest.get("segments") or {}).get(split, [None])
-    return [segment_file(split, kind, k) for k in range(len(sizes))]
+    return [segment_file(split, kind, k) for k in range(len(segment_rows(manifest, split)))]
 
 
 def _check_files(directory: Path, files: dict[str, str], names: list[str], verify: bool | None) -> None:

@@ -65,6 +65,7 @@ from ..data import (
     TEACHER_COPY_FILES,
     file_sha256,
     segment_names,
+    segment_rows,
 )
 from ..decoding import DECODE_VERSION, DecodeSettings, Spool, decode_files, worker_count
 from ..errors import DataError, KdpipeError
@@ -374,9 +375,9 @@ class _Previous:
         # (split, first row) -> (segment number, end row) of every array file
         self._file_starts = {}
         for split in SPLITS:
-            sizes = (manifest.get("segments") or {}).get(split) or [int(manifest["counts"][split])]
-            for k, (a, b) in enumerate(zip(np.cumsum([0, *sizes[:-1]]).tolist(), np.cumsum(sizes).tolist(), strict=True)):
-                self._file_starts[(split, a)] = (k, b)
+            bounds = np.cumsum([0, *segment_rows(manifest, split)]).tolist()
+            for k in range(len(bounds) - 1):
+                self._file_starts[(split, bounds[k])] = (k, bounds[k + 1])
 
     @classmethod
     def find(cls, out: Path, settings: DecodeSettings) -> _Previous | None:
@@ -629,12 +630,12 @@ def _write_all(fd: int, data: bytes, offset: int, path: Path) -> None:
         view, offset = view[written:], offset + written
 
 
-def _file_order(name: str) -> tuple[int, int, int]:
+def _file_order(name: str) -> tuple[int, int]:
     """Manifest order: the arrays as before (ARRAY_FILES, then the teacher copies), segments after their first file."""
     stem, _, rest = name.partition(".")
     base = f"{stem}.npy"
     order = (*ARRAY_FILES, *TEACHER_COPY_FILES)
-    return order.index(base), int(rest[:-4]) if rest != "npy" else 0, 0
+    return order.index(base), int(rest[:-4]) if rest != "npy" else 0
 
 
 def _data_version(kept: list[_Item]) -> str:
@@ -656,9 +657,9 @@ def _manifest(
     splits: dict[str, list[_Item]],
     kept: list[_Item],
     rejects: _Rejects,
-    teacher_copy_size: int | None = None,
-    layout: _Layout | None = None,
-    linked: dict[str, str] | None = None,
+    teacher_copy_size: int | None,
+    layout: _Layout,
+    linked: dict[str, str],
 ) -> dict[str, Any]:
     counts = {name: len(members) for name, members in splits.items()}
     counts["rejected"] = len(rejects.entries)
@@ -666,7 +667,6 @@ def _manifest(
         name: {c: sum(1 for i in splits[name] if i.label == c) for c in class_names}
         for name in ("train", "val", "test")
     }
-    linked = linked or {}
     images = [name for kind in ("x", "xt" if teacher_copy_size else None) if kind for name, _ in layout.files(kind)]
     labels = [name for name in ARRAY_FILES if name.endswith("_y.npy")]
     # a hard-linked file is the previous output's, which passed its integrity check: its hash stands
