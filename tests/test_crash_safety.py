@@ -133,7 +133,9 @@ def test_prepare_killed_anywhere_leaves_old_or_new_output(zygote, tmp_path, tiny
     assert "0" in seen  # some kills did land before the new output was in place
 
     renames = kill_at_every_replace(zygote, argv, tmp_path, reset, check)
-    assert renames >= 5  # sources, rejected, manifest inside the temp folder; old out; new in
+    # the manifest inside the temp folder (sources.json and rejected.json are written there as they
+    # are read, no rename needed); the remembered input hashes; old out; new in
+    assert renames >= 4
 
     code, _, log = zygote.run(argv, tmp_path)  # hidden leftovers of killed runs do not get in the way
     assert code == 0, log

@@ -1,8 +1,9 @@
 """Decoding prepare's candidate files on every core, straight into disk-backed spools.
 
 Each file is read once: the same bytes give its sha256 (the file's identity, used for the data
-version and for reuse) and its pixels. A file whose sha256 is in ``known`` (decoded by an earlier
-prepare whose output is still there) is only hashed, not decoded: that is what makes a prepare after
+version and for reuse) and its pixels. A file whose sha256 is ``known`` (decoded by an earlier
+prepare whose output is still there; an SQLite file from :meth:`kdpipe.ledger.Ledger.write_previous`
+that every worker opens read-only) is only hashed, not decoded: that is what makes a prepare after
 ``kdpipe ingest`` cost about as much as the new images.
 
 Workers write the resized pixels into the spool files themselves (``os.pwrite`` at the row's
@@ -19,9 +20,10 @@ import gc
 import hashlib
 import multiprocessing
 import os
+import sqlite3
 import sys
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -104,17 +106,19 @@ class _Job:
     settings: DecodeSettings
     spool: Spool
     teacher_spool: Spool | None
-    known: np.ndarray  # sorted sha256 hex digests (bytes) of files that need no decoding
+    known: str | None  # SQLite file whose table ``rows`` lists (``file``) the sha256 of files not to decode
 
 
 _JOB: _Job | None = None  # the job of this process (set in every worker, and in-process when serial)
 _FDS: dict[str, int] = {}
+_KNOWN: sqlite3.Connection | None = None  # this process's own connection to the job's ``known``
 
 
 def _start(job: _Job) -> None:
-    global _JOB
+    global _JOB, _KNOWN
     _JOB = job
     _FDS.clear()
+    _KNOWN = None  # a connection inherited through fork must not be used (nor closed) by the child
 
 
 def _start_worker(job: _Job, parent: int) -> None:
@@ -143,13 +147,12 @@ def _fd(spool: Spool) -> int:
 
 
 def _is_known(file_hash: str) -> bool:
-    return _is_in(_JOB.known, file_hash)
-
-
-def _is_in(known: np.ndarray, file_hash: str) -> bool:
-    key = file_hash.encode()
-    at = int(np.searchsorted(known, key))
-    return at < len(known) and known[at] == key
+    global _KNOWN
+    if _JOB.known is None:
+        return False
+    if _KNOWN is None:
+        _KNOWN = sqlite3.connect(f"{Path(_JOB.known).absolute().as_uri()}?mode=ro", uri=True)
+    return _KNOWN.execute("SELECT 1 FROM rows WHERE file = ? LIMIT 1", (file_hash,)).fetchone() is not None
 
 
 def _decode_one(row: int, path: str) -> Outcome:
@@ -175,8 +178,8 @@ def _decode_one(row: int, path: str) -> Outcome:
                    pixel_hash=hashlib.sha256(small.tobytes()).hexdigest())
 
 
-def _decode_many(tasks: list[tuple[int, str]]) -> list[Outcome]:
-    return [_decode_one(row, path) for row, path in tasks]
+def _decode_many(tasks: list[tuple[int, str]]) -> list[tuple[int, Outcome]]:
+    return [(row, _decode_one(row, path)) for row, path in tasks]
 
 
 def worker_count(setting: int) -> int:
@@ -203,38 +206,27 @@ def _cgroup_cpu_quota(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
     return max(1, -(-int(limit) // int(period)))
 
 
-def decode_files(paths: list[str], settings: DecodeSettings, spool: Spool, teacher_spool: Spool | None,
-                 known: Iterable[str], workers: int,
-                 trusted: Sequence[str | None] | None = None) -> Iterator[Outcome]:
-    """Decode ``paths[i]`` into row ``i`` of the spools; yield one :class:`Outcome` per path, in order.
-
-    ``trusted[i]``, when given, is the file's sha256 as remembered from an earlier run (its identity
-    unchanged since): a known one is reused without even reading the file."""
-    job = _Job(settings, spool, teacher_spool, np.array(sorted(h.encode() for h in known), dtype="S64"))
-    trusted = trusted if trusted is not None else [None] * len(paths)
-    skip = [h is not None and _is_in(job.known, h) for h in trusted]
-    # lazily: no second list as long as the data set
-    tasks = ((row, path) for row, path in enumerate(paths) if not skip[row])
-    if workers <= 1 or sum(1 for s in skip if not s) < SERIAL_BELOW:
-        decoded = _decode_serially(job, tasks)
+def decode_files(tasks: Iterable[tuple[int, str]], count: int, settings: DecodeSettings, spool: Spool,
+                 teacher_spool: Spool | None, known: str | None, workers: int) -> Iterator[tuple[int, Outcome]]:
+    """Decode each ``(row, path)`` of ``tasks`` (``count`` of them) into that row of the spools; yield
+    ``(row, Outcome)`` in task order. Tasks are read as the workers need them: none is held in a list."""
+    job = _Job(settings, spool, teacher_spool, None if known is None else os.fspath(known))
+    if workers <= 1 or count < SERIAL_BELOW:
+        yield from _decode_serially(job, tasks)
     else:
-        decoded = _decode_in_pool(job, tasks, workers)
-    # the workers' results come in task order: merge them with the files reused without a read
-    for row in range(len(paths)):
-        yield Outcome(file_hash=trusted[row], reused=True) if skip[row] else next(decoded)
-    decoded.close()
+        yield from _decode_in_pool(job, tasks, workers)
 
 
 def _decode_serially(job: _Job, tasks: Iterable[tuple[int, str]]) -> Iterator[Outcome]:
     _start(job)
     try:
         for row, path in tasks:
-            yield _decode_one(row, path)
+            yield row, _decode_one(row, path)
     finally:
         _close_fds()
 
 
-def _decode_in_pool(job: _Job, tasks: Iterable[tuple[int, str]], workers: int) -> Iterator[Outcome]:
+def _decode_in_pool(job: _Job, tasks: Iterable[tuple[int, str]], workers: int) -> Iterator[tuple[int, Outcome]]:
     # fork where there is one (as torch's DataLoader does): workers start at once, with the job in
     # memory, and do not re-run the caller's main module, which spawn and forkserver do (a script
     # without a __main__ guard would start workers recursively; under pytest every worker would
@@ -264,6 +256,10 @@ def _decode_in_pool(job: _Job, tasks: Iterable[tuple[int, str]], workers: int) -
 
 
 def _close_fds() -> None:
+    global _KNOWN
     for fd in _FDS.values():
         os.close(fd)
     _FDS.clear()
+    if _KNOWN is not None:
+        _KNOWN.close()
+        _KNOWN = None

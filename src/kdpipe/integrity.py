@@ -161,84 +161,12 @@ def record_verified(directory: str | os.PathLike, digests: dict[str, str]) -> No
 # data version, and the key under which the previous output holds its pixels). Reading a million
 # photos only to learn that they did not change costs as much as the rest of an incremental
 # prepare, so a file's hash is remembered under its identity (device, inode, size, mtime, ctime) and
-# trusted while that identity is unchanged and the stamp is not racy. One file per data root.
-
-IDENTITY = np.dtype([("dev", "<u8"), ("ino", "<u8"), ("size", "<i8"), ("mtime", "<i8"), ("ctime", "<i8")])
-_INPUT_RECORD = np.dtype([*((name, IDENTITY[name]) for name in IDENTITY.names), ("stamped", "<i8"),
-                          ("sha256", "S64")])
+# trusted while that identity is unchanged and the record is not racy (same rule as the stamps).
+# One SQLite file per data root, written and read by kdpipe.ledger.Ledger (set-based: a million
+# records never sit in memory).
 
 
-def file_identities(paths: list[str]) -> np.ndarray:
-    """(device, inode, size, mtime_ns, ctime_ns) of each file, as an :data:`IDENTITY` array (40 bytes
-    a file: a million of them stay small); all zero for a file that cannot be stat'ed."""
-    out = np.zeros(len(paths), dtype=IDENTITY)
-    for k, path in enumerate(paths):
-        try:
-            st = os.stat(path)
-        except OSError:  # gone or unreadable: the decoder reports it
-            continue
-        out[k] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    return out
-
-
-def _mixed(identities: np.ndarray) -> np.ndarray:
-    """One uint64 per identity, to sort and search by; equal identities give equal keys, and a match
-    is confirmed on every field (a collision only means the file is read again)."""
-    key = np.zeros(len(identities), dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for name, odd in zip(IDENTITY.names, (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
-                                              0xD6E8FEB86659FD93, 0xFF51AFD7ED558CCD), strict=True):
-            key = (key ^ identities[name].astype(np.uint64)) * np.uint64(odd)
-    return key
-
-
-class InputHashes:
-    """Remembered sha256 of the input files under one data root (see above)."""
-
-    def __init__(self, root: str | os.PathLike):
-        key = hashlib.sha256(os.fsencode(os.path.realpath(root))).hexdigest()[:32]
-        self._path = cache_dir() / "inputs" / f"{key}.npy"
-        self._records = np.zeros(0, dtype=_INPUT_RECORD)
-        if full_verification_requested():
-            return
-        try:
-            records = np.load(self._path, allow_pickle=False)
-            if records.dtype != _INPUT_RECORD:
-                return
-        except (OSError, ValueError):
-            return
-        # a stamp taken within the clock's granularity of the file's last change cannot vouch for it
-        records = records[~_racy(records["stamped"], records["mtime"], records["ctime"])]
-        self._records = records[np.argsort(_mixed(records[list(IDENTITY.names)]), kind="stable")]
-
-    def lookup(self, identities: np.ndarray) -> list[str | None]:
-        """The remembered sha256 of each identity, or None (unknown, changed, or not stat'ed)."""
-        keys = _mixed(self._records[list(IDENTITY.names)])
-        wanted = _mixed(identities)
-        at = np.minimum(np.searchsorted(keys, wanted), max(len(keys) - 1, 0))
-        found = np.zeros(len(identities), dtype=bool)
-        if len(keys):
-            candidates = self._records[at]
-            found = identities["ino"] != 0
-            for name in IDENTITY.names:
-                found &= candidates[name] == identities[name]
-        digests = self._records["sha256"][at] if len(keys) else None
-        return [digests[k].decode() if found[k] else None for k in range(len(identities))]
-
-    def save(self, identities: np.ndarray, digests: list[str]) -> None:
-        """Remember these files' hashes (this run's files only; ``""`` = none). Best effort: a failure
-        only means hashing them next time."""
-        keep = np.array([bool(d) for d in digests], dtype=bool) & (identities["ino"] != 0)
-        records = np.zeros(int(keep.sum()), dtype=_INPUT_RECORD)
-        for name in IDENTITY.names:
-            records[name] = identities[name][keep]
-        records["stamped"] = time.time_ns()
-        records["sha256"] = [d.encode() for d, k in zip(digests, keep.tolist(), strict=True) if k]
-        temporary = self._path.with_name(f".{self._path.name}.{os.getpid()}.tmp")
-        try:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            with open(temporary, "wb") as f:
-                np.save(f, records)
-            os.rename(temporary, self._path)
-        except OSError:
-            temporary.unlink(missing_ok=True)
+def input_hashes_path(root: str | os.PathLike) -> Path:
+    """Where the remembered sha256 of the input files under data root ``root`` are kept."""
+    key = hashlib.sha256(os.fsencode(os.path.realpath(root))).hexdigest()[:32]
+    return cache_dir() / "inputs" / f"{key}.sqlite"

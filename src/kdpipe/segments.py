@@ -13,6 +13,9 @@ done for data small enough to hold in RAM).
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
+
 import numpy as np
 
 # A segment is closed once it holds this many bytes of pixels: small batch folders are grouped (the
@@ -20,8 +23,9 @@ import numpy as np
 SEGMENT_MIN_BYTES = 64 << 20
 
 
-def segment_sizes(groups: list[str], row_bytes: int, min_bytes: int | None = None) -> list[int]:
-    """Rows per segment for rows in order whose batch folders are ``groups`` (one per row).
+def segment_sizes(groups: Iterable[str], row_bytes: int, min_bytes: int | None = None) -> list[int]:
+    """Rows per segment for rows in order whose batch folders are ``groups`` (one per row, read once:
+    an iterator will do).
 
     Consecutive rows of one folder stay together; folders are added to the open segment until it
     holds ``min_bytes``. Only the open (last) segment can change when folders are added after the
@@ -29,10 +33,9 @@ def segment_sizes(groups: list[str], row_bytes: int, min_bytes: int | None = Non
     min_bytes = SEGMENT_MIN_BYTES if min_bytes is None else min_bytes
     sizes: list[int] = []
     open_rows = 0
-    for k, group in enumerate(groups):
-        open_rows += 1
-        folder_ends = k + 1 == len(groups) or groups[k + 1] != group
-        if folder_ends and open_rows * row_bytes >= min_bytes:
+    for _, rows in itertools.groupby(groups):
+        open_rows += sum(1 for _ in rows)
+        if open_rows * row_bytes >= min_bytes:
             sizes.append(open_rows)
             open_rows = 0
     if open_rows:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 IGNORED_NAMES = frozenset({"Thumbs.db", "desktop.ini", "__MACOSX"})
 
@@ -53,15 +54,33 @@ def real_path(entry: Path) -> Path | None:
         return None
 
 
+class SeenFiles(Protocol):
+    def first_visit(self, real: str) -> bool:
+        """Record a real path; False when it was recorded before."""
+
+
+class SeenInMemory:
+    """The real paths handed out so far, in a set (prepare keeps them on disk instead: kdpipe.ledger)."""
+
+    def __init__(self) -> None:
+        self._paths: set[str] = set()
+
+    def first_visit(self, real: str) -> bool:
+        if real in self._paths:
+            return False
+        self._paths.add(real)
+        return True
+
+
 class Walker:
     """Walks folders under a boundary; remembers every real folder and file it has handed out."""
 
-    def __init__(self, boundary: Path, report: Report):
+    def __init__(self, boundary: Path, report: Report, seen: SeenFiles | None = None):
         self.boundary = Path(boundary)
         self.boundary_real = self.boundary.resolve()
         self.report = report
         self.folders: set[Path] = set()
-        self.files: set[str] = set()  # real paths (str: a fraction of a Path's memory, a million add up)
+        self.seen = seen if seen is not None else SeenInMemory()
 
     def entries(self, folder: Path) -> list[Path]:
         """Sorted, non-skipped entries of ``folder``; unusable symlinks are reported, not returned."""
@@ -118,10 +137,9 @@ class Walker:
             elif entry.is_file():
                 # only a link needs resolving: a plain entry's real path is its real folder's plus its name
                 real = os.fspath(path.resolve() if entry.is_symlink() else real_folder / entry.name)
-                if real in self.files:
+                if not self.seen.first_visit(real):
                     self.report(path, "visited_twice", "the same file is reachable through another link; used once")
                     continue
-                self.files.add(real)
                 yield path
             else:
                 self.report(path, "not_a_regular_file", "not a regular file")

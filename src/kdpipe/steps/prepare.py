@@ -23,11 +23,15 @@ fine-tuned and queried on the photo's own detail instead of an upsampled thumbna
 teacher upsamples the student-size arrays on the device and no copy is written.
 
 Incremental: the previous output (DVC ``persist``) is a source of decoded rows, by file sha256, and
-an input file's sha256 is remembered under its identity (:class:`kdpipe.integrity.InputHashes`), so
-after ``kdpipe ingest`` only the new batch is read and decoded. The unlabeled split is kept in
+an input file's sha256 is remembered under its identity (:func:`kdpipe.integrity.input_hashes_path`),
+so after ``kdpipe ingest`` only the new batch is read and decoded. The unlabeled split is kept in
 segments by batch folder (:mod:`kdpipe.segments`; ``segments`` in the manifest when there are
 several), and a file holding the same rows as one of the previous output is hard-linked, with its
 recorded sha256: an ingest writes and hashes only the new segment.
+
+Memory: the per-file records (paths, hashes, where each image's pixels are, its split) are kept on
+disk in a scratch SQLite database (:mod:`kdpipe.ledger`), and pixels are streamed from the decode
+spools to the outputs a chunk at a time, so prepare's memory does not grow with the number of files.
 
 Hidden files and folders (names starting with '.'), OS clutter (Thumbs.db...) and DVC pointer
 files (``*.dvc``, e.g. ``unlabeled/batch-0001.dvc``) are ignored; every other file that is not used is listed in ``rejected.json`` with its reason. Outputs are
@@ -45,8 +49,9 @@ import logging
 import os
 import sys
 import tempfile
-from collections import Counter, defaultdict
-from dataclasses import dataclass
+import textwrap
+from collections.abc import Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -70,51 +75,28 @@ from ..data import (
 from ..decoding import DECODE_VERSION, DecodeSettings, Spool, decode_files, worker_count
 from ..errors import DataError, KdpipeError
 from ..imaging import extension_problem
-from ..integrity import InputHashes, file_identities, record_verified
+from ..integrity import first_mismatch, input_hashes_path, record_verified
+from ..ledger import (
+    DECODED,
+    LABELED,
+    OUT_UNLABELED,
+    PENDING,
+    REUSED,
+    SPOOL,
+    TEST,
+    UNLABELED,
+    Ledger,
+    Member,
+)
 from ..params import Params, PrepareParams
 from ..segments import joined, segment_file, segment_sizes
-from ..walk import Walker, name_bytes, shown
+from ..walk import Walker, shown
 
 log = logging.getLogger(__name__)
 
-# Preference order inside a group of identical images: a labeled copy is kept over an unlabeled one.
-_SOURCE_ORDER = {"labeled": 0, "test": 1, "unlabeled": 2}
-_COPY_CHUNK = 1024  # rows copied at a time from the decode spool into the output arrays
-
-
-@dataclass(slots=True)  # slots: a million of these must stay small
-class _Item:
-    """One candidate image file."""
-
-    split: str  # source folder: labeled / unlabeled / test
-    rel: str  # path relative to the data root, '/'-separated
-    path: str  # as os.fsdecode gives it (a str is a fraction of a Path's size; a million of them add up)
-    label: str | None  # class name; None for unlabeled
-    file_hash: str = ""
-    pixel_hash: str = ""  # sha256 of the resized uint8 pixels: identical images in any format match
-    # Where its pixels are: ("spool", row) when decoded now, (split, row) in the previous output when
-    # reused; None when rejected.
-    origin: tuple[str, int] | None = None
-    larger: bool = False  # both sides of the source image exceed prepare.image_size
-
-    def sort_key(self) -> tuple[int, str]:
-        return _SOURCE_ORDER[self.split], self.rel
-
-
-class _Rejects:
-    """Collects rejected files; written sorted to rejected.json."""
-
-    def __init__(self) -> None:
-        self.entries: list[dict[str, str]] = []
-
-    def add(self, rel: str, split: str, reason: str, detail: str) -> None:
-        self.entries.append({"path": rel, "split": split, "reason": reason, "detail": detail})
-
-    def under(self, prefix: str) -> list[dict[str, str]]:
-        return [e for e in self.entries if e["path"].startswith(prefix)]
-
-    def sorted(self) -> list[dict[str, str]]:
-        return sorted(self.entries, key=lambda e: (e["path"], e["reason"]))
+_SOURCE_FOLDERS = ("labeled", "test", "unlabeled")  # kdpipe.ledger.SOURCES: the order files are listed in
+_COPY_BYTES = 4 << 20  # pixels copied at a time from the decode spool into the output arrays
+_SUMMARY_EXAMPLES = 8  # rejected files shown by name in prepare's summary
 
 
 def run(
@@ -145,57 +127,69 @@ class _DecodeEverything(Exception):
 
 
 def _run(params: Params, root: Path, out: Path, check: bool, reuse: bool) -> dict:
-    rejects = _Rejects()
-    class_names, items = _scan(root, rejects)
+    _check_data_root(root)
     if not check:
         _check_out_dir(root, out)
     cfg = params.prepare
-
     teacher_size = _teacher_size(params)
-    previous = _Previous.find(out, _decode_settings(cfg, teacher_size)) if reuse else None
+    settings = _decode_settings(cfg, teacher_size)
+    previous = _Previous.find(out, settings) if reuse else None
     workspace = tempfile.TemporaryDirectory(prefix="kdpipe-prepare-check-") if check else None
     with (contextlib.nullcontext(Path(workspace.name)) if check else atomic_dir(out)) as tmp:
-        spool, teacher_spool = _decode_all(root, items, cfg, teacher_size, tmp, rejects, previous)
-        kept = _dedupe(items, rejects)
-        _require_each_class(root, class_names, kept, rejects)
-        labeled = [i for i in kept if i.split == "labeled"]
-        train, val = _stratified_split(labeled, class_names, cfg.val_fraction, cfg.seed)
-        splits = {
-            "train": train,
-            "val": val,
-            "unlabeled": [i for i in kept if i.split == "unlabeled"],
-            "test": [i for i in kept if i.split == "test"],
-        }
-        copy_size = teacher_size if teacher_size and _mostly_larger(kept) else None
-        if copy_size and previous is not None and not previous.has_teacher_copy:
-            # The new images tipped the balance: a teacher-resolution copy is now kept, and the reused
-            # images have none, so everything is decoded again (rare: once, when it happens).
-            raise _DecodeEverything  # leaves atomic_dir: its temporary folder goes, the output stays
-        if not check:
-            layout = _Layout(splits, cfg.image_size)
-            writer = _ArrayWriter(tmp, layout, previous)
-            writer.write_images("x", spool, cfg.image_size)
-            if copy_size:
-                writer.write_images("xt", teacher_spool, copy_size)
-            _write_labels(tmp, splits, class_names)
-            _write_rows(tmp, splits)
-        del spool, teacher_spool
-        for name in (".spool.npy", ".spool_t.npy"):
-            (tmp / name).unlink(missing_ok=True)
-        if check:
-            manifest = _summary_manifest(params, class_names, splits, rejects, copy_size)
-        else:
-            write_json(tmp / SOURCES, {name: [i.rel for i in split] for name, split in splits.items()})
-            write_json(tmp / REJECTED, rejects.sorted())
-            manifest = _manifest(tmp, params, class_names, splits, kept, rejects, copy_size, layout, writer.linked)
-            write_json(tmp / MANIFEST, manifest)
+        ledger = Ledger(tmp / ".ledger.sqlite")
+        try:
+            manifest = _prepare(params, root, tmp, ledger, settings, previous, check)
+            reasons = ledger.reject_reasons()
+            examples = list(ledger.rejected_sorted(limit=_SUMMARY_EXAMPLES))
+        finally:
+            ledger.close()  # the ledger, the spools and the previous rows are scratch: not in the output
+            for name in (".spool.npy", ".spool_t.npy", ".previous.sqlite"):
+                (tmp / name).unlink(missing_ok=True)
     if workspace is not None:
         workspace.cleanup()
     else:
         record_verified(out, manifest["files"])  # just hashed: the next steps need not read them again
-    for line in summary_lines(manifest, rejects.sorted(), None if check else out):
+    for line in summary_lines(manifest, reasons, examples, None if check else out):
         print(line)
     return manifest
+
+
+def _prepare(params: Params, root: Path, tmp: Path, ledger: Ledger, settings: DecodeSettings,
+             previous: _Previous | None, check: bool) -> dict[str, Any]:
+    """Scan, decode, de-duplicate, split and (unless ``check``) write the outputs into ``tmp``."""
+    cfg = params.prepare
+    _scan(root, ledger)
+    spool, teacher_spool = _decode_all(root, ledger, settings, cfg.workers, tmp, previous)
+    _dedupe(ledger)
+    _require_each_class(root, ledger)
+    ledger.assign_splits(cfg.val_fraction, cfg.seed)
+    copy_size = settings.teacher_size if settings.teacher_size and ledger.mostly_larger() else None
+    if copy_size and previous is not None and not previous.has_teacher_copy:
+        # The new images tipped the balance: a teacher-resolution copy is now kept, and the reused
+        # images have none, so everything is decoded again (rare: once, when it happens).
+        raise _DecodeEverything  # leaves atomic_dir: its temporary folder goes, the output stays
+    if check:
+        return _summary_manifest(params, ledger, copy_size)
+    layout = _Layout(ledger, cfg.image_size)
+    writer = _ArrayWriter(tmp, layout, ledger, previous)
+    writer.write_images("x", spool, cfg.image_size)
+    if copy_size:
+        writer.write_images("xt", teacher_spool, copy_size)
+    _write_labels(tmp, ledger)
+    _write_rows(tmp, ledger)
+    _write_sources(tmp / SOURCES, ledger)
+    _write_rejected(tmp / REJECTED, ledger)
+    manifest = _manifest(tmp, params, ledger, copy_size, layout, writer.linked)
+    write_json(tmp / MANIFEST, manifest)
+    return manifest
+
+
+def _check_data_root(root: Path) -> None:
+    if not root.is_dir():
+        raise DataError(f"{shown(root)}: data root not found (expected a folder with labeled/, unlabeled/, test/)")
+    labeled_dir = root / "labeled"
+    if not labeled_dir.is_dir():
+        raise DataError(f"{shown(labeled_dir)}: folder not found; labeled images go in {shown(labeled_dir)}/<class>/")
 
 
 def _check_out_dir(root: Path, out: Path) -> None:
@@ -206,7 +200,7 @@ def _check_out_dir(root: Path, out: Path) -> None:
             f"{out}: the output folder is (or contains) the data root {root}; prepare replaces its output "
             "folder as a whole, which would delete the data; choose another --out-dir"
         )
-    for split in _SOURCE_ORDER:
+    for split in _SOURCE_FOLDERS:
         if out_real.is_relative_to(root_real / split):
             raise DataError(
                 f"{out}: the output folder is inside {root / split}; its files would be read back as input "
@@ -217,20 +211,16 @@ def _check_out_dir(root: Path, out: Path) -> None:
 # ---------------------------------------------------------------- scanning
 
 
-def _scan(root: Path, rejects: _Rejects) -> tuple[list[str], list[_Item]]:
-    """Find every candidate file; raise DataError for an unusable folder layout."""
-    if not root.is_dir():
-        raise DataError(f"{shown(root)}: data root not found (expected a folder with labeled/, unlabeled/, test/)")
+def _scan(root: Path, ledger: Ledger) -> None:
+    """Record every candidate file in the ledger; raise DataError for an unusable folder layout."""
     labeled_dir = root / "labeled"
-    if not labeled_dir.is_dir():
-        raise DataError(f"{shown(labeled_dir)}: folder not found; labeled images go in {shown(labeled_dir)}/<class>/")
 
     def report(path: Path, reason: str, detail: str) -> None:
         rel = _rel(root, path)
-        rejects.add(rel, rel.split("/", 1)[0], reason, detail)
+        ledger.reject(rel, rel.split("/", 1)[0], reason, detail)
 
-    walker = Walker(root, report)
-    class_dirs = _class_dirs(root, walker, labeled_dir, rejects)
+    walker = Walker(root, report, seen=ledger)
+    class_dirs = _class_dirs(root, walker, labeled_dir, ledger)
     class_names = sorted(class_dirs)
     if not class_names:
         raise DataError(
@@ -240,17 +230,15 @@ def _scan(root: Path, rejects: _Rejects) -> tuple[list[str], list[_Item]]:
         raise DataError(
             f"{shown(labeled_dir)}: found 1 class folder ({class_names[0]!r}); a classifier needs at least 2 classes"
         )
-
-    items: list[_Item] = []
-    for name in class_names:
-        items += _files(root, walker, class_dirs[name], "labeled", name, rejects)
-    items += _optional_unlabeled(root, walker, rejects)
-    items += _optional_test(root, walker, class_names, rejects)
-    items.sort(key=_Item.sort_key)
-    return class_names, items
+    ledger.class_names = class_names
+    for label, name in enumerate(class_names):
+        _add_files(root, walker, class_dirs[name], LABELED, label, ledger)
+    _optional_unlabeled(root, walker, ledger)
+    _optional_test(root, walker, class_names, ledger)
+    ledger.number_candidates()
 
 
-def _class_dirs(root: Path, walker: Walker, parent: Path, rejects: _Rejects) -> dict[str, Path]:
+def _class_dirs(root: Path, walker: Walker, parent: Path, ledger: Ledger) -> dict[str, Path]:
     """Class folders directly under ``parent`` (named as shown: readable even when not UTF-8); stray
     files there are rejected."""
     split = parent.name
@@ -260,47 +248,44 @@ def _class_dirs(root: Path, walker: Walker, parent: Path, rejects: _Rejects) -> 
         if entry.is_dir():
             dirs[shown(entry.name)] = entry
         else:
-            rejects.add(_rel(root, entry), split, "outside_class_folder", f"files must be in {split}/<class>/")
+            ledger.reject(_rel(root, entry), split, "outside_class_folder", f"files must be in {split}/<class>/")
     return dirs
 
 
-def _optional_unlabeled(root: Path, walker: Walker, rejects: _Rejects) -> list[_Item]:
+def _optional_unlabeled(root: Path, walker: Walker, ledger: Ledger) -> None:
     folder = root / "unlabeled"
     if not folder.is_dir():
         log.warning("%s: folder not found; continuing without unlabeled images", shown(folder))
-        return []
-    return _files(root, walker, folder, "unlabeled", None, rejects)
+        return
+    _add_files(root, walker, folder, UNLABELED, None, ledger)
 
 
-def _optional_test(root: Path, walker: Walker, class_names: list[str], rejects: _Rejects) -> list[_Item]:
+def _optional_test(root: Path, walker: Walker, class_names: list[str], ledger: Ledger) -> None:
     folder = root / "test"
     if not folder.is_dir():
         log.warning("%s: folder not found; continuing without a test split", shown(folder))
-        return []
-    items = []
-    for name, path in sorted(_class_dirs(root, walker, folder, rejects).items()):
+        return
+    for name, path in sorted(_class_dirs(root, walker, folder, ledger).items()):
         if name not in class_names:
             raise DataError(
                 f"{shown(path)}: test class {name!r} has no folder in {shown(root / 'labeled')} "
                 f"(labeled classes: {', '.join(class_names)})"
             )
-        items += _files(root, walker, path, "test", name, rejects)
-    return items
+        _add_files(root, walker, path, TEST, class_names.index(name), ledger)
 
 
-def _files(root: Path, walker: Walker, folder: Path, split: str, label: str | None, rejects: _Rejects) -> list[_Item]:
+def _add_files(root: Path, walker: Walker, folder: Path, source: int, label: int | None, ledger: Ledger) -> None:
     """Image files under ``folder`` at any depth, each real file once; non-image extensions are rejected."""
-    items = []
+    split = _SOURCE_FOLDERS[source]
     # the walk builds every path as root / ...: cut the prefix off instead of a pathlib call per file
     prefix = os.path.join(os.fspath(root), "")
     for path in walker.files_under(folder):
         full = os.fspath(path)
         rel = shown(full[len(prefix):]) if full.startswith(prefix) else _rel(root, path)
         if (problem := extension_problem(path)) is not None:
-            rejects.add(rel, split, "not_an_image", problem)
+            ledger.reject(rel, split, "not_an_image", problem)
         else:
-            items.append(_Item(split=split, rel=rel, path=full, label=label))
-    return items
+            ledger.add_candidate(source, label, rel, full)
 
 
 def _rel(root: Path, path: Path) -> str:
@@ -322,38 +307,37 @@ def _decode_settings(cfg: PrepareParams, teacher_size: int | None) -> DecodeSett
                           min_side=cfg.min_side, max_aspect_ratio=cfg.max_aspect_ratio)
 
 
-def _decode_all(root: Path, items: list[_Item], cfg: PrepareParams, teacher_size: int | None, tmp: Path,
-                rejects: _Rejects, previous: _Previous | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Decode and resize every candidate into disk-backed spools (bounded memory, every core); drop
+def _decode_all(root: Path, ledger: Ledger, settings: DecodeSettings, workers: int, tmp: Path,
+                previous: _Previous | None) -> tuple[Path, Path | None]:
+    """Decode and resize every candidate into disk-backed spools (bounded memory, every core); reject
     failures. Files the previous output already holds are only hashed (their rows are copied later),
-    or not even read while their remembered hash can be trusted (:class:`InputHashes`).
+    or not even read while their remembered hash can be trusted (:func:`input_hashes_path`).
 
     The second spool (teacher resolution) exists only when a teacher-resolution copy may be needed."""
-    settings = _decode_settings(cfg, teacher_size)
-    spool = Spool.create(tmp / ".spool.npy", len(items), cfg.image_size)
-    teacher_spool = Spool.create(tmp / ".spool_t.npy", len(items), teacher_size) if teacher_size else None
-    remembered = InputHashes(root)
-    identities = file_identities([i.path for i in items])
-    trusted = remembered.lookup(identities)
-    outcomes = decode_files([i.path for i in items], settings, spool, teacher_spool,
-                            previous.file_hashes() if previous else (), worker_count(cfg.workers), trusted)
-    progress = tqdm(zip(items, outcomes, strict=True), total=len(items), desc="prepare: decoding", unit="img",
-                    disable=not sys.stderr.isatty())
-    for row, (item, outcome) in enumerate(progress):
-        if outcome.rejected:
-            rejects.add(item.rel, item.split, outcome.reason, outcome.detail)
-            continue
-        item.file_hash = outcome.file_hash
-        if outcome.reused:
-            item.origin, item.pixel_hash, item.larger = previous.record(outcome.file_hash)
-        else:
-            item.origin, item.pixel_hash, item.larger = ("spool", row), outcome.pixel_hash, outcome.larger
-    remembered.save(identities, [i.file_hash for i in items])  # rejected files have none: read again
-    del identities, trusted
-    items[:] = [i for i in items if i.origin is not None]
-    reused = sum(1 for i in items if i.origin[0] != "spool")
+    total = ledger.count()
+    spool = Spool.create(tmp / ".spool.npy", total, settings.image_size)
+    teacher_spool = Spool.create(tmp / ".spool_t.npy", total, settings.teacher_size) if settings.teacher_size else None
+    remembered = input_hashes_path(root)
+    ledger.record_identities()
+    ledger.recall_input_hashes(remembered)
+    known = None
     if previous is not None:
-        print(f"prepare: {reused} image(s) reused from the previous output, {len(items) - reused} decoded")
+        known = tmp / ".previous.sqlite"
+        previous.write_rows(known)
+        ledger.attach_previous(known)
+        ledger.reuse_trusted()
+    pending = ledger.count(f"state = {PENDING}")
+    outcomes = decode_files(ledger.pending(), pending, settings, spool, teacher_spool, known, worker_count(workers))
+    # one iterator for every batch: a new iter() per batch would close the decoding when it is dropped
+    progress = iter(tqdm(outcomes, total=pending, desc="prepare: decoding", unit="img",
+                         disable=not sys.stderr.isatty()))
+    while batch := list(islice(progress, ledger.chunk)):
+        ledger.record_outcomes(batch)
+    ledger.remember_input_hashes(remembered)  # rejected files have none: read again
+    if previous is not None:
+        ledger.place_reused()
+        reused, decoded = ledger.count(f"state = {REUSED}"), ledger.count(f"state = {DECODED}")
+        print(f"prepare: {reused} image(s) reused from the previous output, {decoded} decoded")
     return Path(spool.path), Path(teacher_spool.path) if teacher_spool else None
 
 
@@ -363,14 +347,9 @@ class _Previous:
     Used only when it was made with the same decoding settings and passes the integrity check;
     otherwise everything is decoded (and that is said in the log, not an error)."""
 
-    def __init__(self, folder: Path, manifest: dict, has_teacher_copy: bool, rows: np.ndarray):
+    def __init__(self, folder: Path, manifest: dict, has_teacher_copy: bool):
         self.has_teacher_copy = has_teacher_copy
         self._folder = folder
-        order = np.argsort(rows["file"], kind="stable")
-        self._hashes, self._rows = rows["file"][order], rows[order]
-        self._position = order  # row in the concatenated splits
-        counts = [int(manifest["counts"][name]) for name in SPLITS]
-        self._starts = np.cumsum([0, *counts])
         self._manifest = manifest
         # (split, first row) -> (segment number, end row) of every array file
         self._file_starts = {}
@@ -391,42 +370,47 @@ class _Previous:
                 log.info("prepare: %s was decoded with other settings; decoding every image", shown(out))
                 return None
             data = load_prepared(out)  # the integrity check: a changed file means no reuse
-            return cls(out, manifest, data.train_xt is not None, np.load(out / ROWS, allow_pickle=False))
+            if first_mismatch(out, manifest["files"], [ROWS]) is not None:
+                raise ValueError(f"{ROWS} does not match its recorded sha256")
+            rows = _rows_file(out / ROWS)
+            if rows.dtype != ROW_RECORD or len(rows) != sum(int(manifest["counts"][name]) for name in SPLITS):
+                raise ValueError(f"{ROWS} does not list the rows of the arrays")
+            return cls(out, manifest, data.train_xt is not None)
         except (KdpipeError, OSError, ValueError, KeyError) as exc:
             log.info("prepare: not reusing %s (%s); decoding every image", shown(out), exc)
             return None
 
-    def file_hashes(self) -> list[str]:
-        return [h.decode() for h in self._hashes]
+    def write_rows(self, path: Path) -> None:
+        """The previous rows by file sha256, in an SQLite file the decoding workers read."""
+        Ledger.write_previous(path, _rows_file(self._folder / ROWS),
+                              [int(self._manifest["counts"][name]) for name in SPLITS])
 
-    def record(self, file_hash: str) -> tuple[tuple[str, int], str, bool]:
-        """The image's place in the previous output, its pixel sha256 and whether it is larger."""
-        at = int(np.searchsorted(self._hashes, file_hash.encode()))
-        row = self._rows[at]
-        position = int(self._position[at])
-        k = int(np.searchsorted(self._starts, position, side="right")) - 1
-        return (SPLITS[k], position - int(self._starts[k])), row["pixel"].decode(), bool(row["larger"])
+    def array_files(self, kind: str) -> dict[int, list[Path]]:
+        """The previous output's files of each split's ``kind`` array (by split index), in row order
+        (its segments, if several); read until the new output replaces them."""
+        return {k: [self._folder / f for f in segment_names(self._manifest, f"{split}_{kind}.npy")]
+                for k, split in enumerate(SPLITS)}
 
-    def array_files(self, kind: str) -> dict[str, list[Path]]:
-        """The previous output's files of each split's ``kind`` array, in row order (its segments, if
-        several); read until the new output replaces them."""
-        return {split: [self._folder / f for f in segment_names(self._manifest, f"{split}_{kind}.npy")]
-                for split in SPLITS}
-
-    def file_holding(self, origins: list[tuple[str, int]], kind: str) -> tuple[Path, str] | None:
-        """The previous file (and its recorded sha256) whose rows are exactly ``origins``, in order:
-        such a file is hard-linked into the new output instead of being written and hashed again."""
-        if not origins:
+    def file_holding(self, origin: tuple[int, int] | None, count: int, kind: str) -> tuple[Path, str] | None:
+        """The previous file (and its recorded sha256) that holds exactly ``count`` consecutive rows
+        starting at ``origin`` (split index, row): such a file is hard-linked into the new output
+        instead of being written and hashed again."""
+        if origin is None or count == 0:
             return None
-        split, start = origins[0]
+        split, start = SPLITS[origin[0]], origin[1]
         found = self._file_starts.get((split, start))
-        if found is None or found[1] - start != len(origins):
-            return None
-        if any(o != (split, start + k) for k, o in enumerate(origins)):
+        if found is None or found[1] - start != count:
             return None
         name = segment_file(split, kind, found[0])
         digest = self._manifest["files"].get(name)
         return (self._folder / name, digest) if digest else None
+
+
+def _rows_file(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r")
+    except ValueError:  # numpy cannot map an empty array
+        return np.load(path, allow_pickle=False)
 
 
 def _decoding_record(settings: DecodeSettings) -> dict[str, Any]:
@@ -434,33 +418,26 @@ def _decoding_record(settings: DecodeSettings) -> dict[str, Any]:
     return {"version": DECODE_VERSION, **dataclasses.asdict(settings)}
 
 
-def _mostly_larger(kept: list[_Item]) -> bool:
-    """At least half of the images used are larger than the student's size: worth a teacher copy."""
-    return bool(kept) and 2 * sum(i.larger for i in kept) >= len(kept)
-
-
 # ---------------------------------------------------------------- de-duplication
 
 
-def _dedupe(items: list[_Item], rejects: _Rejects) -> list[_Item]:
+def _dedupe(ledger: Ledger) -> None:
     """Keep one copy of each distinct image; resolve label conflicts and test leakage."""
-    groups: dict[str, list[_Item]] = defaultdict(list)
-    for item in sorted(items, key=_Item.sort_key):
-        groups[item.pixel_hash].append(item)
-    kept = [k for group in groups.values() if (k := _resolve_group(group, rejects)) is not None]
-    return sorted(kept, key=_Item.sort_key)
+    for group in ledger.duplicate_groups():
+        keep = _resolve_group(group, ledger)
+        for member in group:
+            if member is not keep:
+                ledger.drop(member.row)
 
 
-def _resolve_group(group: list[_Item], rejects: _Rejects) -> _Item | None:
+def _resolve_group(group: list[Member], ledger: Ledger) -> Member | None:
     """Return the copy to keep from a group of identical images (sorted by preference), or None."""
-    if len(group) == 1:
-        return group[0]
     labels = {i.label for i in group if i.split != "unlabeled"}
     if len(labels) > 1:
         # The same picture under two classes: no way to know which is right, so none is used.
         where = ", ".join(f"{i.rel} ({i.label})" for i in group if i.label is not None)
         for item in group:
-            rejects.add(
+            ledger.reject(
                 item.rel, item.split, "conflicting_labels", f"the same image has different labels: {where}"
             )
         return None
@@ -470,49 +447,26 @@ def _resolve_group(group: list[_Item], rejects: _Rejects) -> _Item | None:
         if item is keep:
             continue
         if tests and item.split != "test":
-            rejects.add(
+            ledger.reject(
                 item.rel, item.split, "leakage_with_test", f"the same image is in the test split: {keep.rel}"
             )
         else:
-            rejects.add(item.rel, item.split, "duplicate", f"the same image as {keep.rel} (kept)")
+            ledger.reject(item.rel, item.split, "duplicate", f"the same image as {keep.rel} (kept)")
     return keep
 
 
-def _require_each_class(root: Path, class_names: list[str], kept: list[_Item], rejects: _Rejects) -> None:
-    present = {i.label for i in kept if i.split == "labeled"}
-    for name in class_names:
+def _require_each_class(root: Path, ledger: Ledger) -> None:
+    present = ledger.labeled_classes_present()
+    for name in ledger.class_names:
         if name in present:
             continue
-        folder_rejects = rejects.under(f"labeled/{name}/")
-        examples = "".join(f"\n  {e['path']}: {e['reason']} ({e['detail']})" for e in folder_rejects[:5])
-        more = f"\n  ... and {len(folder_rejects) - 5} more" if len(folder_rejects) > 5 else ""
+        total, folder_rejects = ledger.rejected_under(f"labeled/{name}/", 5)
+        examples = "".join(f"\n  {e['path']}: {e['reason']} ({e['detail']})" for e in folder_rejects)
+        more = f"\n  ... and {total - 5} more" if total > 5 else ""
         raise DataError(
             f"{root / 'labeled' / name}: no valid image for class {name!r} "
-            f"({len(folder_rejects)} file(s) rejected){examples}{more}"
+            f"({total} file(s) rejected){examples}{more}"
         )
-
-
-# ---------------------------------------------------------------- split
-
-
-def _stratified_split(
-    labeled: list[_Item], class_names: list[str], val_fraction: float, seed: int
-) -> tuple[list[_Item], list[_Item]]:
-    """Per class, put round(n * val_fraction) images (at least 1, at most n - 1) in validation.
-
-    Images are ranked by a seeded hash of their pixels rather than shuffled by position, so the
-    choice does not depend on file names or order, and adding images moves few existing ones.
-    """
-    train: list[_Item] = []
-    val: list[_Item] = []
-    for name in class_names:
-        members = [i for i in labeled if i.label == name]
-        ranked = sorted(members, key=lambda i: hashlib.sha256(f"{seed}:{i.pixel_hash}".encode()).hexdigest())
-        n = len(ranked)
-        n_val = 0 if n < 2 else min(n - 1, max(1, int(n * val_fraction + 0.5)))
-        val += ranked[:n_val]
-        train += ranked[n_val:]
-    return sorted(train, key=_Item.sort_key), sorted(val, key=_Item.sort_key)
 
 
 # ---------------------------------------------------------------- outputs
@@ -522,19 +476,20 @@ class _Layout:
     """Which output files hold which rows: one file per split, except the unlabeled split, kept in
     segments by batch folder (see :mod:`kdpipe.segments`) so an ingest leaves earlier files alone."""
 
-    def __init__(self, splits: dict[str, list[_Item]], size: int):
-        self.splits = splits
-        unlabeled = splits["unlabeled"]
-        self.segments = {"unlabeled": segment_sizes([_batch_folder(i.rel) for i in unlabeled], size * size * 3)
-                         or [0]}
+    def __init__(self, ledger: Ledger, size: int):
+        counts = ledger.split_counts()
+        folders = (_batch_folder(rel) for chunk in ledger.out_rows(OUT_UNLABELED, "rel") for (rel,) in chunk)
+        self.segments = {"unlabeled": segment_sizes(folders, size * size * 3) or [0]}
+        self._sizes = {split: self.segments.get(split, [counts[k]]) for k, split in enumerate(SPLITS)}
 
-    def files(self, kind: str) -> list[tuple[str, list[_Item]]]:
-        """(file name, the rows it holds) for every ``kind`` array file, in the order they are written."""
+    def files(self, kind: str) -> list[tuple[str, int, int, int]]:
+        """(file name, output split index, first row, rows) for every ``kind`` array file, in the
+        order they are written."""
         out = []
-        for split, members in self.splits.items():
-            sizes = self.segments.get(split, [len(members)])
+        for k, split in enumerate(SPLITS):
+            sizes = self._sizes[split]
             bounds = np.cumsum([0, *sizes]).tolist()
-            out += [(segment_file(split, kind, k), members[bounds[k]:bounds[k + 1]]) for k in range(len(sizes))]
+            out += [(segment_file(split, kind, s), k, bounds[s], sizes[s]) for s in range(len(sizes))]
         return out
 
 
@@ -548,19 +503,22 @@ class _ArrayWriter:
     """Writes the image arrays, hard-linking any file of the previous output that holds exactly the
     same rows (an ingest changes only the last unlabeled segment): no copy and no new hash for it."""
 
-    def __init__(self, out: Path, layout: _Layout, previous: _Previous | None):
-        self.out, self.layout, self.previous = out, layout, previous
+    def __init__(self, out: Path, layout: _Layout, ledger: Ledger, previous: _Previous | None):
+        self.out, self.layout, self.ledger, self.previous = out, layout, ledger, previous
         self.linked: dict[str, str] = {}  # file name -> sha256 recorded by the previous output
 
     def write_images(self, kind: str, spool: Path, size: int) -> None:
-        sources = {"spool": [spool], **(self.previous.array_files(kind) if self.previous else {})}
-        for name, members in self.layout.files(kind):
-            origins = [i.origin for i in members]
-            held = self.previous.file_holding(origins, kind) if self.previous else None
+        sources = {SPOOL: [spool], **(self.previous.array_files(kind) if self.previous else {})}
+        chunk = max(1, _COPY_BYTES // (size * size * 3))
+        for name, split, start, count in self.layout.files(kind):
+            held = None
+            if self.previous is not None:
+                held = self.previous.file_holding(self.ledger.single_origin(split, start, count), count, kind)
             if held is not None and _hard_link(held[0], self.out / name):
                 self.linked[name] = held[1]
             else:
-                _save_rows(self.out / name, sources, origins, size)
+                origins = self.ledger.out_rows(split, "origin, origin_row", start, start + count, chunk=chunk)
+                _save_rows(self.out / name, sources, origins, count, size)
 
 
 def _hard_link(source: Path, target: Path) -> bool:
@@ -573,33 +531,48 @@ def _hard_link(source: Path, target: Path) -> bool:
     return True
 
 
-def _write_labels(out: Path, splits: dict[str, list[_Item]], class_names: list[str]) -> None:
-    index = {name: k for k, name in enumerate(class_names)}
-    for name, members in splits.items():
+def _write_labels(out: Path, ledger: Ledger) -> None:
+    counts = ledger.split_counts()
+    for k, name in enumerate(SPLITS):
         if name != "unlabeled":
-            np.save(out / f"{name}_y.npy", np.array([index[i.label] for i in members], dtype=np.int64))
+            labels = (np.array(chunk, dtype=np.int64).reshape(-1) for chunk in ledger.out_rows(k, "label"))
+            _save_column(out / f"{name}_y.npy", np.dtype(np.int64), counts[k], labels)
 
 
 # One record per output row (splits in SPLITS order): what the next prepare needs to reuse the row.
 ROW_RECORD = np.dtype([("file", "S64"), ("pixel", "S64"), ("larger", "?")])
 
 
-def _write_rows(out: Path, splits: dict[str, list[_Item]]) -> None:
-    # filled column by column: a list of one tuple per row would cost more than the array itself
-    members = [i for name in SPLITS for i in splits[name]]
-    rows = np.zeros(len(members), dtype=ROW_RECORD)
-    for k, item in enumerate(members):
-        rows[k] = (item.file_hash, item.pixel_hash, item.larger)
-    np.save(out / ROWS, rows)
+def _write_rows(out: Path, ledger: Ledger) -> None:
+    records = (np.array(chunk, dtype=ROW_RECORD) for k in range(len(SPLITS))
+               for chunk in ledger.out_rows(k, "file_hash, pixel_hash, larger"))
+    _save_column(out / ROWS, ROW_RECORD, sum(ledger.split_counts()), records)
 
 
-def _save_rows(path: Path, sources: dict[str, list[Path]], origins: list[tuple[str, int]], size: int) -> None:
-    """Write the rows named by ``origins`` (source .npy file, row) as a standard .npy (same bytes as
-    np.save), a chunk at a time. Neither the output nor the sources stay mapped: a chunk is gathered
-    from freshly mapped sources into a buffer and written with ``os.pwrite``, so the resident memory
-    is one chunk, not the pages of every file touched so far."""
-    shape = (len(origins), size, size, 3)
-    if not origins:  # np.memmap cannot map a zero-length array
+def _save_column(path: Path, dtype: np.dtype, count: int, chunks: Iterable[np.ndarray]) -> None:
+    """A 1-D ``.npy`` of ``count`` elements (the same bytes as np.save), filled chunk by chunk."""
+    if count == 0:  # np.memmap cannot map a zero-length array
+        np.save(path, np.zeros(0, dtype=dtype))
+        return
+    dest = allocated_memmap(path, dtype, (count,))
+    at = 0
+    for chunk in chunks:
+        dest[at:at + len(chunk)] = chunk
+        at += len(chunk)
+    if at != count:
+        raise AssertionError(f"{path}: wrote {at} rows of {count}")
+    dest.flush()
+    del dest
+
+
+def _save_rows(path: Path, sources: dict[int, list[Path]], origins: Iterable[list[tuple[int, int]]], count: int,
+               size: int) -> None:
+    """Write the rows named by ``origins`` (chunks of (source, row); source SPOOL or a previous
+    split) as a standard .npy (same bytes as np.save). Neither the output nor the sources stay
+    mapped: a chunk is gathered from freshly mapped sources into a buffer and written with
+    ``os.pwrite``, so the resident memory is one chunk, not the pages of every file touched so far."""
+    shape = (count, size, size, 3)
+    if not count:  # np.memmap cannot map a zero-length array
         np.save(path, np.zeros(shape, dtype=np.uint8))
         return
     dest = allocated_memmap(path, np.uint8, shape)  # header written, blocks reserved (ENOSPC now, not later)
@@ -607,27 +580,70 @@ def _save_rows(path: Path, sources: dict[str, list[Path]], origins: list[tuple[s
     del dest
     fd = os.open(path, os.O_WRONLY)
     try:
-        for start in range(0, len(origins), _COPY_CHUNK):
-            chunk = origins[start:start + _COPY_CHUNK]
-            buffer = np.empty((len(chunk), size, size, 3), dtype=np.uint8)
-            for source in {name for name, _ in chunk}:
-                at = [k for k, (name, _) in enumerate(chunk) if name == source]
+        at = 0
+        for chunk in origins:
+            where = np.array(chunk, dtype=np.int64).reshape(-1, 2)
+            buffer = np.empty((len(where), size, size, 3), dtype=np.uint8)
+            for source in np.unique(where[:, 0]).tolist():
+                picked = np.flatnonzero(where[:, 0] == source)
                 mapped = joined([np.load(part, mmap_mode="r") for part in sources[source]])
-                buffer[at] = mapped[[chunk[k][1] for k in at]]
+                buffer[picked] = mapped[where[picked, 1]]
                 del mapped
-            _write_all(fd, buffer.tobytes(), offset + start * row_bytes, path)
+            _write_all(fd, buffer, offset + at * row_bytes, path)
+            at += len(where)
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _write_all(fd: int, data: bytes, offset: int, path: Path) -> None:
-    view = memoryview(data)
+def _write_all(fd: int, data: np.ndarray, offset: int, path: Path) -> None:
+    view = memoryview(data).cast("B")  # the array's own bytes: no copy
     while view:
         written = os.pwrite(fd, view, offset)
         if written <= 0:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         view, offset = view[written:], offset + written
+
+
+def _write_sources(path: Path, ledger: Ledger) -> None:
+    """sources.json: {split: [relative path of each row]}, written as it is read (as write_json lays it out)."""
+    def parts() -> Iterator[str]:
+        yield "{"
+        for k, split in enumerate(SPLITS):
+            yield f"{',' if k else ''}\n  {json.dumps(split)}: ["
+            rels = (json.dumps(rel) for chunk in ledger.out_rows(k, "rel") for (rel,) in chunk)
+            yield from _json_items(rels, "    ", "\n  ]")
+        yield "\n}\n"
+
+    _write_streamed(path, parts())
+
+
+def _write_rejected(path: Path, ledger: Ledger) -> None:
+    """rejected.json: every file not used, sorted by path and reason (as write_json lays it out)."""
+    def parts() -> Iterator[str]:
+        yield "["
+        entries = (textwrap.indent(json.dumps(entry, indent=2), "  ").lstrip() for entry in ledger.rejected_sorted())
+        yield from _json_items(entries, "  ", "\n]")
+        yield "\n"
+
+    _write_streamed(path, parts())
+
+
+def _json_items(items: Iterable[str], indent: str, close: str) -> Iterator[str]:
+    """The items of a JSON list as ``json.dumps(indent=2)`` writes them, then ``close`` (just ``]`` when empty)."""
+    empty = True
+    for item in items:
+        yield f"{'' if empty else ','}\n{indent}{item}"
+        empty = False
+    yield "]" if empty else close
+
+
+def _write_streamed(path: Path, parts: Iterable[str]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for part in parts:
+            f.write(part)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _file_order(name: str) -> tuple[int, int]:
@@ -638,48 +654,39 @@ def _file_order(name: str) -> tuple[int, int]:
     return order.index(base), int(rest[:-4]) if rest != "npy" else 0
 
 
-def _data_version(kept: list[_Item]) -> str:
+def _data_version(ledger: Ledger) -> str:
     """Content hash of the input actually used: (source split, path, label, file sha256) entries.
 
     Paths and labels enter as their exact bytes (``surrogateescape``), so a name that is not UTF-8
     neither crashes the hash nor collides with its escaped spelling."""
     digest = hashlib.sha256()
-    entries = sorted((i.split, os.fsdecode(name_bytes(i.path)), i.label or "", i.file_hash) for i in kept)
-    for entry in entries:
+    for entry in ledger.used_in_data_version_order():
         digest.update(json.dumps(entry, ensure_ascii=False).encode("utf-8", "surrogateescape") + b"\n")
     return digest.hexdigest()
 
 
-def _manifest(
-    out: Path,
-    params: Params,
-    class_names: list[str],
-    splits: dict[str, list[_Item]],
-    kept: list[_Item],
-    rejects: _Rejects,
-    teacher_copy_size: int | None,
-    layout: _Layout,
-    linked: dict[str, str],
-) -> dict[str, Any]:
-    counts = {name: len(members) for name, members in splits.items()}
-    counts["rejected"] = len(rejects.entries)
-    per_class = {
-        name: {c: sum(1 for i in splits[name] if i.label == c) for c in class_names}
-        for name in ("train", "val", "test")
-    }
-    images = [name for kind in ("x", "xt" if teacher_copy_size else None) if kind for name, _ in layout.files(kind)]
+def _counts(ledger: Ledger) -> dict[str, int]:
+    counts = dict(zip(SPLITS, ledger.split_counts(), strict=True))
+    counts["rejected"] = ledger.rejected_count()
+    return counts
+
+
+def _manifest(out: Path, params: Params, ledger: Ledger, teacher_copy_size: int | None, layout: _Layout,
+              linked: dict[str, str]) -> dict[str, Any]:
+    per_class = {name: ledger.class_counts(SPLITS.index(name)) for name in ("train", "val", "test")}
+    images = [f[0] for kind in ("x", "xt" if teacher_copy_size else None) if kind for f in layout.files(kind)]
     labels = [name for name in ARRAY_FILES if name.endswith("_y.npy")]
     # a hard-linked file is the previous output's, which passed its integrity check: its hash stands
     files = {name: linked.get(name) or file_sha256(out / name)
              for name in sorted((*images, *labels), key=_file_order) + [ROWS, SOURCES, REJECTED]}
     return {
-        "class_names": class_names,
-        "counts": counts,
+        "class_names": ledger.class_names,
+        "counts": _counts(ledger),
         "per_class": per_class,
         "image_size": params.prepare.image_size,
         # the size of the *_xt.npy copies; null when the teacher upsamples the student-size arrays
         "teacher_image_size": teacher_copy_size,
-        "data_version": _data_version(kept),
+        "data_version": _data_version(ledger),
         "files": files,
         # rows per file of a split kept in several files (kdpipe.segments); absent when each split is one file
         **({"segments": layout.segments} if any(len(v) > 1 for v in layout.segments.values()) else {}),
@@ -695,10 +702,11 @@ def _manifest(
 SMALL_VALIDATION = 100
 
 
-def summary_lines(manifest: dict[str, Any], rejected: list[dict[str, str]], out: Path | None,
-                  limit: int = 8) -> list[str]:
-    """What prepare prints: the classes, the images per split, what was rejected and why (with a few
-    examples), and a warning when the validation split is too small to choose between models."""
+def summary_lines(manifest: dict[str, Any], reasons: list[tuple[str, int]], examples: list[dict[str, str]],
+                  out: Path | None) -> list[str]:
+    """What prepare prints: the classes, the images per split, what was rejected and why (``reasons``:
+    (reason, count), most frequent first; ``examples``: the first rejected files, sorted), and a
+    warning when the validation split is too small to choose between models."""
     c = manifest["counts"]
     names = manifest["class_names"]
     shown_names = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
@@ -706,15 +714,14 @@ def summary_lines(manifest: dict[str, Any], rejected: list[dict[str, str]], out:
     lines = [f"prepare: {len(names)} classes: {shown_names}",
              f"prepare: {c['train']} train, {c['val']} validation, {c['unlabeled']} unlabeled, {c['test']} test "
              f"images{where}"]
-    if rejected:
-        reasons = Counter(r["reason"] for r in rejected)
-        lines.append(f"prepare: {len(rejected)} file(s) not used: "
-                     + ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
+    if c["rejected"]:
+        lines.append(f"prepare: {c['rejected']} file(s) not used: "
+                     + ", ".join(f"{n} {reason}" for reason, n in reasons)
                      + ("" if out is None else f" (all listed in {shown(out / REJECTED)})"))
-        for r in rejected[:limit]:
+        for r in examples:
             lines.append(f"  {r['path']}: {r['reason']} ({r['detail']})")
-        if len(rejected) > limit:
-            lines.append(f"  ... and {len(rejected) - limit} more")
+        if c["rejected"] > len(examples):
+            lines.append(f"  ... and {c['rejected'] - len(examples)} more")
     if c["val"] == 0:
         lines.append("warning: the validation split is empty (every class has a single labeled image): "
                      "nothing can pick the best checkpoint or model")
@@ -726,10 +733,7 @@ def summary_lines(manifest: dict[str, Any], rejected: list[dict[str, str]], out:
     return lines
 
 
-def _summary_manifest(params: Params, class_names: list[str], splits: dict[str, list[_Item]], rejects: _Rejects,
-                      copy_size: int | None) -> dict[str, Any]:
+def _summary_manifest(params: Params, ledger: Ledger, copy_size: int | None) -> dict[str, Any]:
     """The manifest's counts for ``--check`` (no files, so no hashes)."""
-    counts = {name: len(members) for name, members in splits.items()}
-    counts["rejected"] = len(rejects.entries)
-    return {"class_names": class_names, "counts": counts, "image_size": params.prepare.image_size,
+    return {"class_names": ledger.class_names, "counts": _counts(ledger), "image_size": params.prepare.image_size,
             "teacher_image_size": copy_size, "check_only": True}
