@@ -166,3 +166,22 @@ def test_a_second_link_to_a_file_is_reported_once(mixed_root, tmp_path):
     prepare.run(params(), mixed_root, out)
     reasons = {r["path"]: r["reason"] for r in json.loads((out / REJECTED).read_text())}
     assert reasons["unlabeled/batch-0003/again.png"] == "visited_twice"
+
+
+def test_a_damaged_store_of_input_hashes_only_means_reading_every_file(mixed_root, tmp_path, monkeypatch):
+    from kdpipe import integrity
+
+    out = tmp_path / "prepared"
+    prepare.run(params(), mixed_root, out)
+    store = integrity.input_hashes_path(mixed_root)
+    assert store.is_file()
+    store.write_bytes(b"not an SQLite database " * 200)
+    opened = []
+    real_read = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: opened.append(self.name) or real_read(self))
+    prepare.run(params(), mixed_root, out)
+    # every image file is read again (notes.txt is rejected by its name, never opened)
+    assert sorted(opened) == sorted(p.name for p in mixed_root.rglob("*.png"))
+    monkeypatch.undo()
+    prepare.run(params(), mixed_root, tmp_path / "full", reuse=False)
+    assert files_of(out) == files_of(tmp_path / "full")

@@ -32,10 +32,14 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .integrity import FINE_RACY_SECONDS, RACY_SECONDS, full_verification_requested
+
+if TYPE_CHECKING:
+    from .decoding import Outcome
 
 # Source folders, in the order prepare lists their files (a labeled copy of an image is kept over
 # an unlabeled one, see prepare's de-duplication).
@@ -173,7 +177,10 @@ class Ledger:
         if full_verification_requested() or not store.is_file():
             return
         self.db.commit()
-        self.db.execute("ATTACH DATABASE ? AS remembered", (os.fsdecode(store),))
+        try:
+            self.db.execute("ATTACH DATABASE ? AS remembered", (os.fsdecode(store),))
+        except sqlite3.Error:
+            return
         try:
             self.db.execute(f"""
                 UPDATE items SET trusted = (
@@ -187,6 +194,8 @@ class Ledger:
             self.db.commit()
         except sqlite3.DatabaseError:  # not a store of this version, or damaged: read every file
             self.db.rollback()
+            self.db.execute("UPDATE items SET trusted = NULL")
+            self.db.commit()
         finally:
             self.db.execute("DETACH DATABASE remembered")
 
@@ -260,7 +269,7 @@ class Ledger:
         for rows in self._row_chunks("row, path", f"state = {PENDING}"):
             yield from ((row, os.fsdecode(path)) for row, path in rows)
 
-    def record_outcomes(self, outcomes: Iterable[tuple[int, object]]) -> None:
+    def record_outcomes(self, outcomes: Iterable[tuple[int, Outcome]]) -> None:
         """Store decoding outcomes (:class:`kdpipe.decoding.Outcome`), a chunk per transaction."""
         decoded, reused, rejected = [], [], []
         for row, outcome in outcomes:

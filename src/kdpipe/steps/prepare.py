@@ -88,13 +88,13 @@ from ..ledger import (
     Ledger,
     Member,
 )
+from ..ledger import SOURCES as SOURCE_FOLDERS  # the source folders, in the order their files are listed
 from ..params import Params, PrepareParams
 from ..segments import joined, segment_file, segment_sizes
 from ..walk import Walker, shown
 
 log = logging.getLogger(__name__)
 
-_SOURCE_FOLDERS = ("labeled", "test", "unlabeled")  # kdpipe.ledger.SOURCES: the order files are listed in
 _COPY_BYTES = 4 << 20  # pixels copied at a time from the decode spool into the output arrays
 _SUMMARY_EXAMPLES = 8  # rejected files shown by name in prepare's summary
 
@@ -200,7 +200,7 @@ def _check_out_dir(root: Path, out: Path) -> None:
             f"{out}: the output folder is (or contains) the data root {root}; prepare replaces its output "
             "folder as a whole, which would delete the data; choose another --out-dir"
         )
-    for split in _SOURCE_FOLDERS:
+    for split in SOURCE_FOLDERS:
         if out_real.is_relative_to(root_real / split):
             raise DataError(
                 f"{out}: the output folder is inside {root / split}; its files would be read back as input "
@@ -276,7 +276,7 @@ def _optional_test(root: Path, walker: Walker, class_names: list[str], ledger: L
 
 def _add_files(root: Path, walker: Walker, folder: Path, source: int, label: int | None, ledger: Ledger) -> None:
     """Image files under ``folder`` at any depth, each real file once; non-image extensions are rejected."""
-    split = _SOURCE_FOLDERS[source]
+    split = SOURCE_FOLDERS[source]
     # the walk builds every path as root / ...: cut the prefix off instead of a pathlib call per file
     prefix = os.path.join(os.fspath(root), "")
     for path in walker.files_under(folder):
