@@ -52,7 +52,7 @@ SPOOL = -1  # origin of a row decoded by this prepare (else the previous output'
 PENDING, DECODED, REUSED, REJECTED, DUPLICATE = range(5)
 _USED = f"state IN ({DECODED}, {REUSED})"
 CHUNK = 4096  # rows per read or write between Python and the database
-CACHE_KIB = 8192  # SQLite's page cache per connection: the bound on its memory
+CACHE_KIB = 2048  # SQLite's page cache per connection (its default size): the bound on its memory
 
 _SCHEMA = """
 CREATE TABLE seen (real BLOB PRIMARY KEY) WITHOUT ROWID;
