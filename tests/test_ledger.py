@@ -185,3 +185,29 @@ def test_a_damaged_store_of_input_hashes_only_means_reading_every_file(mixed_roo
     monkeypatch.undo()
     prepare.run(params(), mixed_root, tmp_path / "full", reuse=False)
     assert files_of(out) == files_of(tmp_path / "full")
+
+
+def test_the_walk_sorted_on_disk_visits_what_the_walk_sorted_in_memory_visits(mixed_root, tmp_path, monkeypatch):
+    """prepare's walk sorts each folder's listing in the ledger (in pages of 3 here); it hands out
+    the same files, in the same order, with the same reports, as the in-memory sort ingest uses."""
+    from kdpipe.ledger import Ledger
+    from kdpipe.walk import Walker
+
+    (mixed_root / "unlabeled" / "batch-0003" / "again.png").symlink_to(mixed_root / "unlabeled" / "batch-0001" / "u_0.png")
+    (mixed_root / "unlabeled" / "batch-0003" / "nowhere.png").symlink_to(tmp_path / "missing.png")
+    monkeypatch.setattr(kdpipe.ledger, "CHUNK", 3)
+
+    def walk(**how) -> tuple[list[str], list[tuple[str, str]]]:
+        reports = []
+        walker = Walker(mixed_root, lambda path, reason, detail: reports.append((path.name, reason)), **how)
+        return [os.fsdecode(p) for p in walker.files_under(mixed_root)], reports
+
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    try:
+        on_disk = walk(seen=ledger, sort=ledger.sorted_entries)
+    finally:
+        ledger.close()
+    in_memory = walk()
+    assert on_disk == in_memory
+    assert len(on_disk[0]) > 60 and ("again.png", "visited_twice") in on_disk[1]
+    assert ("nowhere.png", "broken_symlink") in on_disk[1]

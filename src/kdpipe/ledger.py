@@ -10,6 +10,7 @@ time. prepare's memory then stays the same whatever the number of files.
 
 Tables:
 
+- ``listing``: each folder's entries, sorted by name here (a folder may hold a million files);
 - ``seen``: the real path of every file the walk handed out (a second link to it is reported);
 - ``scanned`` (during the walk) then ``items``: one row per candidate image file, ``row`` being its
   place in prepare's order (source folder, then relative path) and its row in the decode spools;
@@ -26,6 +27,7 @@ Paths are stored as their exact bytes (BLOB): a file name that is not UTF-8 cann
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import sqlite3
 import time
@@ -37,6 +39,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .integrity import FINE_RACY_SECONDS, RACY_SECONDS, full_verification_requested
+from .walk import Entry
 
 if TYPE_CHECKING:
     from .decoding import Outcome
@@ -56,6 +59,7 @@ CACHE_KIB = 2048  # SQLite's page cache per connection (its default size): the b
 
 _SCHEMA = """
 CREATE TABLE seen (real BLOB PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE listing (id INT, name BLOB, symlink INT, folder INT, regular INT, PRIMARY KEY (id, name)) WITHOUT ROWID;
 CREATE TABLE scanned (source INT, label INT, rel TEXT, path BLOB);
 CREATE TABLE rejects (path TEXT, split TEXT, reason TEXT, detail BLOB);
 CREATE TABLE items (
@@ -112,6 +116,7 @@ class Ledger:
         self.db.create_function("path_order", 1, path_order, deterministic=True)
         self.class_names: list[str] = class_names or []
         self._scanned: list[tuple] = []
+        self._listings = 0
         self.chunk = CHUNK  # read when used: tests make it small to cross chunk boundaries
 
     def close(self) -> None:
@@ -125,6 +130,22 @@ class Ledger:
         """Record a real path handed out by the walk; False when it was handed out before."""
         cursor = self.db.execute("INSERT OR IGNORE INTO seen VALUES (?)", (os.fsencode(real),))
         return cursor.rowcount == 1
+
+    def sorted_entries(self, entries: Iterable[Entry]) -> Iterator[Entry]:
+        """A folder's entries by the bytes of their names, sorted on disk (the walk's ``sort``)."""
+        self._listings += 1
+        listing = self._listings
+        entries = iter(entries)
+        while batch := list(itertools.islice(entries, self.chunk)):
+            rows = sorted((os.fsencode(e.name), e.symlink, e.folder, e.regular) for e in batch)
+            self.db.executemany(f"INSERT INTO listing VALUES ({listing}, ?, ?, ?, ?)", rows)
+        last = b""
+        # a page at a time, no cursor left open: the walk adds the listings of sub-folders meanwhile
+        while rows := self.db.execute("SELECT name, symlink, folder, regular FROM listing WHERE id = ? AND name > ? "
+                                      "ORDER BY name LIMIT ?", (listing, last, self.chunk)).fetchall():
+            for name, symlink, folder, regular in rows:
+                yield Entry(os.fsdecode(name), bool(symlink), bool(folder), bool(regular))
+            last = rows[-1][0]
 
     def add_candidate(self, source: int, label: int | None, rel: str, path: str) -> None:
         self._scanned.append((source, label, rel, os.fsencode(path)))
@@ -145,8 +166,8 @@ class Ledger:
         self._flush_scanned()
         self.db.execute("INSERT INTO items (row, source, label, rel, path) SELECT "
                         "row_number() OVER (ORDER BY source, rel, rowid) - 1, source, label, rel, path FROM scanned")
-        self.db.execute("DROP TABLE scanned")
-        self.db.execute("DROP TABLE seen")
+        for table in ("scanned", "seen", "listing"):
+            self.db.execute(f"DROP TABLE {table}")
         self.db.commit()
         return self.count()
 

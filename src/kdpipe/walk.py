@@ -22,9 +22,9 @@ Every entry is visited in sorted order, so two walks of the same tree report the
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 IGNORED_NAMES = frozenset({"Thumbs.db", "desktop.ini", "__MACOSX"})
 
@@ -54,6 +54,31 @@ def real_path(entry: Path) -> Path | None:
         return None
 
 
+class Entry(NamedTuple):
+    """One entry of a folder listing, with its type as the listing gave it (no extra stat)."""
+
+    name: str
+    symlink: bool
+    folder: bool  # a directory, or a link to one
+    regular: bool  # a regular file, or a link to one
+
+
+def _listed(folder: Path) -> Iterator[Entry]:
+    with os.scandir(folder) as it:
+        for e in it:
+            symlink = e.is_symlink()
+            try:
+                yield Entry(e.name, symlink, e.is_dir(), e.is_file())
+            except OSError:  # a link that loops or cannot be followed: reported by the walk
+                yield Entry(e.name, symlink, False, False)
+
+
+def sorted_in_memory(entries: Iterable[Entry]) -> Iterator[Entry]:
+    """A folder's entries by the bytes of their names (prepare sorts on disk instead: kdpipe.ledger,
+    a million files in one folder would otherwise cost a list of a million entries)."""
+    return iter(sorted(entries, key=lambda e: os.fsencode(e.name)))
+
+
 class SeenFiles(Protocol):
     def first_visit(self, real: str) -> bool:
         """Record a real path; False when it was recorded before."""
@@ -75,27 +100,27 @@ class SeenInMemory:
 class Walker:
     """Walks folders under a boundary; remembers every real folder and file it has handed out."""
 
-    def __init__(self, boundary: Path, report: Report, seen: SeenFiles | None = None):
+    def __init__(self, boundary: Path, report: Report, seen: SeenFiles | None = None,
+                 sort: Callable[[Iterable[Entry]], Iterator[Entry]] = sorted_in_memory):
         self.boundary = Path(boundary)
         self.boundary_real = self.boundary.resolve()
         self.report = report
         self.folders: set[Path] = set()
         self.seen = seen if seen is not None else SeenInMemory()
+        self.sort = sort
 
-    def entries(self, folder: Path) -> list[Path]:
+    def entries(self, folder: Path) -> Iterator[Path]:
         """Sorted, non-skipped entries of ``folder``; unusable symlinks are reported, not returned."""
-        return [path for path, _ in self._listing(folder)]
+        return (path for path, _ in self._listing(folder))
 
-    def _listing(self, folder: Path) -> Iterator[tuple[Path, os.DirEntry]]:
+    def _listing(self, folder: Path) -> Iterator[tuple[Path, Entry]]:
         # os.scandir: the entry types come with the listing, so a million files cost no extra stat;
         # a Path is made per entry as it is used, not for the whole folder at once
-        with os.scandir(folder) as it:
-            found = sorted(it, key=lambda e: os.fsencode(e.name))
-        for entry in found:
+        for entry in self.sort(_listed(folder)):
             path = folder / entry.name
             if skipped(path):
                 continue
-            if entry.is_symlink() and not self._usable_link(path):
+            if entry.symlink and not self._usable_link(path):
                 continue
             yield path, entry
 
@@ -132,11 +157,11 @@ class Walker:
         if real_folder is None:
             return
         for path, entry in self._listing(folder):
-            if entry.is_dir():
+            if entry.folder:
                 yield from self.files_under(path)
-            elif entry.is_file():
+            elif entry.regular:
                 # only a link needs resolving: a plain entry's real path is its real folder's plus its name
-                real = os.fspath(path.resolve() if entry.is_symlink() else real_folder / entry.name)
+                real = os.fspath(path.resolve() if entry.symlink else real_folder / entry.name)
                 if not self.seen.first_visit(real):
                     self.report(path, "visited_twice", "the same file is reachable through another link; used once")
                     continue

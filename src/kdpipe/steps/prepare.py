@@ -219,7 +219,7 @@ def _scan(root: Path, ledger: Ledger) -> None:
         rel = _rel(root, path)
         ledger.reject(rel, rel.split("/", 1)[0], reason, detail)
 
-    walker = Walker(root, report, seen=ledger)
+    walker = Walker(root, report, seen=ledger, sort=ledger.sorted_entries)
     class_dirs = _class_dirs(root, walker, labeled_dir, ledger)
     class_names = sorted(class_dirs)
     if not class_names:
