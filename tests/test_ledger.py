@@ -195,6 +195,8 @@ def test_the_walk_sorted_on_disk_visits_what_the_walk_sorted_in_memory_visits(mi
 
     (mixed_root / "unlabeled" / "batch-0003" / "again.png").symlink_to(mixed_root / "unlabeled" / "batch-0001" / "u_0.png")
     (mixed_root / "unlabeled" / "batch-0003" / "nowhere.png").symlink_to(tmp_path / "missing.png")
+    # a link walked before the file it points to: the plain file is then the second visit
+    (mixed_root / "unlabeled" / "batch-0001" / "to_later.png").symlink_to(mixed_root / "unlabeled" / "batch-0003" / "u_1.png")
     monkeypatch.setattr(kdpipe.ledger, "CHUNK", 3)
 
     def walk(**how) -> tuple[list[str], list[tuple[str, str]]]:
@@ -211,3 +213,4 @@ def test_the_walk_sorted_on_disk_visits_what_the_walk_sorted_in_memory_visits(mi
     assert on_disk == in_memory
     assert len(on_disk[0]) > 60 and ("again.png", "visited_twice") in on_disk[1]
     assert ("nowhere.png", "broken_symlink") in on_disk[1]
+    assert ("u_1.png", "visited_twice") in on_disk[1]

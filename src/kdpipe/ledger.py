@@ -117,6 +117,8 @@ class Ledger:
         self.class_names: list[str] = class_names or []
         self._scanned: list[tuple] = []
         self._listings = 0
+        self._plain: list[tuple[bytes]] = []  # plain files handed out, not yet in ``seen``
+        self._met_links = False
         self.chunk = CHUNK  # read when used: tests make it small to cross chunk boundaries
 
     def close(self) -> None:
@@ -126,19 +128,43 @@ class Ledger:
 
     # ------------------------------------------------------------ scan
 
-    def first_visit(self, real: str) -> bool:
-        """Record a real path handed out by the walk; False when it was handed out before."""
-        cursor = self.db.execute("INSERT OR IGNORE INTO seen VALUES (?)", (os.fsencode(real),))
-        return cursor.rowcount == 1
+    def first_visit(self, real: str, link: bool = False) -> bool:
+        """Record a real path handed out by the walk; False when it was handed out before.
+
+        Two plain entries never share a real path (each real folder is walked once), so a plain
+        file can only meet a link's target: plain files are recorded in batches, and looked up one
+        by one only once the walk has met a link."""
+        key = os.fsencode(real)
+        if not link:
+            if self._met_links and self.db.execute("SELECT 1 FROM seen WHERE real = ?", (key,)).fetchone():
+                return False
+            self._plain.append((key,))
+            if len(self._plain) >= self.chunk:
+                self._flush_plain()
+            return True
+        self._flush_plain()
+        self._met_links = True
+        return self.db.execute("INSERT OR IGNORE INTO seen VALUES (?)", (key,)).rowcount == 1
+
+    def _flush_plain(self) -> None:
+        self.db.executemany("INSERT OR IGNORE INTO seen VALUES (?)", self._plain)
+        self._plain.clear()
 
     def sorted_entries(self, entries: Iterable[Entry]) -> Iterator[Entry]:
-        """A folder's entries by the bytes of their names, sorted on disk (the walk's ``sort``)."""
+        """A folder's entries by the bytes of their names (the walk's ``sort``): in memory up to a
+        chunk of entries, sorted on disk beyond (a folder may hold a million files)."""
+        entries = iter(entries)
+        first = list(itertools.islice(entries, self.chunk + 1))
+        if len(first) <= self.chunk:
+            yield from sorted(first, key=lambda e: os.fsencode(e.name))
+            return
         self._listings += 1
         listing = self._listings
-        entries = iter(entries)
-        while batch := list(itertools.islice(entries, self.chunk)):
+        batch = first
+        while batch:
             rows = sorted((os.fsencode(e.name), e.symlink, e.folder, e.regular) for e in batch)
             self.db.executemany(f"INSERT INTO listing VALUES ({listing}, ?, ?, ?, ?)", rows)
+            batch = list(itertools.islice(entries, self.chunk))
         last = b""
         # a page at a time, no cursor left open: the walk adds the listings of sub-folders meanwhile
         while rows := self.db.execute("SELECT name, symlink, folder, regular FROM listing WHERE id = ? AND name > ? "

@@ -80,8 +80,9 @@ def sorted_in_memory(entries: Iterable[Entry]) -> Iterator[Entry]:
 
 
 class SeenFiles(Protocol):
-    def first_visit(self, real: str) -> bool:
-        """Record a real path; False when it was recorded before."""
+    def first_visit(self, real: str, link: bool = False) -> bool:
+        """Record a real path (reached through a symbolic ``link``, or not); False when it was
+        recorded before."""
 
 
 class SeenInMemory:
@@ -90,7 +91,7 @@ class SeenInMemory:
     def __init__(self) -> None:
         self._paths: set[str] = set()
 
-    def first_visit(self, real: str) -> bool:
+    def first_visit(self, real: str, link: bool = False) -> bool:
         if real in self._paths:
             return False
         self._paths.add(real)
@@ -162,7 +163,7 @@ class Walker:
             elif entry.regular:
                 # only a link needs resolving: a plain entry's real path is its real folder's plus its name
                 real = os.fspath(path.resolve() if entry.symlink else real_folder / entry.name)
-                if not self.seen.first_visit(real):
+                if not self.seen.first_visit(real, entry.symlink):
                     self.report(path, "visited_twice", "the same file is reachable through another link; used once")
                     continue
                 yield path
