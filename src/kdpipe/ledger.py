@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .integrity import FINE_RACY_SECONDS, RACY_SECONDS, full_verification_requested
-from .walk import Entry
+from .walk import Entry, sorted_in_memory
 
 if TYPE_CHECKING:
     from .decoding import Outcome
@@ -109,12 +109,12 @@ class Member:
 class Ledger:
     """The records of one prepare run (see the module docstring)."""
 
-    def __init__(self, path: Path, class_names: list[str] | None = None):
+    def __init__(self, path: Path):
         self.path = Path(path)
         self.db = _connect(self.path)
         self.db.executescript(_SCHEMA)
         self.db.create_function("path_order", 1, path_order, deterministic=True)
-        self.class_names: list[str] = class_names or []
+        self.class_names: list[str] = []  # set by the scan
         self._scanned: list[tuple] = []
         self._listings = 0
         self._plain: list[tuple[bytes]] = []  # plain files handed out, not yet in ``seen``
@@ -156,7 +156,7 @@ class Ledger:
         entries = iter(entries)
         first = list(itertools.islice(entries, self.chunk + 1))
         if len(first) <= self.chunk:
-            yield from sorted(first, key=lambda e: os.fsencode(e.name))
+            yield from sorted_in_memory(first)
             return
         self._listings += 1
         listing = self._listings
@@ -186,16 +186,14 @@ class Ledger:
         self.db.execute("INSERT INTO rejects VALUES (?, ?, ?, ?)",
                         (rel, split, reason, detail.encode("utf-8", "surrogatepass")))
 
-    def number_candidates(self) -> int:
-        """Put the scanned files in prepare's order (source folder, relative path; ties in walk order)
-        and return how many there are."""
+    def number_candidates(self) -> None:
+        """Put the scanned files in prepare's order (source folder, relative path; ties in walk order)."""
         self._flush_scanned()
         self.db.execute("INSERT INTO items (row, source, label, rel, path) SELECT "
                         "row_number() OVER (ORDER BY source, rel, rowid) - 1, source, label, rel, path FROM scanned")
         for table in ("scanned", "seen", "listing"):
             self.db.execute(f"DROP TABLE {table}")
         self.db.commit()
-        return self.count()
 
     def count(self, where: str = "1", *args) -> int:
         return self.db.execute(f"SELECT count(*) FROM items WHERE {where}", args).fetchone()[0]
