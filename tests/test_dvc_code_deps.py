@@ -22,6 +22,7 @@ NO_EFFECT_ON_OUTPUTS = {
     "errors.py": "error types and their messages",
     "progress.py": "progress bars",
     "atomic.py": "how a file is written (atomically), not what",
+    "mapped.py": "which mapped pages stay resident in memory, not what is read or written",
     "layout.py": "default paths, which dvc.yaml's outs name themselves",
     "params.py": "the schema; the values are the stages' params",
 }

@@ -25,6 +25,7 @@ from . import checkpoints, onnx_utils
 from .atomic import write_json
 from .augmentation import AugmentConfig, make_generator
 from .devices import Runtime
+from .mapped import release
 from .errors import KdpipeError
 from .models import count_parameters
 from .networks import Networks, NetworkSpec
@@ -131,6 +132,7 @@ def predict_logits(model: nn.Module, images: np.ndarray, runtime: Runtime, batch
             x = x.contiguous(memory_format=torch.channels_last)
         with runtime.autocast():
             outputs.append(model(x).float().cpu())
+        release(images)  # one batch of mapped pages resident at a time (see mapped.py)
     model.train(was_training)
     if not outputs:
         return torch.empty(0, 0)

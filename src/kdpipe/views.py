@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .augmentation import AugmentConfig, augment
+from .mapped import release
 
 
 @dataclass
@@ -109,6 +110,8 @@ def gather_batch(labeled: np.ndarray, unlabeled: np.ndarray, l_index: tuple[np.n
     gather_rows(labeled, l_index, out[:nl], channels_first)
     if nu:
         gather_rows(unlabeled, u_index, out[nl:], channels_first)
+    # random rows of a long run would otherwise keep every page they touched resident (see mapped.py)
+    release(labeled, unlabeled)
     return buffer
 
 

@@ -43,6 +43,7 @@ from ..atomic import allocated_memmap, atomic_dir, write_json
 from ..data import file_sha256, load_prepared
 from ..integrity import record_verified
 from ..layout import AUGMENTED, PREPARED, TEACHER
+from ..mapped import release
 from ..progress import Progress
 
 CHUNK = 512  # images augmented per call: bounded memory for large pools
@@ -147,6 +148,9 @@ def _write_sets(images: np.ndarray, small_size: int, kinds: list[str], cfg, gen,
                 # teacher-resolution copy) the same view before it was shrunk for the student.
                 x = big if big.shape[-1] != small_size else small_u8.float().div_(255.0)
                 logits_out[start:start + len(chunk), view] = teacher.logits(x)
+        # the pages this chunk read and wrote are in the page cache (written ones go to disk as
+        # usual): keeping them mapped would make the resident set grow with N (see mapped.py)
+        release(images, views_out, logits_out)
         bar.update(len(chunk))
     bar.close()
     views_out.flush()

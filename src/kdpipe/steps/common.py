@@ -8,6 +8,7 @@ import numpy as np
 
 from ..data import load_prepared
 from ..engine import TrainingData
+from ..mapped import release
 from ..segments import RowSegments
 
 # Arrays are copied into RAM for training (a random batch gathered from a memory map costs a page
@@ -27,7 +28,9 @@ class _RamBudget:
         if array is None or not isinstance(array, (np.memmap, RowSegments)) or array.nbytes > self.left:
             return array
         self.left -= array.nbytes
-        return np.array(array)  # a copy: np.asarray of a memory map would still read from the file
+        copy = np.array(array)  # a copy: np.asarray of a memory map would still read from the file
+        release(array)  # the copy is what training reads: the mapped pages need not stay resident too
+        return copy
 
 
 def training_data(prepared_dir: str | os.PathLike, augmented_dir: str | os.PathLike | None = None,
