@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import time
-from unittest import mock
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from host_reads import count_host_reads
 
 from kdpipe import augmentation as aug
 from kdpipe.augmentation import AugmentConfig, augment, make_generator, strong, weak
@@ -145,68 +142,14 @@ def test_from_params():
     assert cfg == AugmentConfig(pad=2, flip=False, num_ops=3, magnitude=0.2, erase_prob=0.1)
 
 
-def test_speed_sanity():
-    # not a benchmark: a generous bound that only catches a per-sample Python loop
-    x = _images(n=256)
-    gen = make_generator(0)
-    augment(x, gen, 1.0, _cfg())  # warm up
-    t0 = time.perf_counter()
-    for _ in range(3):
-        weak(x, gen, pad=4, flip=True)
-    t_weak = (time.perf_counter() - t0) / 3
-    t0 = time.perf_counter()
-    augment(x, gen, 1.0, _cfg())
-    t_all = time.perf_counter() - t0
-    assert t_weak < 0.5 and t_all < 3.0
-
-
 # ------------------------------------------------------------------- host synchronisations
-
-
-class _HostReads(TorchDispatchMode):
-    """Counts the operations that read tensor data back to the host. On a GPU each one waits for
-    every queued kernel to finish (a host synchronisation); counting them on the CPU shows how many
-    a call would make there. Data-dependent ops are counted as the host reads they make on CUDA
-    (``bincount`` reads its input's min and max, ``nonzero`` its output size, boolean indexing is a
-    ``nonzero``); ``.tolist()`` and ``.numpy()`` do not dispatch on a CPU tensor, so the caller wraps them."""
-
-    SYNCING = {"_local_scalar_dense", "nonzero", "bincount", "masked_select", "_unique2", "unique_dim",
-               "unique_consecutive", "repeat_interleave", "equal", "is_nonzero"}
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name in self.SYNCING or (name == "index" and any(
-                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)):
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-def _count_host_reads(fn) -> int:
-    """Host reads ``fn()`` makes (see :class:`_HostReads`)."""
-    mode = _HostReads()
-
-    def counted(original):
-        def wrapped(self, *a, **kw):
-            mode.count += 1
-            return original(self, *a, **kw)
-
-        return wrapped
-
-    with (mock.patch.object(torch.Tensor, "tolist", counted(torch.Tensor.tolist)),
-          mock.patch.object(torch.Tensor, "numpy", counted(torch.Tensor.numpy)), mode):
-        fn()
-    return mode.count
 
 
 def test_host_read_counter_sees_the_usual_reads():
     t = torch.tensor([0, 2, 2, 1])
-    assert _count_host_reads(lambda: torch.bincount(t).tolist()) == 2
-    assert _count_host_reads(lambda: (t.nonzero(), t[t > 0], bool(t.any()), t.sum().item())) == 4
-    assert _count_host_reads(lambda: (t + 1, t.argsort(stable=True), t.index_select(0, t))) == 0
+    assert count_host_reads(lambda: torch.bincount(t).tolist()) == 2
+    assert count_host_reads(lambda: (t.nonzero(), t[t > 0], bool(t.any()), t.sum().item())) == 4
+    assert count_host_reads(lambda: (t + 1, t.argsort(stable=True), t.index_select(0, t))) == 0
 
 
 @pytest.mark.parametrize("num_ops", [1, 2, 4, 8])
@@ -215,14 +158,56 @@ def test_strong_reads_the_host_once_whatever_the_rounds(num_ops, ops):
     # one read for all the rounds' op counts and the warp (it was one per round plus one for the
     # warp, more on CUDA where bincount reads its input too): a GPU keeps its queue of kernels full
     x = _images(n=12)
-    assert _count_host_reads(lambda: strong(x, make_generator(0), num_ops=num_ops, ops=ops)) == 1
-    assert _count_host_reads(lambda: strong(x, make_generator(0), num_ops=0)) == 0
+    assert count_host_reads(lambda: strong(x, make_generator(0), num_ops=num_ops, ops=ops)) == 1
+    assert count_host_reads(lambda: strong(x, make_generator(0), num_ops=0)) == 0
 
 
 def test_augment_host_reads():
     # p == 1 selects every sample without reading the selection back; 0 < p < 1 has to read the
     # subset's size (it sets how many random numbers the strong policy draws)
     x = _images(n=12)
-    assert _count_host_reads(lambda: augment(x, make_generator(0), 0.0, _cfg(num_ops=3))) == 0
-    assert _count_host_reads(lambda: augment(x, make_generator(0), 1.0, _cfg(num_ops=3))) == 1
-    assert _count_host_reads(lambda: augment(x, make_generator(0), 0.5, _cfg(num_ops=3))) == 2
+    assert count_host_reads(lambda: augment(x, make_generator(0), 0.0, _cfg(num_ops=3))) == 0
+    assert count_host_reads(lambda: augment(x, make_generator(0), 1.0, _cfg(num_ops=3))) == 1
+    assert count_host_reads(lambda: augment(x, make_generator(0), 0.5, _cfg(num_ops=3))) == 2
+
+
+# ------------------------------------------------------------------- grouped and masked ways
+
+
+def test_the_way_follows_the_device():
+    assert aug.groups_on_host(torch.device("cpu"))
+    assert not aug.groups_on_host(torch.device("cuda"))  # only the type is read: no GPU needed
+
+
+@pytest.mark.parametrize("num_ops", [1, 2, 5])
+@pytest.mark.parametrize("ops", [aug.OPS, aug.COLOR_OPS, aug.GEOMETRIC_OPS, ("identity", "rotate", "solarize")])
+def test_masked_strong_is_the_grouped_strong_without_host_reads(num_ops, ops):
+    x = _images(n=40, seed=3)
+    grouped = strong(x, make_generator(5), num_ops=num_ops, ops=ops, grouped=True)
+    out = []
+    assert count_host_reads(lambda: out.append(strong(x, make_generator(5), num_ops=num_ops, ops=ops,
+                                                       grouped=False))) == 0
+    masked = out[0]
+    assert torch.allclose(masked, grouped, atol=1e-5)
+    assert not torch.allclose(masked, x.float() / 255, atol=1e-2)  # the policy did change the images
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
+def test_masked_augment_reads_nothing_back(p):
+    x = _images(n=24)
+    assert count_host_reads(lambda: augment(x, make_generator(0), p, _cfg(num_ops=3), grouped=False)) == 0
+
+
+def test_masked_augment_keeps_the_strong_policy_for_the_selected_samples():
+    x, cfg, p = _images(n=64, seed=4), _cfg(num_ops=2), 0.4
+    out = augment(x, make_generator(9), p, cfg, grouped=False)
+    # The same draws, step by step: weak on every sample, the selection, then strong on every sample.
+    gen = make_generator(9)
+    weak_views = weak(x, gen, pad=cfg.pad, flip=cfg.flip)
+    selected = torch.rand(len(x), generator=gen) < p
+    strong_views = strong(weak_views.clone(), gen, num_ops=cfg.num_ops, magnitude=cfg.magnitude,
+                          erase_prob=cfg.erase_prob, grouped=False)
+    assert 0 < int(selected.sum()) < len(x)
+    assert torch.equal(out[~selected], weak_views[~selected])
+    assert torch.equal(out[selected], strong_views[selected])
+    assert torch.equal(out, augment(x, make_generator(9), p, cfg, grouped=False))  # deterministic

@@ -13,11 +13,21 @@ call (on one device type; CPU and CUDA generators produce different streams).
 * :func:`augment` -- ``weak`` always, then ``strong`` on each sample independently with
   probability ``p`` (SPEC, Method A: ``Aug(x; p)``).
 
-Work is proportional to the samples an op applies to: samples are grouped by their drawn op. The
-group sizes must be known on the host (they size the tensors), so :func:`strong` reads them -- for
-every round and the geometric warp at once -- in one host synchronisation per call (none with
-``num_ops == 0``); :func:`augment` adds one for the size of the strongly augmented subset when
-``0 < p < 1``. A synchronisation stalls a GPU's queue of kernels, so they are kept this few.
+Two ways to run the same policy, chosen by the device (:func:`groups_on_host`):
+
+* **grouped** (on a CPU): each op runs only on the samples that drew it, so the work is what the
+  draws ask for. The group sizes size the tensors, so they are read back to the host: once per
+  :func:`strong` call for every round and the warp, plus once in :func:`augment` for the size of
+  the strongly augmented subset when ``0 < p < 1``. On a CPU a read-back costs nothing.
+* **masked** (on an accelerator): every op runs on the whole batch and ``torch.where`` keeps it for
+  the samples that drew it; :func:`augment` runs the strong policy on every sample and keeps it for
+  the selected ones. Nothing is read back, so the device's queue of kernels never stalls on the
+  host (a read-back waits for every queued kernel); the extra arithmetic is cheap there.
+
+Both ways draw the same random numbers in :func:`strong` and give the same images (up to float
+rounding). In :func:`augment` with ``0 < p < 1`` the masked way draws the strong policy's numbers for
+every sample, not only the selected ones, so its stream differs from the grouped way's (as a CPU's
+and a GPU's generators differ anyway): each is deterministic for its seed.
 """
 
 from __future__ import annotations
@@ -62,6 +72,11 @@ class AugmentConfig:
             magnitude=augment_params.magnitude,
             erase_prob=augment_params.erase_prob,
         )
+
+
+def groups_on_host(device: torch.device) -> bool:
+    """The grouped way on a CPU, the masked way elsewhere (see the module docstring)."""
+    return device.type == "cpu"
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -249,6 +264,7 @@ def strong(
     magnitude: float = 0.5,
     erase_prob: float = 0.5,
     ops: Sequence[str] = OPS,
+    grouped: bool | None = None,
 ) -> torch.Tensor:
     """RandAugment-style strong policy on every sample, then random erasing.
 
@@ -257,6 +273,7 @@ def strong(
     Colour ops run in round order; the geometric ops of all rounds are composed into one matrix per
     sample and applied once at the end (one interpolation instead of several keeps the image sharp,
     and it is one kernel call). Geometry is in normalised coordinates, i.e. meant for square images.
+    ``grouped``: the way to run the ops (see the module docstring); None chooses by device.
     """
     unknown = [name for name in ops if name not in OPS]
     if unknown or not ops:
@@ -281,14 +298,24 @@ def strong(
                 chosen = op == k
                 theta = torch.where(chosen.view(n, 1, 1), theta @ _op_matrix(name, level), theta)
                 has_geometric |= chosen
-    sizes: list[int] = []
     if rounds:
-        # The one host synchronisation: how many samples drew each op in each round, and how many
-        # are warped, read in a single .tolist() (each colour op runs on a subset of that size).
-        # Counted with a comparison, not torch.bincount, which synchronises by itself on CUDA.
-        op_ids = torch.arange(len(ops), device=dev)
-        counts = [(op.view(n, 1) == op_ids).sum(dim=0) for op, _ in rounds]
-        sizes = torch.cat([*counts, has_geometric.sum().view(1)]).tolist()
+        apply = _apply_grouped if (groups_on_host(dev) if grouped is None else grouped) else _apply_masked
+        x = apply(x, rounds, ops, theta, has_geometric)
+    if erase_prob > 0:
+        x = random_erase(x, gen, erase_prob)
+    return x.clamp(0.0, 1.0)
+
+
+def _apply_grouped(x: torch.Tensor, rounds, ops: Sequence[str], theta: torch.Tensor,
+                   has_geometric: torch.Tensor) -> torch.Tensor:
+    """Each colour op on the samples that drew it, then the warp on the samples with a geometric op."""
+    n, dev = x.shape[0], x.device
+    # The one host synchronisation: how many samples drew each op in each round, and how many are
+    # warped, read in a single .tolist() (each colour op runs on a subset of that size). Counted
+    # with a comparison, not torch.bincount, which synchronises by itself on CUDA.
+    op_ids = torch.arange(len(ops), device=dev)
+    counts = [(op.view(n, 1) == op_ids).sum(dim=0) for op, _ in rounds]
+    sizes = torch.cat([*counts, has_geometric.sum().view(1)]).tolist()
     for r, (op, level) in enumerate(rounds):
         # samples grouped by op: group k is order[start : start + count of op k]
         order = torch.argsort(op, stable=True)
@@ -299,34 +326,50 @@ def strong(
                 idx = order[start : start + count]
                 x.index_copy_(0, idx, _color_op(name, x.index_select(0, idx), level.index_select(0, idx)))
             start += count
-    if sizes and sizes[-1]:  # some sample drew a geometric op
+    if sizes[-1]:  # some sample drew a geometric op
         # the warped samples in ascending order (what has_geometric.nonzero() gives, without its
         # synchronisation): a stable sort puts the samples with key 0 (geometric) first
         idx = torch.argsort(has_geometric.logical_not().to(torch.uint8), stable=True)[: sizes[-1]]
         x.index_copy_(0, idx, _warp(x.index_select(0, idx), theta.index_select(0, idx)))
-    if erase_prob > 0:
-        x = random_erase(x, gen, erase_prob)
-    return x.clamp(0.0, 1.0)
+    return x
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, p: float, cfg: AugmentConfig) -> torch.Tensor:
+def _apply_masked(x: torch.Tensor, rounds, ops: Sequence[str], theta: torch.Tensor,
+                  has_geometric: torch.Tensor) -> torch.Tensor:
+    """Each colour op and the warp on the whole batch, kept where drawn: no host synchronisation."""
+    n = x.shape[0]
+    for op, level in rounds:
+        for k, name in enumerate(ops):
+            if name in COLOR_OPS:
+                x = torch.where((op == k).view(n, 1, 1, 1), _color_op(name, x, level), x)
+    # an identity matrix would not quite give the image back (bilinear sampling of a computed grid)
+    return torch.where(has_geometric.view(n, 1, 1, 1), _warp(x, theta), x)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, p: float, cfg: AugmentConfig,
+            grouped: bool | None = None) -> torch.Tensor:
     """``Aug(x; p)``: weak ops on every sample, then the strong policy on each sample with probability ``p``.
 
-    The strong policy only runs on the selected samples; with ``p == 0`` it is skipped entirely
-    (no random numbers drawn for it).
+    With ``p == 0`` the strong policy is skipped entirely (no random numbers drawn for it). Grouped
+    (see the module docstring; None chooses by device), it runs only on the selected samples;
+    masked, on every sample, kept for the selected ones.
     """
     x = weak(x, gen, pad=cfg.pad, flip=cfg.flip)
     if p <= 0:
         return x
+    grouped = groups_on_host(x.device) if grouped is None else grouped
 
     def strong_on(v: torch.Tensor) -> torch.Tensor:
-        return strong(v, gen, num_ops=cfg.num_ops, magnitude=cfg.magnitude, erase_prob=cfg.erase_prob, ops=cfg.ops)
+        return strong(v, gen, num_ops=cfg.num_ops, magnitude=cfg.magnitude, erase_prob=cfg.erase_prob, ops=cfg.ops,
+                      grouped=grouped)
 
     selected = _rand(gen, x.shape[0], x.device) < p
     if p >= 1:
         # rand() < 1 always: every sample is selected, so skip reading the selection back (a host
         # synchronisation); the draw above still happens, to keep the random stream unchanged
         return strong_on(x)
+    if not grouped:
+        return torch.where(selected.view(-1, 1, 1, 1), strong_on(x), x)
     # the subset's size sets how many random numbers strong() draws, so it must reach the host
     idx = selected.nonzero().squeeze(1)
     if len(idx) == 0:

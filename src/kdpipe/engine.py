@@ -25,8 +25,8 @@ from . import checkpoints, onnx_utils
 from .atomic import write_json
 from .augmentation import AugmentConfig, make_generator
 from .devices import Runtime
-from .mapped import release
 from .errors import KdpipeError
+from .mapped import release
 from .models import count_parameters
 from .networks import Networks, NetworkSpec
 from .prefetch import BatchStream
