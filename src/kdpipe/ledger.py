@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .integrity import FINE_RACY_SECONDS, RACY_SECONDS, full_verification_requested
+from .mapped import release
 from .walk import Entry, sorted_in_memory
 
 if TYPE_CHECKING:
@@ -282,6 +283,7 @@ class Ledger:
             db.executemany("INSERT INTO rows VALUES (?, ?, ?, ?, ?)", zip(
                 (h.decode() for h in chunk["file"]), splits.tolist(), (positions - starts[splits]).tolist(),
                 (h.decode() for h in chunk["pixel"]), chunk["larger"].astype(int).tolist(), strict=True))
+            release(rows)  # about 130 bytes a row: 26 MB resident at 200k rows otherwise
         db.execute("CREATE INDEX rows_file ON rows (file)")  # built by one sort, not row by row
         db.commit()
         db.close()

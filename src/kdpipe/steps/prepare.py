@@ -89,6 +89,7 @@ from ..ledger import (
     Member,
 )
 from ..ledger import SOURCES as SOURCE_FOLDERS  # the source folders, in the order their files are listed
+from ..mapped import release
 from ..params import Params, PrepareParams
 from ..segments import joined, segment_file, segment_sizes
 from ..walk import Walker, shown
@@ -559,6 +560,7 @@ def _save_column(path: Path, dtype: np.dtype, count: int, chunks: Iterable[np.nd
     for chunk in chunks:
         dest[at:at + len(chunk)] = chunk
         at += len(chunk)
+        release(dest)  # written pages go to the page cache, not this process's resident set
     if at != count:
         raise AssertionError(f"{path}: wrote {at} rows of {count}")
     dest.flush()
