@@ -12,7 +12,7 @@ import torch
 
 from kdpipe.devices import Runtime
 from kdpipe.engine import predict_logits
-from kdpipe.mapped import release
+from kdpipe.mapped import FAULT_AROUND_BYTES, ResidentBudget, release
 from kdpipe.segments import RowSegments
 from kdpipe.steps.common import _RamBudget
 from kdpipe.views import gather_batch
@@ -85,17 +85,23 @@ def test_every_segment_is_released(tmp_path):
     assert [resident_kib(p) for p in paths] == [0, 0, 0]
 
 
-def test_batch_gathering_leaves_no_mapped_pages_resident(tmp_path):
+def test_batch_gathering_releases_its_sources_within_the_budget(tmp_path):
     labeled, unlabeled = _images(64), _images(2000, seed=2)
     l_path, u_path = _saved(tmp_path, "l.npy", labeled), _saved(tmp_path, "u.npy", unlabeled)
     l_map, u_map = np.load(l_path, mmap_mode="r"), np.load(u_path, mmap_mode="r")
     runtime = Runtime(torch.device("cpu"), None, False)
+    per_batch = 64 * (32 * 32 * 3 + 2 * FAULT_AROUND_BYTES)  # what one batch counts
+    pages = ResidentBudget(budget_bytes=3 * per_batch)
     rng = np.random.default_rng(0)
-    for _ in range(5):  # random rows, as a training run draws them
+    for step in range(1, 10):  # random rows, as a training run draws them
         l_idx, u_idx = rng.integers(0, 64, 16), rng.integers(0, 2000, 48)
-        batch = gather_batch(l_map, u_map, (l_idx,), (u_idx,), runtime).numpy()
+        batch = gather_batch(l_map, u_map, (l_idx,), (u_idx,), runtime, pages=pages).numpy()
         np.testing.assert_array_equal(batch, np.concatenate([labeled[l_idx], unlabeled[u_idx]]))
-        assert resident_kib(l_path) == resident_kib(u_path) == 0
+        resident = resident_kib(l_path) + resident_kib(u_path)
+        if step % 3:  # kept mapped between releases, never more than the budget
+            assert 0 < resident * 1024 <= pages.budget_bytes
+        else:
+            assert resident == 0
 
 
 def test_predicting_over_a_mapped_array_releases_it(tmp_path):

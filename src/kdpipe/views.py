@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .augmentation import AugmentConfig, augment
-from .mapped import release
+from .mapped import ResidentBudget
 
 
 @dataclass
@@ -97,9 +97,11 @@ def gather_rows(source: np.ndarray, index: tuple[np.ndarray, ...], out: np.ndarr
 
 
 def gather_batch(labeled: np.ndarray, unlabeled: np.ndarray, l_index: tuple[np.ndarray, ...],
-                 u_index: tuple[np.ndarray, ...], runtime, channels_first: bool = False) -> torch.Tensor:
+                 u_index: tuple[np.ndarray, ...], runtime, channels_first: bool = False,
+                 pages: ResidentBudget | None = None) -> torch.Tensor:
     """The labeled rows then the unlabeled ones, in one new host buffer (pinned for a GPU);
-    ``channels_first``: HWC images are written as CHW (see :func:`gathers_channels_first`)."""
+    ``channels_first``: HWC images are written as CHW (see :func:`gathers_channels_first`);
+    ``pages`` counts the rows read, to release the mapped sources' pages now and then."""
     nl, nu = len(l_index[0]), len(u_index[0])
     row_shape = labeled.shape[len(l_index):]
     if channels_first:
@@ -110,8 +112,10 @@ def gather_batch(labeled: np.ndarray, unlabeled: np.ndarray, l_index: tuple[np.n
     gather_rows(labeled, l_index, out[:nl], channels_first)
     if nu:
         gather_rows(unlabeled, u_index, out[nl:], channels_first)
-    # random rows of a long run would otherwise keep every page they touched resident (see mapped.py)
-    release(labeled, unlabeled)
+    if pages is not None:  # random rows of a long run would keep every page they touched resident
+        row_bytes = out.nbytes // max(1, len(out))
+        pages.rows_read(labeled, nl, row_bytes)
+        pages.rows_read(unlabeled, nu, row_bytes)
     return buffer
 
 
@@ -147,6 +151,7 @@ class OnlineViews:
         self.big = data.teacher_train_x is not None and recipe.uses_teacher
         size = data.teacher_train_x.shape[1] if self.big else data.image_size
         self.cfg = scaled_config(aug_cfg, data.image_size, size)
+        self.pages = ResidentBudget()  # the gathers' mapped pages (see kdpipe.mapped)
 
     def draw_key(self) -> None:
         """What the host part's random draws depend on: nothing (it draws nothing; see :class:`StoredViews`)."""
@@ -156,7 +161,8 @@ class OnlineViews:
         """The raw images of the batch (host work, safe in a background thread)."""
         d = self.data
         labeled, unlabeled = (d.teacher_train_x, d.teacher_unlabeled_x) if self.big else (d.train_x, d.unlabeled_x)
-        images = gather_batch(labeled, unlabeled, (l_idx,), (u_idx,), self.rt, gathers_channels_first(self.rt))
+        images = gather_batch(labeled, unlabeled, (l_idx,), (u_idx,), self.rt, gathers_channels_first(self.rt),
+                              self.pages)
         return HostBatch(labels_tensor(d.train_y, l_idx, len(u_idx)), [images], [None])
 
     def _probabilities(self) -> list[float]:
@@ -200,6 +206,7 @@ class StoredViews:
         self.cached = use_cache and data.labeled_logits is not None
         # View choices are drawn on the CPU (they index host arrays), from their own resumable stream.
         self.gen = torch.Generator().manual_seed(int(seed) * 7919 + 101 + runtime.rank)
+        self.pages = ResidentBudget()  # the gathers' mapped pages (see kdpipe.mapped)
 
     def _probabilities(self) -> list[float | None]:
         """Per view slot: the probability of a strong view, or None for "any view not used yet"."""
@@ -254,9 +261,10 @@ class StoredViews:
             pick = pick.numpy()
             l_index, u_index = (l_idx, pick[:nl]), (u_idx, pick[nl:])
             images.append(gather_batch(d.labeled_views, d.unlabeled_views, l_index, u_index, self.rt,
-                                       gathers_channels_first(self.rt)))
+                                       gathers_channels_first(self.rt), self.pages))
             cached = self.cached and view in wanted
-            logits.append(gather_batch(d.labeled_logits, d.unlabeled_logits, l_index, u_index, self.rt)
+            logits.append(gather_batch(d.labeled_logits, d.unlabeled_logits, l_index, u_index, self.rt,
+                                       pages=self.pages)
                           if cached else None)
         return HostBatch(labels_tensor(d.train_y, l_idx, len(u_idx)), images, logits)
 
