@@ -16,10 +16,10 @@
 The images are synthetic uint8 arrays written as .npy and memory-mapped (read from the page cache
 after the first round), at 224 px and 32 px; each step draws ``batch`` labeled + ``batch`` x mu
 unlabeled indices from kdpipe's sampler. Rounds are interleaved so machine load hits every path
-alike; each figure is the median over rounds, each ratio the median of per-round ratios. Each
-path maps the files on its own. The new paths release their mapped pages as kdpipe does (a
-``kdpipe.mapped.ResidentBudget`` of 64 MiB), so they map pages again that the old path, which
-keeps every page it touched, reads straight from its mapping: the price of a bounded resident set.
+alike; each figure is the median over rounds, each ratio the median of per-round ratios. The old
+path copies from the memory map (every page it touched stays mapped after the first round); the
+new paths read the rows from the files with preadv, as kdpipe does (``kdpipe.mapped.FileRows``),
+so nothing they read stays resident.
 
     .venv/bin/python -m benchmarks.batch_assembly [--rounds 5] [--steps 30]
 """
@@ -65,12 +65,6 @@ class _Data:
         self.image_size = labeled.shape[1]
 
 
-def _own_mapping(data: _Data) -> _Data:
-    """The same files mapped again: a path's page releases (madvise) reach only its own mapping, so
-    no path makes another map its pages again."""
-    return _Data(np.load(data.train_x.filename, mmap_mode="r"), np.load(data.unlabeled_x.filename, mmap_mode="r"))
-
-
 class _AssemblyOnly:
     """The host part of kdpipe's OnlineViews (views.OnlineViews.host: labels and one gather), and a
     device part cut to nothing: assembly alone, without augmentation. ``channels_first``: the
@@ -78,10 +72,7 @@ class _AssemblyOnly:
     then permutes them itself)."""
 
     def __init__(self, data: _Data, runtime, channels_first: bool):
-        from kdpipe.mapped import ResidentBudget
-
         self.data, self.rt, self.channels_first = data, runtime, channels_first
-        self.pages = ResidentBudget()  # as OnlineViews: mapped pages released now and then
 
     def draw_key(self):
         return None
@@ -90,7 +81,7 @@ class _AssemblyOnly:
         from kdpipe.views import HostBatch, gather_batch, labels_tensor
 
         d = self.data
-        images = gather_batch(d.train_x, d.unlabeled_x, (l_idx,), (u_idx,), self.rt, self.channels_first, self.pages)
+        images = gather_batch(d.train_x, d.unlabeled_x, (l_idx,), (u_idx,), self.rt, self.channels_first)
         return HostBatch(labels_tensor(d.train_y, l_idx, len(u_idx)), [images], [None])
 
     def on_device(self, host):
@@ -145,7 +136,7 @@ def measure(size: int, n_images: int, args, runtime, folder: Path) -> dict:
         return LabeledUnlabeledSampler(len(data.train_x), len(data.unlabeled_x), args.batch, args.mu, seed=0)
 
     old_sampler = sampler()
-    streams = {name: BatchStream(sampler(), _AssemblyOnly(_own_mapping(data), runtime, channels_first), depth)
+    streams = {name: BatchStream(sampler(), _AssemblyOnly(data, runtime, channels_first), depth)
                for name, channels_first, depth in (("new, NCHW gather (CPU device), no prefetch", True, 0),
                                                    ("new, NCHW gather (CPU device), prefetch", True, 2),
                                                    ("new, NHWC gather (GPU device: host part), prefetch", False, 2))}

@@ -12,7 +12,7 @@ import torch
 
 from kdpipe.devices import Runtime
 from kdpipe.engine import predict_logits
-from kdpipe.mapped import FAULT_AROUND_BYTES, ResidentBudget, release
+from kdpipe.mapped import FileRows, release
 from kdpipe.segments import RowSegments
 from kdpipe.steps.common import _RamBudget
 from kdpipe.views import gather_batch
@@ -20,6 +20,7 @@ from kdpipe.views import gather_batch
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 
 _MAPPING = re.compile(r"^[0-9a-f]+-[0-9a-f]+ ")
+CPU = Runtime(torch.device("cpu"), None, False)
 
 
 def resident_kib(path: Path) -> int:
@@ -85,29 +86,57 @@ def test_every_segment_is_released(tmp_path):
     assert [resident_kib(p) for p in paths] == [0, 0, 0]
 
 
-def test_batch_gathering_releases_its_sources_within_the_budget(tmp_path):
+def test_batch_gathering_reads_the_files_and_maps_nothing(tmp_path):
     labeled, unlabeled = _images(64), _images(2000, seed=2)
     l_path, u_path = _saved(tmp_path, "l.npy", labeled), _saved(tmp_path, "u.npy", unlabeled)
     l_map, u_map = np.load(l_path, mmap_mode="r"), np.load(u_path, mmap_mode="r")
-    runtime = Runtime(torch.device("cpu"), None, False)
-    per_batch = 64 * (32 * 32 * 3 + 2 * FAULT_AROUND_BYTES)  # what one batch counts
-    pages = ResidentBudget(budget_bytes=3 * per_batch)
     rng = np.random.default_rng(0)
-    for step in range(1, 10):  # random rows, as a training run draws them
-        l_idx, u_idx = rng.integers(0, 64, 16), rng.integers(0, 2000, 48)
-        batch = gather_batch(l_map, u_map, (l_idx,), (u_idx,), runtime, pages=pages).numpy()
-        np.testing.assert_array_equal(batch, np.concatenate([labeled[l_idx], unlabeled[u_idx]]))
-        resident = resident_kib(l_path) + resident_kib(u_path)
-        if step % 3:  # kept mapped between releases, never more than the budget
-            assert 0 < resident * 1024 <= pages.budget_bytes
-        else:
-            assert resident == 0
+    for channels_first in (False, True):
+        for _ in range(3):  # random rows, as a training run draws them
+            l_idx, u_idx = rng.integers(0, 64, 16), rng.integers(0, 2000, 48)
+            batch = gather_batch(l_map, u_map, (l_idx,), (u_idx,), CPU, channels_first).numpy()
+            expected = np.concatenate([labeled[l_idx], unlabeled[u_idx]])
+            np.testing.assert_array_equal(batch, expected.transpose(0, 3, 1, 2) if channels_first else expected)
+            assert resident_kib(l_path) == resident_kib(u_path) == 0
+
+
+def test_file_rows_read_segments_and_stored_views(tmp_path):
+    # logits of stored views: float32 rows indexed by (sample, view), across two segment files
+    parts = [np.random.default_rng(k).standard_normal((n, 3, 10)).astype(np.float32) for k, n in enumerate((7, 5))]
+    segments = RowSegments([np.load(_saved(tmp_path, f"logits{k}.npy", part), mmap_mode="r")
+                            for k, part in enumerate(parts)])
+    whole = np.concatenate(parts)
+    positions = np.array([[11, 2], [0, 0], [6, 1], [7, 1], [6, 1]])
+    out = np.zeros((5, 10), dtype=np.float32)
+    reader = FileRows.of(segments)
+    assert reader is not None
+    reader.read(positions, np.array([4, 3, 2, 1, 0]), out)
+    np.testing.assert_array_equal(out, whole[positions[::-1, 0], positions[::-1, 1]])
+
+
+def test_a_slice_of_a_map_is_copied_from_the_map_and_released(tmp_path):
+    images = _images(300)
+    path = _saved(tmp_path, "x.npy", images)
+    part = np.load(path, mmap_mode="r")[100:]
+    assert FileRows.of(part) is None and FileRows.of(np.asarray(images)) is None
+    batch = gather_batch(part, part, (np.array([0, 5]),), (np.array([199]),), CPU).numpy()
+    np.testing.assert_array_equal(batch, images[[100, 105, 299]])
+    assert resident_kib(path) == 0
+
+
+def test_a_truncated_file_is_named(tmp_path):
+    path = _saved(tmp_path, "x.npy", _images(50))
+    mapped = np.load(path, mmap_mode="r")
+    with open(path, "r+b") as fh:  # the file shrinks after it was mapped (another process rewrote it)
+        fh.truncate(path.stat().st_size - 5000)
+    with pytest.raises(OSError, match="x.npy"):
+        gather_batch(mapped, mapped, (np.array([49]),), (np.array([], dtype=np.int64),), CPU)
 
 
 def test_predicting_over_a_mapped_array_releases_it(tmp_path):
     path = _saved(tmp_path, "x.npy", _images(300))
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32 * 3, 4))
-    logits = predict_logits(model, np.load(path, mmap_mode="r"), Runtime(torch.device("cpu"), None, False), batch_size=64)
+    logits = predict_logits(model, np.load(path, mmap_mode="r"), CPU, batch_size=64)
     assert logits.shape == (300, 4)
     assert resident_kib(path) == 0
 

@@ -12,6 +12,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .errors import KdpipeError
@@ -68,11 +69,15 @@ class Runtime:
             return batch.pin_memory().to(self.device, non_blocking=True)
         return batch.to(self.device)
 
-    def host_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def host_buffer(self, shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:
         """An uninitialised host tensor to assemble a batch in: pinned when the device is a GPU.
         Freeing it right after an asynchronous copy is safe: torch's pinned-memory cache reuses a
-        block only once the copies that read it have completed."""
-        return torch.empty(shape, dtype=dtype, pin_memory=self.device.type == "cuda")
+        block only once the copies that read it have completed. Elsewhere the memory comes from
+        numpy: allocated in the prefetch thread, torch's CPU allocator handed out fresh pages for
+        every batch (measured at 224 px: batches assembled 25% slower than into numpy's)."""
+        if self.device.type == "cuda":
+            return torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype, pin_memory=True)
+        return torch.from_numpy(np.empty(shape, dtype))
 
 
 EXPECT_GPU_ENV = "KDPIPE_EXPECT_GPU"  # set by the Kubeflow pipeline on the tasks it gives a GPU
