@@ -20,6 +20,10 @@ from kdpipe.steps import prepare
 
 SIZE = 16
 
+# the first unlabeled batch: enough files to be decoded by the pool, and more than 20 rows (one
+# segment of its own under small_segments)
+FIRST_BATCH = 2 * SERIAL_BELOW
+
 
 def photo(seed: int, size: tuple[int, int]) -> Image.Image:
     """A smooth, photo-like image (JPEG-friendly), distinct per seed."""
@@ -44,7 +48,7 @@ def photo_root(tmp_path) -> Path:
     root = tmp_path / "data"
     write_images(root / "labeled" / "a", 12, 0)
     write_images(root / "labeled" / "b", 12, 100, fmt="PNG")
-    write_images(root / "unlabeled" / "batch-0000", SERIAL_BELOW, 1000)
+    write_images(root / "unlabeled" / "batch-0000", FIRST_BATCH, 1000)
     write_images(root / "test" / "a", 3, 5000)
     write_images(root / "test" / "b", 3, 5100)
     return root
@@ -63,7 +67,7 @@ def test_pool_gives_the_same_bytes_as_one_process(photo_root, tmp_path):
     prepare.run(params(workers=1), photo_root, tmp_path / "serial")
     prepare.run(params(workers=2), photo_root, tmp_path / "pool")
     assert files_of(tmp_path / "serial") == files_of(tmp_path / "pool")
-    assert load_prepared(tmp_path / "pool").manifest["counts"]["unlabeled"] == SERIAL_BELOW
+    assert load_prepared(tmp_path / "pool").manifest["counts"]["unlabeled"] == FIRST_BATCH
 
 
 def add_batch(root: Path, count: int) -> Path:
@@ -89,13 +93,13 @@ def test_incremental_prepare_equals_a_full_prepare_bit_for_bit(photo_root, tmp_p
     full = tmp_path / "full"
     prepare.run(params(workers=1, teacher_size=teacher_size), photo_root, full)
 
-    previous_images = 24 + SERIAL_BELOW + 6
+    previous_images = 24 + FIRST_BATCH + 6
     # only the 5 new photos are decoded; the exact copy has a known file hash (reused, then rejected as
     # a duplicate as before); the broken file is rejected
     assert f"prepare: {previous_images + 1} image(s) reused from the previous output, 5 decoded" in said
     assert files_of(out) == files_of(full)
     manifest = load_prepared(out).manifest
-    assert manifest["counts"]["unlabeled"] == SERIAL_BELOW + 5
+    assert manifest["counts"]["unlabeled"] == FIRST_BATCH + 5
     assert (manifest["teacher_image_size"] == 32) == (teacher_size == 32)
 
 
@@ -251,6 +255,16 @@ def test_worker_count_follows_the_setting_the_cores_and_a_container_quota(tmp_pa
     assert decoding._cgroup_cpu_quota(str(cpu_max)) is None
 
 
+def test_a_few_new_files_are_shared_between_the_workers():
+    from kdpipe import decoding
+
+    # an ingest of 30 files on 2 workers: 15 each, not 16 and 14 in two calls that could land on one
+    assert decoding._tasks_per_call(30, 2) == 15
+    assert decoding._tasks_per_call(40, 4) == 10
+    assert decoding._tasks_per_call(10_000, 2) == decoding._TASKS_PER_CALL
+    assert decoding._tasks_per_call(1, 8) == 1
+
+
 # ---------------------------------------------------------------- the unlabeled split in segments
 
 
@@ -266,7 +280,7 @@ def test_an_ingest_leaves_earlier_segments_as_they_were(photo_root, tmp_path, ca
     out = tmp_path / "prepared"
     prepare.run(params(workers=2), photo_root, out)
     first = load_prepared(out).manifest
-    # batch-0000 holds SERIAL_BELOW (64) images, one folder: one segment however large
+    # batch-0000 holds FIRST_BATCH (32) images, one folder: one segment however large
     assert first.get("segments") is None
     inode = (out / "unlabeled_x.npy").stat().st_ino
     add_batch(photo_root, 25)
@@ -275,7 +289,7 @@ def test_an_ingest_leaves_earlier_segments_as_they_were(photo_root, tmp_path, ca
     prepare.run(params(workers=2), photo_root, out)
     assert "25 decoded" in capsys.readouterr().out
     manifest = load_prepared(out).manifest
-    assert manifest["segments"] == {"unlabeled": [SERIAL_BELOW, 25]}
+    assert manifest["segments"] == {"unlabeled": [FIRST_BATCH, 25]}
     # the earlier batch's file is the same file: not copied, its recorded hash reused
     assert (out / "unlabeled_x.npy").stat().st_ino == inode
     assert manifest["files"]["unlabeled_x.npy"] == first["files"]["unlabeled_x.npy"]

@@ -221,10 +221,18 @@ def content_hash(path_or_bytes: str | os.PathLike | bytes) -> str:
     return file_sha256(path_or_bytes)
 
 
-def extension_problem(path: Path) -> str | None:
-    if path.suffix.lower() in IMAGE_EXTENSIONS:
+def extension_problem(path: str | os.PathLike) -> str | None:
+    extension = suffix(os.path.basename(path))
+    if extension.lower() in IMAGE_EXTENSIONS:
         return None
-    return f"extension {path.suffix or '(none)'!r} is not one of: {' '.join(sorted(IMAGE_EXTENSIONS))}"
+    return f"extension {extension or '(none)'!r} is not one of: {' '.join(sorted(IMAGE_EXTENSIONS))}"
+
+
+def suffix(name: str) -> str:
+    """A file name's extension as ``Path(name).suffix`` gives it (``""`` for ``.hidden`` and for
+    ``name.``), for a walk that makes no Path per file."""
+    dot = name.rfind(".")
+    return name[dot:] if 0 < dot < len(name) - 1 else ""
 
 
 def validate_image(path: Path, cfg, data: bytes | None = None, draft_size: int | None = None) -> np.ndarray:

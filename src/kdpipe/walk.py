@@ -43,7 +43,12 @@ def name_bytes(path: str | os.PathLike) -> bytes:
 
 def skipped(entry: Path) -> bool:
     """Hidden entries, OS clutter and DVC pointer files are not data."""
-    return entry.name.startswith(".") or entry.name in IGNORED_NAMES or (entry.suffix == ".dvc" and entry.is_file())
+    return _skipped_name(entry.name, is_file=entry.is_file)
+
+
+def _skipped_name(name: str, is_file: Callable[[], bool]) -> bool:
+    # a name that does not start with a dot ends in ".dvc" exactly when its Path.suffix is ".dvc"
+    return name.startswith(".") or name in IGNORED_NAMES or (name.endswith(".dvc") and is_file())
 
 
 def real_path(entry: Path) -> Path | None:
@@ -63,7 +68,7 @@ class Entry(NamedTuple):
     regular: bool  # a regular file, or a link to one
 
 
-def _listed(folder: Path) -> Iterator[Entry]:
+def _listed(folder: str) -> Iterator[Entry]:
     with os.scandir(folder) as it:
         for e in it:
             symlink = e.is_symlink()
@@ -112,16 +117,17 @@ class Walker:
 
     def entries(self, folder: Path) -> Iterator[Path]:
         """Sorted, non-skipped entries of ``folder``; unusable symlinks are reported, not returned."""
-        return (path for path, _ in self._listing(folder))
+        return (Path(path) for path, _ in self._listing(os.fspath(folder)))
 
-    def _listing(self, folder: Path) -> Iterator[tuple[Path, Entry]]:
-        # os.scandir: the entry types come with the listing, so a million files cost no extra stat;
-        # a Path is made per entry as it is used, not for the whole folder at once
+    def _listing(self, folder: str) -> Iterator[tuple[str, Entry]]:
+        # os.scandir: the entry types come with the listing, so a million files cost no extra stat.
+        # Paths are strings: pathlib would parse each one again and intern every file name for as
+        # long as the process runs (megabytes at a million files).
         for entry in self.sort(_listed(folder)):
-            path = folder / entry.name
-            if skipped(path):
+            path = os.path.join(folder, entry.name)
+            if _skipped_name(entry.name, is_file=lambda entry=entry: entry.regular):
                 continue
-            if entry.symlink and not self._usable_link(path):
+            if entry.symlink and not self._usable_link(Path(path)):
                 continue
             yield path, entry
 
@@ -154,18 +160,25 @@ class Walker:
 
     def files_under(self, folder: Path) -> Iterator[Path]:
         """Every regular file under ``folder`` (any depth), each real file at most once."""
-        real_folder = self.enter(folder)
+        return (Path(path) for path in self.file_paths_under(folder))
+
+    def file_paths_under(self, folder: Path) -> Iterator[str]:
+        """:meth:`files_under` as strings (``folder`` joined with the names below it): a walk of a
+        million files makes no Path per file."""
+        real_folder = self.enter(Path(folder))
         if real_folder is None:
             return
-        for path, entry in self._listing(folder):
+        real_prefix = os.fspath(real_folder)
+        for path, entry in self._listing(os.fspath(folder)):
             if entry.folder:
-                yield from self.files_under(path)
+                yield from self.file_paths_under(Path(path))
             elif entry.regular:
                 # only a link needs resolving: a plain entry's real path is its real folder's plus its name
-                real = os.fspath(path.resolve() if entry.symlink else real_folder / entry.name)
+                real = os.path.realpath(path) if entry.symlink else os.path.join(real_prefix, entry.name)
                 if not self.seen.first_visit(real, entry.symlink):
-                    self.report(path, "visited_twice", "the same file is reachable through another link; used once")
+                    self.report(Path(path), "visited_twice",
+                                "the same file is reachable through another link; used once")
                     continue
                 yield path
             else:
-                self.report(path, "not_a_regular_file", "not a regular file")
+                self.report(Path(path), "not_a_regular_file", "not a regular file")

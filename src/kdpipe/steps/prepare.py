@@ -280,10 +280,9 @@ def _add_files(root: Path, walker: Walker, folder: Path, source: int, label: int
     split = SOURCE_FOLDERS[source]
     # the walk builds every path as root / ...: cut the prefix off instead of a pathlib call per file
     prefix = os.path.join(os.fspath(root), "")
-    for path in walker.files_under(folder):
-        full = os.fspath(path)
-        rel = shown(full[len(prefix):]) if full.startswith(prefix) else _rel(root, path)
-        if (problem := extension_problem(path)) is not None:
+    for full in walker.file_paths_under(folder):
+        rel = shown(full[len(prefix):]) if full.startswith(prefix) else _rel(root, Path(full))
+        if (problem := extension_problem(full)) is not None:
             ledger.reject(rel, split, "not_an_image", problem)
         else:
             ledger.add_candidate(source, label, rel, full)
