@@ -89,7 +89,7 @@ from ..ledger import (
     Member,
 )
 from ..ledger import SOURCES as SOURCE_FOLDERS  # the source folders, in the order their files are listed
-from ..mapped import release
+from ..mapped import FileRows, release
 from ..params import Params, PrepareParams
 from ..segments import joined, segment_file, segment_sizes
 from ..walk import Walker, shown
@@ -569,9 +569,11 @@ def _save_column(path: Path, dtype: np.dtype, count: int, chunks: Iterable[np.nd
 def _save_rows(path: Path, sources: dict[int, list[Path]], origins: Iterable[list[tuple[int, int]]], count: int,
                size: int) -> None:
     """Write the rows named by ``origins`` (chunks of (source, row); source SPOOL or a previous
-    split) as a standard .npy (same bytes as np.save). Neither the output nor the sources stay
-    mapped: a chunk is gathered from freshly mapped sources into a buffer and written with
-    ``os.pwrite``, so the resident memory is one chunk, not the pages of every file touched so far."""
+    split) as a standard .npy (same bytes as np.save). Neither the output nor the sources are
+    mapped: a chunk's rows are read from the source files into a buffer (``preadv``, in file
+    order) and written with ``os.pwrite``, so the resident memory is one chunk. Gathering through a
+    map instead would also map up to 64 KiB around each row read (the kernel's fault-around): up
+    to 85 MiB per chunk of random rows from a large spool."""
     shape = (count, size, size, 3)
     if not count:  # np.memmap cannot map a zero-length array
         np.save(path, np.zeros(shape, dtype=np.uint8))
@@ -587,14 +589,24 @@ def _save_rows(path: Path, sources: dict[int, list[Path]], origins: Iterable[lis
             buffer = np.empty((len(where), size, size, 3), dtype=np.uint8)
             for source in np.unique(where[:, 0]).tolist():
                 picked = np.flatnonzero(where[:, 0] == source)
-                mapped = joined([np.load(part, mmap_mode="r") for part in sources[source]])
-                buffer[picked] = mapped[where[picked, 1]]
-                del mapped
+                _read_rows(joined([np.load(part, mmap_mode="r") for part in sources[source]]),
+                           where[picked, 1], picked, buffer)
             _write_all(fd, buffer, offset + at * row_bytes, path)
             at += len(where)
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _read_rows(source: np.ndarray, rows: np.ndarray, slots: np.ndarray, out: np.ndarray) -> None:
+    """``out[slots] = source[rows]``, read from the files behind ``source`` where it can be."""
+    reader = FileRows.of(source)
+    if reader is None:  # no preadv on this platform: through the map, then let its pages go
+        out[slots] = source[rows]
+        release(source)
+        return
+    order = np.argsort(rows, kind="stable")  # forward through the file
+    reader.read(rows[order, None], slots[order], out)
 
 
 def _write_all(fd: int, data: np.ndarray, offset: int, path: Path) -> None:
