@@ -10,7 +10,12 @@ Two figures per step:
 
 - peak RSS: the largest resident set of any process of the step (``ru_maxrss`` of the reaped child,
   exact). It counts the pages of memory-mapped files the step has touched, which the kernel can
-  drop at any time, so a step that streams through a memory-mapped array shows it growing;
+  drop at any time, so a step that streams through a memory-mapped array shows it growing.
+  The step is started by a small launcher (``python -S``), not by this script directly: Linux
+  carries the high-water mark of the address space a process is started from into the new
+  program's ``ru_maxrss`` (``exec`` records it, and Python starts children with ``vfork``), so
+  a step started from this script would report this script's own peak whenever it is larger
+  (listing the 200k-image folder took it to 127 MiB; prepare's own peak is about 72 MiB);
 - peak anonymous memory: the step's process tree's proportional anonymous memory (``Pss_Anon``
   of every process, summed; sampled every 0.2 s, so it may miss short peaks): the memory that
   cannot be given back, counting worker processes too.
@@ -101,17 +106,19 @@ def _pss_anon_kib(pid: int) -> int:
 
 
 class AnonSampler(threading.Thread):
-    """Samples the summed ``Pss_Anon`` of a process tree until stopped; keeps the peak."""
+    """Samples the summed ``Pss_Anon`` of a process tree until stopped; keeps the peak.
+    ``skip_root``: count only the descendants (the root is the launcher, not the step)."""
 
-    def __init__(self, pid: int, interval: float = 0.2):
+    def __init__(self, pid: int, interval: float = 0.2, skip_root: bool = False):
         super().__init__(daemon=True)
-        self.pid, self.interval = pid, interval
+        self.pid, self.interval, self.skip_root = pid, interval, skip_root
         self.peak_kib = 0
         self._done = threading.Event()
 
     def run(self) -> None:
         while not self._done.is_set():
-            self.peak_kib = max(self.peak_kib, sum(_pss_anon_kib(p) for p in _tree(self.pid)))
+            pids = _tree(self.pid)[1 if self.skip_root else 0:]
+            self.peak_kib = max(self.peak_kib, sum(_pss_anon_kib(p) for p in pids))
             self._done.wait(self.interval)
 
     def stop(self) -> None:
@@ -119,20 +126,37 @@ class AnonSampler(threading.Thread):
         self.join()
 
 
+# Runs argv[2:] as its child and writes the child's peak RSS (KiB, from wait4) to the file argv[1];
+# exits with the child's exit status. Started with -S (no site packages), so the address space the
+# step is started from is a few MiB.
+_LAUNCHER = """\
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_measured(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> dict:
-    """Run one step as a child process; its peak RSS (from the kernel, when it is reaped), the
-    sampled peak anonymous memory of its process tree, and its wall time."""
+    """Run one step as a child of the launcher; its peak RSS (from the kernel, when it is reaped),
+    the sampled peak anonymous memory of its process tree, and its wall time."""
     start = time.perf_counter()
+    peak_file = log.with_suffix(".maxrss")
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-        sampler = AnonSampler(proc.pid)
+        launcher = [sys.executable, "-S", "-c", _LAUNCHER, str(peak_file), *cmd]
+        proc = subprocess.Popen(launcher, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        sampler = AnonSampler(proc.pid, skip_root=True)
         sampler.start()
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own resource usage, not all children's
+        proc.wait()
         sampler.stop()
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
-    return {"peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "peak_anon_mib": round(sampler.peak_kib / 1024, 1),
+    peak_rss_kib = int(peak_file.read_text())
+    return {"peak_rss_mib": round(peak_rss_kib / 1024, 1), "peak_anon_mib": round(sampler.peak_kib / 1024, 1),
             "seconds": round(time.perf_counter() - start, 1)}
 
 
