@@ -57,7 +57,7 @@ def image_dataset(tmp_path, make_image):
     Every image is distinct; unlabeled images go in ``unlabeled/batch-0001/``.
     """
 
-    def build(classes=None, unlabeled=4, test=None, root=None) -> Path:
+    def build(classes=None, unlabeled=4, test=None, root=None, size=12) -> Path:
         root = Path(root or tmp_path / "data")
         classes = {"cat": 5, "dog": 5} if classes is None else classes
         test = {"cat": 2, "dog": 2} if test is None else test
@@ -66,10 +66,10 @@ def image_dataset(tmp_path, make_image):
             for name, n in counts.items():
                 for k in range(n):
                     seed += 1
-                    make_image(root / split / name / f"{name}_{k:03d}.png", seed=seed)
+                    make_image(root / split / name / f"{name}_{k:03d}.png", size=(size, size), seed=seed)
         for k in range(unlabeled):
             seed += 1
-            make_image(root / "unlabeled" / "batch-0001" / f"u_{k:03d}.png", seed=seed)
+            make_image(root / "unlabeled" / "batch-0001" / f"u_{k:03d}.png", size=(size, size), seed=seed)
         return root
 
     return build

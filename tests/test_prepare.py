@@ -131,6 +131,23 @@ def test_split_is_seeded(image_dataset, tmp_path):
     assert any(val != sources(tmp_path / "s0")["val"] for val in others)
 
 
+def test_split_follows_the_source_file_not_the_resolution(image_dataset, tmp_path):
+    """The validation images are the same files at every prepare.image_size: experiments at two
+    resolutions compare on the same split (a hash of the resized pixels moved about half of them)."""
+    root = image_dataset(classes={"a": 20, "b": 20}, unlabeled=0, test={}, size=48)
+    splits = {size: sources(_prepared(root, tmp_path / f"px{size}", image_size=size))
+              for size in (8, 12, 16, 24, 32)}
+    assert all(len(s["val"]) == 8 for s in splits.values())
+    for size in (12, 16, 24, 32):
+        assert splits[size]["val"] == splits[8]["val"]
+        assert splits[size]["train"] == splits[8]["train"]
+
+
+def _prepared(root, out, image_size):
+    prepare.run(Params(prepare={"image_size": image_size}), data_root=root, out_dir=out)
+    return out
+
+
 def _runs(root, tmp_path, seeds):
     for seed in seeds:
         run(root, tmp_path / f"s{seed}", seed=seed)

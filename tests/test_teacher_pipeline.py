@@ -89,6 +89,26 @@ def test_teacher_computes_at_its_own_resolution_and_takes_student_images(photos_
         assert model(torch.rand(2, 3, STUDENT, STUDENT)).shape == (2, 3)
 
 
+def test_teacher_fine_tunes_on_the_sharp_copy_it_is_judged_on(photos_pipeline, tmp_path):
+    """With a teacher-resolution copy, the teacher's training views are that copy at its own size, as
+    its validation images are -- not the copy shrunk to the student's size and blown up again."""
+    from kdpipe.devices import make_runtime
+    from kdpipe.steps.common import training_data
+
+    raw = photos_pipeline["params"].model_dump(mode="json")
+    raw["augment"].update(pad=0, flip=False)  # weak views without crop or flip: the images themselves
+    from kdpipe.params import validate_params
+
+    data = training_data(photos_pipeline["prepared"], teacher_copy=True)
+    trainer = teacher.build_trainer(validate_params(raw), data, tmp_path, make_runtime("cpu", "off", "off"))
+    rows = np.arange(4)
+    batch = trainer.views.next(rows, np.arange(0))
+    assert batch.student[0].shape[-2:] == (BIG, BIG)
+    sharp = torch.from_numpy(np.array(data.teacher_train_x[rows])).permute(0, 3, 1, 2).float() / 255
+    assert torch.equal(batch.student[0], sharp)
+    assert trainer.data.val_x.shape[1] == BIG  # judged on the same copy
+
+
 def test_augment_stores_student_size_views_and_teacher_logits(photos_pipeline):
     sets = augment.load_views(photos_pipeline["augmented"])
     data = load_prepared(photos_pipeline["prepared"])
@@ -185,8 +205,9 @@ def test_views_from_other_data_are_refused(tiny_pipeline_dirs, tmp_path):
 
 
 def test_stored_views_follow_the_schedule_probability(tiny_pipeline_dirs, tmp_path):
-    """Stored weak/strong views reproduce Aug(x; p): a view slot is strong with probability p, and two
-    slots of one sample never take the same stored view."""
+    """Stored weak/strong views reproduce Aug(x; p): EACH view slot is strong with its own probability
+    (p1 for the first, p2 for the second), even when that means two slots share the one stored view of
+    their kind; slots of the "any" plan take distinct views."""
     from kdpipe.views import StoredViews
 
     d = tiny_pipeline_dirs
@@ -205,9 +226,20 @@ def test_stored_views_follow_the_schedule_probability(tiny_pipeline_dirs, tmp_pa
     views.schedule = Fixed(0.0, 1.0)
     first, second = views.choose(4000)
     assert (first == 0).all() and (second == 1).all()
+    # p1 = 0, p2 = 0.1 (the first epochs of the adaptive schedule): view 2 is strong 10% of the time,
+    # so most samples see their one weak view twice
+    views.schedule = Fixed(0.0, 0.1)
+    first, second = views.choose(4000)
+    assert (first == 0).all()
+    assert 0.07 < (second == 1).float().mean() < 0.13
     views.schedule = Fixed(0.3, 0.3)
     first, second = views.choose(4000)
     assert 0.25 < (first == 1).float().mean() < 0.35
+    assert 0.25 < (second == 1).float().mean() < 0.35
+    # two strong draws share the one strong view; a weak and a strong draw never do
+    assert ((first == second) == (first == 1) & (second == 1) | (first == 0) & (second == 0)).all()
+    # the "any" plan (Method B's stored views): two slots never take the same stored view
+    first, second = views.choose(4000, [None, None])
     assert (first != second).all()
 
     # kd reads any stored view, weak or strong, uniformly

@@ -103,6 +103,7 @@ class TrainingData:
     teacher_train_x: np.ndarray | None = None  # teacher-resolution copies from prepare, when it kept them
     teacher_val_x: np.ndarray | None = None
     teacher_unlabeled_x: np.ndarray | None = None
+    data_version: str = ""  # the prepared data's version (its manifest), for resume fingerprints
 
 
 @dataclass

@@ -362,10 +362,12 @@ class Ledger:
 
     def assign_splits(self, val_fraction: float, seed: int) -> None:
         """Per class, round(n * val_fraction) labeled images (at least 1, at most n - 1) go to
-        validation: the first by a seeded hash of their pixels (independent of names and order, and
-        adding images moves few existing ones); the rest to train. Then number every split's rows."""
+        validation: the first by a seeded hash of their source file's sha256 (independent of names and
+        order, adding images moves few existing ones, and the same photo stays on the same side
+        whatever ``prepare.image_size`` is, so runs at two resolutions compare on the same split); the
+        rest to train. Then number every split's rows."""
         self.db.commit()
-        self.db.create_function("val_rank", 1, lambda pixel: hashlib.sha256(f"{seed}:{pixel}".encode()).hexdigest(),
+        self.db.create_function("val_rank", 1, lambda digest: hashlib.sha256(f"{seed}:{digest}".encode()).hexdigest(),
                                 deterministic=True)
         self.db.execute(f"UPDATE items SET out = CASE source WHEN {UNLABELED} THEN {OUT_UNLABELED} "
                         f"ELSE {OUT_TEST} END WHERE {_USED} AND source != {LABELED}")
@@ -373,7 +375,7 @@ class Ledger:
             n = self.count(f"{_USED} AND source = {LABELED} AND label = ?", label)
             n_val = 0 if n < 2 else min(n - 1, max(1, int(n * val_fraction + 0.5)))
             self.db.execute(f"UPDATE items SET out = {VAL} WHERE row IN (SELECT row FROM items WHERE {_USED} "
-                            f"AND source = {LABELED} AND label = ? ORDER BY val_rank(pixel_hash) LIMIT ?)",
+                            f"AND source = {LABELED} AND label = ? ORDER BY val_rank(file_hash) LIMIT ?)",
                             (label, n_val))
         self.db.execute(f"UPDATE items SET out = {TRAIN} WHERE {_USED} AND source = {LABELED} AND out IS NULL")
         self.db.execute("UPDATE items SET out_row = numbered.r FROM (SELECT row, row_number() OVER "

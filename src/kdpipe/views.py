@@ -21,8 +21,9 @@ The step then runs the student only, which is what makes a frozen-teacher iterat
 what a supervised one does. The augment step stores both weakly and strongly augmented views and
 records which is which (``view_kinds``), so the plans map onto them without approximation of
 ``Aug(x; p)``'s distribution: a view is strong with probability ``p`` by choosing a stored strong
-view with probability ``p`` and a weak one otherwise. Two views of one sample are never the same
-stored view while another one is left.
+view with probability ``p`` and a weak one otherwise. Two views of one sample take different stored
+views of the kind they drew while there are some; when there are none, a view of that kind is used
+again (the kind is what the schedule asks for).
 """
 
 from __future__ import annotations
@@ -149,8 +150,12 @@ class OnlineViews:
         self.recipe, self.data, self.gen, self.rt, self.schedule = recipe, data, gen, runtime, schedule
         # A teacher-resolution copy is used only when a teacher is run on the views.
         self.big = data.teacher_train_x is not None and recipe.uses_teacher
-        size = data.teacher_train_x.shape[1] if self.big else data.image_size
-        self.cfg = scaled_config(aug_cfg, data.image_size, size)
+        source = data.teacher_train_x if self.big else data.train_x
+        # The network in the student's seat gets its views at the resolution of its own arrays: the
+        # student's size in distill, the teacher copy's when the teacher step fine-tunes on that copy
+        # (its views must be as sharp as the validation images it is judged on).
+        self.student_size = int(data.train_x.shape[1])
+        self.cfg = scaled_config(aug_cfg, data.image_size, int(source.shape[1]))
 
     def draw_key(self) -> None:
         """What the host part's random draws depend on: nothing (it draws nothing; see :class:`StoredViews`)."""
@@ -180,7 +185,7 @@ class OnlineViews:
         wanted = set(self.recipe.teacher_views) if self.recipe.uses_teacher else set()
         return Batch(
             labels=self.rt.to_device(host.labels),
-            student=[shrink(v, self.data.image_size) for v in views],
+            student=[shrink(v, self.student_size) for v in views],
             teacher=[v if k in wanted else None for k, v in enumerate(views)],
             teacher_logits=[None] * len(views),
         )
@@ -221,8 +226,14 @@ class StoredViews:
         return tuple(self._probabilities())
 
     def choose(self, n: int, probabilities: Sequence[float | None] | None = None) -> list[torch.Tensor]:
-        """For each view slot, the stored view index of each of ``n`` samples (distinct per sample);
-        ``probabilities`` (one per slot, see :meth:`_probabilities`) default to the schedule's current ones."""
+        """For each view slot, the stored view index of each of ``n`` samples; ``probabilities`` (one
+        per slot, see :meth:`_probabilities`) default to the schedule's current ones.
+
+        A slot with a probability gets a view of the kind it drew (strong with probability p): an
+        unused one of that kind if there is one, else one of that kind again. The kind is what the
+        schedule asks for, so it comes before distinctness: with one weak and one strong view stored,
+        two weak slots share the weak view rather than one of them turning strong. A slot without a
+        probability ("any", "stored") takes an unused view of either kind."""
         k = len(self.strong)
         used = torch.zeros(n, k, dtype=torch.bool)
         picks = []
@@ -232,9 +243,12 @@ class StoredViews:
                 allowed = ~used
             else:
                 want_strong = torch.rand(n, generator=self.gen) < p
-                match = (self.strong.view(1, k) == want_strong.view(n, 1)) & ~used
-                # A sample whose views of the wanted kind are used up takes another unused view.
-                allowed = torch.where(match.any(1, keepdim=True), match, ~used)
+                kind = self.strong.view(1, k) == want_strong.view(n, 1)
+                fresh = kind & ~used
+                # No view of the wanted kind left unused: reuse one of that kind. A store without any
+                # view of that kind (all weak or all strong) falls back to any unused view.
+                allowed = torch.where(fresh.any(1, keepdim=True), fresh, kind)
+                allowed = torch.where(allowed.any(1, keepdim=True), allowed, ~used)
             pick = scores.masked_fill(~allowed, -1.0).argmax(1)
             used[torch.arange(n), pick] = True
             picks.append(pick)

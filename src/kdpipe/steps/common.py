@@ -65,5 +65,6 @@ def training_data(prepared_dir: str | os.PathLike, augmented_dir: str | os.PathL
     return TrainingData(
         class_names=list(data.class_names), image_size=int(data.image_size), train_y=np.asarray(data.train_y),
         val_y=np.asarray(data.val_y), view_kinds=stored.view_kinds if stored else None,
+        data_version=data.manifest["data_version"],
         **{name: ram.take(array) for name, array in arrays.items()},
     )

@@ -57,21 +57,40 @@ def teacher_resolution(params, student_size: int) -> int:
 
 
 def fine_tuning_data(data):
-    """The arrays the teacher trains on: prepare's teacher-resolution copy when there is one."""
+    """The arrays the teacher trains on: prepare's teacher-resolution copy when there is one. The
+    teacher sits in the student's seat of the loop, so the copy takes the student's arrays' place (and
+    its views are made at the copy's resolution: :class:`kdpipe.views.OnlineViews`)."""
     from dataclasses import replace
 
     if data.teacher_train_x is None:
         return data
-    return replace(data, train_x=data.teacher_train_x, val_x=data.teacher_val_x)
+    return replace(data, train_x=data.teacher_train_x, val_x=data.teacher_val_x,
+                   unlabeled_x=data.teacher_unlabeled_x, teacher_train_x=None, teacher_val_x=None,
+                   teacher_unlabeled_x=None)
 
 
-def run(params, prepared_dir: str | os.PathLike = PREPARED, out_dir: str | os.PathLike = TEACHER) -> dict:
+def build_trainer(params, data, out_dir, runtime):
+    """The fine-tuning run of the teacher (the ``supervised`` recipe, the teacher in the student's seat
+    of the loop, under its own report names) on ``data`` from :func:`kdpipe.steps.common.training_data`."""
     from ..augmentation import AugmentConfig
-    from ..devices import runtime_from_params
     from ..engine import LoopConfig, RunFiles, Trainer
     from ..networks import NetworkSpec
     from ..recipes import Hyper, build_recipe
-    from ..views import scaled_config
+
+    tp = params.teacher
+    networks = NetworkSpec(tp.arch, tp.weights, student_input_size=teacher_resolution(params, data.image_size))
+    run_files = RunFiles(out_dir, best_names={"student": "teacher.pt"},
+                         report_names={"val_acc_student": "val_acc_teacher"},
+                         fingerprint={"step": "teacher", "teacher": tp.model_dump(),
+                                      "augment": params.augment.model_dump(), "data_version": data.data_version},
+                         desc="teacher")
+    return Trainer(build_recipe("supervised"), fine_tuning_data(data), LoopConfig.from_teacher(tp),
+                   Hyper(label_smoothing=tp.label_smoothing), runtime, networks, run_files,
+                   augment_cfg=AugmentConfig.from_params(params.augment))
+
+
+def run(params, prepared_dir: str | os.PathLike = PREPARED, out_dir: str | os.PathLike = TEACHER) -> dict:
+    from ..devices import runtime_from_params
     from .common import training_data
 
     out = Path(out_dir)
@@ -82,16 +101,7 @@ def run(params, prepared_dir: str | os.PathLike = PREPARED, out_dir: str | os.Pa
         return _adopt(params, data, out, runtime)
     tp = params.teacher
     size = teacher_resolution(params, data.image_size)
-    tuned = fine_tuning_data(data)
-    augment_cfg = scaled_config(AugmentConfig.from_params(params.augment), data.image_size, tuned.train_x.shape[1])
-    # The teacher is fine-tuned in the student's seat of the loop, under its own names.
-    networks = NetworkSpec(tp.arch, tp.weights, student_input_size=size)
-    run_files = RunFiles(out, best_names={"student": "teacher.pt"}, report_names={"val_acc_student": "val_acc_teacher"},
-                         fingerprint={"step": "teacher", "teacher": tp.model_dump(),
-                                      "augment": params.augment.model_dump(), "data_version": _data_version(prepared_dir)},
-                         desc="teacher")
-    trainer = Trainer(build_recipe("supervised"), tuned, LoopConfig.from_teacher(tp),
-                      Hyper(label_smoothing=tp.label_smoothing), runtime, networks, run_files, augment_cfg=augment_cfg)
+    trainer = build_trainer(params, data, out, runtime)
     summary = trainer.run()
     trainer.write_reports()
     result = {"trained": True, "arch": tp.arch, "weights": tp.weights, "image_size": size,
@@ -102,9 +112,3 @@ def run(params, prepared_dir: str | os.PathLike = PREPARED, out_dir: str | os.Pa
         write_json(out / "metrics.json", result)
         print("teacher: " + ", ".join(f"{k}={v}" for k, v in result.items()))
     return result
-
-
-def _data_version(prepared_dir) -> str:
-    from ..atomic import read_json
-
-    return read_json(Path(prepared_dir) / "manifest.json")["data_version"]
