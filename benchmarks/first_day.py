@@ -41,13 +41,15 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10_subset.npz"
 CLASSES = ("airplane", "automobile", "bird", "cat", "ship")
 PHOTO_SIZE = 128
-# The settings the checklist tells a photo user to choose (README, "Bring your own data", step 3).
+# The settings the checklist tells a photo user to choose (README, "Bring your own data", step 3): with
+# 20 labels per class, no validation split -- every label trains (README, "Few labels").
 SETTINGS = (
     "prepare.image_size=64",
     "teacher.image_size=128",
     "augment.flip=true",
-    "prepare.val_fraction=0.5",
+    "prepare.val_fraction=0",
 )
+PROBE_SIZES = (128, 224)  # resolutions of the untuned-probe baseline (the photos upsampled to 224)
 
 
 # ------------------------------------------------------------------------------------- photos
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="the CIFAR-10 subset npz")
     parser.add_argument("--workdir", help="where the fresh clone goes (default: a temporary folder)")
-    parser.add_argument("--labeled-per-class", type=int, default=40)
+    parser.add_argument("--labeled-per-class", type=int, default=20)
     parser.add_argument("--unlabeled", type=int, default=1500)
     parser.add_argument("--test-per-class", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
@@ -218,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     # An experiment for comparison: the same data, supervised only. It must not touch the workspace.
     experiment = run('make exp S="train.recipe=supervised" NAME=supervised', clone, log)
     supervised = _evaluated_accuracy(experiment)
+    probes = {size: probe_baseline(clone, size) for size in PROBE_SIZES}
+    teacher_metrics = read_json(clone / "reports/teacher/metrics.json")
+    shipped = evaluation["accuracy"]
     result = {
         "machine": cpu_description(),
         "date": time.strftime("%Y-%m-%d"),
@@ -234,6 +239,15 @@ def main(argv: list[str] | None = None) -> int:
             "test accuracy of the same student trained supervised (`make exp`, recipe supervised)":
                 f"{supervised:.1%}",
             "distillation's gain on the test photos": f"{100 * (evaluation['accuracy'] - supervised):+.1f} points",
+            "the teacher step: what it kept, and how it was judged":
+                f"{teacher_metrics.get('kept')} ({teacher_metrics.get('estimated_by')}; fine-tuned "
+                f"{_fmt(teacher_metrics.get('fine_tuned_val_accuracy'))}, linear probe "
+                f"{_fmt((teacher_metrics.get('probe') or {}).get('estimate'))})",
+            "teacher warnings": "; ".join(teacher_metrics.get("warnings") or []) or "none",
+            **{f"untuned Lite0 linear probe on the same labels, {size} px, test accuracy": f"{acc:.1%}"
+               for size, acc in probes.items()},
+            **{f"shipped model minus the {size} px probe": f"{100 * (shipped - acc):+.1f} points"
+               for size, acc in probes.items()},
             "params.yaml unchanged by `make exp`": params_before == (clone / "params.yaml").read_text(),
             "@champion unchanged by `make exp`": champion_before is not None
             and champion_before == champion_version(clone),
@@ -242,6 +256,34 @@ def main(argv: list[str] | None = None) -> int:
     write_report(result, log, Path(args.out), REPO / "benchmarks" / "results" / "first_day.json")
     print(f"first day: report written to {Path(args.out).relative_to(REPO) if Path(args.out).is_absolute() else args.out}")
     return 0
+
+
+def probe_baseline(clone: Path, size: int) -> float:
+    """What a user with scikit-learn-style tools gets: a linear probe on the UNTUNED ImageNet Lite0
+    features of the same labeled photos (every label: train and validation splits), computed at
+    ``size`` px from prepare's teacher-resolution copy, scored on the same test photos."""
+    import torch
+
+    from kdpipe.data import load_prepared
+    from kdpipe.devices import make_runtime
+    from kdpipe.engine import accuracy, predict_logits
+    from kdpipe.models import build_model
+    from kdpipe.probe import fit_probe, install
+
+    data = load_prepared(clone / "artifacts" / "prepared")
+    train = data.train_xt if data.train_xt is not None else data.train_x
+    val = data.val_xt if data.val_xt is not None else data.val_x
+    test = data.test_xt if data.test_xt is not None else data.test_x
+    x, y = np.concatenate([np.asarray(train), np.asarray(val)]), np.concatenate([data.train_y, data.val_y])
+    runtime = make_runtime("cpu", "off", "off", torch.get_num_threads())
+    model = build_model("tf_efficientnet_lite0", data.num_classes, int(train.shape[1]), "efficientnet_lite0_imagenet",
+                        input_size=size)
+    install(model, fit_probe(model, x, y, None, None, data.num_classes, runtime, flip=True))
+    return accuracy(predict_logits(model, np.asarray(test), runtime), data.test_y)
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else f"{value:.1%}"
 
 
 def _evaluated_accuracy(output: str) -> float:

@@ -154,8 +154,8 @@ def build_pipeline(params: "Params | None" = None, cluster: ClusterSettings | No
             dist.set_env_variable(TRAINJOB_IMAGE_ENV, kubeflow.gpu_image())
         if cluster.state_pvc:  # durable resume state: a retried or preempted pod resumes
             kubernetes.mount_pvc(dist, pvc_name=cluster.state_pvc, mount_path=cluster.state_mount)
-        sel = select(student=dist.outputs["student"], prepared=prepared, select_params=select_params,
-                     export_params=export_params, **run)
+        sel = select(student=dist.outputs["student"], teacher_model=teach.outputs["teacher_model"], prepared=prepared,
+                     select_params=select_params, export_params=export_params, **run)
         exp = export(selected=sel.outputs["selected"], prepared=prepared, export_params=export_params,
                      **run)
         ev = evaluate(onnx_model=exp.outputs["onnx_model"], prepared=prepared, evaluate_params=evaluate_params,

@@ -130,7 +130,7 @@ def tiny_params(**train_overrides):
     return validate_params({
         "prepare": {"image_size": 16, "val_fraction": 0.2},
         # torch computes the cached teacher logits here, so the cache equals running the teacher bit for bit
-        "augment": {"views": 2, "preview_samples": 2, "pad": 2, "teacher_inference": "torch"},
+        "augment": {"views": 2, "preview_samples": 2, "pad": 2, "teacher_inference": "torch", "logits_dtype": "float32"},
         "teacher": {"arch": "cnn_tiny", "weights": None, "max_iterations": 20, "batch_size": 8, "eval_every": 10,
                     "lr": 0.05, "backbone_lr_scale": 1.0, "freeze_batchnorm": False},
         "train": train,

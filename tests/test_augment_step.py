@@ -12,6 +12,7 @@ import torch
 from kdpipe.augmentation import AugmentConfig, augment, make_generator
 from kdpipe.errors import IntegrityError, KdpipeError
 from kdpipe.steps import augment as augment_step
+from kdpipe.steps import distill
 from kdpipe.steps.common import training_data
 from kdpipe.views import to_nchw
 
@@ -87,3 +88,23 @@ def test_views_made_from_other_data_are_refused(tiny_pipeline_dirs, tmp_path):
     (augmented / "policy.json").write_text(json.dumps(policy))
     with pytest.raises(IntegrityError, match="made from another prepared data set"):
         training_data(d["prepared"], augmented)
+
+
+def test_float16_logits_are_the_float32_ones_rounded(tiny_pipeline_dirs, tmp_path):
+    """augment.logits_dtype float16 (the default) stores the same logits rounded to half precision:
+    half the disk for the many stored views fresh-view distillation wants."""
+    d = tiny_pipeline_dirs
+    half = d["params"].model_copy(update={"augment": d["params"].augment.model_copy(update={"logits_dtype": "float16"})})
+    run_augment(half, d, tmp_path / "half", recipe="kd")
+    full = augment_step.load_views(d["augmented"])  # the session's float32 cache, same seeds and teacher
+    stored = augment_step.load_views(tmp_path / "half")
+    assert stored.labeled_logits.dtype == np.float16 and full.labeled_logits.dtype == np.float32
+    for small, big in ((stored.labeled_logits, full.labeled_logits), (stored.unlabeled_logits, full.unlabeled_logits)):
+        assert np.array_equal(small, np.asarray(big).astype(np.float16))
+    assert stored.labeled_logits.nbytes * 2 == full.labeled_logits.nbytes
+    # training reads them as float32 on the device
+    trainer = distill.build_trainer(
+        half.model_copy(update={"train": half.train.model_copy(update={"recipe": "kd"})}), d["prepared"],
+        tmp_path / "half", d["teacher"], tmp_path / "out", progress=False)
+    batch = trainer.views.next(np.arange(3), np.arange(2))
+    assert batch.teacher_logits[0].dtype == torch.float32

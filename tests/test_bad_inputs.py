@@ -418,7 +418,7 @@ CASES: list[Case] = [
          params="train:\n  batch_size: null\n", argv=["distill", "--params", "{params}", "--out-dir", "{out}"]),
     Case("out-of-range", "params", "`prepare.val_fraction: 1.5`", "error",
          "{params}: invalid value for 'prepare.val_fraction': Input should be less than 1 (got 1.5; expected float "
-         "> 0.0 and < 1.0)", params="prepare:\n  val_fraction: 1.5\n"),
+         ">= 0.0 and < 1.0)", params="prepare:\n  val_fraction: 1.5\n"),
     Case("unknown-recipe", "params", "`train.recipe: magic`", "error",
          "{params}: invalid value for 'train.recipe': Input should be 'supervised', 'kd', 'cotrain', 'adaptive', "
          "'consistency' or 'full'", params="train:\n  recipe: magic\n",

@@ -60,7 +60,7 @@ def test_dag_order_and_quality_gate(compiled):
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == set(STEPS[:-1]) | {"condition-branches-1"}
     needs = {"data": set(), "prepare": {"data"}, "teacher": {"prepare"}, "augment": {"prepare", "teacher"},
-             "distill": {"prepare", "augment", "teacher"}, "select": {"distill", "prepare"},
+             "distill": {"prepare", "augment", "teacher"}, "select": {"distill", "prepare", "teacher"},
              "export": {"select", "prepare"}, "evaluate": {"export", "prepare"},
              "condition-branches-1": {"evaluate", "export", "prepare"}}
     assert {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()} == needs

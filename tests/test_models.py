@@ -21,7 +21,7 @@ TORCHVISION_ARCHS = [
     "resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
     "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "regnet_y_400mf", "regnet_x_400mf",
 ]
-TINY_ARCHS = ["cnn_tiny", "cnn_small", "resnet_tiny", "resnet20"]
+TINY_ARCHS = ["cnn_tiny", "cnn_medium", "cnn_small", "resnet_tiny", "resnet20"]
 
 
 @pytest.fixture(autouse=True)

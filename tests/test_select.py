@@ -54,6 +54,18 @@ def _distill_dir(tmp_path: Path, prepared: Path, student: tuple[str, str], teach
     return out
 
 
+def _select(params, distill, prepared, out, teacher_dir=None):
+    return select.run(params, distill_dir=distill, teacher_dir=teacher_dir, prepared_dir=prepared, out_dir=out)
+
+
+def _teacher_dir(tmp_path: Path, prepared: Path, arch: str, answer: str, trained_in_run: bool = True) -> Path:
+    """The teacher step's output: its fine-tuned (or adopted) teacher.pt."""
+    out = tmp_path / "teacher"
+    out.mkdir()
+    _constant_model(out / "teacher.pt", prepared, arch, answer, trained_in_run=trained_in_run)
+    return out
+
+
 def _params(**select_kwargs) -> Params:
     params = Params()
     params.select.latency_runs = 3
@@ -65,16 +77,16 @@ def _params(**select_kwargs) -> Params:
 def test_most_accurate_within_limits_wins_and_accuracy_is_recomputed(tmp_path, prepared):
     distill = _distill_dir(tmp_path, prepared, student=("cnn_tiny", "green"), teacher=("resnet_tiny", "blue"))
     out = tmp_path / "selected"
-    result = select.run(_params(), distill, prepared, out)
+    result = _select(_params(), distill, prepared, out)
 
-    assert result["chosen"] == "teacher"
+    assert result["chosen"] == "cotrained_teacher"
     assert (out / "model.pt").read_bytes() == (distill / "teacher.pt").read_bytes()
     written = json.loads((out / "selection.json").read_text())
-    assert written["chosen"] == "teacher" and written["reason"]
-    assert written["limits"] == {"max_params": 2_000_000, "max_latency_ms": 1000.0}
+    assert written["chosen"] == "cotrained_teacher" and written["reason"]
+    assert written["limits"] == {"max_params": None, "max_latency_ms": 1.0}
     by_name = {c["name"]: c for c in written["candidates"]}
     assert by_name["student"]["val_accuracy"] == pytest.approx(0.25)  # not the 0.99 claimed in meta
-    assert by_name["teacher"]["val_accuracy"] == pytest.approx(0.5)
+    assert by_name["cotrained_teacher"]["val_accuracy"] == pytest.approx(0.5)
     for cand in written["candidates"]:
         assert set(cand) >= {"name", "path", "arch", "parameters", "val_accuracy", "latency_ms_p50", "meets"}
         assert cand["latency_ms_p50"] > 0 and cand["meets"] == {"max_params": True, "max_latency_ms": True}
@@ -83,34 +95,34 @@ def test_most_accurate_within_limits_wins_and_accuracy_is_recomputed(tmp_path, p
 def test_equal_accuracy_goes_to_the_smaller_model(tmp_path, prepared):
     # The student is the BIGGER net here, so the tie-break cannot be "student first".
     distill = _distill_dir(tmp_path, prepared, student=("cnn_small", "blue"), teacher=("cnn_tiny", "blue"))
-    result = select.run(_params(), distill, prepared, tmp_path / "selected")
+    result = _select(_params(), distill, prepared, tmp_path / "selected")
     by_name = {c["name"]: c for c in result["candidates"]}
-    assert by_name["student"]["val_accuracy"] == by_name["teacher"]["val_accuracy"]
-    assert by_name["teacher"]["parameters"] < by_name["student"]["parameters"]
-    assert result["chosen"] == "teacher" and "fewer parameters" in result["reason"]
+    assert by_name["student"]["val_accuracy"] == by_name["cotrained_teacher"]["val_accuracy"]
+    assert by_name["cotrained_teacher"]["parameters"] < by_name["student"]["parameters"]
+    assert result["chosen"] == "cotrained_teacher" and "fewer parameters" in result["reason"]
 
 
 def test_parameter_limit_excludes_the_more_accurate_model(tmp_path, prepared):
     distill = _distill_dir(tmp_path, prepared, student=("cnn_tiny", "green"), teacher=("cnn_small", "blue"))
-    result = select.run(_params(max_params=100_000), distill, prepared, tmp_path / "selected")
+    result = _select(_params(max_params=100_000), distill, prepared, tmp_path / "selected")
     assert result["chosen"] == "student"
-    assert {c["name"]: c["meets"]["max_params"] for c in result["candidates"]} == {"student": True, "teacher": False}
+    assert {c["name"]: c["meets"]["max_params"] for c in result["candidates"]} == {"student": True, "cotrained_teacher": False}
 
 
 def test_nothing_fits_names_each_candidate_and_limit(tmp_path, prepared):
     distill = _distill_dir(tmp_path, prepared, student=("cnn_tiny", "green"), teacher=("cnn_small", "blue"))
     out = tmp_path / "selected"
     with pytest.raises(KdpipeError) as err:
-        select.run(_params(max_params=1000, max_latency_ms=1e-6), distill, prepared, out)
+        _select(_params(max_params=1000, max_latency_ms=1e-6), distill, prepared, out)
     text = str(err.value)
-    assert "student (cnn_tiny)" in text and "teacher (cnn_small)" in text
+    assert "student (cnn_tiny)" in text and "cotrained_teacher (cnn_small)" in text
     assert "max_params 1000" in text and "max_latency_ms 1e-06" in text and "fallback_fastest" in text
     assert not out.exists()
 
 
 def test_fallback_fastest_takes_the_lowest_latency(tmp_path, prepared):
     distill = _distill_dir(tmp_path, prepared, student=("cnn_tiny", "green"), teacher=("cnn_small", "blue"))
-    result = select.run(_params(max_latency_ms=1e-6, fallback_fastest=True, include_champion=True),
+    result = _select(_params(max_latency_ms=1e-6, fallback_fastest=True, include_champion=True),
                         distill, prepared, tmp_path / "selected")
     fastest = min(result["candidates"], key=lambda c: c["latency_ms_p50"])
     assert result["chosen"] == fastest["name"]
@@ -121,9 +133,9 @@ def test_fallback_fastest_takes_the_lowest_latency(tmp_path, prepared):
 
 def test_student_only_and_missing_student(tmp_path, prepared):
     distill = _distill_dir(tmp_path, prepared, student=("cnn_tiny", "red"), teacher=None)
-    assert select.run(_params(), distill, prepared, tmp_path / "selected")["chosen"] == "student"
+    assert _select(_params(), distill, prepared, tmp_path / "selected")["chosen"] == "student"
     with pytest.raises(KdpipeError, match="student.pt: not found"):
-        select.run(_params(), tmp_path / "empty", prepared, tmp_path / "selected2")
+        _select(_params(), tmp_path / "empty", prepared, tmp_path / "selected2")
 
 
 def test_choose_rule_is_pure():
@@ -140,29 +152,61 @@ def test_choose_rule_is_pure():
 
 
 def test_a_frozen_input_teacher_is_never_a_candidate(tmp_path, prepared):
-    """A teacher.pt the run did not train (an input teacher) is listed as excluded, with the reason,
-    even when it is the more accurate model: the user asked for the student."""
+    """A teacher.pt the pipeline did not train (adopted as it is, teacher.checkpoint) is listed as
+    excluded, with the reason, even when it is the more accurate model: the user asked for a model
+    trained on their data."""
     out = tmp_path / "distill"
     out.mkdir()
     _constant_model(out / "student.pt", prepared, "cnn_tiny", "green")
     _constant_model(out / "teacher.pt", prepared, "resnet_tiny", "blue", trained_in_run=False)
-    result = select.run(_params(), out, prepared, tmp_path / "selected")
+    adopted = _teacher_dir(tmp_path, prepared, "resnet_tiny", "blue", trained_in_run=False)
+    result = _select(_params(), out, prepared, tmp_path / "selected", teacher_dir=adopted)
     assert result["chosen"] == "student"
     assert [c["name"] for c in result["candidates"]] == ["student"]
-    assert [e["name"] for e in result["excluded"]] == ["teacher"]
-    assert "did not train" in result["excluded"][0]["reason"] and "did not train" in result["reason"]
+    assert [e["name"] for e in result["excluded"]] == ["cotrained_teacher", "teacher"]
+    assert all("did not train" in e["reason"] for e in result["excluded"]) and "did not train" in result["reason"]
+
+
+def test_the_fine_tuned_teacher_ships_when_it_is_best_and_fits_the_budget(tmp_path, prepared):
+    """The teacher step's model competes: more accurate and within the limits, it is what ships."""
+    distill = _distill_dir(tmp_path, prepared, student=("cnn_tiny", "green"), teacher=None)
+    teacher_dir = _teacher_dir(tmp_path, prepared, "resnet_tiny", "blue")
+    out = tmp_path / "selected"
+    result = _select(_params(max_latency_ms=None), distill, prepared, out, teacher_dir=teacher_dir)
+    assert [c["name"] for c in result["candidates"]] == ["student", "teacher"]
+    assert result["chosen"] == "teacher"
+    assert (out / "model.pt").read_bytes() == (teacher_dir / "teacher.pt").read_bytes()
+
+
+def test_the_latency_budget_keeps_a_slow_teacher_out_and_the_frontier_shows_it(tmp_path, prepared, monkeypatch):
+    """A budget between the two candidates' latencies ships the fast student, says why the teacher is
+    out, and the frontier lists both with the shipped one marked. (The latencies are fixed here, so the
+    test does not depend on how loaded the machine is; the measurement itself is tested above.)"""
+    latency = {"cnn_tiny": 0.2, "cnn_small": 0.7}
+    monkeypatch.setattr(select, "_latency_p50", lambda model, *args: latency[model.arch])
+    distill = _distill_dir(tmp_path, prepared, student=("cnn_tiny", "green"), teacher=None)
+    teacher_dir = _teacher_dir(tmp_path, prepared, "cnn_small", "blue")
+    out = tmp_path / "selected"
+    result = _select(_params(max_latency_ms=0.5), distill, prepared, out, teacher_dir=teacher_dir)
+    assert result["chosen"] == "student"
+    assert "teacher (cnn_small) left out: latency p50 0.700 ms > max_latency_ms 0.5" in result["reason"]
+    frontier = {row["name"]: row for row in json.loads((out / "frontier.json").read_text())}
+    assert frontier["student"]["shipped"] and not frontier["teacher"]["shipped"]
+    assert not frontier["teacher"]["within_budget"] and frontier["teacher"]["val_accuracy"] == pytest.approx(0.5)
+    assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_default_limits_ship_the_small_student_over_a_large_cotrained_teacher(tmp_path, prepared):
-    """With a pretrained-size teacher co-trained in the run, the default parameter limit keeps it out,
-    and the reason says so."""
+    """With a large network co-trained in the run, the default latency budget (1 ms on one thread)
+    keeps it out, and the reason says so; there is no default parameter limit."""
     distill = _distill_dir(tmp_path, prepared, student=("cnn_tiny", "green"), teacher=("resnet18", "blue"))
-    result = select.run(_params(), distill, prepared, tmp_path / "selected")
+    result = _select(_params(latency_runs=10), distill, prepared, tmp_path / "selected")
     by_name = {c["name"]: c for c in result["candidates"]}
-    assert by_name["teacher"]["val_accuracy"] > by_name["student"]["val_accuracy"]
-    assert by_name["teacher"]["parameters"] > Params().select.max_params
+    assert by_name["cotrained_teacher"]["val_accuracy"] > by_name["student"]["val_accuracy"]
+    assert Params().select.max_params is None
+    assert by_name["cotrained_teacher"]["latency_ms_p50"] > Params().select.max_latency_ms
     assert result["chosen"] == "student"
-    assert "teacher (resnet18) left out: parameters" in result["reason"]
+    assert "cotrained_teacher (resnet18) left out: latency p50" in result["reason"]
 
 
 def test_a_lead_the_validation_split_cannot_resolve_goes_to_the_smaller_model(tmp_path):
@@ -174,10 +218,10 @@ def test_a_lead_the_validation_split_cannot_resolve_goes_to_the_smaller_model(tm
     prepare.run(params, tmp_path / "data", tmp_path / "prepared")
     distill = _distill_dir(tmp_path, tmp_path / "prepared", student=("cnn_tiny", "green"),
                            teacher=("resnet_tiny", "blue"))
-    result = select.run(_params(), distill, tmp_path / "prepared", tmp_path / "selected")
+    result = _select(_params(), distill, tmp_path / "prepared", tmp_path / "selected")
     assert result["chosen"] == "student"
     (cmp,) = result["comparisons"]
-    assert cmp["a"] == "teacher" and cmp["validation_images"] == 8 and cmp["difference"] == pytest.approx(0.25)
+    assert cmp["a"] == "cotrained_teacher" and cmp["validation_images"] == 8 and cmp["difference"] == pytest.approx(0.25)
     assert cmp["ci95"][0] < 0 < cmp["ci95"][1] and not cmp["resolved"]
     assert "8 validation images" in result["reason"] and "not resolvably below" in result["reason"]
 

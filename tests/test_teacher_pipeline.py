@@ -249,6 +249,37 @@ def test_stored_views_follow_the_schedule_probability(tiny_pipeline_dirs, tmp_pa
     assert 0.45 < (only == 1).float().mean() < 0.55
 
 
+# ------------------------------------------------------------------------------ fresh views (function matching)
+def test_online_teacher_judges_the_very_view_the_student_sees(tiny_pipeline_dirs, tmp_path):
+    """train.teacher_online: a frozen teacher runs on each fresh view the student trains on, the same
+    pixels, and nothing is read from stored views."""
+    d = tiny_pipeline_dirs
+    trainer = _keep_threads(distill.build_trainer, tiny_params(recipe="kd", teacher_online="on"), d["prepared"],
+                            d["augmented"], d["teacher"], tmp_path / "out", progress=False)
+    assert not trainer.recipe.reads_stored_views and trainer.data.labeled_views is None
+    batch = trainer.views.next(np.arange(4), np.arange(4))
+    assert torch.equal(batch.teacher[0], batch.student[0]) and batch.teacher_logits == [None]
+    again = trainer.views.next(np.arange(4), np.arange(4))
+    assert not torch.equal(again.student[0], batch.student[0])  # fresh views, not a stored set
+    summary = _keep_threads(trainer.run)
+    assert summary["iterations"] == 20
+
+
+def test_online_teacher_sees_the_copy_the_student_sees_shrunk(photos_pipeline, tmp_path):
+    from kdpipe.views import shrink
+
+    raw = photos_pipeline["params"].model_dump(mode="json")
+    raw["train"].update(teacher_online="on")
+    from kdpipe.params import validate_params
+
+    p = photos_pipeline
+    trainer = _keep_threads(distill.build_trainer, validate_params(raw), p["prepared"], p["augmented"], p["teacher"],
+                            tmp_path / "out", progress=False)
+    batch = trainer.views.next(np.arange(3), np.arange(2))
+    assert batch.teacher[0].shape[-1] == BIG and batch.student[0].shape[-1] == STUDENT
+    assert torch.equal(shrink(batch.teacher[0], STUDENT), batch.student[0])
+
+
 # ------------------------------------------------------------------------------ fine-tuning recipe
 def test_frozen_backbone_phase_trains_the_head_alone(tmp_path):
     write_tiny_dataset(tmp_path / "data", labeled_per_class=6, unlabeled=2)
@@ -328,3 +359,100 @@ def test_early_stopping_follows_the_student_not_the_teacher(tiny_pipeline_dirs, 
     trainer.stop_reason = None
     trainer._after_eval({"val_acc_student": 0.95, "val_acc_teacher": 0.5})
     assert "target_metric" in trainer.stop_reason
+
+
+# ------------------------------------------------------------------------------ the teacher's floor
+def _pretrained_params(**teacher):
+    """A pretrained Lite0 teacher at 32 px on the tiny 16 px data (the probe needs pretrained features)."""
+    from kdpipe.params import validate_params
+
+    raw = tiny_params(recipe="kd").model_dump(mode="json")
+    raw["teacher"].update({"arch": "tf_efficientnet_lite0", "weights": "efficientnet_lite0_imagenet", "image_size": 32,
+                           "freeze_batchnorm": True, "backbone_lr_scale": 0.1, "epochs": None,
+                           "student_check_iterations": 0, **teacher})
+    return validate_params(raw)
+
+
+@pytest.fixture(scope="module")
+def tiny_prepared(tmp_path_factory):
+    base = tmp_path_factory.mktemp("floor")
+    write_tiny_dataset(base / "data", labeled_per_class=10, unlabeled=12)
+    _keep_threads(prepare.run, _pretrained_params(), base / "data", base / "prepared")
+    return base / "prepared"
+
+
+def test_a_fine_tuning_that_ends_below_the_probe_keeps_the_probe_and_says_so(tiny_prepared, tmp_path, capsys,
+                                                                            monkeypatch):
+    """LP-FT's floor: a fine-tuning that destroys the pretrained features (here a learning rate that
+    diverges) ends below the linear probe on them; the probe's network becomes the teacher, and one
+    warning line says why: in the output, in metrics.json and on the step's MLflow run."""
+    import mlflow
+
+    from kdpipe.steps import catalog
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("KDPIPE_TRACKING", "1")
+    monkeypatch.chdir(tmp_path)
+    params = _pretrained_params(lr=10.0, max_iterations=6, eval_every=3)
+    metrics = _keep_threads(catalog.run_step, "teacher", params, prepared_dir=tiny_prepared,
+                            out_dir=tmp_path / "teacher")
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`kdpipe.step` = 'teacher'")
+    assert runs["metrics.warnings"].iloc[0] == 1 and "below a linear probe" in runs["tags.warnings"].iloc[0]
+    probe = metrics["probe"]
+    assert probe["val_accuracy"] > metrics["fine_tuned_val_accuracy"]
+    assert metrics["kept"] == "linear probe" and metrics["val_accuracy"] == probe["val_accuracy"]
+    (line,) = metrics["warnings"]
+    assert "below a linear probe" in line
+    assert f"warning: teacher: {line}" in capsys.readouterr().out
+    assert read_json(tmp_path / "teacher" / "metrics.json")["warnings"] == [line]
+    ckpt = checkpoints.load(tmp_path / "teacher" / "teacher.pt")
+    assert ckpt["meta"]["recipe"] == "linear probe" and ckpt["meta"]["trained_in_run"]
+    # the saved teacher is the probe: it scores what the probe scored
+    from kdpipe.devices import make_runtime
+    from kdpipe.engine import accuracy, predict_logits
+
+    data = load_prepared(tiny_prepared)
+    model, _ = checkpoints.load_model(tmp_path / "teacher" / "teacher.pt")
+    assert accuracy(predict_logits(model, data.val_x, make_runtime("cpu", "off", "off")), data.val_y) == \
+        pytest.approx(probe["val_accuracy"])
+
+
+def test_a_sound_fine_tuning_is_kept_without_a_warning(tiny_prepared, tmp_path):
+    # LP-FT: from the probe's head, a gentle fine-tuning keeps what the probe knew
+    params = _pretrained_params(lr=0.001, max_iterations=6, eval_every=3, head_from_probe=True)
+    metrics = _keep_threads(teacher.run, params, tiny_prepared, tmp_path / "teacher")
+    assert metrics["fine_tuned_val_accuracy"] >= metrics["probe"]["val_accuracy"]
+    assert metrics["kept"] == "fine-tuned" and metrics["warnings"] == []
+    assert checkpoints.load(tmp_path / "teacher" / "teacher.pt")["meta"]["recipe"] == "supervised"
+
+
+def test_a_noisy_student_round_relearns_on_confident_pseudo_labels(tiny_prepared, tmp_path):
+    """teacher.unlabeled_rounds: the teacher labels the unlabeled images it is sure of and relearns on
+    them; the round is kept only when validation improves."""
+    params = _pretrained_params(lr=0.001, max_iterations=6, eval_every=3, unlabeled_rounds=1, pseudo_threshold=0.0)
+    metrics = _keep_threads(teacher.run, params, tiny_prepared, tmp_path / "teacher")
+    (round_one,) = metrics["rounds"]
+    assert round_one["pseudo_labeled"] == round_one["unlabeled"] == 12  # threshold 0: every image
+    assert sum(round_one["per_class"].values()) == 12
+    assert (tmp_path / "teacher" / "round-1" / "teacher.pt").is_file()
+    before = max(metrics["fine_tuned_val_accuracy"], metrics["probe"]["estimate"])  # the teacher kept so far
+    kept = round_one["val_accuracy"] > before
+    assert round_one["kept"] == kept
+    assert (metrics["kept"] == "unlabeled round 1") == kept
+    # an impossible threshold labels nothing: no round is trained
+    strict = _pretrained_params(lr=0.001, max_iterations=6, eval_every=3, unlabeled_rounds=1, pseudo_threshold=1.0)
+    metrics = _keep_threads(teacher.run, strict, tiny_prepared, tmp_path / "strict")
+    assert metrics["rounds"][0]["pseudo_labeled"] == 0 and not metrics["kept"].startswith("unlabeled")
+
+
+def test_a_teacher_no_better_than_the_student_alone_is_reported(tiny_prepared, tmp_path):
+    """A teacher that barely trained (one step from scratch) against the student trained alone on the
+    labels: the step says distillation from it will not help."""
+    params = _pretrained_params(weights=None, arch="cnn_tiny", linear_probe=False, max_iterations=1, eval_every=1,
+                                student_check_iterations=20)
+    metrics = _keep_threads(teacher.run, params, tiny_prepared, tmp_path / "teacher")
+    alone = metrics["student_alone"]
+    assert alone["arch"] == "cnn_tiny" and alone["iterations"] == 20
+    assert alone["val_accuracy"] >= metrics["val_accuracy"]
+    (line,) = metrics["warnings"]
+    assert "no better than the student trained alone" in line

@@ -61,6 +61,9 @@ class AugmentConfig:
     magnitude: float = 0.5
     erase_prob: float = 0.5
     ops: tuple[str, ...] = OPS  # the strong policy's op table
+    # Share of a recipe's views that get the strong policy where no schedule decides (augment.p): the
+    # augment step stores that share of strong views, and views made during training draw it per sample.
+    strong_share: float = 0.5
 
     @classmethod
     def from_params(cls, augment_params: Any) -> AugmentConfig:
@@ -71,6 +74,7 @@ class AugmentConfig:
             num_ops=augment_params.num_ops,
             magnitude=augment_params.magnitude,
             erase_prob=augment_params.erase_prob,
+            strong_share=augment_params.p,
         )
 
 

@@ -46,7 +46,7 @@ class LoopConfig:
     or ``params.teacher`` (:meth:`from_teacher`): the params schema is the one place for defaults."""
 
     batch_size: int
-    mu: float
+    mu: float | None  # None: the pools' ratio, so that every image is drawn equally often
     lr: float
     momentum: float
     weight_decay: float
@@ -75,12 +75,16 @@ class LoopConfig:
         return cls(**{name: getattr(tp, name) for name in names})
 
     @classmethod
-    def from_teacher(cls, tp) -> LoopConfig:
+    def from_teacher(cls, tp, iterations: int | None = None) -> LoopConfig:
+        """The teacher's fine-tuning loop; ``iterations`` (default ``tp.max_iterations``) as the teacher
+        step sizes them to the number of labels."""
+        iterations = int(iterations or tp.max_iterations)
+        every = min(tp.eval_every, iterations)
         return cls(batch_size=tp.batch_size, mu=0.0, lr=tp.lr, momentum=tp.momentum, weight_decay=tp.weight_decay,
-                   warmup_fraction=tp.warmup_fraction, max_iterations=tp.max_iterations,
-                   epoch_iterations=tp.eval_every, eval_every=tp.eval_every, checkpoint_every=tp.eval_every,
+                   warmup_fraction=tp.warmup_fraction, max_iterations=iterations,
+                   epoch_iterations=every, eval_every=every, checkpoint_every=every,
                    backbone_lr_scale=tp.backbone_lr_scale,
-                   freeze_backbone_iterations=int(round(tp.freeze_backbone_fraction * tp.max_iterations)),
+                   freeze_backbone_iterations=int(round(tp.freeze_backbone_fraction * iterations)),
                    freeze_batchnorm=tp.freeze_batchnorm, seed=tp.seed)
 
 
@@ -121,6 +125,20 @@ class RunFiles:
     progress: bool = True
 
 
+def batch_split(batch_size: int, mu: float | None, labeled: int, unlabeled: int) -> tuple[int, float]:
+    """(labeled images per step, unlabeled per labeled one). With a number ``mu``: ``batch_size``
+    labeled and ``round(mu * batch_size)`` unlabeled images. With ``mu`` None: ``batch_size`` images in
+    all, shared in proportion to the two pools, so that every image, labeled or not, is drawn about
+    equally often -- what distillation through the unlabeled images wants (the labels reach the
+    student through the teacher, and a few labeled images drawn far more often are memorised)."""
+    if mu is not None:
+        return batch_size, float(mu)
+    if unlabeled == 0:
+        return batch_size, 0.0
+    share = max(1, min(batch_size - 1, round(batch_size * labeled / (labeled + unlabeled))))
+    return share, (batch_size - share) / share
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: np.ndarray, runtime: Runtime, batch_size: int = 512) -> torch.Tensor:
     """Logits of ``model`` (eval mode) for uint8 NHWC images, on the CPU."""
@@ -155,15 +173,19 @@ class Trainer:
         self.recipe, self.data, self.cfg, self.hyper, self.rt = recipe, data, cfg, hyper, runtime
         self.run_files = run
         self.out_dir = Path(run.out_dir)
+        # Without a validation split (prepare.val_fraction 0: every label trains) the loop runs its fixed
+        # schedule and keeps the last checkpoint: nothing can pick a "best" one honestly.
+        self.validates = len(data.val_y) > 0
         self._check_data()
 
         torch.manual_seed(cfg.seed)  # same initial weights for the same seed
         self.nets = Networks(networks, recipe, len(data.class_names), data.image_size, cfg, runtime)
         self.scaler = runtime.grad_scaler()
         n_unlabeled = self._unlabeled_pool() if recipe.uses_unlabeled else 0
-        self.sampler = LabeledUnlabeledSampler(len(data.train_x), n_unlabeled, cfg.batch_size,
-                                               cfg.mu if recipe.uses_unlabeled else 0.0, cfg.seed,
-                                               runtime.rank, runtime.world_size)
+        self.labeled_per_step, self.mu = batch_split(cfg.batch_size, cfg.mu if recipe.uses_unlabeled else 0.0,
+                                                     len(data.train_x), n_unlabeled)
+        self.sampler = LabeledUnlabeledSampler(len(data.train_x), n_unlabeled, self.labeled_per_step, self.mu,
+                                               cfg.seed, runtime.rank, runtime.world_size)
         # each rank augments differently, like it samples differently
         self.gen = make_generator(cfg.seed * 1000 + 17 + runtime.rank, runtime.device)
         # an "epoch" of the adaptive schedule: epoch_iterations, or one pass over the labeled images
@@ -206,10 +228,13 @@ class Trainer:
         d, r = self.data, self.recipe
         if len(d.train_x) == 0:
             raise KdpipeError("no labeled training images after prepare")
-        if len(d.val_y) == 0:
-            raise KdpipeError("no validation images after prepare: the best checkpoint and early stopping are "
-                              "chosen on them; label more images or raise prepare.val_fraction")
-        if r.uses_unlabeled and len(d.unlabeled_x) == 0 and self.cfg.mu > 0:
+        if not self.validates and self.cfg.patience:
+            raise KdpipeError("train.patience stops on the validation accuracy, and there is no validation split "
+                              "(prepare.val_fraction 0): set train.patience to 0")
+        if not self.validates and r.uses_schedule and self.hyper.schedule_rule == "adaptive":
+            raise KdpipeError(f"recipe '{r.name}': the adaptive schedule follows the validation accuracy, and there is "
+                              "no validation split (prepare.val_fraction 0): set train.schedule_rule to linear or fixed")
+        if r.uses_unlabeled and len(d.unlabeled_x) == 0 and (self.cfg.mu is None or self.cfg.mu > 0):
             print(f"warning: recipe '{r.name}' uses unlabeled data but there is none; training on labeled data only")
         if r.reads_stored_views:
             if d.labeled_views is None:
@@ -275,6 +300,8 @@ class Trainer:
 
     def _evaluate_local(self) -> dict[str, Any]:
         d = self.data
+        if not self.validates:
+            return {}
         s_logits = predict_logits(self.student, d.val_x, self.rt)
         record: dict[str, Any] = {"val_acc_student": accuracy(s_logits, d.val_y)}
         if self.teacher is not None:
@@ -291,7 +318,9 @@ class Trainer:
         archs = {"student": self.nets.spec.student_arch, "teacher": self.nets.spec.teacher_arch}
         for role, model in (("student", self.student), ("teacher", self.nets.trained_teacher)):
             acc = record.get(f"val_acc_{role}")
-            if model is None or acc is None or not self.best_so_far.offer(role, acc, self.iteration):
+            if not self.validates and model is not None:
+                self.best_so_far.keep_latest(role, self.iteration)  # the last checkpoint is the result
+            elif model is None or acc is None or not self.best_so_far.offer(role, acc, self.iteration):
                 continue
             if self.rt.is_main:
                 best = self.best[role]
@@ -302,7 +331,8 @@ class Trainer:
                 checkpoints.save(ckpt, self.out_dir / names[role])
 
     def _after_eval(self, record: dict[str, Any]) -> None:
-        self.stopper.update(record["val_acc_student"])
+        if self.validates:
+            self.stopper.update(record["val_acc_student"])
 
     @property
     def stop_reason(self) -> str | None:
@@ -325,7 +355,7 @@ class Trainer:
                 record["w"] = w
             # the last, partial epoch (max_iterations not a multiple of the epoch's length) counts too
             if epoch_end or self.iteration == self.cfg.max_iterations:
-                self.schedule.step(record["val_acc_student"])
+                self.schedule.step(record.get("val_acc_student"))
         record["train_seconds"] = round(self.train_seconds, 3)
         self.running, self.running_steps = {}, 0
         self._save_best(record)

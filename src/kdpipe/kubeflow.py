@@ -88,6 +88,18 @@ def log_numbers(metrics, values: Mapping[str, Any], prefix: str = "") -> dict[st
     return logged
 
 
+def write_png_page(html_path: str | os.PathLike, png_path: str | os.PathLike, title: str, caption: str) -> None:
+    """A self-contained HTML page showing a PNG (inlined: the Kubeflow UI shows an HTML artifact as it is)."""
+    import base64
+    import html
+
+    encoded = base64.b64encode(Path(png_path).read_bytes()).decode("ascii")
+    Path(html_path).write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>"
+        f"<h3>{html.escape(title)}</h3><img alt='{html.escape(title)}' src='data:image/png;base64,{encoded}'>"
+        f"<p>{html.escape(caption)}</p></body></html>", encoding="utf-8")
+
+
 def confusion_matrix(evaluation_dir: str | os.PathLike, class_names: list[str]) -> list[list[int]]:
     """Rows = actual class, columns = predicted, from evaluate's ``confusion.json``."""
     from .atomic import read_json

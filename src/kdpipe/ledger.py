@@ -361,7 +361,8 @@ class Ledger:
             f"SELECT DISTINCT label FROM items WHERE {_USED} AND source = {LABELED}")}
 
     def assign_splits(self, val_fraction: float, seed: int) -> None:
-        """Per class, round(n * val_fraction) labeled images (at least 1, at most n - 1) go to
+        """Per class, round(n * val_fraction) labeled images (at least 1, at most n - 1; none when
+        ``val_fraction`` is 0, which trains on every label) go to
         validation: the first by a seeded hash of their source file's sha256 (independent of names and
         order, adding images moves few existing ones, and the same photo stays on the same side
         whatever ``prepare.image_size`` is, so runs at two resolutions compare on the same split); the
@@ -373,7 +374,7 @@ class Ledger:
                         f"ELSE {OUT_TEST} END WHERE {_USED} AND source != {LABELED}")
         for label in range(len(self.class_names)):
             n = self.count(f"{_USED} AND source = {LABELED} AND label = ?", label)
-            n_val = 0 if n < 2 else min(n - 1, max(1, int(n * val_fraction + 0.5)))
+            n_val = 0 if n < 2 or val_fraction == 0 else min(n - 1, max(1, int(n * val_fraction + 0.5)))
             self.db.execute(f"UPDATE items SET out = {VAL} WHERE row IN (SELECT row FROM items WHERE {_USED} "
                             f"AND source = {LABELED} AND label = ? ORDER BY val_rank(file_hash) LIMIT ?)",
                             (label, n_val))

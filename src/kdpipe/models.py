@@ -191,8 +191,11 @@ def _cifar_resnet_backbone(blocks_per_stage: int, width: int = 16) -> tuple[nn.M
     return backbone, c_in
 
 
+# Plain 3x3 VGG-style students at three widths: on a CPU they learn the most per second of training
+# (depthwise convolutions and residual blocks do less per FLOP there; BASELINES in BENCHMARKS.md).
 _TINY: dict[str, Callable[[], tuple[nn.Module, int]]] = {
     "cnn_tiny": lambda: _vgg_backbone((16, 32, 64)),
+    "cnn_medium": lambda: _vgg_backbone((24, 48, 96)),
     "cnn_small": lambda: _vgg_backbone((32, 64, 128)),
     "resnet_tiny": lambda: _cifar_resnet_backbone(1),
     "resnet20": lambda: _cifar_resnet_backbone(3),

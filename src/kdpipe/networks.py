@@ -29,6 +29,8 @@ class NetworkSpec:
     student_arch: str
     student_weights: str | None = None
     student_input_size: int | None = None  # the teacher step trains at the teacher's resolution
+    # A student built beforehand (the teacher step's network with its linear-probe head), used as it is
+    student_model: nn.Module | None = None
     teacher: nn.Module | None = None
     teacher_arch: str | None = None
 
@@ -38,8 +40,9 @@ class Networks:
 
     def __init__(self, spec: NetworkSpec, recipe: Recipe, num_classes: int, image_size: int, cfg, runtime: Runtime):
         self.spec, self.recipe, self.cfg, self.rt = spec, recipe, cfg, runtime
-        self.student = build_model(spec.student_arch, num_classes, image_size, spec.student_weights,
-                                   input_size=spec.student_input_size).to(runtime.device)
+        student = spec.student_model or build_model(spec.student_arch, num_classes, image_size, spec.student_weights,
+                                                    input_size=spec.student_input_size)
+        self.student = student.to(runtime.device)
         self.teacher = spec.teacher.to(runtime.device) if spec.teacher is not None else None
         if recipe.uses_teacher and self.teacher is None:
             raise KdpipeError(f"recipe '{recipe.name}' needs a teacher: run `kdpipe teacher` first or set teacher.checkpoint")

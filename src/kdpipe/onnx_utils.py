@@ -225,3 +225,4 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float | None:
     if len(labels) == 0:
         return None
     return float((np.asarray(logits).argmax(axis=1) == labels).mean())
+

@@ -54,7 +54,10 @@ class DataParams(_Group):
 
 class PrepareParams(_Group):
     image_size: int = Field(32, ge=8, le=1024, description="side of the square training images")
-    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of labeled images kept for validation")
+    val_fraction: float = Field(
+        0.2, ge=0.0, lt=1.0,
+        description="share of labeled images kept for validation; 0 = none, every label trains (fixed training "
+                    "schedules, the teacher checked by cross-validation, select ranks by agreement with the teacher)")
     seed: int = Field(0, ge=0)
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="larger images are rejected as decompression bombs"
@@ -65,10 +68,9 @@ class PrepareParams(_Group):
 
 
 class AugmentParams(_Group):
-    # SPEC's default is 3. Each stored view costs one teacher inference per image, and kd reads one
-    # view per step: 2 (one weak, one strong) keep the demo and the quick benchmark in budget; more
-    # help when time allows (4 views: +2.3 points on CIFAR, BENCHMARKS.md) - raise it on a GPU.
-    views: int = Field(2, ge=1, le=16, description="K augmented views stored per training sample")
+    # Each stored view costs one teacher inference per image; the student sees K versions of every image,
+    # so more views let it train longer before it memorises them (function matching, docs/methods.md).
+    views: int = Field(8, ge=1, le=64, description="K augmented views stored per training sample")
     p: float = Field(0.5, ge=0.0, le=1.0, description="share of the stored views that get the strong policy")
     num_ops: int = Field(2, ge=0, le=8, description="RandAugment ops per strongly augmented sample")
     magnitude: float = Field(0.5, ge=0.0, le=1.0, description="RandAugment strength, 0..1")
@@ -80,6 +82,8 @@ class AugmentParams(_Group):
     max_unlabeled: int = Field(0, ge=0, description="0 = views for every unlabeled image")
     teacher_logits: bool = Field(
         True, description="store the teacher's logits on every view (frozen-teacher recipes then never run it)")
+    logits_dtype: Literal["float16", "float32"] = Field(
+        "float16", description="precision of the cached teacher logits (float16: half the disk, same lessons)")
     teacher_inference: Literal["auto", "torch", "onnxruntime"] = Field(
         "auto", description="what computes those logits; auto = onnxruntime on a CPU device, torch on CUDA")
 
@@ -97,7 +101,32 @@ class TeacherParams(_Group):
         description="resolution the teacher computes at (inputs are upsampled on the device; prepare keeps a "
                     "copy at this size when the source images are larger); null = the student's prepare.image_size",
     )
+    linear_probe: bool = Field(
+        True, description="fit a linear probe on the frozen pretrained features first: the fine-tuned teacher never "
+                          "ends below it (the probe's network is kept instead)")
+    head_from_probe: bool = Field(
+        False, description="start the fine-tuning from the probe's head (LP-FT); measured on CIFAR-10 with 1,800 "
+                           "labels: 1 point below a fresh head (BENCHMARKS.md)")
+    probe_folds: int = Field(5, ge=2, le=20, description="cross-validation folds of the linear probe's L2 strength")
+    folds: int = Field(
+        3, ge=0, le=20,
+        description="without a validation split (prepare.val_fraction 0): folds of the cross-validation that scores "
+                    "the probe and the fine-tuning (each fold one more fine-tuning); 0 = no check")
+    epochs: float | None = Field(
+        10.0, gt=0.0, le=1000.0,
+        description="fine-tuning length in passes over the labeled images (few labels: few steps), at most "
+                    "max_iterations; null = max_iterations")
     max_iterations: int = Field(150, ge=1)
+    unlabeled_rounds: int = Field(
+        0, ge=0, le=10, description="Noisy Student rounds: the teacher relearns on its own confident pseudo-labels of "
+                                    "the unlabeled images, under strong augmentation (kept only if validation improves)")
+    pseudo_threshold: float = Field(0.8, ge=0.0, le=1.0, description="softmax confidence a pseudo-label needs")
+    pseudo_max: int = Field(20000, ge=1, description="at most this many pseudo-labeled images per round (most confident)")
+    unlabeled_epochs: float = Field(1.0, gt=0.0, le=1000.0,
+                                    description="passes over labels + pseudo-labels per round, at most max_iterations")
+    student_check_iterations: int = Field(
+        200, ge=0, description="train the student alone on the labels this long and warn when the teacher is no "
+                               "better (0 = skip the check)")
     batch_size: int = Field(32, ge=1)
     lr: float = Field(0.01, gt=0.0, le=10.0, description="learning rate of the new head")
     backbone_lr_scale: float = Field(
@@ -125,9 +154,15 @@ RENAMED_TRAIN_SETTINGS = {"a": "w_labels", "b": "w_consistency", "c": "w_distill
 class TrainParams(_Group):
     recipe: Literal[RECIPE_NAMES] = "kd"
     student_arch: str = Field("cnn_tiny", description="model name from kdpipe.models")
-    weights: str | None = Field(None, description="torchvision weights enum name for the student")
-    batch_size: int = Field(32, ge=1, description="labeled samples per batch")
-    mu: float = Field(2.0, ge=0.0, le=16.0, description="unlabeled samples per labeled sample in a batch")
+    weights: str | None = Field(
+        None, description="the student's pretrained weights (as teacher.weights: null, a named offline source, a "
+                          "local state-dict/safetensors file, or a hub name)")
+    batch_size: int = Field(
+        64, ge=1, description="images per batch (with mu set: labeled images per batch, plus mu x this unlabeled)")
+    mu: float | None = Field(
+        None, ge=0.0, le=64.0,
+        description="unlabeled images per labeled image in a batch; null = batch_size images shared in proportion "
+                    "to the two pools, so every image is drawn about equally often")
     lr: float = Field(0.1, gt=0.0, le=10.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(5e-4, ge=0.0, le=1.0)
@@ -140,10 +175,14 @@ class TrainParams(_Group):
     checkpoint_every: int = Field(50, ge=1)
     patience: int = Field(0, ge=0, description="evaluations without improvement before stopping; 0 = off")
     target_metric: float = Field(1.01, ge=0.0, le=1.01, description="stop when validation accuracy reaches it")
-    tau: float = Field(4.0, gt=0.0, le=100.0, description="temperature of the KD terms (kd, adaptive, consistency)")
+    tau: float = Field(1.0, gt=0.0, le=100.0, description="temperature of the KD terms (kd, adaptive, consistency)")
     # Loss weights (docs/methods.md says which recipe uses which)
     w_labels: float = Field(1.0, ge=0.0, le=100.0,
-                            description="weight of the cross-entropy on the labels (kd, consistency; SPEC's a)")
+                            description="weight of the cross-entropy on the labels (consistency; SPEC's a)")
+    w_kd_labels: float = Field(
+        0.0, ge=0.0, le=100.0,
+        description="kd: weight of a cross-entropy on the labels beside distillation (0 = the labels reach the student "
+                    "through the teacher only)")
     w_distill: float = Field(1.0, ge=0.0, le=100.0,
                              description="weight of the distillation term from the teacher (kd, consistency; SPEC's c)")
     w_consistency: float = Field(
@@ -175,6 +214,9 @@ class TrainParams(_Group):
         0.0, ge=0.0, le=1.0, description="Method A: teacher confidence needed to pseudo-label an unlabeled image")
     # Multi-view consistency (Method B)
     views: int = Field(2, ge=1, le=16, description="views per sample the student sees per step (Method B, full)")
+    teacher_online: Literal["auto", "on", "off"] = Field(
+        "auto", description="frozen-teacher recipes: run the teacher on fresh views at every step (on) or read its "
+                            "outputs cached on the stored views (off); auto = on with CUDA, off on a CPU")
     # devices
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
@@ -212,11 +254,16 @@ class TrainParams(_Group):
 
 
 class SelectParams(_Group):
-    max_params: int = Field(
-        2_000_000, ge=1,
-        description="deployment limit on parameter count (keeps a large co-trained teacher out of deployment)")
-    max_latency_ms: float = Field(1000.0, gt=0.0, description="deployment limit, onnxruntime batch 1")
+    max_params: int | None = Field(
+        None, ge=1, description="deployment limit on the parameter count; null = no limit (the latency decides)")
+    max_latency_ms: float | None = Field(
+        1.0, gt=0.0,
+        description="deployment budget: batch-1 latency in onnxruntime on one CPU thread of the machine that runs "
+                    "select (1 ms = 1,000 images/s per core); null = no limit")
     latency_runs: int = Field(30, ge=1, le=10_000)
+    agreement_images: int = Field(
+        2000, ge=1, description="without a validation split: unlabeled images on which the candidates' agreement "
+                                "with the teacher ranks them")
     fallback_fastest: bool = Field(False, description="if nothing fits the limits, take the fastest")
     include_champion: bool = Field(False, description="also consider the registry's current champion")
 

@@ -142,7 +142,7 @@ def _kd_views(out: StepOutputs, h: Hyper, proj) -> torch.Tensor:
 
 # The terms, named as they appear in history.json (loss_<name>), each with its weight.
 CE = Term("ce", _ce_student)
-CE_WEIGHTED = Term("ce", _ce_student, "w_labels")
+CE_KD = Term("ce", _ce_student, "w_kd_labels")
 KD_ALL = Term("kd", _kd_all, "w_distill")
 CE_STUDENT = Term("ce_s", _ce_student)
 CE_TEACHER = Term("ce_t", _ce_teacher)
@@ -187,8 +187,11 @@ def supervised_learning() -> Method:
 
 
 def distillation() -> Method:
-    """Plain distillation from a fixed teacher: CE on the labels, KD on labeled AND unlabeled samples."""
-    return Method("distillation", terms=(CE_WEIGHTED, KD_ALL), view_plan="any", teacher_views=(0,),
+    """Distillation from a fixed teacher by function matching: the student matches the teacher's
+    answer on the very view it sees, for labeled AND unlabeled samples alike (``kd``); a cross-entropy
+    on the labels is optional (``w_kd_labels``, off by default: the labels reach the student through
+    the teacher, and hard labels on a few images drawn again and again are memorised)."""
+    return Method("distillation", terms=(CE_KD, KD_ALL), view_plan="any", teacher_views=(0,),
                   uses_unlabeled=True, uses_teacher=True)
 
 
@@ -242,13 +245,17 @@ class Recipe:
     # the schedule, so w is neither used nor logged there.
     weights_by_schedule: bool = False
     methods: tuple[str, ...] = ()
+    # A frozen teacher run on fresh views at every step (function matching without a finite set of
+    # views) instead of its outputs cached on the augment step's stored views: the choice where the
+    # teacher is cheap to run (a GPU). See :func:`teacher_runs_online`.
+    teacher_online: bool = False
 
     @property
     def reads_stored_views(self) -> bool:
-        """Views come from the augment step's sets: always for the "stored" plan, and whenever the
-        teacher is frozen, because then its outputs on those views are cached once instead of
-        recomputed at every step (see :mod:`kdpipe.views`)."""
-        return self.view_plan == "stored" or (self.uses_teacher and not self.trains_teacher)
+        """Views come from the augment step's sets when the teacher is frozen and not run online: its
+        outputs on those views are cached once instead of recomputed at every step (see
+        :mod:`kdpipe.views`)."""
+        return self.uses_teacher and not self.trains_teacher and not self.teacher_online
 
     @property
     def matches_features(self) -> bool:
@@ -308,17 +315,35 @@ if set(RECIPES) != set(RECIPE_NAMES):  # the params schema and this table name t
     raise ImportError(f"recipes: params.RECIPE_NAMES {RECIPE_NAMES} and the table {RECIPES} differ")
 
 
-def build_recipe(name: str, views: int = 3, teacher_trainable: bool = True, feature_matching: bool = False) -> Recipe:
+def build_recipe(name: str, views: int = 3, teacher_trainable: bool = True, feature_matching: bool = False,
+                 teacher_online: bool = False) -> Recipe:
     """The recipe called ``name`` (``params.train.recipe``)."""
+    from dataclasses import replace
+
     if name not in RECIPE_METHODS:
         raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
-    return compose(name, *RECIPE_METHODS[name](RecipeSettings(views, teacher_trainable, feature_matching)))
+    recipe = compose(name, *RECIPE_METHODS[name](RecipeSettings(views, teacher_trainable, feature_matching)))
+    return replace(recipe, teacher_online=teacher_online and recipe.uses_teacher and not recipe.trains_teacher)
+
+
+def teacher_runs_online(train_params) -> bool:
+    """``train.teacher_online``: on, off, or auto -- on where training runs on CUDA. There a frozen
+    teacher's forward pass costs little next to the student's step, so every step gets fresh views;
+    on a CPU it costs several student steps per image, so its outputs are cached on stored views."""
+    choice = train_params.teacher_online
+    if choice != "auto":
+        return choice == "on"
+    if train_params.device == "cpu":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def recipe_for(train_params) -> Recipe:
     """The recipe ``params.train`` asks for."""
     return build_recipe(train_params.recipe, views=train_params.views, teacher_trainable=train_params.teacher_trainable,
-                        feature_matching=train_params.w_features > 0)
+                        feature_matching=train_params.w_features > 0, teacher_online=teacher_runs_online(train_params))
 
 
 def total_loss(recipe: Recipe, out: StepOutputs, hyper: Hyper,

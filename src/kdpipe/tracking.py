@@ -479,12 +479,25 @@ def log_step(name: str, params: Any, out_dir: str | os.PathLike, report_files: I
         log_params_flat(params)
         with step_run(name, params, started_at):
             if (out / "metrics.json").is_file():
-                log_metrics_flat(flatten(read_json(out / "metrics.json")))
+                step_metrics = read_json(out / "metrics.json")
+                log_metrics_flat(flatten(step_metrics))
+                log_warnings(step_metrics.get("warnings") if isinstance(step_metrics, dict) else None)
             if (out / "history.json").is_file():
                 log_history(out / "history.json")
             if (out / "schedule.json").is_file():
                 _log_schedule(out / "schedule.json")
             log_artifacts([out / f for f in report_files if (out / f).is_file()])
+
+
+def log_warnings(lines: list[str] | None) -> None:
+    """A step's warnings (a teacher below its probe or its student...) as the run's ``warnings`` tag,
+    one per line, and their count as a metric: visible in the run list, not only in a log."""
+    import mlflow
+
+    lines = [str(line) for line in lines or []]
+    mlflow.log_metric("warnings", len(lines))
+    if lines:
+        mlflow.set_tag("warnings", redact("\n".join(lines))[:4000])
 
 
 def _log_schedule(path: Path) -> None:

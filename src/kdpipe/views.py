@@ -11,9 +11,11 @@ A recipe asks for ``num_views`` views of every sample of a batch, following its 
 Two sources deliver them:
 
 :class:`OnlineViews` augments raw images on the device at every step. It serves recipes whose
-teacher is trained in the run (its outputs change at every step, so nothing can be cached). When
-prepare kept a teacher-resolution copy of the images, views are built at that resolution: the
-teacher gets them as they are and the student gets the same view shrunk to its own size.
+teacher is trained in the run (its outputs change at every step, so nothing can be cached) and
+frozen-teacher recipes with ``train.teacher_online`` (function matching: the teacher judges each fresh
+view the student sees). When prepare kept a teacher-resolution copy of the images, views are built at
+that resolution: the teacher gets them as they are and the student gets the same view shrunk to its
+own size.
 
 :class:`StoredViews` picks, for every sample, views among the K the ``augment`` step stored, and
 with them the frozen teacher's logits on exactly those views when the augment step cached them.
@@ -169,13 +171,16 @@ class OnlineViews:
         return HostBatch(labels_tensor(d.train_y, l_idx, len(u_idx)), [images], [None])
 
     def _probabilities(self) -> list[float]:
+        """Per view, the probability that a sample gets the strong policy."""
         plan, k = self.recipe.view_plan, self.recipe.num_views
         if plan == "weak":
             return [0.0] * k
-        if plan != "scheduled":  # "any"/"stored" pick among stored views: a trained teacher cannot use them
-            raise ValueError(f"recipe '{self.recipe.name}': view plan {plan!r} needs stored views and a frozen teacher")
-        p1, p2, _ = self.schedule.current()
-        return [p1 if v == 0 else p2 for v in range(self.recipe.num_views)]
+        if plan == "scheduled":
+            p1, p2, _ = self.schedule.current()
+            return [p1 if v == 0 else p2 for v in range(k)]
+        # "any" / "stored" with the teacher run online: fresh views, strong in the share the augment
+        # step would have stored
+        return [self.cfg.strong_share] * k
 
     def on_device(self, host: HostBatch) -> Batch:
         """The views, augmented on the device. Runs on the training thread: the device generator's

@@ -15,8 +15,8 @@ stored view is the same image shrunk to its size.
 
     labeled_views.npy     (N_train, K, S, S, 3) uint8
     unlabeled_views.npy   (N_unlabeled, K, S, S, 3) uint8
-    labeled_logits.npy    (N_train, K, C) float32      only with a teacher
-    unlabeled_logits.npy  (N_unlabeled, K, C) float32  only with a teacher
+    labeled_logits.npy    (N_train, K, C) float16      only with a teacher (augment.logits_dtype)
+    unlabeled_logits.npy  (N_unlabeled, K, C) float16  only with a teacher
     policy.json           the resolved policy, view kinds, data version, teacher hash, file hashes
     preview.png           original + its K views for a few samples (a contact sheet)
 
@@ -118,7 +118,8 @@ def _use_onnxruntime(teacher: _Teacher, choice: str, view_size: int, workdir: Pa
 
 
 def _write_sets(images: np.ndarray, small_size: int, kinds: list[str], cfg, gen, teacher: _Teacher | None,
-                views_path: Path, logits_path: Path, num_classes: int, desc: str, device) -> None:
+                views_path: Path, logits_path: Path, num_classes: int, desc: str, device,
+                logits_dtype: str = "float16") -> None:
     """Augment ``images`` chunk by chunk on ``device`` into ``views_path`` (and the teacher's logits into
     ``logits_path``): memory holds one chunk, whatever the number of images."""
     import torch
@@ -130,12 +131,14 @@ def _write_sets(images: np.ndarray, small_size: int, kinds: list[str], cfg, gen,
     if n == 0:  # np.memmap cannot map a zero-length array
         np.save(views_path, np.zeros((0, k, small_size, small_size, 3), dtype=np.uint8))
         if teacher is not None:
-            np.save(logits_path, np.zeros((0, k, num_classes), dtype=np.float32))
+            np.save(logits_path, np.zeros((0, k, num_classes), dtype=logits_dtype))
         return
     views_out = allocated_memmap(views_path, np.uint8, (n, k, small_size, small_size, 3))
     logits_out = None
     if teacher is not None:
-        logits_out = allocated_memmap(logits_path, np.float32, (n, k, num_classes))
+        # float16 halves the cache: logits need about 3 significant digits (a KD loss at tau >= 1 does
+        # not see the rest), and many stored views are what fresh-view distillation needs on a CPU
+        logits_out = allocated_memmap(logits_path, np.dtype(logits_dtype), (n, k, num_classes))
     bar = Progress(n, desc)
     for start in range(0, n, CHUNK):
         chunk = to_nchw(images[start:start + CHUNK]).to(device)
@@ -214,7 +217,7 @@ def run(params, prepared_dir: str | os.PathLike = PREPARED, out_dir: str | os.Pa
                 _use_onnxruntime(teacher, ap.teacher_inference, int(labeled.shape[1]), Path(workdir), probe)
         for images, role in ((labeled, "labeled"), (unlabeled, "unlabeled")):
             _write_sets(images, data.image_size, kinds, work_cfg, gen, teacher, tmp / f"{role}_views.npy",
-                        tmp / f"{role}_logits.npy", data.num_classes, f"augment {role}", device)
+                        tmp / f"{role}_logits.npy", data.num_classes, f"augment {role}", device, ap.logits_dtype)
         labeled_views = np.load(tmp / VIEW_FILES[0], mmap_mode="r")
         shown = min(ap.preview_samples, len(labeled_views))
         if shown:

@@ -85,6 +85,19 @@ def build_trainer(params, prepared_dir=PREPARED, augmented_dir=AUGMENTED, teache
                    augment_cfg=AugmentConfig.from_params(params.augment), use_cached_logits=use_cached_logits)
 
 
+def _teacher_warnings(trainer) -> list[str]:
+    """A frozen teacher that its own student beats on validation has nothing left to teach: say so."""
+    if trainer.teacher is None or trainer.recipe.trains_teacher or not trainer.history:
+        return []
+    teacher = trainer.history[-1].get("val_acc_teacher")
+    student = trainer.best["student"]["accuracy"]
+    if teacher is None or student is None or student <= teacher:
+        return []
+    return [f"the student ({student:.1%} on validation) scores above its frozen teacher ({teacher:.1%}): the teacher "
+            "holds it back; give the teacher more pixels (teacher.image_size), more fine-tuning or another "
+            "pretrained network"]
+
+
 def run(params, prepared_dir: str | os.PathLike = PREPARED, augmented_dir: str | os.PathLike = AUGMENTED,
         teacher_dir: str | os.PathLike = TEACHER, out_dir: str | os.PathLike = DISTILL) -> dict:
     trainer = build_trainer(params, prepared_dir, augmented_dir, teacher_dir, out_dir)
@@ -103,8 +116,12 @@ def run(params, prepared_dir: str | os.PathLike = PREPARED, augmented_dir: str |
         if trainer.teacher is not None:
             metrics["teacher_in_selection"] = trainer.recipe.trains_teacher
             metrics["cached_teacher_logits"] = bool(getattr(trainer.views, "cached", False))
+            metrics["teacher_online"] = trainer.recipe.teacher_online
+        metrics["warnings"] = _teacher_warnings(trainer)
         write_json(Path(out_dir) / "metrics.json", metrics)
-        print("distill: " + ", ".join(f"{k}={v}" for k, v in metrics.items()))
+        print("distill: " + ", ".join(f"{k}={v}" for k, v in metrics.items() if k != "warnings"))
+        for line in metrics["warnings"]:
+            print(f"warning: distill: {line}")
     if trainer.rt.distributed:
         import torch.distributed as dist
 

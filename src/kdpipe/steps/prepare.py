@@ -150,7 +150,7 @@ def _run(params: Params, root: Path, out: Path, check: bool, reuse: bool) -> dic
         workspace.cleanup()
     else:
         record_verified(out, manifest["files"])  # just hashed: the next steps need not read them again
-    for line in summary_lines(manifest, reasons, examples, None if check else out):
+    for line in summary_lines(manifest, reasons, examples, None if check else out, cfg.val_fraction):
         print(line)
     return manifest
 
@@ -716,7 +716,7 @@ SMALL_VALIDATION = 100
 
 
 def summary_lines(manifest: dict[str, Any], reasons: list[tuple[str, int]], examples: list[dict[str, str]],
-                  out: Path | None) -> list[str]:
+                  out: Path | None, val_fraction: float | None = None) -> list[str]:
     """What prepare prints: the classes, the images per split, what was rejected and why (``reasons``:
     (reason, count), most frequent first; ``examples``: the first rejected files, sorted), and a
     warning when the validation split is too small to choose between models."""
@@ -735,14 +735,18 @@ def summary_lines(manifest: dict[str, Any], reasons: list[tuple[str, int]], exam
             lines.append(f"  {r['path']}: {r['reason']} ({r['detail']})")
         if c["rejected"] > len(examples):
             lines.append(f"  ... and {c['rejected'] - len(examples)} more")
-    if c["val"] == 0:
+    if c["val"] == 0 and val_fraction == 0:
+        lines.append("prepare: no validation split (prepare.val_fraction 0): every label trains; the teacher is "
+                     "checked by cross-validation and select ranks the models by agreement with the teacher")
+    elif c["val"] == 0:
         lines.append("warning: the validation split is empty (every class has a single labeled image): "
                      "nothing can pick the best checkpoint or model")
     elif c["val"] < SMALL_VALIDATION:
         half_width = 100 * 1.96 * (0.25 / c["val"]) ** 0.5
         lines.append(f"warning: the validation split holds only {c['val']} images: an accuracy measured on it is "
                      f"uncertain by up to ±{half_width:.0f} points, too coarse to choose between models reliably; "
-                     "label more images or raise prepare.val_fraction")
+                     "label more images, or set prepare.val_fraction=0 to train on every label and check the "
+                     "teacher by cross-validation instead (README, 'Few labels')")
     return lines
 
 

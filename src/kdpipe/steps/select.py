@@ -1,24 +1,27 @@
-"""The ``select`` step: pick the deployable model among the distillation candidates.
+"""The ``select`` step: pick the deployable model among the trained candidates, by the user's budget.
 
-Candidates are ``student.pt`` and ``teacher.pt`` from the distill output -- the teacher only when
-this run trained it (Method C's co-training): a frozen input teacher, pretrained or from the
-``teacher`` step, is a means, and shipping it unchanged is not what the user asked for. Every file
-left out is listed in ``selection.json`` with the reason. For each candidate the step measures what
-deployment cares about, without trusting the checkpoint's own notes:
+Candidates: the distilled ``student.pt``; the fine-tuned teacher of the ``teacher`` step; and, when
+the recipe co-trains it, distill's ``teacher.pt`` ("cotrained_teacher"). Only models this pipeline
+trained compete: a teacher adopted as it is (``teacher.checkpoint``) is an input, and shipping it
+unchanged is not what the user asked for. Every file left out is listed with the reason. For each
+candidate the step measures what deployment cares about, without trusting the checkpoint's notes:
 
 * parameter count;
 * validation accuracy, recomputed with torch on the prepared validation split;
-* latency at batch 1 with onnxruntime on the CPU (exported to a temporary ONNX file, timed
-  ``select.latency_runs`` times after warm-up).
+* latency at batch 1 with onnxruntime on ONE CPU thread of the machine that runs select (exported to a
+  temporary ONNX file, ``select.latency_runs`` timed runs after warm-up).
 
-The winner is the most accurate candidate within ``select.max_params`` and
-``select.max_latency_ms``; equal accuracy goes to the smaller model. If nothing fits, the step
-fails naming every candidate and the limits it broke, unless ``select.fallback_fastest``.
+The winner is the most accurate candidate within the budget: ``select.max_latency_ms`` (default 1 ms
+per image on one core) and ``select.max_params`` (none by default: the user's choice). Equal
+accuracy, or a lead the validation split cannot resolve, goes to the smaller model. If nothing fits,
+the step fails naming every candidate and the limit it broke, unless ``select.fallback_fastest``.
 
 Output (one folder, replaced atomically)::
 
     model.pt         copy of the chosen checkpoint
     selection.json   {candidates: [...], limits, champion, chosen, reason}
+    frontier.json    one row per candidate: accuracy, latency, parameters, shipped (a DVC plot)
+    frontier.png     accuracy against latency, the budget and the shipped model marked
 """
 
 from __future__ import annotations
@@ -30,23 +33,31 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..atomic import atomic_dir, write_json
 from ..errors import KdpipeError
-from ..layout import DISTILL, PREPARED, SELECTED
+from ..layout import DISTILL, PREPARED, SELECTED, TEACHER
 
-CANDIDATE_FILES = (("student", "student.pt"), ("teacher", "teacher.pt"))
 CHAMPION_NOT_CONFIGURED = "not configured (no model registry is available to the select step)"
+LATENCY_THREADS = 1  # the budget is per core: one onnxruntime thread, as a server runs one model per core
 
 
-def run(params, distill_dir: str | os.PathLike = DISTILL, prepared_dir: str | os.PathLike = PREPARED,
-        out_dir: str | os.PathLike = SELECTED) -> dict:
-    """Measure the candidates, choose one, write ``model.pt`` + ``selection.json``; return the selection."""
+def run(params, distill_dir: str | os.PathLike = DISTILL, teacher_dir: str | os.PathLike | None = TEACHER,
+        prepared_dir: str | os.PathLike = PREPARED, out_dir: str | os.PathLike = SELECTED) -> dict:
+    """Measure the candidates, choose one, write ``model.pt``, ``selection.json`` and the frontier;
+    return the selection. ``teacher_dir`` None: the teacher step's model does not compete."""
     from ..data import load_prepared
 
     cfg = params.select
     data = load_prepared(prepared_dir, splits=("val",))
-    paths, excluded = _candidate_paths(Path(distill_dir))
+    paths, excluded = _candidate_paths(Path(distill_dir), None if teacher_dir is None else Path(teacher_dir))
     candidates = [measure(name, path, data, cfg.latency_runs, params.export.opset) for name, path in paths]
+    if len(data.val_y):
+        for cand in candidates:
+            cand.update(score=cand["val_accuracy"], score_by="validation accuracy")
+    else:  # every label trained: rank by agreement with the teacher on unlabeled images
+        _score_by_teacher_agreement(candidates, teacher_dir, prepared_dir, cfg.agreement_images)
     limits = {"max_params": cfg.max_params, "max_latency_ms": cfg.max_latency_ms}
     for cand in candidates:
         cand["meets"] = _meets(cand, limits)
@@ -67,11 +78,76 @@ def run(params, distill_dir: str | os.PathLike = DISTILL, prepared_dir: str | os
         "reason": reason,
         "comparisons": comparisons,
     }
+    frontier = frontier_rows(candidates, chosen)
     with atomic_dir(out_dir) as tmp:
         shutil.copyfile(chosen["path"], tmp / "model.pt")
         write_json(tmp / "selection.json", selection)
+        write_json(tmp / "frontier.json", frontier)
+        plot_frontier(frontier, limits, tmp / "frontier.png")
     print(f"select: chose {chosen['name']} ({reason})")
     return selection
+
+
+def _score_by_teacher_agreement(candidates: list[dict], teacher_dir, prepared_dir, limit: int) -> None:
+    """Without a validation split: each candidate's share of unlabeled images (at most ``limit``; the
+    labeled training images when there are none) on which it gives the teacher's answer. A rule that
+    needs no held-out labels: the students learned the teacher's function, so the one closest to it
+    within the budget is the best estimate; the teacher scores 1 by definition."""
+    from .. import checkpoints
+    from ..data import load_prepared
+    from ..onnx_utils import torch_logits
+
+    reference = None if teacher_dir is None else Path(teacher_dir) / "teacher.pt"
+    if reference is None or not reference.is_file():
+        raise KdpipeError("select: there is no validation split (prepare.val_fraction 0) and no teacher to rank the "
+                          f"candidates against ({reference}); run the teacher step, or keep a validation split")
+    data = load_prepared(prepared_dir, splits=("unlabeled", "train"))
+    images = data.unlabeled_x if len(data.unlabeled_x) else data.train_x
+    images = np.asarray(images[:limit])
+    teacher, _ = checkpoints.load_model(reference)
+    answers = torch_logits(teacher, images).argmax(axis=1)
+    what = f"agreement with the teacher on {len(images)} {'unlabeled' if len(data.unlabeled_x) else 'training'} images"
+    for cand in candidates:
+        model, _ = checkpoints.load_model(cand["path"])
+        agreement = float((torch_logits(model, images).argmax(axis=1) == answers).mean()) if len(images) else None
+        cand.update(teacher_agreement=agreement, score=agreement, score_by=what)
+
+
+def frontier_rows(candidates: list[dict], chosen: dict) -> list[dict[str, Any]]:
+    """One row per candidate, as the DVC plot and the report draw them: accuracy (or, without a
+    validation split, agreement with the teacher) against latency."""
+    return [{"name": c["name"], "arch": c["arch"], "accuracy": c.get("score"), "measured_as": c.get("score_by"),
+             "val_accuracy": c["val_accuracy"], "latency_ms": round(c["latency_ms_p50"], 4),
+             "parameters": c["parameters"], "within_budget": all(c["meets"].values()), "shipped": c is chosen}
+            for c in candidates]
+
+
+def plot_frontier(rows: list[dict[str, Any]], limits: dict, path: Path) -> None:
+    """Validation accuracy against batch-1 latency, one point per candidate; the shipped model ringed,
+    the latency budget a dashed line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for row in rows:
+        accuracy = row["accuracy"] if row["accuracy"] is not None else float("nan")
+        ax.scatter([row["latency_ms"]], [accuracy], s=40, color="tab:blue" if row["within_budget"] else "tab:gray")
+        label = f"{row['name']} ({row['arch']}, {row['parameters'] / 1e6:.2g}M)"
+        ax.annotate(label, (row["latency_ms"], accuracy), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        if row["shipped"]:
+            ax.scatter([row["latency_ms"]], [accuracy], s=220, facecolors="none", edgecolors="tab:red", linewidths=2,
+                       label="shipped")
+    if limits.get("max_latency_ms") is not None:
+        ax.axvline(limits["max_latency_ms"], color="tab:red", linestyle="--", linewidth=1, label="latency budget")
+    ax.set_xscale("log")
+    ax.set_xlabel("latency, batch 1, one CPU thread (ms, log scale)")
+    ax.set_ylabel((rows[0].get("measured_as") if rows else None) or "validation accuracy")
+    ax.set_title("Candidates: accuracy against latency")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
 
 
 def paired_difference(a: list[bool], b: list[bool]) -> dict[str, Any]:
@@ -108,20 +184,22 @@ def _prefer_smaller_on_a_statistical_tie(chosen: dict, reason: str, candidates: 
     return chosen, reason, comparisons
 
 
-def _candidate_paths(distill_dir: Path) -> tuple[list[tuple[str, Path]], list[dict[str, str]]]:
+def _candidate_paths(distill_dir: Path, teacher_dir: Path | None) -> tuple[list[tuple[str, Path]], list[dict[str, str]]]:
     """``([(name, path)...], [{"name", "path", "reason"}...])``: the candidates, and the files left out."""
     from .. import checkpoints
 
+    files = [("student", distill_dir / "student.pt"), ("cotrained_teacher", distill_dir / "teacher.pt")]
+    if teacher_dir is not None:
+        files.append(("teacher", teacher_dir / "teacher.pt"))
     found, excluded = [], []
-    for name, file in CANDIDATE_FILES:
-        path = distill_dir / file
+    for name, path in files:
         if not path.is_file():
             continue
         meta = checkpoints.load(path).get("meta") or {}
-        if name == "teacher" and not meta.get("trained_in_run"):
+        if name != "student" and not meta.get("trained_in_run"):
             excluded.append({"name": name, "path": str(path),
-                             "reason": "an input teacher that this run did not train (only a co-trained teacher "
-                                       "competes with the student)"})
+                             "reason": "an input teacher that this pipeline did not train (teacher.checkpoint): "
+                                       "only models trained here compete"})
             continue
         found.append((name, path))
     if not any(name == "student" for name, _ in found):
@@ -151,6 +229,7 @@ def measure(name: str, path: Path, data, latency_runs: int, opset: int) -> dict[
         "val_accuracy": val_acc,
         "val_accuracy_source": source,
         "latency_ms_p50": _latency_p50(model, ckpt["image_size"], latency_runs, opset),
+        "latency_threads": LATENCY_THREADS,
         # per validation image: right or wrong (for the paired comparison; not written out)
         "_correct": [] if val_acc is None else (logits.argmax(axis=1) == data.val_y).tolist(),
     }
@@ -170,14 +249,15 @@ def _latency_p50(model, image_size: int, runs: int, opset: int) -> float:
 
     with tempfile.TemporaryDirectory(prefix="kdpipe-select-") as tmp:
         onnx_path = export_onnx(model, Path(tmp) / "candidate.onnx", image_size, opset)
-        session = make_session(onnx_path, [CPU])
+        session = make_session(onnx_path, [CPU], threads=LATENCY_THREADS)
         return latency_ms(session, image_size, runs, batch=1)["p50"]
 
 
 def _meets(cand: dict, limits: dict) -> dict[str, bool]:
+    """Per limit, whether the candidate keeps it (an unset limit always is)."""
     return {
-        "max_params": cand["parameters"] <= limits["max_params"],
-        "max_latency_ms": cand["latency_ms_p50"] <= limits["max_latency_ms"],
+        "max_params": limits["max_params"] is None or cand["parameters"] <= limits["max_params"],
+        "max_latency_ms": limits["max_latency_ms"] is None or cand["latency_ms_p50"] <= limits["max_latency_ms"],
     }
 
 
@@ -188,7 +268,7 @@ def choose(candidates: list[dict], limits: dict, fallback_fastest: bool) -> tupl
         # Highest accuracy first; on equal accuracy the smaller model (cheaper to serve) wins.
         best = max(fitting, key=lambda c: (_acc(c), -c["parameters"]))
         ties = [c for c in fitting if _acc(c) == _acc(best) and c is not best]
-        why = f"highest validation accuracy ({_fmt_acc(best)}) within the limits"
+        why = f"highest {best.get('score_by', 'validation accuracy')} ({_fmt_acc(best)}) within the limits"
         if ties:
             why += f"; tie with {', '.join(c['name'] for c in ties)} broken by fewer parameters"
         return best, why
@@ -203,11 +283,15 @@ def choose(candidates: list[dict], limits: dict, fallback_fastest: bool) -> tupl
 
 
 def _acc(cand: dict) -> float:
-    return float("-inf") if cand["val_accuracy"] is None else float(cand["val_accuracy"])
+    """What ranks the candidates: validation accuracy, or without a validation split the agreement
+    with the teacher (:func:`_score_by_teacher_agreement`)."""
+    score = cand.get("score", cand["val_accuracy"])
+    return float("-inf") if score is None else float(score)
 
 
 def _fmt_acc(cand: dict) -> str:
-    return "unknown" if cand["val_accuracy"] is None else f"{cand['val_accuracy']:.4f}"
+    score = cand.get("score", cand["val_accuracy"])
+    return "unknown" if score is None else f"{score:.4f}"
 
 
 def _violations(cand: dict, limits: dict) -> str:

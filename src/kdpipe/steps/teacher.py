@@ -22,8 +22,13 @@ checkpoint takes the student's image size as input, like every kdpipe model.
 
 from __future__ import annotations
 
+import copy
+import math
 import os
+import shutil
 from pathlib import Path
+
+import numpy as np
 
 from .. import checkpoints
 from ..atomic import write_json
@@ -69,24 +74,269 @@ def fine_tuning_data(data):
                    teacher_unlabeled_x=None)
 
 
-def build_trainer(params, data, out_dir, runtime):
+def fine_tuning_iterations(tp, labeled: int) -> int:
+    """Iterations of the fine-tuning: ``teacher.epochs`` passes over the labeled training images, at
+    most ``teacher.max_iterations`` (a few labels need few steps: more only memorise them)."""
+    if tp.epochs is None:
+        return int(tp.max_iterations)
+    return max(1, min(int(tp.max_iterations), math.ceil(tp.epochs * labeled / tp.batch_size)))
+
+
+def build_network(params, data):
+    """The teacher network with its pretrained weights (``teacher.arch``, ``teacher.weights``),
+    computing at the teacher's resolution."""
+    from ..models import build_model
+
+    tp = params.teacher
+    return build_model(tp.arch, len(data.class_names), data.image_size, tp.weights,
+                       input_size=teacher_resolution(params, data.image_size))
+
+
+def build_trainer(params, data, out_dir, runtime, model=None):
     """The fine-tuning run of the teacher (the ``supervised`` recipe, the teacher in the student's seat
-    of the loop, under its own report names) on ``data`` from :func:`kdpipe.steps.common.training_data`."""
+    of the loop, under its own report names) on ``data`` from :func:`kdpipe.steps.common.training_data`;
+    ``model`` is the network to start from (by default a freshly built :func:`build_network`)."""
     from ..augmentation import AugmentConfig
     from ..engine import LoopConfig, RunFiles, Trainer
     from ..networks import NetworkSpec
     from ..recipes import Hyper, build_recipe
 
     tp = params.teacher
-    networks = NetworkSpec(tp.arch, tp.weights, student_input_size=teacher_resolution(params, data.image_size))
+    tuned = fine_tuning_data(data)
+    networks = NetworkSpec(tp.arch, tp.weights, student_input_size=teacher_resolution(params, data.image_size),
+                           student_model=model)
     run_files = RunFiles(out_dir, best_names={"student": "teacher.pt"},
                          report_names={"val_acc_student": "val_acc_teacher"},
                          fingerprint={"step": "teacher", "teacher": tp.model_dump(),
                                       "augment": params.augment.model_dump(), "data_version": data.data_version},
                          desc="teacher")
-    return Trainer(build_recipe("supervised"), fine_tuning_data(data), LoopConfig.from_teacher(tp),
-                   Hyper(label_smoothing=tp.label_smoothing), runtime, networks, run_files,
-                   augment_cfg=AugmentConfig.from_params(params.augment))
+    loop = LoopConfig.from_teacher(tp, fine_tuning_iterations(tp, len(tuned.train_x)))
+    return Trainer(build_recipe("supervised"), tuned, loop, Hyper(label_smoothing=tp.label_smoothing), runtime,
+                   networks, run_files, augment_cfg=AugmentConfig.from_params(params.augment))
+
+
+def linear_probe(params, data, model, runtime):
+    """Fit a head on the teacher's frozen pretrained features (:mod:`kdpipe.probe`); returns the
+    probe and a copy of ``model`` with that head (the probe's network). With
+    ``teacher.head_from_probe`` the fine-tuning starts from that head too (LP-FT)."""
+    from ..probe import fit_probe, install
+
+    tp = params.teacher
+    tuned = fine_tuning_data(data)
+    probe = fit_probe(model.to(runtime.device), tuned.train_x, tuned.train_y, tuned.val_x, tuned.val_y,
+                      len(data.class_names), runtime, flip=params.augment.flip, folds=tp.probe_folds, seed=tp.seed)
+    probe_model = copy.deepcopy(model).cpu()
+    install(probe_model, probe)
+    if tp.head_from_probe:
+        install(model, probe)
+    return probe, probe_model
+
+
+def _save_probe_as_teacher(model, data, probe, out: Path) -> None:
+    """The probe's network (pretrained backbone untouched, fitted head) as the step's teacher.pt."""
+    from ..models import count_parameters
+
+    meta = {"val_accuracy": probe.val_accuracy, "iteration": 0, "role": "teacher", "recipe": "linear probe",
+            "parameters": count_parameters(model), "trained_in_run": True}
+    ckpt = checkpoints.model_checkpoint(model, model.arch, len(data.class_names), data.image_size,
+                                        data.class_names, meta)
+    checkpoints.save(ckpt, out / "teacher.pt")
+
+
+def noisy_supervised_recipe():
+    """Cross-entropy on views that get the strong policy in the share ``augment.p`` (the rest weak):
+    the noise of a Noisy Student round, where the teacher relearns from its own pseudo-labels."""
+    from ..recipes import CE, Method, compose
+
+    return compose("supervised (strong views)", Method("supervised learning on strong views", terms=(CE,),
+                                                       view_plan="any"))
+
+
+def fast_logits(model, images: np.ndarray, runtime, opset: int = 17) -> np.ndarray:
+    """Logits of the teacher for many uint8 NHWC images: through onnxruntime on a CPU device (a
+    pretrained teacher runs 3.5-5x faster there than in torch eager), in torch on an accelerator."""
+    import tempfile
+
+    import torch
+
+    from ..engine import predict_logits
+    from ..onnx_utils import CPU, export_onnx, make_session, run_logits
+
+    if runtime.device.type != "cpu":
+        return predict_logits(model, images, runtime).numpy()
+    with tempfile.TemporaryDirectory(prefix="kdpipe-logits-") as tmp:
+        was_training = model.training
+        path = export_onnx(model.cpu().eval(), Path(tmp) / "model.onnx", int(images.shape[1]), opset)
+        model.train(was_training)
+        session = make_session(path, [CPU], threads=torch.get_num_threads())
+        return run_logits(session, images)
+
+
+def pseudo_labels(model, data, runtime, threshold: float, limit: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The unlabeled images the teacher is confident about (softmax maximum >= ``threshold``), at most
+    ``limit`` of them (the most confident), with the class it gives each: ``(rows, labels, summary)``."""
+    from ..onnx_utils import softmax
+
+    logits = fast_logits(model, data.unlabeled_x, runtime)
+    probabilities = softmax(logits)
+    confidence, labels = probabilities.max(axis=1), probabilities.argmax(axis=1)
+    rows = np.flatnonzero(confidence >= threshold)
+    rows = rows[np.argsort(-confidence[rows], kind="stable")][:limit]
+    rows.sort()  # file order: the gather reads forward
+    counts = np.bincount(labels[rows], minlength=len(data.class_names))
+    summary = {"unlabeled": int(len(labels)), "pseudo_labeled": int(len(rows)), "threshold": threshold,
+               "per_class": {name: int(n) for name, n in zip(data.class_names, counts, strict=True)}}
+    return rows, labels[rows].astype(np.int64), summary
+
+
+def unlabeled_round(params, data, model, runtime, out: Path, index: int):
+    """One Noisy Student round: the current teacher labels the unlabeled images it is sure of, and
+    relearns, from its own weights, on the labels plus those pseudo-labels under strong augmentation.
+    Returns ``(trainer, summary)``; the round's best checkpoint is ``out/round-<index>/teacher.pt``.
+    ``None`` when no unlabeled image passes the threshold."""
+    from dataclasses import replace
+
+    from ..augmentation import AugmentConfig
+    from ..engine import LoopConfig, RunFiles, Trainer
+    from ..networks import NetworkSpec
+    from ..recipes import Hyper
+
+    tp = params.teacher
+    tuned = fine_tuning_data(data)
+    rows, labels, summary = pseudo_labels(model, tuned, runtime, tp.pseudo_threshold, tp.pseudo_max)
+    if not len(rows):
+        return None, summary
+    images = np.concatenate([np.asarray(tuned.train_x), np.asarray(tuned.unlabeled_x[rows])])
+    round_data = replace(tuned, train_x=images, train_y=np.concatenate([np.asarray(tuned.train_y), labels]),
+                         unlabeled_x=tuned.unlabeled_x[:0])
+    iterations = max(1, min(int(tp.max_iterations), math.ceil(tp.unlabeled_epochs * len(images) / tp.batch_size)))
+    loop = LoopConfig.from_teacher(tp, iterations)
+    networks = NetworkSpec(tp.arch, tp.weights, student_input_size=teacher_resolution(params, data.image_size),
+                           student_model=model)
+    run_files = RunFiles(out / f"round-{index}", best_names={"student": "teacher.pt"},
+                         report_names={"val_acc_student": "val_acc_teacher"},
+                         fingerprint={"step": "teacher", "round": index, "teacher": tp.model_dump(),
+                                      "augment": params.augment.model_dump(), "data_version": data.data_version},
+                         desc=f"teacher round {index}")
+    trainer = Trainer(noisy_supervised_recipe(), round_data, loop, Hyper(label_smoothing=tp.label_smoothing), runtime,
+                      networks, run_files, augment_cfg=AugmentConfig.from_params(params.augment))
+    result = trainer.run()
+    trainer.write_reports()
+    summary.update(iterations=result["iterations"], train_seconds=result["train_seconds"],
+                   val_accuracy=result["best_student"]["accuracy"])
+    return trainer, summary
+
+
+def student_alone(params, data, out: Path, runtime) -> dict:
+    """The student network (``train.student_arch``) trained on the labels alone for
+    ``teacher.student_check_iterations``: what the teacher must beat for distillation to pay."""
+    from dataclasses import replace
+
+    from ..augmentation import AugmentConfig
+    from ..engine import LoopConfig, RunFiles, Trainer
+    from ..networks import NetworkSpec
+    from ..recipes import Hyper, build_recipe
+
+    tp = params.train
+    iterations = params.teacher.student_check_iterations
+    every = min(tp.eval_every, iterations)
+    loop = replace(LoopConfig.from_train(tp), max_iterations=iterations, eval_every=every, epoch_iterations=every,
+                   checkpoint_every=every, patience=0, target_metric=1.01)
+    run_files = RunFiles(out / "student-alone", fingerprint={"step": "teacher", "student_alone": tp.model_dump(),
+                                                             "data_version": data.data_version},
+                         desc="student alone", progress=False)
+    trainer = Trainer(build_recipe("supervised"), data, loop, Hyper(tp), runtime,
+                      NetworkSpec(tp.student_arch, tp.weights), run_files,
+                      augment_cfg=AugmentConfig.from_params(params.augment))
+    summary = trainer.run()
+    return {"arch": tp.student_arch, "iterations": summary["iterations"],
+            "val_accuracy": summary["best_student"]["accuracy"]}
+
+
+def _floor_warnings(result: dict) -> list[str]:
+    """One line per way the teacher falls short of what it must beat: its own pretrained features (a
+    linear probe on them), and the student trained alone on the labels."""
+    warnings = []
+    tuned = result.get("fine_tuned_val_accuracy")
+    probe = (result.get("probe") or {}).get("estimate")
+    where = "on validation" if result.get("estimated_by") == "validation split" else "out of fold"
+    if tuned is not None and probe is not None and tuned < probe:
+        warnings.append(f"fine-tuning ended below a linear probe on the teacher's own pretrained features "
+                        f"({tuned:.1%} against {probe:.1%} {where}): the probe's network is kept as the teacher; "
+                        "fewer teacher.epochs or a lower teacher.lr may let fine-tuning help")
+    alone = result.get("student_alone") or {}
+    teacher = result.get("val_accuracy")
+    if alone.get("val_accuracy") is not None and teacher is not None and teacher <= alone["val_accuracy"]:
+        warnings.append(f"the teacher ({teacher:.1%} on validation) is no better than the student trained alone on "
+                        f"the labels ({alone['arch']}, {alone['val_accuracy']:.1%}): distilling from it will not "
+                        "help; give it more pixels (teacher.image_size), another pretrained network, or more labels")
+    return warnings
+
+
+def _unlabeled_rounds(params, data, out: Path, runtime, result: dict) -> list[dict]:
+    """``teacher.unlabeled_rounds`` Noisy Student rounds, each from the teacher kept so far; a round
+    whose validation accuracy does not beat it is not kept (and ends the rounds)."""
+    rounds = []
+    for index in range(1, params.teacher.unlabeled_rounds + 1):
+        model, _ = checkpoints.load_model(out / "teacher.pt")
+        trainer, summary = unlabeled_round(params, data, model, runtime, out, index)
+        rounds.append(summary)
+        if trainer is None:
+            break
+        summary["kept"] = summary["val_accuracy"] > result["val_accuracy"]
+        if not summary["kept"]:
+            break
+        if runtime.is_main:
+            shutil.copyfile(out / f"round-{index}" / "teacher.pt", out / "teacher.pt")
+        result.update(val_accuracy=summary["val_accuracy"], kept=f"unlabeled round {index}")
+    return rounds
+
+
+def _subset(data, rows, held):
+    """The labeled rows ``rows`` as the training split and ``held`` as the validation split (in RAM)."""
+    from dataclasses import replace
+
+    x, y = np.asarray(data.train_x), np.asarray(data.train_y)
+    big = None if data.teacher_train_x is None else np.asarray(data.teacher_train_x)
+    return replace(data, train_x=x[rows], train_y=y[rows], val_x=x[held], val_y=y[held],
+                   teacher_train_x=None if big is None else big[rows],
+                   teacher_val_x=None if big is None else big[held], unlabeled_x=data.unlabeled_x[:0],
+                   teacher_unlabeled_x=None if data.teacher_unlabeled_x is None else data.teacher_unlabeled_x[:0])
+
+
+def cross_validate(params, data, runtime, out: Path) -> dict | None:
+    """Without a validation split: how well the probe and the fine-tuned teacher do, out of fold.
+
+    Each of ``teacher.folds`` folds (stratified, seeded) is held out in turn; a teacher is probed and
+    fine-tuned on the other folds exactly as the final one will be on every label (a fixed schedule,
+    last checkpoint), and both are scored on the held-out fold. Costs ``folds`` extra fine-tunings."""
+    from ..engine import accuracy, predict_logits
+    from ..probe import fold_of
+
+    tp = params.teacher
+    labels = np.asarray(data.train_y)
+    folds = min(tp.folds, int(np.bincount(labels).min()) if len(labels) else 0)
+    if folds < 2:
+        return None
+    fold = fold_of(len(labels), labels, folds, tp.seed)
+    probe_right = tuned_right = 0.0
+    for k in range(folds):
+        held = np.flatnonzero(fold == k)
+        part = _subset(data, np.flatnonzero(fold != k), held)
+        model = build_network(params, part)
+        probe, _ = linear_probe(params, part, model, runtime) if tp.linear_probe and tp.weights else (None, None)
+        if probe is not None:
+            probe_right += probe.val_accuracy * len(held)
+        # trained as the final teacher is: no validation split, so the fixed schedule's last checkpoint
+        blind = _subset(part, np.arange(len(part.train_y)), np.arange(0))
+        trainer = build_trainer(params, blind, out / f"fold-{k}", runtime, model=model)
+        trainer.run_files.progress = False
+        trainer.run()
+        scored = fine_tuning_data(part)
+        tuned_right += accuracy(predict_logits(trainer.student, scored.val_x, runtime), scored.val_y) * len(held)
+    n = len(labels)
+    return {"folds": folds, "probe_accuracy": probe_right / n if tp.linear_probe and tp.weights else None,
+            "fine_tuned_accuracy": tuned_right / n}
 
 
 def run(params, prepared_dir: str | os.PathLike = PREPARED, out_dir: str | os.PathLike = TEACHER) -> dict:
@@ -100,15 +350,46 @@ def run(params, prepared_dir: str | os.PathLike = PREPARED, out_dir: str | os.Pa
     if params.teacher.checkpoint:
         return _adopt(params, data, out, runtime)
     tp = params.teacher
-    size = teacher_resolution(params, data.image_size)
-    trainer = build_trainer(params, data, out, runtime)
+    validates = len(data.val_y) > 0
+    # Without a validation split every label trains, and cross-validation says how the probe and the
+    # fine-tuning do (and so which to keep); with one, the validation split does.
+    cv = None if validates else cross_validate(params, data, runtime, out)
+    model = build_network(params, data)
+    # a probe is a floor only on pretrained features (random ones teach nothing)
+    # the probe's network is kept if the fine-tuning falls below it
+    probe, probe_model = linear_probe(params, data, model, runtime) if tp.linear_probe and tp.weights else (None, None)
+    if probe is not None and runtime.is_main:
+        print("teacher: linear probe on the pretrained features: "
+              + ", ".join(f"{k}={v}" for k, v in probe.summary().items()))
+    trainer = build_trainer(params, data, out, runtime, model=model)
     summary = trainer.run()
     trainer.write_reports()
-    result = {"trained": True, "arch": tp.arch, "weights": tp.weights, "image_size": size,
-              "teacher_copy": data.teacher_train_x is not None,
-              "val_accuracy": summary["best_student"]["accuracy"],
-              "iterations": summary["iterations"], "train_seconds": summary["train_seconds"]}
+    tuned = summary["best_student"]["accuracy"] if validates else (cv or {}).get("fine_tuned_accuracy")
+    probed = None if probe is None else probe.val_accuracy if validates else (cv or {}).get("probe_accuracy")
+    result = {"trained": True, "arch": tp.arch, "weights": tp.weights,
+              "image_size": teacher_resolution(params, data.image_size), "teacher_copy": data.teacher_train_x is not None,
+              "estimated_by": "validation split" if validates else
+              (f"{cv['folds']}-fold cross-validation" if cv else "nothing (no validation split, too few labels to fold)"),
+              "val_accuracy": tuned, "fine_tuned_val_accuracy": tuned, "iterations": summary["iterations"],
+              "train_seconds": summary["train_seconds"], "probe": None if probe is None else probe.summary(),
+              "cross_validation": cv, "kept": "fine-tuned"}
+    if result["probe"] is not None:
+        result["probe"]["estimate"] = probed
+    # Never below its own pretrained features: when the fine-tuned network scores below the probe (on
+    # validation, or out of fold), the probe's network is the teacher.
+    if probed is not None and tuned is not None and tuned < probed:
+        if runtime.is_main:
+            _save_probe_as_teacher(probe_model, data, probe, out)
+        result.update(val_accuracy=probed, kept="linear probe")
+    # An unlabeled round is kept only when validation says it helped: without a split it is not run.
+    result["rounds"] = _unlabeled_rounds(params, data, out, runtime, result) if validates else []
+    if tp.student_check_iterations and validates:
+        result["student_alone"] = student_alone(params, data, out, runtime)
+    result["warnings"] = _floor_warnings(result)
     if runtime.is_main:
         write_json(out / "metrics.json", result)
-        print("teacher: " + ", ".join(f"{k}={v}" for k, v in result.items()))
+        print("teacher: " + ", ".join(f"{k}={v}" for k, v in result.items()
+                                      if k not in ("warnings", "probe", "cross_validation")))
+        for line in result["warnings"]:
+            print(f"warning: teacher: {line}")
     return result
