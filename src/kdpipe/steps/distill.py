@@ -93,9 +93,9 @@ def _teacher_warnings(trainer) -> list[str]:
     student = trainer.best["student"]["accuracy"]
     if teacher is None or student is None or student <= teacher:
         return []
-    return [f"the student ({student:.1%} on validation) scores above its frozen teacher ({teacher:.1%}): the teacher "
-            "holds it back; give the teacher more pixels (teacher.image_size), more fine-tuning or another "
-            "pretrained network"]
+    return [f"the student ({student:.1%} on {len(trainer.data.val_y)} validation images) scores above its frozen "
+            f"teacher ({teacher:.1%}): the teacher holds it back; give the teacher more pixels (teacher.image_size), "
+            "more fine-tuning or another pretrained network"]
 
 
 def run(params, prepared_dir: str | os.PathLike = PREPARED, augmented_dir: str | os.PathLike = AUGMENTED,

@@ -123,32 +123,39 @@ def frontier_rows(candidates: list[dict], chosen: dict) -> list[dict[str, Any]]:
 
 
 def plot_frontier(rows: list[dict[str, Any]], limits: dict, path: Path) -> None:
-    """Validation accuracy against batch-1 latency, one point per candidate; the shipped model ringed,
-    the latency budget a dashed line."""
+    """Accuracy (or agreement with the teacher) against batch-1 latency, one point per candidate; the
+    shipped model ringed, the latency budget a dashed line, the out-of-budget candidates grey."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 4), dpi=100)
+    fig = Figure(figsize=(7, 4.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
+    scores = [row["accuracy"] for row in rows if row["accuracy"] is not None]
+    budget = limits.get("max_latency_ms")
     for row in rows:
         accuracy = row["accuracy"] if row["accuracy"] is not None else float("nan")
-        ax.scatter([row["latency_ms"]], [accuracy], s=40, color="tab:blue" if row["within_budget"] else "tab:gray")
-        label = f"{row['name']} ({row['arch']}, {row['parameters'] / 1e6:.2g}M)"
-        ax.annotate(label, (row["latency_ms"], accuracy), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.scatter([row["latency_ms"]], [accuracy], s=50, zorder=3,
+                   color="tab:blue" if row["within_budget"] else "tab:gray")
+        ax.annotate(f"{row['name']}\n{row['arch']}, {row['parameters'] / 1e6:.2g}M params",
+                    (row["latency_ms"], accuracy), textcoords="offset points", xytext=(8, -4), fontsize=8,
+                    va="top")
         if row["shipped"]:
-            ax.scatter([row["latency_ms"]], [accuracy], s=220, facecolors="none", edgecolors="tab:red", linewidths=2,
-                       label="shipped")
-    if limits.get("max_latency_ms") is not None:
-        ax.axvline(limits["max_latency_ms"], color="tab:red", linestyle="--", linewidth=1, label="latency budget")
-    ax.set_xscale("log")
-    ax.set_xlabel("latency, batch 1, one CPU thread (ms, log scale)")
+            ax.scatter([row["latency_ms"]], [accuracy], s=260, facecolors="none", edgecolors="tab:red",
+                       linewidths=2, zorder=4, label="shipped")
+    if budget is not None:
+        ax.axvline(budget, color="tab:red", linestyle="--", linewidth=1, label=f"latency budget ({budget:g} ms)")
+    right = max([row["latency_ms"] for row in rows] + ([budget] if budget is not None else []))
+    ax.set_xlim(0, right * 1.35)
+    if scores:
+        ax.set_ylim(max(0.0, min(scores) - 0.08), min(1.0, max(scores) + 0.04) + 0.01)
+    ax.grid(True, alpha=0.3)
+    ax.set_xlabel("latency, batch 1, onnxruntime, one CPU thread (ms)")
     ax.set_ylabel((rows[0].get("measured_as") if rows else None) or "validation accuracy")
-    ax.set_title("Candidates: accuracy against latency")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("What select could ship: accuracy against latency")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, format="png")
-
 
 def paired_difference(a: list[bool], b: list[bool]) -> dict[str, Any]:
     """Accuracy of ``a`` minus accuracy of ``b`` on the same images, with its 95% interval (normal

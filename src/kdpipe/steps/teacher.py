@@ -267,9 +267,10 @@ def _floor_warnings(result: dict) -> list[str]:
     alone = result.get("student_alone") or {}
     teacher = result.get("val_accuracy")
     if alone.get("val_accuracy") is not None and teacher is not None and teacher <= alone["val_accuracy"]:
-        warnings.append(f"the teacher ({teacher:.1%} on validation) is no better than the student trained alone on "
-                        f"the labels ({alone['arch']}, {alone['val_accuracy']:.1%}): distilling from it will not "
-                        "help; give it more pixels (teacher.image_size), another pretrained network, or more labels")
+        warnings.append(f"the teacher ({teacher:.1%} on {result.get('validation_images')} validation images) is no "
+                        f"better than the student trained alone on the labels ({alone['arch']}, "
+                        f"{alone['val_accuracy']:.1%}): distillation can only pass on what the teacher knows; give it "
+                        "more pixels (teacher.image_size), another pretrained network, or more labels")
     return warnings
 
 
@@ -368,6 +369,7 @@ def run(params, prepared_dir: str | os.PathLike = PREPARED, out_dir: str | os.Pa
     probed = None if probe is None else probe.val_accuracy if validates else (cv or {}).get("probe_accuracy")
     result = {"trained": True, "arch": tp.arch, "weights": tp.weights,
               "image_size": teacher_resolution(params, data.image_size), "teacher_copy": data.teacher_train_x is not None,
+              "validation_images": int(len(data.val_y)),
               "estimated_by": "validation split" if validates else
               (f"{cv['folds']}-fold cross-validation" if cv else "nothing (no validation split, too few labels to fold)"),
               "val_accuracy": tuned, "fine_tuned_val_accuracy": tuned, "iterations": summary["iterations"],
