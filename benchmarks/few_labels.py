@@ -29,7 +29,14 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import load_npz, markdown_table, provenance, test_accuracy, write_prepared, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    load_npz,
+    markdown_table,
+    provenance,
+    test_accuracy,
+    write_prepared,
+    write_results,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10_subset.npz"
