@@ -266,6 +266,17 @@ def _params_text(text: str):
 
 # ---------------------------------------------------------------- the cases
 
+def _evil_pickle(path: Path, marker: Path) -> None:
+    """A .pth whose unpickling calls exec(), which would write ``marker``: kdpipe must refuse it unrun."""
+    import torch
+
+    class Payload:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').write('pwned')",))
+
+    torch.save({"conv.weight": Payload()}, path)
+
+
 CASES: list[Case] = [
     # ----- files that are not usable images: listed in rejected.json
     Case("truncated-jpeg", "data", "JPEG cut to half its length", "rejected",
@@ -435,6 +446,17 @@ CASES: list[Case] = [
          argv=["distill", "--params", "{params}", "-S", "train.recipe=consistency", "-S", "train.views=3",
                "--prepared-dir", "{prepared}", "--augmented-dir", "{augmented}", "--teacher-dir", "{teacher}",
                "--out-dir", "{out}"], needs_pipeline=True),
+    Case("teacher-below-student-size", "params", "`teacher.image_size: 16` with `prepare.image_size: 32`", "error",
+         "{params}: teacher.image_size (16) is smaller than prepare.image_size (32): the teacher would see fewer "
+         "pixels than its student", params="prepare:\n  image_size: 32\nteacher:\n  image_size: 16\n",
+         argv=["params", "--params", "{params}"]),
+    Case("malicious-weights", "params", "`teacher.weights` naming a pickle that runs `exec` when loaded", "error",
+         "{data}/evil.pth: not a safe weights file: it holds pickled Python objects (GLOBAL exec), which could run "
+         "code when loaded, and kdpipe loads tensors only; re-save its tensors as .safetensors",
+         lambda ctx: _evil_pickle(ctx.root / "evil.pth", ctx.tmp / "pwned"),
+         argv=["teacher", "--params", "{params}", "-S", "teacher.arch=resnet18", "-S", "teacher.weights={data}/evil.pth",
+               "--prepared-dir",
+               "{prepared}", "--out-dir", "{out}"], needs_pipeline=True),
     Case("invalid-yaml", "params", "`train: [unclosed`", "error", "{params}: not valid YAML",
          params="train: [unclosed\n"),
     Case("top-level-list", "params", "a YAML list instead of groups", "error",
@@ -570,6 +592,7 @@ def test_bad_input(case: Case, tmp_path, image_dataset, make_image, capsys, requ
         command = case.argv[0]
         assert code == 2, err
         assert f"kdpipe {command}: error: " in err
+        assert not (tmp_path / "pwned").exists()  # nothing a case planted ever ran
         for message in case.messages:
             assert _fill(message, values) in err
         assert not out.exists(), "a failed step must not write its output"

@@ -148,8 +148,12 @@ def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path):
 
     marker = tmp_path / "pwned"
     path = malicious_checkpoint(tmp_path / "evil.pt", marker)
-    with pytest.raises(KdpipeError, match=r"evil\.pt: not a readable kdpipe checkpoint"):
+    with pytest.raises(KdpipeError) as err:
         checkpoints.load(path)
+    text = str(err.value)
+    assert text.startswith(f"{path}: not a safe kdpipe checkpoint: it holds pickled Python objects (GLOBAL exec)")
+    assert "safetensors" in text and "\n" not in text
+    assert "weights_only" not in text and "will likely succeed" not in text  # never the advice to load it unsafely
     assert not marker.exists()
 
 
@@ -174,7 +178,8 @@ def test_malicious_checkpoint_through_the_cli(where, tiny_pipeline_dirs, params_
                 "--teacher-dir", d["teacher"], "--out-dir", out]
     code, err = cli([argv[0], "--params", params_file, *argv[1:]], capsys)
     assert code == 2
-    assert f"kdpipe {argv[0]}: error: {path}: not a readable kdpipe checkpoint" in err
+    assert f"kdpipe {argv[0]}: error: {path}: not a safe kdpipe checkpoint" in err
+    assert len(err.strip().splitlines()) == 1
     assert not marker.exists()
 
 

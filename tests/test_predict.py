@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 from pathlib import Path
@@ -160,3 +161,33 @@ def test_output_in_a_read_only_folder_fails_before_classifying(pipeline, tmp_pat
     err = capsys.readouterr().err
     assert code == 2 and "read-only" in err and "Traceback" not in err
     assert called == []  # nothing was classified for a result that could not be saved
+
+
+def test_file_names_a_spreadsheet_would_run_are_quoted_in_csv_only(pipeline, tmp_path, capsys, monkeypatch):
+    """CSV injection (OWASP): run inside a folder, file names are the first cells; one that starts with
+    = + - @ would be evaluated by a spreadsheet, so the CSV quotes it. The JSON stays exact."""
+    good = next((pipeline["data"] / "test" / "red").glob("*.png")).read_bytes()
+    names = ["=1+1.png", "=HYPERLINK(x).png", "+SUM(1,2).png", "@SUM(1).png", "-2.png", "plain.png"]
+    for name in names:
+        (tmp_path / name).write_bytes(good)
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", ".", "--model", str(pipeline["model"]), "--top-k", "1"]) == 0
+    table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert sorted(row["path"] for row in table) == sorted(
+        name if name == "plain.png" else "'" + name for name in names)
+    assert main(["predict", ".", "--model", str(pipeline["model"]), "--top-k", "1", "--output", "out.json"]) == 0
+    assert sorted(row["path"] for row in json.loads((tmp_path / "out.json").read_text())) == sorted(names)
+
+
+def test_nothing_classified_is_a_failure_with_every_reason_written(pipeline, tmp_path, capsys):
+    """No image could be classified: the rows with their reasons are still written, and the exit code
+    is not 0 (a script must not take an empty result for a success)."""
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "inbox" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    (tmp_path / "inbox" / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "pred.csv"
+    code = main(["predict", str(tmp_path / "inbox"), "--model", str(pipeline["model"]), "--output", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "none of the 2 image(s) could be classified" in err
+    rows = list(csv.DictReader(out.open(newline="")))
+    assert len(rows) == 2 and all(row["error"] for row in rows)

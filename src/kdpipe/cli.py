@@ -106,7 +106,8 @@ def _predict(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from .atomic import check_writable
-    from .steps.predict import check_output, format_predictions, predict, summary_line, write_predictions
+    from .errors import KdpipeError
+    from .steps.predict import check_output, classified, format_predictions, predict, summary_line, write_predictions
 
     if args.output:  # before classifying anything: the results must have somewhere to go
         check_output(args.output)
@@ -117,6 +118,8 @@ def _predict(args: argparse.Namespace) -> None:
     else:
         sys.stdout.write(format_predictions(rows, "csv"))
     print(summary_line(rows), file=sys.stderr)
+    if not classified(rows):  # the rows (with each file's reason) are written; the exit code says it failed
+        raise KdpipeError(f"none of the {len(rows)} image(s) could be classified (each row says why)")
 
 
 # ---------------------------------------------------------------- kdpipe pipeline ... (Kubeflow)

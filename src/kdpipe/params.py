@@ -321,6 +321,15 @@ with warnings.catch_warnings():
         evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
         register: RegisterParams = Field(default_factory=RegisterParams)
 
+        @model_validator(mode="after")
+        def _check_across_groups(self) -> Params:
+            teacher, student = self.teacher.image_size, self.prepare.image_size
+            if teacher is not None and teacher < student:
+                raise ValueError(f"teacher.image_size ({teacher}) is smaller than prepare.image_size ({student}): the "
+                                 "teacher would see fewer pixels than its student; set it at least as large (128-224 "
+                                 "for photos), or null for the student's size")
+            return self
+
 
 def _fields_at(loc: tuple[Any, ...]) -> tuple[type[BaseModel] | None, dict[str, Any]]:
     """Walk the schema along an error location; return the model holding the last key."""

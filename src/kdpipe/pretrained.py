@@ -121,17 +121,18 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise KdpipeError(f"{path}: weights file not found")
-    try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             state = load_file(str(path))
-        else:
-            import torch
+        except Exception as exc:  # truncated file, foreign format
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            raise KdpipeError(f"{path}: not a readable weights file ({type(exc).__name__}: {first})") from None
+    else:
+        from .checkpoints import load_tensors
 
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated file, foreign format, pickled code refused...
-        raise KdpipeError(f"{path}: not a readable weights file ({type(exc).__name__}: {exc})") from None
+        state = load_tensors(path, "weights file")
     return _unwrap(state, path)
 
 

@@ -148,8 +148,21 @@ def _ordered(row: dict[str, Any], k: int) -> dict[str, Any]:
     return out
 
 
+# A spreadsheet evaluates a cell that starts with one of these as a formula (=HYPERLINK(...) in a file
+# name, say): OWASP's rule for CSV injection is to prefix such a cell with a single quote.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A text cell a spreadsheet would evaluate, quoted so that it shows as text; anything else as it is."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def format_predictions(rows: list[dict[str, Any]], fmt: str = "csv") -> str:
-    """CSV (path, top1, p1, ..., error; empty cells for None) or JSON text."""
+    """CSV (path, top1, p1, ..., error; empty cells for None; text cells that a spreadsheet would run
+    as a formula quoted) or JSON text (exact: JSON readers run nothing)."""
     if fmt == "json":
         return json.dumps(rows, indent=2) + "\n"
     columns = list(rows[0]) if rows else ["path", "top1", "p1", "error"]
@@ -157,7 +170,7 @@ def format_predictions(rows: list[dict[str, Any]], fmt: str = "csv") -> str:
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({key: ("" if value is None else value) for key, value in row.items()})
+        writer.writerow({key: "" if value is None else spreadsheet_safe(value) for key, value in row.items()})
     return buf.getvalue()
 
 
@@ -176,3 +189,8 @@ def write_predictions(rows: list[dict[str, Any]], path: str | os.PathLike) -> No
 def summary_line(rows: list[dict[str, Any]]) -> str:
     failed = sum(1 for row in rows if row["error"])
     return f"predict: {len(rows) - failed} image(s) classified, {failed} failed"
+
+
+def classified(rows: list[dict[str, Any]]) -> int:
+    """How many images got a prediction (the others have an error)."""
+    return sum(1 for row in rows if not row["error"])

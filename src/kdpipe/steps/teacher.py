@@ -1,23 +1,25 @@
-"""The ``teacher`` step: fine-tune a (pretrained) teacher on the labeled data, or adopt a given one.
+"""The ``teacher`` step: build the teacher the student learns from, or adopt a given one.
 
 With ``teacher.checkpoint`` set, the checkpoint is loaded (``weights_only=True``), checked against
 the data's classes, evaluated on the validation split and copied as ``teacher.pt``; no training
-happens.
+happens, and select never ships it.
 
 Otherwise ``teacher.arch`` is built with ``teacher.weights`` (by default ImageNet EfficientNet-Lite0,
-offline) and trained with the ``supervised`` recipe through the same engine as every other recipe,
-with the fine-tuning settings users of pretrained networks expect:
+offline), at ``teacher.image_size`` (prepare's sharp teacher-resolution copy when there is one), in
+stages (docs/methods.md, "The teacher"):
 
-* the new head learns at ``teacher.lr``, the pretrained backbone at ``lr * backbone_lr_scale``;
-* linear warm-up over ``warmup_fraction`` of the iterations, then cosine decay;
-* weight decay on weights only (never on norm scales and biases), label smoothing;
-* optionally the head alone for the first ``freeze_backbone_fraction`` of the iterations, and the
-  pretrained BatchNorm statistics kept (``freeze_batchnorm``), which a few labeled images per
-  class would otherwise drag around.
+1. a linear probe on the untuned pretrained features (:mod:`kdpipe.probe`): the floor;
+2. fine-tuning through the training engine (the teacher in the student's seat of the loop): head at
+   ``teacher.lr``, backbone at ``lr * backbone_lr_scale``, warm-up then cosine, weight decay on
+   weights only, label smoothing, the pretrained BatchNorm statistics kept, ``teacher.epochs``
+   passes over the labels. When it ends below the probe, the probe's network is the teacher;
+3. Noisy Student rounds on the unlabeled images (``teacher.unlabeled_rounds``), each kept only when
+   validation improves;
+4. a check against the student trained alone on the labels.
 
-The teacher computes at ``teacher.image_size``: it is fed prepare's teacher-resolution copy when
-there is one, and otherwise upsamples the student-size images itself (on the device). Either way its
-checkpoint takes the student's image size as input, like every kdpipe model.
+Without a validation split (``prepare.val_fraction`` 0) the probe and the fine-tuning are compared
+out of fold (:func:`cross_validate`). Every shortfall is one warning line, in ``metrics.json`` too.
+The checkpoint takes the student's image size as input, like every kdpipe model.
 """
 
 from __future__ import annotations
@@ -345,17 +347,18 @@ def run(params, prepared_dir: str | os.PathLike = PREPARED, out_dir: str | os.Pa
     from .common import training_data
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     runtime = runtime_from_params(params.train)
     data = training_data(prepared_dir, teacher_copy=True)
     if params.teacher.checkpoint:
+        out.mkdir(parents=True, exist_ok=True)
         return _adopt(params, data, out, runtime)
     tp = params.teacher
+    model = build_network(params, data)  # first: unusable weights stop the step before it writes anything
+    out.mkdir(parents=True, exist_ok=True)
     validates = len(data.val_y) > 0
     # Without a validation split every label trains, and cross-validation says how the probe and the
     # fine-tuning do (and so which to keep); with one, the validation split does.
     cv = None if validates else cross_validate(params, data, runtime, out)
-    model = build_network(params, data)
     # a probe is a floor only on pretrained features (random ones teach nothing)
     # the probe's network is kept if the fine-tuning falls below it
     probe, probe_model = linear_probe(params, data, model, runtime) if tp.linear_probe and tp.weights else (None, None)
