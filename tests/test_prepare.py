@@ -361,3 +361,38 @@ def test_load_prepared_missing_files(image_dataset, tmp_path):
     (out / "manifest.json").unlink()
     with pytest.raises(DataError, match=r"manifest\.json: not found"):
         load_prepared(out)
+
+
+def test_per_class_counts_and_a_warning_for_classes_too_small(image_dataset, tmp_path, capsys):
+    """prepare (and prepare --check) print images per class and split, and warn about a class with 1 or
+    2 labeled images: with 1 there is no validation image for it at all."""
+    root = image_dataset(classes={"big": 10, "one": 1, "two": 2}, unlabeled=0, test={"big": 1, "one": 1, "two": 1})
+    for check in (True, False):
+        prepare.run(make_params(val_fraction=0.2), data_root=root, out_dir=tmp_path / f"out{check}", check=check)
+        out = capsys.readouterr().out
+        assert "prepare: images per class (train / validation / test):" in out
+        assert any(line.split() == ["big", "8", "/", "2", "/", "1"] for line in out.splitlines())
+        assert any(line.split() == ["one", "1", "/", "0", "/", "1"] for line in out.splitlines())
+        assert "warning: class 'one' has 1 labeled image(s): too few to train it, and none is left to validate it" in out
+        assert "warning: class 'two' has 2 labeled image(s): too few to train it reliably" in out
+        assert "class 'big'" not in out
+
+
+def test_a_class_folder_in_two_unicode_forms_is_one_class(image_dataset, make_image, tmp_path):
+    """'rosé' from a Mac (decomposed, NFD) in labeled/ and from Linux (composed, NFC) in test/: one class."""
+    import unicodedata
+
+    root = image_dataset(classes={"red": 4}, unlabeled=0, test={"red": 1})
+    decomposed, composed = unicodedata.normalize("NFD", "rosé"), unicodedata.normalize("NFC", "rosé")
+    assert decomposed != composed
+    for k in range(4):
+        make_image(root / "labeled" / decomposed / f"r{k}.png", seed=500 + k)
+    make_image(root / "test" / composed / "t.png", seed=600)
+    manifest = run(root, tmp_path / "out")
+    assert manifest["class_names"] == ["red", composed]
+    assert manifest["per_class"]["test"] == {"red": 1, composed: 1}
+    # the same name twice in labeled/, once in each form: two folders that cannot both be the class
+    for k in range(2):
+        make_image(root / "labeled" / composed / f"c{k}.png", seed=700 + k)
+    with pytest.raises(DataError, match="two class folders with the same name written in two Unicode forms"):
+        run(root, tmp_path / "out2")

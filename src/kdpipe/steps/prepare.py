@@ -50,6 +50,7 @@ import os
 import sys
 import tempfile
 import textwrap
+import unicodedata
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
@@ -240,14 +241,19 @@ def _scan(root: Path, ledger: Ledger) -> None:
 
 
 def _class_dirs(root: Path, walker: Walker, parent: Path, ledger: Ledger) -> dict[str, Path]:
-    """Class folders directly under ``parent`` (named as shown: readable even when not UTF-8); stray
-    files there are rejected."""
+    """Class folders directly under ``parent`` (named as shown: readable even when not UTF-8; in
+    Unicode's composed form NFC, so "rosé" written by a Mac (decomposed, NFD) and by Linux or Windows
+    (composed) is one class); stray files there are rejected."""
     split = parent.name
     walker.enter(parent)  # a class folder linking back to ``parent`` is then a loop, never read
-    dirs = {}
+    dirs: dict[str, Path] = {}
     for entry in walker.entries(parent):
         if entry.is_dir():
-            dirs[shown(entry.name)] = entry
+            name = unicodedata.normalize("NFC", shown(entry.name))
+            if name in dirs:
+                raise DataError(f"{shown(entry)} and {shown(dirs[name])}: two class folders with the same name written "
+                                "in two Unicode forms (composed and decomposed accents); merge them into one")
+            dirs[name] = entry
         else:
             ledger.reject(_rel(root, entry), split, "outside_class_folder", f"files must be in {split}/<class>/")
     return dirs
@@ -735,6 +741,7 @@ def summary_lines(manifest: dict[str, Any], reasons: list[tuple[str, int]], exam
             lines.append(f"  {r['path']}: {r['reason']} ({r['detail']})")
         if c["rejected"] > len(examples):
             lines.append(f"  ... and {c['rejected'] - len(examples)} more")
+    lines += class_lines(manifest, val_fraction)
     if c["val"] == 0 and val_fraction == 0:
         lines.append("prepare: no validation split (prepare.val_fraction 0): every label trains; the teacher is "
                      "checked by cross-validation and select ranks the models by agreement with the teacher")
@@ -752,5 +759,42 @@ def summary_lines(manifest: dict[str, Any], reasons: list[tuple[str, int]], exam
 
 def _summary_manifest(params: Params, ledger: Ledger, copy_size: int | None) -> dict[str, Any]:
     """The manifest's counts for ``--check`` (no files, so no hashes)."""
-    return {"class_names": ledger.class_names, "counts": _counts(ledger), "image_size": params.prepare.image_size,
-            "teacher_image_size": copy_size, "check_only": True}
+    per_class = {name: ledger.class_counts(SPLITS.index(name)) for name in ("train", "val", "test")}
+    return {"class_names": ledger.class_names, "counts": _counts(ledger), "per_class": per_class,
+            "image_size": params.prepare.image_size, "teacher_image_size": copy_size, "check_only": True}
+
+
+# A class with fewer labeled images than this gets a warning: too few to learn it from, and (with a
+# validation split) at most one of them is held out to check it.
+SMALL_CLASS = 3
+MAX_CLASS_LINES = 40  # more classes: only the smallest are listed (the manifest has them all)
+
+
+def class_lines(manifest: dict[str, Any], val_fraction: float | None) -> list[str]:
+    """Images per class and split (one line per class), then one warning per class too small to train
+    or to validate."""
+    per_class = manifest.get("per_class") or {}
+    if not per_class:
+        return []
+    names = manifest["class_names"]
+
+    def labeled(name: str) -> int:
+        return per_class["train"].get(name, 0) + per_class["val"].get(name, 0)
+
+    shown_names = names if len(names) <= MAX_CLASS_LINES else sorted(names, key=labeled)[:MAX_CLASS_LINES // 2]
+    width = max(len(name) for name in shown_names)
+    lines = ["prepare: images per class (train / validation / test)"
+             + (":" if shown_names is names else f", the {len(shown_names)} smallest of {len(names)} classes:")]
+    lines += [f"  {name:<{width}}  {per_class['train'].get(name, 0):>6} / {per_class['val'].get(name, 0):>6} / "
+              f"{per_class['test'].get(name, 0):>6}" for name in shown_names]
+    for name in names:
+        count, val = labeled(name), per_class["val"].get(name, 0)
+        if count >= SMALL_CLASS:
+            continue
+        if val == 0 and val_fraction != 0:
+            lines.append(f"warning: class '{name}' has {count} labeled image(s): too few to train it, and none is "
+                         "left to validate it; label a few more (the pipeline still runs)")
+        else:
+            lines.append(f"warning: class '{name}' has {count} labeled image(s): too few to train it reliably; "
+                         "label a few more (the pipeline still runs)")
+    return lines
