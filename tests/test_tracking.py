@@ -251,3 +251,21 @@ def test_cli_steps_log_nested_runs_with_curves_and_reports(tmp_path, monkeypatch
     names = {a.path for a in client.list_artifacts(distill.info.run_id)}
     assert {"metrics.json", "history.json", "schedule.json"} <= names
     assert parents[0].data.params["train.recipe"] == params.train.recipe
+
+
+def test_a_step_rerun_by_hand_with_other_settings_gets_its_own_parent(tmp_path, caplog):
+    """A step re-run by hand with other settings does not join the execution whose parent logged the
+    first ones (MLflow would keep showing those, unused); the same settings still join it."""
+    params = Params()
+    with tracking.pipeline_run(params) as first:
+        tracking.log_params_flat(params)
+    with tracking.pipeline_run(params) as same:
+        assert same.info.run_id == first.info.run_id
+    changed = Params()
+    changed.teacher.image_size = 128
+    with tracking.pipeline_run(changed) as other:
+        assert other.info.run_id != first.info.run_id
+        tracking.log_params_flat(changed)
+    assert "already logged" not in caplog.text
+    logged = {r.info.run_id: r.data.params.get("teacher.image_size") for r in _runs()}
+    assert logged == {first.info.run_id: "", other.info.run_id: "128"}  # null is logged empty

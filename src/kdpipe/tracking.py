@@ -247,6 +247,14 @@ def _execution_run(client, key: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def _settings_differ(client, run_id: str, params: Any) -> bool:
+    """Whether ``params`` give another value to a setting the parent run has logged already."""
+    if params is None:
+        return False
+    logged = client.get_run(run_id).data.params
+    return any(key in logged and logged[key] != value for key, value in safe_params(params).items())
+
+
 def _run_exists(client, run_id: str) -> bool:
     from mlflow.exceptions import MlflowException
 
@@ -263,7 +271,8 @@ def pipeline_run(params: Any, run_name: str | None = None) -> Iterator[Any]:
     Resumes ``$KDPIPE_MLFLOW_RUN_ID`` (an error if that run does not exist), else the run tagged
     with ``$KDPIPE_EXECUTION_KEY`` (a Kubeflow run: every task of one run shares its parent, although
     each task is a pod of its own), else the run recorded in ``artifacts/mlflow_run.json`` (ignored
-    if stale); otherwise creates a run and records it there. Tags: git commit, data version, kdpipe
+    if stale, or when it logged other values for these settings: a step re-run by hand with other
+    settings is another execution); otherwise creates a run and records it there. Tags: git commit, data version, kdpipe
     version, and the execution key when there is one. Yields ``None`` on non-zero ranks.
     """
     if not is_main_rank():
@@ -284,6 +293,10 @@ def pipeline_run(params: Any, run_name: str | None = None) -> Iterator[Any]:
     if run_id and not _run_exists(client, run_id):
         if source == "env":
             raise KdpipeError(f"{RUN_ID_ENV}={run_id}: no such active run in {redact(uri)}")
+        run_id = None
+    if run_id and source == "file" and _settings_differ(client, run_id, params):
+        # A step run by hand with other settings than the execution it would join: a parent records
+        # the settings its steps used, so this is another execution, with a parent of its own.
         run_id = None
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name) as run:
         mlflow.set_tags({**run_tags(params), **({TAG_EXECUTION: execution} if execution else {})})
