@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -269,3 +270,29 @@ def test_a_step_rerun_by_hand_with_other_settings_gets_its_own_parent(tmp_path, 
     assert "already logged" not in caplog.text
     logged = {r.info.run_id: r.data.params.get("teacher.image_size") for r in _runs()}
     assert logged == {first.info.run_id: "", other.info.run_id: "128"}  # null is logged empty
+
+
+def test_an_unreachable_tracking_server_is_one_line_after_the_outputs(tmp_path, monkeypatch, capsys, image_dataset):
+    """A dead MLflow server: the step's outputs are written, then one error line (exit 2) instead of
+    minutes of retries and chained tracebacks; MLflow's retries are bounded unless the user sets them."""
+    import socket
+
+    from kdpipe.cli import main
+
+    with socket.socket() as sock:  # a port nothing listens on: connections are refused at once
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for name in tracking.HTTP_RETRIES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://user:{SECRET}@127.0.0.1:{port}")
+    monkeypatch.setenv("KDPIPE_TRACKING", "1")
+    root = image_dataset(classes={"cat": 3, "dog": 3}, unlabeled=0, test={})
+    code = main(["prepare", "--data-root", str(root), "--out-dir", str(tmp_path / "prepared"),
+                 "-S", "prepare.image_size=8"])
+    err = capsys.readouterr().err
+    assert code == 2
+    (line,) = [line for line in err.splitlines() if line.strip()]
+    assert line.startswith(f"kdpipe prepare: error: MLflow tracking server http://127.0.0.1:{port} is unreachable")
+    assert "KDPIPE_TRACKING=0" in line and SECRET not in err and "Traceback" not in err
+    assert (tmp_path / "prepared" / "manifest.json").is_file()  # the step's work is kept
+    assert {name: os.environ[name] for name in tracking.HTTP_RETRIES} == tracking.HTTP_RETRIES

@@ -177,13 +177,17 @@ def configure(params: Any) -> str:
     HTTP URI move to ``MLFLOW_TRACKING_USERNAME/PASSWORD``. Returns the URI MLflow now uses.
     """
     _quiet_mlflow()
+    _bounded_retries()
     import mlflow
 
     uri = _move_credentials_to_env(tracking_uri(params))
     mlflow.set_tracking_uri(uri)
     name = getattr(getattr(params, "register", None), "experiment", "kdpipe")
     client = mlflow.MlflowClient(uri)
-    experiment = client.get_experiment_by_name(name)
+    try:
+        experiment = client.get_experiment_by_name(name)
+    except mlflow.exceptions.MlflowException as exc:
+        raise TrackingUnavailable(uri, exc) from None
     if experiment is None:
         location = (Path.cwd() / DEFAULT_ARTIFACTS).as_uri() if uri.startswith("sqlite:") else None
         try:
@@ -192,6 +196,28 @@ def configure(params: Any) -> str:
             pass  # created meanwhile by a concurrent step; set_experiment finds it
     mlflow.set_experiment(name)
     return uri
+
+
+# How hard a step tries to reach a tracking server before it gives up (MLflow's own settings, which a
+# user's environment overrides): MLflow's defaults retry for minutes before failing.
+HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+def _bounded_retries() -> None:
+    for name, value in HTTP_RETRIES.items():
+        os.environ.setdefault(name, value)
+
+
+class TrackingUnavailable(KdpipeError):
+    """The tracking server cannot be reached: one line, after the step's own outputs are written."""
+
+    def __init__(self, uri: str, exc: BaseException):
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = re.sub(r"HTTPConnectionPool\(.*", "connection refused or timed out", redact(reason))
+        super().__init__(f"MLflow tracking server {redact(uri)} is unreachable ({reason[:200]}); the step's outputs "
+                         "are written, but it is not recorded. Start the server and run the step again, or set "
+                         "KDPIPE_TRACKING=0 to run without tracking (retries: MLFLOW_HTTP_REQUEST_MAX_RETRIES)")
 
 
 def _quiet_mlflow() -> None:
@@ -487,7 +513,23 @@ def log_step(name: str, params: Any, out_dir: str | os.PathLike, report_files: I
     """
     if not is_main_rank():
         return
-    out = Path(out_dir)
+    try:
+        _log_step(name, params, Path(out_dir), report_files, started_at)
+    except KdpipeError:
+        raise
+    except Exception as exc:  # MLflow and requests raise many types when a server goes away mid-way
+        if _is_unreachable(exc):
+            raise TrackingUnavailable(tracking_uri(params), exc) from None
+        raise
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    text = str(exc)
+    return any(sign in text for sign in ("Max retries exceeded", "Connection refused", "ConnectionError",
+                                         "Failed to establish a new connection", "timed out"))
+
+
+def _log_step(name: str, params: Any, out: Path, report_files: Iterable[str], started_at: float | None) -> None:
     with pipeline_run(params, run_name="kdpipe"):
         log_params_flat(params)
         with step_run(name, params, started_at):
