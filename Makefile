@@ -48,12 +48,17 @@ data: setup ## make sure data/ holds data: pull it from the DVC remote, else wri
 
 # S holds GROUP.KEY=VALUE settings written into params.yaml (validated, comments kept) before the run:
 # make repro S="prepare.image_size=64 augment.flip=true"
+# One run at a time, and its settings never change under it: the lock (flock on REPRO_LOCK, held for
+# the whole recipe) is taken BEFORE S is written into params.yaml, so a second `make repro` stops
+# before it writes anything. dvc repro ends with "Use \`dvc push\`..." although the push follows: that
+# hint is filtered from its stdout only (the stages' progress bars are on stderr).
+REPRO_LOCK := .dvc/tmp/kdpipe-repro.lock
 repro: data ## run the whole pipeline (dvc repro) [S="group.key=value ..."]; a second run does nothing
-	@if [ -n "$(S)" ]; then $(BIN)/kdpipe params --write $(foreach setting,$(S),-S $(setting)); fi
-	@# dvc repro ends with "Use \`dvc push\`..." although the next line pushes: that hint is filtered
-	@# from its stdout only (the stages' progress bars are on stderr and keep the terminal).
-	@set -o pipefail; $(BIN)/dvc repro | { grep --line-buffered -v '^Use `dvc push`' || true; }
-	@$(MAKE) --no-print-directory push
+	@mkdir -p $(dir $(REPRO_LOCK)); exec 9>$(REPRO_LOCK); \
+	flock -n 9 || { echo "error: another 'make repro' is running in this project (it holds $(REPRO_LOCK)); nothing was changed: wait for it to finish"; exit 1; }; \
+	if [ -n "$(S)" ]; then $(BIN)/kdpipe params --write $(foreach setting,$(S),-S $(setting)) || exit 1; fi; \
+	set -o pipefail; $(BIN)/dvc repro | { grep --line-buffered -v '^Use `dvc push`' || true; } || exit 1; \
+	$(MAKE) --no-print-directory push
 
 # DVC's own message says why a push failed; the exit status says the outputs are not on the remote.
 push: setup ## push the DVC-tracked data and outputs to the default DVC remote

@@ -58,3 +58,23 @@ def test_a_push_that_works_says_so(project):
     assert done.returncode == 0, done.stdout
     assert "outputs pushed to the default DVC remote" in done.stdout
     assert any((root / "dvc-remote").rglob("*"))
+
+
+def test_a_second_repro_changes_nothing_while_one_runs(project):
+    """Two `make repro` at once: the second stops before writing its S= settings into params.yaml (the
+    first one trains with the settings it started with)."""
+    import fcntl
+
+    root, env = project
+    (root / "data" / "labeled").mkdir(parents=True)  # `make data` then leaves data/ alone
+    params = root / "params.yaml"
+    params.write_text("train:\n  lr: 0.1\n")
+    lock = root / ".dvc" / "tmp" / "kdpipe-repro.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as held:  # what the running `make repro` holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        done = subprocess.run(["make", "--no-print-directory", "repro", "S=train.lr=0.5"], cwd=root, env=env,
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    assert done.returncode != 0
+    assert "another 'make repro' is running in this project" in done.stdout
+    assert params.read_text() == "train:\n  lr: 0.1\n"
