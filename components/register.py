@@ -30,5 +30,5 @@ def register(onnx_model: Input[Model], evaluation: Input[Artifact], prepared: In
     )
     kubeflow.tracking_for_task(execution_key, git_commit)
     kubeflow.registry_for_task(params.register, decision.path, require_tracking_server)
-    result = step.run(params, onnx_model.path, evaluation.path, decision.path)
+    result = step.run(params, onnx_model.path, evaluation.path, prepared.path, decision.path)
     decision.metadata.update({k: result[k] for k in ("registered", "model_name", "version", "promoted", "reason")})

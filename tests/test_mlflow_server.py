@@ -118,7 +118,7 @@ def test_register_through_a_real_server(mlflow_server, onnx_model, tmp_path, mon
     params = make_params(tracking_uri=f"http://kdpipe:{SECRET}@{host}")
     export_dir, evaluation_dir = make_upstream(work, onnx_model, 0.75)
     try:
-        decision = register.run(params, export_dir, evaluation_dir, work / "out")
+        decision = register.run(params, export_dir, evaluation_dir, work / "artifacts" / "prepared", work / "out")
     finally:
         while mlflow.active_run():
             mlflow.end_run()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,26 +24,58 @@ IMAGE_SIZE = 16
 
 @pytest.fixture(scope="module")
 def onnx_model(tmp_path_factory) -> Path:
-    """A real tiny classifier exported once per module (input 'images', output 'logits')."""
-    return export_tiny_model(tmp_path_factory.mktemp("onnx") / "model.onnx")
+    """A real tiny classifier exported once per module (input 'images', output 'logits'); it answers
+    class "a" on every image, so it scores VAL_SCORES["a"] on the promotion split."""
+    return export_tiny_model(tmp_path_factory.mktemp("onnx") / "model.onnx", answer=0)
 
 
-def export_tiny_model(path: Path) -> Path:
+def export_tiny_model(path: Path, answer: int | None = None) -> Path:
+    """A cnn_tiny ONNX model; with ``answer`` it always predicts that class (a known accuracy)."""
     import torch
 
     from kdpipe.models import build_model
 
     torch.manual_seed(0)
     model = build_model("cnn_tiny", 3, IMAGE_SIZE).eval()
+    if answer is not None:
+        with torch.no_grad():
+            model.head.weight.zero_()
+            model.head.bias.fill_(-10.0)
+            model.head.bias[answer] = 10.0
     torch.onnx.export(model, (torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE),), str(path), dynamo=False,
                       opset_version=17, input_names=["images"], output_names=["logits"],
                       dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
     return path
 
 
+# The promotion (validation) split's labels: a model that always answers "a" scores 0.6, "b" 0.3, "c" 0.1.
+VAL_LABELS = [0] * 6 + [1] * 3 + [2] * 1
+VAL_SCORES = {"a": 0.6, "b": 0.3, "c": 0.1}
+
+
+def write_prepared_split(root: Path, data_version: str, val_labels=VAL_LABELS, classes=("a", "b", "c")) -> Path:
+    """A prepared folder at root/artifacts/prepared whose validation split has ``val_labels``."""
+    from benchmarks.common import write_prepared
+
+    rng = np.random.default_rng(0)
+
+    def images(n):
+        return rng.integers(0, 255, (n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+
+    folder = root / "artifacts" / "prepared"
+    n = len(val_labels)
+    write_prepared(folder, images(6), np.arange(6) % len(classes), images(n), np.asarray(val_labels), images(0),
+                   images(4), np.arange(4) % len(classes), list(classes))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["data_version"] = data_version
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
 def make_upstream(root: Path, model: Path, accuracy: float, data_version: str = "dv-1") -> tuple[Path, Path]:
     """Write export, evaluation and prepared outputs as the upstream steps do; returns
-    (export_dir, evaluation_dir). The prepared manifest goes to root/artifacts/prepared."""
+    (export_dir, evaluation_dir). The prepared data goes to root/artifacts/prepared (see
+    :func:`write_prepared_split`) unless it is there already."""
     export_dir, evaluation_dir = root / "export", root / f"evaluate-{accuracy}"
     export_dir.mkdir(parents=True, exist_ok=True)
     evaluation_dir.mkdir(parents=True, exist_ok=True)
@@ -54,7 +87,8 @@ def make_upstream(root: Path, model: Path, accuracy: float, data_version: str = 
     (evaluation_dir / "report.md").write_text("# report\n")
     (evaluation_dir / "confusion.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     _write(evaluation_dir / "confusion.json", {"matrix": [[1, 0], [0, 1]]})
-    _write(root / "artifacts" / "prepared" / "manifest.json", {"data_version": data_version})
+    if not (root / "artifacts" / "prepared" / "manifest.json").is_file():
+        write_prepared_split(root, data_version)
     return export_dir, evaluation_dir
 
 
@@ -97,7 +131,15 @@ def store(tmp_path, monkeypatch, empty_db):
 
 def _register(tmp_path, model, accuracy, **register_values):
     export_dir, evaluation_dir = make_upstream(tmp_path, model, accuracy)
-    return register.run(make_params(**register_values), export_dir, evaluation_dir, tmp_path / "out")
+    return register.run(make_params(**register_values), export_dir, evaluation_dir,
+                        tmp_path / "artifacts" / "prepared", tmp_path / "out")
+
+
+@pytest.fixture(scope="module")
+def answering(tmp_path_factory) -> dict[str, Path]:
+    """One ONNX model per class, each always answering that class."""
+    folder = tmp_path_factory.mktemp("answering")
+    return {name: export_tiny_model(folder / f"{name}.onnx", answer=k) for k, name in enumerate("abc")}
 
 
 # ---------------------------------------------------------------- pure logic
@@ -129,36 +171,75 @@ def test_execution_providers_follow_the_installed_distribution():
 # ---------------------------------------------------------------- against MLflow
 
 
-def test_champion_moves_only_for_a_better_model(store, onnx_model):
+def test_champion_moves_only_for_a_better_model_on_the_validation_split(store, answering):
+    """Promotion follows the validation split; the test accuracy is reported only: a model worse on
+    validation is not promoted however good its test accuracy looks."""
     import mlflow
 
-    first = _register(store, onnx_model, 0.8)
+    first = _register(store, answering["b"], 0.5)
     assert first["registered"] and first["promoted"] and first["version"] == "1"
-    assert first["champion_before"] is None and first["champion_after"] == {"version": "1", "accuracy": 0.8}
+    assert first["champion_before"] is None and first["champion_after"] == {"version": "1", "accuracy": 0.3}
+    assert first["promotion_split"] == {"split": "validation", "images": 10, "accuracy": 0.3}
 
-    better = _register(store, onnx_model, 0.9)
-    assert better["promoted"] and better["champion_before"] == {"version": "1", "accuracy": 0.8}
+    better = _register(store, answering["a"], 0.4)  # lower test accuracy, better on validation
+    assert better["promoted"] and better["champion_before"] == {"version": "1", "accuracy": 0.3}
+    assert "on the validation split (10 images, both scored now)" in better["reason"]
 
-    worse = _register(store, onnx_model, 0.85)
-    assert not worse["promoted"] and worse["champion_after"] == {"version": "2", "accuracy": 0.9}
+    worse = _register(store, answering["c"], 0.99)
+    assert not worse["promoted"] and worse["champion_after"] == {"version": "2", "accuracy": 0.6}
+    assert worse["accuracy"] == 0.99  # reported
     assert json.loads((store / "out" / "decision.json").read_text()) == worse
 
     client = mlflow.MlflowClient()
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "2"
     assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "3"
     tags = client.get_model_version(NAME, "3").tags
-    assert tags["test_accuracy"] == "0.85" and tags["data_version"] == "dv-1" and tags["git_commit"] == "unknown"
+    assert tags["test_accuracy"] == "0.99" and tags["promotion_accuracy"] == "0.1"
+    assert tags["data_version"] == "dv-1" and tags["git_commit"] == "unknown"
+    assert json.loads(tags["class_names"]) == ["a", "b", "c"]
 
 
-def test_an_experiment_never_moves_the_champion(store, onnx_model):
+def test_the_champion_is_scored_again_on_the_current_split(store, answering):
+    """New data, new validation split: the champion is scored on it too, so a comparison never spans
+    two data versions (its old score, 0.6, would have kept it)."""
+    _register(store, answering["a"], 0.9)
+    shutil.rmtree(store / "artifacts" / "prepared")
+    write_prepared_split(store, "dv-2", val_labels=[1] * 7 + [0] * 3)  # now "a" scores 0.3, "b" 0.7
+    decision = _register(store, answering["b"], 0.5)
+    assert decision["promoted"] and decision["champion_before"] == {"version": "1", "accuracy": 0.3}
+    assert decision["champion_after"] == {"version": "2", "accuracy": 0.7}
+
+
+def test_a_new_class_set_starts_a_new_lineage_and_says_so(store, answering, tmp_path_factory):
+    """A 4-class model against a 3-class champion: not comparable; the new one is promoted with the
+    classes named (the old champion could never predict the new class)."""
+    _register(store, answering["a"], 0.9)
+    shutil.rmtree(store / "artifacts" / "prepared")
+    write_prepared_split(store, "dv-2", val_labels=[3] * 10, classes=("a", "b", "c", "d"))
+    import torch
+
+    from kdpipe.models import build_model
+
+    four = tmp_path_factory.mktemp("four") / "model.onnx"
+    model = build_model("cnn_tiny", 4, IMAGE_SIZE).eval()
+    torch.onnx.export(model, (torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE),), str(four), dynamo=False, opset_version=17,
+                      input_names=["images"], output_names=["logits"],
+                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+    decision = _register(store, four, 0.2)
+    assert decision["promoted"]
+    assert "the class set changed since champion v1 (added: d; removed: none" in decision["reason"]
+    assert "starts a new lineage" in decision["reason"]
+
+
+def test_an_experiment_never_moves_the_champion(store, answering):
     """`make exp` runs with register.promote=false: the better model is registered (and becomes
     @challenger) but @champion stays where it was, and the decision says why."""
     import mlflow
 
     client = mlflow.MlflowClient()
-    _register(store, onnx_model, 0.5)
+    _register(store, answering["b"], 0.5)
     champion = str(client.get_model_version_by_alias(NAME, "champion").version)
-    experiment = _register(store, onnx_model, 0.99, promote=False)
+    experiment = _register(store, answering["a"], 0.99, promote=False)  # better on validation too
     assert experiment["registered"] and not experiment["promoted"]
     assert "register.promote is false" in experiment["reason"]
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == champion
@@ -225,11 +306,12 @@ def test_credentials_never_reach_the_store(store, onnx_model, monkeypatch):
         "register": {"model_name": NAME, "tracking_uri": f"http://user:{SECRET}@127.0.0.1:9"},
     })
     export_dir, evaluation_dir = make_upstream(store, onnx_model, 0.7)
+    prepared = store / "artifacts" / "prepared"
     with tracking.pipeline_run(params):
         logged = tracking.log_params_flat(params)
         tracking.log_params_flat({"aws": {"secret_access_key": SECRET, "region": "eu"}})
     assert logged["data.root"] == "s3://***@bucket/data"
-    register.run(params, export_dir, evaluation_dir, store / "out")
+    register.run(params, export_dir, evaluation_dir, prepared, store / "out")
 
     files = [p for p in store.rglob("*") if p.is_file()]
     assert any(p.name == "mlflow.db" for p in files) and any(p.name == "model.onnx" for p in files)

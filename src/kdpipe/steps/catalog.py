@@ -68,8 +68,10 @@ STEPS: dict[str, Step] = {s.name: s for s in (
          {"export_dir": (layout.EXPORTED, "export output"), "prepared_dir": (layout.PREPARED, "prepared data"),
           "out_dir": (layout.EVALUATION, "output folder")},
          ("evaluate",), ("metrics.json", "confusion.json", "confusion.png", "per_class.json", "report.md")),
-    Step("register", "log the model to MLflow, register a version, move the champion alias if it is better",
+    Step("register", "log the model to MLflow, register a version, move the champion alias if it is better "
+                     "on the validation split",
          {"export_dir": (layout.EXPORTED, "export output"), "evaluation_dir": (layout.EVALUATION, "evaluate output"),
+          "prepared_dir": (layout.PREPARED, "prepared data (the promotion split)"),
           "out_dir": (layout.REGISTERED, "output folder")},
          ("register",), ("decision.json",), logs_itself=True),
 )}

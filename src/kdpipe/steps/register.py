@@ -1,18 +1,24 @@
 """Register step: log the exported ONNX model to MLflow, register a version, maybe promote it.
 
 Inputs: ``export_dir`` (``model.onnx``, optional ``model.int8.onnx``, ``parity.json``,
-``preprocess.json``) and ``evaluation_dir`` (``metrics.json`` with the test ``accuracy``, report,
-plots). Output: ``out_dir/decision.json``.
+``preprocess.json``), ``evaluation_dir`` (``metrics.json`` with the test ``accuracy``, report, plots)
+and ``prepared_dir`` (the promotion split). Output: ``out_dir/decision.json``.
 
 1. Quality gate: ``accuracy < register.min_accuracy`` -> nothing is registered.
 2. Otherwise a new version of ``register.model_name`` is registered (flavor ``onnx``, explicit
    execution providers and pip requirements, ``preprocess.json`` shipped inside the model under
-   ``extra_files/``), tagged ``test_accuracy``, ``data_version``, ``git_commit``, and given the
-   alias ``challenger`` (the latest candidate; it moves to every new version, promoted or not).
-3. Promotion (:func:`decide_promotion`): the alias ``champion`` moves to the new version iff there
-   is no champion, or ``new_acc > champion_acc`` and ``new_acc >= champion_acc + min_improvement``
-   (with ``min_improvement = 0``: strictly better; a tie keeps the champion). A champion without a
-   readable ``test_accuracy`` tag (set by hand) is never replaced automatically.
+   ``extra_files/``), tagged ``test_accuracy`` (reported, never compared), ``promotion_accuracy``,
+   ``class_names``, ``data_version``, ``git_commit``, and given the alias ``challenger`` (the latest
+   candidate; it moves to every new version, promoted or not).
+3. Promotion (:func:`decide_promotion`) is decided on the **promotion split** -- the validation split
+   (the test split only when there is none, and the decision says so) -- never on the test split,
+   which repeated retrains would otherwise turn into a selection set. The new version and the
+   current ``champion`` are both scored on the same images of that split now (the champion's model is
+   read back from the registry), so a comparison never spans two data versions. ``champion`` moves
+   iff there is none, or ``new > champion`` and ``new >= champion + min_improvement`` (a tie keeps
+   the champion). A champion trained on another class set cannot be compared: the new version
+   starts a new lineage and is promoted, and the decision names the classes added and removed. A
+   champion whose model cannot be read back (set by hand...) is never replaced automatically.
 
 Metrics, the evaluation report and plots, ``parity.json``, ``model.int8.onnx`` (when exported) and
 ``decision.json`` are logged to the step's nested run. Register is the pipeline's last step, so it closes the pipeline run.
@@ -26,17 +32,22 @@ import io
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .. import __version__, tracking
 from ..atomic import read_json, write_json
 from ..errors import KdpipeError
-from ..layout import EVALUATION, EXPORTED, REGISTERED
+from ..layout import EVALUATION, EXPORTED, PREPARED, REGISTERED
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 ACCURACY_TAG = "test_accuracy"
+PROMOTION_TAG = "promotion_accuracy"
+CLASSES_TAG = "class_names"
 # Accuracies are ratios k/n: 0.9 - 0.8 is 0.09999999999999998, which must still count as +0.1.
 _TOLERANCE = 1e-9
 # Checked in this order: the GPU build first, because it also provides the CPU provider.
@@ -108,18 +119,56 @@ def _signature(model_path: Path, export_dir: Path):
     return signature, np.full((1, 3, size, size), 0.5, dtype=np.float32)
 
 
-def _champion(client, name: str) -> tuple[Any, float | None]:
-    """(champion ModelVersion or None, its test accuracy or None if unknown)."""
+@dataclass
+class PromotionSplit:
+    """The images promotion is decided on: the validation split, or the test split when there is none."""
+
+    name: str
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+
+
+def promotion_split(prepared_dir: Path) -> PromotionSplit:
+    from ..data import load_prepared
+
+    data = load_prepared(prepared_dir, splits=("val", "test"))
+    if len(data.val_y):
+        return PromotionSplit("validation", data.val_x, data.val_y, list(data.class_names))
+    return PromotionSplit("test (there is no validation split)", data.test_x, data.test_y, list(data.class_names))
+
+
+def onnx_accuracy(model_path: Path, split: PromotionSplit) -> float | None:
+    """Top-1 accuracy of an ONNX model on the split, with onnxruntime on the CPU."""
+    from ..onnx_utils import CPU, accuracy, make_session, run_logits
+
+    return accuracy(run_logits(make_session(model_path, [CPU]), np.asarray(split.images)), split.labels)
+
+
+def _champion(client, name: str, split: PromotionSplit) -> tuple[Any, float | None, str | None]:
+    """(champion ModelVersion or None, its accuracy on ``split`` now, why it cannot be compared)."""
+    import json
+
+    import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
         version = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
-        return None, None  # no registered model yet, or no champion alias
+        return None, None, None  # no registered model yet, or no champion alias
+    classes = version.tags.get(CLASSES_TAG)
+    if classes is not None and json.loads(classes) != split.class_names:
+        old, new = json.loads(classes), split.class_names
+        added = [c for c in new if c not in old]
+        removed = [c for c in old if c not in new]
+        return version, None, (f"the class set changed since champion v{version.version} (added: "
+                               f"{', '.join(added) or 'none'}; removed: {', '.join(removed) or 'none'}; order or "
+                               "names differ otherwise): it cannot be compared, so this version starts a new lineage")
     try:
-        return version, float(version.tags[ACCURACY_TAG])
-    except (KeyError, TypeError, ValueError):
-        return version, None
+        folder = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@{CHAMPION}"))
+        return version, onnx_accuracy(folder / "model.onnx", split), None
+    except Exception as exc:  # a hand-set champion without a model, an unreadable file...
+        return version, None, f"unreadable ({type(exc).__name__})"
 
 
 def _log_model(model_path: Path, export_dir: Path, model_name: str):
@@ -158,24 +207,29 @@ def _without_registry_chatter():
         sys.stderr.write("".join(kept))
 
 
-def _promote(client, name: str, version: str, accuracy: float, min_improvement: float,
+def _promote(client, name: str, version: str, accuracy: float, split: PromotionSplit, min_improvement: float,
              allowed: bool = True) -> dict[str, Any]:
-    """Set ``challenger`` on the new version, move ``champion`` if it wins (and ``allowed``: an
-    experiment never promotes); the decision fields."""
-    champion, champion_acc = _champion(client, name)
+    """Set ``challenger`` on the new version, move ``champion`` if it wins on the promotion split (and
+    ``allowed``: an experiment never promotes); the decision fields."""
+    champion, champion_acc, problem = _champion(client, name, split)
     client.set_registered_model_alias(name, CHALLENGER, version)
-    if champion is not None and champion_acc is None:
-        promoted, reason = False, (f"champion v{champion.version} has no readable '{ACCURACY_TAG}' tag; "
-                                   "not replacing a hand-set champion automatically")
+    if champion is not None and problem and problem.startswith("the class set changed"):
+        promoted, reason = True, problem
+    elif champion is not None and champion_acc is None:
+        promoted, reason = False, (f"champion v{champion.version} could not be scored on the {split.name} split "
+                                   f"({problem}); not replacing a hand-set champion automatically")
     else:
         promoted, reason = decide_promotion(accuracy, champion_acc, min_improvement)
+        if champion_acc is not None:
+            reason += f" on the {split.name} split ({len(split.labels)} images, both scored now)"
     if promoted and not allowed:
         promoted, reason = False, f"{reason}; not promoted: register.promote is false (an experiment)"
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version)
     before = None if champion is None else {"version": str(champion.version), "accuracy": champion_acc}
     after = {"version": version, "accuracy": accuracy} if promoted else before
-    return {"champion_before": before, "champion_after": after, "promoted": promoted, "reason": reason}
+    return {"champion_before": before, "champion_after": after, "promoted": promoted, "reason": reason,
+            "promotion_split": {"split": split.name, "images": int(len(split.labels)), "accuracy": accuracy}}
 
 
 def _check_model(model_path: Path) -> None:
@@ -186,45 +240,62 @@ def _check_model(model_path: Path) -> None:
     check_onnx(model_path)  # onnx.load would otherwise fail with a protobuf traceback
 
 
-def _register(params, export_dir: Path, accuracy: float) -> dict[str, Any]:
+def _register(params, export_dir: Path, accuracy: float, split: PromotionSplit) -> dict[str, Any]:
+    import json
+
     import mlflow
 
     model_path = export_dir / "model.onnx"
     if not model_path.is_file():
         raise KdpipeError(f"{model_path}: no exported model; run `kdpipe export`")
     name = params.register.model_name
+    promotion_accuracy = onnx_accuracy(model_path, split)
     info = _log_model(model_path, export_dir, name)
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
-    tags = {ACCURACY_TAG: repr(accuracy), "data_version": tracking.data_version(params),
+    tags = {ACCURACY_TAG: repr(accuracy), PROMOTION_TAG: repr(promotion_accuracy),
+            CLASSES_TAG: json.dumps(split.class_names), "data_version": tracking.data_version(params),
             "git_commit": tracking.git_commit(), "kdpipe_version": __version__}
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     mlflow.set_tag("kdpipe.registered_version", version)
     decision = {"registered": True, "model_name": name, "version": version}
-    decision.update(_promote(client, name, version, accuracy, params.register.min_improvement,
+    decision.update(_promote(client, name, version, promotion_accuracy, split, params.register.min_improvement,
                              params.register.promote))
     return decision
 
 
 def _rejected(name: str, accuracy: float, gate: float) -> dict[str, Any]:
     import mlflow
+    from mlflow.exceptions import MlflowException
 
-    champion, champion_acc = _champion(mlflow.MlflowClient(), name)
-    current = None if champion is None else {"version": str(champion.version), "accuracy": champion_acc}
+    try:
+        champion = mlflow.MlflowClient().get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        champion = None
+    current = None if champion is None else {"version": str(champion.version),
+                                             "accuracy": _tag_number(champion, PROMOTION_TAG)}
     return {"registered": False, "model_name": name, "version": None, "champion_before": current,
             "champion_after": current, "promoted": False,
             "reason": f"accuracy {accuracy:.4f} is below register.min_accuracy={gate}"}
 
 
+def _tag_number(version, tag: str) -> float | None:
+    try:
+        return float(version.tags[tag])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def run(params, export_dir: str | os.PathLike = EXPORTED, evaluation_dir: str | os.PathLike = EVALUATION,
-        out_dir: str | os.PathLike = REGISTERED) -> dict[str, Any] | None:
+        prepared_dir: str | os.PathLike = PREPARED, out_dir: str | os.PathLike = REGISTERED) -> dict[str, Any] | None:
     """Gate, register, promote; writes and returns the decision (``None`` on non-zero DDP ranks)."""
     if not tracking.is_main_rank():
         return None
     export_dir, evaluation_dir, out_dir = Path(export_dir), Path(evaluation_dir), Path(out_dir)
     metrics, accuracy = _read_accuracy(evaluation_dir)
     gate = params.register.min_accuracy
+    split = promotion_split(Path(prepared_dir))
     if accuracy >= gate:  # a missing or malformed model fails here, before anything is logged
         _check_model(export_dir / "model.onnx")
     # Read before tracking.configure() moves URI credentials out of the URI MLflow keeps.
@@ -242,8 +313,8 @@ def run(params, export_dir: str | os.PathLike = EXPORTED, evaluation_dir: str | 
             if accuracy < gate:
                 decision = _rejected(params.register.model_name, accuracy, gate)
             else:
-                decision = _register(params, export_dir, accuracy)
-            decision["accuracy"] = accuracy
+                decision = _register(params, export_dir, accuracy, split)
+            decision["accuracy"] = accuracy  # the test accuracy: reported, never compared
             decision["tracking_uri"] = shown_uri
             write_json(out_dir / "decision.json", decision)
             tracking.log_artifacts([out_dir / "decision.json"])
