@@ -5,8 +5,11 @@ Importing torch, onnxruntime and mlflow takes seconds on a small machine; a fork
 that already imported them starts in milliseconds, runs ``kdpipe.cli.main(argv)`` exactly as the
 console script does, in its own process (own state, own stdout/stderr, killable with SIGKILL), and
 exits. Options per command: ``step_sleep`` (slow each training step down and print ``ITER n``),
-``kill_at_replace`` ([k, "before"|"after"]: SIGKILL itself around its k-th ``os.replace``) and
-``log_level`` (configure ``logging`` to stderr at that level).
+``kill_at_replace`` ([k, "before"|"after"]: SIGKILL itself around its k-th ``os.replace``),
+``kill_at_iteration`` ([k, "step"|"replace"]: SIGKILL itself right after its k-th training step, or
+at its first ``os.replace`` after it: a checkpoint being renamed into place) and ``log_level``
+(configure ``logging`` to stderr at that level). The kills happen at points the child reaches, never
+after a wall-clock delay, so a loaded machine changes nothing.
 """
 
 from __future__ import annotations
@@ -46,16 +49,30 @@ def child(job):
     os.chdir(job["cwd"])
     if job.get("log_level"):
         logging.basicConfig(level=job["log_level"], stream=sys.stderr)
-    if job.get("step_sleep") is not None:
+    stop_at, stop_how = job.get("kill_at_iteration") or (None, None)
+    if job.get("step_sleep") is not None or stop_at is not None:
         step = Trainer._step
+        reached = [0]
 
-        def slow_step(self, _sleep=job["step_sleep"]):  # widens the kill window; results unchanged
+        def reporting_step(self, _sleep=job.get("step_sleep") or 0.0):  # results unchanged
             time.sleep(_sleep)
             parts = step(self)
-            print(f"ITER {self.iteration + 1}", flush=True)  # iterations completed so far
+            reached[0] = self.iteration + 1
+            print(f"ITER {reached[0]}", flush=True)  # iterations completed so far
+            if reached[0] == stop_at and stop_how == "step":
+                os.kill(os.getpid(), signal.SIGKILL)
             return parts
 
-        Trainer._step = slow_step
+        Trainer._step = reporting_step
+        if stop_how == "replace":
+            real_replace = os.replace
+
+            def replace_after(src, dst, *args, **kwargs):
+                if reached[0] >= stop_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                real_replace(src, dst, *args, **kwargs)
+
+            os.replace = replace_after
     if job.get("kill_at_replace"):
         k, when = job["kill_at_replace"]
         real, calls = os.replace, [0]
