@@ -208,3 +208,32 @@ def test_fp16_autocast_with_loss_scaling_and_channels_last_trains(device, tiny_p
     losses = [h["loss_total"] for h in trainer.history if "loss_total" in h]
     assert losses and all(torch.isfinite(torch.tensor(v)) for v in losses)
     assert trainer.scaler.get_scale() > 0
+
+
+def test_a_state_saved_on_another_kind_of_device_resumes(tiny_pipeline_dirs, tiny_params_factory, tmp_path, capsys):
+    """A run preempted on a GPU and resumed on a CPU (or the reverse): the augmentation generator's
+    state cannot cross devices (a CUDA generator's is 16 bytes, a CPU one's 5056), so the stream
+    restarts from the seed with a note, and the rest resumes as saved. (Restoring it as it was failed.)"""
+    d = tiny_pipeline_dirs
+    params = tiny_params_factory(recipe="full", max_iterations=6, eval_every=3, epoch_iterations=3,
+                                 checkpoint_every=3)
+    out = tmp_path / "out"
+    _trainer(d, params, out, "fp32").run()
+    state = checkpoints.load(out / "last.pt")
+    state["rng"][0].update(gen=torch.zeros(16, dtype=torch.uint8), gen_device="cuda")  # as a CUDA run writes it
+    checkpoints.save(state, out / "last.pt")
+    again = _trainer(d, params, out, "fp32")
+    assert again.try_resume() and again.iteration == 6
+    assert "written on cuda, this run is on cpu: the augmentation stream restarts" in capsys.readouterr().out
+    parts = again._step()
+    assert all(torch.isfinite(v) for v in parts.values())
+    # the restart is deterministic: a second resume draws the same augmentations
+    third = _trainer(d, params, out, "fp32")
+    assert third.try_resume()
+    assert torch.equal(third.gen.get_state(), _trainer_after_resume(d, params, out).gen.get_state())
+
+
+def _trainer_after_resume(d, params, out):
+    trainer = _trainer(d, params, out, "fp32")
+    trainer.try_resume()
+    return trainer

@@ -368,13 +368,24 @@ class Trainer:
         """This rank's random streams: augmentation generators and torch's global RNGs."""
         return {
             "gen": self.gen.get_state(),
+            "gen_device": self.rt.device.type,
             "views": self.views.state_dict() if isinstance(self.views, StoredViews) else None,
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state(self.rt.device) if self.rt.device.type == "cuda" else None,
         }
 
     def _set_rng_state(self, rng: dict[str, Any]) -> None:
-        self.gen.set_state(rng["gen"])
+        saved_on = rng.get("gen_device", "cpu")
+        if saved_on == self.rt.device.type:
+            self.gen.set_state(rng["gen"])
+        else:
+            # A CPU and a CUDA generator have different states (5056 bytes against 16): a run resumed
+            # on another kind of device cannot continue the augmentation stream. It restarts it from
+            # the seed and the iteration, so the resume stays deterministic on this device.
+            self.gen.manual_seed(self.cfg.seed * 1000 + 17 + self.rt.rank + 7919 * self.iteration)
+            if self.rt.is_main:
+                print(f"note: the resume state was written on {saved_on}, this run is on {self.rt.device.type}: "
+                      "the augmentation stream restarts from the seed (the weights and the schedule resume as saved)")
         if isinstance(self.views, StoredViews):
             self.views.load_state_dict(rng["views"])
         torch.set_rng_state(rng["torch"])
