@@ -14,7 +14,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup repro push data test test-fast lint clean report compare exp bench bench-large image constraints test-image pipeline retrain
+.PHONY: help setup repro push data test test-fast lint clean report compare exp bench gpu-check bench-large image constraints test-image pipeline retrain
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -89,6 +89,9 @@ bench: setup ## quick benchmarks (needs `make repro` first; results in benchmark
 	$(BIN)/python -m benchmarks.prepare_throughput
 	$(BIN)/python -m benchmarks.batch_assembly
 	$(BIN)/python -m benchmarks.memory_scaling
+
+gpu-check: setup ## run every CUDA path once and write benchmarks/results/gpu_check.json (first thing on a new GPU machine; < 5 min)
+	$(BIN)/python -m benchmarks.gpu_check
 
 bench-large: setup ## the data-path benchmarks at scale (memory at N = 10k, 50k, 200k images: ~30 min)
 	$(BIN)/python -m benchmarks.memory_scaling --large
