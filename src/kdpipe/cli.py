@@ -107,7 +107,14 @@ def _predict(args: argparse.Namespace) -> None:
 
     from .atomic import check_writable
     from .errors import KdpipeError
-    from .steps.predict import check_output, classified, format_predictions, predict, summary_line, write_predictions
+    from .steps.predict import (
+        check_output,
+        classified,
+        format_predictions,
+        predict,
+        summary_line,
+        write_predictions,
+    )
 
     if args.output:  # before classifying anything: the results must have somewhere to go
         check_output(args.output)
