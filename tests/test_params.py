@@ -115,6 +115,10 @@ def test_write_overrides_edits_values_in_place_and_keeps_comments(tmp_path):
     text = path.read_text()
     assert "  image_size: 64             # images are resized" in text  # the comment stays in its column
     assert load_params(path).prepare.image_size == 64 and load_params(path).augment.flip is True
+    # a comment that explained the demo's value no longer describes the line (it said digits are not
+    # mirror-symmetric next to flip: true)
+    (flip,) = [line for line in text.splitlines() if line.strip().startswith("flip:")]
+    assert flip.split("#")[1].strip() == "set for this project (the demo's value was false)"
     # every other line is untouched
     diff = [(a, b) for a, b in zip(original.splitlines(), text.splitlines(), strict=True) if a != b]
     assert len(diff) == 2
@@ -153,3 +157,16 @@ def test_old_short_names_of_the_loss_weights_still_work_with_a_warning():
         assert validate_params({"train": {"delta": 0.01}}).train.progress_margin == 0.01
     with pytest.raises(ParamsError, match="w_consistency"):
         validate_params({"train": {"b": 0.5, "w_consistency": 1.0}})
+
+
+def test_every_demo_setting_says_so_in_params_yaml():
+    """write_overrides replaces a comment that starts with DEMO_COMMENT when the value changes: every
+    demo setting's line must carry one, or its comment would go stale after `make repro S=...`."""
+    from kdpipe.params import DEMO_COMMENT, DEMO_SETTINGS
+
+    text = (REPO / "params.yaml").read_text().splitlines()
+    for dotted in DEMO_SETTINGS:
+        group, key = dotted.split(".")
+        start = text.index(f"{group}:")
+        line = next(line for line in text[start + 1:] if line.strip().startswith(f"{key}:"))
+        assert DEMO_COMMENT in line, line

@@ -484,6 +484,11 @@ def _apply_override(raw: dict[str, Any], item: str, source: str) -> None:
 DEMO_SETTINGS: dict[str, Any] = {"augment.flip": False, "teacher.image_size": 64}
 
 
+# How params.yaml's comment on a demo setting starts: such a comment explains the demo's value, so
+# write_overrides replaces it when the value changes.
+DEMO_COMMENT = "# demo setting"
+
+
 def dump_defaults() -> dict[str, Any]:
     return Params().model_dump(mode="json")
 
@@ -528,6 +533,10 @@ def _set_line(lines: list[str], group: str, key: str, value: str) -> str:
             new = f"{indent}{key}: {value}"
             if column >= 0:  # keep the inline comment, at its column when the new value fits before it
                 comment = lines[i][column:].lstrip()
+                old_value = lines[i][len(indent) + len(key) + 1:column].strip()
+                if comment.startswith(DEMO_COMMENT) and old_value != value:
+                    # it explained the demo's value, which is gone: it would now describe the wrong one
+                    comment = f"# set for this project (the demo's value was {old_value})"
                 new = new.ljust(column) + " " + comment if len(new) < column else f"{new}  {comment}"
             lines[i] = new
             return f"{group}.{key}: {value}"
