@@ -217,3 +217,24 @@ def test_a_kubeflow_submission_carries_the_dvc_remote_namespace_and_never_creden
     package = Path(__file__).resolve().parents[1] / "pipelines" / "kdpipe_pipeline.yaml"
     sent = _pipelines("remote").pipeline_arguments(package, args.overrides)
     assert sent["dvc_remote_config"] == found["dvc_remote_config"]
+
+
+def test_the_metrics_diff_shows_the_numbers_that_changed_only():
+    """`dvc metrics diff` lists file hashes and settings beside the metrics (43 rows, mostly hashes, in
+    a real retrain): the summary keeps the numbers that changed."""
+    from kdpipe.retrain import numeric_changes
+
+    diff = {"reports/prepare/manifest.json": {
+        "counts.unlabeled": {"old": 20, "new": 32, "diff": 12},
+        "counts.test": {"old": 6, "new": 6, "diff": 0},
+        "files.unlabeled_x.npy": {"old": "a" * 64, "new": "b" * 64},
+        "data_version": {"old": "c" * 64, "new": "d" * 64},
+        "teacher.sha256": {"old": "e" * 64, "new": "f" * 64},
+        "logits_dtype": {"old": None, "new": "float16"},
+        "check_only": {"old": False, "new": True}},
+        "reports/evaluate/metrics.json": {"accuracy": {"old": 0.9, "new": 0.92, "diff": 0.02},
+                                          "int8_accuracy": {"old": None, "new": 0.91}}}
+    rows = numeric_changes(diff)
+    assert [(path.split("/")[1], name) for path, name, *_ in rows] == [
+        ("evaluate", "accuracy"), ("evaluate", "int8_accuracy"), ("prepare", "counts.unlabeled")]
+    assert rows[2][2:] == (20, 32, 12) and rows[1][2:] == (None, 0.91, None)

@@ -179,13 +179,48 @@ def _stderr_fd() -> int | None:
 
 
 def metrics_diff(repo: Path, rev: str) -> str:
-    """``dvc metrics diff --md rev`` (workspace against ``rev``), or a line saying nothing changed."""
-    done = subprocess.run([dvc_executable(), "metrics", "diff", "--md", rev], cwd=repo, capture_output=True,
+    """The metrics that changed against ``rev`` (``dvc metrics diff --json``), as a Markdown table of the
+    numbers only: the file hashes and settings that DVC also lists are not metrics a reviewer reads."""
+    import json
+
+    done = subprocess.run([dvc_executable(), "metrics", "diff", "--json", rev], cwd=repo, capture_output=True,
                           text=True)
     if done.returncode != 0:
         detail = (done.stderr or done.stdout).strip().splitlines()
         raise KdpipeError(f"dvc metrics diff {rev} failed: {detail[-1] if detail else f'exit {done.returncode}'}")
-    return done.stdout.strip() or f"No metric changed against `{rev}`."
+    rows = numeric_changes(json.loads(done.stdout or "{}"))
+    if not rows:
+        return f"No metric changed against `{rev}`."
+    lines = ["| file | metric | before | after | change |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {path} | {name} | {_number(old)} | {_number(new)} | {_number(change, signed=True)} |"
+              for path, name, old, new, change in rows]
+    return "\n".join(lines)
+
+
+def numeric_changes(diff: dict) -> list[tuple[str, str, float | None, float | None, float | None]]:
+    """(file, metric, before, after, change) for every metric that is a number and changed; file
+    hashes (``files.*``, ``*sha256``, ``data_version``), text and unchanged values are left out."""
+    rows = []
+    for path, metrics in sorted(diff.items()):
+        for name, values in sorted((metrics or {}).items()):
+            old, new = values.get("old"), values.get("new")
+            if name.startswith("files.") or name.endswith(("sha256", "data_version")):
+                continue
+            if not all(v is None or (isinstance(v, int | float) and not isinstance(v, bool)) for v in (old, new)):
+                continue
+            if old == new:
+                continue
+            change = None if old is None or new is None else new - old
+            rows.append((path, name, old, new, change))
+    return rows
+
+
+def _number(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "–"
+    if float(value).is_integer() and abs(value) >= 1:
+        return f"{value:+d}" if signed else f"{int(value)}"
+    return f"{value:+.4g}" if signed else f"{value:.4g}"
 
 
 def missing_tracked_data(repo: Path) -> list[str]:
