@@ -23,12 +23,16 @@ help: ## list the targets
 # changed, so `make setup` is cheap when nothing did.
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (kdpipe needs Python 3.11; set PYTHON=...)"; exit 1; }
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip 2>&1 | grep -v "is ignored" || true
-	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]' 2>&1 | grep -v "is ignored" || true
-	$(BIN)/python -m pip check >/dev/null
-	$(BIN)/python -c "import kdpipe, torch, onnxruntime, dvc, mlflow, kfp"
+	@test -x $(BIN)/python || { echo "setup: creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
+	@echo "setup: installing kdpipe and its pinned stack into $(VENV) (torch 2.14.1 alone is 5.5 GB: minutes on a first install); each package as pip collects it:"
+	@$(BIN)/python -m pip install --quiet --upgrade pip 2>&1 | grep -v "is ignored" || true
+	@$(BIN)/python -m pip install -e '.[$(EXTRAS)]' 2>&1 \
+	  | grep --line-buffered -E '^(Collecting|Successfully installed|ERROR|error)' | sed -u 's/^/  /' || true
+	@echo "setup: checking the installed stack (pip check, imports)"
+	@$(BIN)/python -m pip check >/dev/null || { $(BIN)/python -m pip check; exit 1; }
+	@$(BIN)/python -c "import kdpipe, torch, onnxruntime, dvc, mlflow, kfp"
 	@touch $@
+	@echo "setup: $(VENV) is ready"
 
 setup: $(STAMP) ## create .venv and install kdpipe with its pinned stack (idempotent)
 	@test -d .dvc || $(BIN)/dvc init --quiet
