@@ -79,10 +79,11 @@ compare: setup ## compare experiments and metrics with the last commit (dvc exp 
 # `dvc exp run` straight from .venv/bin would not find `kdpipe` (the stages call it by name): this
 # target runs it with the venv on PATH. S holds one or more GROUP.KEY=VALUE settings.
 # An experiment runs in a temporary copy of the workspace (--temp: params.yaml and the outputs here are
-# left as they are) and never moves the registry's @champion (register.promote=false).
+# left as they are), never moves the registry's @champion (register.promote=false) and adds no registry
+# version: its model stays with its MLflow run (register.new_version=false).
 exp: setup ## run the pipeline as a DVC experiment: make exp S="train.recipe=cotrain train.mu=2" [NAME=...]
 	@test -n "$(S)" || { echo 'usage: make exp S="train.recipe=cotrain [more GROUP.KEY=VALUE]" [NAME=name]'; exit 2; }
-	$(BIN)/dvc exp run --temp $(if $(NAME),-n $(NAME)) -S register.promote=false $(foreach setting,$(S),-S $(setting))
+	$(BIN)/dvc exp run --temp $(if $(NAME),-n $(NAME)) -S register.promote=false -S register.new_version=false $(foreach setting,$(S),-S $(setting))
 
 bench: setup ## quick benchmarks (needs `make repro` first; results in benchmarks/results/, see BENCHMARKS.md)
 	$(BIN)/python -m benchmarks.inference

@@ -248,7 +248,24 @@ def test_an_experiment_never_moves_the_champion(store, answering):
 
 def test_make_exp_runs_experiments_without_promotion_in_a_temporary_copy():
     recipe = next(line for line in (ROOT / "Makefile").read_text().splitlines() if "dvc exp run" in line and not line.lstrip().startswith("#"))
-    assert "--temp" in recipe and "-S register.promote=false" in recipe
+    assert "--temp" in recipe and "-S register.promote=false" in recipe and "-S register.new_version=false" in recipe
+
+
+def test_an_experiment_adds_no_registry_version(store, answering):
+    """register.new_version false (make exp): the model is logged with the run, the registry's version
+    list and aliases are left as they were."""
+    import mlflow
+
+    _register(store, answering["b"], 0.5)
+    decision = _register(store, answering["a"], 0.9, new_version=False, promote=False)
+    assert not decision["registered"] and decision["version"] is None and not decision["promoted"]
+    assert "no registry version" in decision["reason"]
+    client = mlflow.MlflowClient()
+    assert [str(v.version) for v in client.search_model_versions(f"name='{NAME}'")] == ["1"]
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
+    runs = mlflow.search_runs(experiment_names=["kdpipe"], output_format="list")
+    logged = [r for r in runs if r.data.tags.get("kdpipe.step") == "register"]
+    assert any(mlflow.MlflowClient().list_artifacts(r.info.run_id, "model") for r in logged)
 
 
 def test_quality_gate_blocks_registration(store, onnx_model):

@@ -302,6 +302,9 @@ class RegisterParams(_Group):
     min_improvement: float = Field(0.0, ge=0.0, le=1.0)
     min_accuracy: float = Field(0.0, ge=0.0, le=1.0, description="quality gate before registering")
     promote: bool = Field(True, description="move @champion when the new version wins; false for experiments")
+    new_version: bool = Field(
+        True, description="register a model version; false (make exp): the model is logged with its MLflow run only, "
+                          "so experiments do not fill the registry")
     track_steps: bool = Field(True, description="log every step's params, curves and reports to MLflow")
 
 

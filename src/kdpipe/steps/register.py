@@ -171,8 +171,9 @@ def _champion(client, name: str, split: PromotionSplit) -> tuple[Any, float | No
         return version, None, f"unreadable ({type(exc).__name__})"
 
 
-def _log_model(model_path: Path, export_dir: Path, model_name: str):
-    """Log and register the ONNX model; returns mlflow's ModelInfo."""
+def _log_model(model_path: Path, export_dir: Path, model_name: str | None):
+    """Log the ONNX model with the run, and register it as a version of ``model_name`` (None: not
+    registered); returns mlflow's ModelInfo."""
     import mlflow.onnx
     import onnx
 
@@ -250,6 +251,17 @@ def _register(params, export_dir: Path, accuracy: float, split: PromotionSplit) 
         raise KdpipeError(f"{model_path}: no exported model; run `kdpipe export`")
     name = params.register.model_name
     promotion_accuracy = onnx_accuracy(model_path, split)
+    if not params.register.new_version:  # an experiment: the model stays with its run
+        _log_model(model_path, export_dir, None)
+        champion, _, _ = _champion(mlflow.MlflowClient(), name, split)
+        current = None if champion is None else {"version": str(champion.version),
+                                                 "accuracy": _tag_number(champion, PROMOTION_TAG)}
+        return {"registered": False, "model_name": name, "version": None, "champion_before": current,
+                "champion_after": current, "promoted": False,
+                "reason": "an experiment (register.new_version false): the model is logged with its MLflow run, "
+                          "no registry version",
+                "promotion_split": {"split": split.name, "images": int(len(split.labels)),
+                                    "accuracy": promotion_accuracy}}
     info = _log_model(model_path, export_dir, name)
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
