@@ -220,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     # An experiment for comparison: the same data, supervised only. It must not touch the workspace.
     experiment = run('make exp S="train.recipe=supervised" NAME=supervised', clone, log)
     supervised = _evaluated_accuracy(experiment)
+    # The same distillation given twice the iterations: more training must not make the student worse.
+    iterations = int(yaml_value(clone / "params.yaml", "train", "max_iterations"))
+    longer = _evaluated_accuracy(run(f'make exp S="train.max_iterations={2 * iterations}" NAME=twice', clone, log))
     probes = {size: probe_baseline(clone, size) for size in PROBE_SIZES}
     teacher_metrics = read_json(clone / "reports/teacher/metrics.json")
     shipped = evaluation["accuracy"]
@@ -239,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
             "test accuracy of the same student trained supervised (`make exp`, recipe supervised)":
                 f"{supervised:.1%}",
             "distillation's gain on the test photos": f"{100 * (evaluation['accuracy'] - supervised):+.1f} points",
+            f"the same distillation with twice the iterations (`make exp`, {2 * iterations})":
+                f"{longer:.1%} ({100 * (longer - evaluation['accuracy']):+.1f} points)",
             "the teacher step: what it kept, and how it was judged":
                 f"{teacher_metrics.get('kept')} ({teacher_metrics.get('estimated_by')}; fine-tuned "
                 f"{_fmt(teacher_metrics.get('fine_tuned_val_accuracy'))}, linear probe "
@@ -280,6 +285,12 @@ def probe_baseline(clone: Path, size: int) -> float:
                         input_size=size)
     install(model, fit_probe(model, x, y, None, None, data.num_classes, runtime, flip=True))
     return accuracy(predict_logits(model, np.asarray(test), runtime), data.test_y)
+
+
+def yaml_value(path: Path, group: str, key: str):
+    import yaml
+
+    return yaml.safe_load(path.read_text())[group][key]
 
 
 def _fmt(value) -> str:

@@ -85,6 +85,8 @@ def run(params, distill_dir: str | os.PathLike = DISTILL, teacher_dir: str | os.
         write_json(tmp / "frontier.json", frontier)
         plot_frontier(frontier, limits, tmp / "frontier.png")
     print(f"select: chose {chosen['name']} ({reason})")
+    print(f"select: accuracy against latency of every candidate -> {Path(out_dir) / 'frontier.png'} "
+          "(dvc plots show; make report renders it offline)")
     return selection
 
 
