@@ -73,19 +73,22 @@ def check_amp(dtype: torch.dtype, device: str = "cuda") -> dict[str, Any]:
     batch, steps = (128, 20) if device == "cuda" else (16, 6)  # autocast on a CPU is slow: a token run
     x = torch.rand(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), device=device)
-    losses = []
-    for _ in range(steps):
-        with runtime.autocast():
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        losses.append(float(loss))
+    losses = [_train_step(model, optimizer, scaler, runtime, x, y) for _ in range(steps)]
     assert all(np.isfinite(losses)), f"non-finite loss: {losses}"
     assert losses[-1] < losses[0], f"the loss did not fall: {losses[0]:.3f} -> {losses[-1]:.3f}"
     return {"first_loss": losses[0], "last_loss": losses[-1], "scaler_enabled": scaler.is_enabled(),
             "scale": float(scaler.get_scale()) if scaler.is_enabled() else None}
+
+
+def _train_step(model, optimizer, scaler, runtime, x: torch.Tensor, y: torch.Tensor) -> float:
+    """One step under the runtime's autocast, through the GradScaler; the loss."""
+    with runtime.autocast():
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return float(loss)
 
 
 def check_masked_augmentation(device: str = "cuda") -> dict[str, Any]:
@@ -251,12 +254,7 @@ def check_throughput() -> dict[str, Any]:
     y = torch.randint(0, 10, (256,), device="cuda")
 
     def train_step():
-        with runtime.autocast():
-            loss = torch.nn.functional.cross_entropy(student(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        _train_step(student, optimizer, scaler, runtime, x, y)
 
     teacher = build_model("tf_efficientnet_lite0", 10, 224, "efficientnet_lite0_imagenet").cuda().eval()
     teacher = teacher.to(memory_format=torch.channels_last)

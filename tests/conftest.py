@@ -117,6 +117,17 @@ def write_tiny_dataset(root: Path, labeled_per_class: int = 14, unlabeled: int =
     return root
 
 
+def keep_threads(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, with torch's thread count put back afterwards (steps set train.threads)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def tiny_params(**train_overrides):
     """Params with settings small enough for a few seconds of CPU training."""
     from kdpipe.params import validate_params

@@ -5,7 +5,7 @@ and select ranks the candidates by their agreement with the teacher."""
 from __future__ import annotations
 
 import pytest
-import torch
+from conftest import keep_threads as _keep_threads
 from conftest import tiny_params, write_tiny_dataset
 
 from kdpipe import checkpoints
@@ -25,14 +25,6 @@ def _params(**train):
                           eval_every=2, folds=2)
     raw["select"].update(latency_runs=3, max_latency_ms=None)
     return validate_params(raw)
-
-
-def _keep_threads(fn, *args, **kwargs):
-    threads = torch.get_num_threads()
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

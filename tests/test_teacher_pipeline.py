@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import keep_threads as _keep_threads
 from conftest import tiny_params, write_tiny_dataset
 
 from kdpipe import checkpoints
@@ -31,14 +32,6 @@ def _params(**teacher):
     from kdpipe.params import validate_params
 
     return validate_params(raw)
-
-
-def _keep_threads(fn, *args, **kwargs):
-    threads = torch.get_num_threads()
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
