@@ -263,6 +263,19 @@ def test_best_checkpoints_hold_the_best_validation_accuracy(recipe_runs, tiny_pi
         assert accuracy(predict_logits(model, data.val_x, runtime), data.val_y) == best
 
 
+def test_kd_keeps_its_last_checkpoint_and_the_spec_recipes_their_best(run_distill, tmp_path):
+    """keep_checkpoint auto: kd's result is its last checkpoint (a cosine schedule ends at its best, and a
+    small validation split picks among checkpoints by noise); SPEC's recipes keep the best on validation."""
+    summary = run_distill(tmp_path / "kd", recipe="kd")
+    ckpt = checkpoints.load(tmp_path / "kd" / "student.pt")
+    history = read_json(tmp_path / "kd" / "history.json")
+    assert ckpt["meta"]["iteration"] == MAX_ITERATIONS == summary["best_student"]["iteration"]
+    assert ckpt["meta"]["val_accuracy"] == history[-1]["val_acc_student"] == summary["best_student"]["accuracy"]
+    best = run_distill(tmp_path / "kd-best", recipe="kd", keep_checkpoint="best")
+    accs = [h["val_acc_student"] for h in read_json(tmp_path / "kd-best" / "history.json")]
+    assert best["best_student"]["accuracy"] == max(accs)
+
+
 def test_best_checkpoint_is_not_overwritten_by_a_worse_evaluation(tiny_pipeline_dirs, tmp_path, monkeypatch):
     """Drive the validation accuracy by hand: up, down, up-but-equal; student.pt must stay at the peak."""
     from kdpipe.engine import Trainer

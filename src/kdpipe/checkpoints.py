@@ -135,9 +135,10 @@ class BestSoFar:
             return True
         return False
 
-    def keep_latest(self, role: str, iteration: int) -> None:
-        """Without a validation split: the latest checkpoint is the one kept (no accuracy to compare)."""
-        self.best[role] = {"accuracy": None, "iteration": iteration}
+    def keep_latest(self, role: str, iteration: int, accuracy: float | None = None) -> None:
+        """The latest checkpoint is the one kept (no validation split, or a run that keeps its last
+        checkpoint); ``accuracy`` is its validation accuracy when there is one."""
+        self.best[role] = {"accuracy": accuracy, "iteration": iteration}
 
     def state_dict(self) -> dict[str, Any]:
         return {role: dict(record) for role, record in self.best.items()}

@@ -67,12 +67,17 @@ class LoopConfig:
     # Batches whose host part (indices, gather into pinned memory) is assembled ahead, in a background
     # thread, while the device computes; 0 assembles each on the training thread. Results are the same.
     prefetch: int = 2
+    keep_checkpoint: str = "best"  # "best" (on validation) or "last": the checkpoint that is the result
 
     @classmethod
-    def from_train(cls, tp) -> LoopConfig:
+    def from_train(cls, tp, recipe=None) -> LoopConfig:
+        """From ``params.train``; ``keep_checkpoint: auto`` asks ``recipe`` (best when none is given)."""
         # The fine-tuning fields (backbone_lr_scale...) are teacher settings: the student keeps their defaults.
         names = [name for name in cls.__dataclass_fields__ if name in type(tp).model_fields]
-        return cls(**{name: getattr(tp, name) for name in names})
+        values = {name: getattr(tp, name) for name in names}
+        if values.get("keep_checkpoint") == "auto":
+            values["keep_checkpoint"] = "last" if recipe is not None and recipe.keeps_last else "best"
+        return cls(**values)
 
     @classmethod
     def from_teacher(cls, tp, iterations: int | None = None) -> LoopConfig:
@@ -176,6 +181,10 @@ class Trainer:
         # Without a validation split (prepare.val_fraction 0: every label trains) the loop runs its fixed
         # schedule and keeps the last checkpoint: nothing can pick a "best" one honestly.
         self.validates = len(data.val_y) > 0
+        # Which checkpoint is the result: the last one without a validation split, or when the config
+        # says so (function matching on a cosine schedule ends at its best; a validation split of a
+        # few hundred images picks among its checkpoints by noise); else the best on validation.
+        self.keeps_last = not self.validates or cfg.keep_checkpoint == "last"
         self._check_data()
 
         torch.manual_seed(cfg.seed)  # same initial weights for the same seed
@@ -318,8 +327,8 @@ class Trainer:
         archs = {"student": self.nets.spec.student_arch, "teacher": self.nets.spec.teacher_arch}
         for role, model in (("student", self.student), ("teacher", self.nets.trained_teacher)):
             acc = record.get(f"val_acc_{role}")
-            if not self.validates and model is not None:
-                self.best_so_far.keep_latest(role, self.iteration)  # the last checkpoint is the result
+            if self.keeps_last and model is not None:
+                self.best_so_far.keep_latest(role, self.iteration, acc)  # the last checkpoint is the result
             elif model is None or acc is None or not self.best_so_far.offer(role, acc, self.iteration):
                 continue
             if self.rt.is_main:

@@ -174,6 +174,9 @@ class TrainParams(_Group):
     eval_every: int = Field(50, ge=1)
     checkpoint_every: int = Field(50, ge=1)
     patience: int = Field(0, ge=0, description="evaluations without improvement before stopping; 0 = off")
+    keep_checkpoint: Literal["auto", "best", "last"] = Field(
+        "auto", description="the checkpoint that is the result: best on validation, or last; auto = last for kd "
+                            "(a long cosine schedule ends at its best), best for the other recipes")
     target_metric: float = Field(1.01, ge=0.0, le=1.01, description="stop when validation accuracy reaches it")
     tau: float = Field(1.0, gt=0.0, le=100.0, description="temperature of the KD terms (kd, adaptive, consistency)")
     # Loss weights (docs/methods.md says which recipe uses which)

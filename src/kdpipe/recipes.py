@@ -179,6 +179,8 @@ class Method:
     uses_teacher: bool = False
     trains_teacher: bool = False
     schedule: str | None = None
+    # The result is the last checkpoint rather than the best on validation (keep_checkpoint: auto)
+    keeps_last: bool = False
 
 
 def supervised_learning() -> Method:
@@ -190,9 +192,10 @@ def distillation() -> Method:
     """Distillation from a fixed teacher by function matching: the student matches the teacher's
     answer on the very view it sees, for labeled AND unlabeled samples alike (``kd``); a cross-entropy
     on the labels is optional (``w_kd_labels``, off by default: the labels reach the student through
-    the teacher, and hard labels on a few images drawn again and again are memorised)."""
+    the teacher, and hard labels on a few images drawn again and again are memorised). Its result is
+    the last checkpoint: a validation split picked earlier, worse ones by noise (BENCHMARKS.md)."""
     return Method("distillation", terms=(CE_KD, KD_ALL), view_plan="any", teacher_views=(0,),
-                  uses_unlabeled=True, uses_teacher=True)
+                  uses_unlabeled=True, uses_teacher=True, keeps_last=True)
 
 
 def co_training(teacher_trainable: bool = True, feature_matching: bool = False) -> Method:
@@ -245,6 +248,7 @@ class Recipe:
     # the schedule, so w is neither used nor logged there.
     weights_by_schedule: bool = False
     methods: tuple[str, ...] = ()
+    keeps_last: bool = False  # see Method.keeps_last
     # A frozen teacher run on fresh views at every step (function matching without a finite set of
     # views) instead of its outputs cached on the augment step's stored views: the choice where the
     # teacher is cheap to run (a GPU). See :func:`teacher_runs_online`.
@@ -284,6 +288,7 @@ def compose(name: str, *methods: Method) -> Recipe:
         terms=tuple(term for m in methods for term in m.terms),
         weights_by_schedule=any(m.schedule == "strength+weights" for m in methods),
         methods=tuple(m.name for m in methods),
+        keeps_last=any(m.keeps_last for m in methods),
     )
 
 

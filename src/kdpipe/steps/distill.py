@@ -81,7 +81,7 @@ def build_trainer(params, prepared_dir=PREPARED, augmented_dir=AUGMENTED, teache
     networks = NetworkSpec(tp.student_arch, tp.weights, teacher=teacher, teacher_arch=teacher_arch)
     run_files = RunFiles(out_dir, fingerprint=_fingerprint(params, prepared_dir, teacher_dir),
                          desc=f"distill[{tp.recipe}]", progress=progress)
-    return Trainer(recipe, data, LoopConfig.from_train(tp), Hyper(tp), runtime, networks, run_files,
+    return Trainer(recipe, data, LoopConfig.from_train(tp, recipe), Hyper(tp), runtime, networks, run_files,
                    augment_cfg=AugmentConfig.from_params(params.augment), use_cached_logits=use_cached_logits)
 
 
