@@ -106,6 +106,8 @@ class Bench:
         c = self.cfg
         iterations = iterations or c["iterations"]
         raw = {
+            # The images are written at their own resolution (write_prepared), so prepare's size is theirs.
+            "prepare": {"image_size": int(self.x_test.shape[1])},
             "augment": {"views": c["views"], "seed": self.seed, "flip": True},
             "teacher": {"arch": c["teacher_arch"], "weights": c["teacher_weights"], "image_size": c["teacher_image_size"],
                         "max_iterations": c["teacher_iterations"], "epochs": None,

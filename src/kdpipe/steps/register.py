@@ -307,9 +307,9 @@ def run(params, export_dir: str | os.PathLike = EXPORTED, evaluation_dir: str | 
     export_dir, evaluation_dir, out_dir = Path(export_dir), Path(evaluation_dir), Path(out_dir)
     metrics, accuracy = _read_accuracy(evaluation_dir)
     gate = params.register.min_accuracy
-    split = promotion_split(Path(prepared_dir))
-    if accuracy >= gate:  # a missing or malformed model fails here, before anything is logged
+    if accuracy >= gate:  # a missing or malformed model fails here, before anything is read or logged
         _check_model(export_dir / "model.onnx")
+    split = promotion_split(Path(prepared_dir))
     # Read before tracking.configure() moves URI credentials out of the URI MLflow keeps.
     # Credentials are masked, and the project folder is shown as "." so decision.json (kept in
     # git) names no machine-specific path.
