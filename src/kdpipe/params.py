@@ -103,7 +103,8 @@ class TeacherParams(_Group):
     )
     linear_probe: bool = Field(
         True, description="fit a linear probe on the frozen pretrained features first: the fine-tuned teacher never "
-                          "ends below it (the probe's network is kept instead)")
+                          "ends below it by more than one standard error on the scoring images (the probe's network is "
+                          "kept instead)")
     head_from_probe: bool = Field(
         False, description="start the fine-tuning from the probe's head (LP-FT); measured on CIFAR-10 with 1,800 "
                            "labels: 1 point below a fresh head (BENCHMARKS.md)")
