@@ -353,6 +353,14 @@ class Ledger:
                                        "ORDER BY row", (pixel_hash,))]
             last = hashes[-1]
 
+    def used_chunks(self, test: bool) -> Iterator[list[tuple[int, str, str, int, int]]]:
+        """(row, split folder, rel, origin, origin_row) of the used test images (``test``) or of every
+        other used image, in prepare's order, a chunk at a time (the caller may drop rows between
+        chunks)."""
+        where = f"{_USED} AND source {'=' if test else '!='} {TEST}"
+        for chunk in self._row_chunks("row, source, rel, origin, origin_row", where):
+            yield [(row, SOURCES[source], rel, origin, origin_row) for row, source, rel, origin, origin_row in chunk]
+
     def drop(self, row: int) -> None:
         self.db.execute(f"UPDATE items SET state = {DUPLICATE} WHERE row = ?", (row,))
 

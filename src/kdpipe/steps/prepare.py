@@ -91,6 +91,7 @@ from ..ledger import (
 )
 from ..ledger import SOURCES as SOURCE_FOLDERS  # the source folders, in the order their files are listed
 from ..mapped import FileRows, release
+from ..nearcopies import MAX_RMS, THUMBNAIL, ReferenceThumbnails, thumbnails
 from ..params import Params, PrepareParams
 from ..segments import joined, segment_file, segment_sizes
 from ..walk import Walker, shown
@@ -163,6 +164,8 @@ def _prepare(params: Params, root: Path, tmp: Path, ledger: Ledger, settings: De
     _scan(root, ledger)
     spool, teacher_spool = _decode_all(root, ledger, settings, cfg.workers, tmp, previous)
     _dedupe(ledger)
+    pixels = {SPOOL: [spool], **(previous.array_files("x") if previous else {})}
+    _drop_near_copies_of_test(ledger, pixels, settings.image_size)
     _require_each_class(root, ledger)
     ledger.assign_splits(cfg.val_fraction, cfg.seed)
     copy_size = settings.teacher_size if settings.teacher_size and ledger.mostly_larger() else None
@@ -459,6 +462,38 @@ def _resolve_group(group: list[Member], ledger: Ledger) -> Member | None:
         else:
             ledger.reject(item.rel, item.split, "duplicate", f"the same image as {keep.rel} (kept)")
     return keep
+
+
+def _drop_near_copies_of_test(ledger: Ledger, pixels: dict[int, list[Path]], size: int) -> None:
+    """Reject, as leakage, every training or unlabeled image that is a near-copy of a test image
+    (re-encoded, re-saved in another format: :mod:`kdpipe.nearcopies`); exact copies are gone already."""
+    test_chunks = list(ledger.used_chunks(test=True))
+    tests = [item for chunk in test_chunks for item in chunk]
+    if not tests:
+        return
+    reference = ReferenceThumbnails(np.concatenate(list(_thumbnail_chunks(test_chunks, pixels, size))))
+    for chunk in ledger.used_chunks(test=False):
+        for match in reference.matches(_thumbnail_chunks([chunk], pixels, size)):
+            row, split, rel = chunk[match.index][:3]
+            ledger.reject(rel, split, "leakage_with_test",
+                          f"a near-copy of a test image: {tests[match.test][2]} (thumbnails {THUMBNAIL} px apart "
+                          f"by {match.rms:.1f} of 255 RMS; {MAX_RMS:g} or less counts as a copy)")
+            ledger.drop(row)
+
+
+def _thumbnail_chunks(chunks: Iterable[list[tuple]], pixels: dict[int, list[Path]], size: int) -> Iterator[np.ndarray]:
+    """The thumbnails of each chunk of (row, split, rel, origin, origin_row) items, read from where
+    their pixels are (this prepare's spool or the previous output)."""
+    piece = max(1, 8 * _COPY_BYTES // (size * size * 3))  # rows read at a time: memory stays flat
+    for chunk in chunks:
+        for start in range(0, len(chunk), piece):
+            where = np.array([item[3:5] for item in chunk[start:start + piece]], dtype=np.int64).reshape(-1, 2)
+            buffer = np.empty((len(where), size, size, 3), dtype=np.uint8)
+            for source in np.unique(where[:, 0]).tolist():
+                picked = np.flatnonzero(where[:, 0] == source)
+                _read_rows(joined([np.load(part, mmap_mode="r") for part in pixels[source]]), where[picked, 1],
+                           picked, buffer)
+            yield thumbnails(buffer)
 
 
 def _require_each_class(root: Path, ledger: Ledger) -> None:
