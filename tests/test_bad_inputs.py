@@ -247,6 +247,19 @@ def _copy(src: str, dst: str):
     return build
 
 
+def _near_copy(dst: str, quality: int | None = None):
+    """A photo-like JPEG in test/cat/ and, at ``dst``, its decoded pixels saved again (as JPEG at
+    ``quality``, or losslessly): not the same pixels, the same photo."""
+    from test_nearcopies import smooth_photo
+
+    def build(ctx: Ctx) -> None:
+        ctx.save("test/cat/photo.jpg", Image.fromarray(smooth_photo(96)), quality=90)
+        decoded = Image.open(ctx.root / "test/cat/photo.jpg").convert("RGB")
+        ctx.save(dst, decoded, **({} if quality is None else {"quality": quality}))
+
+    return build
+
+
 def _only_bad_files(ctx: Ctx) -> None:
     ctx.write("labeled/bird/a.png", b"")
     ctx.write("labeled/bird/b.jpg", b"not a picture\n")
@@ -328,6 +341,11 @@ CASES: list[Case] = [
     Case("labeled-and-test", "data", "the same image in `labeled/` and `test/`", "rejected",
          "the same image is in the test split: test/cat/cat_000.png",
          _copy("test/cat/cat_000.png", "labeled/cat/leak.png"), {"labeled/cat/leak.png": "leakage_with_test"}),
+    Case("near-copy-jpeg", "data", "a test photo (JPEG) re-encoded at JPEG quality 70 in `unlabeled/`", "rejected",
+         "a near-copy of a test image: test/cat/photo.jpg",
+         _near_copy("unlabeled/photo-q70.jpg", quality=70), {"unlabeled/photo-q70.jpg": "leakage_with_test"}),
+    Case("near-copy-png", "data", "a lossless PNG copy of a test JPEG in `labeled/`", "rejected",
+         "test/cat/photo.jpg", _near_copy("labeled/cat/photo.png"), {"labeled/cat/photo.png": "leakage_with_test"}),
     Case("two-labels", "data", "the same image under two classes", "rejected",
          "the same image has different labels: labeled/cat/cat_000.png (cat), labeled/dog/which.png (dog)",
          _copy("labeled/cat/cat_000.png", "labeled/dog/which.png"),
