@@ -487,13 +487,7 @@ def _thumbnail_chunks(chunks: Iterable[list[tuple]], pixels: dict[int, list[Path
     piece = max(1, 8 * _COPY_BYTES // (size * size * 3))  # rows read at a time: memory stays flat
     for chunk in chunks:
         for start in range(0, len(chunk), piece):
-            where = np.array([item[3:5] for item in chunk[start:start + piece]], dtype=np.int64).reshape(-1, 2)
-            buffer = np.empty((len(where), size, size, 3), dtype=np.uint8)
-            for source in np.unique(where[:, 0]).tolist():
-                picked = np.flatnonzero(where[:, 0] == source)
-                _read_rows(joined([np.load(part, mmap_mode="r") for part in pixels[source]]), where[picked, 1],
-                           picked, buffer)
-            yield thumbnails(buffer)
+            yield thumbnails(_gather_rows(pixels, [item[3:5] for item in chunk[start:start + piece]], size))
 
 
 def _require_each_class(root: Path, ledger: Ledger) -> None:
@@ -626,17 +620,24 @@ def _save_rows(path: Path, sources: dict[int, list[Path]], origins: Iterable[lis
     try:
         at = 0
         for chunk in origins:
-            where = np.array(chunk, dtype=np.int64).reshape(-1, 2)
-            buffer = np.empty((len(where), size, size, 3), dtype=np.uint8)
-            for source in np.unique(where[:, 0]).tolist():
-                picked = np.flatnonzero(where[:, 0] == source)
-                _read_rows(joined([np.load(part, mmap_mode="r") for part in sources[source]]),
-                           where[picked, 1], picked, buffer)
+            buffer = _gather_rows(sources, chunk, size)
             _write_all(fd, buffer, offset + at * row_bytes, path)
-            at += len(where)
+            at += len(buffer)
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _gather_rows(sources: dict[int, list[Path]], origins: list[tuple[int, int]], size: int) -> np.ndarray:
+    """The images at ``origins`` ((source, row): SPOOL or a previous split), in that order, read
+    source by source from their files."""
+    where = np.array(origins, dtype=np.int64).reshape(-1, 2)
+    buffer = np.empty((len(where), size, size, 3), dtype=np.uint8)
+    for source in np.unique(where[:, 0]).tolist():
+        picked = np.flatnonzero(where[:, 0] == source)
+        _read_rows(joined([np.load(part, mmap_mode="r") for part in sources[source]]), where[picked, 1], picked,
+                   buffer)
+    return buffer
 
 
 def _read_rows(source: np.ndarray, rows: np.ndarray, slots: np.ndarray, out: np.ndarray) -> None:
