@@ -238,3 +238,28 @@ def test_the_metrics_diff_shows_the_numbers_that_changed_only():
     assert [(path.split("/")[1], name) for path, name, *_ in rows] == [
         ("evaluate", "accuracy"), ("evaluate", "int8_accuracy"), ("prepare", "counts.unlabeled")]
     assert rows[2][2:] == (20, 32, 12) and rows[1][2:] == (None, 0.91, None)
+
+
+def test_images_marked_executable_are_not_reported_modified_on_every_pull(tmp_path):
+    """Photos copied from a FAT card or a Windows share arrive with the executable bit; DVC then
+    reports every one of them as "modified" on each pull of an unchanged workspace (seen as "2349
+    files modified" on real photos). retrain clears the bit first (no byte changes) and says so."""
+    env = repo_env()
+    repo = make_project(tmp_path / "repo", env)
+    run([DVC, "remote", "add", "-d", "store", str(tmp_path / "remote")], repo, env)
+    run([DVC, "push", "-q"], repo, env)
+    commit(repo, env, "remote")
+    images = sorted(p for p in (repo / "data" / "labeled").rglob("*") if p.is_file())
+    before = {p: p.read_bytes() for p in images}
+    for path in images:
+        path.chmod(0o755)
+    assert f"{len(images)} files modified" in run([DVC, "pull"], repo, env)  # DVC's own behaviour
+
+    done = subprocess.run([KDPIPE, "retrain", "--no-push"], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert f"cleared the executable bit on {len(images)} data file(s)" in done.stderr
+    assert "modified" not in done.stderr.split("kdpipe retrain: dvc repro")[0].split("dvc pull")[-1]
+    assert all(path.stat().st_mode & 0o777 == 0o644 for path in images)
+    assert {p: p.read_bytes() for p in images} == before
+    assert "Everything is up to date" in run([DVC, "pull"], repo, env)

@@ -1,6 +1,7 @@
 """``kdpipe retrain``: the retraining loop that CI (``.github/workflows/retrain.yml``) and people run.
 
-Locally (the default): ``dvc pull`` (tolerated when it fails but the workspace already holds every
+Locally (the default): the executable bit cleared on the DVC-tracked data files (see
+``clear_executable_bits``), ``dvc pull`` (tolerated when it fails but the workspace already holds every
 DVC-tracked data folder, e.g. a remote that never got the data), ``dvc repro``, ``dvc push``, then
 ``dvc metrics diff <rev>`` as Markdown, printed and appended to ``$GITHUB_STEP_SUMMARY`` when set.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -78,6 +80,11 @@ def retrain(
         if not os.environ.get("KFP_TOKEN"):
             print("kdpipe retrain: warning: KFP_TOKEN is unset; the submission is unauthenticated", file=sys.stderr)
     lines = ["## kdpipe retrain", ""]
+    if not kfp_host:
+        cleared = clear_executable_bits(repo)
+        if cleared:
+            print(f"kdpipe retrain: cleared the executable bit on {len(cleared)} data file(s) (e.g. {cleared[0]}): "
+                  "DVC reports such files as modified on every pull", file=sys.stderr)
     for step in plan(kfp_host, push, data=data, namespace=namespace):
         shown = " ".join([Path(step.argv[0]).name, *(redact(a) for a in step.argv[1:])])
         print(f"kdpipe retrain: {shown}", file=sys.stderr, flush=True)
@@ -223,21 +230,49 @@ def _number(value: float | None, signed: bool = False) -> str:
     return f"{value:+.4g}" if signed else f"{value:.4g}"
 
 
-def missing_tracked_data(repo: Path) -> list[str]:
-    """Outputs of the ``.dvc`` files under ``repo`` (not pipeline outputs) that are not in the workspace."""
+def tracked_data(repo: Path) -> tuple[list[Path], list[str]]:
+    """The outputs of the ``.dvc`` files under ``repo`` (the data, not pipeline outputs), and the
+    ``.dvc`` files that could not be read."""
     import yaml
 
-    missing = []
+    outputs, unreadable = [], []
     for dvc_file in sorted(Path(repo).rglob("*.dvc")):
         if any(part.startswith(".") or part in ("artifacts", "dvc-remote") for part in dvc_file.relative_to(repo).parts):
             continue
         try:
             outs = (yaml.safe_load(dvc_file.read_text(encoding="utf-8")) or {}).get("outs") or []
         except (OSError, yaml.YAMLError):
-            missing.append(f"{dvc_file} (unreadable)")
+            unreadable.append(f"{dvc_file} (unreadable)")
             continue
-        for out in outs:
-            target = dvc_file.parent / str(out.get("path", ""))
-            if not target.exists():
-                missing.append(target.relative_to(repo).as_posix())
-    return missing
+        outputs += [dvc_file.parent / str(out.get("path", "")) for out in outs]
+    return outputs, unreadable
+
+
+def missing_tracked_data(repo: Path) -> list[str]:
+    """Outputs of the ``.dvc`` files under ``repo`` (not pipeline outputs) that are not in the workspace."""
+    outputs, unreadable = tracked_data(repo)
+    return unreadable + [target.relative_to(repo).as_posix() for target in outputs if not target.exists()]
+
+
+EXECUTABLE = stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH
+
+
+def clear_executable_bits(repo: Path) -> list[str]:
+    """Drop the executable bit from the files of the DVC-tracked data; return their paths.
+
+    Photos copied from a FAT/exFAT card, a Windows share or some zip tools arrive marked executable.
+    DVC records files as not executable, so every ``dvc pull`` or ``dvc checkout`` then reports each
+    of them as "modified" (and leaves the bit as it was) on a workspace nobody changed. An image is
+    not a program: clearing the bit changes no byte and no hash, and the pull reports what really
+    changed again."""
+    cleared = []
+    for target in tracked_data(repo)[0]:
+        files = [target] if target.is_file() else (p for p in target.rglob("*") if p.is_file())
+        for path in files:
+            if path.is_symlink():
+                continue  # DVC's own links into its cache: their mode is the cache's, not the user's
+            mode = path.stat().st_mode
+            if mode & EXECUTABLE:
+                path.chmod(stat.S_IMODE(mode) & ~EXECUTABLE)
+                cleared.append(path.relative_to(repo).as_posix())
+    return cleared
