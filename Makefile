@@ -14,7 +14,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup repro push data test test-fast lint clean report compare exp bench gpu-check bench-large image constraints test-image pipeline retrain
+.PHONY: help setup repro push data test test-fast lint clean report compare exp bench gpu-check bench-large image constraints test-image pipeline retrain dvc-deps
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -111,7 +111,7 @@ test-fast: setup ## the inner loop: every test not marked slow (a few minutes on
 	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
 lint: setup ## ruff on the code, hadolint on the Dockerfile
-	$(BIN)/ruff check src tests benchmarks components pipelines
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/hadolint Dockerfile
 
 # Images (Dockerfile targets cpu and gpu). With docker, or else buildah (chroot isolation: no daemon
@@ -138,7 +138,10 @@ constraints: setup ## re-pin docker/requirements-{cpu,gpu}.txt from pyproject.to
 test-image: setup ## build the cpu image from a local base and run kdpipe in it (needs buildah; minutes)
 	$(BIN)/python -m pytest -q -m image tests/test_image.py
 
-pipeline: setup ## compile the Kubeflow pipeline to pipelines/kdpipe_pipeline.yaml (commit it)
+dvc-deps: setup ## rewrite dvc.yaml's code dependencies from the import graph (a test checks them)
+	$(BIN)/python tests/dvc_code_deps.py --write
+
+pipeline: setup ## compile the Kubeflow pipeline to pipelines/kdpipe_pipeline.yaml and components/*.yaml (commit them)
 	KDPIPE_IMAGE=$(KDPIPE_IMAGE) $(BIN)/kdpipe pipeline compile
 
 clean: ## remove generated artifacts (keeps data/ and the venv)

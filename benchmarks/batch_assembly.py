@@ -18,7 +18,7 @@ after the first round), at 224 px and 32 px; each step draws ``batch`` labeled +
 unlabeled indices from kdpipe's sampler. Rounds are interleaved so machine load hits every path
 alike; each figure is the median over rounds, each ratio the median of per-round ratios. The old
 path copies from the memory map (every page it touched stays mapped after the first round); the
-new paths read the rows from the files with preadv, as kdpipe does (``kdpipe.mapped.FileRows``),
+new paths read the rows from the files with preadv, as kdpipe does (``kdpipe.data.mapped.FileRows``),
 so nothing they read stays resident.
 
     .venv/bin/python -m benchmarks.batch_assembly [--rounds 5] [--steps 30]
@@ -78,7 +78,7 @@ class _AssemblyOnly:
         return None
 
     def host(self, l_idx, u_idx, key=None):
-        from kdpipe.views import HostBatch, gather_batch, labels_tensor
+        from kdpipe.training.views import HostBatch, gather_batch, labels_tensor
 
         d = self.data
         images = gather_batch(d.train_x, d.unlabeled_x, (l_idx,), (u_idx,), self.rt, self.channels_first)
@@ -98,7 +98,7 @@ def _old_batch(data: _Data, sampler, runtime) -> torch.Tensor:
 
 def _compute_step(size: int, n: int, runtime):
     """One forward + backward + SGD step of cnn_tiny on a fixed float batch (the compute-only bound)."""
-    from kdpipe.models import build_model
+    from kdpipe.training.models import build_model
 
     model = build_model("cnn_tiny", 10, size).to(runtime.device)
     if runtime.wants_channels_last(model):
@@ -124,8 +124,8 @@ def _synchronize(runtime) -> None:
 
 
 def measure(size: int, n_images: int, args, runtime, folder: Path) -> dict:
-    from kdpipe.prefetch import BatchStream
-    from kdpipe.samplers import LabeledUnlabeledSampler, unlabeled_batch_size
+    from kdpipe.data.prefetch import BatchStream
+    from kdpipe.data.samplers import LabeledUnlabeledSampler, unlabeled_batch_size
 
     half = n_images // 2
     data = _Data(_memmapped(folder, f"labeled{size}", (half, size, size, 3), 1),
@@ -173,7 +173,7 @@ def measure(size: int, n_images: int, args, runtime, folder: Path) -> dict:
 
 
 def run(args) -> dict:
-    from kdpipe.devices import make_runtime
+    from kdpipe.training.devices import make_runtime
 
     torch.set_num_threads(args.threads)
     runtime = make_runtime(args.device, amp="off", channels_last="auto", threads=args.threads)

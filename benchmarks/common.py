@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from kdpipe.data import ARRAY_FILES, MANIFEST, file_sha256
+from kdpipe.core.files import file_sha256
+from kdpipe.data.prepared import ARRAY_FILES, MANIFEST
 
 REQUIRED_KEYS = ("x_train", "y_train", "x_test", "y_test", "class_names")
 
@@ -82,7 +83,7 @@ def split_labeled(y: np.ndarray, fraction: float, val_fraction: float, seed: int
 
 def write_prepared(directory: str | os.PathLike, train_x, train_y, val_x, val_y, unlabeled_x, test_x, test_y,
                    class_names: list[str]) -> dict[str, Any]:
-    """Write a folder that :func:`kdpipe.data.load_prepared` accepts (arrays + manifest with sha256)."""
+    """Write a folder that :func:`kdpipe.data.prepared.load_prepared` accepts (arrays + manifest with sha256)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     arrays = {"train_x": train_x, "train_y": train_y, "val_x": val_x, "val_y": val_y,
@@ -115,8 +116,8 @@ def test_accuracy(checkpoint: str | os.PathLike, x_test: np.ndarray, y_test: np.
     """Test accuracy of a saved kdpipe model checkpoint, through kdpipe's own predict path (torch), or
     through its ONNX export and onnxruntime on the CPU (``onnxruntime=True``: much faster for large
     teachers; the export is checked against torch by kdpipe's export tests)."""
-    from kdpipe import checkpoints
-    from kdpipe.engine import accuracy, predict_logits
+    from kdpipe.training import checkpoints
+    from kdpipe.training.engine import accuracy, predict_logits
 
     model, ckpt = checkpoints.load_model(checkpoint)
     if onnxruntime and runtime.device.type == "cpu":
@@ -124,8 +125,8 @@ def test_accuracy(checkpoint: str | os.PathLike, x_test: np.ndarray, y_test: np.
 
         import torch
 
-        from kdpipe.onnx_utils import CPU, export_onnx, make_session, run_logits
-        from kdpipe.onnx_utils import accuracy as np_accuracy
+        from kdpipe.export.onnx import CPU, export_onnx, make_session, run_logits
+        from kdpipe.export.onnx import accuracy as np_accuracy
 
         with tempfile.TemporaryDirectory(prefix="kdpipe-bench-") as tmp:
             path = export_onnx(model, Path(tmp) / "model.onnx", int(ckpt["image_size"]), 17)

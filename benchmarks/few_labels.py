@@ -26,10 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     load_npz,
     markdown_table,
     provenance,
@@ -67,9 +64,9 @@ def _prepared(work: Path, data: dict, per_class: int, val_share: float, seed: in
 
 
 def run_case(work: Path, data: dict, per_class: int, val_share: float, seed: int, folds: int, log) -> dict:
-    from kdpipe.devices import make_runtime
-    from kdpipe.params import validate_params
+    from kdpipe.core.params import validate_params
     from kdpipe.steps import teacher
+    from kdpipe.training.devices import make_runtime
 
     prepared = _prepared(work, data, per_class, val_share, seed)
     params = validate_params({"augment": {"flip": True},

@@ -269,11 +269,11 @@ def probe_baseline(clone: Path, size: int) -> float:
     ``size`` px from prepare's teacher-resolution copy, scored on the same test photos."""
     import torch
 
-    from kdpipe.data import load_prepared
-    from kdpipe.devices import make_runtime
-    from kdpipe.engine import accuracy, predict_logits
-    from kdpipe.models import build_model
-    from kdpipe.probe import fit_probe, install
+    from kdpipe.data.prepared import load_prepared
+    from kdpipe.training.devices import make_runtime
+    from kdpipe.training.engine import accuracy, predict_logits
+    from kdpipe.training.models import build_model
+    from kdpipe.training.probe import fit_probe, install
 
     data = load_prepared(clone / "artifacts" / "prepared")
     train = data.train_xt if data.train_xt is not None else data.train_x

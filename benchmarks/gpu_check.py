@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 import traceback
@@ -34,10 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import provenance  # noqa: E402
+from benchmarks.common import provenance
 
 RECIPES = ("supervised", "kd", "cotrain", "adaptive", "consistency", "full")
 
@@ -45,7 +41,7 @@ RECIPES = ("supervised", "kd", "cotrain", "adaptive", "consistency", "full")
 def environment() -> dict[str, Any]:
     info = {"torch": torch.__version__, "cuda_build": torch.version.cuda, "gpu": torch.cuda.is_available()}
     if info["gpu"]:
-        from kdpipe.devices import native_cuda_bf16
+        from kdpipe.training.devices import native_cuda_bf16
 
         props = torch.cuda.get_device_properties(0)
         info.update(device=props.name, capability=f"{props.major}.{props.minor}",
@@ -63,8 +59,8 @@ def environment() -> dict[str, Any]:
 
 def check_amp(dtype: torch.dtype, device: str = "cuda") -> dict[str, Any]:
     """A few training steps of cnn_medium under autocast, channels_last, with the GradScaler for fp16."""
-    from kdpipe.devices import Runtime
-    from kdpipe.models import build_model
+    from kdpipe.training.devices import Runtime
+    from kdpipe.training.models import build_model
 
     runtime = Runtime(torch.device(device), dtype, True)
     model = build_model("cnn_medium", 10, 32).to(device).to(memory_format=torch.channels_last)
@@ -93,7 +89,7 @@ def _train_step(model, optimizer, scaler, runtime, x: torch.Tensor, y: torch.Ten
 
 def check_masked_augmentation(device: str = "cuda") -> dict[str, Any]:
     """The strong policy run masked on the GPU gives the grouped way's images for the same draws."""
-    from kdpipe.augmentation import AugmentConfig, augment, make_generator
+    from kdpipe.training.augmentation import AugmentConfig, augment, make_generator
 
     x = torch.randint(0, 256, (256, 3, 64, 64), dtype=torch.uint8, device=device)
     cfg = AugmentConfig()
@@ -128,7 +124,7 @@ def _colour_image(label: int, rng) -> np.ndarray:
 
 
 def _params(device: str, **train):
-    from kdpipe.params import validate_params
+    from kdpipe.core.params import validate_params
 
     return validate_params({
         "prepare": {"image_size": 32, "val_fraction": 0.25},
@@ -166,8 +162,8 @@ def check_onnxruntime_cuda(work: Path) -> dict[str, Any]:
     """The teacher's ONNX graph on the CUDA execution provider against the CPU one."""
     import onnxruntime as ort
 
-    from kdpipe import checkpoints
-    from kdpipe.onnx_utils import CPU, export_onnx, make_session
+    from kdpipe.export.onnx import CPU, export_onnx, make_session
+    from kdpipe.training import checkpoints
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         raise RuntimeError(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (install onnxruntime-gpu, "
@@ -191,7 +187,7 @@ def check_ddp_nccl(device: str = "cuda") -> dict[str, Any]:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from kdpipe.models import build_model
+    from kdpipe.training.models import build_model
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -243,8 +239,8 @@ def check_resume_across_devices(work: Path, device: str = "cuda") -> dict[str, A
 def check_throughput() -> dict[str, Any]:
     """Images/s: student training (cnn_medium, 32 px, batch 256, AMP) and teacher inference (Lite0 at
     224 px, batch 256, AMP), the sizes of the label-efficiency benchmark's GPU preset."""
-    from kdpipe.devices import make_runtime
-    from kdpipe.models import build_model
+    from kdpipe.training.devices import make_runtime
+    from kdpipe.training.models import build_model
 
     runtime = make_runtime("cuda", "auto", "auto")
     student = build_model("cnn_medium", 10, 32).cuda().to(memory_format=torch.channels_last)
@@ -284,7 +280,7 @@ def _rate(step, batch: int, seconds: float = 5.0) -> float:
 def run_checks(work: Path, device: str = "cuda") -> dict[str, Any]:
     """Every check on ``device``: "cuda", or "cpu" for a dry run of the same code (the CUDA-only parts,
     onnxruntime's CUDA provider and the throughput figures, are left out)."""
-    from kdpipe.devices import native_cuda_bf16
+    from kdpipe.training.devices import native_cuda_bf16
 
     checks: dict[str, Any] = {}
     plan = [("amp_fp16", lambda: check_amp(torch.float16, device))]

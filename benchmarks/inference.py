@@ -43,7 +43,7 @@ def _engines(selected: Path, export: Path, threads: int):
     import onnxruntime as ort
     import torch
 
-    from kdpipe import checkpoints
+    from kdpipe.training import checkpoints
 
     torch.set_num_threads(threads)
     model, _ = checkpoints.load_model(selected / "model.pt")
@@ -64,8 +64,8 @@ def _engines(selected: Path, export: Path, threads: int):
 
 
 def run(args) -> dict:
-    from kdpipe.data import load_prepared
-    from kdpipe.onnx_utils import to_model_input
+    from kdpipe.data.prepared import load_prepared
+    from kdpipe.export.onnx import to_model_input
 
     data = load_prepared(REPO / args.prepared)
     engines = _engines(REPO / args.selected, REPO / args.export, args.threads)

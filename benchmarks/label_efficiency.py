@@ -47,10 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     gap_closed,
     load_npz,
     markdown_table,
@@ -92,7 +89,7 @@ class Bench:
     """The runs of one seed, each through kdpipe's own steps, in ``work``."""
 
     def __init__(self, cfg: dict[str, Any], work: Path, x_test, y_test, seed: int, log):
-        from kdpipe.devices import make_runtime
+        from kdpipe.training.devices import make_runtime
 
         self.cfg, self.work, self.seed, self.log = cfg, work, seed, log
         self.x_test, self.y_test = x_test, y_test
@@ -101,7 +98,7 @@ class Bench:
     def params(self, recipe: str = "kd", iterations: int | None = None, patience: int = 0):
         """The params of one run: ``batch`` images per step; distillation draws every image, labeled or
         not, about equally often (``mu`` null)."""
-        from kdpipe.params import validate_params
+        from kdpipe.core.params import validate_params
 
         c = self.cfg
         iterations = iterations or c["iterations"]
@@ -128,9 +125,9 @@ class Bench:
     def teachers(self, prepared: Path) -> tuple[list[dict[str, Any]], Path]:
         """The teacher on the labels, then its unlabeled round; returns both rows and the folder of the
         one that teaches (the better on validation)."""
-        from kdpipe import checkpoints
         from kdpipe.steps import teacher as teacher_step
         from kdpipe.steps.common import training_data
+        from kdpipe.training import checkpoints
 
         params = self.params("supervised")
         out = self.work / "teacher"
@@ -198,8 +195,8 @@ class Bench:
         return row
 
     def _model_row(self, kind: str, name: str, checkpoint: Path, wall: float, **extra) -> dict[str, Any]:
-        from kdpipe import checkpoints
-        from kdpipe.models import count_parameters
+        from kdpipe.training import checkpoints
+        from kdpipe.training.models import count_parameters
 
         model, _ = checkpoints.load_model(checkpoint)
         big = model.input_size is not None
@@ -211,8 +208,8 @@ class Bench:
     def latencies(self, rows: list[dict[str, Any]]) -> None:
         """Batch-1 latency of every model row, one after the other in this process (one onnxruntime
         thread, as select measures its budget)."""
-        from kdpipe import checkpoints
         from kdpipe.steps.select import _latency_p50
+        from kdpipe.training import checkpoints
 
         for row in rows:
             if "checkpoint" in row:
@@ -222,12 +219,12 @@ class Bench:
 
 def _same_views_supervised(params, prepared: Path, out: Path, runtime):
     """The supervised student on views augmented like the stored ones (strong in the share augment.p)."""
-    from kdpipe.augmentation import AugmentConfig
-    from kdpipe.engine import LoopConfig, RunFiles, Trainer
-    from kdpipe.networks import NetworkSpec
-    from kdpipe.recipes import Hyper
     from kdpipe.steps.common import training_data
     from kdpipe.steps.teacher import noisy_supervised_recipe
+    from kdpipe.training.augmentation import AugmentConfig
+    from kdpipe.training.engine import LoopConfig, RunFiles, Trainer
+    from kdpipe.training.networks import NetworkSpec
+    from kdpipe.training.recipes import Hyper
 
     return Trainer(noisy_supervised_recipe(), training_data(prepared), LoopConfig.from_train(params.train),
                    Hyper(params.train), runtime, NetworkSpec(params.train.student_arch), RunFiles(out, progress=False),

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import cpu_description, markdown_table
-from kdpipe.params import load_params
+from kdpipe.core.params import load_params
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -88,14 +88,14 @@ def decode_torchvision(data: Path, size: int, workers: int = 2, batch_size: int 
 
 
 def has_workers_setting() -> bool:
-    from kdpipe.params import PrepareParams
+    from kdpipe.core.params import PrepareParams
 
     return "workers" in PrepareParams.model_fields
 
 
 def run_kdpipe_prepare(data: Path, out_dir: Path, size: int, workers: int | None) -> int:
     """(c) kdpipe's prepare step, in this process; its summary lines are not printed."""
-    from kdpipe.params import Params
+    from kdpipe.core.params import Params
     from kdpipe.steps import prepare
 
     settings = {"image_size": size, **({} if workers is None else {"workers": workers})}
@@ -107,7 +107,7 @@ def run_kdpipe_prepare(data: Path, out_dir: Path, size: int, workers: int | None
 
 # The modules each way needs: imported before the clock starts (importing torch alone takes seconds).
 _MODULES = {"naive": ("numpy", "PIL.Image"), "torchvision": ("torch", "torchvision"),
-            "kdpipe": ("kdpipe.params", "kdpipe.steps.prepare")}
+            "kdpipe": ("kdpipe.core.params", "kdpipe.steps.prepare")}
 
 
 def measure(args: argparse.Namespace) -> dict:

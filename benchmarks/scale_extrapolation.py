@@ -57,7 +57,7 @@ def _timed(fn, repeats: int) -> float:
 
 
 def augment_rate(batch: int = 32, repeats: int = 3) -> dict[str, float]:
-    from kdpipe.augmentation import AugmentConfig, augment, make_generator
+    from kdpipe.training.augmentation import AugmentConfig, augment, make_generator
 
     x = torch.randint(0, 256, (batch, 3, SIZE, SIZE), dtype=torch.uint8)
     cfg, gen = AugmentConfig(), make_generator(0)
@@ -68,8 +68,8 @@ def augment_rate(batch: int = 32, repeats: int = 3) -> dict[str, float]:
 def teacher_rate(batch: int = 16, repeats: int = 3) -> float:
     import tempfile
 
-    from kdpipe.models import build_model
-    from kdpipe.onnx_utils import CPU, export_onnx, make_session
+    from kdpipe.export.onnx import CPU, export_onnx, make_session
+    from kdpipe.training.models import build_model
 
     model = build_model("tf_efficientnet_lite0", num_classes=CLASSES, image_size=SIZE).eval()
     with tempfile.TemporaryDirectory() as tmp:

@@ -37,7 +37,7 @@ def _trainer(params, workdir: Path):
 
 def _step_on(trainer, batch) -> None:
     """One optimisation step of the trainer's recipe on a given batch (the shared model step)."""
-    from kdpipe.recipes import total_loss
+    from kdpipe.training.recipes import total_loss
 
     out = trainer.nets.forward(batch)
     loss, _ = total_loss(trainer.recipe, out, trainer.hyper, trainer.nets.projection)
@@ -87,7 +87,7 @@ def _naive_loaders(params, batch: int, unlabeled_batch: int, views: int, workers
 def run(args) -> dict:
     import torch
 
-    from kdpipe.params import load_params
+    from kdpipe.core.params import load_params
 
     torch.set_num_threads(args.threads)
     params = load_params(REPO / "params.yaml", ["train.recipe=full", *args.set])
@@ -106,7 +106,7 @@ def run(args) -> dict:
     iters = [endless(loader) for loader in loaders]
 
     def naive_batch():
-        from kdpipe.views import Batch
+        from kdpipe.training.views import Batch
 
         (xl, yl), (xu, _) = next(iters[0]), next(iters[1])
         x = torch.cat([xl, xu])  # (N, K, C, H, W)

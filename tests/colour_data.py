@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kdpipe.models import build_model
+from kdpipe.training.models import build_model
 
 COLOURS = {"blue": (40, 40, 200), "green": (40, 200, 40), "red": (200, 40, 40)}
 

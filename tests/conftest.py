@@ -130,7 +130,7 @@ def keep_threads(fn, *args, **kwargs):
 
 def tiny_params(**train_overrides):
     """Params with settings small enough for a few seconds of CPU training."""
-    from kdpipe.params import validate_params
+    from kdpipe.core.params import validate_params
 
     train = {
         "recipe": "cotrain", "student_arch": "cnn_tiny", "batch_size": 8, "mu": 1.0, "lr": 0.05,
@@ -153,7 +153,7 @@ def tiny_pipeline_dirs(tmp_path_factory):
     """prepare + teacher + augment run ONCE per session on a tiny data set.
 
     Returns a dict: ``root`` (the tmp folder), ``data``, ``prepared``, ``augmented``, ``teacher``
-    (paths) and ``params`` (the tiny :class:`kdpipe.params.Params`, recipe ``cotrain``).
+    (paths) and ``params`` (the tiny :class:`kdpipe.core.params.Params`, recipe ``cotrain``).
     Tests must not write into these folders; they get their own ``out_dir``.
     """
     import torch

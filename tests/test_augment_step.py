@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from kdpipe.augmentation import AugmentConfig, augment, make_generator
-from kdpipe.errors import IntegrityError, KdpipeError
+from kdpipe.core.errors import IntegrityError, KdpipeError
+from kdpipe.data.augmented import load_views
 from kdpipe.steps import augment as augment_step
 from kdpipe.steps import distill
 from kdpipe.steps.common import training_data
-from kdpipe.views import to_nchw
+from kdpipe.training.augmentation import AugmentConfig, augment, make_generator
+from kdpipe.training.views import to_nchw
 
 
 def run_augment(params, dirs, out, **train):
@@ -33,9 +34,9 @@ def test_views_are_streamed_chunk_by_chunk_into_the_same_arrays_as_in_memory(tin
     d = tiny_pipeline_dirs
     monkeypatch.setattr(augment_step, "CHUNK", 7)  # several chunks, the last one partial
     run_augment(d["params"], d, tmp_path / "aug", recipe="kd")
-    stored = augment_step.load_views(tmp_path / "aug")
+    stored = load_views(tmp_path / "aug")
 
-    from kdpipe.data import load_prepared
+    from kdpipe.data.prepared import load_prepared
 
     data = load_prepared(d["prepared"])
     ap = d["params"].augment
@@ -59,7 +60,7 @@ def test_recipes_with_a_trained_teacher_store_nothing(tiny_pipeline_dirs, tmp_pa
     assert "builds its views during training" in capsys.readouterr().out
     # a frozen-teacher recipe given these sets is told what to do
     with pytest.raises(KdpipeError, match="ran for recipe 'cotrain'.*run `kdpipe augment` with the recipe"):
-        augment_step.load_views(tmp_path / "aug")
+        load_views(tmp_path / "aug")
 
 
 def test_preview_settings_do_not_change_what_distill_depends_on(tiny_pipeline_dirs, tmp_path):
@@ -96,8 +97,8 @@ def test_float16_logits_are_the_float32_ones_rounded(tiny_pipeline_dirs, tmp_pat
     d = tiny_pipeline_dirs
     half = d["params"].model_copy(update={"augment": d["params"].augment.model_copy(update={"logits_dtype": "float16"})})
     run_augment(half, d, tmp_path / "half", recipe="kd")
-    full = augment_step.load_views(d["augmented"])  # the session's float32 cache, same seeds and teacher
-    stored = augment_step.load_views(tmp_path / "half")
+    full = load_views(d["augmented"])  # the session's float32 cache, same seeds and teacher
+    stored = load_views(tmp_path / "half")
     assert stored.labeled_logits.dtype == np.float16 and full.labeled_logits.dtype == np.float32
     for small, big in ((stored.labeled_logits, full.labeled_logits), (stored.unlabeled_logits, full.unlabeled_logits)):
         assert np.array_equal(small, np.asarray(big).astype(np.float16))

@@ -6,8 +6,8 @@ import pytest
 import torch
 from host_reads import count_host_reads
 
-from kdpipe import augmentation as aug
-from kdpipe.augmentation import AugmentConfig, augment, make_generator, strong, weak
+from kdpipe.training import augmentation as aug
+from kdpipe.training.augmentation import AugmentConfig, augment, make_generator, strong, weak
 
 
 def _images(n=16, c=3, h=32, w=32, seed=0):
@@ -134,7 +134,7 @@ def test_unknown_op_rejected():
 
 
 def test_from_params():
-    from kdpipe.params import AugmentParams
+    from kdpipe.core.params import AugmentParams
 
     cfg = AugmentConfig.from_params(
         AugmentParams(pad=2, flip=False, num_ops=3, magnitude=0.2, erase_prob=0.1)

@@ -30,7 +30,7 @@ import yaml
 from PIL import Image
 
 from kdpipe.cli import main
-from kdpipe.walk import IGNORED_NAMES, shown
+from kdpipe.data.walk import IGNORED_NAMES, shown
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad-inputs.md"
 DOC_START, DOC_END = "<!-- cases:start -->", "<!-- cases:end -->"

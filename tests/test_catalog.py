@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import sys
 from pathlib import Path
 
 import pytest
@@ -55,11 +54,7 @@ def test_dvc_stage_params_and_reports_match_the_catalog(name):
 
 @pytest.mark.parametrize("name", list(catalog.STEPS))
 def test_kubeflow_component_takes_the_steps_param_groups(name):
-    sys.path.insert(0, str(REPO))
-    try:
-        component = getattr(importlib.import_module(f"components.{name}"), name)
-    finally:
-        sys.path.remove(str(REPO))
+    component = getattr(importlib.import_module(f"kdpipe.pipelines.components.{name}"), name)
     arguments = inspect.signature(component.python_func).parameters
     groups = {a.removesuffix("_params") for a in arguments if a.endswith("_params")}
     step = catalog.STEPS[name]
@@ -67,7 +62,7 @@ def test_kubeflow_component_takes_the_steps_param_groups(name):
     if step.logs_itself:
         assert expected <= groups  # register records every group with the model
     else:
-        assert groups == expected, f"components/{name}.py params (left) vs the catalog (right)"
+        assert groups == expected, f"kdpipe/pipelines/components/{name}.py params (left) vs the catalog (right)"
     source = inspect.getsource(component.python_func)
     assert f'run_step("{name}"' in source or step.logs_itself, "components must run the step through run_step"
 

@@ -1,13 +1,13 @@
-"""kdpipe.cluster and the Kubeflow task helpers: image references, backend versions, cluster
+"""kdpipe.orchestration.cluster and the Kubeflow task helpers: image references, backend versions, cluster
 settings files, and the register task's choice of registry."""
 
 from __future__ import annotations
 
 import pytest
 
-from kdpipe import cluster, kubeflow
-from kdpipe.errors import KdpipeError
-from kdpipe.params import RegisterParams
+from kdpipe.core.errors import KdpipeError
+from kdpipe.core.params import RegisterParams
+from kdpipe.orchestration import cluster, kubeflow
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -76,8 +76,8 @@ def test_register_task_fails_without_a_tracking_server_when_one_is_expected(tmp_
 
 
 def test_a_private_data_repository_gets_the_token_only_inside_the_data_step(monkeypatch):
-    from kdpipe.steps.data import with_git_credentials
-    from kdpipe.tracking import redact
+    from kdpipe.orchestration.tracking import redact
+    from kdpipe.steps.fetch import with_git_credentials
 
     url = "https://git.example.com/team/data.git"
     monkeypatch.delenv("KDPIPE_GIT_TOKEN", raising=False)
@@ -95,7 +95,7 @@ def test_a_private_data_repository_gets_the_token_only_inside_the_data_step(monk
 def test_a_task_given_a_gpu_fails_loudly_when_cuda_is_unusable(monkeypatch):
     import torch
 
-    from kdpipe.devices import resolve_device
+    from kdpipe.training.devices import resolve_device
 
     if torch.cuda.is_available():
         pytest.skip("CUDA works here: the failure needs a machine where it does not")

@@ -26,8 +26,9 @@ import pytest
 import yaml
 from zygote import KILLED, Zygote
 
-from kdpipe import checkpoints
-from kdpipe.data import file_sha256, load_prepared
+from kdpipe.core.files import file_sha256
+from kdpipe.data.prepared import load_prepared
+from kdpipe.training import checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -146,7 +147,7 @@ def test_prepare_killed_anywhere_leaves_old_or_new_output(zygote, tmp_path, tiny
 
 
 def test_export_killed_anywhere_leaves_old_or_new_output(zygote, tmp_path, tiny_pipeline_dirs):
-    from kdpipe.onnx_utils import check_onnx, make_session
+    from kdpipe.export.onnx import check_onnx, make_session
 
     d = tiny_pipeline_dirs
     selected = tmp_path / "selected"

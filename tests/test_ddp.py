@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from kdpipe import checkpoints
-from kdpipe.atomic import read_json
-from kdpipe.samplers import LabeledUnlabeledSampler
+from kdpipe.core.atomic import read_json
+from kdpipe.data.samplers import LabeledUnlabeledSampler
+from kdpipe.training import checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -32,9 +32,9 @@ RANK_SCRIPT = """
 import json, os, sys
 from pathlib import Path
 
-from kdpipe.engine import Trainer
-from kdpipe.params import validate_params
-from kdpipe.samplers import LabeledUnlabeledSampler
+from kdpipe.training.engine import Trainer
+from kdpipe.core.params import validate_params
+from kdpipe.data.samplers import LabeledUnlabeledSampler
 from kdpipe.steps import distill
 
 cfg = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
@@ -62,8 +62,8 @@ def logged_reports(self):  # every rank's own view of the run
 
 LabeledUnlabeledSampler.next = logged_next
 if rank == 1:  # fault injection: rank 1's own evaluation disagrees with rank 0's
-    import kdpipe.engine
-    kdpipe.engine.accuracy = lambda logits, labels: 0.0
+    import kdpipe.training.engine
+    kdpipe.training.engine.accuracy = lambda logits, labels: 0.0
 Trainer.write_reports = logged_reports
 summary = distill.run(validate_params(cfg["params"]), **cfg["paths"])
 (record / f"summary_rank{rank}.json").write_text(json.dumps(summary))
@@ -78,7 +78,7 @@ def _free_port() -> int:
 
 def _read_batches(path):
     """The batches a rank's trainer drew, one per iteration. Batches are drawn ahead of the loop
-    (kdpipe.prefetch): the ones dropped at a checkpoint are drawn again, identical, and the last
+    (kdpipe.data.prefetch): the ones dropped at a checkpoint are drawn again, identical, and the last
     ones drawn may never be used, so each iteration is kept once."""
     by_iteration = {}
     for line in path.read_text(encoding="utf-8").splitlines():
@@ -187,7 +187,7 @@ def test_ddp_sampler_batches_are_disjoint_and_form_the_global_batch(ddp_run):
 
 def test_ddp_resume_state_is_usable_by_a_single_process_run(ddp_run):
     """last.pt written by rank 0 holds plain (unwrapped) weights that load into a fresh network."""
-    from kdpipe.models import build_model
+    from kdpipe.training.models import build_model
 
     last = checkpoints.load(ddp_run["out"] / "last.pt")
     assert not any(k.startswith("module.") for k in last["student"])

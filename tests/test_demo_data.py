@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kdpipe.demo_data import DemoSplit, write_demo_data
-from kdpipe.errors import KdpipeError
+from kdpipe.core.errors import KdpipeError
+from kdpipe.data.demo import DemoSplit, write_demo_data
 
 pytestmark = pytest.mark.slow  # downloads nothing but decodes and writes the whole demo set (minutes)
 
@@ -53,9 +53,9 @@ def test_refuses_to_mix_with_existing_data(tmp_path):
 
 def test_cli_prepares_the_demo_data(tmp_path):
     """Integration: `kdpipe demo-data` then `kdpipe prepare` through the CLI entry point."""
-    from kdpipe.atomic import read_json
     from kdpipe.cli import main
-    from kdpipe.data import load_prepared
+    from kdpipe.core.atomic import read_json
+    from kdpipe.data.prepared import load_prepared
 
     data, out = tmp_path / "data", tmp_path / "prepared"
     assert main(["demo-data", str(data), "--labeled-per-class", "6", "--test-per-class", "4"]) == 0

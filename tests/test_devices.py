@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdpipe.devices import Runtime, resolve_amp
-from kdpipe.errors import KdpipeError
-from kdpipe.models import build_model
+from kdpipe.core.errors import KdpipeError
+from kdpipe.training.devices import Runtime, resolve_amp
+from kdpipe.training.models import build_model
 
 CUDA = torch.device("cuda")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

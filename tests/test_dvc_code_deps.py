@@ -1,99 +1,43 @@
 """dvc.yaml's code dependencies follow the import graph: a change to any module a step imports
 (directly or not, at the top or inside a function) re-runs that step, and nothing else does.
 
-The dependencies are written by hand in dvc.yaml (so that `dvc repro` re-runs only what a change
-touches); this test derives them from the code and fails, naming the missing files, when they drift.
+The list is derived by tests/dvc_code_deps.py (``make dvc-deps`` writes it into dvc.yaml); these
+tests fail, naming the files, when dvc.yaml drifts from the code.
 """
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
-import yaml
-
-REPO = Path(__file__).resolve().parent.parent
-SRC = REPO / "src" / "kdpipe"
-
-# Modules that cannot change what a step writes, with the reason; every other imported module is a
-# dependency. params.py is covered by the stages' `params:` (params.yaml lists every key, tested).
-NO_EFFECT_ON_OUTPUTS = {
-    "__init__.py": "the version string (recorded as metadata)",
-    "errors.py": "error types and their messages",
-    "progress.py": "progress bars",
-    "atomic.py": "how a file is written (atomically), not what",
-    "mapped.py": "which mapped pages stay resident in memory, not what is read or written",
-    "layout.py": "default paths, which dvc.yaml's outs name themselves",
-    "params.py": "the schema; the values are the stages' params",
-}
+from dvc_code_deps import PACKAGE, import_closure, needed_files, rewrite, stages
+from import_graph import import_graph
 
 
-def _module_file(dotted: str) -> Path | None:
-    path = SRC.joinpath(*dotted.split(".")[1:])
-    if path.with_suffix(".py").is_file():
-        return path.with_suffix(".py")
-    if (path / "__init__.py").is_file():
-        return path / "__init__.py"
-    return None
-
-
-def _imported_files(path: Path) -> set[Path]:
-    """kdpipe modules that ``path`` imports anywhere in its body (lazy imports included)."""
-    package = ["kdpipe", *path.relative_to(SRC).with_suffix("").parts[:-1]]
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom):
-            base = package[: len(package) - node.level + 1] if node.level else []
-            module = ".".join(base + ([node.module] if node.module else []))
-            if module.startswith("kdpipe"):
-                names.add(module)
-                names.update(f"{module}.{alias.name}" for alias in node.names)  # `from . import x`
-        elif isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names if alias.name.startswith("kdpipe"))
-    return {file for name in names if (file := _module_file(name))}
-
-
-def import_closure(path: Path) -> set[Path]:
-    seen: set[Path] = set()
-    todo = [path]
-    while todo:
-        current = todo.pop()
-        if current not in seen:
-            seen.add(current)
-            todo.extend(_imported_files(current))
-    return seen
-
-
-def _stages():
-    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))
-    code = next(v["code"] for v in dvc["vars"] if "code" in v)
-    for name, stage in dvc["stages"].items():
-        step = stage["cmd"].split()[1]  # "kdpipe <step> ..."
-        deps = {dep.replace("${code}", code) for dep in stage.get("deps", [])}
-        yield name, step, deps, code
-
-
-def test_every_stage_depends_on_every_module_its_step_imports():
-    missing = {}
-    for name, step, deps, code in _stages():
-        needed = {f"{code}/{p.relative_to(SRC).as_posix()}" for p in import_closure(SRC / "steps" / f"{step}.py")
-                  if p.name not in NO_EFFECT_ON_OUTPUTS or p.parent != SRC}
-        if needed - deps:
-            missing[name] = sorted(needed - deps)
-    assert missing == {}, "dvc.yaml stages lack code dependencies (add them to the stage's deps)"
-
-
-def test_no_stage_depends_on_code_its_step_does_not_import():
-    extra = {}
-    for name, step, deps, code in _stages():
-        imported = {f"{code}/{p.relative_to(SRC).as_posix()}" for p in import_closure(SRC / "steps" / f"{step}.py")}
-        unused = sorted(d for d in deps if d.startswith(code + "/") and d not in imported)
-        if unused:
-            extra[name] = unused
-    assert extra == {}, "dvc.yaml stages depend on modules their step never imports (they re-run for nothing)"
+def test_every_stage_depends_on_exactly_the_modules_its_step_imports():
+    graph = import_graph(PACKAGE)
+    drift = {}
+    for name, (step, deps, _) in stages().items():
+        needed = set(needed_files(step, graph))
+        if needed != deps:
+            drift[name] = {"missing": sorted(needed - deps), "never imported": sorted(deps - needed)}
+    assert drift == {}, "dvc.yaml code dependencies drifted from the imports: run `make dvc-deps`"
 
 
 def test_the_import_graph_sees_lazy_and_relative_imports():
-    closure = {p.relative_to(SRC).as_posix() for p in import_closure(SRC / "steps" / "distill.py")}
-    # distill imports the engine inside a function, and the engine imports losses via `from . import`
-    assert {"steps/distill.py", "engine.py", "losses.py", "devices.py", "checkpoints.py"} <= closure
+    closure = import_closure("kdpipe.steps.distill", import_graph(PACKAGE))
+    # distill imports the engine inside a function, and the engine imports its modules both ways
+    assert {"kdpipe.training.engine", "kdpipe.training.losses", "kdpipe.training.devices",
+            "kdpipe.training.checkpoints"} <= closure
+
+
+def test_the_teacher_does_not_depend_on_the_augment_step():
+    """The teacher runs before augment: a change to augment's code must not re-train the teacher."""
+    assert not any(f.startswith("steps/augment") for f in needed_files("teacher"))
+
+
+def test_rewrite_replaces_only_the_code_lines_of_each_stage():
+    text = ("stages:\n  prepare:\n    cmd: kdpipe prepare\n    deps:\n      - data/labeled\n"
+            "      - ${code}/gone.py\n      # a comment\n      - ${code}/also_gone.py\n    params:\n      - data\n")
+    graph = import_graph(PACKAGE)
+    lines = rewrite(text, graph).split("\n")
+    assert lines[:5] == text.split("\n")[:5] and "      # a comment" in lines and "    params:" in lines
+    code = [line.strip()[len("- ${code}/"):] for line in lines if line.strip().startswith("- ${code}/")]
+    assert code == needed_files("prepare", graph) and "steps/prepare.py" in code

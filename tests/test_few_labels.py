@@ -8,11 +8,11 @@ import pytest
 from conftest import keep_threads as _keep_threads
 from conftest import tiny_params, write_tiny_dataset
 
-from kdpipe import checkpoints
-from kdpipe.atomic import read_json
-from kdpipe.errors import KdpipeError
-from kdpipe.params import validate_params
+from kdpipe.core.atomic import read_json
+from kdpipe.core.errors import KdpipeError
+from kdpipe.core.params import validate_params
 from kdpipe.steps import augment, distill, prepare, select, teacher
+from kdpipe.training import checkpoints
 
 pytestmark = pytest.mark.slow
 

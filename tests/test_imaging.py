@@ -1,4 +1,4 @@
-"""kdpipe.imaging: every colour mode, orientation, and every way a file can be unusable."""
+"""kdpipe.data.imaging: every colour mode, orientation, and every way a file can be unusable."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from kdpipe.imaging import IMAGE_EXTENSIONS, RejectedImage, content_hash, decode_image, resize_square
+from kdpipe.data.imaging import IMAGE_EXTENSIONS, RejectedImage, content_hash, decode_image, resize_square
 
 LIMITS = {"max_pixels": 40_000_000, "min_side": 1, "max_aspect_ratio": 20.0}
 

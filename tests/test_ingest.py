@@ -15,9 +15,9 @@ from dvc_repo import DVC, KDPIPE, init_repo, repo_env, run
 from zygote import KILLED, Zygote
 
 from kdpipe.cli import main
-from kdpipe.data import file_sha256
-from kdpipe.ingest import INDEX_NAME, ingest
-from kdpipe.params import PrepareParams
+from kdpipe.core.files import file_sha256
+from kdpipe.core.params import PrepareParams
+from kdpipe.data.ingest import INDEX_NAME, ingest
 from kdpipe.steps import prepare
 
 
@@ -191,7 +191,7 @@ def test_two_concurrent_ingests_lose_and_duplicate_nothing(tmp_path, make_image,
 
 @pytest.fixture(scope="module")
 def zygote(tmp_path_factory):
-    z = Zygote(tmp_path_factory.mktemp("zygote"), extra_modules=("kdpipe.ingest",))
+    z = Zygote(tmp_path_factory.mktemp("zygote"), extra_modules=("kdpipe.data.ingest",))
     yield z
     z.close()
 

@@ -1,4 +1,4 @@
-"""The training input pipeline (kdpipe.prefetch, kdpipe.views): one host copy per batch, equal to the
+"""The training input pipeline (kdpipe.data.prefetch, kdpipe.training.views): one host copy per batch, equal to the
 previous assembly byte for byte; batches drawn ahead in a thread give the very same run, resume
 bit-exactly, and the thread never outlives the loop (normal end, early stop, exception)."""
 
@@ -11,10 +11,10 @@ import pytest
 import torch
 from host_reads import count_host_reads
 
-from kdpipe import checkpoints
-from kdpipe.devices import Runtime
-from kdpipe.prefetch import THREAD_NAME, BatchStream
-from kdpipe.views import gather_batch, gathers_channels_first, nchw_on_device, to_nchw
+from kdpipe.data.prefetch import THREAD_NAME, BatchStream
+from kdpipe.training import checkpoints
+from kdpipe.training.devices import Runtime
+from kdpipe.training.views import gather_batch, gathers_channels_first, nchw_on_device, to_nchw
 
 CPU_RUNTIME = Runtime(torch.device("cpu"), None, False)
 
@@ -182,7 +182,7 @@ def test_a_training_step_reads_nothing_back_on_an_accelerator(setup, trainer_for
     # steps, the running loss sums) with augmentation run as on a GPU (masked): no host read, so the
     # GPU's queue of kernels never drains between steps. The batch's host part (sampling, gathering)
     # runs in the prefetch thread and only touches host memory, so it is drawn outside the count.
-    from kdpipe import augmentation
+    from kdpipe.training import augmentation
 
     monkeypatch.setattr(augmentation, "groups_on_host", lambda device: False)
     trainer = trainer_for(f"sync-{setup}", prefetch=0, **SYNC_SETUPS[setup])

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from kdpipe.cli import main
-from kdpipe.data import ARRAY_FILES
+from kdpipe.data.prepared import ARRAY_FILES
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "kdpipe"
 
@@ -143,8 +143,8 @@ def test_the_payload_is_live_without_weights_only(tmp_path):
 
 
 def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path):
-    from kdpipe import checkpoints
-    from kdpipe.errors import KdpipeError
+    from kdpipe.core.errors import KdpipeError
+    from kdpipe.training import checkpoints
 
     marker = tmp_path / "pwned"
     path = malicious_checkpoint(tmp_path / "evil.pt", marker)

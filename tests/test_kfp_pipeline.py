@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kdpipe import kubeflow
+from kdpipe.orchestration import kubeflow
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "pipelines" / "kdpipe_pipeline.yaml"
@@ -22,7 +22,7 @@ STEPS = ("data", "prepare", "teacher", "augment", "distill", "select", "export",
 def compile_to(out: Path, env: dict[str, str] | None = None, extra_args: list[str] | None = None) -> list[dict]:
     """Compile in a fresh interpreter (KDPIPE_IMAGE is read at import time) from the project root."""
     done = subprocess.run([sys.executable, "-m", "kdpipe.cli", "pipeline", "compile", "--out", str(out),
-                           *(extra_args or [])], cwd=ROOT, env={**os.environ, "KDPIPE_IMAGE": "", **(env or {})},
+                           "--components-dir", str(out.parent / "components"), *(extra_args or [])], cwd=ROOT, env={**os.environ, "KDPIPE_IMAGE": "", **(env or {})},
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return list(yaml.safe_load_all(out.read_text(encoding="utf-8")))
@@ -46,6 +46,15 @@ def test_committed_yaml_is_up_to_date(compiled):
     assert without_sdk_version(out.read_text(encoding="utf-8")) == without_sdk_version(
         PACKAGE.read_text(encoding="utf-8")), (
         "pipelines/kdpipe_pipeline.yaml is stale: run `kdpipe pipeline compile` (or `make pipeline`) and commit it")
+
+
+def test_committed_component_files_are_up_to_date(compiled):
+    """components/<name>.yaml (one per step, for users' own pipelines) are compiled with the package."""
+    out, _, _ = compiled
+    fresh = {p.name: without_sdk_version(p.read_text(encoding="utf-8")) for p in (out.parent / "components").glob("*.yaml")}
+    committed = {p.name: without_sdk_version(p.read_text(encoding="utf-8")) for p in (ROOT / "components").glob("*.yaml")}
+    assert set(fresh) == {f"{name}.yaml" for name in STEPS} | {"quality_gate_failed.yaml"}
+    assert fresh == committed, "components/*.yaml are stale: run `make pipeline` and commit them"
 
 
 def test_staleness_check_still_sees_real_changes():
@@ -79,17 +88,15 @@ def test_dag_order_and_quality_gate(compiled):
 
 def test_a_model_below_the_gate_fails_the_run():
     """The failing branch's component raises: the run ends failed, with the reason in one line."""
-    from kdpipe.errors import KdpipeError
-
-    sys.path.insert(0, str(ROOT))
-    from components.gate import quality_gate_failed
+    from kdpipe.core.errors import KdpipeError
+    from kdpipe.pipelines.components.gate import quality_gate_failed
 
     with pytest.raises(KdpipeError, match=r"test accuracy 0.4200 is below min_accuracy 0.9000"):
         quality_gate_failed.python_func(accuracy=0.42, min_accuracy=0.9)
 
 
 def test_every_task_has_resources_retries_and_a_time_limit(compiled):
-    from kdpipe.cluster import ClusterSettings
+    from kdpipe.orchestration.cluster import ClusterSettings
 
     _, spec, platform = compiled
     executors = spec["deploymentSpec"]["executors"]
@@ -216,7 +223,7 @@ def test_data_version_and_rev_key_the_cache(compiled):
 
 
 def test_pipeline_parameters_mirror_params_yaml(compiled):
-    from kdpipe.params import load_params
+    from kdpipe.core.params import load_params
 
     _, spec, _ = compiled
     params = load_params(ROOT / "params.yaml").model_dump(mode="json")
@@ -233,7 +240,7 @@ def test_pipeline_parameters_mirror_params_yaml(compiled):
 
 
 def test_image_comes_from_one_setting(tmp_path):
-    from kdpipe.kubeflow import DEFAULT_IMAGE
+    from kdpipe.orchestration.kubeflow import DEFAULT_IMAGE
 
     spec, _ = compile_to(tmp_path / "p.yaml", {"KDPIPE_IMAGE": "registry.example.com/kdpipe:1.2"})
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}

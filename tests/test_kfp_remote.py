@@ -103,10 +103,7 @@ def _kfp_env(monkeypatch, tmp_path):
 def compiled_package() -> dict:
     """What the client sends for the package: the pipeline IR and the kfp-kubernetes platform spec,
     every task on the image given (IMAGE)."""
-    import sys
-
-    sys.path.insert(0, str(ROOT))
-    from pipelines.remote import with_image
+    from kdpipe.pipelines.remote import with_image
 
     spec, platform = with_image(list(yaml.safe_load_all(PACKAGE.read_text(encoding="utf-8"))), IMAGE)
     return {"pipeline_spec": spec, "platform_spec": platform}

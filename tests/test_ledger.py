@@ -1,4 +1,4 @@
-"""prepare's per-file records on disk (kdpipe.ledger): the outputs are the same bytes whatever the
+"""prepare's per-file records on disk (kdpipe.data.ledger): the outputs are the same bytes whatever the
 chunk size of each pass, the JSON written as it is read is laid out exactly as ``write_json`` would,
 and the data version orders paths as Python orders their names, undecodable bytes included."""
 
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-import kdpipe.ledger
-import kdpipe.segments
-from kdpipe.data import REJECTED, SOURCES, load_prepared
-from kdpipe.params import Params
+import kdpipe.data.ledger
+import kdpipe.data.segments
+from kdpipe.core.params import Params
+from kdpipe.data.prepared import REJECTED, SOURCES, load_prepared
 from kdpipe.steps import prepare
 
 SIZE = 8
@@ -62,16 +62,16 @@ def mixed_root(tmp_path, make_image) -> Path:
 def tiny_chunks(monkeypatch):
     """Every pass of prepare over its records and pixels in chunks of 3 rows (4,096 and 16 MiB
     otherwise), and segments of 7 rows: every boundary is crossed many times."""
-    monkeypatch.setattr(kdpipe.ledger, "CHUNK", 3)
+    monkeypatch.setattr(kdpipe.data.ledger, "CHUNK", 3)
     monkeypatch.setattr(prepare, "_COPY_BYTES", 3 * SIZE * SIZE * 3)
-    monkeypatch.setattr(kdpipe.segments, "SEGMENT_MIN_BYTES", 7 * SIZE * SIZE * 3)
+    monkeypatch.setattr(kdpipe.data.segments, "SEGMENT_MIN_BYTES", 7 * SIZE * SIZE * 3)
 
 
 def test_the_outputs_do_not_depend_on_the_chunk_size(mixed_root, tmp_path, monkeypatch):
-    monkeypatch.setattr(kdpipe.segments, "SEGMENT_MIN_BYTES", 7 * SIZE * SIZE * 3)
+    monkeypatch.setattr(kdpipe.data.segments, "SEGMENT_MIN_BYTES", 7 * SIZE * SIZE * 3)
     prepare.run(params(), mixed_root, tmp_path / "whole")
     with monkeypatch.context() as patch:
-        patch.setattr(kdpipe.ledger, "CHUNK", 3)
+        patch.setattr(kdpipe.data.ledger, "CHUNK", 3)
         patch.setattr(prepare, "_COPY_BYTES", 3 * SIZE * SIZE * 3)
         prepare.run(params(), mixed_root, tmp_path / "chunked")
     assert files_of(tmp_path / "chunked") == files_of(tmp_path / "whole")
@@ -169,7 +169,7 @@ def test_a_second_link_to_a_file_is_reported_once(mixed_root, tmp_path):
 
 
 def test_a_damaged_store_of_input_hashes_only_means_reading_every_file(mixed_root, tmp_path, monkeypatch):
-    from kdpipe import integrity
+    from kdpipe.data import integrity
 
     out = tmp_path / "prepared"
     prepare.run(params(), mixed_root, out)
@@ -190,14 +190,14 @@ def test_a_damaged_store_of_input_hashes_only_means_reading_every_file(mixed_roo
 def test_the_walk_sorted_on_disk_visits_what_the_walk_sorted_in_memory_visits(mixed_root, tmp_path, monkeypatch):
     """prepare's walk sorts each folder's listing in the ledger (in pages of 3 here); it hands out
     the same files, in the same order, with the same reports, as the in-memory sort ingest uses."""
-    from kdpipe.ledger import Ledger
-    from kdpipe.walk import Walker
+    from kdpipe.data.ledger import Ledger
+    from kdpipe.data.walk import Walker
 
     (mixed_root / "unlabeled" / "batch-0003" / "again.png").symlink_to(mixed_root / "unlabeled" / "batch-0001" / "u_0.png")
     (mixed_root / "unlabeled" / "batch-0003" / "nowhere.png").symlink_to(tmp_path / "missing.png")
     # a link walked before the file it points to: the plain file is then the second visit
     (mixed_root / "unlabeled" / "batch-0001" / "to_later.png").symlink_to(mixed_root / "unlabeled" / "batch-0003" / "u_1.png")
-    monkeypatch.setattr(kdpipe.ledger, "CHUNK", 3)
+    monkeypatch.setattr(kdpipe.data.ledger, "CHUNK", 3)
 
     def walk(**how) -> tuple[list[str], list[tuple[str, str]]]:
         reports = []

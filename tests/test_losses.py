@@ -1,4 +1,4 @@
-"""Golden values (worked out by hand in the comments) and gradient flow of kdpipe.losses."""
+"""Golden values (worked out by hand in the comments) and gradient flow of kdpipe.training.losses."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kdpipe import losses
+from kdpipe.training import losses
 
 LN3 = math.log(3.0)
 

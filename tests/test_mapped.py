@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from kdpipe.devices import Runtime
-from kdpipe.engine import predict_logits
-from kdpipe.mapped import FileRows, release
-from kdpipe.segments import RowSegments
+from kdpipe.data.mapped import FileRows, release
+from kdpipe.data.segments import RowSegments
 from kdpipe.steps.common import _RamBudget
-from kdpipe.views import gather_batch
+from kdpipe.training.devices import Runtime
+from kdpipe.training.engine import predict_logits
+from kdpipe.training.views import gather_batch
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 

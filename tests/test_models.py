@@ -1,4 +1,4 @@
-"""Tests for kdpipe.models: the zoo's shapes, built-in normalisation, stems, errors and ONNX export."""
+"""Tests for kdpipe.training.models: the zoo's shapes, built-in normalisation, stems, errors and ONNX export."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from kdpipe.errors import KdpipeError
-from kdpipe.models import (
+from kdpipe.core.errors import KdpipeError
+from kdpipe.training.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Classifier,
@@ -196,7 +196,7 @@ def test_onnx_export_with_dynamic_batch(arch, tmp_path):
 
 def test_channels_last_auto_on_cpu_only_for_nets_without_grouped_convs():
     """Measured here: channels_last speeds a plain 3x3 CNN up 1.4x on the CPU and slows depthwise nets."""
-    from kdpipe.devices import make_runtime
+    from kdpipe.training.devices import make_runtime
 
     auto = make_runtime("cpu", "off", "auto")
     assert auto.wants_channels_last(build_model("cnn_tiny", 3))

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kdpipe.nearcopies import MAX_RMS, ReferenceThumbnails, coarse, thumbnails
-from kdpipe.params import Params
+from kdpipe.core.params import Params
+from kdpipe.data.nearcopies import MAX_RMS, ReferenceThumbnails, coarse, thumbnails
 from kdpipe.steps import prepare
 
 
@@ -61,7 +61,7 @@ def test_the_coarse_pre_filter_is_never_farther_than_the_thumbnails():
 
 
 def test_reencoded_digits_are_copies_and_distinct_digits_are_not():
-    from kdpipe.demo_data import load_digits
+    from kdpipe.data.demo import load_digits
 
     digits, _ = load_digits()
     rgb = np.repeat(digits[:2000, :, :, None], 3, axis=-1)

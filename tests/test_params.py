@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kdpipe.errors import ParamsError
-from kdpipe.params import DEMO_SETTINGS, Params, dump_defaults, load_params, validate_params
+from kdpipe.core.errors import ParamsError
+from kdpipe.core.params import DEMO_SETTINGS, Params, dump_defaults, load_params, validate_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ def test_the_training_loop_takes_every_setting_from_params():
     """No third copy of the defaults: LoopConfig is built from the params, field by field."""
     from dataclasses import fields
 
-    from kdpipe.engine import LoopConfig
+    from kdpipe.training.engine import LoopConfig
 
     train = Params().train
     cfg = LoopConfig.from_train(train)
@@ -106,7 +106,7 @@ def test_invalid_yaml_names_the_file(tmp_path):
 
 
 def test_write_overrides_edits_values_in_place_and_keeps_comments(tmp_path):
-    from kdpipe.params import write_overrides
+    from kdpipe.core.params import write_overrides
 
     path = tmp_path / "params.yaml"
     original = (REPO / "params.yaml").read_text()
@@ -126,7 +126,7 @@ def test_write_overrides_edits_values_in_place_and_keeps_comments(tmp_path):
 
 
 def test_write_overrides_refuses_before_writing(tmp_path):
-    from kdpipe.params import write_overrides
+    from kdpipe.core.params import write_overrides
 
     path = tmp_path / "params.yaml"
     path.write_text((REPO / "params.yaml").read_text())
@@ -139,7 +139,7 @@ def test_write_overrides_refuses_before_writing(tmp_path):
 
 def test_schema_defaults_and_params_yaml_agree_on_the_teacher_and_distillation_defaults():
     """The settings the pretrained-teacher default depends on have one value, wherever it is read."""
-    from kdpipe.params import Params
+    from kdpipe.core.params import Params
 
     committed = load_params(REPO / "params.yaml")
     schema = Params()
@@ -163,7 +163,7 @@ def test_old_short_names_of_the_loss_weights_still_work_with_a_warning():
 def test_every_demo_setting_says_so_in_params_yaml():
     """write_overrides replaces a comment that starts with DEMO_COMMENT when the value changes: every
     demo setting's line must carry one, or its comment would go stale after `make repro S=...`."""
-    from kdpipe.params import DEMO_COMMENT, DEMO_SETTINGS
+    from kdpipe.core.params import DEMO_COMMENT, DEMO_SETTINGS
 
     text = (REPO / "params.yaml").read_text().splitlines()
     for dotted in DEMO_SETTINGS:

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from colour_data import COLOURS, probe_model, write_images
 
-from kdpipe import checkpoints
 from kdpipe.cli import main
-from kdpipe.data import load_prepared
-from kdpipe.errors import KdpipeError
-from kdpipe.params import Params
+from kdpipe.core.errors import KdpipeError
+from kdpipe.core.params import Params
+from kdpipe.data.prepared import load_prepared
 from kdpipe.steps import evaluate, export, prepare
 from kdpipe.steps.predict import predict, write_predictions
+from kdpipe.training import checkpoints
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,10 @@ import shutil
 import numpy as np
 import pytest
 
-from kdpipe.data import ARRAY_FILES, file_sha256, load_prepared
-from kdpipe.errors import DataError, IntegrityError
-from kdpipe.params import Params
+from kdpipe.core.errors import DataError, IntegrityError
+from kdpipe.core.files import file_sha256
+from kdpipe.core.params import Params
+from kdpipe.data.prepared import ARRAY_FILES, load_prepared
 from kdpipe.steps import prepare
 
 SIZE = 8

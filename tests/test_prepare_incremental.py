@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kdpipe import integrity
-from kdpipe.data import load_prepared
-from kdpipe.decoding import SERIAL_BELOW
-from kdpipe.errors import IntegrityError
-from kdpipe.params import Params
+from kdpipe.core.errors import IntegrityError
+from kdpipe.core.params import Params
+from kdpipe.data import integrity
+from kdpipe.data.decoding import SERIAL_BELOW
+from kdpipe.data.prepared import load_prepared
 from kdpipe.steps import prepare
 
 SIZE = 16
@@ -148,16 +148,16 @@ def test_teacher_copy_needed_after_new_images_decodes_everything_once(tmp_path, 
 
 def hashed_files(monkeypatch) -> list[str]:
     """Record which files the integrity check reads in full."""
-    import kdpipe.data
+    import kdpipe.core.files
 
     seen: list[str] = []
-    original = kdpipe.data.file_sha256
+    original = kdpipe.core.files.file_sha256
 
     def counting(path, *args, **kwargs):
         seen.append(Path(path).name)
         return original(path, *args, **kwargs)
 
-    monkeypatch.setattr(kdpipe.data, "file_sha256", counting)
+    monkeypatch.setattr(kdpipe.core.files, "file_sha256", counting)
     return seen
 
 
@@ -239,7 +239,7 @@ def test_predict_decodes_a_jpeg_exactly_like_prepare(tmp_path):
 
 
 def test_worker_count_follows_the_setting_the_cores_and_a_container_quota(tmp_path, monkeypatch):
-    from kdpipe import decoding
+    from kdpipe.data import decoding
 
     assert decoding.worker_count(3) == 3
     monkeypatch.setattr(decoding.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
@@ -256,7 +256,7 @@ def test_worker_count_follows_the_setting_the_cores_and_a_container_quota(tmp_pa
 
 
 def test_a_few_new_files_are_shared_between_the_workers():
-    from kdpipe import decoding
+    from kdpipe.data import decoding
 
     # an ingest of 30 files on 2 workers: 15 each, not 16 and 14 in two calls that could land on one
     assert decoding._tasks_per_call(30, 2) == 15
@@ -271,9 +271,9 @@ def test_a_few_new_files_are_shared_between_the_workers():
 @pytest.fixture
 def small_segments(monkeypatch):
     """Segments close at 20 rows of SIZE pixels (the real threshold is 64 MiB)."""
-    import kdpipe.segments
+    import kdpipe.data.segments
 
-    monkeypatch.setattr(kdpipe.segments, "SEGMENT_MIN_BYTES", 20 * SIZE * SIZE * 3)
+    monkeypatch.setattr(kdpipe.data.segments, "SEGMENT_MIN_BYTES", 20 * SIZE * SIZE * 3)
 
 
 def test_an_ingest_leaves_earlier_segments_as_they_were(photo_root, tmp_path, capsys, small_segments):
@@ -303,7 +303,7 @@ def test_an_ingest_leaves_earlier_segments_as_they_were(photo_root, tmp_path, ca
 
     # the same rows as one file would hold them
     data = load_prepared(out)
-    from kdpipe.segments import RowSegments
+    from kdpipe.data.segments import RowSegments
 
     assert isinstance(data.unlabeled_x, RowSegments)
     whole = np.concatenate([np.load(out / "unlabeled_x.npy"), np.load(out / "unlabeled_x.1.npy")])
@@ -393,7 +393,7 @@ def test_decode_workers_die_with_a_killed_prepare(tmp_path):
     picture = (one / "img_01000.jpg").read_bytes()
     for k in range(3000):  # many files to decode (duplicates are only known once decoded)
         (one / f"copy_{k:05d}.jpg").write_bytes(picture)
-    script = ("import sys; from kdpipe.params import Params; from kdpipe.steps import prepare; "
+    script = ("import sys; from kdpipe.core.params import Params; from kdpipe.steps import prepare; "
               "prepare.run(Params(prepare={'image_size': 256, 'workers': 2}), sys.argv[1], sys.argv[2])")
     child = subprocess.Popen([sys.executable, "-c", script, str(root), str(tmp_path / "out")],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from kdpipe.errors import KdpipeError
-from kdpipe.models import Classifier, build_model, is_timm
-from kdpipe.pretrained import (
+from kdpipe.core.errors import KdpipeError
+from kdpipe.training.models import Classifier, build_model, is_timm
+from kdpipe.training.pretrained import (
     LITE0_STAGE_DEPTHS,
     convert_efficientnet_lite0,
     efficientnet_lite0_file,
@@ -191,7 +191,7 @@ def test_input_size_resizes_before_the_backbone():
 
 
 def test_input_size_survives_a_checkpoint(tmp_path):
-    from kdpipe import checkpoints
+    from kdpipe.training import checkpoints
 
     model = build_model("cnn_tiny", num_classes=3, image_size=16, input_size=40)
     ckpt = checkpoints.model_checkpoint(model, "cnn_tiny", 3, 16, ["a", "b", "c"])
@@ -206,7 +206,7 @@ def test_input_size_survives_a_checkpoint(tmp_path):
 
 def test_onnx_export_of_a_resizing_model_keeps_the_image_size(tmp_path):
     """A teacher that computes at 48 px is still exported for the data's 16 px images."""
-    from kdpipe.onnx_utils import CPU, export_onnx, make_session
+    from kdpipe.export.onnx import CPU, export_onnx, make_session
 
     model = build_model("cnn_tiny", num_classes=3, image_size=16, input_size=48).eval()
     session = make_session(export_onnx(model, tmp_path / "m.onnx", 16, 17), [CPU])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdpipe import losses
-from kdpipe.recipes import RECIPES, Hyper, StepOutputs, build_recipe, total_loss
+from kdpipe.training import losses
+from kdpipe.training.recipes import RECIPES, Hyper, StepOutputs, build_recipe, total_loss
 
 N, C = 6, 3
 LABELS = torch.tensor([0, 1, 2, -1, -1, -1])
@@ -186,7 +186,7 @@ def test_all_zero_weights_still_give_a_differentiable_zero():
 
 # ------------------------------------------------------------------------------ composition
 def test_recipes_are_compositions_of_the_methods_in_the_table():
-    from kdpipe.recipes import RECIPE_METHODS
+    from kdpipe.training.recipes import RECIPE_METHODS
 
     assert set(RECIPE_METHODS) == set(RECIPES)
     full = build_recipe("full", views=3)
@@ -198,7 +198,7 @@ def test_recipes_are_compositions_of_the_methods_in_the_table():
 
 
 def test_methods_that_disagree_on_the_views_cannot_be_composed():
-    from kdpipe.recipes import Method, adaptive_augmentation, compose, distillation
+    from kdpipe.training.recipes import Method, adaptive_augmentation, compose, distillation
 
     with pytest.raises(ValueError, match="different view plans"):
         compose("bad", distillation(), adaptive_augmentation())
@@ -207,7 +207,7 @@ def test_methods_that_disagree_on_the_views_cannot_be_composed():
 
 
 def test_a_term_weight_must_name_a_train_setting():
-    from kdpipe.recipes import Term
+    from kdpipe.training.recipes import Term
 
     with pytest.raises(ValueError, match="w_entropy"):
         Term("entropy", lambda out, h, proj: out.student[0].sum(), "w_entropy")
@@ -230,8 +230,8 @@ def test_the_contributing_guide_example_recipe_composes_and_draws_distinct_views
     """CONTRIBUTING.md, worked example 2: distillation + the consistency term across 2 views."""
     import numpy as np
 
-    from kdpipe.recipes import compose, consistency_across_views, distillation
-    from kdpipe.views import StoredViews
+    from kdpipe.training.recipes import compose, consistency_across_views, distillation
+    from kdpipe.training.views import StoredViews
 
     recipe = compose("kd_consistency", distillation(), consistency_across_views(2))
     assert (recipe.view_plan, recipe.num_views, recipe.teacher_views) == ("any", 2, (0,))

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kdpipe.params import Params
+from kdpipe.core.params import Params
 from kdpipe.steps import register
 from kdpipe.steps.register import decide_promotion
 
@@ -33,7 +33,7 @@ def export_tiny_model(path: Path, answer: int | None = None) -> Path:
     """A cnn_tiny ONNX model; with ``answer`` it always predicts that class (a known accuracy)."""
     import torch
 
-    from kdpipe.models import build_model
+    from kdpipe.training.models import build_model
 
     torch.manual_seed(0)
     model = build_model("cnn_tiny", 3, IMAGE_SIZE).eval()
@@ -218,7 +218,7 @@ def test_a_new_class_set_starts_a_new_lineage_and_says_so(store, answering, tmp_
     write_prepared_split(store, "dv-2", val_labels=[3] * 10, classes=("a", "b", "c", "d"))
     import torch
 
-    from kdpipe.models import build_model
+    from kdpipe.training.models import build_model
 
     four = tmp_path_factory.mktemp("four") / "model.onnx"
     model = build_model("cnn_tiny", 4, IMAGE_SIZE).eval()
@@ -314,7 +314,7 @@ def test_one_parent_run_with_a_nested_register_run(store, onnx_model):
 
 
 def test_credentials_never_reach_the_store(store, onnx_model, monkeypatch):
-    from kdpipe import tracking
+    from kdpipe.orchestration import tracking
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     params = Params.model_validate({

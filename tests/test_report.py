@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from kdpipe.report import colour_lines_by_field, plot_specs, write_report
+from kdpipe.orchestration.report import colour_lines_by_field, plot_specs, write_report
 
 DVC = str(Path(sys.executable).with_name("dvc"))
 

@@ -13,9 +13,9 @@ import time
 import pytest
 import torch
 
-from kdpipe import checkpoints
-from kdpipe.atomic import read_json
-from kdpipe.errors import KdpipeError
+from kdpipe.core.atomic import read_json
+from kdpipe.core.errors import KdpipeError
+from kdpipe.training import checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -27,8 +27,8 @@ KILL_AT = 9  # iteration of the last.pt to wait for before killing (mid-epoch: r
 
 CHILD = """
 import json, sys, time
-from kdpipe.engine import Trainer
-from kdpipe.params import validate_params
+from kdpipe.training.engine import Trainer
+from kdpipe.core.params import validate_params
 from kdpipe.steps import distill
 
 cfg = json.loads(open(sys.argv[1], encoding="utf-8").read())
@@ -164,8 +164,8 @@ PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 def _trainer(d, params, out, amp: str, channels_last: bool = False, device: torch.device = CPU):
     """The distill trainer with the runtime given directly: fp16 autocast and its GradScaler run on
     the CPU exactly as on a GPU (the params only allow fp16 on CUDA, where it pays)."""
-    from kdpipe.devices import Runtime
     from kdpipe.steps.distill import build_trainer
+    from kdpipe.training.devices import Runtime
 
     runtime = Runtime(device, PRECISIONS[amp], channels_last)
     return build_trainer(params, d["prepared"], d["augmented"], d["teacher"], out, runtime=runtime, progress=False)

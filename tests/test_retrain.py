@@ -20,7 +20,7 @@ import pytest
 from conftest import write_tiny_dataset
 from dvc_repo import DVC, KDPIPE, commit, init_repo, repo_env, run
 
-from kdpipe.retrain import kfp_data_arguments, plan
+from kdpipe.orchestration.retrain import kfp_data_arguments, plan
 
 PROJECT_GITIGNORE = Path(__file__).resolve().parents[1] / ".gitignore"
 
@@ -186,8 +186,8 @@ def test_with_a_kubeflow_endpoint_retrain_submits_the_pipeline_instead(tmp_path)
 
 
 def test_a_kubeflow_submission_carries_the_dvc_remote_namespace_and_never_credentials(tmp_path, monkeypatch):
-    from kdpipe.errors import KdpipeError
-    from kdpipe.retrain import kfp_remote_arguments
+    from kdpipe.core.errors import KdpipeError
+    from kdpipe.orchestration.retrain import kfp_remote_arguments
 
     env = repo_env()
     repo = init_repo(tmp_path / "repo", env)  # git + dvc init
@@ -222,7 +222,7 @@ def test_a_kubeflow_submission_carries_the_dvc_remote_namespace_and_never_creden
 def test_the_metrics_diff_shows_the_numbers_that_changed_only():
     """`dvc metrics diff` lists file hashes and settings beside the metrics (43 rows, mostly hashes, in
     a real retrain): the summary keeps the numbers that changed."""
-    from kdpipe.retrain import numeric_changes
+    from kdpipe.orchestration.retrain import numeric_changes
 
     diff = {"reports/prepare/manifest.json": {
         "counts.unlabeled": {"old": 20, "new": 32, "diff": 12},

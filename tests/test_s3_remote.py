@@ -20,7 +20,7 @@ import pytest
 from conftest import write_tiny_dataset
 from dvc_repo import DVC, commit, init_repo, repo_env, run
 
-from kdpipe.data import file_sha256
+from kdpipe.core.files import file_sha256
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from kdpipe.samplers import EndlessSampler, LabeledUnlabeledSampler, unlabeled_batch_size
+from kdpipe.data.samplers import EndlessSampler, LabeledUnlabeledSampler, unlabeled_batch_size
 
 
 def _take(sampler, k):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from kdpipe.schedules import AugmentationSchedule, ScheduleState
+from kdpipe.training.schedules import AugmentationSchedule, ScheduleState
 
 
 def _adaptive(**kw):
@@ -111,7 +111,7 @@ def test_state_round_trip_through_json_continues_identically():
 
 
 def test_from_params_and_validation():
-    from kdpipe.params import TrainParams
+    from kdpipe.core.params import TrainParams
 
     s = AugmentationSchedule.from_params(TrainParams(), total_epochs=8)
     assert s.current() == pytest.approx((0.0, 0.1, 1.0))

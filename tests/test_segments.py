@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kdpipe.segments import RowSegments, segment_file, segment_sizes
-from kdpipe.views import gather_rows
+from kdpipe.data.segments import RowSegments, segment_file, segment_sizes
+from kdpipe.training.views import gather_rows
 
 
 @pytest.fixture
@@ -92,9 +92,10 @@ def test_training_on_segments_equals_training_on_one_file(tmp_path, monkeypatch,
     import torch
     from conftest import tiny_params, write_tiny_dataset
 
-    import kdpipe.segments
+    import kdpipe.data.segments
     import kdpipe.steps.common
-    from kdpipe.data import file_sha256, load_prepared
+    from kdpipe.core.files import file_sha256
+    from kdpipe.data.prepared import load_prepared
     from kdpipe.steps import augment, distill, prepare
 
     data = write_tiny_dataset(tmp_path / "data", unlabeled=30)
@@ -107,7 +108,7 @@ def test_training_on_segments_equals_training_on_one_file(tmp_path, monkeypatch,
     results = {}
     try:
         for name, min_bytes in (("one", 1 << 40), ("segments", 1)):
-            monkeypatch.setattr(kdpipe.segments, "SEGMENT_MIN_BYTES", min_bytes)
+            monkeypatch.setattr(kdpipe.data.segments, "SEGMENT_MIN_BYTES", min_bytes)
             prepared, augmented, out = (tmp_path / f"{name}-{part}" for part in ("prepared", "augmented", "distill"))
             prepare.run(params, data, prepared)
             assert len(load_prepared(prepared).manifest.get("segments", {}).get("unlabeled", [0])) == (

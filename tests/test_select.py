@@ -9,12 +9,12 @@ import pytest
 import torch
 from colour_data import write_images
 
-from kdpipe import checkpoints
-from kdpipe.data import load_prepared
-from kdpipe.errors import KdpipeError
-from kdpipe.models import build_model
-from kdpipe.params import Params
+from kdpipe.core.errors import KdpipeError
+from kdpipe.core.params import Params
+from kdpipe.data.prepared import load_prepared
 from kdpipe.steps import prepare, select
+from kdpipe.training import checkpoints
+from kdpipe.training.models import build_model
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 import math
 
-from kdpipe.stopping import EarlyStop
+from kdpipe.training.stopping import EarlyStop
 
 
 def test_patience_counts_evaluations_without_improvement():

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from benchmarks.synthetic_images import add_unlabeled_batch, generate, image_files, parse_size
-from kdpipe.params import Params
+from kdpipe.core.params import Params
 from kdpipe.steps import prepare
 
 SIZES = [(40, 30), (32, 32)]  # small, and one needs resizing

@@ -13,12 +13,13 @@ import torch
 from conftest import keep_threads as _keep_threads
 from conftest import tiny_params, write_tiny_dataset
 
-from kdpipe import checkpoints
-from kdpipe.atomic import read_json
-from kdpipe.data import load_prepared
-from kdpipe.errors import IntegrityError
-from kdpipe.recipes import total_loss
+from kdpipe.core.atomic import read_json
+from kdpipe.core.errors import IntegrityError
+from kdpipe.data.augmented import load_views
+from kdpipe.data.prepared import load_prepared
 from kdpipe.steps import augment, distill, export, prepare, teacher
+from kdpipe.training import checkpoints
+from kdpipe.training.recipes import total_loss
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +30,7 @@ def _params(**teacher):
     raw = tiny_params(recipe="kd", max_iterations=10).model_dump(mode="json")
     raw["teacher"].update(image_size=BIG, max_iterations=10, **teacher)
     raw["export"].update(int8=False, parity_samples=16)
-    from kdpipe.params import validate_params
+    from kdpipe.core.params import validate_params
 
     return validate_params(raw)
 
@@ -85,12 +86,12 @@ def test_teacher_computes_at_its_own_resolution_and_takes_student_images(photos_
 def test_teacher_fine_tunes_on_the_sharp_copy_it_is_judged_on(photos_pipeline, tmp_path):
     """With a teacher-resolution copy, the teacher's training views are that copy at its own size, as
     its validation images are -- not the copy shrunk to the student's size and blown up again."""
-    from kdpipe.devices import make_runtime
     from kdpipe.steps.common import training_data
+    from kdpipe.training.devices import make_runtime
 
     raw = photos_pipeline["params"].model_dump(mode="json")
     raw["augment"].update(pad=0, flip=False)  # weak views without crop or flip: the images themselves
-    from kdpipe.params import validate_params
+    from kdpipe.core.params import validate_params
 
     data = training_data(photos_pipeline["prepared"], teacher_copy=True)
     trainer = teacher.build_trainer(validate_params(raw), data, tmp_path, make_runtime("cpu", "off", "off"))
@@ -103,7 +104,7 @@ def test_teacher_fine_tunes_on_the_sharp_copy_it_is_judged_on(photos_pipeline, t
 
 
 def test_augment_stores_student_size_views_and_teacher_logits(photos_pipeline):
-    sets = augment.load_views(photos_pipeline["augmented"])
+    sets = load_views(photos_pipeline["augmented"])
     data = load_prepared(photos_pipeline["prepared"])
     k = photos_pipeline["params"].augment.views
     assert sets.labeled_views.shape == (len(data.train_x), k, STUDENT, STUDENT, 3)
@@ -115,7 +116,7 @@ def test_augment_stores_student_size_views_and_teacher_logits(photos_pipeline):
 
 
 def checkpoints_sha(path: Path) -> str:
-    from kdpipe.data import file_sha256
+    from kdpipe.core.files import file_sha256
 
     return file_sha256(path)
 
@@ -123,7 +124,7 @@ def checkpoints_sha(path: Path) -> str:
 def test_exported_student_takes_the_student_size(photos_pipeline):
     from shutil import copyfile
 
-    from kdpipe.onnx_utils import CPU, make_session
+    from kdpipe.export.onnx import CPU, make_session
 
     selected = photos_pipeline["base"] / "selected"
     selected.mkdir(exist_ok=True)
@@ -165,11 +166,11 @@ def test_onnxruntime_computes_the_same_cache(tiny_pipeline_dirs, tmp_path):
     raw = d["params"].model_dump(mode="json")
     raw["augment"]["teacher_inference"] = "onnxruntime"
     raw["train"]["recipe"] = "kd"  # a recipe that reads stored views (as the shared sets were made for)
-    from kdpipe.params import validate_params
+    from kdpipe.core.params import validate_params
 
     policy = _keep_threads(augment.run, validate_params(raw), d["prepared"], tmp_path / "aug", d["teacher"])
     assert policy["teacher"]["inference"] == "onnxruntime" and policy["teacher"]["parity_max_abs"] <= 1e-3
-    by_ort, by_torch = augment.load_views(tmp_path / "aug"), augment.load_views(d["augmented"])
+    by_ort, by_torch = load_views(tmp_path / "aug"), load_views(d["augmented"])
     assert np.array_equal(by_ort.labeled_views, by_torch.labeled_views)  # the same seeded views
     np.testing.assert_allclose(by_ort.unlabeled_logits, by_torch.unlabeled_logits, atol=1e-4, rtol=1e-4)
 
@@ -201,7 +202,7 @@ def test_stored_views_follow_the_schedule_probability(tiny_pipeline_dirs, tmp_pa
     """Stored weak/strong views reproduce Aug(x; p): EACH view slot is strong with its own probability
     (p1 for the first, p2 for the second), even when that means two slots share the one stored view of
     their kind; slots of the "any" plan take distinct views."""
-    from kdpipe.views import StoredViews
+    from kdpipe.training.views import StoredViews
 
     d = tiny_pipeline_dirs
     trainer = _keep_threads(distill.build_trainer, tiny_params(recipe="adaptive"), d["prepared"], d["augmented"],
@@ -259,11 +260,11 @@ def test_online_teacher_judges_the_very_view_the_student_sees(tiny_pipeline_dirs
 
 
 def test_online_teacher_sees_the_copy_the_student_sees_shrunk(photos_pipeline, tmp_path):
-    from kdpipe.views import shrink
+    from kdpipe.training.views import shrink
 
     raw = photos_pipeline["params"].model_dump(mode="json")
     raw["train"].update(teacher_online="on")
-    from kdpipe.params import validate_params
+    from kdpipe.core.params import validate_params
 
     p = photos_pipeline
     trainer = _keep_threads(distill.build_trainer, validate_params(raw), p["prepared"], p["augmented"], p["teacher"],
@@ -280,8 +281,8 @@ def test_frozen_backbone_phase_trains_the_head_alone(tmp_path):
     raw = params.model_dump(mode="json")
     raw["teacher"].update(max_iterations=4, eval_every=2, freeze_backbone_fraction=0.5, backbone_lr_scale=0.1,
                           freeze_batchnorm=True)
-    from kdpipe.engine import LoopConfig
-    from kdpipe.params import validate_params
+    from kdpipe.core.params import validate_params
+    from kdpipe.training.engine import LoopConfig
 
     params = validate_params(raw)
     cfg = LoopConfig.from_teacher(params.teacher)
@@ -292,7 +293,7 @@ def test_frozen_backbone_phase_trains_the_head_alone(tmp_path):
     def snapshot(trainer):
         states.append({k: v.clone() for k, v in trainer.student.backbone.state_dict().items()})
 
-    from kdpipe.engine import Trainer
+    from kdpipe.training.engine import Trainer
 
     original = Trainer._step
 
@@ -315,14 +316,14 @@ def test_frozen_backbone_phase_trains_the_head_alone(tmp_path):
 
 
 def test_backbone_learns_at_its_own_rate(tiny_pipeline_dirs, tmp_path):
-    from kdpipe.engine import LoopConfig
-    from kdpipe.models import build_model
-    from kdpipe.optimization import sgd
+    from kdpipe.training.engine import LoopConfig
+    from kdpipe.training.models import build_model
+    from kdpipe.training.optimization import sgd
 
     model = build_model("cnn_tiny", 3, 16)
     from dataclasses import replace
 
-    from kdpipe.params import Params
+    from kdpipe.core.params import Params
 
     cfg = replace(LoopConfig.from_train(Params().train), lr=0.1, backbone_lr_scale=0.05, weight_decay=5e-4)
     opt = sgd(model.parameters(), cfg, list(model.backbone.parameters()))
@@ -357,7 +358,7 @@ def test_early_stopping_follows_the_student_not_the_teacher(tiny_pipeline_dirs, 
 # ------------------------------------------------------------------------------ the teacher's floor
 def _pretrained_params(**teacher):
     """A pretrained Lite0 teacher at 32 px on the tiny 16 px data (the probe needs pretrained features)."""
-    from kdpipe.params import validate_params
+    from kdpipe.core.params import validate_params
 
     raw = tiny_params(recipe="kd").model_dump(mode="json")
     raw["teacher"].update({"arch": "tf_efficientnet_lite0", "weights": "efficientnet_lite0_imagenet", "image_size": 32,
@@ -401,8 +402,8 @@ def test_a_fine_tuning_that_ends_below_the_probe_keeps_the_probe_and_says_so(tin
     ckpt = checkpoints.load(tmp_path / "teacher" / "teacher.pt")
     assert ckpt["meta"]["recipe"] == "linear probe" and ckpt["meta"]["trained_in_run"]
     # the saved teacher is the probe: it scores what the probe scored
-    from kdpipe.devices import make_runtime
-    from kdpipe.engine import accuracy, predict_logits
+    from kdpipe.training.devices import make_runtime
+    from kdpipe.training.engine import accuracy, predict_logits
 
     data = load_prepared(tiny_prepared)
     model, _ = checkpoints.load_model(tmp_path / "teacher" / "teacher.pt")

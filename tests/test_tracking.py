@@ -1,4 +1,4 @@
-"""kdpipe.tracking: URI precedence, redaction, one parent run per execution, ranks, history."""
+"""kdpipe.orchestration.tracking: URI precedence, redaction, one parent run per execution, ranks, history."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 # Shared with the register tests: a fresh SQLite store in tmp_path, which is also the cwd.
 from test_register import SECRET, empty_db, store  # noqa: F401
 
-from kdpipe import tracking
-from kdpipe.errors import KdpipeError
-from kdpipe.params import Params
+from kdpipe.core.errors import KdpipeError
+from kdpipe.core.params import Params
+from kdpipe.orchestration import tracking
 
 pytestmark = pytest.mark.usefixtures("store")
 
@@ -102,7 +102,7 @@ def test_steps_of_one_execution_share_one_parent_run(tmp_path):
 def test_tasks_of_one_kubeflow_run_share_its_parent_by_the_execution_key(tmp_path, monkeypatch):
     """Kubeflow tasks are separate pods with no file in common: each one finds the parent run of its
     pipeline run by the execution key (the run id the pipeline passes), not by a run file."""
-    from kdpipe import kubeflow
+    from kdpipe.orchestration import kubeflow
 
     params = Params()
     monkeypatch.setenv(tracking.EXECUTION_ENV, "")  # tracking_for_task sets it: restored after the test
@@ -214,8 +214,8 @@ def test_cli_steps_log_nested_runs_with_curves_and_reports(tmp_path, monkeypatch
     import mlflow
 
     from kdpipe.cli import REPORT_FILES
-    from kdpipe.params import Params
-    from kdpipe.tracking import log_step
+    from kdpipe.core.params import Params
+    from kdpipe.orchestration.tracking import log_step
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -13,8 +13,8 @@ import pytest
 from fake_http import serve
 from test_s3_remote import s3_endpoint as s3_endpoint  # a fixture, used by name
 
-from kdpipe import objectstore, trainjob
-from kdpipe.errors import KdpipeError
+from kdpipe.core.errors import KdpipeError
+from kdpipe.orchestration import objectstore, trainjob
 
 INPUTS = {"prepared": "s3://runs/r1/prepare/prepared", "augmented": "s3://runs/r1/augment/augmented",
           "teacher": "s3://runs/r1/teacher/teacher_model"}

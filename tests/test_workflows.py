@@ -75,7 +75,7 @@ def test_the_release_images_are_accepted_by_submit_and_compile(tmp_path):
     import subprocess
     import sys
 
-    from kdpipe.cluster import check_image_for_cluster
+    from kdpipe.orchestration.cluster import check_image_for_cluster
 
     cpu = "registry.example.com/team/kdpipe@sha256:" + "1" * 64
     gpu = "registry.example.com/team/kdpipe@sha256:" + "2" * 64

@@ -32,7 +32,7 @@ from onnxruntime.quantization import quantize_static  # noqa: F401
 from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: F401
 
 import kdpipe.cli
-from kdpipe.engine import Trainer
+from kdpipe.training.engine import Trainer
 from kdpipe.steps import augment, distill, evaluate, export, prepare, select, teacher  # noqa: F401
 for extra in sys.argv[1:]:  # optional modules (mlflow, or a step that not every checkout has)
     try:

@@ -13,8 +13,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import layout
-from .steps import catalog
+from kdpipe.core import layout
+from kdpipe.steps import catalog
 
 PARAMS_HELP = "params file (default: params.yaml, or $KDPIPE_PARAMS)"
 
@@ -28,7 +28,7 @@ def _add_params_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_params(args: argparse.Namespace):
-    from .params import load_params
+    from kdpipe.core.params import load_params
 
     return load_params(args.params, args.overrides)
 
@@ -39,12 +39,12 @@ def _step(name: str) -> Callable[[argparse.Namespace], Any]:
     def handler(args: argparse.Namespace) -> Any:
         from pathlib import Path
 
-        from .atomic import check_writable
+        from kdpipe.core.atomic import check_writable
 
         kwargs = {arg: getattr(args, arg) for arg in catalog.STEPS[name].paths}
         params = _load_params(args)
-        if getattr(args, "verify", False):  # read by every loader of step outputs (kdpipe.integrity)
-            from .integrity import VERIFY_ENV
+        if getattr(args, "verify", False):  # read by every loader of step outputs (kdpipe.data.integrity)
+            from kdpipe.data.integrity import VERIFY_ENV
 
             os.environ[VERIFY_ENV] = "1"
         if getattr(args, "check", False):  # prepare --check: read and report, write nothing
@@ -66,7 +66,7 @@ REPORT_FILES: dict[str, tuple[str, ...]] = {name: step.report_files for name, st
 
 
 def _demo_data(args: argparse.Namespace) -> None:
-    from .demo_data import DemoSplit, write_demo_data
+    from kdpipe.data.demo import DemoSplit, write_demo_data
 
     counts = write_demo_data(args.dir, DemoSplit(args.labeled_per_class, args.test_per_class, args.seed), args.force)
     print(f"wrote demo data to {args.dir}: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
@@ -74,7 +74,7 @@ def _demo_data(args: argparse.Namespace) -> None:
 
 def _masked(node: Any, key: str = "") -> Any:
     """Params as shown to people: credentials in URIs (``user:pass@``) and secret-named keys masked."""
-    from .tracking import is_secret_key, redact
+    from kdpipe.orchestration.tracking import is_secret_key, redact
 
     if isinstance(node, dict):
         return {k: _masked(v, str(k)) for k, v in node.items()}
@@ -88,7 +88,7 @@ def _masked(node: Any, key: str = "") -> Any:
 def _params_check(args: argparse.Namespace) -> None:
     params = _load_params(args)
     if args.write:
-        from .params import DEFAULT_PARAMS_FILE, write_overrides
+        from kdpipe.core.params import DEFAULT_PARAMS_FILE, write_overrides
 
         target = args.params or os.environ.get("KDPIPE_PARAMS") or DEFAULT_PARAMS_FILE
         for line in write_overrides(target, args.overrides):
@@ -105,9 +105,9 @@ def _params_check(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .atomic import check_writable
-    from .errors import KdpipeError
-    from .steps.predict import (
+    from kdpipe.core.atomic import check_writable
+    from kdpipe.core.errors import KdpipeError
+    from kdpipe.steps.predict import (
         check_output,
         classified,
         format_predictions,
@@ -133,49 +133,45 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _pipelines(module: str):
-    """Import ``pipelines.<module>`` (and ``components``) from the project checkout: the current
-    directory, else the source tree kdpipe is installed from (editable install)."""
-    from pathlib import Path
-
-    from .errors import KdpipeError
-
-    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        if (root / "pipelines" / "kdpipe_pipeline.py").is_file() and (root / "components").is_dir():
-            if str(root) not in sys.path:
-                sys.path.insert(0, str(root))
-            return importlib.import_module(f"pipelines.{module}")
-    raise KdpipeError("pipelines/ and components/ not found: run `kdpipe pipeline` from the kdpipe project folder")
+    """``kdpipe.pipelines.<module>``: imported on demand, since kfp is slow to import."""
+    return importlib.import_module(f"kdpipe.pipelines.{module}")
 
 
 def _pipeline_compile(args: argparse.Namespace) -> None:
-    from .errors import KdpipeError
+    from kdpipe.core.errors import KdpipeError
 
     if args.image:
         os.environ["KDPIPE_IMAGE"] = args.image  # read when the components are imported
     if args.gpu_image:
         os.environ["KDPIPE_GPU_IMAGE"] = args.gpu_image
-    pipeline = _pipelines("kdpipe_pipeline")
+    pipeline = _pipelines("kfp_pipeline")
     try:
         out = pipeline.compile_pipeline(args.out or pipeline.PACKAGE, args.params, args.cluster, args.backend_version)
     except ValueError as exc:
         raise KdpipeError(str(exc)) from None
     print(f"pipeline compiled -> {out}")
+    # the committed components/ go with the committed package; a compile elsewhere (--out) leaves them
+    components_dir = args.components_dir if args.components_dir is not None else (
+        None if args.out else pipeline.COMPONENTS_DIR)
+    if components_dir:
+        written = pipeline.compile_components(components_dir)
+        print(f"{len(written)} components compiled -> {components_dir}/")
 
 
 def _pipeline_run_local(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .errors import KdpipeError
+    from kdpipe.core.errors import KdpipeError
 
     local = _pipelines("local")
     version = args.data_version or local.resolve_rev(args.data_repo, args.data_rev)
     if not version:
         raise KdpipeError(f"{args.data_repo}: cannot resolve git revision {args.data_rev!r}; pass --data-version")
     repo = os.path.abspath(args.data_repo) if os.path.isdir(args.data_repo) else args.data_repo
-    from .tracking import git_commit
+    from kdpipe.orchestration.tracking import git_commit
 
     # Locally, a run without an MLflow server keeps its registry in the register task's output.
-    code_commit = git_commit(Path(local.__file__).resolve().parents[1])  # the kdpipe checkout, not the data's
+    code_commit = git_commit(Path(local.__file__).resolve().parent)  # the kdpipe checkout, not the data's
     arguments = {"data_repo": repo, "data_rev": args.data_rev, "data_version": version, "git_commit": code_commit,
                  "require_tracking_server": bool(os.environ.get("MLFLOW_TRACKING_URI", "").strip())}
     try:
@@ -198,7 +194,7 @@ def _pipeline_submit(args: argparse.Namespace) -> None:
 
 
 def _pipeline_schedule(args: argparse.Namespace) -> None:
-    from .errors import KdpipeError
+    from kdpipe.core.errors import KdpipeError
 
     remote = _pipelines("remote")
     try:
@@ -219,6 +215,9 @@ def _add_pipeline_commands(sub) -> None:
     comp = cmds.add_parser("compile", help="compile the pipeline (defaults from params.yaml) to YAML")
     comp.add_argument("--params", default=None, help=PARAMS_HELP)
     comp.add_argument("--out", default=None, help="output file (default: pipelines/kdpipe_pipeline.yaml)")
+    comp.add_argument("--components-dir", default=None, metavar="DIR",
+                      help="also compile each component to DIR/<name>.yaml (default: components/ unless --out "
+                           "is given)")
     comp.add_argument("--cluster", default=None, metavar="FILE",
                       help="cluster settings (YAML: GPU node selector, tolerations, per-task resources, retries, "
                            "timeouts; see docs/kubeflow.md); default: settings that work on GKE, EKS, AKS and "
@@ -270,8 +269,8 @@ def _add_pipeline_commands(sub) -> None:
 def _ingest(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .atomic import write_json
-    from .ingest import ingest, summary_lines
+    from kdpipe.core.atomic import write_json
+    from kdpipe.data.ingest import ingest, summary_lines
 
     params = _load_params(args)
     root = Path(args.data_root or params.data.root)
@@ -282,14 +281,14 @@ def _ingest(args: argparse.Namespace) -> None:
 
 
 def _distill_node(args: argparse.Namespace) -> int:
-    from .trainjob import distill_node
+    from kdpipe.orchestration.trainjob import distill_node
 
     inputs = {"prepared": args.prepared, "augmented": args.augmented, "teacher": args.teacher}
     return distill_node(inputs, args.output, args.workdir)
 
 
 def _retrain(args: argparse.Namespace) -> None:
-    from .retrain import retrain
+    from kdpipe.orchestration.retrain import retrain
 
     sys.stdout.write(retrain(".", rev=args.rev, kfp_host=args.kfp_host, push=not args.no_push,
                              namespace=args.kfp_namespace))
@@ -329,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="render the DVC plots to PNG (offline) and write a one-page report")
     report.add_argument("--out", default="reports/summary", help="output folder (default: reports/summary)")
-    report.set_defaults(handler=lambda args: __import__("kdpipe.report", fromlist=["write_report"]).write_report(".", args.out))
+    report.set_defaults(handler=lambda args: __import__("kdpipe.orchestration.report", fromlist=["write_report"]).write_report(".", args.out))
 
     check = sub.add_parser("params", help="validate params.yaml (and -S overrides); --show prints the resolved values")
     _add_params_options(check)
@@ -389,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from . import __version__
+    from kdpipe import __version__
 
     return __version__
 
@@ -397,7 +396,7 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("KDPIPE_DEBUG") == "1"
-    from .errors import KdpipeError
+    from kdpipe.core.errors import KdpipeError
 
     try:
         code = args.handler(args)

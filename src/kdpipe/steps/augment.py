@@ -4,7 +4,7 @@ For every training sample (labeled train split and unlabeled pool) it stores K v
 packed uint8 arrays the trainer memory-maps. The first ``K - round(p * K)`` views of every sample
 are weak (flip + crop), the others weak + the strong policy (``augment.p`` is the share of strong
 views), and ``policy.json`` says which is which (``view_kinds``): the trainer picks among them to
-build every recipe's views (see :mod:`kdpipe.views`).
+build every recipe's views (see :mod:`kdpipe.training.views`).
 
 When a teacher checkpoint is there (the ``teacher`` step runs first) and ``augment.teacher_logits``
 is on, the teacher's logits on every stored view are computed once and stored beside the views.
@@ -39,16 +39,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import allocated_memmap, atomic_dir, write_json
-from ..data import file_sha256, load_prepared
-from ..integrity import record_verified
-from ..layout import AUGMENTED, PREPARED, TEACHER
-from ..mapped import release
-from ..progress import Progress
+from kdpipe.core.atomic import allocated_memmap, atomic_dir, write_json
+from kdpipe.core.files import file_sha256
+from kdpipe.core.layout import AUGMENTED, PREPARED, TEACHER
+from kdpipe.core.progress import Progress
+from kdpipe.data.augmented import LOGIT_FILES, PRESENTATION_ONLY, VIEW_FILES
+from kdpipe.data.integrity import record_verified
+from kdpipe.data.mapped import release
+from kdpipe.data.prepared import load_prepared
 
 CHUNK = 512  # images augmented per call: bounded memory for large pools
-VIEW_FILES = ("labeled_views.npy", "unlabeled_views.npy")
-LOGIT_FILES = ("labeled_logits.npy", "unlabeled_logits.npy")
 
 
 def view_kinds(views: int, p: float) -> list[str]:
@@ -82,8 +82,8 @@ class _Teacher:
 
 
 def _load_teacher(teacher_dir, params) -> _Teacher | None:
-    from .. import checkpoints
-    from ..devices import runtime_from_params
+    from kdpipe.training import checkpoints
+    from kdpipe.training.devices import runtime_from_params
 
     path = Path(teacher_dir) / "teacher.pt" if teacher_dir is not None else None
     if path is None or not path.is_file() or not params.augment.teacher_logits:
@@ -100,7 +100,7 @@ def _use_onnxruntime(teacher: _Teacher, choice: str, view_size: int, workdir: Pa
     against torch on real views; a failed check keeps torch and says so."""
     import torch
 
-    from ..onnx_utils import CPU, export_onnx, make_session
+    from kdpipe.export.onnx import CPU, export_onnx, make_session
 
     if choice == "torch" or (choice == "auto" and teacher.runtime.device.type != "cpu"):
         return
@@ -124,8 +124,8 @@ def _write_sets(images: np.ndarray, small_size: int, kinds: list[str], cfg, gen,
     ``logits_path``): memory holds one chunk, whatever the number of images."""
     import torch
 
-    from ..augmentation import augment
-    from ..views import shrink, to_nchw
+    from kdpipe.training.augmentation import augment
+    from kdpipe.training.views import shrink, to_nchw
 
     n, k = len(images), len(kinds)
     if n == 0:  # np.memmap cannot map a zero-length array
@@ -179,21 +179,20 @@ def contact_sheet(originals: np.ndarray, views: np.ndarray, path: Path, scale: i
 # Settings that change only what is shown (the contact sheet), never the stored views: they are left
 # out of policy.json and of distill's resume fingerprint and DVC dependencies, so changing them
 # never retrains anything.
-PRESENTATION_ONLY = frozenset({"preview_samples"})
 
 
 def stored_views_needed(params) -> bool:
     """Does the recipe to train read stored views? (Those with a trained teacher build them online.)"""
-    from ..recipes import recipe_for
+    from kdpipe.training.recipes import recipe_for
 
     return recipe_for(params.train).reads_stored_views
 
 
 def run(params, prepared_dir: str | os.PathLike = PREPARED, out_dir: str | os.PathLike = AUGMENTED,
         teacher_dir: str | os.PathLike | None = TEACHER) -> dict:
-    from ..augmentation import OPS, AugmentConfig, make_generator
-    from ..devices import runtime_from_params
-    from ..views import scaled_config, to_nchw
+    from kdpipe.training.augmentation import OPS, AugmentConfig, make_generator
+    from kdpipe.training.devices import runtime_from_params
+    from kdpipe.training.views import scaled_config, to_nchw
 
     ap = params.augment
     data = load_prepared(prepared_dir, splits=("train", "unlabeled"))
@@ -248,7 +247,7 @@ def run(params, prepared_dir: str | os.PathLike = PREPARED, out_dir: str | os.Pa
 def _skip(params, data, out_dir: str | os.PathLike) -> dict:
     """Nothing to store for a recipe that builds its views during training: write only the policy
     (which says so) and a preview of the policy's views, in seconds instead of a pass over the data."""
-    from ..augmentation import AugmentConfig, make_generator
+    from kdpipe.training.augmentation import AugmentConfig, make_generator
 
     ap = params.augment
     recipe = params.train.recipe
@@ -270,59 +269,10 @@ def _preview_views(originals: np.ndarray, kinds: list[str], cfg, gen) -> np.ndar
     """``(n, K, S, S, 3)`` uint8: each original augmented once per view kind, for the contact sheet."""
     import torch
 
-    from ..augmentation import augment
-    from ..views import to_nchw
+    from kdpipe.training.augmentation import augment
+    from kdpipe.training.views import to_nchw
 
     x = to_nchw(originals)
     views = [augment(x, gen, 1.0 if kind == "strong" else 0.0, cfg).mul(255).round().clamp(0, 255).to(torch.uint8)
              for kind in kinds]
     return torch.stack(views, dim=1).permute(0, 1, 3, 4, 2).numpy()
-
-
-@dataclass
-class StoredSets:
-    """What :func:`load_views` returns: memory-mapped arrays and the policy."""
-
-    labeled_views: np.ndarray
-    unlabeled_views: np.ndarray
-    view_kinds: list[str]
-    labeled_logits: np.ndarray | None
-    unlabeled_logits: np.ndarray | None
-    policy: dict
-
-
-def load_views(augmented_dir: str | os.PathLike, verify: bool | None = None,
-               expected_data_version: str | None = None) -> StoredSets:
-    """Memory-map the stored views (and logits). Their hashes must match policy.json (``verify``: as
-    in :func:`kdpipe.data.load_prepared`), and with ``expected_data_version`` they must have been
-    made from that prepared data set."""
-    from ..atomic import read_json
-    from ..errors import IntegrityError, KdpipeError
-    from ..integrity import first_mismatch
-
-    root = Path(augmented_dir)
-    if not (root / "policy.json").is_file():
-        raise KdpipeError(f"{root}: no augmentation sets here (run `kdpipe augment` first)")
-    policy = read_json(root / "policy.json")
-    if policy.get("skipped_for_recipe"):
-        raise KdpipeError(f"{root}: no views stored here: the augment step ran for recipe "
-                          f"'{policy['skipped_for_recipe']}', which builds its views during training; run "
-                          "`kdpipe augment` with the recipe you train (train.recipe)")
-    if expected_data_version is not None and policy.get("data_version") != expected_data_version:
-        raise IntegrityError(f"{root}: these views were made from another prepared data set "
-                             f"(data version {str(policy.get('data_version'))[:12]}, expected "
-                             f"{expected_data_version[:12]}); re-run `kdpipe augment`")
-    listed = policy.get("files", {})
-    present = [name for name in VIEW_FILES + LOGIT_FILES if name in VIEW_FILES or name in listed]
-    for name in present:  # logits are absent when the views were made without a teacher
-        if not (root / name).is_file() or name not in listed:
-            raise IntegrityError(f"{root / name}: missing, or not listed in policy.json (re-run `kdpipe augment`)")
-    changed = first_mismatch(root, listed, present, full=verify)
-    if changed is not None:
-        raise IntegrityError(f"{root / changed}: content does not match the hash in policy.json "
-                             "(re-run `kdpipe augment`)")
-    arrays = {name: np.load(root / name, mmap_mode="r") if name in present else None
-              for name in VIEW_FILES + LOGIT_FILES}
-    kinds = policy.get("view_kinds") or ["strong"] * arrays[VIEW_FILES[0]].shape[1]
-    return StoredSets(arrays[VIEW_FILES[0]], arrays[VIEW_FILES[1]], list(kinds), arrays[LOGIT_FILES[0]],
-                      arrays[LOGIT_FILES[1]], policy)

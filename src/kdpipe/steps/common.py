@@ -6,10 +6,10 @@ import os
 
 import numpy as np
 
-from ..data import load_prepared
-from ..engine import TrainingData
-from ..mapped import release
-from ..segments import RowSegments
+from kdpipe.data.mapped import release
+from kdpipe.data.prepared import load_prepared
+from kdpipe.data.segments import RowSegments
+from kdpipe.training.engine import TrainingData
 
 # Arrays are copied into RAM for training (a random batch gathered from a memory map costs a page
 # fault per image the first time) until they add up to this budget; the rest stay memory-mapped, so a
@@ -44,7 +44,7 @@ def training_data(prepared_dir: str | os.PathLike, augmented_dir: str | os.PathL
     data = load_prepared(prepared_dir, splits=("train", "val", "unlabeled"))
     stored = None
     if augmented_dir is not None:
-        from .augment import load_views
+        from kdpipe.data.augmented import load_views
 
         stored = load_views(augmented_dir, expected_data_version=data.manifest["data_version"])
     copies = teacher_copy and data.train_xt is not None

@@ -1,9 +1,9 @@
-"""The ``distill`` step: run ``train.recipe`` (SPEC.md) and keep the best student and teacher.
+"""The ``distill`` step: run ``train.recipe`` (docs/methods.md) and keep the best student and teacher.
 
 Writes into ``out_dir``: ``student.pt`` and, when the recipe trains the teacher, ``teacher.pt``
 (best validation checkpoint of each network; a frozen input teacher is not an output), ``last.pt`` (the full resume state, written atomically every ``train.checkpoint_every``
-iterations), ``history.json`` (one entry per evaluation), ``schedule.json`` (Method A, per
-epoch) and ``metrics.json`` (a small summary for DVC). Re-running after an interruption resumes
+iterations), ``history.json`` (one entry per evaluation), ``schedule.json`` (the adaptive
+augmentation schedule, per epoch) and ``metrics.json`` (a small summary for DVC). Re-running after an interruption resumes
 from ``last.pt`` if it was written with the same settings.
 """
 
@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .. import checkpoints
-from ..atomic import read_json, write_json
-from ..layout import AUGMENTED, DISTILL, PREPARED, TEACHER
-from .augment import PRESENTATION_ONLY
+from kdpipe.core.atomic import read_json, write_json
+from kdpipe.core.layout import AUGMENTED, DISTILL, PREPARED, TEACHER
+from kdpipe.data.augmented import PRESENTATION_ONLY
+from kdpipe.training import checkpoints
 
 
 def _fingerprint(params, prepared_dir, teacher_dir) -> dict:
@@ -23,7 +23,7 @@ def _fingerprint(params, prepared_dir, teacher_dir) -> dict:
 
     Where it runs is left out (device, precision, memory layout, threads): a run preempted on one
     machine may resume on another, e.g. a GPU pod rescheduled onto another GPU type."""
-    from ..data import file_sha256
+    from kdpipe.core.files import file_sha256
 
     teacher_file = Path(teacher_dir) / "teacher.pt"
     return {
@@ -45,8 +45,8 @@ def _load_teacher(teacher_dir: str | os.PathLike, needed: bool):
 
 def check_cached_logits(data, augmented_dir, teacher_dir) -> None:
     """Cached teacher logits are only valid for the teacher that computed them: refuse stale ones."""
-    from ..data import file_sha256
-    from ..errors import IntegrityError
+    from kdpipe.core.errors import IntegrityError
+    from kdpipe.core.files import file_sha256
 
     if data.labeled_logits is None:
         return
@@ -60,13 +60,13 @@ def check_cached_logits(data, augmented_dir, teacher_dir) -> None:
 
 def build_trainer(params, prepared_dir=PREPARED, augmented_dir=AUGMENTED, teacher_dir=TEACHER, out_dir=DISTILL,
                   runtime=None, progress: bool = True, use_cached_logits: bool = True):
-    """The configured :class:`kdpipe.engine.Trainer` for ``params`` (used by the step and by tests)."""
-    from ..augmentation import AugmentConfig
-    from ..devices import runtime_from_params
-    from ..engine import LoopConfig, RunFiles, Trainer
-    from ..networks import NetworkSpec
-    from ..recipes import Hyper, recipe_for
-    from .common import training_data
+    """The configured :class:`kdpipe.training.engine.Trainer` for ``params`` (used by the step and by tests)."""
+    from kdpipe.steps.common import training_data
+    from kdpipe.training.augmentation import AugmentConfig
+    from kdpipe.training.devices import runtime_from_params
+    from kdpipe.training.engine import LoopConfig, RunFiles, Trainer
+    from kdpipe.training.networks import NetworkSpec
+    from kdpipe.training.recipes import Hyper, recipe_for
 
     tp = params.train
     recipe = recipe_for(tp)

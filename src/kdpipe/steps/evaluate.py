@@ -4,7 +4,7 @@ The prepared data's hashes are verified first (test numbers on altered data woul
 every ONNX file is checked with ``onnx.checker``, and each model present (``model.onnx``, and
 ``model.int8.onnx`` when export shipped it) runs on each provider of ``evaluate.providers``. A
 provider that is not really active is an error unless ``evaluate.allow_cpu_fallback`` (see
-:func:`kdpipe.onnx_utils.make_session`).
+:func:`kdpipe.export.onnx.make_session`).
 
 Output (one folder, replaced atomically)::
 
@@ -24,17 +24,17 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import atomic_dir, read_json, write_json, write_text
-from ..errors import KdpipeError
-from ..layout import EVALUATION, EXPORTED, PREPARED
-from .export import FP32_NAME, INT8_NAME
+from kdpipe.core.atomic import atomic_dir, read_json, write_json, write_text
+from kdpipe.core.errors import KdpipeError
+from kdpipe.core.layout import EVALUATION, EXPORTED, PREPARED
+from kdpipe.export.onnx import FP32_NAME, INT8_NAME
 
 
 def run(params, export_dir: str | os.PathLike = EXPORTED, prepared_dir: str | os.PathLike = PREPARED,
         out_dir: str | os.PathLike = EVALUATION) -> dict:
     """Evaluate every exported model on every configured provider; write the files above; return metrics."""
-    from ..data import load_prepared
-    from ..onnx_utils import check_onnx
+    from kdpipe.data.prepared import load_prepared
+    from kdpipe.export.onnx import check_onnx
 
     cfg = params.evaluate
     data = load_prepared(prepared_dir, splits=("test",))
@@ -83,7 +83,7 @@ def _check_classes(export_dir: Path, data) -> None:
 def evaluate_model(path: Path, images: np.ndarray, labels: np.ndarray, num_classes: int, image_size: int,
                    cfg) -> dict[str, Any]:
     """Accuracy, latency and throughput of one ONNX file on each provider of ``cfg.providers``."""
-    from ..onnx_utils import accuracy, latency_ms, make_session, run_logits, throughput
+    from kdpipe.export.onnx import accuracy, latency_ms, make_session, run_logits, throughput
 
     providers: dict[str, Any] = {}
     predictions = None

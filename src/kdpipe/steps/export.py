@@ -29,12 +29,11 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import atomic_dir, write_json
-from ..errors import KdpipeError
-from ..layout import EXPORTED, PREPARED, SELECTED
+from kdpipe.core.atomic import atomic_dir, write_json
+from kdpipe.core.errors import KdpipeError
+from kdpipe.core.layout import EXPORTED, PREPARED, SELECTED
+from kdpipe.export.onnx import FP32_NAME, INT8_NAME
 
-FP32_NAME = "model.onnx"
-INT8_NAME = "model.int8.onnx"
 QUANTIZATION = {"format": "QDQ", "per_channel": True, "weights": "QInt8", "activations": "QUInt8",
                 "calibrate_method": "MinMax"}
 _CALIBRATION_BATCH = 32
@@ -63,8 +62,8 @@ def check_parity(torch_logits: np.ndarray, ort_logits: np.ndarray, max_abs: floa
 def run(params, selected_dir: str | os.PathLike = SELECTED, prepared_dir: str | os.PathLike = PREPARED,
         out_dir: str | os.PathLike = EXPORTED) -> dict:
     """Export, gate, optionally quantize; write the folder described above and return ``parity.json``."""
-    from .. import checkpoints
-    from ..data import load_prepared
+    from kdpipe.data.prepared import load_prepared
+    from kdpipe.training import checkpoints
 
     cfg = params.export
     data = load_prepared(prepared_dir, splits=("train", "val"))
@@ -113,7 +112,7 @@ def parity_images(data, samples: int) -> tuple[np.ndarray, str]:
 
 
 def _export_fp32(model, path: Path, image_size: int, cfg, images: np.ndarray) -> dict:
-    from ..onnx_utils import CPU, export_onnx, make_session, run_logits, torch_logits
+    from kdpipe.export.onnx import CPU, export_onnx, make_session, run_logits, torch_logits
 
     export_onnx(model, path, image_size, cfg.opset)
     session = make_session(path, [CPU])
@@ -176,7 +175,7 @@ def _calibration_reader(images: np.ndarray):
     inference. Built inside a function so importing this module does not import onnxruntime."""
     from onnxruntime.quantization import CalibrationDataReader
 
-    from ..onnx_utils import INPUT_NAME, to_model_input
+    from kdpipe.export.onnx import INPUT_NAME, to_model_input
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -197,7 +196,7 @@ def _calibration_reader(images: np.ndarray):
 
 def compare_int8(fp32_path: Path, int8_path: Path, data) -> dict[str, Any]:
     """Top-1 agreement with fp32 and accuracy of both on the validation split (or training images)."""
-    from ..onnx_utils import CPU, accuracy, make_session, run_logits
+    from kdpipe.export.onnx import CPU, accuracy, make_session, run_logits
 
     images, split = parity_images(data, len(data.val_x) or len(data.train_x))
     labels = np.asarray(data.val_y if split == "val" else data.train_y)[: len(images)]
@@ -229,15 +228,15 @@ def jpeg_draft_size(manifest: dict[str, Any]) -> int | None:
 
 def preprocess_spec(data, params) -> dict[str, Any]:
     """``preprocess.json``: everything needed to feed the graph exactly like the training data."""
-    from ..onnx_utils import INPUT_NAME, OUTPUT_NAME
+    from kdpipe.export.onnx import INPUT_NAME, OUTPUT_NAME
 
     # The decode limits prepare actually used (from its manifest), so predict rejects the same files.
     prep = {**params.prepare.model_dump(), **(data.manifest.get("params") or {})}
     return {
         "image_size": data.image_size,
         "resize": f"bicubic, whole image to image_size x image_size ({data.image_size}x{data.image_size}), "
-                  "no crop; kdpipe.imaging.resize_square",
-        "decode": "kdpipe.imaging.decode_image: EXIF orientation applied, alpha over white, RGB",
+                  "no crop; kdpipe.data.imaging.resize_square",
+        "decode": "kdpipe.data.imaging.decode_image: EXIF orientation applied, alpha over white, RGB",
         "decode_limits": {k: prep[k] for k in ("max_image_pixels", "min_side", "max_aspect_ratio")},
         # prepare decodes a JPEG at a reduced scale no smaller than this (libjpeg DCT scaling); predict
         # does the same so its pixels match the training data's exactly

@@ -1,8 +1,8 @@
 """``kdpipe predict``: classify image files with an exported ONNX model.
 
 Preprocessing is the one ``prepare`` applied to the training data, read from the
-``preprocess.json`` sidecar that ``export`` writes next to the model: :func:`kdpipe.imaging.decode_image`
-(same decode limits) then :func:`kdpipe.imaging.resize_square` to ``image_size``, then /255 (the
+``preprocess.json`` sidecar that ``export`` writes next to the model: :func:`kdpipe.data.imaging.decode_image`
+(same decode limits) then :func:`kdpipe.data.imaging.resize_square` to ``image_size``, then /255 (the
 normalisation is inside the graph). So a test image gives exactly the logits ``evaluate`` saw.
 
 A file that cannot be decoded yields a row with ``error`` set instead of failing the whole run.
@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import read_json, write_text
-from ..errors import KdpipeError
+from kdpipe.core.atomic import read_json, write_text
+from kdpipe.core.errors import KdpipeError
 
 SIDECAR = "preprocess.json"
 
@@ -29,7 +29,7 @@ SIDECAR = "preprocess.json"
 def predict(model_path: str | os.PathLike, inputs: Iterable[str | os.PathLike], top_k: int = 3,
             batch_size: int = 64, provider: str = "CPUExecutionProvider") -> list[dict[str, Any]]:
     """One row per input image: ``{"path", "top1", "p1", ..., "error"}`` (``error`` None when fine)."""
-    from ..onnx_utils import make_session
+    from kdpipe.export.onnx import make_session
 
     if int(batch_size) < 1:
         raise KdpipeError(f"--batch-size must be at least 1 (got {batch_size})")
@@ -82,7 +82,7 @@ def load_spec(model_path: Path) -> dict[str, Any]:
 
 def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """Files as given (any extension: decoding decides), folders searched recursively for images."""
-    from ..imaging import IMAGE_EXTENSIONS
+    from kdpipe.data.imaging import IMAGE_EXTENSIONS
 
     inputs = list(inputs)
     files: list[Path] = []
@@ -105,8 +105,8 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
 
 def _decode(path: Path, spec: dict[str, Any]) -> np.ndarray:
     """Exactly prepare's pipeline: decode with its limits, then resize the whole image to a square."""
-    from ..imaging import decode_image, resize_square
-    from ..params import PrepareParams
+    from kdpipe.core.params import PrepareParams
+    from kdpipe.data.imaging import decode_image, resize_square
 
     limits = {**PrepareParams().model_dump(), **(spec.get("decode_limits") or {})}
     rgb = decode_image(path, max_pixels=int(limits["max_image_pixels"]), min_side=int(limits["min_side"]),
@@ -115,8 +115,8 @@ def _decode(path: Path, spec: dict[str, Any]) -> np.ndarray:
 
 
 def _predict_batch(session, files: list[Path], spec: dict, names: list[str], k: int) -> list[dict[str, Any]]:
-    from ..imaging import RejectedImage
-    from ..onnx_utils import run_logits, softmax
+    from kdpipe.data.imaging import RejectedImage
+    from kdpipe.export.onnx import run_logits, softmax
 
     rows: list[dict[str, Any]] = [{"path": str(p), "error": None} for p in files]
     good, images = [], []

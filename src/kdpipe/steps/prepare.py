@@ -23,14 +23,14 @@ fine-tuned and queried on the photo's own detail instead of an upsampled thumbna
 teacher upsamples the student-size arrays on the device and no copy is written.
 
 Incremental: the previous output (DVC ``persist``) is a source of decoded rows, by file sha256, and
-an input file's sha256 is remembered under its identity (:func:`kdpipe.integrity.input_hashes_path`),
+an input file's sha256 is remembered under its identity (:func:`kdpipe.data.integrity.input_hashes_path`),
 so after ``kdpipe ingest`` only the new batch is read and decoded. The unlabeled split is kept in
-segments by batch folder (:mod:`kdpipe.segments`; ``segments`` in the manifest when there are
+segments by batch folder (:mod:`kdpipe.data.segments`; ``segments`` in the manifest when there are
 several), and a file holding the same rows as one of the previous output is hard-linked, with its
 recorded sha256: an ingest writes and hashes only the new segment.
 
 Memory: the per-file records (paths, hashes, where each image's pixels are, its split) are kept on
-disk in a scratch SQLite database (:mod:`kdpipe.ledger`), and pixels are streamed from the decode
+disk in a scratch SQLite database (:mod:`kdpipe.data.ledger`), and pixels are streamed from the decode
 spools to the outputs a chunk at a time, so prepare's memory does not grow with the number of files.
 
 Hidden files and folders (names starting with '.'), OS clutter (Thumbs.db...) and DVC pointer
@@ -59,25 +59,15 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .. import __version__
-from ..atomic import allocated_memmap, atomic_dir, read_json, write_json
-from ..data import (
-    ARRAY_FILES,
-    MANIFEST,
-    REJECTED,
-    ROWS,
-    SOURCES,
-    SPLITS,
-    TEACHER_COPY_FILES,
-    file_sha256,
-    segment_names,
-    segment_rows,
-)
-from ..decoding import DECODE_VERSION, DecodeSettings, Spool, decode_files, worker_count
-from ..errors import DataError, KdpipeError
-from ..imaging import extension_problem
-from ..integrity import first_mismatch, input_hashes_path, record_verified
-from ..ledger import (
+from kdpipe import __version__
+from kdpipe.core.atomic import allocated_memmap, atomic_dir, read_json, write_json
+from kdpipe.core.errors import DataError, KdpipeError
+from kdpipe.core.files import file_sha256
+from kdpipe.core.params import Params, PrepareParams
+from kdpipe.data.decoding import DECODE_VERSION, DecodeSettings, Spool, decode_files, worker_count
+from kdpipe.data.imaging import extension_problem
+from kdpipe.data.integrity import first_mismatch, input_hashes_path, record_verified
+from kdpipe.data.ledger import (
     DECODED,
     LABELED,
     OUT_UNLABELED,
@@ -89,12 +79,24 @@ from ..ledger import (
     Ledger,
     Member,
 )
-from ..ledger import SOURCES as SOURCE_FOLDERS  # the source folders, in the order their files are listed
-from ..mapped import FileRows, release
-from ..nearcopies import MAX_RMS, THUMBNAIL, ReferenceThumbnails, thumbnails
-from ..params import Params, PrepareParams
-from ..segments import joined, segment_file, segment_sizes
-from ..walk import Walker, shown
+from kdpipe.data.ledger import (
+    SOURCES as SOURCE_FOLDERS,  # the source folders, in the order their files are listed
+)
+from kdpipe.data.mapped import FileRows, release
+from kdpipe.data.nearcopies import MAX_RMS, THUMBNAIL, ReferenceThumbnails, thumbnails
+from kdpipe.data.prepared import (
+    ARRAY_FILES,
+    MANIFEST,
+    REJECTED,
+    ROWS,
+    SOURCES,
+    SPLITS,
+    TEACHER_COPY_FILES,
+    segment_names,
+    segment_rows,
+)
+from kdpipe.data.segments import joined, segment_file, segment_sizes
+from kdpipe.data.walk import Walker, shown
 
 log = logging.getLogger(__name__)
 
@@ -369,7 +371,7 @@ class _Previous:
 
     @classmethod
     def find(cls, out: Path, settings: DecodeSettings) -> _Previous | None:
-        from ..data import load_prepared
+        from kdpipe.data.prepared import load_prepared
 
         if not (out / MANIFEST).is_file() or not (out / ROWS).is_file():
             return None
@@ -466,7 +468,7 @@ def _resolve_group(group: list[Member], ledger: Ledger) -> Member | None:
 
 def _drop_near_copies_of_test(ledger: Ledger, pixels: dict[int, list[Path]], size: int) -> None:
     """Reject, as leakage, every training or unlabeled image that is a near-copy of a test image
-    (re-encoded, re-saved in another format: :mod:`kdpipe.nearcopies`); exact copies are gone already."""
+    (re-encoded, re-saved in another format: :mod:`kdpipe.data.nearcopies`); exact copies are gone already."""
     test_chunks = list(ledger.used_chunks(test=True))
     tests = [item for chunk in test_chunks for item in chunk]
     if not tests:
@@ -509,7 +511,7 @@ def _require_each_class(root: Path, ledger: Ledger) -> None:
 
 class _Layout:
     """Which output files hold which rows: one file per split, except the unlabeled split, kept in
-    segments by batch folder (see :mod:`kdpipe.segments`) so an ingest leaves earlier files alone."""
+    segments by batch folder (see :mod:`kdpipe.data.segments`) so an ingest leaves earlier files alone."""
 
     def __init__(self, ledger: Ledger, size: int):
         counts = ledger.split_counts()
@@ -743,7 +745,7 @@ def _manifest(out: Path, params: Params, ledger: Ledger, teacher_copy_size: int 
         "teacher_image_size": teacher_copy_size,
         "data_version": _data_version(ledger),
         "files": files,
-        # rows per file of a split kept in several files (kdpipe.segments); absent when each split is one file
+        # rows per file of a split kept in several files (kdpipe.data.segments); absent when each split is one file
         **({"segments": layout.segments} if any(len(v) > 1 for v in layout.segments.values()) else {}),
         # workers is left out: it changes how fast, never what (the outputs are the same bytes)
         "params": {**params.prepare.model_dump(exclude={"workers"}), "teacher_image_size": params.teacher.image_size},

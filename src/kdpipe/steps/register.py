@@ -38,10 +38,11 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__, tracking
-from ..atomic import read_json, write_json
-from ..errors import KdpipeError
-from ..layout import EVALUATION, EXPORTED, PREPARED, REGISTERED
+from kdpipe import __version__
+from kdpipe.core.atomic import read_json, write_json
+from kdpipe.core.errors import KdpipeError
+from kdpipe.core.layout import EVALUATION, EXPORTED, PREPARED, REGISTERED
+from kdpipe.orchestration import tracking
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -130,7 +131,7 @@ class PromotionSplit:
 
 
 def promotion_split(prepared_dir: Path) -> PromotionSplit:
-    from ..data import load_prepared
+    from kdpipe.data.prepared import load_prepared
 
     data = load_prepared(prepared_dir, splits=("val", "test"))
     if len(data.val_y):
@@ -140,7 +141,7 @@ def promotion_split(prepared_dir: Path) -> PromotionSplit:
 
 def onnx_accuracy(model_path: Path, split: PromotionSplit) -> float | None:
     """Top-1 accuracy of an ONNX model on the split, with onnxruntime on the CPU."""
-    from ..onnx_utils import CPU, accuracy, make_session, run_logits
+    from kdpipe.export.onnx import CPU, accuracy, make_session, run_logits
 
     return accuracy(run_logits(make_session(model_path, [CPU]), np.asarray(split.images)), split.labels)
 
@@ -234,7 +235,7 @@ def _promote(client, name: str, version: str, accuracy: float, split: PromotionS
 
 
 def _check_model(model_path: Path) -> None:
-    from ..onnx_utils import check_onnx
+    from kdpipe.export.onnx import check_onnx
 
     if not model_path.is_file():
         raise KdpipeError(f"{model_path}: no exported model; run `kdpipe export`")

@@ -35,9 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import atomic_dir, write_json
-from ..errors import KdpipeError
-from ..layout import DISTILL, PREPARED, SELECTED, TEACHER
+from kdpipe.core.atomic import atomic_dir, write_json
+from kdpipe.core.errors import KdpipeError
+from kdpipe.core.layout import DISTILL, PREPARED, SELECTED, TEACHER
 
 CHAMPION_NOT_CONFIGURED = "not configured (no model registry is available to the select step)"
 LATENCY_THREADS = 1  # the budget is per core: one onnxruntime thread, as a server runs one model per core
@@ -47,7 +47,7 @@ def run(params, distill_dir: str | os.PathLike = DISTILL, teacher_dir: str | os.
         prepared_dir: str | os.PathLike = PREPARED, out_dir: str | os.PathLike = SELECTED) -> dict:
     """Measure the candidates, choose one, write ``model.pt``, ``selection.json`` and the frontier;
     return the selection. ``teacher_dir`` None: the teacher step's model does not compete."""
-    from ..data import load_prepared
+    from kdpipe.data.prepared import load_prepared
 
     cfg = params.select
     data = load_prepared(prepared_dir, splits=("val",))
@@ -95,9 +95,9 @@ def _score_by_teacher_agreement(candidates: list[dict], teacher_dir, prepared_di
     labeled training images when there are none) on which it gives the teacher's answer. A rule that
     needs no held-out labels: the students learned the teacher's function, so the one closest to it
     within the budget is the best estimate; the teacher scores 1 by definition."""
-    from .. import checkpoints
-    from ..data import load_prepared
-    from ..onnx_utils import torch_logits
+    from kdpipe.data.prepared import load_prepared
+    from kdpipe.export.onnx import torch_logits
+    from kdpipe.training import checkpoints
 
     reference = None if teacher_dir is None else Path(teacher_dir) / "teacher.pt"
     if reference is None or not reference.is_file():
@@ -174,7 +174,7 @@ def paired_difference(a: list[bool], b: list[bool]) -> dict[str, Any]:
 
 
 def _prefer_smaller_on_a_statistical_tie(chosen: dict, reason: str, candidates: list[dict]):
-    """Equal accuracy goes to the smaller model (SPEC); a difference the validation split cannot
+    """Equal accuracy goes to the smaller model (docs/methods.md, "Choosing what ships"); a difference the validation split cannot
     resolve (inside its 95% interval) is treated as equal, so a few validation images never ship a
     large model for a lead that is noise."""
     comparisons = []
@@ -195,7 +195,7 @@ def _prefer_smaller_on_a_statistical_tie(chosen: dict, reason: str, candidates: 
 
 def _candidate_paths(distill_dir: Path, teacher_dir: Path | None) -> tuple[list[tuple[str, Path]], list[dict[str, str]]]:
     """``([(name, path)...], [{"name", "path", "reason"}...])``: the candidates, and the files left out."""
-    from .. import checkpoints
+    from kdpipe.training import checkpoints
 
     files = [("student", distill_dir / "student.pt"), ("cotrained_teacher", distill_dir / "teacher.pt")]
     if teacher_dir is not None:
@@ -218,9 +218,9 @@ def _candidate_paths(distill_dir: Path, teacher_dir: Path | None) -> tuple[list[
 
 def measure(name: str, path: Path, data, latency_runs: int, opset: int) -> dict[str, Any]:
     """Parameters, recomputed validation accuracy and onnxruntime batch-1 latency of one checkpoint."""
-    from .. import checkpoints
-    from ..models import count_parameters
-    from ..onnx_utils import accuracy, torch_logits
+    from kdpipe.export.onnx import accuracy, torch_logits
+    from kdpipe.training import checkpoints
+    from kdpipe.training.models import count_parameters
 
     model, ckpt = checkpoints.load_model(path)
     _check_compatible(path, ckpt, data)
@@ -254,7 +254,7 @@ def _check_compatible(path: Path, ckpt: dict, data) -> None:
 
 def _latency_p50(model, image_size: int, runs: int, opset: int) -> float:
     """Batch-1 p50 in ms with onnxruntime on the CPU: what the deployment limit is about."""
-    from ..onnx_utils import CPU, export_onnx, latency_ms, make_session
+    from kdpipe.export.onnx import CPU, export_onnx, latency_ms, make_session
 
     with tempfile.TemporaryDirectory(prefix="kdpipe-select-") as tmp:
         onnx_path = export_onnx(model, Path(tmp) / "candidate.onnx", image_size, opset)

@@ -8,7 +8,7 @@ Otherwise ``teacher.arch`` is built with ``teacher.weights`` (by default ImageNe
 offline), at ``teacher.image_size`` (prepare's sharp teacher-resolution copy when there is one), in
 stages (docs/methods.md, "The teacher"):
 
-1. a linear probe on the untuned pretrained features (:mod:`kdpipe.probe`): the floor;
+1. a linear probe on the untuned pretrained features (:mod:`kdpipe.training.probe`): the floor;
 2. fine-tuning through the training engine (the teacher in the student's seat of the loop): head at
    ``teacher.lr``, backbone at ``lr * backbone_lr_scale``, warm-up then cosine, weight decay on
    weights only, label smoothing, the pretrained BatchNorm statistics kept, ``teacher.epochs``
@@ -32,14 +32,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import checkpoints
-from ..atomic import write_json
-from ..errors import KdpipeError
-from ..layout import PREPARED, TEACHER
+from kdpipe.core.atomic import write_json
+from kdpipe.core.errors import KdpipeError
+from kdpipe.core.layout import PREPARED, TEACHER
+from kdpipe.training import checkpoints
 
 
 def _adopt(params, data, out: Path, runtime) -> dict:
-    from ..engine import accuracy, predict_logits
+    from kdpipe.training.engine import accuracy, predict_logits
 
     path = params.teacher.checkpoint
     model, ckpt = checkpoints.load_model(path)
@@ -66,7 +66,7 @@ def teacher_resolution(params, student_size: int) -> int:
 def fine_tuning_data(data):
     """The arrays the teacher trains on: prepare's teacher-resolution copy when there is one. The
     teacher sits in the student's seat of the loop, so the copy takes the student's arrays' place (and
-    its views are made at the copy's resolution: :class:`kdpipe.views.OnlineViews`)."""
+    its views are made at the copy's resolution: :class:`kdpipe.training.views.OnlineViews`)."""
     from dataclasses import replace
 
     if data.teacher_train_x is None:
@@ -87,7 +87,7 @@ def fine_tuning_iterations(tp, labeled: int) -> int:
 def build_network(params, data):
     """The teacher network with its pretrained weights (``teacher.arch``, ``teacher.weights``),
     computing at the teacher's resolution."""
-    from ..models import build_model
+    from kdpipe.training.models import build_model
 
     tp = params.teacher
     return build_model(tp.arch, len(data.class_names), data.image_size, tp.weights,
@@ -98,10 +98,10 @@ def build_trainer(params, data, out_dir, runtime, model=None):
     """The fine-tuning run of the teacher (the ``supervised`` recipe, the teacher in the student's seat
     of the loop, under its own report names) on ``data`` from :func:`kdpipe.steps.common.training_data`;
     ``model`` is the network to start from (by default a freshly built :func:`build_network`)."""
-    from ..augmentation import AugmentConfig
-    from ..engine import LoopConfig, RunFiles, Trainer
-    from ..networks import NetworkSpec
-    from ..recipes import Hyper, build_recipe
+    from kdpipe.training.augmentation import AugmentConfig
+    from kdpipe.training.engine import LoopConfig, RunFiles, Trainer
+    from kdpipe.training.networks import NetworkSpec
+    from kdpipe.training.recipes import Hyper, build_recipe
 
     tp = params.teacher
     tuned = fine_tuning_data(data)
@@ -118,10 +118,10 @@ def build_trainer(params, data, out_dir, runtime, model=None):
 
 
 def linear_probe(params, data, model, runtime):
-    """Fit a head on the teacher's frozen pretrained features (:mod:`kdpipe.probe`); returns the
+    """Fit a head on the teacher's frozen pretrained features (:mod:`kdpipe.training.probe`); returns the
     probe and a copy of ``model`` with that head (the probe's network). With
     ``teacher.head_from_probe`` the fine-tuning starts from that head too (LP-FT)."""
-    from ..probe import fit_probe, install
+    from kdpipe.training.probe import fit_probe, install
 
     tp = params.teacher
     tuned = fine_tuning_data(data)
@@ -136,7 +136,7 @@ def linear_probe(params, data, model, runtime):
 
 def _save_probe_as_teacher(model, data, probe, out: Path) -> None:
     """The probe's network (pretrained backbone untouched, fitted head) as the step's teacher.pt."""
-    from ..models import count_parameters
+    from kdpipe.training.models import count_parameters
 
     meta = {"val_accuracy": probe.val_accuracy, "iteration": 0, "role": "teacher", "recipe": "linear probe",
             "parameters": count_parameters(model), "trained_in_run": True}
@@ -148,7 +148,7 @@ def _save_probe_as_teacher(model, data, probe, out: Path) -> None:
 def noisy_supervised_recipe():
     """Cross-entropy on views that get the strong policy in the share ``augment.p`` (the rest weak):
     the noise of a Noisy Student round, where the teacher relearns from its own pseudo-labels."""
-    from ..recipes import CE, Method, compose
+    from kdpipe.training.recipes import CE, Method, compose
 
     return compose("supervised (strong views)", Method("supervised learning on strong views", terms=(CE,),
                                                        view_plan="any"))
@@ -161,8 +161,8 @@ def fast_logits(model, images: np.ndarray, runtime, opset: int = 17) -> np.ndarr
 
     import torch
 
-    from ..engine import predict_logits
-    from ..onnx_utils import CPU, export_onnx, make_session, run_logits
+    from kdpipe.export.onnx import CPU, export_onnx, make_session, run_logits
+    from kdpipe.training.engine import predict_logits
 
     if runtime.device.type != "cpu":
         return predict_logits(model, images, runtime).numpy()
@@ -177,7 +177,7 @@ def fast_logits(model, images: np.ndarray, runtime, opset: int = 17) -> np.ndarr
 def pseudo_labels(model, data, runtime, threshold: float, limit: int) -> tuple[np.ndarray, np.ndarray, dict]:
     """The unlabeled images the teacher is confident about (softmax maximum >= ``threshold``), at most
     ``limit`` of them (the most confident), with the class it gives each: ``(rows, labels, summary)``."""
-    from ..onnx_utils import softmax
+    from kdpipe.export.onnx import softmax
 
     logits = fast_logits(model, data.unlabeled_x, runtime)
     probabilities = softmax(logits)
@@ -198,10 +198,10 @@ def unlabeled_round(params, data, model, runtime, out: Path, index: int):
     ``None`` when no unlabeled image passes the threshold."""
     from dataclasses import replace
 
-    from ..augmentation import AugmentConfig
-    from ..engine import LoopConfig, RunFiles, Trainer
-    from ..networks import NetworkSpec
-    from ..recipes import Hyper
+    from kdpipe.training.augmentation import AugmentConfig
+    from kdpipe.training.engine import LoopConfig, RunFiles, Trainer
+    from kdpipe.training.networks import NetworkSpec
+    from kdpipe.training.recipes import Hyper
 
     tp = params.teacher
     tuned = fine_tuning_data(data)
@@ -234,10 +234,10 @@ def student_alone(params, data, out: Path, runtime) -> dict:
     ``teacher.student_check_iterations``: what the teacher must beat for distillation to pay."""
     from dataclasses import replace
 
-    from ..augmentation import AugmentConfig
-    from ..engine import LoopConfig, RunFiles, Trainer
-    from ..networks import NetworkSpec
-    from ..recipes import Hyper, build_recipe
+    from kdpipe.training.augmentation import AugmentConfig
+    from kdpipe.training.engine import LoopConfig, RunFiles, Trainer
+    from kdpipe.training.networks import NetworkSpec
+    from kdpipe.training.recipes import Hyper, build_recipe
 
     tp = params.train
     iterations = params.teacher.student_check_iterations
@@ -325,8 +325,8 @@ def cross_validate(params, data, runtime, out: Path) -> dict | None:
     Each of ``teacher.folds`` folds (stratified, seeded) is held out in turn; a teacher is probed and
     fine-tuned on the other folds exactly as the final one will be on every label (a fixed schedule,
     last checkpoint), and both are scored on the held-out fold. Costs ``folds`` extra fine-tunings."""
-    from ..engine import accuracy, predict_logits
-    from ..probe import fold_of
+    from kdpipe.training.engine import accuracy, predict_logits
+    from kdpipe.training.probe import fold_of
 
     tp = params.teacher
     labels = np.asarray(data.train_y)
@@ -355,8 +355,8 @@ def cross_validate(params, data, runtime, out: Path) -> dict | None:
 
 
 def run(params, prepared_dir: str | os.PathLike = PREPARED, out_dir: str | os.PathLike = TEACHER) -> dict:
-    from ..devices import runtime_from_params
-    from .common import training_data
+    from kdpipe.steps.common import training_data
+    from kdpipe.training.devices import runtime_from_params
 
     out = Path(out_dir)
     runtime = runtime_from_params(params.train)

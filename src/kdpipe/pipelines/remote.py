@@ -1,0 +1,194 @@
+"""Submit the compiled pipeline to a Kubeflow Pipelines server, or schedule it.
+
+Arguments start from the defaults compiled into the package (which mirror params.yaml) and take
+``-S`` overrides: ``-S train.lr=0.1`` edits the ``train_params`` dict, ``-S register.min_accuracy=0.9``
+sets the quality gate, ``-S data_rev=v2`` sets a top-level pipeline parameter. Every group is
+validated with kdpipe's params schema before anything is sent.
+
+The API token comes only from ``$KFP_TOKEN`` (sent as a bearer token) and is never printed.
+
+Before anything is sent: the server's backend version is read and an older one than the pipeline
+needs is refused (:data:`kdpipe.orchestration.cluster.MIN_BACKEND`); the package's tasks are pointed at the image
+given (``--image`` / ``$KDPIPE_IMAGE``), which must name a registry and a digest, so the cluster can
+pull it and KFP's cache can never serve an older build's results under the same name; and the run
+gets the commit it was submitted from (``git_commit``), which every task records in MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TOKEN_ENV = "KFP_TOKEN"
+
+
+def package_defaults(package: str | os.PathLike) -> dict[str, Any]:
+    """Root parameters of a compiled pipeline and their default values."""
+    with open(package, encoding="utf-8") as fh:
+        spec = next(iter(yaml.safe_load_all(fh)))
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    return {name: p.get("defaultValue") for name, p in params.items()}
+
+
+def pipeline_arguments(package: str | os.PathLike, overrides: list[str] | None = None) -> dict[str, Any]:
+    """All pipeline arguments: the package's defaults with ``-S`` overrides applied, validated."""
+    from kdpipe.core.errors import ParamsError
+    from kdpipe.orchestration.kubeflow import NULL, params_from
+    from kdpipe.pipelines.kfp_pipeline import SEPARATE
+
+    args = package_defaults(package)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ParamsError(f"override {item!r}: expected group.key=value or parameter=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw)
+        group, _, field = key.partition(".")
+        if field and (group, field) in SEPARATE:
+            args[SEPARATE[group, field]] = value
+        elif field and f"{group}_params" in args:
+            # an unset value travels as kubeflow.NULL, like the compiled defaults (KFP stores no None)
+            args[f"{group}_params"] = {**(args[f"{group}_params"] or {}), field: NULL if value is None else value}
+        elif not field and key in args:
+            args[key] = value
+        else:
+            raise ParamsError(f"override {item!r}: no such pipeline parameter or params group "
+                              f"(parameters: {', '.join(sorted(args))})")
+    groups = {name.removesuffix("_params"): value for name, value in args.items() if name.endswith("_params")}
+    params_from(**groups)  # raises ParamsError naming the bad key
+    return {k: v for k, v in args.items() if v is not None}
+
+
+def client(host: str, namespace: str | None = None):
+    import kfp
+
+    token = os.environ.get(TOKEN_ENV) or None
+    kwargs = {"namespace": namespace} if namespace else {}
+    return kfp.Client(host=host, existing_token=token, **kwargs)
+
+
+def server_version(host: str) -> str | None:
+    """The backend's version (``tag_name`` of the v1beta1 health endpoint, which every 2.x backend
+    still serves); None when it does not say or cannot be asked."""
+    request = urllib.request.Request(host.rstrip("/") + "/apis/v1beta1/healthz")
+    token = os.environ.get(TOKEN_ENV)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 (the user's own endpoint)
+            return json.loads(response.read().decode("utf-8")).get("tag_name") or None
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def check_server(host: str) -> None:
+    from kdpipe.orchestration.cluster import MIN_BACKEND, check_backend_version
+    from kdpipe.orchestration.tracking import redact
+
+    if check_backend_version(server_version(host), redact(host)) is None:
+        needed = ".".join(map(str, MIN_BACKEND))
+        print(f"warning: {redact(host)} does not report its Kubeflow Pipelines version; this pipeline needs "
+              f"backend {needed} or newer")
+
+
+def package_images(docs: list[dict]) -> set[str]:
+    return {e["container"]["image"] for e in docs[0]["deploymentSpec"]["executors"].values()}
+
+
+def with_image(docs: list[dict], image: str, gpu_image: str | None = None) -> list[dict]:
+    """The package with its tasks on ``image``, and those given a GPU (and a multi-node TrainJob's
+    nodes) on ``gpu_image`` (default: ``image``); the image names they record in MLflow follow."""
+    from kdpipe.orchestration.tracking import IMAGE_REF_ENV
+    from kdpipe.orchestration.trainjob import TRAINJOB_IMAGE_ENV
+    from kdpipe.training.devices import EXPECT_GPU_ENV
+
+    gpu_image = gpu_image or image
+    for executor in docs[0]["deploymentSpec"]["executors"].values():
+        container = executor["container"]
+        env = {v.get("name"): v for v in container.get("env", [])}
+        on_gpu = env.get(EXPECT_GPU_ENV, {}).get("value") == "1"
+        container["image"] = gpu_image if on_gpu else image
+        if IMAGE_REF_ENV in env:
+            env[IMAGE_REF_ENV]["value"] = container["image"]
+        if TRAINJOB_IMAGE_ENV in env:
+            env[TRAINJOB_IMAGE_ENV]["value"] = gpu_image
+    return docs
+
+
+@contextmanager
+def package_for_cluster(package: str | os.PathLike, image: str | None, gpu_image: str | None = None):
+    """The package to send: ``package`` with its tasks on ``image`` (default ``$KDPIPE_IMAGE``; else the
+    package's own) and its GPU tasks on ``gpu_image`` (default ``$KDPIPE_GPU_IMAGE``, else ``image``);
+    each must name a registry and a digest. Yields the path of a temporary copy."""
+    from kdpipe.orchestration.cluster import check_image_for_cluster
+
+    with open(package, encoding="utf-8") as fh:
+        docs = list(yaml.safe_load_all(fh))
+    image = image or os.environ.get("KDPIPE_IMAGE", "").strip() or None
+    gpu_image = gpu_image or os.environ.get("KDPIPE_GPU_IMAGE", "").strip() or None
+    if image:
+        docs = with_image(docs, check_image_for_cluster(image), gpu_image and check_image_for_cluster(gpu_image))
+    for ref in sorted(package_images(docs)):
+        check_image_for_cluster(ref)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(package).name
+        path.write_text(yaml.safe_dump_all(docs, sort_keys=False), encoding="utf-8")
+        yield path
+
+
+def with_git_commit(package: str | os.PathLike, arguments: dict[str, Any]) -> dict[str, Any]:
+    """``arguments`` plus the commit this checkout is at, unless given (recorded by every task)."""
+    from kdpipe.orchestration.tracking import git_commit
+
+    if "git_commit" in package_defaults(package) and not arguments.get("git_commit"):
+        return {**arguments, "git_commit": git_commit(Path(__file__).resolve().parent)}
+    return arguments
+
+
+def submit(host: str, package: str | os.PathLike, arguments: dict[str, Any], experiment: str = "kdpipe",
+           run_name: str | None = None, namespace: str | None = None, image: str | None = None,
+           gpu_image: str | None = None) -> str:
+    """Create one run of the package on ``image`` (GPU tasks on ``gpu_image``); returns the run id."""
+    check_server(host)
+    with package_for_cluster(package, image, gpu_image) as sent:
+        result = client(host, namespace).create_run_from_pipeline_package(
+            str(sent), arguments=with_git_commit(sent, arguments), run_name=run_name, experiment_name=experiment,
+            namespace=namespace)
+    return result.run_id
+
+
+def check_cron(cron: str) -> str:
+    fields = cron.split()
+    if len(fields) != 6:
+        raise ValueError(f"--cron {cron!r}: KFP needs 6 fields (seconds minutes hours day-of-month month "
+                         "day-of-week), e.g. '0 0 3 * * *' for 03:00 every day")
+    return " ".join(fields)
+
+
+def schedule(host: str, package: str | os.PathLike, arguments: dict[str, Any], name: str, cron: str,
+             experiment: str = "kdpipe", namespace: str | None = None, enable_caching: bool = False,
+             image: str | None = None, gpu_image: str | None = None) -> dict[str, Any]:
+    """Create the recurring run ``name`` on ``image``, replacing any recurring run of that name in the
+    experiment (KFP has no update call: the old one is deleted, then the new one created).
+    One run at a time, no catch-up. Caching is off by default, so each run reads the data anew."""
+    cron = check_cron(cron)
+    check_server(host)
+    with package_for_cluster(package, image, gpu_image) as sent:
+        kfp_client = client(host, namespace)
+        experiment_id = kfp_client.create_experiment(experiment, namespace=namespace).experiment_id
+        by_name = json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]})
+        listed = kfp_client.list_recurring_runs(experiment_id=experiment_id, filter=by_name, page_size=100)
+        replaced = [r.recurring_run_id for r in (listed.recurring_runs or []) if r.display_name == name]
+        for recurring_run_id in replaced:
+            kfp_client.delete_recurring_run(recurring_run_id)
+        created = kfp_client.create_recurring_run(
+            experiment_id=experiment_id, job_name=name, cron_expression=cron, max_concurrency=1, no_catchup=True,
+            pipeline_package_path=str(sent), params=with_git_commit(sent, arguments), enable_caching=enable_caching)
+    return {"recurring_run_id": created.recurring_run_id, "replaced": replaced, "cron": cron}
