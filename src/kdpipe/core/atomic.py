@@ -1,21 +1,13 @@
 """Atomic file and directory writes.
 
 Every artifact is written to a temporary sibling and renamed into place when complete, so a crash
-(even ``kill -9``) never leaves a half-written file that a later step would read: readers see the
-old version or the new one, nothing in between.
+(even ``kill -9``) never leaves a half-written file: readers see the old version or the new one.
+A write that fails on a read-only, full or foreign file system raises a one-line
+:class:`KdpipeError`; temporaries of writers that no longer run are removed by the next write; the
+finished file gets the user's umask permissions; :func:`allocated_memmap` reserves a memory-mapped
+array's blocks up front, so a full disk fails at once.
 
-Around that guarantee:
-
-* **Failures are one line.** A write that fails because the file system is read-only, full or not
-  ours (``EROFS``, ``ENOSPC``, ``EDQUOT``, ``EACCES``, ``EPERM``) raises a :class:`KdpipeError`
-  naming the path and what to do; the previous output is untouched and the temporary is removed.
-* **Nothing is left behind.** Temporary names carry the writer's process id
-  (``.<name>.<pid>-<random>.tmp``); the next write to the same target removes the temporaries of
-  writers that no longer run (a ``kill -9`` leaves one behind).
-* **Normal permissions.** Temporaries are created owner-only; the finished file or folder gets the
-  permissions the user's umask gives any new file (a serving container must be able to read it).
-* **No SIGBUS on a full disk.** :func:`allocated_memmap` reserves a memory-mapped array's blocks up
-  front, so a full disk is an ``ENOSPC`` error at once, not a crash in the middle of writing pages.
+Design notes: docs/design-notes.md.
 """
 
 from __future__ import annotations

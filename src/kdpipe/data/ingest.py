@@ -1,31 +1,13 @@
 """``kdpipe ingest SRC``: add new unlabeled images to the data set as an append-only batch folder.
 
-Each run that finds something new writes ONE new folder ``<data root>/unlabeled/batch-NNNN-HHHHHHHH/``
-(the next number, then 8 hex digits of the batch's content hash) and, inside a DVC repository, runs
-``dvc add`` on it, so the batch gets its own ``.dvc`` file: DVC only hashes the new folder, existing
-batches never change, and two branches that ingest different images create differently named
-``.dvc`` files, so merging them never conflicts.
+Each run that finds something new writes ONE folder ``<data root>/unlabeled/batch-NNNN-HHHHHHHH/``
+(the next number, 8 hex digits of the content hash) and, inside a DVC repository, runs ``dvc add``
+on it. Files are checked with ``prepare``'s rules; escaping or broken symlinks and non-regular files
+are rejected; exact duplicates (sha256) of files already in the data set are skipped. A lock on the
+data root makes ingests take turns, a batch is renamed into place only when complete, and each
+batch lists what was added, skipped and rejected in ``.ingest.json``.
 
-What is added, skipped and rejected:
-
-* every file under SRC (any depth; hidden files and OS clutter are ignored, as in ``prepare``) is
-  checked with ``prepare``'s own rules (:func:`kdpipe.data.imaging.validate_image`); a file that
-  ``prepare`` would reject is rejected here, with the same reason;
-* a symlink whose target lies outside SRC (``..`` included) is rejected (``escapes_source``), as
-  are broken symlinks and non-regular files (FIFOs, devices);
-* a file whose bytes (sha256) equal a file already in the data set (labeled/, test/, any unlabeled
-  batch) or an earlier file of SRC is skipped as a duplicate, so running ``ingest`` twice on the same
-  folder adds nothing, and no empty batch folder is ever created.
-
-Safety: the whole run holds a lock on the data root (``<data root>/.ingest.lock``), so two ingests
-at once take turns and never add the same image twice. The batch is built in a hidden temporary
-folder (``unlabeled/.ingest-*.tmp``, which ``prepare`` and DVC ignore) and renamed into place when
-complete, so a killed ingest leaves either no batch or a complete one; the next ingest removes
-leftover temporary folders and tracks a complete batch that a kill left without its ``.dvc`` file.
-
-Each batch holds ``.ingest.json`` (hidden, so ``prepare`` skips it): the sha256 and size of every
-file it added, plus what was skipped and rejected. Later ingests read it instead of re-hashing the
-batch (they re-hash a batch whose files no longer match it).
+Design notes: docs/data-path.md.
 """
 
 from __future__ import annotations

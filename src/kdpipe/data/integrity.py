@@ -1,23 +1,12 @@
 """Checking step outputs against their recorded sha256, hashing each file once rather than at every load.
 
-A step records the sha256 of every file it writes (prepare in ``manifest.json``, augment in
-``policy.json``). Hashing them again at every load costs a full read of the data set per step (and
-per DDP rank): about 150 GB at a million 224-pixel images. So a file is hashed when it is produced
-and whenever it is handed over (a DVC checkout, a copy, an edit: any of them gives the file a new
-mtime or inode); after a full hash matches, its size, mtime and inode are remembered in a stamp, and
-while they stay the same the file is trusted without reading it. ``kdpipe <step> --verify`` (or
-``KDPIPE_VERIFY=1``) hashes everything regardless.
+A file is hashed when it is produced and whenever it is handed over; after a full hash matches, its
+size, mtime and inode are kept in a stamp in kdpipe's cache folder, and while they stay the same the
+file is trusted without reading it. ``kdpipe <step> --verify`` (or ``KDPIPE_VERIFY=1``) hashes
+everything regardless. A stamp taken too soon after the file's last change (:data:`RACY_SECONDS`,
+:data:`FINE_RACY_SECONDS`) is not trusted.
 
-The stamps live in kdpipe's cache folder (``$KDPIPE_CACHE_DIR``, else ``$XDG_CACHE_HOME/kdpipe``,
-else ``~/.cache/kdpipe``), not beside the data: a folder DVC tracks must not change under it. A
-stamp that cannot be written only means the next load hashes again.
-
-Like git's index, a stamp taken within the file system's clock granularity after the file's last
-change is not trusted: a second same-size write inside that window could keep the recorded mtime.
-The granularity is read from the file's own ctime (which nobody can set): a whole second means a
-coarse file system (FAT, ext3, some network mounts), so :data:`RACY_SECONDS`; otherwise the kernel's
-clock tick, well under :data:`FINE_RACY_SECONDS`. So the files a step has just written are trusted
-by the next step, not hashed once more.
+Design notes: docs/data-path.md.
 """
 
 from __future__ import annotations

@@ -1,29 +1,12 @@
 """Keeping a step's resident memory flat while it streams through memory-mapped arrays.
 
-The prepared images, the stored views and their logits are ``.npy`` files read (and written)
-through memory maps. Every page of such a map that a step touches stays in the process's resident
-set until the map is closed, even though the kernel could drop it at any time (it is a copy of
-the file). A step that reads a whole data set, or samples random rows from it for a long training
-run, therefore shows a resident set that grows with the data set, up to the size of the files.
-On Linux a random read of one row also maps the neighbouring pages already in the page cache
-(fault-around, 64 KiB), so even 50 training steps of 256 random rows touch about 800 MB.
+Pages of a memory map that a step touches stay in its resident set until the map is closed. Two
+remedies: streaming passes call :func:`release` after each chunk (``madvise(MADV_DONTNEED)``; the
+data stays in the page cache), and training batches of random rows are read with :class:`FileRows`
+(``preadv(2)`` straight into the batch buffer, never mapped). Private copy-on-write maps
+(``mmap_mode="c"``) are left alone.
 
-Two remedies, one per access pattern:
-
-* Streaming passes (augment's chunks, predictions, copies) read through the map and then call
-  :func:`release`: ``madvise(MADV_DONTNEED)`` tells the kernel this process no longer needs the
-  mapped pages. For a shared file mapping that only removes them from the process's page tables:
-  the data stays in the page cache (written pages are kept dirty and written back as usual), and
-  the next access maps it again. The resident set holds about one chunk, whatever N is.
-* Training batches (a few hundred random rows, over and over) are read with :class:`FileRows`:
-  ``preadv(2)`` from the file straight into the batch buffer, never mapped. There is nothing to
-  release and no page fault per row. Measured on random 128-row batches from the page cache: as
-  fast as copying from a map whose pages are all mapped already at 32 px, within about 15% of it
-  at 224 px, and faster than a map that drops its pages after every batch (which must map them
-  again).
-
-Private (copy-on-write, ``mmap_mode="c"``) maps are left alone: dropping their pages would lose
-what was written to them.
+Design notes: docs/data-path.md.
 """
 
 from __future__ import annotations

@@ -1,21 +1,11 @@
 """Near-copies of test images: the same photo re-encoded, resized or saved in another format.
 
-Exact duplicates are found by prepare on the decoded pixels (a pixel hash). A photo re-saved as a
-JPEG at another quality, or a PNG copy of a JPEG (whose decoder takes a shortcut when it shrinks),
-has slightly different pixels and escapes that hash, yet it leaks the test image into training just
-as well. So every image is also reduced to a small thumbnail of fixed size (``THUMBNAIL`` x
-``THUMBNAIL``, colour, area-averaged: independent of ``prepare.image_size`` and of the file's own
-size), and an image whose thumbnail is within ``MAX_RMS`` (root-mean-square difference on the 0-255
-scale) of a test image's thumbnail counts as a copy of it.
+Every image is reduced to a colour thumbnail of ``THUMBNAIL`` x ``THUMBNAIL`` pixels (area-averaged,
+independent of ``prepare.image_size``); an image whose thumbnail is within ``MAX_RMS`` (RMS
+difference on the 0-255 scale) of a test image's thumbnail counts as a copy of it. The search is
+exact: thumbnails are compared at 8 x 8 first, and only the pairs that pass at full size.
 
-The threshold is measured (BENCHMARKS-style figures in docs/bad-inputs.md): a JPEG re-encode at
-quality 70 of a 32 px CIFAR-10 photo differs by at most 3.3; the closest pair of *different*
-images is 5.0 apart among 5,000 handwritten digits (where many 1s look alike) and 9.5 apart
-between CIFAR-10's test and train images.
-
-The search is exact and needs no index: thumbnails are compared 8 x 8 first (an area average of the
-16 x 16 one, so its distance is never larger: a pair farther than the threshold there is farther at
-16 x 16 too), and only the pairs that pass are compared at full thumbnail size.
+Design notes: docs/data-path.md.
 """
 
 from __future__ import annotations

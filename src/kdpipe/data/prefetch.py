@@ -1,22 +1,12 @@
 """The training loop's batches, assembled ahead of time in a background thread.
 
-A step's input has a host part -- draw the sampler's indices (and, for stored views, which views),
-gather the images from the arrays into one buffer -- and a device part -- copy, change the layout,
-augment. :class:`BatchStream` runs the host part of the next ``depth`` batches in a thread while the
-device computes the current step; the device part stays on the training thread, so the device
-generator's stream is consumed in exactly the order of a run without prefetch.
+:class:`BatchStream` runs the host part of the next ``depth`` batches (draw the indices and views,
+gather the rows) in a thread while the device computes the current step; the device part (copy,
+layout, augment) stays on the training thread. :meth:`BatchStream.stop` puts the random streams
+back to just after the last consumed batch, so checkpoints and resumes are those of a run without
+prefetch. A batch drawn with outdated view probabilities (its ``draw_key``) is drawn again.
 
-What a resume needs. The thread draws ahead, so the live sampler and view chooser are ``depth``
-batches further on than the loop. Each prefetched batch therefore carries the state of those
-random streams right after it was drawn; :meth:`BatchStream.stop` stops the thread, drops the
-batches not consumed yet and puts the streams back to the state right after the last consumed
-batch. The loop stops the stream before it reads or loads a resume state (a checkpoint every
-``checkpoint_every`` steps costs redrawing ``depth`` batches), so a checkpoint holds exactly what a
-run without prefetch would save, and a resumed run is bit-for-bit the uninterrupted one.
-
-What a draw depends on. The stored views' choice follows the schedule's probabilities, which the
-loop changes at an epoch's end. A batch records the probabilities it was drawn with (its
-``draw_key``); one whose key is no longer the views' current one is drawn again.
+Design notes: docs/data-path.md.
 """
 
 from __future__ import annotations

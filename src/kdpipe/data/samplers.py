@@ -1,22 +1,12 @@
-"""Endless, seeded, resumable index samplers (SPEC, Method C: labeled + unlabeled batches).
+"""Endless, seeded, resumable index samplers: the labeled and unlabeled batches of a training step.
 
-How :class:`EndlessSampler` draws (``GB = batch_size * world_size``, the global batch):
+:class:`EndlessSampler` cuts seeded per-epoch permutations into global batches
+(``batch_size * world_size``) and gives rank ``r`` every ``world_size``-th index of each, so any
+epoch can be rebuilt from the seed and the ranks together draw what one process would.
+:class:`LabeledUnlabeledSampler` pairs a labeled and an unlabeled sampler. The state (``epoch``,
+``position``) is global, so a checkpoint written by rank 0 resumes every rank.
 
-* Epoch ``k`` (0, 1, ...) is the permutation ``numpy.random.default_rng([seed, stream, k])
-  .permutation(n)``, so any epoch can be rebuilt from the seed alone (reproducible, resumable).
-* If ``n >= GB``: each epoch yields ``n // GB`` global batches, each a contiguous slice of that
-  epoch's permutation; the ``n % GB`` left over (random, different every epoch) are skipped. So
-  the global batch of every step holds **distinct** indices, and within an epoch no index repeats.
-* If ``n < GB`` (a small labeled set): the permutations are concatenated and cut into global
-  batches, so batches are always full and the set simply cycles; repeats inside a batch are then
-  unavoidable, but every index appears ``GB // n`` or ``GB // n + 1``... times per ~GB/n epochs
-  (as evenly as a permutation stream allows).
-* Under DDP, rank ``r`` gets ``global_batch[r::world_size]``. Hence, at every step: the ranks'
-  batches are disjoint as positions of the stream (disjoint index sets when ``n >= GB``), and
-  their union is exactly the batch a single process with ``batch_size * world_size`` would draw.
-
-The state (``epoch``, ``position`` in that epoch's stream) is global, not per rank: every rank
-holds the same state, so a checkpoint written by rank 0 resumes every rank.
+Design notes: docs/data-path.md.
 """
 
 from __future__ import annotations

@@ -1,22 +1,12 @@
 """One directory walk for every step that reads the user's folders (prepare, ingest).
 
-What it guarantees, whatever the folder holds:
+Every entry is visited once, in sorted order. Symlink loops, links that leave the walk's boundary,
+broken links and special files are reported (``symlink_loop``, ``visited_twice``,
+``symlink_outside_root``, ``broken_symlink``, ``not_a_regular_file``), never followed or opened.
+Hidden entries, OS clutter and ``*.dvc`` files are skipped. Names that are not UTF-8 are walked too:
+:func:`shown` makes them readable, :func:`name_bytes` gives their exact bytes.
 
-* **No file is visited twice**, and no folder: a symlink back to a folder already being walked (a
-  loop, or a class folder linking to ``labeled/``) is reported once as ``symlink_loop`` and not
-  followed, so an image can never be read a second time under another label. A file reached again
-  through a second link is reported as ``visited_twice``.
-* **Symlinks stay inside the walk's boundary** (the data root, or the source folder of an ingest):
-  ``symlink_outside_root`` otherwise; ``broken_symlink`` for a dangling link; ``symlink_loop`` for
-  a link cycle between files (``a.jpg -> b.jpg -> a.jpg``).
-* **Names that are not UTF-8** (a byte such as ``\\xff`` in a file name) are walked like any other;
-  :func:`shown` turns them into readable text with ``\\xNN`` escapes for reports and messages, and
-  :func:`name_bytes` gives their exact bytes for content hashes.
-* Hidden entries (``.name``), OS clutter (``Thumbs.db``...) and DVC pointer files (``*.dvc``) are
-  skipped; special files (FIFOs, sockets, devices) are reported as ``not_a_regular_file``, never
-  opened (reading a FIFO blocks forever).
-
-Every entry is visited in sorted order, so two walks of the same tree report the same things.
+Design notes: docs/data-path.md.
 """
 
 from __future__ import annotations

@@ -1,16 +1,12 @@
 """What the Kubeflow pipeline needs to know about the cluster it runs on, decided at compile time.
 
-* :class:`ClusterSettings` -- GPU placement (node selector, tolerations), shared memory, and per task
-  CPU/memory requests and limits, retries and time limits. The defaults work on any cluster whose
-  GPU nodes run NVIDIA's device plugin (GKE, EKS, AKS, the GPU operator): a GPU task asks for the
-  ``nvidia.com/gpu`` resource, which is what places it, and tolerates the usual GPU-node taint. A
-  node selector is opt-in, because its labels differ per cluster (``nvidia.com/gpu.present`` exists
-  only with NVIDIA's feature discovery; GKE labels ``cloud.google.com/gke-accelerator``). Loaded
-  from a YAML file (``kdpipe pipeline compile --cluster cluster.yaml``), unknown keys refused.
-* Image references: a cluster pulls images from a registry, and KFP caches a task's result by its
-  image string, so a run sent to a server must name its image by registry and digest
-  (``registry.example.com/team/kdpipe@sha256:...``): a tag can move under a cached result.
+* :class:`ClusterSettings` -- GPU placement, shared memory, per-task CPU/memory, retries and time
+  limits; loaded from a YAML file (``kdpipe pipeline compile --cluster cluster.yaml``), unknown keys
+  refused. The defaults work on any cluster whose GPU nodes run NVIDIA's device plugin.
+* Image references: a run sent to a server must name its image by registry and digest.
 * The oldest Kubeflow Pipelines backend the compiled pipeline runs on, and its check.
+
+Design notes: docs/design-notes.md.
 """
 
 from __future__ import annotations

@@ -1,18 +1,12 @@
 """``kdpipe retrain``: the retraining loop that CI (``.github/workflows/retrain.yml``) and people run.
 
-Locally (the default): the executable bit cleared on the DVC-tracked data files (see
-``clear_executable_bits``), ``dvc pull`` (tolerated when it fails but the workspace already holds every
-DVC-tracked data folder, e.g. a remote that never got the data), ``dvc repro``, ``dvc push``, then
-``dvc metrics diff <rev>`` as Markdown, printed and appended to ``$GITHUB_STEP_SUMMARY`` when set.
+Locally (the default): clear the executable bit on the DVC-tracked data files, ``dvc pull``,
+``dvc repro``, ``dvc push``, then ``dvc metrics diff <rev>`` as Markdown (also appended to
+``$GITHUB_STEP_SUMMARY`` when set). With a Kubeflow endpoint (``--kfp-host`` or env
+``KDPIPE_KFP_HOST``) it submits the KFP pipeline instead, with what the cluster needs to read this
+revision's data; the endpoint is only ever shown masked.
 
-With a Kubeflow endpoint (``--kfp-host`` or env ``KDPIPE_KFP_HOST``) it trains nowhere near this
-machine: it submits the KFP pipeline (``kdpipe pipeline submit --host HOST``) and reports that. The
-submission carries what the cluster needs to read this revision's data: the git URL and commit, and
-the DVC remote (``$KDPIPE_DVC_REMOTE``, else the project's default remote; its URL and non-secret
-settings as pipeline parameters, its credentials only ever from the cluster's ``kdpipe-dvc-remote``
-secret); the namespace (``--kfp-namespace`` / ``$KDPIPE_KFP_NAMESPACE``); the API token travels in
-``$KFP_TOKEN`` and the image in ``$KDPIPE_IMAGE``, both read by ``submit``.
-The endpoint may carry credentials, so it is only ever shown masked.
+Design notes: docs/design-notes.md.
 """
 
 from __future__ import annotations

@@ -1,27 +1,12 @@
 """MLflow tracking for the pipeline: one parent run per pipeline execution, one nested run per step.
 
-Where runs go (:func:`tracking_uri`): env ``MLFLOW_TRACKING_URI`` wins, then
-``register.tracking_uri`` from params, else ``sqlite:///<cwd>/mlflow.db`` with artifacts in
-``<cwd>/mlruns``. The project root is the current directory, because DVC, make and the CLI all run
-steps from there.
+:func:`tracking_uri` says where runs go; :func:`pipeline_run` opens or resumes the execution's
+parent run (its id from env ``KDPIPE_MLFLOW_RUN_ID`` or ``artifacts/mlflow_run.json``) and
+:func:`close_pipeline_run` ends it; :func:`step_run` is a step's nested run, tagged ``kdpipe.step``.
+Every public function is a no-op on DDP workers other than rank 0. Secrets are dropped
+(:func:`log_params_flat`) or masked (:func:`redact`). ``mlflow`` is imported inside functions only.
 
-One execution, one parent run (:func:`pipeline_run`): each step is its own process, so the parent
-run id has to be handed from step to step. Orchestrators that know the execution (Kubeflow, a
-Makefile) set env ``KDPIPE_MLFLOW_RUN_ID``; otherwise the first step that tracks creates the parent
-and writes its id to ``artifacts/mlflow_run.json``, later steps resume it, and the register step,
-the last one, closes the execution (:func:`close_pipeline_run` removes the file) so the next
-``dvc repro`` starts a new parent. Each step logs into a nested run named after it
-(:func:`step_run`), tagged ``kdpipe.step``: per-step metrics such as the distillation history
-share names (``val_acc_student``...) across steps without colliding on the parent.
-
-Nothing is logged from DDP workers: every public function is a no-op (context managers yield
-``None``) when env ``RANK`` is set and is not ``"0"``.
-
-Credentials never reach the tracking store: :func:`log_params_flat` drops keys that name a secret
-and :func:`redact` masks ``scheme://user:pass@host`` user info in every value.
-
-``mlflow`` is imported inside functions only: ``import mlflow`` costs seconds and the CLI must start
-at once.
+Design notes: docs/design-notes.md.
 """
 
 from __future__ import annotations

@@ -1,21 +1,13 @@
 """Multi-node distill: a Kubeflow Trainer TrainJob launched and awaited by the pipeline's distill task.
 
-When ``nodes > 1`` the distill task does not train itself. It sends a TrainJob (Kubeflow Trainer v2,
-``trainer.kubeflow.org/v1alpha1``) that runs the image on ``nodes`` nodes with ``gpus_per_node``
-GPUs each, under the cluster's ``torch-distributed`` runtime, which starts ``torchrun`` on every node
-with the rendezvous settings in ``PET_*`` variables. Every node then runs ``kdpipe distill-node``:
+When ``nodes > 1`` the distill task sends a TrainJob (Kubeflow Trainer v2) that runs the image on
+``nodes`` nodes with ``gpus_per_node`` GPUs each; every node runs ``kdpipe distill-node`` (copy the
+inputs from the object store, distill under ``torchrun``, node 0 stages the outputs), and the task
+copies the outputs into its own once the TrainJob reports ``Complete``. It needs the
+``torch-distributed`` ClusterTrainingRuntime, rights on ``trainjobs`` and the
+``kdpipe-object-store`` secret.
 
-1. copy the step's inputs (prepared data, stored views, teacher) from the run's object store,
-2. ``torchrun -m kdpipe.cli distill`` over its GPUs (DDP across all nodes' processes),
-3. node 0 copies the outputs to a staging location in the object store,
-
-and the task copies them from there into its own output once the TrainJob reports ``Complete``
-(a ``Failed`` condition fails the task with the TrainJob's message).
-
-Cluster add-ons this needs: Kubeflow Trainer v2 with its ``torch-distributed``
-ClusterTrainingRuntime, permission for the pipeline's service account to create and read
-``trainjobs`` in its namespace, and object-store credentials in the ``kdpipe-object-store`` secret
-(the nodes also get the ``kdpipe-mlflow`` secret, so rank 0 logs the step).
+Design notes: docs/design-notes.md.
 """
 
 from __future__ import annotations

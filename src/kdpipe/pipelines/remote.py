@@ -1,17 +1,12 @@
 """Submit the compiled pipeline to a Kubeflow Pipelines server, or schedule it.
 
-Arguments start from the defaults compiled into the package (which mirror params.yaml) and take
-``-S`` overrides: ``-S train.lr=0.1`` edits the ``train_params`` dict, ``-S register.min_accuracy=0.9``
-sets the quality gate, ``-S data_rev=v2`` sets a top-level pipeline parameter. Every group is
-validated with kdpipe's params schema before anything is sent.
+Arguments start from the defaults compiled into the package and take ``-S`` overrides
+(``-S train.lr=0.1``, ``-S register.min_accuracy=0.9``, ``-S data_rev=v2``), validated with the
+params schema. The API token comes only from ``$KFP_TOKEN``. Before anything is sent, the server's
+backend version is checked, the tasks are pointed at the ``--image`` / ``$KDPIPE_IMAGE`` (registry
+and digest required), and the run gets ``git_commit``.
 
-The API token comes only from ``$KFP_TOKEN`` (sent as a bearer token) and is never printed.
-
-Before anything is sent: the server's backend version is read and an older one than the pipeline
-needs is refused (:data:`kdpipe.orchestration.cluster.MIN_BACKEND`); the package's tasks are pointed at the image
-given (``--image`` / ``$KDPIPE_IMAGE``), which must name a registry and a digest, so the cluster can
-pull it and KFP's cache can never serve an older build's results under the same name; and the run
-gets the commit it was submitted from (``git_commit``), which every task records in MLflow.
+Design notes: docs/design-notes.md.
 """
 
 from __future__ import annotations

@@ -1,33 +1,13 @@
-"""The ``augment`` step: the augmentation sets (SPEC Method B), with the frozen teacher's outputs on them.
+"""The ``augment`` step: K stored views of every training image, with the frozen teacher's outputs on them.
 
-For every training sample (labeled train split and unlabeled pool) it stores K views, seeded, as
-packed uint8 arrays the trainer memory-maps. The first ``K - round(p * K)`` views of every sample
-are weak (flip + crop), the others weak + the strong policy (``augment.p`` is the share of strong
-views), and ``policy.json`` says which is which (``view_kinds``): the trainer picks among them to
-build every recipe's views (see :mod:`kdpipe.training.views`).
+For every labeled training and unlabeled sample it stores K seeded views, weak or weak + strong
+(``augment.p`` is the share of strong ones), as uint8 arrays the trainer memory-maps, and, with a
+teacher checkpoint and ``augment.teacher_logits``, the teacher's logits on every view. Outputs:
+``labeled_views.npy``, ``unlabeled_views.npy``, ``labeled_logits.npy``, ``unlabeled_logits.npy``,
+``policy.json``, ``preview.png``. For recipes whose teacher is trained in the run it writes only
+``policy.json`` and the preview.
 
-When a teacher checkpoint is there (the ``teacher`` step runs first) and ``augment.teacher_logits``
-is on, the teacher's logits on every stored view are computed once and stored beside the views.
-A recipe with a frozen teacher then never runs the teacher during training. The teacher sees the
-very same view as the student: at the student's size, or -- when prepare kept a teacher-resolution
-copy -- the view is made at the teacher's resolution, the teacher reads it there, and the student's
-stored view is the same image shrunk to its size.
-
-    labeled_views.npy     (N_train, K, S, S, 3) uint8
-    unlabeled_views.npy   (N_unlabeled, K, S, S, 3) uint8
-    labeled_logits.npy    (N_train, K, C) float16      only with a teacher (augment.logits_dtype)
-    unlabeled_logits.npy  (N_unlabeled, K, C) float16  only with a teacher
-    policy.json           the resolved policy, view kinds, data version, teacher hash, file hashes
-    preview.png           original + its K views for a few samples (a contact sheet)
-
-Arrays are written chunk by chunk into memory-mapped files, so memory does not grow with N; the
-views are made on the training device (``train.device``) when there is one.
-
-Only recipes with a frozen teacher read stored views. For the others (their teacher is trained in the
-run, so views are made during training) the step stores nothing: it writes a ``policy.json`` that
-says so and the preview, in seconds. ``preview_samples`` changes only the preview: it is not in
-policy.json, so distill (which depends on policy.json, where every stored file's sha256 is recorded)
-is not rerun for it.
+Design notes: docs/design-notes.md.
 """
 
 from __future__ import annotations

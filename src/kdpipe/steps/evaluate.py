@@ -1,19 +1,12 @@
 """The ``evaluate`` step: test-split quality and speed of the exported ONNX models, with onnxruntime.
 
-The prepared data's hashes are verified first (test numbers on altered data would be meaningless),
-every ONNX file is checked with ``onnx.checker``, and each model present (``model.onnx``, and
-``model.int8.onnx`` when export shipped it) runs on each provider of ``evaluate.providers``. A
-provider that is not really active is an error unless ``evaluate.allow_cpu_fallback`` (see
-:func:`kdpipe.export.onnx.make_session`).
+The prepared data's hashes are verified and every ONNX file is checked with ``onnx.checker``; then
+``model.onnx`` (and ``model.int8.onnx`` when shipped) runs on each of ``evaluate.providers`` (a
+provider that is not really active is an error unless ``evaluate.allow_cpu_fallback``). Output, one
+folder replaced atomically: ``metrics.json``, ``confusion.json``, ``confusion.png``,
+``per_class.json``, ``report.md``.
 
-Output (one folder, replaced atomically)::
-
-    metrics.json     accuracy (fp32, first provider), int8_accuracy, macro_f1, latency_ms_p50/p95,
-                     throughput_ips, num_test, models: {file: {accuracy, providers: {...}}}
-    confusion.json   DVC plot data: [{"actual": class, "predicted": class}], one row per test image
-    confusion.png    annotated confusion matrix of the fp32 model
-    per_class.json   [{"class", "precision", "recall", "f1", "support"}] of the fp32 model
-    report.md        human summary linking confusion.png
+Design notes: docs/design-notes.md.
 """
 
 from __future__ import annotations

@@ -1,22 +1,12 @@
 """The ``export`` step: ONNX (fp32, optional static INT8) behind a torch/onnxruntime parity gate.
 
-1. ``model.onnx`` (fp32, dynamic batch, ``export.opset``) is exported from the selected checkpoint.
-2. Parity gate: torch and onnxruntime logits on up to ``export.parity_samples`` real validation
-   images (training images when the validation split is empty) must agree: max |logit gap| <=
-   ``parity_max_abs`` and top-1 agreement >= ``parity_min_agreement``. A failure raises and writes
-   nothing (the output folder is replaced atomically, so the previous export stays in place).
-3. With ``export.int8``: static INT8 quantization, QDQ format, per-channel int8 weights, uint8
-   activations (the combination onnxruntime's CPU kernels are tuned for: "U8S8"), MinMax
-   calibration on ``export.calibration_samples`` TRAINING images (never the validation images it
-   is then judged on). It is shipped only if its top-1 agreement with fp32 reaches
-   ``int8_min_agreement``; otherwise ``parity.json`` says why and the export still succeeds.
+``model.onnx`` is exported from the selected checkpoint; torch and onnxruntime logits on real
+validation images must agree (``parity_max_abs``, ``parity_min_agreement``) or nothing is written.
+With ``export.int8``, a static INT8 model calibrated on training images ships only if it agrees with
+fp32 well enough (``int8_min_agreement``). Output, one folder replaced atomically: ``model.onnx``,
+``model.int8.onnx``, ``parity.json``, ``preprocess.json``.
 
-Output (one folder, replaced atomically)::
-
-    model.onnx         fp32 graph: input "images" float32 NCHW RGB [0,1], output "logits"
-    model.int8.onnx    only when int8 is enabled and good enough
-    parity.json        thresholds, fp32 and int8 sections, passed
-    preprocess.json    what a caller must do before the graph (read by ``kdpipe predict``)
+Design notes: docs/design-notes.md.
 """
 
 from __future__ import annotations

@@ -1,22 +1,12 @@
 """The ``data`` step: materialize one DVC revision of the data folder into a plain folder.
 
-Used as the first task of the Kubeflow pipeline, where no checkout of the project exists: the data
-folder (``params.data.root``, holding ``labeled/``, ``unlabeled/``, ``test/``) is read at a git
-revision of a DVC project through DVC's filesystem, so the bytes come from the revision's DVC
-cache or remote, never from a working tree that may have changed since.
+The first task of the Kubeflow pipeline: it reads ``labeled/``, ``unlabeled/`` and ``test/`` of the
+data folder at git revision ``rev`` of the DVC project ``repo`` (URL or path) through DVC's
+filesystem, from the DVC remote ``remote`` with ``remote_config`` overrides, writes them atomically
+under ``out_dir`` and returns the resolved commit and file count. Credentials come only from the
+environment (``$KDPIPE_GIT_TOKEN`` for a private git repository); printed URLs are redacted.
 
-``repo`` is a git URL or a local path; ``rev`` any git revision. ``remote`` names the DVC remote to
-read (default: the project's default remote) and ``remote_config`` overrides its settings
-(``url``, ``endpointurl``, ``region``...). Credentials are not accepted there: they come from the
-environment (``AWS_ACCESS_KEY_ID``... from a Kubernetes secret), so they never appear in pipeline
-parameters.
-
-A private git repository over HTTPS: the token comes from ``$KDPIPE_GIT_TOKEN`` (user
-``$KDPIPE_GIT_USERNAME``, default ``oauth2``) -- on a cluster the ``kdpipe-git`` Kubernetes secret --
-and is put into the URL only inside this process; every printed or returned URL is redacted.
-
-Output: ``out_dir/labeled``, ``out_dir/unlabeled``, ``out_dir/test`` (those that exist at the
-revision), written atomically. Returns where the data came from: the resolved commit and file count.
+Design notes: docs/design-notes.md.
 """
 
 from __future__ import annotations

@@ -1,27 +1,12 @@
 """Register step: log the exported ONNX model to MLflow, register a version, maybe promote it.
 
-Inputs: ``export_dir`` (``model.onnx``, optional ``model.int8.onnx``, ``parity.json``,
-``preprocess.json``), ``evaluation_dir`` (``metrics.json`` with the test ``accuracy``, report, plots)
-and ``prepared_dir`` (the promotion split). Output: ``out_dir/decision.json``.
+Inputs: ``export_dir``, ``evaluation_dir`` (the test ``accuracy``) and ``prepared_dir`` (the
+promotion split). Below ``register.min_accuracy`` nothing is registered; otherwise a new version of
+``register.model_name`` gets the alias ``challenger``, and :func:`decide_promotion` moves
+``champion`` to it when it beats the champion on the promotion split by ``min_improvement``. Writes
+``out_dir/decision.json``; as the pipeline's last step it closes the pipeline run.
 
-1. Quality gate: ``accuracy < register.min_accuracy`` -> nothing is registered.
-2. Otherwise a new version of ``register.model_name`` is registered (flavor ``onnx``, explicit
-   execution providers and pip requirements, ``preprocess.json`` shipped inside the model under
-   ``extra_files/``), tagged ``test_accuracy`` (reported, never compared), ``promotion_accuracy``,
-   ``class_names``, ``data_version``, ``git_commit``, and given the alias ``challenger`` (the latest
-   candidate; it moves to every new version, promoted or not).
-3. Promotion (:func:`decide_promotion`) is decided on the **promotion split** -- the validation split
-   (the test split only when there is none, and the decision says so) -- never on the test split,
-   which repeated retrains would otherwise turn into a selection set. The new version and the
-   current ``champion`` are both scored on the same images of that split now (the champion's model is
-   read back from the registry), so a comparison never spans two data versions. ``champion`` moves
-   iff there is none, or ``new > champion`` and ``new >= champion + min_improvement`` (a tie keeps
-   the champion). A champion trained on another class set cannot be compared: the new version
-   starts a new lineage and is promoted, and the decision names the classes added and removed. A
-   champion whose model cannot be read back (set by hand...) is never replaced automatically.
-
-Metrics, the evaluation report and plots, ``parity.json``, ``model.int8.onnx`` (when exported) and
-``decision.json`` are logged to the step's nested run. Register is the pipeline's last step, so it closes the pipeline run.
+Design notes: docs/design-notes.md.
 """
 
 from __future__ import annotations

@@ -1,27 +1,13 @@
 """The ``select`` step: pick the deployable model among the trained candidates, by the user's budget.
 
-Candidates: the distilled ``student.pt``; the fine-tuned teacher of the ``teacher`` step; and, when
-the recipe co-trains it, distill's ``teacher.pt`` ("cotrained_teacher"). Only models this pipeline
-trained compete: a teacher adopted as it is (``teacher.checkpoint``) is an input, and shipping it
-unchanged is not what the user asked for. Every file left out is listed with the reason. For each
-candidate the step measures what deployment cares about, without trusting the checkpoint's notes:
+Candidates: distill's ``student.pt``, the ``teacher`` step's fine-tuned teacher and a co-trained
+``teacher.pt``; each is measured (parameters, validation accuracy, batch-1 latency in onnxruntime on
+one CPU thread). The most accurate within ``select.max_latency_ms`` and ``select.max_params`` wins;
+a lead the validation split cannot resolve goes to the smaller model; if nothing fits the step fails
+unless ``select.fallback_fastest``. Output, one folder replaced atomically: ``model.pt``,
+``selection.json``, ``frontier.json``, ``frontier.png``.
 
-* parameter count;
-* validation accuracy, recomputed with torch on the prepared validation split;
-* latency at batch 1 with onnxruntime on ONE CPU thread of the machine that runs select (exported to a
-  temporary ONNX file, ``select.latency_runs`` timed runs after warm-up).
-
-The winner is the most accurate candidate within the budget: ``select.max_latency_ms`` (default 1 ms
-per image on one core) and ``select.max_params`` (none by default: the user's choice). Equal
-accuracy, or a lead the validation split cannot resolve, goes to the smaller model. If nothing fits,
-the step fails naming every candidate and the limit it broke, unless ``select.fallback_fastest``.
-
-Output (one folder, replaced atomically)::
-
-    model.pt         copy of the chosen checkpoint
-    selection.json   {candidates: [...], limits, champion, chosen, reason}
-    frontier.json    one row per candidate: accuracy, latency, parameters, shipped (a DVC plot)
-    frontier.png     accuracy against latency, the budget and the shipped model marked
+Design notes: docs/design-notes.md.
 """
 
 from __future__ import annotations

@@ -1,25 +1,13 @@
 """The ``teacher`` step: build the teacher the student learns from, or adopt a given one.
 
-With ``teacher.checkpoint`` set, the checkpoint is loaded (``weights_only=True``), checked against
-the data's classes, evaluated on the validation split and copied as ``teacher.pt``; no training
-happens, and select never ships it.
+With ``teacher.checkpoint`` set, that checkpoint is checked, evaluated and copied as ``teacher.pt``
+(select never ships it). Otherwise ``teacher.arch`` with ``teacher.weights`` is built in stages
+(docs/methods.md, "The teacher"): a linear probe (the floor), fine-tuning (the probe's network is
+kept when fine-tuning ends below it), Noisy Student rounds on the unlabeled images, and a check
+against the student trained alone. Without a validation split the probe and the fine-tuning are
+compared out of fold (:func:`cross_validate`). Every shortfall is one warning line.
 
-Otherwise ``teacher.arch`` is built with ``teacher.weights`` (by default ImageNet EfficientNet-Lite0,
-offline), at ``teacher.image_size`` (prepare's sharp teacher-resolution copy when there is one), in
-stages (docs/methods.md, "The teacher"):
-
-1. a linear probe on the untuned pretrained features (:mod:`kdpipe.training.probe`): the floor;
-2. fine-tuning through the training engine (the teacher in the student's seat of the loop): head at
-   ``teacher.lr``, backbone at ``lr * backbone_lr_scale``, warm-up then cosine, weight decay on
-   weights only, label smoothing, the pretrained BatchNorm statistics kept, ``teacher.epochs``
-   passes over the labels. When it ends below the probe, the probe's network is the teacher;
-3. Noisy Student rounds on the unlabeled images (``teacher.unlabeled_rounds``), each kept only when
-   validation improves;
-4. a check against the student trained alone on the labels.
-
-Without a validation split (``prepare.val_fraction`` 0) the probe and the fine-tuning are compared
-out of fold (:func:`cross_validate`). Every shortfall is one warning line, in ``metrics.json`` too.
-The checkpoint takes the student's image size as input, like every kdpipe model.
+Design notes: docs/design-notes.md.
 """
 
 from __future__ import annotations

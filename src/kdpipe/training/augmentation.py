@@ -1,33 +1,13 @@
 """Batched, on-device image augmentation with per-sample randomness.
 
-Every function takes an ``(N, C, H, W)`` batch (uint8 in 0..255 or float in [0, 1]) and an explicit
-``torch.Generator`` on the batch's device, and returns float32 in [0, 1] of the same shape. All
-randomness comes from that generator, so the same seed and input give the same output on every
-call (on one device type; CPU and CUDA generators produce different streams).
+Every function takes an ``(N, C, H, W)`` batch (uint8, or float in [0, 1]) and an explicit
+``torch.Generator`` on the batch's device, and returns float32 in [0, 1]; the same seed and input
+give the same output (per device type). :func:`weak` crops and flips; :func:`strong` is
+RandAugment-style (``num_ops`` ops from :data:`OPS`, then random erasing); :func:`augment` applies
+``weak``, then ``strong`` with probability ``p`` per sample (adaptive augmentation's ``Aug(x; p)``).
+It runs "grouped" on a CPU and "masked" on an accelerator (:func:`groups_on_host`).
 
-* :func:`weak` -- random crop with reflect padding + horizontal flip, per sample.
-* :func:`strong` -- RandAugment-style: ``num_ops`` ops per sample chosen uniformly from
-  :data:`OPS` (each with a random sign), then random erasing with probability ``erase_prob``.
-  Colour ops are batched tensor ops on the samples that drew them; all geometric ops of a sample
-  are composed into one affine matrix and applied with a single ``grid_sample`` call.
-* :func:`augment` -- ``weak`` always, then ``strong`` on each sample independently with
-  probability ``p`` (SPEC, Method A: ``Aug(x; p)``).
-
-Two ways to run the same policy, chosen by the device (:func:`groups_on_host`):
-
-* **grouped** (on a CPU): each op runs only on the samples that drew it, so the work is what the
-  draws ask for. The group sizes size the tensors, so they are read back to the host: once per
-  :func:`strong` call for every round and the warp, plus once in :func:`augment` for the size of
-  the strongly augmented subset when ``0 < p < 1``. On a CPU a read-back costs nothing.
-* **masked** (on an accelerator): every op runs on the whole batch and ``torch.where`` keeps it for
-  the samples that drew it; :func:`augment` runs the strong policy on every sample and keeps it for
-  the selected ones. Nothing is read back, so the device's queue of kernels never stalls on the
-  host (a read-back waits for every queued kernel); the extra arithmetic is cheap there.
-
-Both ways draw the same random numbers in :func:`strong` and give the same images (up to float
-rounding). In :func:`augment` with ``0 < p < 1`` the masked way draws the strong policy's numbers for
-every sample, not only the selected ones, so its stream differs from the grouped way's (as a CPU's
-and a GPU's generators differ anyway): each is deterministic for its seed.
+Design notes: docs/training-internals.md.
 """
 
 from __future__ import annotations

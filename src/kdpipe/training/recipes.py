@@ -1,19 +1,13 @@
-"""SPEC.md's training methods as parts, and the recipes users pick, composed from them.
+"""The training methods (docs/methods.md) as parts, and the recipes users pick, composed from them.
 
-Three layers, each written once:
+:mod:`kdpipe.training.losses` holds the formulas; a :class:`Term` is a formula applied to one step's
+outputs, with its weight (a ``params.train`` setting's name, a constant or a function of the
+settings); a :class:`Method` is one training method (its views, networks, what it trains, its
+terms). :func:`compose` merges methods into a :class:`Recipe`, and :data:`RECIPE_METHODS` says which
+methods make up each recipe. The loop is :mod:`kdpipe.training.engine`'s; it reads the networks'
+outputs from :class:`StepOutputs`.
 
-* :mod:`kdpipe.training.losses` -- the formulas, as pure tensor functions.
-* :class:`Term` (here) -- a formula applied to one step's network outputs, with its weight: the
-  name of a ``params.train`` setting (``w_labels``, ``w_consistency``...), a constant, or a function
-  of the settings (the adaptive schedule's weight ``w``).
-* :class:`Method` (here) -- one training method: the views it needs, which networks run on them,
-  what it trains, and its terms. :func:`compose` merges methods into a :class:`Recipe`, and the
-  :data:`RECIPE_METHODS` table says which methods make up each recipe.
-
-A recipe never owns a training loop (that is :mod:`kdpipe.training.engine`): the engine asks it which views
-to build and which terms to sum. ``term.fn(out, hyper, projection)`` reads network outputs from
-:class:`StepOutputs`, where each network ran at most once per step on all the views it needs (one
-forward per network also keeps DDP happy).
+Design notes: docs/training-internals.md.
 """
 
 from __future__ import annotations

@@ -1,19 +1,12 @@
-"""Method A schedule: two augmentation probabilities and a distillation weight, updated per epoch.
+"""Adaptive augmentation schedule: two augmentation probabilities and a distillation weight, per epoch.
 
-SPEC, Method A (E = total epochs, e = 1..E):
+With E epochs, ``p2 = min(p_max, p1 + p_max / E)``, starting from ``p1 = 0`` and ``w = w_init``.
+Rules: ``adaptive`` (the default: after an epoch with progress ``p1 <- p2``, otherwise
+``w <- max(w_min, w - w_step)``), ``linear`` and ``fixed`` (for comparison); docs/methods.md
+explains them. The state is plain JSON-able data, so it goes into checkpoints and the tracking
+server as is.
 
-* ``p2_e = min(p_max, p1_e + p_max / E)`` -- view 2 is one step stronger than view 1.
-* ``p1_1 = 0`` and ``w_1 = w_init`` (SPEC default 1.0).
-* ``adaptive`` (default), after epoch e with student validation metric ``m_e``:
-  if ``m_e > m_{e-1} + delta`` the student still fits -> ``p1_{e+1} = p2_e``, ``w`` unchanged;
-  otherwise it stalls -> ``p1`` unchanged, ``w_{e+1} = max(w_min, w_e - w_step)``.
-  ``m_0`` is taken as ``-inf``: SPEC leaves the first comparison open, and the first epoch has
-  nothing to stall against, so it always counts as an improvement.
-* ``linear`` (ablation): ``p1_{e+1} = min(p_max, p1_e + p_max / E)``, ``w`` fixed at ``w_init``.
-* ``fixed`` (ablation): nothing changes; ``p1`` stays at ``p_fixed`` (default ``p_max / 2``, a
-  middle strength so the ablation is neither "no augmentation" nor "maximum"), ``w = w_init``.
-
-The state is plain JSON-able data so it goes into checkpoints and the tracking server as is.
+Design notes: docs/training-internals.md.
 """
 
 from __future__ import annotations

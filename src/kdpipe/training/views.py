@@ -1,31 +1,13 @@
 """Where a training step's images come from: views built on the device, or the stored augmentation sets.
 
-A recipe asks for ``num_views`` views of every sample of a batch, following its ``view_plan``:
+A recipe asks for ``num_views`` views per sample following its ``view_plan``: ``weak`` (one weak
+view), ``any`` (one stored view, weak or strong), ``scheduled`` (view 0 strong with probability
+``p1``, the others ``p2``, from the adaptive augmentation schedule) or ``stored`` (``num_views``
+different stored views, for multi-view consistency). :class:`OnlineViews` augments on the device at
+every step; :class:`StoredViews` picks among the augment step's K views, with the frozen teacher's
+cached logits on them.
 
-* ``weak`` -- one weakly augmented view (flip + crop);
-* ``any`` -- one stored view, weak or strong, chosen at random (frozen-teacher recipes only);
-* ``scheduled`` -- view 0 strongly augmented with probability ``p1``, the others with ``p2``
-  (SPEC Method A's two probabilities, from the schedule);
-* ``stored`` -- ``num_views`` different augmented views of the sample (SPEC Method B).
-
-Two sources deliver them:
-
-:class:`OnlineViews` augments raw images on the device at every step. It serves recipes whose
-teacher is trained in the run (its outputs change at every step, so nothing can be cached) and
-frozen-teacher recipes with ``train.teacher_online`` (function matching: the teacher judges each fresh
-view the student sees). When prepare kept a teacher-resolution copy of the images, views are built at
-that resolution: the teacher gets them as they are and the student gets the same view shrunk to its
-own size.
-
-:class:`StoredViews` picks, for every sample, views among the K the ``augment`` step stored, and
-with them the frozen teacher's logits on exactly those views when the augment step cached them.
-The step then runs the student only, which is what makes a frozen-teacher iteration cost about
-what a supervised one does. The augment step stores both weakly and strongly augmented views and
-records which is which (``view_kinds``), so the plans map onto them without approximation of
-``Aug(x; p)``'s distribution: a view is strong with probability ``p`` by choosing a stored strong
-view with probability ``p`` and a weak one otherwise. Two views of one sample take different stored
-views of the kind they drew while there are some; when there are none, a view of that kind is used
-again (the kind is what the schedule asks for).
+Design notes: docs/training-internals.md.
 """
 
 from __future__ import annotations
