@@ -229,7 +229,7 @@ def check_resume_across_devices(work: Path, device: str = "cuda") -> dict[str, A
             trainer.nets.set_train_modes(trainer.iteration)
             with trainer.batches.prefetching():
                 for _ in range(steps):
-                    trainer._train_one_step()
+                    trainer.train_step()
             trainer.save_last()
         legs.append({"device": leg_device, "resumed_at": resumed_at, "reached": trainer.iteration})
     assert [leg["resumed_at"] for leg in legs] == [0, 3, 6] and legs[-1]["reached"] == 9, legs

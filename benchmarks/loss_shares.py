@@ -31,7 +31,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def gradient_norms(trainer, parameters: list[torch.nn.Parameter]) -> dict[str, float]:
     """Norm of each weighted term's gradient with respect to ``parameters`` on one fresh batch."""
-    batch = trainer._batch()
+    batch = trainer.next_batch()
     if trainer.schedule is not None:
         trainer.hyper.w = trainer.schedule.current()[2]
     with trainer.rt.autocast():
@@ -80,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, started = [], time.perf_counter()
     for target in checkpoints_at:
         while trainer.iteration < target:
-            trainer._step()
-            trainer.iteration += 1
+            trainer.train_step()
         for network, parameters in networks.items():
             norms = averaged(trainer, parameters, args.batches)
             row = {"iteration": target, "network": network, "norms": norms, "shares": shares(norms)}

@@ -35,19 +35,6 @@ def _trainer(params, workdir: Path):
                          REPO / "artifacts/teacher", workdir, progress=False)
 
 
-def _step_on(trainer, batch) -> None:
-    """One optimisation step of the trainer's recipe on a given batch (the shared model step)."""
-    from kdpipe.training.recipes import total_loss
-
-    out = trainer.nets.forward(batch)
-    loss, _ = total_loss(trainer.recipe, out, trainer.hyper, trainer.nets.projection)
-    for opt in trainer.nets.optimizers:
-        opt.zero_grad(set_to_none=True)
-    loss.backward()
-    for opt in trainer.nets.optimizers:
-        opt.step()
-
-
 def _naive_loaders(params, batch: int, unlabeled_batch: int, views: int, workers: int):
     import torch
     from torch.utils.data import DataLoader, Dataset
@@ -96,7 +83,7 @@ def run(args) -> dict:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kdpipe-throughput-"))
     trainer = _trainer(params, workdir)
     n_samples = trainer.cfg.batch_size + trainer.sampler.unlabeled_size
-    fixed = trainer._batch()
+    fixed = trainer.next_batch()
     loaders = _naive_loaders(params, trainer.cfg.batch_size, trainer.sampler.unlabeled_size,
                              trainer.recipe.num_views, args.workers)
     def endless(loader):  # a small labeled set runs out of batches: start a new epoch, as users do
@@ -116,9 +103,9 @@ def run(args) -> dict:
         return Batch(labels, views, [v if k in wanted else None for k, v in enumerate(views)], [None] * len(views))
 
     modes = {
-        "kdpipe distill step": lambda: trainer._step(),
-        "compute-only bound": lambda: _step_on(trainer, fixed),
-        "naive ImageFolder + DataLoader": lambda: _step_on(trainer, naive_batch()),
+        "kdpipe distill step": lambda: trainer.step(),
+        "compute-only bound": lambda: trainer.step(fixed),
+        "naive ImageFolder + DataLoader": lambda: trainer.step(naive_batch()),
     }
     for call in modes.values():  # warm-up (DataLoader workers start, kernels chosen)
         call()

@@ -1,5 +1,5 @@
-"""The distill engine end to end on a tiny data set: every recipe, the CLI, Method C's two trained
-networks, Method A's per-epoch schedule inside the trainer, and best-checkpoint selection."""
+"""The distill engine end to end on a tiny data set: every recipe, the CLI, co-training's two trained
+networks, the adaptive per-epoch schedule inside the trainer, and best-checkpoint selection."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ LOSS_TERMS = {
 }
 # What the engine must do for each recipe follows from the recipe's declaration (tests/test_recipes.py
 # checks those declarations): evaluate a teacher, write teacher.pt (only when the run trains it: the
-# only case where the teacher is a result), follow Method A's schedule.
+# only case where the teacher is a result), follow the adaptive schedule.
 WITH_TEACHER = {r for r in LOSS_TERMS if build_recipe(r).uses_teacher}
 TRAINS_TEACHER = {r for r in LOSS_TERMS if build_recipe(r).trains_teacher}
 WITH_SCHEDULE = {r for r in LOSS_TERMS if build_recipe(r).uses_schedule}
@@ -67,7 +67,7 @@ def test_recipe_runs_end_to_end(recipe, recipe_runs):
     names = {p.name for p in out.iterdir()}
     assert {"student.pt", "history.json", "metrics.json", "last.pt"} <= names
     assert ("teacher.pt" in names) == (recipe in TRAINS_TEACHER)
-    # schedule.json is a declared DVC output whatever the recipe: empty without Method A's schedule
+    # schedule.json is a declared DVC output whatever the recipe: empty without the adaptive schedule
     assert "schedule.json" in names and bool(read_json(out / "schedule.json")) == (recipe in WITH_SCHEDULE)
 
     history = read_json(out / "history.json")
@@ -136,7 +136,7 @@ def test_cli_distill_reports_a_missing_teacher(tiny_pipeline_dirs, tmp_path, cap
     assert "teacher.pt" in capsys.readouterr().err
 
 
-# ------------------------------------------------------------------------------ Method C
+# ------------------------------------------------------------------------------ co-training
 def _trained_teacher(tiny_pipeline_dirs, tmp_path, **train):
     d = tiny_pipeline_dirs
     threads = torch.get_num_threads()
@@ -189,7 +189,7 @@ def test_frozen_teacher_is_left_unchanged(recipe, train, tiny_pipeline_dirs, tmp
     assert _differs(trainer.student.state_dict(), initial)
 
 
-# ------------------------------------------------------------------------------ Method A
+# ------------------------------------------------------------------------------ adaptive augmentation
 def test_adaptive_schedule_follows_spec_inside_the_trainer(run_distill, tmp_path):
     p_max, w_init, w_min, w_step, delta = 0.6, 1.0, 0.75, 0.1, 0.0
     out = tmp_path / "adaptive"
@@ -266,7 +266,7 @@ def test_best_checkpoints_hold_the_best_validation_accuracy(recipe_runs, tiny_pi
 
 def test_kd_keeps_its_last_checkpoint_and_the_spec_recipes_their_best(run_distill, tmp_path):
     """keep_checkpoint auto: kd's result is its last checkpoint (a cosine schedule ends at its best, and a
-    small validation split picks among checkpoints by noise); SPEC's recipes keep the best on validation."""
+    small validation split picks among checkpoints by noise); the other recipes keep the best on validation."""
     summary = run_distill(tmp_path / "kd", recipe="kd")
     ckpt = checkpoints.load(tmp_path / "kd" / "student.pt")
     history = read_json(tmp_path / "kd" / "history.json")
@@ -311,7 +311,7 @@ def test_patience_stops_training_early(tiny_pipeline_dirs, tmp_path, monkeypatch
 
 def test_an_epoch_of_zero_iterations_means_one_pass_over_the_labeled_images(tiny_pipeline_dirs, tmp_path):
     """train.epoch_iterations: 0 makes the adaptive schedule step once per pass over the labeled
-    training images (ceil(N / batch_size) iterations), SPEC's meaning of an epoch."""
+    training images (ceil(N / batch_size) iterations), the usual meaning of an epoch."""
     from conftest import tiny_params
 
     from kdpipe.steps.distill import build_trainer
@@ -399,3 +399,22 @@ def test_a_pretrained_timm_student_distills_from_a_local_weights_file(tiny_pipel
     assert summary["iterations"] == 4
     ckpt = checkpoints.load(tmp_path / "out" / "student.pt")
     assert ckpt["arch"] == "tf_efficientnet_lite0" and ckpt["meta"]["parameters"] > 3_000_000
+
+
+def test_the_public_training_seam_steps_on_a_given_batch_and_counts_only_loop_steps(tiny_pipeline_dirs, tmp_path):
+    """next_batch / step / train_step are what benchmarks use instead of the loop's internals: a step
+    on a given batch trains the student and moves no count; a loop step moves the count by one."""
+    d = tiny_pipeline_dirs
+    threads = torch.get_num_threads()
+    try:
+        trainer = distill.build_trainer(_params(d, recipe="kd"), d["prepared"], d["augmented"], d["teacher"],
+                                        tmp_path / "out", progress=False)
+        batch = trainer.next_batch()
+        before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+        parts = trainer.step(batch)
+        assert trainer.iteration == 0 and "total" in parts
+        assert _differs(before, trainer.student.state_dict())
+        trainer.train_step()
+        assert trainer.iteration == 1 and trainer.running_steps == 1
+    finally:
+        torch.set_num_threads(threads)

@@ -189,8 +189,8 @@ def test_a_training_step_reads_nothing_back_on_an_accelerator(setup, trainer_for
     views, sampler = trainer.batches.views, trainer.batches.sampler
     for _ in range(3):
         host = views.host(*sampler.next(), views.draw_key())
-        trainer._batch = lambda host=host: views.on_device(host)
-        assert count_host_reads(trainer._train_one_step) == 0
+        trainer.next_batch = lambda host=host: views.on_device(host)
+        assert count_host_reads(trainer.train_step) == 0
     assert all(torch.isfinite(v) for v in trainer.running.values())  # the steps did train
 
 

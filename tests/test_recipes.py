@@ -69,7 +69,7 @@ def test_recipe_flags_follow_spec():
 
     assert [t.name for t in build_recipe("cotrain", feature_matching=True).terms][-1] == "feat"
     assert set(RECIPES) == {"supervised", "kd", "cotrain", "adaptive", "consistency", "full"}
-    # which recipes use a teacher, train it, and follow Method A's schedule (the engine acts on these)
+    # which recipes use a teacher, train it, and follow the adaptive schedule (the engine acts on these)
     flags = {r: (build_recipe(r).uses_teacher, build_recipe(r).trains_teacher, build_recipe(r).uses_schedule)
              for r in RECIPES}
     assert flags == {"supervised": (False, False, False), "kd": (True, False, False), "cotrain": (True, True, False),
@@ -81,7 +81,7 @@ def test_unknown_recipe_is_rejected():
         build_recipe("mixup")
 
 
-# ------------------------------------------------------------------------------ Method B
+# ------------------------------------------------------------------------------ multi-view consistency
 @pytest.mark.parametrize("name", ["consistency", "full"])
 def test_consistency_term_is_zero_for_identical_views(name):
     recipe = build_recipe(name, views=3)
@@ -120,7 +120,7 @@ def test_consistency_recipe_combines_its_three_constraints():
 
 
 def test_kd_term_compares_student_and_teacher_on_the_same_view():
-    """Method B's second constraint: zero when the teacher agrees with the student view by view."""
+    """The consistency method's second constraint: zero when the teacher agrees with the student view by view."""
     recipe = build_recipe("consistency", views=2)
     student = [_logits(0), _logits(1)]
     same = [z.detach().clone() for z in student]
@@ -131,7 +131,7 @@ def test_kd_term_compares_student_and_teacher_on_the_same_view():
     assert parts["kd"] > 1e-3
 
 
-# ------------------------------------------------------------------------------ Method A
+# ------------------------------------------------------------------------------ adaptive augmentation
 @pytest.mark.parametrize("w", [1.0, 0.7, 0.3])
 def test_adaptive_loss_is_w_weighted_mix_of_distillation_and_truth(w):
     recipe = build_recipe("adaptive")
@@ -148,7 +148,7 @@ def test_adaptive_loss_is_w_weighted_mix_of_distillation_and_truth(w):
     assert (student[1].grad is None or float(student[1].grad.abs().sum()) == 0.0) == (w == 1.0)
 
 
-# ------------------------------------------------------------------------------ Method C
+# ------------------------------------------------------------------------------ co-training
 def test_cotrain_loss_sends_gradients_into_both_networks():
     recipe = build_recipe("cotrain")
     zs, zt = _logits(0), _logits(1)

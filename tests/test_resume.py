@@ -20,7 +20,7 @@ from kdpipe.training import checkpoints
 pytestmark = pytest.mark.slow
 
 # "full" exercises everything a resume must restore: both networks and optimizers, the LR
-# schedules, both samplers, the augmentation generator, Method A's schedule and the history.
+# schedules, both samplers, the augmentation generator, the adaptive schedule and the history.
 RESUME_TRAIN = {"recipe": "full", "max_iterations": 30, "epoch_iterations": 5, "eval_every": 5,
                 "checkpoint_every": 3, "threads": 1}
 KILL_AT = 9  # iteration of the last.pt to wait for before killing (mid-epoch: running losses are saved too)
@@ -32,13 +32,13 @@ from kdpipe.core.params import validate_params
 from kdpipe.steps import distill
 
 cfg = json.loads(open(sys.argv[1], encoding="utf-8").read())
-step = Trainer._step
+step = Trainer.step
 
-def slow_step(self):  # slows the loop down so the parent can kill it mid-run; no effect on results
+def slow_step(self, batch=None):  # slows the loop down so the parent can kill it mid-run; no effect on results
     time.sleep(cfg["sleep"])
-    return step(self)
+    return step(self, batch)
 
-Trainer._step = slow_step
+Trainer.step = slow_step
 distill.run(validate_params(cfg["params"]), **cfg["paths"])
 """
 
@@ -183,7 +183,7 @@ def test_a_run_resumes_under_another_precision(saved, resumed, tiny_pipeline_dir
     first.run()
     again = _trainer(d, params, out, resumed)
     assert again.try_resume() and again.iteration == 6
-    parts = again._step()  # one more step in the new precision: autocast and (for fp16) loss scaling
+    parts = again.step()  # one more step in the new precision: autocast and (for fp16) loss scaling
     assert all(torch.isfinite(v) for v in parts.values())
     assert again.scaler.is_enabled() == (resumed == "fp16")
 
@@ -225,7 +225,7 @@ def test_a_state_saved_on_another_kind_of_device_resumes(tiny_pipeline_dirs, tin
     again = _trainer(d, params, out, "fp32")
     assert again.try_resume() and again.iteration == 6
     assert "written on cuda, this run is on cpu: the augmentation stream restarts" in capsys.readouterr().out
-    parts = again._step()
+    parts = again.step()
     assert all(torch.isfinite(v) for v in parts.values())
     # the restart is deterministic: a second resume draws the same augmentations
     third = _trainer(d, params, out, "fp32")

@@ -1,4 +1,4 @@
-"""Method A schedule, checked against SPEC.md step by step."""
+"""The adaptive augmentation schedule, checked step by step against the rules in docs/methods.md."""
 
 from __future__ import annotations
 

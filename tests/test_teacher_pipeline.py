@@ -150,7 +150,7 @@ def test_cached_logits_give_the_same_losses_as_running_the_teacher(recipe, tiny_
         trainer.teacher.register_forward_hook(lambda *args, c=cached: calls.__setitem__(c, calls[c] + 1))
     losses = {}
     for cached, trainer in trainers.items():
-        batch = trainer._batch()
+        batch = trainer.next_batch()
         with torch.no_grad():
             _, parts = total_loss(trainer.recipe, trainer.nets.forward(batch), trainer.hyper)
         losses[cached] = {name: float(value) for name, value in parts.items()}
@@ -232,7 +232,7 @@ def test_stored_views_follow_the_schedule_probability(tiny_pipeline_dirs, tmp_pa
     assert 0.25 < (second == 1).float().mean() < 0.35
     # two strong draws share the one strong view; a weak and a strong draw never do
     assert ((first == second) == (first == 1) & (second == 1) | (first == 0) & (second == 0)).all()
-    # the "any" plan (Method B's stored views): two slots never take the same stored view
+    # the "any" plan (the consistency recipe's stored views): two slots never take the same stored view
     first, second = views.choose(4000, [None, None])
     assert (first != second).all()
 
@@ -295,18 +295,18 @@ def test_frozen_backbone_phase_trains_the_head_alone(tmp_path):
 
     from kdpipe.training.engine import Trainer
 
-    original = Trainer._step
+    original = Trainer.step
 
-    def step(self):
-        parts = original(self)
+    def step(self, batch=None):
+        parts = original(self, batch)
         snapshot(self)
         return parts
 
-    Trainer._step = step
+    Trainer.step = step
     try:
         _keep_threads(teacher.run, params, tmp_path / "prepared", tmp_path / "teacher")
     finally:
-        Trainer._step = original
+        Trainer.step = original
     # iterations 1-2: backbone (weights AND BatchNorm statistics) untouched; 3-4: it learns
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     assert any(not torch.equal(states[1][k], states[3][k]) for k in states[1] if states[1][k].is_floating_point())

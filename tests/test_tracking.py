@@ -208,7 +208,7 @@ def test_non_zero_ranks_log_nothing(tmp_path, monkeypatch, rank):
 
 def test_cli_steps_log_nested_runs_with_curves_and_reports(tmp_path, monkeypatch):
     """`kdpipe <step>` records the step as a nested run of one parent: params, history curves,
-    Method A schedule and report files."""
+    adaptive schedule and report files."""
     import json
 
     import mlflow

@@ -51,19 +51,19 @@ def child(job):
         logging.basicConfig(level=job["log_level"], stream=sys.stderr)
     stop_at, stop_how = job.get("kill_at_iteration") or (None, None)
     if job.get("step_sleep") is not None or stop_at is not None:
-        step = Trainer._step
+        step = Trainer.step
         reached = [0]
 
-        def reporting_step(self, _sleep=job.get("step_sleep") or 0.0):  # results unchanged
+        def reporting_step(self, batch=None, _sleep=job.get("step_sleep") or 0.0):  # results unchanged
             time.sleep(_sleep)
-            parts = step(self)
+            parts = step(self, batch)
             reached[0] = self.iteration + 1
             print(f"ITER {reached[0]}", flush=True)  # iterations completed so far
             if reached[0] == stop_at and stop_how == "step":
                 os.kill(os.getpid(), signal.SIGKILL)
             return parts
 
-        Trainer._step = reporting_step
+        Trainer.step = reporting_step
         if stop_how == "replace":
             real_replace = os.replace
 

@@ -182,20 +182,20 @@ class TrainParams(_Group):
     tau: float = Field(1.0, gt=0.0, le=100.0, description="temperature of the KD terms (kd, adaptive, consistency)")
     # Loss weights (docs/methods.md says which recipe uses which)
     w_labels: float = Field(1.0, ge=0.0, le=100.0,
-                            description="weight of the cross-entropy on the labels (consistency; SPEC's a)")
+                            description="weight of the cross-entropy on the labels (consistency; older name a)")
     w_kd_labels: float = Field(
         0.0, ge=0.0, le=100.0,
         description="kd: weight of a cross-entropy on the labels beside distillation (0 = the labels reach the student "
                     "through the teacher only)")
     w_distill: float = Field(1.0, ge=0.0, le=100.0,
-                             description="weight of the distillation term from the teacher (kd, consistency; SPEC's c)")
+                             description="weight of the distillation term from the teacher (kd, consistency; older name c)")
     w_consistency: float = Field(
-        1.0, ge=0.0, le=100.0, description="weight of the consistency term between the student's views (consistency, full; SPEC's b)")
+        1.0, ge=0.0, le=100.0, description="weight of the consistency term between the student's views (consistency, full; older name b)")
     w_mutual: float = Field(1.0, ge=0.0, le=100.0, description="weight of the mutual-learning term (cotrain, full)")
     w_features: float = Field(
         0.0, ge=0.0, le=100.0,
         description="weight of feature matching through a learned projection (cotrain, full; 0 = off)")
-    # Co-training (Method C)
+    # Co-training (recipe cotrain)
     mutual_tau: float = Field(
         1.0, gt=0.0, le=100.0,
         description="temperature of the mutual (DML) term; separate because that term is not tau^2-scaled")
@@ -204,20 +204,20 @@ class TrainParams(_Group):
         0.1, gt=0.0, le=10.0,
         description="teacher LR = lr x this when co-trained; < 1 keeps an already trained teacher from being undone",
     )
-    # Adaptive augmentation (Method A)
+    # Adaptive augmentation (recipe adaptive)
     schedule_rule: Literal["adaptive", "linear", "fixed"] = "adaptive"
-    p_max: float = Field(0.8, ge=0.0, le=1.0, description="Method A: the strongest augmentation probability")
+    p_max: float = Field(0.8, ge=0.0, le=1.0, description="adaptive schedule: the strongest augmentation probability")
     p_fixed: float | None = Field(
-        None, ge=0.0, le=1.0, description="Method A, rule 'fixed': the constant p1; null = p_max / 2")
+        None, ge=0.0, le=1.0, description="adaptive schedule, rule 'fixed': the constant p1; null = p_max / 2")
     progress_margin: float = Field(
-        0.0, ge=0.0, le=1.0, description="Method A: the smallest rise of validation accuracy that counts as progress")
-    w_init: float = Field(1.0, ge=0.0, le=1.0, description="Method A: initial weight w of the KD term (truth: 1 - w)")
-    w_min: float = Field(0.3, ge=0.0, le=1.0, description="Method A: w never drops below this")
-    w_step: float = Field(0.1, ge=0.0, le=1.0, description="Method A: how much w drops after an epoch without progress")
+        0.0, ge=0.0, le=1.0, description="adaptive schedule: the smallest rise of validation accuracy that counts as progress")
+    w_init: float = Field(1.0, ge=0.0, le=1.0, description="adaptive schedule: initial weight w of the KD term (truth: 1 - w)")
+    w_min: float = Field(0.3, ge=0.0, le=1.0, description="adaptive schedule: w never drops below this")
+    w_step: float = Field(0.1, ge=0.0, le=1.0, description="adaptive schedule: how much w drops after an epoch without progress")
     pseudo_threshold: float = Field(
-        0.0, ge=0.0, le=1.0, description="Method A: teacher confidence needed to pseudo-label an unlabeled image")
-    # Multi-view consistency (Method B)
-    views: int = Field(2, ge=1, le=16, description="views per sample the student sees per step (Method B, full)")
+        0.0, ge=0.0, le=1.0, description="adaptive schedule: teacher confidence needed to pseudo-label an unlabeled image")
+    # Multi-view consistency (recipe consistency)
+    views: int = Field(2, ge=1, le=16, description="views per sample the student sees per step (consistency, full)")
     teacher_online: Literal["auto", "on", "off"] = Field(
         "auto", description="frozen-teacher recipes: run the teacher on fresh views at every step (on) or read its "
                             "outputs cached on the stored views (off); auto = on with CUDA, off on a CPU")
@@ -231,7 +231,7 @@ class TrainParams(_Group):
     @model_validator(mode="before")
     @classmethod
     def _renamed_settings(cls, data: Any) -> Any:
-        """Settings renamed for readability keep working under their old (SPEC) names, with a warning."""
+        """Settings renamed for readability keep working under their older short names, with a warning."""
         if isinstance(data, dict):
             for old, new in RENAMED_TRAIN_SETTINGS.items():
                 if old in data:

@@ -259,15 +259,19 @@ class Trainer:
         return len(self.data.unlabeled_x)
 
     # ------------------------------------------------------------------------------ one step
-    def _batch(self) -> Batch:
+    # The public seam (benchmarks and tools use these, never the loop's internals): next_batch() draws
+    # what the loop would train on next, step() is one optimisation step (on a given batch, or the
+    # next one) without counting it, train_step() is one counted step of the loop.
+    def next_batch(self) -> Batch:
         """Sample one batch and get the recipe's views (labels use -1 for unlabeled samples)."""
         return self.batches.next()
 
-    def _step(self) -> dict[str, torch.Tensor]:
-        """One optimisation step; the loss terms' values as detached device tensors (no host sync)."""
+    def step(self, batch: Batch | None = None) -> dict[str, torch.Tensor]:
+        """One optimisation step on ``batch`` (default: the next one); the loss terms' values as
+        detached device tensors (no host sync). The iteration count does not move: see train_step."""
         if self.nets.modes_change_during_training:
             self.nets.set_train_modes(self.iteration)
-        batch = self._batch()
+        batch = self.next_batch() if batch is None else batch
         if self.schedule is not None:
             self.hyper.w = self.schedule.current()[2]
         with self.rt.autocast():
@@ -497,7 +501,7 @@ class Trainer:
         try:
             with self.batches.prefetching():  # the thread stops however the loop ends
                 while not self._done():
-                    self._train_one_step()
+                    self.train_step()
                     epoch_end = self.iteration % self.epoch_iterations == 0
                     if epoch_end or self.iteration % self.cfg.eval_every == 0 or self.iteration == self.cfg.max_iterations:
                         record = self._record(epoch_end)
@@ -513,9 +517,11 @@ class Trainer:
         self.save_last()
         return self.summary()
 
-    def _train_one_step(self) -> None:
+    def train_step(self) -> None:
+        """One step of the training loop: an optimisation step on the next batch, counted (iteration,
+        training time, the running loss averages the next record reports)."""
         started = time.perf_counter()
-        parts = self._step()
+        parts = self.step()
         self.iteration += 1
         self.train_seconds += time.perf_counter() - started
         for key, value in parts.items():
@@ -542,7 +548,7 @@ class Trainer:
 
     def write_reports(self) -> None:
         """history.json (one entry per evaluation, keys relabelled by ``report_names``) and
-        schedule.json (Method A, per epoch; an empty list for a recipe without the schedule, because
+        schedule.json (the adaptive schedule, per epoch; an empty list for a recipe without the schedule, because
         the file is a declared DVC output of distill whatever the recipe)."""
         if not self.rt.is_main:
             return
