@@ -62,6 +62,13 @@ def test_unknown_key_names_it_and_the_closest_valid_key():
     assert "unknown key 'train.learning_rate'" in text
 
 
+def test_a_removed_setting_says_what_replaced_it():
+    """data.prepared moved prepare's output but no other step read it (they take --prepared-dir), so
+    `kdpipe teacher -S data.prepared=X` trained on other data without a word: it no longer exists."""
+    with pytest.raises(ParamsError, match=r"'data.prepared' was removed: .*--prepared-dir"):
+        validate_params({"data": {"root": "data", "prepared": "elsewhere"}})
+
+
 def test_unknown_group_suggests_the_group():
     with pytest.raises(ParamsError, match=r"unknown key 'trian'; did you mean 'train'"):
         validate_params({"trian": {"lr": 0.1}})

@@ -49,7 +49,6 @@ def _is_number(annotation: Any) -> bool:
 
 class DataParams(_Group):
     root: str = Field("data", description="folder holding labeled/, unlabeled/ and test/")
-    prepared: str = Field("artifacts/prepared", description="output folder of the prepare step")
 
 
 class PrepareParams(_Group):
@@ -367,9 +366,19 @@ def _describe_range(loc: tuple[Any, ...]) -> str:
     return text
 
 
+# Settings that were removed, with what replaces them: an old params.yaml gets this instead of "unknown".
+REMOVED_KEYS = {
+    ("data", "prepared"): "the prepared folder is a path, not a setting: `kdpipe prepare --out-dir` writes it and "
+                          "every other step reads `--prepared-dir` (both default artifacts/prepared, as dvc.yaml "
+                          "names it); delete the line",
+}
+
+
 def _format_error(err: dict[str, Any], source: str) -> str:
     loc = tuple(err["loc"])
     key = ".".join(str(part) for part in loc) or "(top level)"
+    if err["type"] == "extra_forbidden" and loc in REMOVED_KEYS:
+        return f"{source}: '{key}' was removed: {REMOVED_KEYS[loc]}"
     if err["type"] == "extra_forbidden":
         _, fields = _fields_at(loc)
         close = difflib.get_close_matches(str(loc[-1]), list(fields), n=1, cutoff=0.5)

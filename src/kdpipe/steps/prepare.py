@@ -63,6 +63,7 @@ from kdpipe import __version__
 from kdpipe.core.atomic import allocated_memmap, atomic_dir, read_json, write_json
 from kdpipe.core.errors import DataError, KdpipeError
 from kdpipe.core.files import file_sha256
+from kdpipe.core.layout import PREPARED
 from kdpipe.core.params import Params, PrepareParams
 from kdpipe.data.decoding import DECODE_VERSION, DecodeSettings, Spool, decode_files, worker_count
 from kdpipe.data.imaging import extension_problem
@@ -117,7 +118,7 @@ def run(
     there by their file's sha256 instead of being decoded again (``reuse``); the outputs are the
     same bytes either way."""
     root = Path(data_root if data_root is not None else params.data.root)
-    out = Path(out_dir if out_dir is not None else params.data.prepared)
+    out = Path(out_dir if out_dir is not None else PREPARED)
     if not reuse:
         return _run(params, root, out, check, reuse=False)
     try:
