@@ -59,7 +59,11 @@ def test_end_to_end_outputs_and_manifest(image_dataset, tmp_path):
     assert set(manifest["files"]) == {*ARRAY_FILES, "rows.npy", "sources.json", "rejected.json"}
     for name, digest in manifest["files"].items():
         assert file_sha256(out / name) == digest
-    assert sorted(p.name for p in out.iterdir()) == sorted([*manifest["files"], "manifest.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*manifest["files"], "manifest.json", "teacher_inputs.json"])
+    # what the teacher stage depends on: the labeled training and validation arrays, not the others
+    inputs = json.loads((out / "teacher_inputs.json").read_text(encoding="utf-8"))
+    assert set(inputs["files"]) == {"train_x.npy", "train_y.npy", "val_x.npy", "val_y.npy"}
+    assert inputs["files"]["train_x.npy"] == manifest["files"]["train_x.npy"] and not inputs["reads_unlabeled"]
 
     train_x = np.load(out / "train_x.npy", mmap_mode="r")
     assert train_x.shape == (8, SIZE, SIZE, 3) and train_x.dtype == np.uint8

@@ -263,3 +263,50 @@ def test_images_marked_executable_are_not_reported_modified_on_every_pull(tmp_pa
     assert all(path.stat().st_mode & 0o777 == 0o644 for path in images)
     assert {p: p.read_bytes() for p in images} == before
     assert "Everything is up to date" in run([DVC, "pull"], repo, env)
+
+
+def _real_stage_deps(name: str) -> list[str]:
+    """The data dependencies (not code) the project's dvc.yaml gives stage ``name``."""
+    import yaml
+
+    stage = yaml.safe_load((PROJECT_GITIGNORE.parent / "dvc.yaml").read_text())["stages"][name]
+    return [d for d in stage["deps"] if not d.startswith("${code}")]
+
+
+def test_an_unlabeled_only_ingest_does_not_retrain_the_teacher(tmp_path, tiny_params_factory):
+    """The teacher stage depends on prepare's teacher_inputs.json (the project's dvc.yaml wiring, read
+    here), not on the whole prepared folder: new unlabeled images re-run prepare, which decodes only
+    them, and leave the teacher alone -- unless its Noisy Student rounds read them."""
+    import yaml
+
+    env = repo_env()
+    repo = init_repo(tmp_path / "repo", env)
+    write_tiny_dataset(repo / "data", labeled_per_class=6, unlabeled=20, test_per_class=2, seed=0)
+    stages = {
+        "prepare": {"cmd": "kdpipe prepare", "deps": _real_stage_deps("prepare"),
+                    "params": ["prepare", "teacher.image_size", "teacher.unlabeled_rounds"],
+                    "outs": [{"artifacts/prepared": {"persist": True}}]},
+        "teacher": {"cmd": "kdpipe teacher", "deps": _real_stage_deps("teacher"), "params": ["teacher"],
+                    "outs": ["artifacts/teacher"]},
+    }
+    assert "artifacts/prepared" not in stages["teacher"]["deps"]
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    params = tiny_params_factory().model_dump(mode="json")
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copyfile(PROJECT_GITIGNORE, repo / ".gitignore")
+    run([DVC, "add", "-q", "data/labeled", "data/test", "data/unlabeled/batch-0001"], repo, env)
+    run([DVC, "repro", "-q"], repo, env)
+    commit(repo, env, "baseline")
+
+    run([KDPIPE, "ingest", new_images(tmp_path / "incoming", 10, seed=7), "--data-root", "data"], repo, env)
+    log = run([DVC, "repro"], repo, env)
+    assert "Running stage 'prepare'" in log and "10 decoded" in log  # the labeled images are reused
+    assert "Stage 'teacher' didn't change, skipping" in log
+    commit(repo, env, "batch-0002")
+
+    params["teacher"]["unlabeled_rounds"] = 1  # now the teacher reads the unlabeled images
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    run([DVC, "repro", "-q"], repo, env)
+    commit(repo, env, "rounds")
+    run([KDPIPE, "ingest", new_images(tmp_path / "more", 10, seed=8), "--data-root", "data"], repo, env)
+    assert "Running stage 'teacher'" in run([DVC, "repro"], repo, env)

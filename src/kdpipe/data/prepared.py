@@ -22,6 +22,10 @@ from kdpipe.data.segments import joined, segment_file
 MANIFEST = "manifest.json"
 SOURCES = "sources.json"
 REJECTED = "rejected.json"
+# What the teacher stage reads, with the hashes of those files: its only DVC dependency on the prepared
+# data, so that new unlabeled images (which it does not read unless teacher.unlabeled_rounds > 0) do
+# not re-train it.
+TEACHER_INPUTS = "teacher_inputs.json"
 ROWS = "rows.npy"  # per output row: the source file's sha256, the pixels' sha256 (prepare reuses rows by them)
 SPLITS = ("train", "val", "unlabeled", "test")
 # Array files, in the order prepare writes them; splits with labels have a matching *_y.npy.
@@ -106,6 +110,25 @@ def load_prepared(directory: str | os.PathLike, verify: bool | None = None, mmap
     )
     _check_shapes(directory, data)
     return data
+
+
+def teacher_inputs(manifest: dict[str, Any], reads_unlabeled: bool) -> dict[str, Any]:
+    """The content of :data:`TEACHER_INPUTS` for ``manifest``: the classes, sizes and file hashes of
+    the labeled training and validation arrays (and their teacher-resolution copies), plus the
+    unlabeled ones when the teacher reads them; ``version`` is the hash of all of it."""
+    import hashlib
+    import json
+
+    splits = ("train", "val", "unlabeled") if reads_unlabeled else ("train", "val")
+    record = {
+        "class_names": list(manifest["class_names"]),
+        "image_size": manifest["image_size"],
+        "teacher_image_size": manifest.get("teacher_image_size"),
+        "reads_unlabeled": reads_unlabeled,
+        "files": {name: sha for name, sha in sorted(manifest["files"].items()) if name.split("_")[0] in splits},
+    }
+    record["version"] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+    return record
 
 
 def segment_rows(manifest: dict[str, Any], split: str) -> list[int]:

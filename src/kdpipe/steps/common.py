@@ -34,14 +34,19 @@ class _RamBudget:
 
 
 def training_data(prepared_dir: str | os.PathLike, augmented_dir: str | os.PathLike | None = None,
-                  in_memory: bool = True, teacher_copy: bool = False) -> TrainingData:
+                  in_memory: bool = True, teacher_copy: bool = False, unlabeled: bool = True) -> TrainingData:
     """The arrays a trainer samples from.
 
     Arrays are read into RAM up to :data:`IN_MEMORY_LIMIT_BYTES` in all (none with ``in_memory=False``);
     the others stay mapped. ``augmented_dir`` adds the stored views (and the teacher's cached logits
     when the augment step wrote them); ``teacher_copy`` adds prepare's teacher-resolution arrays when
-    they exist."""
-    data = load_prepared(prepared_dir, splits=("train", "val", "unlabeled"))
+    they exist; ``unlabeled=False`` leaves the unlabeled images out (empty), for a step that does not
+    depend on them."""
+    data = load_prepared(prepared_dir, splits=("train", "val", "unlabeled") if unlabeled else ("train", "val"))
+    if not unlabeled:
+        data.unlabeled_x = np.zeros((0, *data.train_x.shape[1:]), dtype=np.uint8)
+        if data.train_xt is not None:
+            data.unlabeled_xt = np.zeros((0, *data.train_xt.shape[1:]), dtype=np.uint8)
     stored = None
     if augmented_dir is not None:
         from kdpipe.data.augmented import load_views

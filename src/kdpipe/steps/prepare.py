@@ -93,8 +93,10 @@ from kdpipe.data.prepared import (
     SOURCES,
     SPLITS,
     TEACHER_COPY_FILES,
+    TEACHER_INPUTS,
     segment_names,
     segment_rows,
+    teacher_inputs,
 )
 from kdpipe.data.segments import joined, segment_file, segment_sizes
 from kdpipe.data.walk import Walker, shown
@@ -189,6 +191,7 @@ def _prepare(params: Params, root: Path, tmp: Path, ledger: Ledger, settings: De
     _write_rejected(tmp / REJECTED, ledger)
     manifest = _manifest(tmp, params, ledger, copy_size, layout, writer.linked)
     write_json(tmp / MANIFEST, manifest)
+    write_json(tmp / TEACHER_INPUTS, teacher_inputs(manifest, params.teacher.unlabeled_rounds > 0))
     return manifest
 
 

@@ -342,13 +342,26 @@ def cross_validate(params, data, runtime, out: Path) -> dict | None:
             "fine_tuned_accuracy": tuned_right / n}
 
 
+def _inputs_version(prepared_dir: str | os.PathLike, reads_unlabeled: bool) -> str:
+    """The version of what the teacher reads (its resume fingerprint and checkpoint record): the
+    version prepare writes in teacher_inputs.json for this setting, computed from its manifest."""
+    from kdpipe.core.atomic import read_json
+    from kdpipe.data.prepared import MANIFEST, teacher_inputs
+
+    return teacher_inputs(read_json(Path(prepared_dir) / MANIFEST), reads_unlabeled)["version"]
+
+
 def run(params, prepared_dir: str | os.PathLike = PREPARED, out_dir: str | os.PathLike = TEACHER) -> dict:
     from kdpipe.steps.common import training_data
     from kdpipe.training.devices import runtime_from_params
 
     out = Path(out_dir)
     runtime = runtime_from_params(params.train)
-    data = training_data(prepared_dir, teacher_copy=True)
+    # Only the Noisy Student rounds read the unlabeled images: without them the teacher's result does
+    # not depend on them, and its DVC dependency (teacher_inputs.json) leaves them out.
+    reads_unlabeled = params.teacher.unlabeled_rounds > 0
+    data = training_data(prepared_dir, teacher_copy=True, unlabeled=reads_unlabeled)
+    data.data_version = _inputs_version(prepared_dir, reads_unlabeled)
     if params.teacher.checkpoint:
         out.mkdir(parents=True, exist_ok=True)
         return _adopt(params, data, out, runtime)
