@@ -110,8 +110,9 @@ test: setup ## run the whole test suite (what CI runs); the 15 slowest tests are
 test-fast: setup ## the inner loop: every test not marked slow (a few minutes on 2 cores)
 	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
-lint: setup ## ruff on the code, hadolint on the Dockerfile
+lint: setup ## ruff (lint + format check) on the code, hadolint on the Dockerfile; `ruff format` fixes the format
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/hadolint Dockerfile
 
 # Images (Dockerfile targets cpu and gpu). With docker, or else buildah (chroot isolation: no daemon

@@ -49,7 +49,9 @@ def _memmapped(folder: Path, name: str, shape: tuple[int, ...], seed: int) -> np
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
     rng = np.random.default_rng(seed)
     for start in range(0, shape[0], 256):
-        out[start:start + 256] = rng.integers(0, 256, (min(256, shape[0] - start), *shape[1:]), dtype=np.uint8)
+        out[start : start + 256] = rng.integers(
+            0, 256, (min(256, shape[0] - start), *shape[1:]), dtype=np.uint8
+        )
     out.flush()
     del out
     return np.load(path, mmap_mode="r")
@@ -91,7 +93,9 @@ class _AssemblyOnly:
 def _old_batch(data: _Data, sampler, runtime) -> torch.Tensor:
     """views.py before the prefetcher (OnlineViews._images + to_nchw + Runtime.to_device)."""
     l_idx, u_idx = sampler.next()
-    images = np.concatenate([data.train_x[l_idx], data.unlabeled_x[u_idx] if len(u_idx) else data.train_x[:0]])
+    images = np.concatenate(
+        [data.train_x[l_idx], data.unlabeled_x[u_idx] if len(u_idx) else data.train_x[:0]]
+    )
     x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).contiguous()
     return runtime.to_device(x)
 
@@ -128,22 +132,30 @@ def measure(size: int, n_images: int, args, runtime, folder: Path) -> dict:
     from kdpipe.data.samplers import LabeledUnlabeledSampler, unlabeled_batch_size
 
     half = n_images // 2
-    data = _Data(_memmapped(folder, f"labeled{size}", (half, size, size, 3), 1),
-                 _memmapped(folder, f"unlabeled{size}", (n_images - half, size, size, 3), 2))
+    data = _Data(
+        _memmapped(folder, f"labeled{size}", (half, size, size, 3), 1),
+        _memmapped(folder, f"unlabeled{size}", (n_images - half, size, size, 3), 2),
+    )
     per_step = args.batch + unlabeled_batch_size(args.batch, args.mu)
 
     def sampler():
         return LabeledUnlabeledSampler(len(data.train_x), len(data.unlabeled_x), args.batch, args.mu, seed=0)
 
     old_sampler = sampler()
-    streams = {name: BatchStream(sampler(), _AssemblyOnly(data, runtime, channels_first), depth)
-               for name, channels_first, depth in (("new, NCHW gather (CPU device), no prefetch", True, 0),
-                                                   ("new, NCHW gather (CPU device), prefetch", True, 2),
-                                                   ("new, NHWC gather (GPU device: host part), prefetch", False, 2))}
+    streams = {
+        name: BatchStream(sampler(), _AssemblyOnly(data, runtime, channels_first), depth)
+        for name, channels_first, depth in (
+            ("new, NCHW gather (CPU device), no prefetch", True, 0),
+            ("new, NCHW gather (CPU device), prefetch", True, 2),
+            ("new, NHWC gather (GPU device: host part), prefetch", False, 2),
+        )
+    }
     compute = _compute_step(size, per_step, runtime)
-    modes = {"old path": lambda: _old_batch(data, old_sampler, runtime),
-             **{name: stream.next for name, stream in streams.items()},
-             "compute-only bound (cnn_tiny fwd+bwd)": compute}
+    modes = {
+        "old path": lambda: _old_batch(data, old_sampler, runtime),
+        **{name: stream.next for name, stream in streams.items()},
+        "compute-only bound (cnn_tiny fwd+bwd)": compute,
+    }
     with contextlib.ExitStack() as prefetching:
         for stream in streams.values():
             prefetching.enter_context(stream.prefetching())
@@ -164,11 +176,16 @@ def measure(size: int, n_images: int, args, runtime, folder: Path) -> dict:
                     streams[name].stop()
     old = rates["old path"]
     return {
-        "image_size": size, "images_in_arrays": n_images, "images_per_step": per_step,
+        "image_size": size,
+        "images_in_arrays": n_images,
+        "images_per_step": per_step,
         "array_bytes": int(data.train_x.nbytes + data.unlabeled_x.nbytes),
         "images_per_s": {name: round(statistics.median(v), 1) for name, v in rates.items()},
-        "ratio_to_old": {name: round(statistics.median(r / o for r, o in zip(v, old, strict=True)), 2)
-                         for name, v in rates.items() if name != "old path"},
+        "ratio_to_old": {
+            name: round(statistics.median(r / o for r, o in zip(v, old, strict=True)), 2)
+            for name, v in rates.items()
+            if name != "old path"
+        },
     }
 
 
@@ -178,21 +195,31 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     runtime = make_runtime(args.device, amp="off", channels_last="auto", threads=args.threads)
     with tempfile.TemporaryDirectory(prefix="batch-assembly-") as scratch:
-        results = [measure(size, n, args, runtime, Path(scratch)) for size, n in ((224, args.images_224),
-                                                                                  (32, args.images_32))]
+        results = [
+            measure(size, n, args, runtime, Path(scratch))
+            for size, n in ((224, args.images_224), (32, args.images_32))
+        ]
     return {
         "command": COMMAND + (" " + " ".join(args.argv) if args.argv else ""),
         "machine": f"{cpu_description()}, {args.threads} torch threads, device {runtime.device}",
-        "batch": args.batch, "mu": args.mu, "rounds": args.rounds, "steps_per_round": args.steps,
-        "compute_steps_per_round": args.compute_steps, "sizes": results,
+        "batch": args.batch,
+        "mu": args.mu,
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
+        "compute_steps_per_round": args.compute_steps,
+        "sizes": results,
     }
 
 
 def markdown(r: dict) -> str:
-    lines = [f"Command: `{r['command']}`", "",
-             f"Machine: {r['machine']}; {r['batch']} labeled + {r['batch']} x mu={r['mu']} unlabeled images per step "
-             f"from memory-mapped uint8 .npy files; {r['rounds']} interleaved rounds of {r['steps_per_round']} "
-             f"steps ({r['compute_steps_per_round']} for the compute bound); medians.", ""]
+    lines = [
+        f"Command: `{r['command']}`",
+        "",
+        f"Machine: {r['machine']}; {r['batch']} labeled + {r['batch']} x mu={r['mu']} unlabeled images per step "
+        f"from memory-mapped uint8 .npy files; {r['rounds']} interleaved rounds of {r['steps_per_round']} "
+        f"steps ({r['compute_steps_per_round']} for the compute bound); medians.",
+        "",
+    ]
     names = list(r["sizes"][0]["images_per_s"])
     header = "| path | " + " | ".join(f"{s['image_size']} px images/s | x old" for s in r["sizes"]) + " |"
     lines += [header, "|---" * (1 + 2 * len(r["sizes"])) + "|"]
@@ -207,7 +234,9 @@ def markdown(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=30, help="batches per round and path")
     parser.add_argument("--compute-steps", type=int, default=1, help="steps per round of the compute bound")

@@ -52,8 +52,9 @@ def load_npz(path: str | os.PathLike) -> dict[str, Any]:
     return out
 
 
-def split_labeled(y: np.ndarray, fraction: float, val_fraction: float, seed: int,
-                  num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_labeled(
+    y: np.ndarray, fraction: float, val_fraction: float, seed: int, num_classes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Class-balanced labeled subset of ``round(fraction * len(y))`` images, seeded.
 
     Returns ``(train_idx, val_idx, unlabeled_idx)``: the N labeled images are split per class into a
@@ -67,7 +68,9 @@ def split_labeled(y: np.ndarray, fraction: float, val_fraction: float, seed: int
     for c in range(num_classes):
         idx = np.flatnonzero(y == c)
         if len(idx) < per_class:
-            raise ValueError(f"class {c} has {len(idx)} images, fewer than the {per_class} per class asked for")
+            raise ValueError(
+                f"class {c} has {len(idx)} images, fewer than the {per_class} per class asked for"
+            )
         chosen = rng.permutation(idx)[:per_class]
         n_val = max(1, int(round(val_fraction * per_class))) if per_class > 1 else 0
         val_idx.append(chosen[:n_val])
@@ -81,13 +84,29 @@ def split_labeled(y: np.ndarray, fraction: float, val_fraction: float, seed: int
     return train_idx, val_idx, unlabeled_idx
 
 
-def write_prepared(directory: str | os.PathLike, train_x, train_y, val_x, val_y, unlabeled_x, test_x, test_y,
-                   class_names: list[str]) -> dict[str, Any]:
+def write_prepared(
+    directory: str | os.PathLike,
+    train_x,
+    train_y,
+    val_x,
+    val_y,
+    unlabeled_x,
+    test_x,
+    test_y,
+    class_names: list[str],
+) -> dict[str, Any]:
     """Write a folder that :func:`kdpipe.data.prepared.load_prepared` accepts (arrays + manifest with sha256)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    arrays = {"train_x": train_x, "train_y": train_y, "val_x": val_x, "val_y": val_y,
-              "unlabeled_x": unlabeled_x, "test_x": test_x, "test_y": test_y}
+    arrays = {
+        "train_x": train_x,
+        "train_y": train_y,
+        "val_x": val_x,
+        "val_y": val_y,
+        "unlabeled_x": unlabeled_x,
+        "test_x": test_x,
+        "test_y": test_y,
+    }
     size = int(np.asarray(train_x).shape[1])
     files: dict[str, str] = {}
     for name in ARRAY_FILES:
@@ -111,8 +130,9 @@ def write_prepared(directory: str | os.PathLike, train_x, train_y, val_x, val_y,
 
 
 # ------------------------------------------------------------------------------------- scoring
-def test_accuracy(checkpoint: str | os.PathLike, x_test: np.ndarray, y_test: np.ndarray, runtime,
-                  onnxruntime: bool = False) -> float:
+def test_accuracy(
+    checkpoint: str | os.PathLike, x_test: np.ndarray, y_test: np.ndarray, runtime, onnxruntime: bool = False
+) -> float:
     """Test accuracy of a saved kdpipe model checkpoint, through kdpipe's own predict path (torch), or
     through its ONNX export and onnxruntime on the CPU (``onnxruntime=True``: much faster for large
     teachers; the export is checked against torch by kdpipe's export tests)."""
@@ -181,12 +201,21 @@ def provenance(module: str, argv: list[str] | None) -> dict[str, str]:
 
     args = sys.argv[1:] if argv is None else argv
     try:
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):  # not a git checkout
         commit = "unknown"
-    return {"command": shlex.join([".venv/bin/python", "-m", module, *args]), "cpu": cpu_description(),
-            "date": time.strftime("%Y-%m-%d"), "commit": commit}
+    return {
+        "command": shlex.join([".venv/bin/python", "-m", module, *args]),
+        "cpu": cpu_description(),
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": commit,
+    }
 
 
 def write_results(out: str | os.PathLike, result: dict[str, Any], text: str) -> None:

@@ -58,8 +58,17 @@ def _prepared(work: Path, data: dict, per_class: int, val_share: float, seed: in
 
     out = work / f"{per_class}_{val_share:g}"
     x, y = data["x_train"], data["y_train"]
-    write_prepared(out, x[train], labels(y[train]), x[val], labels(y[val]), x[:0], data["x_test"][test],
-                   labels(data["y_test"][test]), [data["class_names"][c] for c in CLASSES])
+    write_prepared(
+        out,
+        x[train],
+        labels(y[train]),
+        x[val],
+        labels(y[val]),
+        x[:0],
+        data["x_test"][test],
+        labels(data["y_test"][test]),
+        [data["class_names"][c] for c in CLASSES],
+    )
     return out
 
 
@@ -69,9 +78,19 @@ def run_case(work: Path, data: dict, per_class: int, val_share: float, seed: int
     from kdpipe.training.devices import make_runtime
 
     prepared = _prepared(work, data, per_class, val_share, seed)
-    params = validate_params({"augment": {"flip": True},
-                              "teacher": {"image_size": 128, "seed": seed, "folds": folds, "max_iterations": 1000,
-                                          "student_check_iterations": 0}, "train": {"device": "cpu"}})
+    params = validate_params(
+        {
+            "augment": {"flip": True},
+            "teacher": {
+                "image_size": 128,
+                "seed": seed,
+                "folds": folds,
+                "max_iterations": 1000,
+                "student_check_iterations": 0,
+            },
+            "train": {"device": "cpu"},
+        }
+    )
     started = time.perf_counter()
     result = teacher.run(params, prepared, prepared.parent / f"{prepared.name}_teacher")
     wall = time.perf_counter() - started
@@ -79,26 +98,63 @@ def run_case(work: Path, data: dict, per_class: int, val_share: float, seed: int
     checkpoint = prepared.parent / f"{prepared.name}_teacher" / "teacher.pt"
     remap = {c: k for k, c in enumerate(CLASSES)}
     test = np.flatnonzero(np.isin(data["y_test"], CLASSES))
-    accuracy = test_accuracy(checkpoint, data["x_test"][test], np.array([remap[int(v)] for v in data["y_test"][test]]),
-                             runtime, onnxruntime=True)
-    row = {"labels_per_class": per_class, "way": "every label" if val_share == 0 else "holdout",
-           "trained_on": per_class - int(round(per_class * val_share)), "validation": int(round(per_class * val_share)),
-           "kept": result["kept"], "estimated_by": result["estimated_by"], "estimate": result["val_accuracy"],
-           "test_accuracy": accuracy, "wall_s": round(wall, 1), "seed": seed}
+    accuracy = test_accuracy(
+        checkpoint,
+        data["x_test"][test],
+        np.array([remap[int(v)] for v in data["y_test"][test]]),
+        runtime,
+        onnxruntime=True,
+    )
+    row = {
+        "labels_per_class": per_class,
+        "way": "every label" if val_share == 0 else "holdout",
+        "trained_on": per_class - int(round(per_class * val_share)),
+        "validation": int(round(per_class * val_share)),
+        "kept": result["kept"],
+        "estimated_by": result["estimated_by"],
+        "estimate": result["val_accuracy"],
+        "test_accuracy": accuracy,
+        "wall_s": round(wall, 1),
+        "seed": seed,
+    }
     log(f"{per_class}/class {row['way']}: test {accuracy:.3f}, kept {row['kept']}, {row['wall_s']} s")
     return row
 
 
 def render(rows: list[dict], meta: dict) -> str:
-    lines = [[str(r["labels_per_class"]), r["way"], f"{r['trained_on']} / {r['validation']}", r["kept"],
-              r["estimated_by"], "–" if r["estimate"] is None else f"{100 * r['estimate']:.1f}%",
-              f"{100 * r['test_accuracy']:.1f}%", f"{r['wall_s']:.0f}"] for r in rows]
-    header = ["labels per class", "way", "per class: train / validation", "teacher kept", "judged by", "its estimate",
-              "test accuracy", "wall s"]
-    return "\n".join([
-        "# Few labels: a validation split against every label training", "",
-        f"Command: `{meta['command']}` (commit {meta['commit']}, {meta['date']}; {meta['cpu']}).", "",
-        markdown_table(header, lines), ""])
+    lines = [
+        [
+            str(r["labels_per_class"]),
+            r["way"],
+            f"{r['trained_on']} / {r['validation']}",
+            r["kept"],
+            r["estimated_by"],
+            "–" if r["estimate"] is None else f"{100 * r['estimate']:.1f}%",
+            f"{100 * r['test_accuracy']:.1f}%",
+            f"{r['wall_s']:.0f}",
+        ]
+        for r in rows
+    ]
+    header = [
+        "labels per class",
+        "way",
+        "per class: train / validation",
+        "teacher kept",
+        "judged by",
+        "its estimate",
+        "test accuracy",
+        "wall s",
+    ]
+    return "\n".join(
+        [
+            "# Few labels: a validation split against every label training",
+            "",
+            f"Command: `{meta['command']}` (commit {meta['commit']}, {meta['date']}; {meta['cpu']}).",
+            "",
+            markdown_table(header, lines),
+            "",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="benchmarks/results/few_labels")
     args = ap.parse_args(argv)
     if not Path(args.data).is_file():
-        print(f"few_labels: {args.data} is missing (the CIFAR-10 subset lives in ../shared/data/)", file=sys.stderr)
+        print(
+            f"few_labels: {args.data} is missing (the CIFAR-10 subset lives in ../shared/data/)",
+            file=sys.stderr,
+        )
         return 2
     torch.set_num_threads(args.threads)
     data = load_npz(args.data)
@@ -126,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
             for share in (HOLDOUT.get(per_class, 0.2), 0.0):
                 rows.append(run_case(Path(tmp), data, per_class, share, args.seed, args.folds, log))
     meta = provenance("benchmarks.few_labels", argv)
-    write_results(args.out, {**meta, "rows": rows, "total_wall_s": round(time.time() - started, 1)}, render(rows, meta))
+    write_results(
+        args.out, {**meta, "rows": rows, "total_wall_s": round(time.time() - started, 1)}, render(rows, meta)
+    )
     return 0
 
 

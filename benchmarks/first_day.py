@@ -65,8 +65,9 @@ def pick(y: np.ndarray, label: int, count: int, rng: np.random.Generator) -> np.
     return rng.choice(np.flatnonzero(y == label), size=count, replace=False)
 
 
-def write_photo_folder(data_dir: Path, npz: dict, labeled_per_class: int, unlabeled: int,
-                       test_per_class: int, seed: int) -> dict:
+def write_photo_folder(
+    data_dir: Path, npz: dict, labeled_per_class: int, unlabeled: int, test_per_class: int, seed: int
+) -> dict:
     """data/labeled/<class>/, data/unlabeled/batch-0001/, data/test/<class>/ plus planted problems."""
     rng = np.random.default_rng(seed)
     names = npz["class_names"]
@@ -77,10 +78,15 @@ def write_photo_folder(data_dir: Path, npz: dict, labeled_per_class: int, unlabe
         chosen = pick(y_train, label, labeled_per_class, rng)
         used.update(chosen.tolist())
         _write_all(data_dir / "labeled" / name, (x_train[i] for i in chosen), "img")
-        _write_all(data_dir / "test" / name, (x_test[i] for i in pick(y_test, label, test_per_class, rng)), "test")
+        _write_all(
+            data_dir / "test" / name, (x_test[i] for i in pick(y_test, label, test_per_class, rng)), "test"
+        )
     pool = np.setdiff1d(np.flatnonzero(np.isin(y_train, labels)), np.fromiter(used, dtype=np.int64))
-    _write_all(data_dir / "unlabeled" / "batch-0001", (x_train[i] for i in rng.choice(pool, unlabeled, replace=False)),
-               "u")
+    _write_all(
+        data_dir / "unlabeled" / "batch-0001",
+        (x_train[i] for i in rng.choice(pool, unlabeled, replace=False)),
+        "u",
+    )
     return plant_problems(data_dir)
 
 
@@ -113,11 +119,20 @@ def run(command: list[str] | str, cwd: Path, log: list[dict], env: dict | None =
     shown = command if isinstance(command, str) else " ".join(command)
     print(f"$ {shown}", flush=True)
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=cwd, shell=isinstance(command, str), text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    done = subprocess.run(
+        command,
+        cwd=cwd,
+        shell=isinstance(command, str),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     seconds = time.perf_counter() - started
     output = done.stdout.replace(str(cwd.resolve()), "<clone>").replace(str(cwd), "<clone>")
-    log.append({"command": shown, "exit_code": done.returncode, "seconds": round(seconds, 1), "output": output})
+    log.append(
+        {"command": shown, "exit_code": done.returncode, "seconds": round(seconds, 1), "output": output}
+    )
     print(done.stdout[-3000:], flush=True)
     if done.returncode != 0:
         raise SystemExit(f"first day: `{shown}` failed with exit code {done.returncode}")
@@ -135,11 +150,14 @@ def fresh_clone(workdir: Path) -> Path:
 
 def champion_version(clone: Path) -> str | None:
     """The registry's @champion version, read with MLflow as the Makefile's store holds it."""
-    code = ("import json, mlflow; c = mlflow.MlflowClient();"
-            "print(json.dumps(c.get_model_version_by_alias('kdpipe-classifier', 'champion').version))")
+    code = (
+        "import json, mlflow; c = mlflow.MlflowClient();"
+        "print(json.dumps(c.get_model_version_by_alias('kdpipe-classifier', 'champion').version))"
+    )
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{clone / 'mlflow.db'}"}
-    done = subprocess.run([str(clone / ".venv/bin/python"), "-c", code], cwd=clone, env=env, text=True,
-                          capture_output=True)
+    done = subprocess.run(
+        [str(clone / ".venv/bin/python"), "-c", code], cwd=clone, env=env, text=True, capture_output=True
+    )
     return json.loads(done.stdout) if done.returncode == 0 else None
 
 
@@ -152,12 +170,16 @@ def trimmed(output: str, lines: int = 40) -> str:
     kept = [line for line in output.splitlines() if line.strip() and "\r" not in line]
     if len(kept) <= lines:
         return "\n".join(kept)
-    return "\n".join(kept[:lines // 2] + [f"... ({len(kept) - lines} lines left out)"] + kept[-lines // 2:])
+    return "\n".join(kept[: lines // 2] + [f"... ({len(kept) - lines} lines left out)"] + kept[-lines // 2 :])
 
 
 def write_report(result: dict, log: list[dict], out_md: Path, out_json: Path) -> None:
-    out_json.write_text(json.dumps({**result, "commands": [{k: v for k, v in e.items() if k != "output"}
-                                                           for e in log]}, indent=2) + "\n")
+    out_json.write_text(
+        json.dumps(
+            {**result, "commands": [{k: v for k, v in e.items() if k != "output"} for e in log]}, indent=2
+        )
+        + "\n"
+    )
     parts = [
         "# A first day with real photos (documented run)",
         "",
@@ -166,7 +188,8 @@ def write_report(result: dict, log: list[dict], out_md: Path, out_json: Path) ->
         f"real: {len(CLASSES)} CIFAR-10 classes ({', '.join(CLASSES)}) from `../shared/data/cifar10_subset.npz`",
         f"(CIFAR-10, Krizhevsky 2009; see that file's README), upscaled to {PHOTO_SIZE} px JPEG files as a",
         "user's downsized photos would be. Four real-life problems were planted in the folder: "
-        + ", ".join(f"`{p}`" for p in result["planted"].values()) + ".",
+        + ", ".join(f"`{p}`" for p in result["planted"].values())
+        + ".",
         "",
         f"Run on {result['machine']}, {result['date']}; {result['total_minutes']:.1f} minutes in all.",
         "",
@@ -179,9 +202,16 @@ def write_report(result: dict, log: list[dict], out_md: Path, out_json: Path) ->
         parts.append(f"| {key} | {value} |")
     parts += ["", "## Every command, as run, with its output (trimmed)", ""]
     for entry in log:
-        parts += [f"### `{entry['command']}`", "",
-                  f"exit code {entry['exit_code']}, {entry['seconds']:.0f} s", "", "```",
-                  trimmed(entry["output"]) or "(no output)", "```", ""]
+        parts += [
+            f"### `{entry['command']}`",
+            "",
+            f"exit code {entry['exit_code']}, {entry['seconds']:.0f} s",
+            "",
+            "```",
+            trimmed(entry["output"]) or "(no output)",
+            "```",
+            "",
+        ]
     out_md.write_text("\n".join(parts))
 
 
@@ -197,15 +227,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "docs" / "first-day.md"))
     args = parser.parse_args(argv)
     if not Path(args.data).is_file():
-        print(f"first day: {args.data} is missing (the CIFAR-10 subset lives in ../shared/data/)", file=sys.stderr)
+        print(
+            f"first day: {args.data} is missing (the CIFAR-10 subset lives in ../shared/data/)",
+            file=sys.stderr,
+        )
         return 2
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kdpipe-first-day-"))
     started = time.perf_counter()
     clone = fresh_clone(workdir)
     log: list[dict] = []
     # Checklist step 1: the folders in place, the demo dropped (the clone has no data yet).
-    planted = write_photo_folder(clone / "data", load_npz(args.data), args.labeled_per_class, args.unlabeled,
-                                 args.test_per_class, args.seed)
+    planted = write_photo_folder(
+        clone / "data",
+        load_npz(args.data),
+        args.labeled_per_class,
+        args.unlabeled,
+        args.test_per_class,
+        args.seed,
+    )
     run("make setup", clone, log)
     # Step 2: check the data before training.
     check = run([".venv/bin/kdpipe", "prepare", "--check"], clone, log)
@@ -222,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     supervised = _evaluated_accuracy(experiment)
     # The same distillation given twice the iterations: more training must not make the student worse.
     iterations = int(yaml_value(clone / "params.yaml", "train", "max_iterations"))
-    longer = _evaluated_accuracy(run(f'make exp S="train.max_iterations={2 * iterations}" NAME=twice', clone, log))
+    longer = _evaluated_accuracy(
+        run(f'make exp S="train.max_iterations={2 * iterations}" NAME=twice', clone, log)
+    )
     probes = {size: probe_baseline(clone, size) for size in PROBE_SIZES}
     teacher_metrics = read_json(clone / "reports/teacher/metrics.json")
     shipped = evaluation["accuracy"]
@@ -235,31 +276,34 @@ def main(argv: list[str] | None = None) -> int:
         "figures": {
             "planted problems reported by `prepare --check`": sum(name in check for name in planted),
             "images per split (train / val / unlabeled / test)": " / ".join(
-                str(manifest.get("counts", {}).get(s, "?")) for s in ("train", "val", "unlabeled", "test")),
+                str(manifest.get("counts", {}).get(s, "?")) for s in ("train", "val", "unlabeled", "test")
+            ),
             "model chosen by select": f"{selection.get('chosen')} ({selection.get('reason', '')})",
-            "test accuracy of the shipped ONNX model (recipe kd, distilled from the teacher)":
-                f"{evaluation['accuracy']:.1%}",
-            "test accuracy of the same student trained supervised (`make exp`, recipe supervised)":
-                f"{supervised:.1%}",
+            "test accuracy of the shipped ONNX model (recipe kd, distilled from the teacher)": f"{evaluation['accuracy']:.1%}",
+            "test accuracy of the same student trained supervised (`make exp`, recipe supervised)": f"{supervised:.1%}",
             "distillation's gain on the test photos": f"{100 * (evaluation['accuracy'] - supervised):+.1f} points",
-            f"the same distillation with twice the iterations (`make exp`, {2 * iterations})":
-                f"{longer:.1%} ({100 * (longer - evaluation['accuracy']):+.1f} points)",
-            "the teacher step: what it kept, and how it was judged":
-                f"{teacher_metrics.get('kept')} ({teacher_metrics.get('estimated_by')}; fine-tuned "
-                f"{_fmt(teacher_metrics.get('fine_tuned_val_accuracy'))}, linear probe "
-                f"{_fmt((teacher_metrics.get('probe') or {}).get('estimate'))})",
+            f"the same distillation with twice the iterations (`make exp`, {2 * iterations})": f"{longer:.1%} ({100 * (longer - evaluation['accuracy']):+.1f} points)",
+            "the teacher step: what it kept, and how it was judged": f"{teacher_metrics.get('kept')} ({teacher_metrics.get('estimated_by')}; fine-tuned "
+            f"{_fmt(teacher_metrics.get('fine_tuned_val_accuracy'))}, linear probe "
+            f"{_fmt((teacher_metrics.get('probe') or {}).get('estimate'))})",
             "teacher warnings": "; ".join(teacher_metrics.get("warnings") or []) or "none",
-            **{f"untuned Lite0 linear probe on the same labels, {size} px, test accuracy": f"{acc:.1%}"
-               for size, acc in probes.items()},
-            **{f"shipped model minus the {size} px probe": f"{100 * (shipped - acc):+.1f} points"
-               for size, acc in probes.items()},
+            **{
+                f"untuned Lite0 linear probe on the same labels, {size} px, test accuracy": f"{acc:.1%}"
+                for size, acc in probes.items()
+            },
+            **{
+                f"shipped model minus the {size} px probe": f"{100 * (shipped - acc):+.1f} points"
+                for size, acc in probes.items()
+            },
             "params.yaml unchanged by `make exp`": params_before == (clone / "params.yaml").read_text(),
             "@champion unchanged by `make exp`": champion_before is not None
             and champion_before == champion_version(clone),
         },
     }
     write_report(result, log, Path(args.out), REPO / "benchmarks" / "results" / "first_day.json")
-    print(f"first day: report written to {Path(args.out).relative_to(REPO) if Path(args.out).is_absolute() else args.out}")
+    print(
+        f"first day: report written to {Path(args.out).relative_to(REPO) if Path(args.out).is_absolute() else args.out}"
+    )
     return 0
 
 
@@ -281,8 +325,13 @@ def probe_baseline(clone: Path, size: int) -> float:
     test = data.test_xt if data.test_xt is not None else data.test_x
     x, y = np.concatenate([np.asarray(train), np.asarray(val)]), np.concatenate([data.train_y, data.val_y])
     runtime = make_runtime("cpu", "off", "off", torch.get_num_threads())
-    model = build_model("tf_efficientnet_lite0", data.num_classes, int(train.shape[1]), "efficientnet_lite0_imagenet",
-                        input_size=size)
+    model = build_model(
+        "tf_efficientnet_lite0",
+        data.num_classes,
+        int(train.shape[1]),
+        "efficientnet_lite0_imagenet",
+        input_size=size,
+    )
     install(model, fit_probe(model, x, y, None, None, data.num_classes, runtime, flip=True))
     return accuracy(predict_logits(model, np.asarray(test), runtime), data.test_y)
 

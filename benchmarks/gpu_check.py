@@ -44,9 +44,13 @@ def environment() -> dict[str, Any]:
         from kdpipe.training.devices import native_cuda_bf16
 
         props = torch.cuda.get_device_properties(0)
-        info.update(device=props.name, capability=f"{props.major}.{props.minor}",
-                    memory_gib=round(props.total_memory / 2**30, 1), native_bf16=native_cuda_bf16(),
-                    devices=torch.cuda.device_count())
+        info.update(
+            device=props.name,
+            capability=f"{props.major}.{props.minor}",
+            memory_gib=round(props.total_memory / 2**30, 1),
+            native_bf16=native_cuda_bf16(),
+            devices=torch.cuda.device_count(),
+        )
     try:
         import onnxruntime as ort
 
@@ -72,8 +76,12 @@ def check_amp(dtype: torch.dtype, device: str = "cuda") -> dict[str, Any]:
     losses = [_train_step(model, optimizer, scaler, runtime, x, y) for _ in range(steps)]
     assert all(np.isfinite(losses)), f"non-finite loss: {losses}"
     assert losses[-1] < losses[0], f"the loss did not fall: {losses[0]:.3f} -> {losses[-1]:.3f}"
-    return {"first_loss": losses[0], "last_loss": losses[-1], "scaler_enabled": scaler.is_enabled(),
-            "scale": float(scaler.get_scale()) if scaler.is_enabled() else None}
+    return {
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "scaler_enabled": scaler.is_enabled(),
+        "scale": float(scaler.get_scale()) if scaler.is_enabled() else None,
+    }
 
 
 def _train_step(model, optimizer, scaler, runtime, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -126,14 +134,31 @@ def _colour_image(label: int, rng) -> np.ndarray:
 def _params(device: str, **train):
     from kdpipe.core.params import validate_params
 
-    return validate_params({
-        "prepare": {"image_size": 32, "val_fraction": 0.25},
-        "augment": {"views": 4, "preview_samples": 2},
-        "teacher": {"image_size": 64, "max_iterations": 6, "epochs": None, "eval_every": 3,
-                    "student_check_iterations": 4, "batch_size": 8},
-        "train": {"recipe": "kd", "student_arch": "cnn_tiny", "batch_size": 16, "max_iterations": 6,
-                  "eval_every": 3, "epoch_iterations": 3, "checkpoint_every": 3, "device": device, **train},
-    })
+    return validate_params(
+        {
+            "prepare": {"image_size": 32, "val_fraction": 0.25},
+            "augment": {"views": 4, "preview_samples": 2},
+            "teacher": {
+                "image_size": 64,
+                "max_iterations": 6,
+                "epochs": None,
+                "eval_every": 3,
+                "student_check_iterations": 4,
+                "batch_size": 8,
+            },
+            "train": {
+                "recipe": "kd",
+                "student_arch": "cnn_tiny",
+                "batch_size": 16,
+                "max_iterations": 6,
+                "eval_every": 3,
+                "epoch_iterations": 3,
+                "checkpoint_every": 3,
+                "device": device,
+                **train,
+            },
+        }
+    )
 
 
 def check_pipeline(work: Path, device: str = "cuda") -> dict[str, Any]:
@@ -149,11 +174,21 @@ def check_pipeline(work: Path, device: str = "cuda") -> dict[str, Any]:
     expected = "torch" if device == "cuda" else "onnxruntime"  # auto: torch on CUDA
     assert result["augment_teacher_inference"] == expected, policy.get("teacher")
     for recipe in RECIPES:
-        trained = distill.run(_params(device, recipe=recipe), work / "prepared", work / "augmented", work / "teacher",
-                              work / f"distill-{recipe}")
+        trained = distill.run(
+            _params(device, recipe=recipe),
+            work / "prepared",
+            work / "augmented",
+            work / "teacher",
+            work / f"distill-{recipe}",
+        )
         result[recipe] = trained["best_student"]["accuracy"]
-    online = distill.run(_params(device, recipe="kd", teacher_online="on"), work / "prepared", work / "augmented",
-                         work / "teacher", work / "distill-kd-online")
+    online = distill.run(
+        _params(device, recipe="kd", teacher_online="on"),
+        work / "prepared",
+        work / "augmented",
+        work / "teacher",
+        work / "distill-kd-online",
+    )
     result["kd_teacher_online"] = online["best_student"]["accuracy"]
     return result
 
@@ -166,13 +201,17 @@ def check_onnxruntime_cuda(work: Path) -> dict[str, Any]:
     from kdpipe.training import checkpoints
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise RuntimeError(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (install onnxruntime-gpu, "
-                           "and never onnxruntime beside it)")
+        raise RuntimeError(
+            f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (install onnxruntime-gpu, "
+            "and never onnxruntime beside it)"
+        )
     model, ckpt = checkpoints.load_model(work / "teacher" / "teacher.pt")
     path = export_onnx(model, work / "teacher.onnx", int(ckpt["image_size"]), 17)
     cuda = make_session(path, ["CUDAExecutionProvider"])  # refuses a silent fallback to the CPU
     cpu = make_session(path, [CPU])
-    x = np.random.default_rng(0).random((32, 3, int(ckpt["image_size"]), int(ckpt["image_size"])), dtype=np.float32)
+    x = np.random.default_rng(0).random(
+        (32, 3, int(ckpt["image_size"]), int(ckpt["image_size"])), dtype=np.float32
+    )
     name = cuda.get_inputs()[0].name
     gap = float(np.abs(cuda.run(None, {name: x})[0] - cpu.run(None, {name: x})[0]).max())
     assert gap < 1e-3, f"CUDA and CPU providers differ by {gap}"
@@ -202,7 +241,11 @@ def check_ddp_nccl(device: str = "cuda") -> dict[str, Any]:
         loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         grad = next(p.grad for p in model.parameters() if p.grad is not None)
-        return {"backend": dist.get_backend(), "loss": float(loss), "gradient_finite": bool(torch.isfinite(grad).all())}
+        return {
+            "backend": dist.get_backend(),
+            "loss": float(loss),
+            "gradient_finite": bool(torch.isfinite(grad).all()),
+        }
     finally:
         dist.destroy_process_group()
         for name, value in saved.items():
@@ -220,8 +263,14 @@ def check_resume_across_devices(work: Path, device: str = "cuda") -> dict[str, A
     out = work / "resume"
     legs = []
     for leg_device, steps in (("cpu", 3), (device, 3), ("cpu", None)):
-        trainer = build_trainer(_params(leg_device, recipe="full", max_iterations=9), work / "prepared",
-                                work / "augmented", work / "teacher", out, progress=False)
+        trainer = build_trainer(
+            _params(leg_device, recipe="full", max_iterations=9),
+            work / "prepared",
+            work / "augmented",
+            work / "teacher",
+            out,
+            progress=False,
+        )
         resumed_at = trainer.iteration if trainer.try_resume() else 0
         if steps is None:
             trainer.run()
@@ -261,8 +310,11 @@ def check_throughput() -> dict[str, Any]:
         with runtime.autocast():
             teacher(images)
 
-    return {"student_train_images_per_s": _rate(train_step, 256), "teacher_inference_images_per_s": _rate(teacher_step, 256),
-            "amp": str(runtime.amp_dtype)}
+    return {
+        "student_train_images_per_s": _rate(train_step, 256),
+        "teacher_inference_images_per_s": _rate(teacher_step, 256),
+        "amp": str(runtime.amp_dtype),
+    }
 
 
 def _rate(step, batch: int, seconds: float = 5.0) -> float:
@@ -286,10 +338,12 @@ def run_checks(work: Path, device: str = "cuda") -> dict[str, Any]:
     plan = [("amp_fp16", lambda: check_amp(torch.float16, device))]
     if device == "cpu" or native_cuda_bf16():
         plan.insert(0, ("amp_bf16", lambda: check_amp(torch.bfloat16, device)))
-    plan += [("masked_augmentation", lambda: check_masked_augmentation(device)),
-             ("pipeline", lambda: check_pipeline(work, device)),
-             ("ddp_nccl", lambda: check_ddp_nccl(device)),
-             ("resume_across_devices", lambda: check_resume_across_devices(work, device))]
+    plan += [
+        ("masked_augmentation", lambda: check_masked_augmentation(device)),
+        ("pipeline", lambda: check_pipeline(work, device)),
+        ("ddp_nccl", lambda: check_ddp_nccl(device)),
+        ("resume_across_devices", lambda: check_resume_across_devices(work, device)),
+    ]
     if device == "cuda":
         plan += [("onnxruntime_cuda", lambda: check_onnxruntime_cuda(work)), ("throughput", check_throughput)]
     for name, check in plan:
@@ -297,19 +351,30 @@ def run_checks(work: Path, device: str = "cuda") -> dict[str, Any]:
         try:
             checks[name] = {"ok": True, **check()}
         except Exception as exc:  # every check is recorded; one failure does not hide the others
-            checks[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
-                            "traceback": traceback.format_exc(limit=5)}
+            checks[name] = {
+                "ok": False,
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(limit=5),
+            }
         checks[name]["seconds"] = round(time.perf_counter() - started, 1)
-        print(f"gpu-check: {name}: {'ok' if checks[name]['ok'] else 'FAILED ' + checks[name]['error']} "
-              f"({checks[name]['seconds']} s)", flush=True)
+        print(
+            f"gpu-check: {name}: {'ok' if checks[name]['ok'] else 'FAILED ' + checks[name]['error']} "
+            f"({checks[name]['seconds']} s)",
+            flush=True,
+        )
     return checks
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="benchmarks/results/gpu_check", help="output path without suffix (.json)")
-    ap.add_argument("--dry-run-on-cpu", action="store_true",
-                    help="run the same checks on the CPU (what can run there): a test of this script, not of a GPU")
+    ap.add_argument(
+        "--out", default="benchmarks/results/gpu_check", help="output path without suffix (.json)"
+    )
+    ap.add_argument(
+        "--dry-run-on-cpu",
+        action="store_true",
+        help="run the same checks on the CPU (what can run there): a test of this script, not of a GPU",
+    )
     args = ap.parse_args(argv)
     out = Path(args.out).with_suffix(".json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -318,13 +383,19 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="kdpipe-gpu-check-") as tmp:
             checks = run_checks(Path(tmp), "cpu")
         failed = [name for name, check in checks.items() if not check["ok"]]
-        out.write_text(json.dumps({**info, "dry_run_on_cpu": True, "checks": checks, "failed": failed}, indent=2) + "\n")
-        print(f"gpu-check (dry run on the CPU): {len(checks) - len(failed)} of {len(checks)} checks passed; wrote {out}")
+        out.write_text(
+            json.dumps({**info, "dry_run_on_cpu": True, "checks": checks, "failed": failed}, indent=2) + "\n"
+        )
+        print(
+            f"gpu-check (dry run on the CPU): {len(checks) - len(failed)} of {len(checks)} checks passed; wrote {out}"
+        )
         return 1 if failed else 0
     if not info["gpu"]:
         out.write_text(json.dumps(info, indent=2) + "\n")
-        print(f"gpu-check: no CUDA GPU here (torch {info['torch']}, CUDA build {info['cuda_build'] or 'none'}): "
-              f"nothing to check; wrote {out}")
+        print(
+            f"gpu-check: no CUDA GPU here (torch {info['torch']}, CUDA build {info['cuda_build'] or 'none'}): "
+            f"nothing to check; wrote {out}"
+        )
         return 0
     with tempfile.TemporaryDirectory(prefix="kdpipe-gpu-check-") as tmp:
         checks = run_checks(Path(tmp))

@@ -72,21 +72,25 @@ def run(args) -> dict:
     x_test = to_model_input(np.asarray(data.test_x))
     accuracy = {}
     for name, call in engines.items():
-        logits = np.concatenate([call(x_test[i:i + 256]) for i in range(0, len(x_test), 256)])
+        logits = np.concatenate([call(x_test[i : i + 256]) for i in range(0, len(x_test), 256)])
         accuracy[name] = float((logits.argmax(1) == np.asarray(data.test_y)).mean())
     rounds: dict[str, dict[int, list[float]]] = {name: {1: [], 64: []} for name in engines}
     for _ in range(args.rounds):
         for batch in (1, 64):
             x = np.ascontiguousarray(np.resize(x_test, (batch, *x_test.shape[1:])))
             for name, call in engines.items():
-                rounds[name][batch].append(_time_calls(lambda c=call, x=x: c(x), args.runs if batch == 1 else args.runs // 4))
+                rounds[name][batch].append(
+                    _time_calls(lambda c=call, x=x: c(x), args.runs if batch == 1 else args.runs // 4)
+                )
     return {
         "machine": f"{cpu_description()}, {args.threads} threads",
         "python": sys.version.split()[0],
         "model": f"{args.export}/model.onnx",
         "test_images": int(len(x_test)),
         "accuracy": accuracy,
-        "latency_ms": {name: {str(b): statistics.median(v) for b, v in per.items()} for name, per in rounds.items()},
+        "latency_ms": {
+            name: {str(b): statistics.median(v) for b, v in per.items()} for name, per in rounds.items()
+        },
         "ratios": _ratios(rounds),
         "rounds": args.rounds,
         "runs_per_round": args.runs,
@@ -106,9 +110,13 @@ def _ratios(rounds) -> dict[str, float]:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"Machine: {result['machine']}; {result['test_images']} test images; "
-             f"{result['rounds']} interleaved rounds.", "",
-             "| engine | test accuracy | latency batch 1 (ms) | latency batch 64 (ms) |", "| --- | --- | --- | --- |"]
+    lines = [
+        f"Machine: {result['machine']}; {result['test_images']} test images; "
+        f"{result['rounds']} interleaved rounds.",
+        "",
+        "| engine | test accuracy | latency batch 1 (ms) | latency batch 64 (ms) |",
+        "| --- | --- | --- | --- |",
+    ]
     for name, acc in result["accuracy"].items():
         lat = result["latency_ms"][name]
         lines.append(f"| {name} | {acc:.4f} | {lat['1']:.3f} | {lat['64']:.3f} |")
@@ -118,7 +126,9 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--prepared", default="artifacts/prepared")
     parser.add_argument("--selected", default="artifacts/selected")
     parser.add_argument("--export", default="artifacts/export")

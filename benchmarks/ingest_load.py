@@ -44,7 +44,9 @@ def _write_pngs(folder: Path, seeds: range, size: int = 16) -> dict[str, str]:
 def _batch_hashes(unlabeled: Path) -> dict[str, list[str]]:
     batches = {}
     for batch in sorted(p for p in unlabeled.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        batches[batch.name] = [hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(batch.rglob("*.png"))]
+        batches[batch.name] = [
+            hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(batch.rglob("*.png"))
+        ]
     return batches
 
 
@@ -55,11 +57,20 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> None:
 
 
 def _ingest_cmd(src: Path, use_dvc: bool) -> list[str]:
-    return [str(BIN / "kdpipe"), "ingest", str(src), "--data-root", "data", *([] if use_dvc else ["--no-dvc"])]
+    return [
+        str(BIN / "kdpipe"),
+        "ingest",
+        str(src),
+        "--data-root",
+        "data",
+        *([] if use_dvc else ["--no-dvc"]),
+    ]
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--count", type=int, default=10_000, help="images in the one-go ingest")
     parser.add_argument("--no-dvc", action="store_true", help="skip `dvc add` of the new batches")
     parser.add_argument("--out", default="benchmarks/results/ingest_load")
@@ -86,15 +97,22 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - start
         batches = _batch_hashes(repo / "data" / "unlabeled")
         added = batches.get("batch-0001", [])
-        result["one_go"] = {"images": args.count, "added": len(added), "seconds": round(seconds, 2),
-                            "images_per_s": round(args.count / seconds, 1),
-                            "lost": len(set(one_go) - set(added)), "duplicated": len(added) - len(set(added))}
+        result["one_go"] = {
+            "images": args.count,
+            "added": len(added),
+            "seconds": round(seconds, 2),
+            "images_per_s": round(args.count / seconds, 1),
+            "lost": len(set(one_go) - set(added)),
+            "duplicated": len(added) - len(set(added)),
+        }
 
         # 2) the same folder again: everything is a duplicate, nothing is added
         start = time.perf_counter()
         _run(_ingest_cmd(work / "one-go", use_dvc), repo, env)
-        result["repeat_same_folder"] = {"seconds": round(time.perf_counter() - start, 2),
-                                        "new_batches": len(_batch_hashes(repo / "data" / "unlabeled")) - 1}
+        result["repeat_same_folder"] = {
+            "seconds": round(time.perf_counter() - start, 2),
+            "new_batches": len(_batch_hashes(repo / "data" / "unlabeled")) - 1,
+        }
 
         # 3) two ingests at once: half the images each, a quarter of the total shared between them
         half, quarter = args.count // 2, args.count // 4
@@ -102,8 +120,17 @@ def main(argv=None) -> int:
         a = _write_pngs(work / "a", range(base, base + half))
         b = _write_pngs(work / "b", range(base + half - quarter, base + 2 * half - quarter))
         start = time.perf_counter()
-        procs = [subprocess.Popen(_ingest_cmd(work / name, use_dvc), cwd=repo, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True) for name in ("a", "b")]
+        procs = [
+            subprocess.Popen(
+                _ingest_cmd(work / name, use_dvc),
+                cwd=repo,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for name in ("a", "b")
+        ]
         outputs = [p.communicate()[0] for p in procs]
         seconds = time.perf_counter() - start
         if any(p.returncode for p in procs):
@@ -112,9 +139,15 @@ def main(argv=None) -> int:
         new = [h for name, hashes in batches.items() if name != "batch-0001" for h in hashes]
         distinct = set(a) | set(b)
         result["concurrent"] = {
-            "ingests": 2, "images_each": half, "shared": quarter, "distinct": len(distinct),
-            "added": len(new), "seconds": round(seconds, 2), "batches": {k: len(v) for k, v in batches.items()},
-            "lost": len(distinct - set(new)), "duplicated": len(new) - len(set(new)),
+            "ingests": 2,
+            "images_each": half,
+            "shared": quarter,
+            "distinct": len(distinct),
+            "added": len(new),
+            "seconds": round(seconds, 2),
+            "batches": {k: len(v) for k, v in batches.items()},
+            "lost": len(distinct - set(new)),
+            "duplicated": len(new) - len(set(new)),
             "dvc_files": sorted(p.name for p in (repo / "data" / "unlabeled").glob("*.dvc")),
         }
 

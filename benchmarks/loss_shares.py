@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     from kdpipe.steps.distill import build_trainer
 
     checkpoints_at = sorted(int(x) for x in args.at.split(","))
-    params = load_params(args.params, [f"train.recipe={args.recipe}", f"train.max_iterations={checkpoints_at[-1] + 1}"])
+    params = load_params(
+        args.params, [f"train.recipe={args.recipe}", f"train.max_iterations={checkpoints_at[-1] + 1}"]
+    )
     if not Path("artifacts/prepared/manifest.json").is_file():
         raise SystemExit("loss_shares: artifacts/prepared is missing: run `make repro` first")
     out_dir = Path("artifacts/bench-loss-shares")
@@ -89,23 +91,49 @@ def main(argv: list[str] | None = None) -> int:
                 row["cons_share_if_averaged_over_classes"] = shares(old)["cons"]
             rows.append(row)
             print(json.dumps(row))
-    result = {"recipe": args.recipe, "classes": num_classes, "machine": cpu_description(),
-              "date": time.strftime("%Y-%m-%d"), "seconds": round(time.perf_counter() - started, 1),
-              "settings": params.train.model_dump(include={"views", "mu", "tau", "mutual_tau", "w_labels", "w_consistency", "w_distill",
-                                                           "w_mutual", "batch_size"}),
-              "rows": rows}
+    result = {
+        "recipe": args.recipe,
+        "classes": num_classes,
+        "machine": cpu_description(),
+        "date": time.strftime("%Y-%m-%d"),
+        "seconds": round(time.perf_counter() - started, 1),
+        "settings": params.train.model_dump(
+            include={
+                "views",
+                "mu",
+                "tau",
+                "mutual_tau",
+                "w_labels",
+                "w_consistency",
+                "w_distill",
+                "w_mutual",
+                "batch_size",
+            }
+        ),
+        "rows": rows,
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "loss_shares.json").write_text(json.dumps(result, indent=2) + "\n")
     terms = list(rows[0]["norms"])
     table = markdown_table(
         ["iteration", "network", *[f"{t} share" for t in terms], "cons share if averaged over classes"],
-        [[str(r["iteration"]), r["network"], *[f"{r['shares'][t]:.1%}" for t in terms],
-          f"{r['cons_share_if_averaged_over_classes']:.1%}" if "cons_share_if_averaged_over_classes" in r else ""]
-         for r in rows])
+        [
+            [
+                str(r["iteration"]),
+                r["network"],
+                *[f"{r['shares'][t]:.1%}" for t in terms],
+                f"{r['cons_share_if_averaged_over_classes']:.1%}"
+                if "cons_share_if_averaged_over_classes" in r
+                else "",
+            ]
+            for r in rows
+        ],
+    )
     (RESULTS / "loss_shares.md").write_text(
         f"# Gradient share per loss term, recipe `{args.recipe}`\n\n"
         f"`.venv/bin/python -m benchmarks.loss_shares --recipe {args.recipe}` on {result['machine']}, "
-        f"{result['date']} (demo data, params.yaml settings, {args.batches} batches per point).\n\n{table}\n")
+        f"{result['date']} (demo data, params.yaml settings, {args.batches} batches per point).\n\n{table}\n"
+    )
     print(table)
     return 0
 

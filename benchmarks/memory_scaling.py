@@ -117,7 +117,7 @@ class AnonSampler(threading.Thread):
 
     def run(self) -> None:
         while not self._done.is_set():
-            pids = _tree(self.pid)[1 if self.skip_root else 0:]
+            pids = _tree(self.pid)[1 if self.skip_root else 0 :]
             self.peak_kib = max(self.peak_kib, sum(_pss_anon_kib(p) for p in pids))
             self._done.wait(self.interval)
 
@@ -156,8 +156,11 @@ def run_measured(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> d
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
     peak_rss_kib = int(peak_file.read_text())
-    return {"peak_rss_mib": round(peak_rss_kib / 1024, 1), "peak_anon_mib": round(sampler.peak_kib / 1024, 1),
-            "seconds": round(time.perf_counter() - start, 1)}
+    return {
+        "peak_rss_mib": round(peak_rss_kib / 1024, 1),
+        "peak_anon_mib": round(sampler.peak_kib / 1024, 1),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
 
 
 # ------------------------------------------------------------------ the pipeline at one N
@@ -182,8 +185,15 @@ class Workspace:
         """Make the data root hold ``n`` images (generate, or add an unlabeled batch); returns seconds."""
         start = time.perf_counter()
         if not self.data.exists():
-            summary = generate(self.data, labeled=LABELED, unlabeled=n - LABELED - TEST, test=TEST,
-                               classes=CLASSES, sizes=THUMBNAIL_SIZES, seed=0)
+            summary = generate(
+                self.data,
+                labeled=LABELED,
+                unlabeled=n - LABELED - TEST,
+                test=TEST,
+                classes=CLASSES,
+                sizes=THUMBNAIL_SIZES,
+                seed=0,
+            )
             print(f"generated {summary.line()}", flush=True)
         else:
             have = sum(1 for _ in self.data.rglob("*.jpg"))
@@ -196,23 +206,66 @@ class Workspace:
         folder.mkdir()
         env = {**self.env, "KDPIPE_CACHE_DIR": str(folder / "cache")}  # a full prepare: nothing cached
         prepared, teacher = folder / "prepared", folder / "teacher"
-        measured = {"prepare": run_measured(
-            self.kdpipe("prepare", "--data-root", str(self.data), "--out-dir", str(prepared)),
-            folder, env, folder / "prepare.log")}
+        measured = {
+            "prepare": run_measured(
+                self.kdpipe("prepare", "--data-root", str(self.data), "--out-dir", str(prepared)),
+                folder,
+                env,
+                folder / "prepare.log",
+            )
+        }
         if not (self.teacher_once / "teacher.pt").exists():
-            run_measured(self.kdpipe("teacher", "--prepared-dir", str(prepared), "--out-dir", str(self.teacher_once)),
-                         folder, env, folder / "teacher-once.log")
+            run_measured(
+                self.kdpipe("teacher", "--prepared-dir", str(prepared), "--out-dir", str(self.teacher_once)),
+                folder,
+                env,
+                folder / "teacher-once.log",
+            )
         # The teacher trained once, adopted for this N's data (no training: a copy and an evaluation).
-        run_measured(self.kdpipe("teacher", "-S", f"teacher.checkpoint={self.teacher_once / 'teacher.pt'}",
-                                 "--prepared-dir", str(prepared), "--out-dir", str(teacher)),
-                     folder, env, folder / "teacher.log")
+        run_measured(
+            self.kdpipe(
+                "teacher",
+                "-S",
+                f"teacher.checkpoint={self.teacher_once / 'teacher.pt'}",
+                "--prepared-dir",
+                str(prepared),
+                "--out-dir",
+                str(teacher),
+            ),
+            folder,
+            env,
+            folder / "teacher.log",
+        )
         measured["augment"] = run_measured(
-            self.kdpipe("augment", "--prepared-dir", str(prepared), "--teacher-dir", str(teacher),
-                        "--out-dir", str(folder / "augmented")), folder, env, folder / "augment.log")
+            self.kdpipe(
+                "augment",
+                "--prepared-dir",
+                str(prepared),
+                "--teacher-dir",
+                str(teacher),
+                "--out-dir",
+                str(folder / "augmented"),
+            ),
+            folder,
+            env,
+            folder / "augment.log",
+        )
         measured["distill"] = run_measured(
-            self.kdpipe("distill", "--prepared-dir", str(prepared), "--augmented-dir", str(folder / "augmented"),
-                        "--teacher-dir", str(teacher), "--out-dir", str(folder / "distill")),
-            folder, env, folder / "distill.log")
+            self.kdpipe(
+                "distill",
+                "--prepared-dir",
+                str(prepared),
+                "--augmented-dir",
+                str(folder / "augmented"),
+                "--teacher-dir",
+                str(teacher),
+                "--out-dir",
+                str(folder / "distill"),
+            ),
+            folder,
+            env,
+            folder / "distill.log",
+        )
         for output in (prepared, teacher, folder / "augmented", folder / "distill", folder / "cache"):
             shutil.rmtree(output, ignore_errors=True)  # GBs at 200k images; the logs stay (see --keep)
         return measured
@@ -232,52 +285,80 @@ def render(result: dict) -> str:
     ns = sorted(table)
     low, high = ns[0], ns[-1]
     header = ["step", *(f"N={n:,}" for n in ns), f"{high:,}/{low:,}"]
-    rss_rows = [[step, *(f"{table[n][step]['peak_rss_mib']:.0f}" for n in ns), f"{result['rss_ratio'][step]:.2f}"]
-                for step in STEPS]
-    anon_rows = [[step, *(f"{table[n][step]['peak_anon_mib']:.0f}" for n in ns), f"{result['anon_ratio'][step]:.2f}"]
-                 for step in STEPS]
+    rss_rows = [
+        [step, *(f"{table[n][step]['peak_rss_mib']:.0f}" for n in ns), f"{result['rss_ratio'][step]:.2f}"]
+        for step in STEPS
+    ]
+    anon_rows = [
+        [step, *(f"{table[n][step]['peak_anon_mib']:.0f}" for n in ns), f"{result['anon_ratio'][step]:.2f}"]
+        for step in STEPS
+    ]
     time_rows = [[step, *(f"{table[n][step]['seconds']:.0f}" for n in ns)] for step in STEPS]
     flat = all(r <= GOAL_FLAT for r in result["rss_ratio"].values())
     smoke = result["smoke"]
-    return "\n".join([
-        *(["**SMOKE RUN (small N, checks that the benchmark works; not a measurement)**", ""] if smoke else []),
-        f"Command: `{result['command']}`",
-        f"Machine: {result['cpu']}; {result['date']}; kdpipe {result['commit']}.",
-        f"N run: {', '.join(f'{n:,}' for n in ns)} images of 32x32/48x48 px ({LABELED} labeled in {CLASSES} classes, "
-        f"{TEST} test, the rest unlabeled); prepare.image_size=32, augment.views=2, distill kd x 50 iterations.",
-        "",
-        "Peak RSS (MiB, largest process of the step, includes touched pages of memory-mapped files):",
-        "",
-        markdown_table(header, rss_rows),
-        "",
-        "Peak anonymous memory (MiB, Pss_Anon summed over the step's processes, sampled every 0.2 s):",
-        "",
-        markdown_table(header, anon_rows),
-        "",
-        "Wall time (s):",
-        "",
-        markdown_table(header[:-1], time_rows),
-        "",
-        f"Goal: peak memory flat in N (largest N within {100 * (GOAL_FLAT - 1):.0f}% of the smallest): "
-        f"{'met' if flat else 'not met'} by peak RSS"
-        f"{'' if high >= LARGE_N else f' (only up to N={high:,}: run with --large for 200k)'}.",
-    ]) + "\n"
+    return (
+        "\n".join(
+            [
+                *(
+                    ["**SMOKE RUN (small N, checks that the benchmark works; not a measurement)**", ""]
+                    if smoke
+                    else []
+                ),
+                f"Command: `{result['command']}`",
+                f"Machine: {result['cpu']}; {result['date']}; kdpipe {result['commit']}.",
+                f"N run: {', '.join(f'{n:,}' for n in ns)} images of 32x32/48x48 px ({LABELED} labeled in {CLASSES} classes, "
+                f"{TEST} test, the rest unlabeled); prepare.image_size=32, augment.views=2, distill kd x 50 iterations.",
+                "",
+                "Peak RSS (MiB, largest process of the step, includes touched pages of memory-mapped files):",
+                "",
+                markdown_table(header, rss_rows),
+                "",
+                "Peak anonymous memory (MiB, Pss_Anon summed over the step's processes, sampled every 0.2 s):",
+                "",
+                markdown_table(header, anon_rows),
+                "",
+                "Wall time (s):",
+                "",
+                markdown_table(header[:-1], time_rows),
+                "",
+                f"Goal: peak memory flat in N (largest N within {100 * (GOAL_FLAT - 1):.0f}% of the smallest): "
+                f"{'met' if flat else 'not met'} by peak RSS"
+                f"{'' if high >= LARGE_N else f' (only up to N={high:,}: run with --large for 200k)'}.",
+            ]
+        )
+        + "\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--large", action="store_true", help=f"also N={LARGE_N:,} (generating it takes minutes)")
-    parser.add_argument("--n", type=int, action="append", help="instead, these N (repeatable), e.g. for a smoke run")
-    parser.add_argument("--out", help="results path without suffix (default benchmarks/results/memory_scaling)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--large", action="store_true", help=f"also N={LARGE_N:,} (generating it takes minutes)"
+    )
+    parser.add_argument(
+        "--n", type=int, action="append", help="instead, these N (repeatable), e.g. for a smoke run"
+    )
+    parser.add_argument(
+        "--out", help="results path without suffix (default benchmarks/results/memory_scaling)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (its path is printed)")
     args = parser.parse_args(argv)
     ns = sorted(set(args.n or [*QUICK_N, *([LARGE_N] if args.large else [])]))
     if ns[0] < LABELED + TEST + 100:
-        parser.error(f"--n: at least {LABELED + TEST + 100} (the labeled and test images plus some unlabeled)")
+        parser.error(
+            f"--n: at least {LABELED + TEST + 100} (the labeled and test images plus some unlabeled)"
+        )
     smoke = bool(args.n) and max(ns) < QUICK_N[0]
     out = REPO / (args.out or "benchmarks/results/memory_scaling")
-    result: dict = {**provenance("benchmarks.memory_scaling", argv), "smoke": smoke, "n": ns, "table": {},
-                    "grow_seconds": {}}
+    result: dict = {
+        **provenance("benchmarks.memory_scaling", argv),
+        "smoke": smoke,
+        "n": ns,
+        "table": {},
+        "grow_seconds": {},
+    }
 
     tmp = Path(tempfile.mkdtemp(prefix="kdpipe-memory-bench-"))
     try:
@@ -285,9 +366,15 @@ def main(argv: list[str] | None = None) -> int:
         for n in ns:
             result["grow_seconds"][n] = round(work.grow_to(n), 1)
             result["table"][n] = work.steps_at(n)
-            print(f"N={n:,}: " + ", ".join(f"{s} {m['peak_rss_mib']:.0f} MiB RSS / {m['peak_anon_mib']:.0f} MiB anon "
-                                           f"({m['seconds']:.0f} s)" for s, m in result["table"][n].items()),
-                  flush=True)
+            print(
+                f"N={n:,}: "
+                + ", ".join(
+                    f"{s} {m['peak_rss_mib']:.0f} MiB RSS / {m['peak_anon_mib']:.0f} MiB anon "
+                    f"({m['seconds']:.0f} s)"
+                    for s, m in result["table"][n].items()
+                ),
+                flush=True,
+            )
     finally:
         if args.keep:
             print(f"kept {tmp}")

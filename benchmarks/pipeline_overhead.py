@@ -34,7 +34,9 @@ def _timed(cmd: list[str], repeats: int) -> tuple[float, str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--forced", action="store_true", help="also time `dvc repro --force` (minutes)")
     parser.add_argument("--out", default="benchmarks/results/pipeline_overhead")
@@ -48,8 +50,12 @@ def main(argv=None) -> int:
     result["dvc status s"] = _timed([str(BIN / "dvc"), "status"], args.repeats)[0]
     result["make repro (no-op) s"] = _timed(["make", "repro"], args.repeats)[0]
     if args.forced:
-        result["dvc repro --force (all stages, demo data) s"] = _timed([str(BIN / "dvc"), "repro", "--force"], 1)[0]
-    lines = ["| measurement | seconds |", "| --- | --- |"] + [f"| {k[:-2]} | {v:.2f} |" for k, v in result.items()]
+        result["dvc repro --force (all stages, demo data) s"] = _timed(
+            [str(BIN / "dvc"), "repro", "--force"], 1
+        )[0]
+    lines = ["| measurement | seconds |", "| --- | --- |"] + [
+        f"| {k[:-2]} | {v:.2f} |" for k, v in result.items()
+    ]
     write_results(REPO / args.out, result, "\n".join(lines) + "\n")
     return 0
 

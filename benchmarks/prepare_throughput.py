@@ -68,8 +68,9 @@ def decode_naive(data: Path, scratch: Path, size: int) -> int:
     hashes = []
     for row, path in enumerate(files):
         with Image.open(path) as img:
-            out[row] = np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC,
-                                                            reducing_gap=3.0))
+            out[row] = np.asarray(
+                img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+            )
         hashes.append(hashlib.sha256(path.read_bytes()).hexdigest())
     out.flush()
     return len(files)
@@ -106,8 +107,11 @@ def run_kdpipe_prepare(data: Path, out_dir: Path, size: int, workers: int | None
 
 
 # The modules each way needs: imported before the clock starts (importing torch alone takes seconds).
-_MODULES = {"naive": ("numpy", "PIL.Image"), "torchvision": ("torch", "torchvision"),
-            "kdpipe": ("kdpipe.core.params", "kdpipe.steps.prepare")}
+_MODULES = {
+    "naive": ("numpy", "PIL.Image"),
+    "torchvision": ("torch", "torchvision"),
+    "kdpipe": ("kdpipe.core.params", "kdpipe.steps.prepare"),
+}
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -139,13 +143,23 @@ class Measurer:
     def __init__(self, data: Path, size: int, scratch: Path):
         self.data, self.size, self.scratch = data, size, scratch
 
-    def run(self, way: str, workers: int | None = None, cache: Path | None = None,
-            out_dir: Path | None = None) -> dict:
+    def run(
+        self, way: str, workers: int | None = None, cache: Path | None = None, out_dir: Path | None = None
+    ) -> dict:
         """``cache``: the KDPIPE_CACHE_DIR to use; None = a fresh empty one (a full prepare)."""
         fresh_cache = cache is None
         cache = Path(tempfile.mkdtemp(prefix="cache-", dir=self.scratch)) if fresh_cache else cache
-        cmd = [sys.executable, "-m", "benchmarks.prepare_throughput", "--measure", way, "--data", str(self.data),
-               "--size", str(self.size)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.prepare_throughput",
+            "--measure",
+            way,
+            "--data",
+            str(self.data),
+            "--size",
+            str(self.size),
+        ]
         cmd += [] if workers is None else ["--workers", str(workers)]
         cmd += [] if out_dir is None else ["--out-dir", str(out_dir)]
         env = {**os.environ, "KDPIPE_CACHE_DIR": str(cache), "KDPIPE_TRACKING": "0"}
@@ -171,10 +185,15 @@ def warm_page_cache(files: list[Path]) -> float:
 
 def ways(workers_setting: bool) -> list[tuple[str, str, int | None]]:
     """(label, way, prepare.workers) of every measurement in a round; the naive loop first."""
-    chosen = [("naive PIL loop (1 process)", "naive", None),
-              ("torchvision ImageFolder + DataLoader(num_workers=2)", "torchvision", None)]
+    chosen = [
+        ("naive PIL loop (1 process)", "naive", None),
+        ("torchvision ImageFolder + DataLoader(num_workers=2)", "torchvision", None),
+    ]
     if workers_setting:
-        chosen += [("kdpipe prepare, workers=1", "kdpipe", 1), ("kdpipe prepare, workers=0 (every core)", "kdpipe", 0)]
+        chosen += [
+            ("kdpipe prepare, workers=1", "kdpipe", 1),
+            ("kdpipe prepare, workers=0 (every core)", "kdpipe", 0),
+        ]
     else:
         chosen += [("kdpipe prepare (default; no prepare.workers setting yet)", "kdpipe", None)]
     return chosen
@@ -184,23 +203,33 @@ def throughput_rounds(measurer: Measurer, chosen, rounds: int) -> dict[str, list
     """Every way once per round, the order rotated each round; {label: [result per round]}."""
     results: dict[str, list[dict]] = {label: [] for label, _, _ in chosen}
     for r in range(rounds):
-        order = chosen[r % len(chosen):] + chosen[: r % len(chosen)]
+        order = chosen[r % len(chosen) :] + chosen[: r % len(chosen)]
         for label, way, workers in order:
             result = measurer.run(way, workers)
             results[label].append(result)
-            print(f"round {r + 1}/{rounds}: {label}: {result['images_per_s']:.1f} images/s "
-                  f"({result['seconds']:.1f} s)", flush=True)
+            print(
+                f"round {r + 1}/{rounds}: {label}: {result['images_per_s']:.1f} images/s "
+                f"({result['seconds']:.1f} s)",
+                flush=True,
+            )
     return results
 
 
 def summarise(results: dict[str, list[dict]], baseline: str) -> list[dict]:
     rows = []
     for label, runs in results.items():
-        ratios = [run["images_per_s"] / base["images_per_s"] for run, base in zip(runs, results[baseline],
-                                                                                      strict=True)]
-        rows.append({"way": label, "images_per_s": statistics.median(r["images_per_s"] for r in runs),
-                     "per_round": [round(r["images_per_s"], 1) for r in runs],
-                     "ratio_to_naive": statistics.median(ratios)})
+        ratios = [
+            run["images_per_s"] / base["images_per_s"]
+            for run, base in zip(runs, results[baseline], strict=True)
+        ]
+        rows.append(
+            {
+                "way": label,
+                "images_per_s": statistics.median(r["images_per_s"] for r in runs),
+                "per_round": [round(r["images_per_s"], 1) for r in runs],
+                "ratio_to_naive": statistics.median(ratios),
+            }
+        )
     return rows
 
 
@@ -209,8 +238,10 @@ def core_scaling(raw: dict[str, list[dict]], chosen) -> float | None:
     by_workers = {workers: label for label, way, workers in chosen if way == "kdpipe"}
     if 0 not in by_workers or 1 not in by_workers:
         return None
-    return statistics.median(a["images_per_s"] / b["images_per_s"]
-                             for a, b in zip(raw[by_workers[0]], raw[by_workers[1]], strict=True))
+    return statistics.median(
+        a["images_per_s"] / b["images_per_s"]
+        for a, b in zip(raw[by_workers[0]], raw[by_workers[1]], strict=True)
+    )
 
 
 def incremental(measurer: Measurer, data: Path, workers: int | None, images: int, rounds: int) -> dict:
@@ -229,8 +260,14 @@ def incremental(measurer: Measurer, data: Path, workers: int | None, images: int
         for batch in batches:
             shutil.rmtree(batch)  # leave the folder as it was generated
     median = statistics.median(seconds)
-    return {"workers": workers, "full_s": full["seconds"], "added_images": added, "incremental_s": median,
-            "incremental_per_round_s": seconds, "share_of_full": median / full["seconds"]}
+    return {
+        "workers": workers,
+        "full_s": full["seconds"],
+        "added_images": added,
+        "incremental_s": median,
+        "incremental_per_round_s": seconds,
+        "share_of_full": median / full["seconds"],
+    }
 
 
 # ------------------------------------------------------------------ report
@@ -238,13 +275,24 @@ def incremental(measurer: Measurer, data: Path, workers: int | None, images: int
 
 def render(result: dict) -> str:
     smoke = result["smoke"]
-    rows = [[r["way"], f"{r['images_per_s']:.1f}", " / ".join(f"{v:.1f}" for v in r["per_round"]),
-             f"{r['ratio_to_naive']:.2f}x"] for r in result["rows"]]
+    rows = [
+        [
+            r["way"],
+            f"{r['images_per_s']:.1f}",
+            " / ".join(f"{v:.1f}" for v in r["per_round"]),
+            f"{r['ratio_to_naive']:.2f}x",
+        ]
+        for r in result["rows"]
+    ]
     inc = result["incremental"]
     data = result["data"]
     best = result["best_kdpipe_ratio"]
     lines = [
-        *(["**SMOKE RUN (tiny scale, checks that the benchmark works; not a measurement)**", ""] if smoke else []),
+        *(
+            ["**SMOKE RUN (tiny scale, checks that the benchmark works; not a measurement)**", ""]
+            if smoke
+            else []
+        ),
         f"Command: `{result['command']}`",
         f"Machine: {result['cpu']}; {result['date']}; kdpipe {result['commit']}"
         f" (prepare.workers setting: {'yes' if result['workers_setting'] else 'not yet'}).",
@@ -256,8 +304,11 @@ def render(result: dict) -> str:
         "",
         f"kdpipe prepare / naive loop: {best:.2f}x (goal >= {GOAL_SPEEDUP}x: "
         f"{'met' if best >= GOAL_SPEEDUP else 'not met'}); ratios are medians of per-round ratios."
-        + (f" Scaling: workers=0 / workers=1 = {result['core_scaling']:.2f}x on {result['cpus']} cores."
-           if result.get("core_scaling") else ""),
+        + (
+            f" Scaling: workers=0 / workers=1 = {result['core_scaling']:.2f}x on {result['cpus']} cores."
+            if result.get("core_scaling")
+            else ""
+        ),
         "",
         f"Incremental prepare (prepare.workers={inc['workers'] if inc['workers'] is not None else 'default'}): "
         f"full prepare {inc['full_s']:.1f} s; after adding {inc['added_images']} new unlabeled images "
@@ -279,22 +330,36 @@ def prepare_data(args: argparse.Namespace, scratch: Path) -> Path:
         return data
     data = scratch / "data"
     labeled, test = max(20, args.images // 10), max(10, args.images // 50)  # 10% labeled, 2% test, 10 classes
-    summary = generate(data, labeled=labeled, unlabeled=args.images - labeled - test, test=test, classes=10,
-                       sizes=PHOTO_SIZES, seed=args.seed)
+    summary = generate(
+        data,
+        labeled=labeled,
+        unlabeled=args.images - labeled - test,
+        test=test,
+        classes=10,
+        sizes=PHOTO_SIZES,
+        seed=args.seed,
+    )
     print(f"generated {summary.line()}", flush=True)
     return data
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=3000, help="photos to generate (10%% labeled, 2%% test, 10 classes)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--images", type=int, default=3000, help="photos to generate (10%% labeled, 2%% test, 10 classes)"
+    )
     parser.add_argument("--data", help="use this generated folder instead (benchmarks.synthetic_images)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=SIZE, help="prepare.image_size")
-    parser.add_argument("--smoke", action="store_true", help="300 photos, 2 rounds, results marked as a smoke run")
-    parser.add_argument("--out", help="results path without suffix (default benchmarks/results/prepare_throughput"
-                                      "[_smoke])")
+    parser.add_argument(
+        "--smoke", action="store_true", help="300 photos, 2 rounds, results marked as a smoke run"
+    )
+    parser.add_argument(
+        "--out", help="results path without suffix (default benchmarks/results/prepare_throughput[_smoke])"
+    )
     # One measurement in this (child) process: used by the benchmark itself.
     parser.add_argument("--measure", choices=["naive", "torchvision", "kdpipe"], help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, help=argparse.SUPPRESS)
@@ -306,8 +371,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.images, args.rounds = min(args.images, 300), min(args.rounds, 2)
     out = REPO / (args.out or f"benchmarks/results/prepare_throughput{'_smoke' if args.smoke else ''}")
-    result: dict = {**provenance("benchmarks.prepare_throughput", argv), "cpus": os.cpu_count(), "smoke": args.smoke,
-                    "size": args.size, "rounds": args.rounds}
+    result: dict = {
+        **provenance("benchmarks.prepare_throughput", argv),
+        "cpus": os.cpu_count(),
+        "smoke": args.smoke,
+        "size": args.size,
+        "rounds": args.rounds,
+    }
 
     with tempfile.TemporaryDirectory(prefix="kdpipe-prepare-bench-") as tmp:
         scratch = Path(tmp)
@@ -315,8 +385,12 @@ def main(argv: list[str] | None = None) -> int:
         files = image_files(data)
         total_bytes = sum(p.stat().st_size for p in files)
         sizes = sorted({_dimensions(p) for p in files[:: max(1, len(files) // 200)]})
-        result["data"] = {"images": len(files), "mean_kib": total_bytes / 1024 / max(1, len(files)),
-                          "sizes": ", ".join(f"{w}x{h}" for w, h in sizes), "generated": not args.data}
+        result["data"] = {
+            "images": len(files),
+            "mean_kib": total_bytes / 1024 / max(1, len(files)),
+            "sizes": ", ".join(f"{w}x{h}" for w, h in sizes),
+            "generated": not args.data,
+        }
         result["page_cache_warmup_s"] = round(warm_page_cache(files), 2)
         measurer = Measurer(data, args.size, scratch)
         result["workers_setting"] = has_workers_setting()
@@ -324,10 +398,13 @@ def main(argv: list[str] | None = None) -> int:
         raw = throughput_rounds(measurer, chosen, args.rounds)
         result["raw"] = raw
         result["rows"] = summarise(raw, chosen[0][0])
-        result["best_kdpipe_ratio"] = max(r["ratio_to_naive"] for r in result["rows"] if r["way"].startswith("kdpipe"))
+        result["best_kdpipe_ratio"] = max(
+            r["ratio_to_naive"] for r in result["rows"] if r["way"].startswith("kdpipe")
+        )
         result["core_scaling"] = core_scaling(raw, chosen)
-        result["incremental"] = incremental(measurer, data, 0 if result["workers_setting"] else None, len(files),
-                                         args.rounds)
+        result["incremental"] = incremental(
+            measurer, data, 0 if result["workers_setting"] else None, len(files), args.rounds
+        )
 
     write_results(out, result, render(result))
     return 0

@@ -61,8 +61,10 @@ def augment_rate(batch: int = 32, repeats: int = 3) -> dict[str, float]:
 
     x = torch.randint(0, 256, (batch, 3, SIZE, SIZE), dtype=torch.uint8)
     cfg, gen = AugmentConfig(), make_generator(0)
-    return {kind: batch / _timed(lambda p=p: augment(x, gen, p, cfg), repeats)
-            for kind, p in (("weak", 0.0), ("strong", 1.0))}
+    return {
+        kind: batch / _timed(lambda p=p: augment(x, gen, p, cfg), repeats)
+        for kind, p in (("weak", 0.0), ("strong", 1.0))
+    }
 
 
 def teacher_rate(batch: int = 16, repeats: int = 3) -> float:
@@ -105,21 +107,55 @@ def extrapolate(measured: dict) -> list[dict]:
     augment_cpu = measured["augment_per_core"] * CORES
     teacher_cpu = measured["teacher_per_core"] * CORES
     rows = [
-        {"stage": "prepare (decode + resize, 32 worker processes)", "rate": prepare_rate, "unit": "images/s",
-         "work": IMAGES, "basis": f"{measured['prepare_per_core']:.0f} images/s per process x {CORES}"},
-        {"stage": "augment: views on the GPU", "rate": None, "unit": "views/s", "work": views,
-         "basis": "GPU (not measured); small next to the teacher's inference below"},
-        {"stage": "augment: views on 32 CPU cores (no GPU)", "rate": augment_cpu, "unit": "views/s",
-         "work": views, "basis": f"{measured['augment_per_core']:.0f} views/s per core x {CORES}"},
-        {"stage": "augment: teacher logits, GPU (assumed)", "rate": ASSUMED_GPU_TEACHER_IMAGES_PER_S,
-         "unit": "views/s", "work": views, "basis": "assumption: Lite0 fp16 on one data-centre GPU"},
-        {"stage": "augment: teacher logits, 32 CPU cores (onnxruntime)", "rate": teacher_cpu, "unit": "views/s",
-         "work": views, "basis": f"{measured['teacher_per_core']:.1f} images/s per core x {CORES}"},
-        {"stage": "distill input pipeline (1 gather thread)", "rate": measured["assembly_per_thread"],
-         "unit": "images/s", "work": None, "basis": "batch_assembly, 224 px, GPU host part with prefetch"},
-        {"stage": "distill: student training, GPU (assumed), 10 epochs of 1M", "rate":
-         ASSUMED_GPU_STUDENT_TRAIN_IMAGES_PER_S, "unit": "images/s", "work": 10 * IMAGES,
-         "basis": "assumption: small student fwd+bwd at 224 px on one data-centre GPU"},
+        {
+            "stage": "prepare (decode + resize, 32 worker processes)",
+            "rate": prepare_rate,
+            "unit": "images/s",
+            "work": IMAGES,
+            "basis": f"{measured['prepare_per_core']:.0f} images/s per process x {CORES}",
+        },
+        {
+            "stage": "augment: views on the GPU",
+            "rate": None,
+            "unit": "views/s",
+            "work": views,
+            "basis": "GPU (not measured); small next to the teacher's inference below",
+        },
+        {
+            "stage": "augment: views on 32 CPU cores (no GPU)",
+            "rate": augment_cpu,
+            "unit": "views/s",
+            "work": views,
+            "basis": f"{measured['augment_per_core']:.0f} views/s per core x {CORES}",
+        },
+        {
+            "stage": "augment: teacher logits, GPU (assumed)",
+            "rate": ASSUMED_GPU_TEACHER_IMAGES_PER_S,
+            "unit": "views/s",
+            "work": views,
+            "basis": "assumption: Lite0 fp16 on one data-centre GPU",
+        },
+        {
+            "stage": "augment: teacher logits, 32 CPU cores (onnxruntime)",
+            "rate": teacher_cpu,
+            "unit": "views/s",
+            "work": views,
+            "basis": f"{measured['teacher_per_core']:.1f} images/s per core x {CORES}",
+        },
+        {
+            "stage": "distill input pipeline (1 gather thread)",
+            "rate": measured["assembly_per_thread"],
+            "unit": "images/s",
+            "work": None,
+            "basis": "batch_assembly, 224 px, GPU host part with prefetch",
+        },
+        {
+            "stage": "distill: student training, GPU (assumed), 10 epochs of 1M",
+            "rate": ASSUMED_GPU_STUDENT_TRAIN_IMAGES_PER_S,
+            "unit": "images/s",
+            "work": 10 * IMAGES,
+            "basis": "assumption: small student fwd+bwd at 224 px on one data-centre GPU",
+        },
     ]
     for row in rows:
         row["hours"] = None if not row["rate"] or not row["work"] else row["work"] / row["rate"] / 3600
@@ -134,12 +170,17 @@ def disk() -> list[dict]:
         {"what": "prepared arrays (uint8, 224x224x3)", "gb": IMAGES * image / gb},
         {"what": "decode spool while prepare runs (freed at its end)", "gb": IMAGES * image / gb},
         {"what": f"stored views ({VIEWS} per image, uint8)", "gb": IMAGES * VIEWS * image / gb},
-        {"what": f"teacher logits ({VIEWS} views x {CLASSES} classes, float32)", "gb": IMAGES * VIEWS * CLASSES * 4 / gb},
+        {
+            "what": f"teacher logits ({VIEWS} views x {CLASSES} classes, float32)",
+            "gb": IMAGES * VIEWS * CLASSES * 4 / gb,
+        },
     ]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.parse_args(argv)
     torch.set_num_threads(1)
     prepare_one, pool_speedup = _prepare_rates(_read("prepare_throughput"))
@@ -155,9 +196,17 @@ def main(argv: list[str] | None = None) -> None:
         "assembly_per_thread": _assembly_rate(_read("batch_assembly")),
     }
     rows, space = extrapolate(measured), disk()
-    result = {**provenance("benchmarks.scale_extrapolation", argv), "cpu": cpu_description(), "measured_per_core": measured, "stages": rows,
-              "disk_gb": space, "assumptions": {"gpu_teacher_images_per_s": ASSUMED_GPU_TEACHER_IMAGES_PER_S,
-                                                "gpu_student_train_images_per_s": ASSUMED_GPU_STUDENT_TRAIN_IMAGES_PER_S}}
+    result = {
+        **provenance("benchmarks.scale_extrapolation", argv),
+        "cpu": cpu_description(),
+        "measured_per_core": measured,
+        "stages": rows,
+        "disk_gb": space,
+        "assumptions": {
+            "gpu_teacher_images_per_s": ASSUMED_GPU_TEACHER_IMAGES_PER_S,
+            "gpu_student_train_images_per_s": ASSUMED_GPU_STUDENT_TRAIN_IMAGES_PER_S,
+        },
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "scale_extrapolation.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / "scale_extrapolation.md").write_text(_markdown(result))
@@ -166,16 +215,23 @@ def main(argv: list[str] | None = None) -> None:
 
 def _markdown(result: dict) -> str:
     m = result["measured_per_core"]
-    lines = [f"# 1M images at 224 px on {CORES} cores + 1 GPU, from rates measured here", "",
-             f"Command: `.venv/bin/python -m benchmarks.scale_extrapolation` ({result['cpu']}, {result.get('date', '')}).",
-             "", "Measured per core (one thread or process):", "",
-             f"- prepare: {m['prepare_per_core']:.0f} images/s per process (its pool ran "
-             f"{m['prepare_pool_speedup_on_this_machine']:.2f}x faster on this machine's cores)",
-             f"- augment at 224 px: {m['augment_per_core_weak']:.0f} views/s weak, {m['augment_per_core_strong']:.0f} "
-             f"strong ({m['augment_per_core']:.0f} for the half-and-half mix)",
-             f"- teacher (Lite0, onnxruntime) at 224 px: {m['teacher_per_core']:.1f} images/s",
-             f"- batch assembly at 224 px: {m['assembly_per_thread']:,.0f} images/s per gather thread", "",
-             "| stage | rate on 32 cores + 1 GPU | work | hours | basis |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        f"# 1M images at 224 px on {CORES} cores + 1 GPU, from rates measured here",
+        "",
+        f"Command: `.venv/bin/python -m benchmarks.scale_extrapolation` ({result['cpu']}, {result.get('date', '')}).",
+        "",
+        "Measured per core (one thread or process):",
+        "",
+        f"- prepare: {m['prepare_per_core']:.0f} images/s per process (its pool ran "
+        f"{m['prepare_pool_speedup_on_this_machine']:.2f}x faster on this machine's cores)",
+        f"- augment at 224 px: {m['augment_per_core_weak']:.0f} views/s weak, {m['augment_per_core_strong']:.0f} "
+        f"strong ({m['augment_per_core']:.0f} for the half-and-half mix)",
+        f"- teacher (Lite0, onnxruntime) at 224 px: {m['teacher_per_core']:.1f} images/s",
+        f"- batch assembly at 224 px: {m['assembly_per_thread']:,.0f} images/s per gather thread",
+        "",
+        "| stage | rate on 32 cores + 1 GPU | work | hours | basis |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for row in result["stages"]:
         rate = "-" if row["rate"] is None else f"{row['rate']:,.0f} {row['unit']}"
         work = "-" if row["work"] is None else f"{row['work']:,}"

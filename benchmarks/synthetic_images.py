@@ -73,9 +73,11 @@ class Summary:
 
     def line(self) -> str:
         mib = self.bytes / 2**20
-        return (f"{self.files} JPEGs, {mib:.1f} MiB ({mib * 1024 / max(self.files, 1):.1f} KiB each), "
-                f"in {self.seconds:.1f} s ({self.files / max(self.seconds, 1e-9):.0f} images/s): "
-                + ", ".join(f"{n} {split}" for split, n in self.counts.items()))
+        return (
+            f"{self.files} JPEGs, {mib:.1f} MiB ({mib * 1024 / max(self.files, 1):.1f} KiB each), "
+            f"in {self.seconds:.1f} s ({self.files / max(self.seconds, 1e-9):.0f} images/s): "
+            + ", ".join(f"{n} {split}" for split, n in self.counts.items())
+        )
 
 
 # ------------------------------------------------------------------------------------- drawing
@@ -135,7 +137,9 @@ def _scene(rng: np.random.Generator, width: int, height: int, colour: np.ndarray
     canvas = _background(rng, *half, colour)
     _draw_shapes(rng, canvas, colour)
     canvas = canvas.resize((width, height), Image.Resampling.BILINEAR)
-    light = np.linspace(rng.uniform(1.0, 1.2), rng.uniform(0.7, 1.0), height, dtype=np.float32)  # lit from above
+    light = np.linspace(
+        rng.uniform(1.0, 1.2), rng.uniform(0.7, 1.0), height, dtype=np.float32
+    )  # lit from above
     return np.asarray(canvas, dtype=np.float32) * light[:, None, None]
 
 
@@ -249,9 +253,17 @@ def _run_tasks(tasks: list[_Task], style: _Style, workers: int | None) -> int:
 # ------------------------------------------------------------------------------------- API
 
 
-def generate(root: str | os.PathLike, labeled: int, unlabeled: int, test: int = 0, classes: int = 10,
-             sizes: Iterable[tuple[int, int]] = THUMBNAIL_SIZES, seed: int = 0, quality: int = 90,
-             workers: int | None = None) -> Summary:
+def generate(
+    root: str | os.PathLike,
+    labeled: int,
+    unlabeled: int,
+    test: int = 0,
+    classes: int = 10,
+    sizes: Iterable[tuple[int, int]] = THUMBNAIL_SIZES,
+    seed: int = 0,
+    quality: int = 90,
+    workers: int | None = None,
+) -> Summary:
     """Write a new image folder at ``root`` (which must not exist or be empty); return a summary.
 
     ``sizes``: (width, height) pairs, one picked at random per image. ``workers``: processes (0 or
@@ -263,8 +275,9 @@ def generate(root: str | os.PathLike, labeled: int, unlabeled: int, test: int = 
     if not sizes:
         raise ValueError("sizes: give at least one WIDTHxHEIGHT")
     if classes < 2 or labeled < classes:
-        raise ValueError(f"need at least 2 classes and one labeled image per class (classes={classes}, "
-                         f"labeled={labeled})")
+        raise ValueError(
+            f"need at least 2 classes and one labeled image per class (classes={classes}, labeled={labeled})"
+        )
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root}: exists and is not empty; generate into a new folder")
     start = time.perf_counter()
@@ -272,13 +285,23 @@ def generate(root: str | os.PathLike, labeled: int, unlabeled: int, test: int = 
     total = _run_tasks(tasks, _Style(str(root), classes, sizes, quality), workers)
     settings = {"classes": classes, "sizes": [list(s) for s in sizes], "seed": seed, "quality": quality}
     (root / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
-    return Summary(str(root), {"labeled": labeled, "unlabeled": unlabeled, "test": test}, len(tasks), total,
-                   round(time.perf_counter() - start, 2), [list(s) for s in sizes])
+    return Summary(
+        str(root),
+        {"labeled": labeled, "unlabeled": unlabeled, "test": test},
+        len(tasks),
+        total,
+        round(time.perf_counter() - start, 2),
+        [list(s) for s in sizes],
+    )
 
 
 def next_batch_number(unlabeled: Path) -> int:
     """One past the highest ``batch-NNNN`` folder (or .dvc file) under ``unlabeled/``, as ingest numbers them."""
-    numbers = [int(m[1]) for p in unlabeled.iterdir() if (m := BATCH_NAME.match(p.name))] if unlabeled.is_dir() else []
+    numbers = (
+        [int(m[1]) for p in unlabeled.iterdir() if (m := BATCH_NAME.match(p.name))]
+        if unlabeled.is_dir()
+        else []
+    )
     return max(numbers, default=-1) + 1
 
 
@@ -298,7 +321,9 @@ def add_unlabeled_batch(root: str | os.PathLike, count: int, workers: int | None
     name = f"batch-{number:04d}"
     hidden = f".tmp-{name}"
     shutil.rmtree(unlabeled / hidden, ignore_errors=True)  # left over by an interrupted run
-    style = _Style(str(root), settings["classes"], tuple((w, h) for w, h in settings["sizes"]), settings["quality"])
+    style = _Style(
+        str(root), settings["classes"], tuple((w, h) for w, h in settings["sizes"]), settings["quality"]
+    )
     tasks = _unlabeled_tasks(f"unlabeled/{hidden}", _STREAM_ADDED_BATCH + number, count, settings["seed"])
     _run_tasks(tasks, style, workers)
     (unlabeled / hidden).mkdir(exist_ok=True)  # count == 0: still an (empty) batch, as asked
@@ -315,27 +340,49 @@ def image_files(root: str | os.PathLike) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("out", help="folder to create (or, with --add-batch, an existing generated folder)")
     parser.add_argument("--labeled", type=int, default=1000, help="labeled images, spread over the classes")
-    parser.add_argument("--unlabeled", type=int, default=9000, help="unlabeled images (unlabeled/batch-0000/)")
+    parser.add_argument(
+        "--unlabeled", type=int, default=9000, help="unlabeled images (unlabeled/batch-0000/)"
+    )
     parser.add_argument("--test", type=int, default=0, help="test images, spread over the classes")
     parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--size", action="append", type=parse_size, metavar="WxH",
-                        help="an image size (repeatable: each image picks one); default 32x32 and 48x48")
+    parser.add_argument(
+        "--size",
+        action="append",
+        type=parse_size,
+        metavar="WxH",
+        help="an image size (repeatable: each image picks one); default 32x32 and 48x48",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality")
     parser.add_argument("--workers", type=int, default=0, help="processes; 0 = every core")
-    parser.add_argument("--add-batch", type=int, metavar="COUNT",
-                        help="instead: add COUNT new unlabeled images as the next batch folder of OUT")
+    parser.add_argument(
+        "--add-batch",
+        type=int,
+        metavar="COUNT",
+        help="instead: add COUNT new unlabeled images as the next batch folder of OUT",
+    )
     args = parser.parse_args(argv)
     if args.add_batch is not None:
         start = time.perf_counter()
         folder = add_unlabeled_batch(args.out, args.add_batch, workers=args.workers)
         print(f"{folder}: {args.add_batch} new images in {time.perf_counter() - start:.1f} s")
         return 0
-    summary = generate(args.out, args.labeled, args.unlabeled, args.test, args.classes,
-                       args.size or THUMBNAIL_SIZES, args.seed, args.quality, args.workers)
+    summary = generate(
+        args.out,
+        args.labeled,
+        args.unlabeled,
+        args.test,
+        args.classes,
+        args.size or THUMBNAIL_SIZES,
+        args.seed,
+        args.quality,
+        args.workers,
+    )
     print(f"{args.out}: {summary.line()}")
     return 0
 

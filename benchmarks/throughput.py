@@ -31,8 +31,14 @@ REPO = Path(__file__).resolve().parents[1]
 def _trainer(params, workdir: Path):
     from kdpipe.steps.distill import build_trainer
 
-    return build_trainer(params, REPO / "artifacts/prepared", REPO / "artifacts/augmented",
-                         REPO / "artifacts/teacher", workdir, progress=False)
+    return build_trainer(
+        params,
+        REPO / "artifacts/prepared",
+        REPO / "artifacts/augmented",
+        REPO / "artifacts/teacher",
+        workdir,
+        progress=False,
+    )
 
 
 def _naive_loaders(params, batch: int, unlabeled_batch: int, views: int, workers: int):
@@ -41,12 +47,20 @@ def _naive_loaders(params, batch: int, unlabeled_batch: int, views: int, workers
     from torchvision import datasets, transforms
 
     size = params.prepare.image_size
-    weak = [transforms.Resize((size, size)), transforms.RandomCrop(size, padding=params.augment.pad,
-                                                                    padding_mode="reflect")]
+    weak = [
+        transforms.Resize((size, size)),
+        transforms.RandomCrop(size, padding=params.augment.pad, padding_mode="reflect"),
+    ]
     if params.augment.flip:
         weak.append(transforms.RandomHorizontalFlip())
-    strong = transforms.Compose([*weak, transforms.RandAugment(num_ops=params.augment.num_ops),
-                                 transforms.ToTensor(), transforms.RandomErasing(p=params.augment.erase_prob)])
+    strong = transforms.Compose(
+        [
+            *weak,
+            transforms.RandAugment(num_ops=params.augment.num_ops),
+            transforms.ToTensor(),
+            transforms.RandomErasing(p=params.augment.erase_prob),
+        ]
+    )
     weak_t = transforms.Compose([*weak, transforms.ToTensor()])
 
     def multi_view(img):
@@ -68,7 +82,10 @@ def _naive_loaders(params, batch: int, unlabeled_batch: int, views: int, workers
     labeled = datasets.ImageFolder(REPO / params.data.root / "labeled", transform=multi_view)
     unlabeled = Flat(REPO / params.data.root / "unlabeled")
     kw = dict(shuffle=True, drop_last=True, num_workers=workers, persistent_workers=workers > 0)
-    return (DataLoader(labeled, batch_size=batch, **kw), DataLoader(unlabeled, batch_size=unlabeled_batch, **kw))
+    return (
+        DataLoader(labeled, batch_size=batch, **kw),
+        DataLoader(unlabeled, batch_size=unlabeled_batch, **kw),
+    )
 
 
 def run(args) -> dict:
@@ -84,8 +101,10 @@ def run(args) -> dict:
     trainer = _trainer(params, workdir)
     n_samples = trainer.cfg.batch_size + trainer.sampler.unlabeled_size
     fixed = trainer.next_batch()
-    loaders = _naive_loaders(params, trainer.cfg.batch_size, trainer.sampler.unlabeled_size,
-                             trainer.recipe.num_views, args.workers)
+    loaders = _naive_loaders(
+        params, trainer.cfg.batch_size, trainer.sampler.unlabeled_size, trainer.recipe.num_views, args.workers
+    )
+
     def endless(loader):  # a small labeled set runs out of batches: start a new epoch, as users do
         while True:
             yield from loader
@@ -100,7 +119,9 @@ def run(args) -> dict:
         labels = torch.cat([yl, torch.full((len(xu),), -1)])
         views = [x[:, k] for k in range(x.shape[1])]
         wanted = set(trainer.recipe.teacher_views)
-        return Batch(labels, views, [v if k in wanted else None for k, v in enumerate(views)], [None] * len(views))
+        return Batch(
+            labels, views, [v if k in wanted else None for k, v in enumerate(views)], [None] * len(views)
+        )
 
     modes = {
         "kdpipe distill step": lambda: trainer.step(),
@@ -119,9 +140,14 @@ def run(args) -> dict:
     kd, bound, naive = (rates[n] for n in modes)
     return {
         "machine": f"{cpu_description()}, {args.threads} torch threads, DataLoader workers {args.workers}",
-        "recipe": "full", "student": params.train.student_arch, "teacher": params.teacher.arch,
-        "samples_per_step": n_samples, "views": trainer.recipe.num_views, "image_size": params.prepare.image_size,
-        "rounds": args.rounds, "steps_per_round": args.steps,
+        "recipe": "full",
+        "student": params.train.student_arch,
+        "teacher": params.teacher.arch,
+        "samples_per_step": n_samples,
+        "views": trainer.recipe.num_views,
+        "image_size": params.prepare.image_size,
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
         "images_per_s": {name: statistics.median(v) for name, v in rates.items()},
         "kdpipe / compute-only bound": statistics.median(k / b for k, b in zip(kd, bound, strict=True)),
         "kdpipe / naive": statistics.median(k / n for k, n in zip(kd, naive, strict=True)),
@@ -129,18 +155,27 @@ def run(args) -> dict:
 
 
 def markdown(r: dict) -> str:
-    lines = [f"Machine: {r['machine']}; recipe {r['recipe']} ({r['student']} student, {r['teacher']} teacher), "
-             f"{r['samples_per_step']} samples x {r['views']} views per step, {r['image_size']}px, "
-             f"{r['rounds']} interleaved rounds of {r['steps_per_round']} steps.", "",
-             "| pipeline | images/s |", "| --- | --- |"]
+    lines = [
+        f"Machine: {r['machine']}; recipe {r['recipe']} ({r['student']} student, {r['teacher']} teacher), "
+        f"{r['samples_per_step']} samples x {r['views']} views per step, {r['image_size']}px, "
+        f"{r['rounds']} interleaved rounds of {r['steps_per_round']} steps.",
+        "",
+        "| pipeline | images/s |",
+        "| --- | --- |",
+    ]
     lines += [f"| {k} | {v:.1f} |" for k, v in r["images_per_s"].items()]
-    lines += ["", f"kdpipe / compute-only bound = {r['kdpipe / compute-only bound']:.2f}; "
-                  f"kdpipe / naive = {r['kdpipe / naive']:.2f} (medians of per-round ratios)."]
+    lines += [
+        "",
+        f"kdpipe / compute-only bound = {r['kdpipe / compute-only bound']:.2f}; "
+        f"kdpipe / naive = {r['kdpipe / naive']:.2f} (medians of per-round ratios).",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)

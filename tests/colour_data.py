@@ -16,8 +16,15 @@ from kdpipe.training.models import build_model
 COLOURS = {"blue": (40, 40, 200), "green": (40, 200, 40), "red": (200, 40, 40)}
 
 
-def write_images(root: Path, split: str, counts: dict[str, int], seed: int, max_side: int = 24,
-                 noise: float = 40, mixed_formats: bool = False) -> None:
+def write_images(
+    root: Path,
+    split: str,
+    counts: dict[str, int],
+    seed: int,
+    max_side: int = 24,
+    noise: float = 40,
+    mixed_formats: bool = False,
+) -> None:
     """Noisy solid-colour images of random, non-square sizes under ``root/split/<colour>/``."""
     rng = np.random.default_rng(seed)
     for name, n in counts.items():

@@ -97,8 +97,14 @@ def _class_image(label: int, rng: np.random.Generator, size: int = 16) -> np.nda
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def write_tiny_dataset(root: Path, labeled_per_class: int = 14, unlabeled: int = 60, test_per_class: int = 2,
-                       size: int = 16, seed: int = 0) -> Path:
+def write_tiny_dataset(
+    root: Path,
+    labeled_per_class: int = 14,
+    unlabeled: int = 60,
+    test_per_class: int = 2,
+    size: int = 16,
+    seed: int = 0,
+) -> Path:
     """labeled/<class>/, unlabeled/, test/<class>/ of real PNG files with class-dependent patterns."""
     from PIL import Image
 
@@ -133,19 +139,47 @@ def tiny_params(**train_overrides):
     from kdpipe.core.params import validate_params
 
     train = {
-        "recipe": "cotrain", "student_arch": "cnn_tiny", "batch_size": 8, "mu": 1.0, "lr": 0.05,
-        "max_iterations": 20, "epoch_iterations": 5, "eval_every": 5, "checkpoint_every": 5,
-        "views": 2, "device": "cpu", "amp": "off", "channels_last": "off", "threads": 1, "seed": 0,
+        "recipe": "cotrain",
+        "student_arch": "cnn_tiny",
+        "batch_size": 8,
+        "mu": 1.0,
+        "lr": 0.05,
+        "max_iterations": 20,
+        "epoch_iterations": 5,
+        "eval_every": 5,
+        "checkpoint_every": 5,
+        "views": 2,
+        "device": "cpu",
+        "amp": "off",
+        "channels_last": "off",
+        "threads": 1,
+        "seed": 0,
     }
     train.update(train_overrides)
-    return validate_params({
-        "prepare": {"image_size": 16, "val_fraction": 0.2},
-        # torch computes the cached teacher logits here, so the cache equals running the teacher bit for bit
-        "augment": {"views": 2, "preview_samples": 2, "pad": 2, "teacher_inference": "torch", "logits_dtype": "float32"},
-        "teacher": {"arch": "cnn_tiny", "weights": None, "max_iterations": 20, "batch_size": 8, "eval_every": 10,
-                    "lr": 0.05, "backbone_lr_scale": 1.0, "freeze_batchnorm": False},
-        "train": train,
-    })
+    return validate_params(
+        {
+            "prepare": {"image_size": 16, "val_fraction": 0.2},
+            # torch computes the cached teacher logits here, so the cache equals running the teacher bit for bit
+            "augment": {
+                "views": 2,
+                "preview_samples": 2,
+                "pad": 2,
+                "teacher_inference": "torch",
+                "logits_dtype": "float32",
+            },
+            "teacher": {
+                "arch": "cnn_tiny",
+                "weights": None,
+                "max_iterations": 20,
+                "batch_size": 8,
+                "eval_every": 10,
+                "lr": 0.05,
+                "backbone_lr_scale": 1.0,
+                "freeze_batchnorm": False,
+            },
+            "train": train,
+        }
+    )
 
 
 @pytest.fixture(scope="session")
@@ -163,8 +197,13 @@ def tiny_pipeline_dirs(tmp_path_factory):
     threads = torch.get_num_threads()
     base = tmp_path_factory.mktemp("tiny_pipeline")
     params = tiny_params()
-    dirs = {"root": base, "data": base / "data", "prepared": base / "prepared",
-            "augmented": base / "augmented", "teacher": base / "teacher"}
+    dirs = {
+        "root": base,
+        "data": base / "data",
+        "prepared": base / "prepared",
+        "augmented": base / "augmented",
+        "teacher": base / "teacher",
+    }
     write_tiny_dataset(dirs["data"])
     try:
         prepare.run(params, dirs["data"], dirs["prepared"])
@@ -194,7 +233,9 @@ def run_distill(tiny_pipeline_dirs):
         threads = torch.get_num_threads()
         d = tiny_pipeline_dirs
         try:
-            return distill.run(tiny_params(**train_overrides), d["prepared"], d["augmented"], d["teacher"], out_dir)
+            return distill.run(
+                tiny_params(**train_overrides), d["prepared"], d["augmented"], d["teacher"], out_dir
+            )
         finally:
             torch.set_num_threads(threads)
 

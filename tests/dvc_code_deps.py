@@ -34,7 +34,9 @@ NO_EFFECT_ON_OUTPUTS = {
 def module_file(module: str) -> str:
     """``kdpipe.data.walk`` -> ``data/walk.py`` (``__init__.py`` for a package)."""
     path = PACKAGE.joinpath(*module.split(".")[1:])
-    return (path / "__init__.py" if path.is_dir() else path.with_suffix(".py")).relative_to(PACKAGE).as_posix()
+    return (
+        (path / "__init__.py" if path.is_dir() else path.with_suffix(".py")).relative_to(PACKAGE).as_posix()
+    )
 
 
 def import_closure(module: str, graph: dict[str, set[str]]) -> set[str]:

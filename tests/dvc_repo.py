@@ -16,15 +16,23 @@ KDPIPE = str(BIN / "kdpipe")
 def repo_env(**extra: str) -> dict[str, str]:
     """This environment with the venv first on PATH (dvc.yaml stages call ``kdpipe``), step tracking
     off and a git identity, plus ``extra``."""
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "KDPIPE_TRACKING": "0",
-            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com", **extra}
+    return {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "KDPIPE_TRACKING": "0",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
+        **extra,
+    }
 
 
 def run(cmd, cwd, env, timeout: float = 240) -> str:
     """Run a command; fail the test with its output unless it exits 0. Returns stdout."""
-    done = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    done = subprocess.run(
+        [str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert done.returncode == 0, f"{cmd}: exit {done.returncode}\n{done.stdout}\n{done.stderr}"
     return done.stdout
 

@@ -23,7 +23,9 @@ def serve(handle: Handle) -> Iterator[str]:
             url = urllib.parse.urlsplit(self.path)
             length = int(self.headers.get("Content-Length") or 0)
             body = json.loads(self.rfile.read(length)) if length else None
-            status, payload = handle(method, url.path, urllib.parse.parse_qs(url.query), body, dict(self.headers))
+            status, payload = handle(
+                method, url.path, urllib.parse.parse_qs(url.query), body, dict(self.headers)
+            )
             data = json.dumps(payload).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")

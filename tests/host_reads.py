@@ -15,8 +15,18 @@ class HostReads(TorchDispatchMode):
     (``bincount`` reads its input's min and max, ``nonzero`` its output size, boolean indexing is a
     ``nonzero``); ``.tolist()`` and ``.numpy()`` do not dispatch on a CPU tensor, so the caller wraps them."""
 
-    SYNCING = {"_local_scalar_dense", "nonzero", "bincount", "masked_select", "_unique2", "unique_dim",
-               "unique_consecutive", "repeat_interleave", "equal", "is_nonzero"}
+    SYNCING = {
+        "_local_scalar_dense",
+        "nonzero",
+        "bincount",
+        "masked_select",
+        "_unique2",
+        "unique_dim",
+        "unique_consecutive",
+        "repeat_interleave",
+        "equal",
+        "is_nonzero",
+    }
 
     def __init__(self):
         super().__init__()
@@ -24,8 +34,10 @@ class HostReads(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if name in self.SYNCING or (name == "index" and any(
-                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)):
+        if name in self.SYNCING or (
+            name == "index"
+            and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)
+        ):
             self.count += 1
         return func(*args, **(kwargs or {}))
 
@@ -41,7 +53,10 @@ def count_host_reads(fn) -> int:
 
         return wrapped
 
-    with (mock.patch.object(torch.Tensor, "tolist", counted(torch.Tensor.tolist)),
-          mock.patch.object(torch.Tensor, "numpy", counted(torch.Tensor.numpy)), mode):
+    with (
+        mock.patch.object(torch.Tensor, "tolist", counted(torch.Tensor.tolist)),
+        mock.patch.object(torch.Tensor, "numpy", counted(torch.Tensor.numpy)),
+        mode,
+    ):
         fn()
     return mode.count

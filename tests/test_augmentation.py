@@ -180,13 +180,19 @@ def test_the_way_follows_the_device():
 
 
 @pytest.mark.parametrize("num_ops", [1, 2, 5])
-@pytest.mark.parametrize("ops", [aug.OPS, aug.COLOR_OPS, aug.GEOMETRIC_OPS, ("identity", "rotate", "solarize")])
+@pytest.mark.parametrize(
+    "ops", [aug.OPS, aug.COLOR_OPS, aug.GEOMETRIC_OPS, ("identity", "rotate", "solarize")]
+)
 def test_masked_strong_is_the_grouped_strong_without_host_reads(num_ops, ops):
     x = _images(n=40, seed=3)
     grouped = strong(x, make_generator(5), num_ops=num_ops, ops=ops, grouped=True)
     out = []
-    assert count_host_reads(lambda: out.append(strong(x, make_generator(5), num_ops=num_ops, ops=ops,
-                                                       grouped=False))) == 0
+    assert (
+        count_host_reads(
+            lambda: out.append(strong(x, make_generator(5), num_ops=num_ops, ops=ops, grouped=False))
+        )
+        == 0
+    )
     masked = out[0]
     assert torch.allclose(masked, grouped, atol=1e-5)
     assert not torch.allclose(masked, x.float() / 255, atol=1e-2)  # the policy did change the images
@@ -205,8 +211,14 @@ def test_masked_augment_keeps_the_strong_policy_for_the_selected_samples():
     gen = make_generator(9)
     weak_views = weak(x, gen, pad=cfg.pad, flip=cfg.flip)
     selected = torch.rand(len(x), generator=gen) < p
-    strong_views = strong(weak_views.clone(), gen, num_ops=cfg.num_ops, magnitude=cfg.magnitude,
-                          erase_prob=cfg.erase_prob, grouped=False)
+    strong_views = strong(
+        weak_views.clone(),
+        gen,
+        num_ops=cfg.num_ops,
+        magnitude=cfg.magnitude,
+        erase_prob=cfg.erase_prob,
+        grouped=False,
+    )
     assert 0 < int(selected.sum()) < len(x)
     assert torch.equal(out[~selected], weak_views[~selected])
     assert torch.equal(out[selected], strong_views[selected])

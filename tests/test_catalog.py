@@ -3,8 +3,10 @@ from it, and dvc.yaml and the Kubeflow components must agree with it (these test
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,9 @@ DVC = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
 def _dvc_param_groups(stage: dict) -> set[str]:
     groups = set()
     for entry in stage.get("params", []):
-        keys = entry if isinstance(entry, str) else next(iter(entry.values()))  # "train" / "train.lr" / {file: [...]}
+        keys = (
+            entry if isinstance(entry, str) else next(iter(entry.values()))
+        )  # "train" / "train.lr" / {file: [...]}
         for key in [keys] if isinstance(keys, str) else keys:
             groups.add(key.split(".")[0])
     return groups
@@ -62,13 +66,24 @@ def test_kubeflow_component_takes_the_steps_param_groups(name):
     if step.logs_itself:
         assert expected <= groups  # register records every group with the model
     else:
-        assert groups == expected, f"kdpipe/pipelines/components/{name}.py params (left) vs the catalog (right)"
-    source = inspect.getsource(component.python_func)
-    assert f'run_step("{name}"' in source or step.logs_itself, "components must run the step through run_step"
+        assert groups == expected, (
+            f"kdpipe/pipelines/components/{name}.py params (left) vs the catalog (right)"
+        )
+    tree = ast.parse(textwrap.dedent(inspect.getsource(component.python_func)))
+    calls = [
+        node.args[0].value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and getattr(node.func, "id", None) == "run_step"
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+    ]
+    assert calls == [name] or step.logs_itself, "components must run the step through run_step"
 
 
-def test_run_step_copies_the_reports_and_logs_the_step(tiny_pipeline_dirs, tiny_params_factory, tmp_path,
-                                                       monkeypatch):
+def test_run_step_copies_the_reports_and_logs_the_step(
+    tiny_pipeline_dirs, tiny_params_factory, tmp_path, monkeypatch
+):
     """The front-end-independent part of running a step (what the CLI and every Kubeflow component
     call): the step's reports copied, and its MLflow run logged with its numbers and curves."""
     import mlflow
@@ -80,11 +95,21 @@ def test_run_step_copies_the_reports_and_logs_the_step(tiny_pipeline_dirs, tiny_
     d = tiny_pipeline_dirs
     threads = torch.get_num_threads()
     try:
-        catalog.run_step("distill", tiny_params_factory(recipe="supervised", max_iterations=10),
-                         reports_dir=tmp_path / "reports", prepared_dir=d["prepared"], augmented_dir=d["augmented"],
-                         teacher_dir=d["teacher"], out_dir=tmp_path / "distill")
+        catalog.run_step(
+            "distill",
+            tiny_params_factory(recipe="supervised", max_iterations=10),
+            reports_dir=tmp_path / "reports",
+            prepared_dir=d["prepared"],
+            augmented_dir=d["augmented"],
+            teacher_dir=d["teacher"],
+            out_dir=tmp_path / "distill",
+        )
     finally:
         torch.set_num_threads(threads)
-    assert {p.name for p in (tmp_path / "reports").iterdir()} == {"metrics.json", "history.json", "schedule.json"}
+    assert {p.name for p in (tmp_path / "reports").iterdir()} == {
+        "metrics.json",
+        "history.json",
+        "schedule.json",
+    }
     runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`kdpipe.step` = 'distill'")
     assert len(runs) == 1 and runs["metrics.val_acc_student"].iloc[0] >= 0.0

@@ -12,10 +12,16 @@ from kdpipe.orchestration import cluster, kubeflow
 DIGEST = "sha256:" + "ab" * 32
 
 
-@pytest.mark.parametrize("ref, registry", [
-    ("kdpipe:0.1.0", None), ("team/kdpipe:1", None), (f"ghcr.io/team/kdpipe@{DIGEST}", "ghcr.io"),
-    ("registry.example.com:5000/kdpipe:1", "registry.example.com:5000"), ("localhost/kdpipe:1", "localhost"),
-])
+@pytest.mark.parametrize(
+    "ref, registry",
+    [
+        ("kdpipe:0.1.0", None),
+        ("team/kdpipe:1", None),
+        (f"ghcr.io/team/kdpipe@{DIGEST}", "ghcr.io"),
+        ("registry.example.com:5000/kdpipe:1", "registry.example.com:5000"),
+        ("localhost/kdpipe:1", "localhost"),
+    ],
+)
 def test_image_registry(ref, registry):
     assert cluster.image_registry(ref) == registry
 
@@ -31,8 +37,10 @@ def test_a_cluster_image_needs_a_registry_and_a_digest():
         cluster.check_image_for_cluster("ghcr.io/team/kdpipe@sha256:abc")  # not a sha256
 
 
-@pytest.mark.parametrize("text, version", [("2.15.0", (2, 15, 0)), ("v2.14.2-rc.1", (2, 14, 2)), ("2.5", (2, 5, 0)),
-                                           ("", None), ("dev", None)])
+@pytest.mark.parametrize(
+    "text, version",
+    [("2.15.0", (2, 15, 0)), ("v2.14.2-rc.1", (2, 14, 2)), ("2.5", (2, 5, 0)), ("", None), ("dev", None)],
+)
 def test_parse_version(text, version):
     assert cluster.parse_version(text) == version
 

@@ -45,7 +45,9 @@ def zygote(tmp_path_factory):
 
 def snapshot(folder: Path) -> dict[str, str]:
     """sha256 of every file in a step's output folder (hidden ones included: nothing may be extra)."""
-    return {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def assert_no_visible_strays(parent: Path, allowed: set[str]) -> None:
@@ -196,15 +198,25 @@ def test_export_killed_anywhere_leaves_old_or_new_output(zygote, tmp_path, tiny_
 
 # ---------------------------------------------------------------- distill: 10 kills, 10 resumes
 
-DISTILL_TRAIN = {"recipe": "full", "max_iterations": 24, "epoch_iterations": 6, "eval_every": 6,
-                 "checkpoint_every": 4, "threads": 1}
+DISTILL_TRAIN = {
+    "recipe": "full",
+    "max_iterations": 24,
+    "epoch_iterations": 6,
+    "eval_every": 6,
+    "checkpoint_every": 4,
+    "threads": 1,
+}
 TRIALS = 10
 
 
 def _distill_state(out: Path) -> dict:
     last = checkpoints.load(out / "last.pt")
-    return {"last": last, "student.pt": checkpoints.load(out / "student.pt"),
-            "teacher.pt": checkpoints.load(out / "teacher.pt"), "history": json.loads((out / "history.json").read_text())}
+    return {
+        "last": last,
+        "student.pt": checkpoints.load(out / "student.pt"),
+        "teacher.pt": checkpoints.load(out / "teacher.pt"),
+        "history": json.loads((out / "history.json").read_text()),
+    }
 
 
 def _same_tensors(a: dict, b: dict, what: str) -> None:
@@ -221,8 +233,9 @@ def _without_timing(history):
 
 def _assert_complete_files(out: Path) -> int:
     """Every file a killed distill left is whole; returns the iteration of last.pt (0 if none)."""
-    assert_no_visible_strays(out, {"last.pt", "student.pt", "teacher.pt", "history.json", "schedule.json",
-                                   "metrics.json"})
+    assert_no_visible_strays(
+        out, {"last.pt", "student.pt", "teacher.pt", "history.json", "schedule.json", "metrics.json"}
+    )
     for path in out.glob("*.pt"):
         checkpoints.load(path)  # raises on a truncated file
     for path in out.glob("*.json"):
@@ -230,15 +243,27 @@ def _assert_complete_files(out: Path) -> int:
     return int(checkpoints.load(out / "last.pt")["iteration"]) if (out / "last.pt").exists() else 0
 
 
-def test_distill_killed_ten_times_resumes_to_the_same_weights(zygote, tmp_path, tiny_pipeline_dirs,
-                                                              tiny_params_factory):
+def test_distill_killed_ten_times_resumes_to_the_same_weights(
+    zygote, tmp_path, tiny_pipeline_dirs, tiny_params_factory
+):
     d = tiny_pipeline_dirs
     params = tiny_params_factory(**DISTILL_TRAIN)
     cfg = params_file(tmp_path, params)
 
     def argv(out):
-        return ["distill", "--params", cfg, "--prepared-dir", d["prepared"], "--augmented-dir", d["augmented"],
-                "--teacher-dir", d["teacher"], "--out-dir", out]
+        return [
+            "distill",
+            "--params",
+            cfg,
+            "--prepared-dir",
+            d["prepared"],
+            "--augmented-dir",
+            d["augmented"],
+            "--teacher-dir",
+            d["teacher"],
+            "--out-dir",
+            out,
+        ]
 
     code, _, log = zygote.run(argv(tmp_path / "reference"), tmp_path)
     assert code == 0, log

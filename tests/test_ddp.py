@@ -87,9 +87,14 @@ def _read_batches(path):
     return [by_iteration[i] for i in sorted(by_iteration)][:ITERATIONS]
 
 
-BACKENDS = [pytest.param("cpu", id="gloo-cpu"),
-            pytest.param("cuda", id="nccl-cuda", marks=pytest.mark.skipif(
-                torch.cuda.device_count() < WORLD, reason=f"NCCL needs {WORLD} CUDA GPUs"))]
+BACKENDS = [
+    pytest.param("cpu", id="gloo-cpu"),
+    pytest.param(
+        "cuda",
+        id="nccl-cuda",
+        marks=pytest.mark.skipif(torch.cuda.device_count() < WORLD, reason=f"NCCL needs {WORLD} CUDA GPUs"),
+    ),
+]
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -100,21 +105,53 @@ def ddp_run(request, tiny_pipeline_dirs, tiny_params_factory, tmp_path_factory):
     out, record = base / "distill", base / "record"
     record.mkdir()
     # w_features > 0: the learned feature projection is trained too and must stay in sync across ranks
-    params = tiny_params_factory(recipe="cotrain", max_iterations=ITERATIONS, eval_every=4, epoch_iterations=4,
-                                 checkpoint_every=4, threads=1, w_features=0.5, device=request.param,
-                                 amp="off")
+    params = tiny_params_factory(
+        recipe="cotrain",
+        max_iterations=ITERATIONS,
+        eval_every=4,
+        epoch_iterations=4,
+        checkpoint_every=4,
+        threads=1,
+        w_features=0.5,
+        device=request.param,
+        amp="off",
+    )
     cfg = base / "cfg.json"
-    cfg.write_text(json.dumps({
-        "params": params.model_dump(mode="json"), "record_dir": str(record),
-        "paths": {"prepared_dir": str(d["prepared"]), "augmented_dir": str(d["augmented"]),
-                  "teacher_dir": str(d["teacher"]), "out_dir": str(out)},
-    }))
+    cfg.write_text(
+        json.dumps(
+            {
+                "params": params.model_dump(mode="json"),
+                "record_dir": str(record),
+                "paths": {
+                    "prepared_dir": str(d["prepared"]),
+                    "augmented_dir": str(d["augmented"]),
+                    "teacher_dir": str(d["teacher"]),
+                    "out_dir": str(out),
+                },
+            }
+        )
+    )
     script = base / "rank.py"
     script.write_text(RANK_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
     env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(WORLD),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), str(cfg)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        str(WORLD),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(script),
+        str(cfg),
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=base)
     except subprocess.TimeoutExpired as exc:  # torchrun kills its workers when it is killed
@@ -128,7 +165,9 @@ def test_ddp_run_completes_and_rank0_writes_outputs(ddp_run):
     for rank in range(WORLD):
         summary = read_json(record / f"summary_rank{rank}.json")
         assert summary["iterations"] == ITERATIONS and summary["recipe"] == "cotrain"
-    assert {"student.pt", "teacher.pt", "last.pt", "history.json", "metrics.json"} <= {p.name for p in out.iterdir()}
+    assert {"student.pt", "teacher.pt", "last.pt", "history.json", "metrics.json"} <= {
+        p.name for p in out.iterdir()
+    }
     metrics = read_json(out / "metrics.json")
     assert metrics["iterations"] == ITERATIONS
     last = checkpoints.load(out / "last.pt")
@@ -152,12 +191,18 @@ def test_ddp_ranks_stay_in_sync(ddp_run):
     assert projections[0] == projections[1]
     # ... and every evaluation-driven decision (best checkpoint, schedule, early stop) sees the same
     # record, rank 0's, even though rank 1's own evaluation (forced to 0 in RANK_SCRIPT) disagrees
-    strip = [[{k: v for k, v in h.items() if k not in ("train_seconds", "lr") and not k.startswith("loss_")}
-              for h in read_json(record / f"history_rank{r}.json")] for r in range(WORLD)]
+    strip = [
+        [
+            {k: v for k, v in h.items() if k not in ("train_seconds", "lr") and not k.startswith("loss_")}
+            for h in read_json(record / f"history_rank{r}.json")
+        ]
+        for r in range(WORLD)
+    ]
     assert strip[0] == strip[1]
     assert [h["iteration"] for h in strip[0]] == [4, 8]
-    assert strip[0] == [{k: v for k, v in h.items() if k in strip[0][0]}
-                        for h in read_json(ddp_run["out"] / "history.json")]
+    assert strip[0] == [
+        {k: v for k, v in h.items() if k in strip[0][0]} for h in read_json(ddp_run["out"] / "history.json")
+    ]
     assert max(h["val_acc_teacher"] for h in strip[1]) > 0.0  # not rank 1's injected zeros
 
 
@@ -171,7 +216,9 @@ def test_ddp_sampler_batches_are_disjoint_and_form_the_global_batch(ddp_run):
     n_labeled = len(np.load(d["prepared"] / "train_x.npy", mmap_mode="r"))
     n_unlabeled = len(np.load(d["prepared"] / "unlabeled_x.npy", mmap_mode="r"))
     tp = params.train
-    assert n_labeled >= tp.batch_size * WORLD and n_unlabeled >= tp.batch_size * WORLD  # distinct-index regime
+    assert (
+        n_labeled >= tp.batch_size * WORLD and n_unlabeled >= tp.batch_size * WORLD
+    )  # distinct-index regime
     single = LabeledUnlabeledSampler(n_labeled, n_unlabeled, tp.batch_size * WORLD, tp.mu, tp.seed)
     for step in range(ITERATIONS):
         global_l, global_u = single.next()

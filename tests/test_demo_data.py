@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow  # downloads nothing but decodes and writes the wh
 def _tree_digest(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*")) if p.is_file()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -59,7 +60,9 @@ def test_cli_prepares_the_demo_data(tmp_path):
 
     data, out = tmp_path / "data", tmp_path / "prepared"
     assert main(["demo-data", str(data), "--labeled-per-class", "6", "--test-per-class", "4"]) == 0
-    assert main(["prepare", "--data-root", str(data), "--out-dir", str(out), "-S", "prepare.image_size=16"]) == 0
+    assert (
+        main(["prepare", "--data-root", str(data), "--out-dir", str(out), "-S", "prepare.image_size=16"]) == 0
+    )
     manifest = read_json(out / "manifest.json")
     assert manifest["class_names"] == [str(d) for d in range(10)]
     assert manifest["counts"] == {"train": 50, "val": 10, "unlabeled": 4900, "test": 40, "rejected": 0}

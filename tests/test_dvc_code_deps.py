@@ -24,8 +24,12 @@ def test_every_stage_depends_on_exactly_the_modules_its_step_imports():
 def test_the_import_graph_sees_lazy_and_relative_imports():
     closure = import_closure("kdpipe.steps.distill", import_graph(PACKAGE))
     # distill imports the engine inside a function, and the engine imports its modules both ways
-    assert {"kdpipe.training.engine", "kdpipe.training.losses", "kdpipe.training.devices",
-            "kdpipe.training.checkpoints"} <= closure
+    assert {
+        "kdpipe.training.engine",
+        "kdpipe.training.losses",
+        "kdpipe.training.devices",
+        "kdpipe.training.checkpoints",
+    } <= closure
 
 
 def test_the_teacher_does_not_depend_on_the_augment_step():
@@ -34,10 +38,12 @@ def test_the_teacher_does_not_depend_on_the_augment_step():
 
 
 def test_rewrite_replaces_only_the_code_lines_of_each_stage():
-    text = ("stages:\n  prepare:\n    cmd: kdpipe prepare\n    deps:\n      - data/labeled\n"
-            "      - ${code}/gone.py\n      # a comment\n      - ${code}/also_gone.py\n    params:\n      - data\n")
+    text = (
+        "stages:\n  prepare:\n    cmd: kdpipe prepare\n    deps:\n      - data/labeled\n"
+        "      - ${code}/gone.py\n      # a comment\n      - ${code}/also_gone.py\n    params:\n      - data\n"
+    )
     graph = import_graph(PACKAGE)
     lines = rewrite(text, graph).split("\n")
     assert lines[:5] == text.split("\n")[:5] and "      # a comment" in lines and "    params:" in lines
-    code = [line.strip()[len("- ${code}/"):] for line in lines if line.strip().startswith("- ${code}/")]
+    code = [line.strip()[len("- ${code}/") :] for line in lines if line.strip().startswith("- ${code}/")]
     assert code == needed_files("prepare", graph) and "steps/prepare.py" in code

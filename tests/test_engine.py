@@ -110,9 +110,23 @@ def test_cli_distill_matches_python_call(recipe, recipe_runs, tiny_pipeline_dirs
     out = tmp_path / "distill"
     threads = torch.get_num_threads()
     try:
-        rc = cli.main(["distill", "--params", str(params_file), "-S", f"train.recipe={recipe}",
-                       "--prepared-dir", str(d["prepared"]), "--augmented-dir", str(d["augmented"]),
-                       "--teacher-dir", str(d["teacher"]), "--out-dir", str(out)])
+        rc = cli.main(
+            [
+                "distill",
+                "--params",
+                str(params_file),
+                "-S",
+                f"train.recipe={recipe}",
+                "--prepared-dir",
+                str(d["prepared"]),
+                "--augmented-dir",
+                str(d["augmented"]),
+                "--teacher-dir",
+                str(d["teacher"]),
+                "--out-dir",
+                str(out),
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     assert rc == 0
@@ -129,9 +143,21 @@ def test_cli_distill_reports_a_missing_teacher(tiny_pipeline_dirs, tmp_path, cap
     d = tiny_pipeline_dirs
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(d["params"].model_dump(mode="json")))
-    rc = cli.main(["distill", "--params", str(params_file), "-S", "train.recipe=cotrain",
-                   "--prepared-dir", str(d["prepared"]), "--teacher-dir", str(tmp_path / "nowhere"),
-                   "--out-dir", str(tmp_path / "out")])
+    rc = cli.main(
+        [
+            "distill",
+            "--params",
+            str(params_file),
+            "-S",
+            "train.recipe=cotrain",
+            "--prepared-dir",
+            str(d["prepared"]),
+            "--teacher-dir",
+            str(tmp_path / "nowhere"),
+            "--out-dir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert rc == 2
     assert "teacher.pt" in capsys.readouterr().err
 
@@ -142,8 +168,9 @@ def _trained_teacher(tiny_pipeline_dirs, tmp_path, **train):
     threads = torch.get_num_threads()
     try:
         params = _params(d, **train)
-        trainer = distill.build_trainer(params, d["prepared"], d["augmented"], d["teacher"], tmp_path / "out",
-                                        progress=False)
+        trainer = distill.build_trainer(
+            params, d["prepared"], d["augmented"], d["teacher"], tmp_path / "out", progress=False
+        )
         trainer.run()
     finally:
         torch.set_num_threads(threads)
@@ -167,18 +194,25 @@ def test_cotrain_updates_both_networks(tiny_pipeline_dirs, tmp_path):
         assert not torch.equal(param.detach(), loaded[name]), f"teacher parameter {name} was not updated"
     assert _differs(teacher_now, loaded)
     # the trained teacher is part of the resume state
-    _assert_same_tensors(checkpoints.load(tmp_path / "out" / "last.pt")["teacher"],
-                         {k: v.cpu() for k, v in teacher_now.items()})
+    _assert_same_tensors(
+        checkpoints.load(tmp_path / "out" / "last.pt")["teacher"],
+        {k: v.cpu() for k, v in teacher_now.items()},
+    )
 
 
-@pytest.mark.parametrize("recipe,train", [
-    ("cotrain", {"teacher_trainable": False}),
-    ("adaptive", {}),
-    ("consistency", {}),
-])
+@pytest.mark.parametrize(
+    "recipe,train",
+    [
+        ("cotrain", {"teacher_trainable": False}),
+        ("adaptive", {}),
+        ("consistency", {}),
+    ],
+)
 def test_frozen_teacher_is_left_unchanged(recipe, train, tiny_pipeline_dirs, tmp_path):
     loaded = _state(tiny_pipeline_dirs["teacher"] / "teacher.pt")
-    trainer = _trained_teacher(tiny_pipeline_dirs, tmp_path, recipe=recipe, max_iterations=3, eval_every=3, **train)
+    trainer = _trained_teacher(
+        tiny_pipeline_dirs, tmp_path, recipe=recipe, max_iterations=3, eval_every=3, **train
+    )
     assert not trainer.recipe.trains_teacher and trainer.nets.opt_t is None
     # parameters AND BatchNorm statistics: a frozen teacher runs in eval mode
     _assert_same_tensors({k: v.cpu() for k, v in trainer.teacher.state_dict().items()}, loaded)
@@ -193,8 +227,18 @@ def test_frozen_teacher_is_left_unchanged(recipe, train, tiny_pipeline_dirs, tmp
 def test_adaptive_schedule_follows_spec_inside_the_trainer(run_distill, tmp_path):
     p_max, w_init, w_min, w_step, delta = 0.6, 1.0, 0.75, 0.1, 0.0
     out = tmp_path / "adaptive"
-    summary = run_distill(out, recipe="adaptive", max_iterations=25, epoch_iterations=5, eval_every=5,
-                          p_max=p_max, w_init=w_init, w_min=w_min, w_step=w_step, progress_margin=delta)
+    summary = run_distill(
+        out,
+        recipe="adaptive",
+        max_iterations=25,
+        epoch_iterations=5,
+        eval_every=5,
+        p_max=p_max,
+        w_init=w_init,
+        w_min=w_min,
+        w_step=w_step,
+        progress_margin=delta,
+    )
     epochs = 5  # E = ceil(max_iterations / epoch_iterations)
     schedule = read_json(out / "schedule.json")
     history = {h["iteration"]: h for h in read_json(out / "history.json")}
@@ -211,7 +255,9 @@ def test_adaptive_schedule_follows_spec_inside_the_trainer(run_distill, tmp_path
         assert m == record["val_acc_student"]
         assert (record["p1"], record["p2"], record["w"]) == (p1, p2, w)
         # the loss of that epoch used w_e: L = w * L_dis + (1 - w) * L_truth (averages are linear)
-        assert record["loss_total"] == pytest.approx(w * record["loss_kd"] + (1 - w) * record["loss_truth"], rel=1e-4)
+        assert record["loss_total"] == pytest.approx(
+            w * record["loss_kd"] + (1 - w) * record["loss_truth"], rel=1e-4
+        )
         if e < epochs:
             nxt = schedule[e]
             if m > previous + delta:  # still fitting: harder view 1, same weight
@@ -271,7 +317,9 @@ def test_kd_keeps_its_last_checkpoint_and_the_spec_recipes_their_best(run_distil
     ckpt = checkpoints.load(tmp_path / "kd" / "student.pt")
     history = read_json(tmp_path / "kd" / "history.json")
     assert ckpt["meta"]["iteration"] == MAX_ITERATIONS == summary["best_student"]["iteration"]
-    assert ckpt["meta"]["val_accuracy"] == history[-1]["val_acc_student"] == summary["best_student"]["accuracy"]
+    assert (
+        ckpt["meta"]["val_accuracy"] == history[-1]["val_acc_student"] == summary["best_student"]["accuracy"]
+    )
     best = run_distill(tmp_path / "kd-best", recipe="kd", keep_checkpoint="best")
     accs = [h["val_acc_student"] for h in read_json(tmp_path / "kd-best" / "history.json")]
     assert best["best_student"]["accuracy"] == max(accs)
@@ -301,8 +349,9 @@ def test_patience_stops_training_early(tiny_pipeline_dirs, tmp_path, monkeypatch
     from kdpipe.training.engine import Trainer
 
     monkeypatch.setattr(Trainer, "_evaluate", lambda self: {"val_acc_student": 0.5})
-    trainer = _trained_teacher(tiny_pipeline_dirs, tmp_path, recipe="supervised", patience=2,
-                               max_iterations=40)
+    trainer = _trained_teacher(
+        tiny_pipeline_dirs, tmp_path, recipe="supervised", patience=2, max_iterations=40
+    )
     # first evaluation sets the best, the next two do not improve -> stop after the third (it 15)
     assert trainer.iteration == 15
     assert "no improvement" in trainer.stop_reason
@@ -317,8 +366,14 @@ def test_an_epoch_of_zero_iterations_means_one_pass_over_the_labeled_images(tiny
     from kdpipe.steps.distill import build_trainer
 
     d = tiny_pipeline_dirs
-    trainer = build_trainer(tiny_params(recipe="adaptive", epoch_iterations=0, batch_size=4), d["prepared"],
-                            d["augmented"], d["teacher"], tmp_path / "out", progress=False)
+    trainer = build_trainer(
+        tiny_params(recipe="adaptive", epoch_iterations=0, batch_size=4),
+        d["prepared"],
+        d["augmented"],
+        d["teacher"],
+        tmp_path / "out",
+        progress=False,
+    )
     n_labeled = len(trainer.data.train_x)
     assert trainer.epoch_iterations == math.ceil(n_labeled / 4)
     assert trainer.epochs == max(2, math.ceil(trainer.cfg.max_iterations / trainer.epoch_iterations))
@@ -330,14 +385,20 @@ def test_best_so_far_keeps_the_peak_and_its_iteration():
     best = BestSoFar()
     assert best.offer("student", float("nan"), 1)  # a first record, even without a number
     assert [best.offer("student", a, i) for i, a in ((2, 0.5), (3, 0.4), (4, 0.5), (5, float("nan")))] == [
-        True, False, False, False]
+        True,
+        False,
+        False,
+        False,
+    ]
     assert best.best["student"] == {"accuracy": 0.5, "iteration": 2}
     restored = BestSoFar()
     restored.load_state_dict(best.state_dict())
     assert restored.best == best.best and restored.best["teacher"]["accuracy"] == -1.0
 
 
-def test_training_data_is_read_into_ram_when_small_and_stays_mapped_when_large(tiny_pipeline_dirs, monkeypatch):
+def test_training_data_is_read_into_ram_when_small_and_stays_mapped_when_large(
+    tiny_pipeline_dirs, monkeypatch
+):
     import numpy as np
 
     from kdpipe.steps import common
@@ -371,8 +432,14 @@ def test_every_image_is_drawn_about_equally_often_with_mu_null(tiny_pipeline_dir
     assert batch_split(32, 2.0, 240, 4200) == (32, 2.0)  # a number keeps its meaning
     assert batch_split(64, None, 100, 0) == (64, 0.0)  # no unlabeled pool: all labeled
     d = tiny_pipeline_dirs
-    trainer = distill.build_trainer(tiny_params_kd(mu=None, batch_size=20), d["prepared"], d["augmented"],
-                                    d["teacher"], tmp_path / "out", progress=False)
+    trainer = distill.build_trainer(
+        tiny_params_kd(mu=None, batch_size=20),
+        d["prepared"],
+        d["augmented"],
+        d["teacher"],
+        tmp_path / "out",
+        progress=False,
+    )
     labeled, unlabeled = trainer.sampler.next()
     n_l, n_u = len(trainer.data.train_x), len(trainer.data.unlabeled_x)
     assert len(labeled) + len(unlabeled) == 20
@@ -387,13 +454,25 @@ def test_a_pretrained_timm_student_distills_from_a_local_weights_file(tiny_pipel
     from kdpipe.training.pretrained import NAMED_SOURCES
 
     weights = tmp_path / "lite0.safetensors"
-    save_file({k: v.contiguous() for k, v in NAMED_SOURCES["efficientnet_lite0_imagenet"].load().items()}, weights)
+    save_file(
+        {k: v.contiguous() for k, v in NAMED_SOURCES["efficientnet_lite0_imagenet"].load().items()}, weights
+    )
     d = tiny_pipeline_dirs
     threads = torch.get_num_threads()
     try:
-        summary = distill.run(tiny_params_kd(student_arch="tf_efficientnet_lite0", weights=str(weights),
-                                             max_iterations=4, eval_every=2, checkpoint_every=2),
-                              d["prepared"], d["augmented"], d["teacher"], tmp_path / "out")
+        summary = distill.run(
+            tiny_params_kd(
+                student_arch="tf_efficientnet_lite0",
+                weights=str(weights),
+                max_iterations=4,
+                eval_every=2,
+                checkpoint_every=2,
+            ),
+            d["prepared"],
+            d["augmented"],
+            d["teacher"],
+            tmp_path / "out",
+        )
     finally:
         torch.set_num_threads(threads)
     assert summary["iterations"] == 4
@@ -401,14 +480,22 @@ def test_a_pretrained_timm_student_distills_from_a_local_weights_file(tiny_pipel
     assert ckpt["arch"] == "tf_efficientnet_lite0" and ckpt["meta"]["parameters"] > 3_000_000
 
 
-def test_the_public_training_seam_steps_on_a_given_batch_and_counts_only_loop_steps(tiny_pipeline_dirs, tmp_path):
+def test_the_public_training_seam_steps_on_a_given_batch_and_counts_only_loop_steps(
+    tiny_pipeline_dirs, tmp_path
+):
     """next_batch / step / train_step are what benchmarks use instead of the loop's internals: a step
     on a given batch trains the student and moves no count; a loop step moves the count by one."""
     d = tiny_pipeline_dirs
     threads = torch.get_num_threads()
     try:
-        trainer = distill.build_trainer(_params(d, recipe="kd"), d["prepared"], d["augmented"], d["teacher"],
-                                        tmp_path / "out", progress=False)
+        trainer = distill.build_trainer(
+            _params(d, recipe="kd"),
+            d["prepared"],
+            d["augmented"],
+            d["teacher"],
+            tmp_path / "out",
+            progress=False,
+        )
         batch = trainer.next_batch()
         before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
         parts = trainer.step(batch)

@@ -28,7 +28,9 @@ def _build(tmp: Path, test_counts: dict[str, int]) -> tuple[Path, Path]:
     data = load_prepared(tmp / "prepared")
     torch.manual_seed(0)
     model = build_model("cnn_tiny", data.num_classes, data.image_size)
-    ckpt = checkpoints.model_checkpoint(model, "cnn_tiny", data.num_classes, data.image_size, data.class_names)
+    ckpt = checkpoints.model_checkpoint(
+        model, "cnn_tiny", data.num_classes, data.image_size, data.class_names
+    )
     checkpoints.save(ckpt, tmp / "selected" / "model.pt")
     params = Params()
     params.export.calibration_samples = 8
@@ -54,7 +56,12 @@ def test_evaluate_writes_metrics_confusion_and_report(tmp_path, exported):
     out = tmp_path / "evaluation"
     metrics = evaluate.run(_params(), *exported, out)
     assert sorted(p.name for p in out.iterdir()) == [
-        "confusion.json", "confusion.png", "metrics.json", "per_class.json", "report.md"]
+        "confusion.json",
+        "confusion.png",
+        "metrics.json",
+        "per_class.json",
+        "report.md",
+    ]
 
     written = json.loads((out / "metrics.json").read_text())
     assert written["num_test"] == 7 and 0.0 <= written["accuracy"] <= 1.0
@@ -107,8 +114,9 @@ def test_evaluate_with_cuda_requested_on_a_cpu_install(tmp_path, exported):
         evaluate.run(_params(providers=["CUDAExecutionProvider"]), *exported, tmp_path / "e1")
     assert not (tmp_path / "e1").exists()
     with pytest.warns(RuntimeWarning):
-        metrics = evaluate.run(_params(providers=["CUDAExecutionProvider"], allow_cpu_fallback=True),
-                               *exported, tmp_path / "e2")
+        metrics = evaluate.run(
+            _params(providers=["CUDAExecutionProvider"], allow_cpu_fallback=True), *exported, tmp_path / "e2"
+        )
     cuda = metrics["models"]["model.onnx"]["providers"]["CUDAExecutionProvider"]
     assert cuda["active_providers"] == ["CPUExecutionProvider"]
 

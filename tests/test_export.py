@@ -29,8 +29,14 @@ def selected(tmp_path_factory) -> tuple[Path, Path]:
     prepare.run(params, tmp / "data", tmp / "prepared")
     data = load_prepared(tmp / "prepared")
     model = probe_model(data)
-    ckpt = checkpoints.model_checkpoint(model, "cnn_tiny", data.num_classes, data.image_size, data.class_names,
-                                        {"val_accuracy": 1.0, "role": "student"})
+    ckpt = checkpoints.model_checkpoint(
+        model,
+        "cnn_tiny",
+        data.num_classes,
+        data.image_size,
+        data.class_names,
+        {"val_accuracy": 1.0, "role": "student"},
+    )
     checkpoints.save(ckpt, tmp / "selected" / "model.pt")
     return tmp / "selected", tmp / "prepared"
 
@@ -48,7 +54,12 @@ def test_export_writes_fp32_int8_and_sidecars(tmp_path, selected):
     out = tmp_path / "export"
     report = export.run(_params(), *selected, out)
 
-    assert sorted(p.name for p in out.iterdir()) == ["model.int8.onnx", "model.onnx", "parity.json", "preprocess.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model.int8.onnx",
+        "model.onnx",
+        "parity.json",
+        "preprocess.json",
+    ]
     parity = json.loads((out / "parity.json").read_text())
     assert parity == json.loads(json.dumps(report)) and parity["passed"] is True
     fp32 = parity["fp32"]
@@ -135,6 +146,8 @@ def test_check_parity_gate():
     flipped = a.copy()
     flipped[0] = [0.0, 1.0]
     low = export.check_parity(a, flipped, 10.0, 0.9)
-    assert not low["passed"] and low["top1_agreement"] == 0.75 and "parity_min_agreement" in low["failures"][0]
+    assert (
+        not low["passed"] and low["top1_agreement"] == 0.75 and "parity_min_agreement" in low["failures"][0]
+    )
     assert not export.check_parity(a, np.full_like(a, np.nan), 1e-3, 0.0)["passed"]
     assert not export.check_parity(a, a[:, :1], 1e-3, 0.0)["passed"]

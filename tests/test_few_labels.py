@@ -20,9 +20,18 @@ pytestmark = pytest.mark.slow
 def _params(**train):
     raw = tiny_params(**{"recipe": "kd", "max_iterations": 10, **train}).model_dump(mode="json")
     raw["prepare"]["val_fraction"] = 0.0
-    raw["teacher"].update(arch="tf_efficientnet_lite0", weights="efficientnet_lite0_imagenet", image_size=32,
-                          backbone_lr_scale=0.1, freeze_batchnorm=True, lr=0.001, epochs=None, max_iterations=4,
-                          eval_every=2, folds=2)
+    raw["teacher"].update(
+        arch="tf_efficientnet_lite0",
+        weights="efficientnet_lite0_imagenet",
+        image_size=32,
+        backbone_lr_scale=0.1,
+        freeze_batchnorm=True,
+        lr=0.001,
+        epochs=None,
+        max_iterations=4,
+        eval_every=2,
+        folds=2,
+    )
     raw["select"].update(latency_runs=3, max_latency_ms=None)
     return validate_params(raw)
 
@@ -36,11 +45,25 @@ def no_validation(tmp_path_factory):
     manifest = _keep_threads(prepare.run, params, base / "data", dirs["prepared"])
     metrics = _keep_threads(teacher.run, params, dirs["prepared"], dirs["teacher"])
     _keep_threads(augment.run, params, dirs["prepared"], dirs["augmented"], dirs["teacher"])
-    summary = _keep_threads(distill.run, params, dirs["prepared"], dirs["augmented"], dirs["teacher"], dirs["distill"])
-    selection = _keep_threads(select.run, params, distill_dir=dirs["distill"], teacher_dir=dirs["teacher"],
-                              prepared_dir=dirs["prepared"], out_dir=dirs["selected"])
-    return {**dirs, "params": params, "manifest": manifest, "teacher_metrics": metrics, "distill_summary": summary,
-            "selection": selection}
+    summary = _keep_threads(
+        distill.run, params, dirs["prepared"], dirs["augmented"], dirs["teacher"], dirs["distill"]
+    )
+    selection = _keep_threads(
+        select.run,
+        params,
+        distill_dir=dirs["distill"],
+        teacher_dir=dirs["teacher"],
+        prepared_dir=dirs["prepared"],
+        out_dir=dirs["selected"],
+    )
+    return {
+        **dirs,
+        "params": params,
+        "manifest": manifest,
+        "teacher_metrics": metrics,
+        "distill_summary": summary,
+        "selection": selection,
+    }
 
 
 def test_every_label_trains(no_validation):
@@ -79,11 +102,19 @@ def test_select_ranks_by_agreement_with_the_teacher(no_validation):
     assert all(c["score_by"] == "agreement with the teacher on 12 unlabeled images" for c in by_name.values())
     assert selection["chosen"] == "teacher"  # no budget here: the teacher agrees with itself
     frontier = read_json(no_validation["selected"] / "frontier.json")
-    assert {row["name"]: row["accuracy"] for row in frontier} == {"student": by_name["student"]["score"],
-                                                                  "teacher": 1.0}
+    assert {row["name"]: row["accuracy"] for row in frontier} == {
+        "student": by_name["student"]["score"],
+        "teacher": 1.0,
+    }
 
 
 def test_the_adaptive_schedule_needs_a_validation_split(no_validation, tmp_path):
     with pytest.raises(KdpipeError, match="adaptive schedule follows the validation accuracy"):
-        distill.build_trainer(_params(recipe="adaptive"), no_validation["prepared"], no_validation["augmented"],
-                              no_validation["teacher"], tmp_path / "out", progress=False)
+        distill.build_trainer(
+            _params(recipe="adaptive"),
+            no_validation["prepared"],
+            no_validation["augmented"],
+            no_validation["teacher"],
+            tmp_path / "out",
+            progress=False,
+        )

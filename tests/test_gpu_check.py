@@ -29,8 +29,14 @@ def test_every_check_runs_on_the_cpu(tmp_path, capsys):
         torch.set_num_threads(threads)
     written = json.loads((tmp_path / "dry.json").read_text())
     assert code == 0, written["failed"]
-    assert set(written["checks"]) == {"amp_bf16", "amp_fp16", "masked_augmentation", "pipeline", "ddp_nccl",
-                                      "resume_across_devices"}
+    assert set(written["checks"]) == {
+        "amp_bf16",
+        "amp_fp16",
+        "masked_augmentation",
+        "pipeline",
+        "ddp_nccl",
+        "resume_across_devices",
+    }
     assert written["checks"]["pipeline"]["augment_teacher_inference"] == "onnxruntime"
     assert set(gpu_check.RECIPES) <= set(written["checks"]["pipeline"])
     legs = written["checks"]["resume_across_devices"]["legs"]

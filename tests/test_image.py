@@ -28,7 +28,9 @@ TAG = "localhost/kdpipe-test:cpu"
 
 def _run(cmd: list[str], timeout: float = 3600, **kwargs) -> str:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
-    assert done.returncode == 0, f"{' '.join(cmd)}: exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, (
+        f"{' '.join(cmd)}: exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    )
     return done.stdout
 
 
@@ -50,8 +52,20 @@ def cpu_image(tmp_path_factory):
         pytest.skip("buildah is not installed (apt-get install buildah)")
     index = os.environ.get("TORCH_INDEX_URL", "").strip()
     _local_base(tmp_path_factory.mktemp("base"))
-    cmd = ["buildah", "bud", "--isolation=chroot", "--layers", "--target", "cpu", "--build-arg", f"BASE_IMAGE={BASE}",
-           "--build-arg", f"TORCH_INDEX_URL={index}", "-t", TAG]
+    cmd = [
+        "buildah",
+        "bud",
+        "--isolation=chroot",
+        "--layers",
+        "--target",
+        "cpu",
+        "--build-arg",
+        f"BASE_IMAGE={BASE}",
+        "--build-arg",
+        f"TORCH_INDEX_URL={index}",
+        "-t",
+        TAG,
+    ]
     ca = os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE")
     if ca and Path(ca).is_file():
         cmd += ["--secret", f"id=ca,src={ca}"]  # pip behind a TLS-intercepting proxy; never in a layer
@@ -72,14 +86,21 @@ def _inside(image, *args: str) -> str:
 def test_kdpipe_runs_in_the_image_as_the_non_root_user(cpu_image):
     assert _inside(cpu_image, "id", "-u").strip() == "10001"
     assert _inside(cpu_image, "kdpipe", "--version").strip().endswith("0.1.0")
-    versions = _inside(cpu_image, "python", "-c",
-                       "import torch, onnxruntime; print(torch.__version__, torch.version.cuda, onnxruntime.__version__)")
+    versions = _inside(
+        cpu_image,
+        "python",
+        "-c",
+        "import torch, onnxruntime; print(torch.__version__, torch.version.cuda, onnxruntime.__version__)",
+    )
     torch_version, cuda, ort = versions.split()
     assert torch_version.startswith("2.14.1")
     if cpu_image["cpu_torch"]:
         assert cuda == "None"  # CPU-only torch: no CUDA libraries
-    pins = dict(line.split("==") for line in (ROOT / "docker" / "requirements-cpu.txt").read_text().splitlines()
-                if "==" in line and not line.startswith("#"))
+    pins = dict(
+        line.split("==")
+        for line in (ROOT / "docker" / "requirements-cpu.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
     assert ort == pins["onnxruntime"]  # installed as pinned
 
 
@@ -88,10 +109,25 @@ def test_the_prepare_step_runs_in_the_image_on_tiny_data(cpu_image, tmp_path):
 
     write_tiny_dataset(tmp_path / "data", labeled_per_class=4, unlabeled=6, test_per_class=2, seed=5)
     (tmp_path / "params.yaml").write_text("prepare:\n  image_size: 16\n")
-    _run(["buildah", "copy", "--chown", "10001:10001", cpu_image["container"], str(tmp_path),
-          "/home/kdpipe/work/tiny"])
-    _inside(cpu_image, "sh", "-c", "cd /home/kdpipe/work/tiny && kdpipe prepare --params params.yaml "
-                                   "--reports-dir reports")
-    manifest = json.loads(_inside(cpu_image, "cat", "/home/kdpipe/work/tiny/artifacts/prepared/manifest.json"))
+    _run(
+        [
+            "buildah",
+            "copy",
+            "--chown",
+            "10001:10001",
+            cpu_image["container"],
+            str(tmp_path),
+            "/home/kdpipe/work/tiny",
+        ]
+    )
+    _inside(
+        cpu_image,
+        "sh",
+        "-c",
+        "cd /home/kdpipe/work/tiny && kdpipe prepare --params params.yaml --reports-dir reports",
+    )
+    manifest = json.loads(
+        _inside(cpu_image, "cat", "/home/kdpipe/work/tiny/artifacts/prepared/manifest.json")
+    )
     assert manifest["class_names"] == ["blue", "green", "red"]
     assert manifest["counts"]["unlabeled"] == 6 and manifest["counts"]["test"] == 6

@@ -31,7 +31,7 @@ def write_source(folder: Path, make_image, seeds, size=(10, 10)) -> dict[str, st
 
 
 def batch_key(name: str) -> str:
-    """"batch-0002-1a2b3c4d" -> "batch-0002" (the content-hash suffix differs per content)."""
+    """ "batch-0002-1a2b3c4d" -> "batch-0002" (the content-hash suffix differs per content)."""
     return re.match(r"batch-\d+", name).group(0)
 
 
@@ -46,12 +46,17 @@ def batch_files(root: Path) -> dict[str, list[str]]:
     batches = {}
     for batch in sorted((root / "unlabeled").iterdir()):
         if batch.is_dir() and not batch.name.startswith("."):
-            batches[batch_key(batch.name)] = [file_sha256(p) for p in sorted(batch.rglob("*"))
-                                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(batch).parts)]
+            batches[batch_key(batch.name)] = [
+                file_sha256(p)
+                for p in sorted(batch.rglob("*"))
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(batch).parts)
+            ]
     return batches
 
 
-def test_adds_valid_new_images_and_lists_every_skip_and_rejection(tmp_path, image_dataset, make_image, capsys):
+def test_adds_valid_new_images_and_lists_every_skip_and_rejection(
+    tmp_path, image_dataset, make_image, capsys
+):
     root = image_dataset()
     src = tmp_path / "incoming"
     new = write_source(src, make_image, range(1, 6))
@@ -71,8 +76,21 @@ def test_adds_valid_new_images_and_lists_every_skip_and_rejection(tmp_path, imag
     (src / ".hidden.png").write_bytes((src / "part-1" / "img_00001.png").read_bytes())
 
     report = tmp_path / "report.json"
-    code = main(["ingest", str(src), "--data-root", str(root), "--no-dvc", "--report", str(report),
-                 "-S", "prepare.max_image_pixels=50000", "-S", "prepare.max_aspect_ratio=10"])
+    code = main(
+        [
+            "ingest",
+            str(src),
+            "--data-root",
+            str(root),
+            "--no-dvc",
+            "--report",
+            str(report),
+            "-S",
+            "prepare.max_image_pixels=50000",
+            "-S",
+            "prepare.max_aspect_ratio=10",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     result = json.loads(report.read_text())
@@ -85,9 +103,14 @@ def test_adds_valid_new_images_and_lists_every_skip_and_rejection(tmp_path, imag
     }
     reasons = {e["source"]: e["reason"] for e in result["rejected"]}
     assert reasons == {
-        "empty.png": "zero_byte", "text.jpg": "not_an_image", "notes.txt": "not_an_image",
-        "bomb.png": "decompression_bomb", "thin.png": "bad_aspect_ratio",
-        "escape.png": "escapes_source", "deep/up.png": "escapes_source", "linked_dir": "escapes_source",
+        "empty.png": "zero_byte",
+        "text.jpg": "not_an_image",
+        "notes.txt": "not_an_image",
+        "bomb.png": "decompression_bomb",
+        "thin.png": "bad_aspect_ratio",
+        "escape.png": "escapes_source",
+        "deep/up.png": "escapes_source",
+        "linked_dir": "escapes_source",
         "broken.png": "broken_symlink",
     }
     for entry in result["rejected"]:
@@ -123,8 +146,9 @@ def test_bad_source_or_data_root_is_a_clear_error(tmp_path, image_dataset, capsy
     assert "data root not found" in capsys.readouterr().err
 
 
-def test_next_number_counts_batches_not_pulled_and_hashes_batches_without_index(tmp_path, image_dataset,
-                                                                                 make_image):
+def test_next_number_counts_batches_not_pulled_and_hashes_batches_without_index(
+    tmp_path, image_dataset, make_image
+):
     root = image_dataset()
     (root / "unlabeled" / "batch-0007.dvc").write_text("outs: []\n")  # tracked, not in the workspace
     src = tmp_path / "src"
@@ -136,7 +160,9 @@ def test_next_number_counts_batches_not_pulled_and_hashes_batches_without_index(
     assert any("batch-0007" in w and "dvc pull" in w for w in result.warnings)
 
 
-def test_batch_names_differ_by_content_so_parallel_branches_never_collide(tmp_path, image_dataset, make_image):
+def test_batch_names_differ_by_content_so_parallel_branches_never_collide(
+    tmp_path, image_dataset, make_image
+):
     """Two clones at the same commit that each ingest different images must not both create the same
     ``batch-NNNN.dvc`` (a git add/add conflict on merge); the same images give the same name."""
     clones = [image_dataset(root=tmp_path / name) for name in ("main", "branch_a", "branch_b", "branch_c")]
@@ -169,8 +195,17 @@ def test_two_concurrent_ingests_lose_and_duplicate_nothing(tmp_path, make_image,
     run([DVC, "add", "-q", "data/labeled", "data/test", "data/unlabeled/batch-0001"], repo, env)
     a = write_source(tmp_path / "a", make_image, range(100, 400), size=(8, 8))
     b = write_source(tmp_path / "b", make_image, range(250, 550), size=(8, 8))  # 150 shared with a
-    procs = [subprocess.Popen([KDPIPE, "ingest", str(tmp_path / name), "--data-root", "data"], cwd=repo, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for name in ("a", "b")]
+    procs = [
+        subprocess.Popen(
+            [KDPIPE, "ingest", str(tmp_path / name), "--data-root", "data"],
+            cwd=repo,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name in ("a", "b")
+    ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
 

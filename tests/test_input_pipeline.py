@@ -27,8 +27,12 @@ def _prefetch_threads() -> list[threading.Thread]:
 def memmapped(tmp_path):
     """Two memory-mapped uint8 image arrays (labeled, unlabeled) and stored views (N, K, H, W, 3)."""
     rng = np.random.default_rng(0)
-    arrays = {"labeled": (40, 6, 6, 3), "unlabeled": (30, 6, 6, 3), "labeled_views": (40, 3, 6, 6, 3),
-              "unlabeled_views": (30, 3, 6, 6, 3)}
+    arrays = {
+        "labeled": (40, 6, 6, 3),
+        "unlabeled": (30, 6, 6, 3),
+        "labeled_views": (40, 3, 6, 6, 3),
+        "unlabeled_views": (30, 3, 6, 6, 3),
+    }
     out = {}
     for name, shape in arrays.items():
         np.save(tmp_path / f"{name}.npy", rng.integers(0, 256, shape, dtype=np.uint8))
@@ -43,11 +47,15 @@ def _old_assembly(labeled, unlabeled, l_idx, u_idx) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("channels_first", [True, False], ids=["nchw-gather", "nhwc-gather"])
-@pytest.mark.parametrize(("l_idx", "u_idx"), [
-    ([7, 3, 39, 0, 12], [29, 1, 15]),  # unsorted
-    ([5, 5, 2, 5, 2], [4, 4, 4]),  # repeats (a small labeled set cycles inside one batch)
-    ([9, 1, 30], []),  # no unlabeled samples
-], ids=["unsorted", "repeats", "no-unlabeled"])
+@pytest.mark.parametrize(
+    ("l_idx", "u_idx"),
+    [
+        ([7, 3, 39, 0, 12], [29, 1, 15]),  # unsorted
+        ([5, 5, 2, 5, 2], [4, 4, 4]),  # repeats (a small labeled set cycles inside one batch)
+        ([9, 1, 30], []),  # no unlabeled samples
+    ],
+    ids=["unsorted", "repeats", "no-unlabeled"],
+)
 def test_one_copy_assembly_equals_the_old_one(memmapped, l_idx, u_idx, channels_first):
     """Both layouts: gathered as NCHW (a CPU device) and as NHWC, permuted on the device (a GPU)."""
     l_idx, u_idx = np.array(l_idx, dtype=np.int64), np.array(u_idx, dtype=np.int64)
@@ -63,8 +71,9 @@ def test_stored_view_assembly_equals_the_old_one(memmapped):
     l_idx, u_idx = np.array([11, 2, 2, 37], dtype=np.int64), np.array([0, 28, 0], dtype=np.int64)
     pick = np.array([2, 0, 1, 2, 1, 0, 1], dtype=np.int64)
     views, u_views = memmapped["labeled_views"], memmapped["unlabeled_views"]
-    host = gather_batch(views, u_views, (l_idx, pick[:4]), (u_idx, pick[4:]), CPU_RUNTIME,
-                        gathers_channels_first(CPU_RUNTIME))
+    host = gather_batch(
+        views, u_views, (l_idx, pick[:4]), (u_idx, pick[4:]), CPU_RUNTIME, gathers_channels_first(CPU_RUNTIME)
+    )
     old = to_nchw(np.concatenate([views[l_idx, pick[:4]], u_views[u_idx, pick[4:]]]))
     new = nchw_on_device(host, CPU_RUNTIME)
     assert new.is_contiguous() and torch.equal(new, old)
@@ -81,10 +90,18 @@ def trainer_for(tiny_pipeline_dirs, tiny_params_factory, tmp_path):
     d = tiny_pipeline_dirs
 
     def build(name, prefetch=2, **overrides):
-        params = tiny_params_factory(**{"max_iterations": 16, "epoch_iterations": 4, "eval_every": 4,
-                                        "checkpoint_every": 3, **overrides})
-        trainer = distill.build_trainer(params, d["prepared"], d["augmented"], d["teacher"], tmp_path / name,
-                                        progress=False)
+        params = tiny_params_factory(
+            **{
+                "max_iterations": 16,
+                "epoch_iterations": 4,
+                "eval_every": 4,
+                "checkpoint_every": 3,
+                **overrides,
+            }
+        )
+        trainer = distill.build_trainer(
+            params, d["prepared"], d["augmented"], d["teacher"], tmp_path / name, progress=False
+        )
         trainer.batches.depth = prefetch
         return trainer
 
@@ -172,8 +189,12 @@ def test_early_stop_leaves_no_prefetch_thread(trainer_for):
 # ------------------------------------------------------------------------------ host synchronisations
 # Every recipe family: online views with a trained teacher (full, cotrain), stored views with cached
 # logits (kd), the schedule choosing among stored views (full with a frozen teacher).
-SYNC_SETUPS = {"full": {"recipe": "full"}, "cotrain": {"recipe": "cotrain"}, "kd": {"recipe": "kd"},
-               "full_stored": {"recipe": "full", "teacher_trainable": False}}
+SYNC_SETUPS = {
+    "full": {"recipe": "full"},
+    "cotrain": {"recipe": "cotrain"},
+    "kd": {"recipe": "kd"},
+    "full_stored": {"recipe": "full", "teacher_trainable": False},
+}
 
 
 @pytest.mark.parametrize("setup", SYNC_SETUPS)

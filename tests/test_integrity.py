@@ -87,10 +87,14 @@ def test_altered_prepared_data_is_refused(step, tiny_pipeline_dirs, exported, pa
     out = tmp_path / "out"
     values = {"augmented": d["augmented"], "teacher": d["teacher"], "exported": exported}
     extra = [str(values.get(a.strip("{}"), a)) for a in extra]
-    code, err = cli([step, "--params", params_file, "--prepared-dir", prepared, *extra, "--out-dir", out], capsys)
+    code, err = cli(
+        [step, "--params", params_file, "--prepared-dir", prepared, *extra, "--out-dir", out], capsys
+    )
     assert code == 2
-    assert f"kdpipe {step}: error: {prepared / name}: content does not match the sha256 recorded in " \
-           "manifest.json" in err
+    assert (
+        f"kdpipe {step}: error: {prepared / name}: content does not match the sha256 recorded in "
+        "manifest.json" in err
+    )
     assert not out.exists() or not any(out.iterdir())  # nothing written
 
 
@@ -107,9 +111,24 @@ def test_altered_augmentation_sets_are_refused(damage, tiny_pipeline_dirs, param
     shutil.copytree(d["augmented"], augmented)
     views = augmented / "labeled_views.npy"
     flip_last_byte(views) if damage == "altered" else views.unlink()
-    code, err = cli(["distill", "--params", params_file, "-S", "train.recipe=consistency",
-                     "--prepared-dir", d["prepared"], "--augmented-dir", augmented, "--teacher-dir", d["teacher"],
-                     "--out-dir", tmp_path / "out"], capsys)
+    code, err = cli(
+        [
+            "distill",
+            "--params",
+            params_file,
+            "-S",
+            "train.recipe=consistency",
+            "--prepared-dir",
+            d["prepared"],
+            "--augmented-dir",
+            augmented,
+            "--teacher-dir",
+            d["teacher"],
+            "--out-dir",
+            tmp_path / "out",
+        ],
+        capsys,
+    )
     assert code == 2
     assert f"{views}: " in err and "policy.json" in err
     assert not (tmp_path / "out").exists()
@@ -130,8 +149,17 @@ class Payload:
 
 def malicious_checkpoint(path: Path, marker: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"arch": "cnn_tiny", "num_classes": 3, "image_size": 16, "class_names": ["a", "b", "c"],
-                "state_dict": {"w": Payload(marker)}, "iteration": 1}, path)
+    torch.save(
+        {
+            "arch": "cnn_tiny",
+            "num_classes": 3,
+            "image_size": 16,
+            "class_names": ["a", "b", "c"],
+            "state_dict": {"w": Payload(marker)},
+            "iteration": 1,
+        },
+        path,
+    )
     return path
 
 
@@ -151,9 +179,13 @@ def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path):
     with pytest.raises(KdpipeError) as err:
         checkpoints.load(path)
     text = str(err.value)
-    assert text.startswith(f"{path}: not a safe kdpipe checkpoint: it holds pickled Python objects (GLOBAL exec)")
+    assert text.startswith(
+        f"{path}: not a safe kdpipe checkpoint: it holds pickled Python objects (GLOBAL exec)"
+    )
     assert "safetensors" in text and "\n" not in text
-    assert "weights_only" not in text and "will likely succeed" not in text  # never the advice to load it unsafely
+    assert (
+        "weights_only" not in text and "will likely succeed" not in text
+    )  # never the advice to load it unsafely
     assert not marker.exists()
 
 
@@ -171,11 +203,28 @@ def test_malicious_checkpoint_through_the_cli(where, tiny_pipeline_dirs, params_
         argv = ["select", "--distill-dir", evil, "--prepared-dir", d["prepared"], "--out-dir", out]
     elif where == "teacher":
         path = malicious_checkpoint(evil / "teacher.pt", marker)
-        argv = ["teacher", "-S", f"teacher.checkpoint={path}", "--prepared-dir", d["prepared"], "--out-dir", out]
+        argv = [
+            "teacher",
+            "-S",
+            f"teacher.checkpoint={path}",
+            "--prepared-dir",
+            d["prepared"],
+            "--out-dir",
+            out,
+        ]
     else:  # a resume state planted in the distill output folder
         path = malicious_checkpoint(out / "last.pt", marker)
-        argv = ["distill", "--prepared-dir", d["prepared"], "--augmented-dir", d["augmented"],
-                "--teacher-dir", d["teacher"], "--out-dir", out]
+        argv = [
+            "distill",
+            "--prepared-dir",
+            d["prepared"],
+            "--augmented-dir",
+            d["augmented"],
+            "--teacher-dir",
+            d["teacher"],
+            "--out-dir",
+            out,
+        ]
     code, err = cli([argv[0], "--params", params_file, *argv[1:]], capsys)
     assert code == 2
     assert f"kdpipe {argv[0]}: error: {path}: not a safe kdpipe checkpoint" in err
@@ -191,8 +240,14 @@ def test_every_torch_load_uses_weights_only_and_nothing_unpickles():
         for match in re.finditer(r"torch\.load\(([^)]*)\)", text):
             if "weights_only=True" not in match.group(1):
                 offenders.append(f"{path.name}: {match.group(0)}")
-        for pattern in (r"allow_pickle\s*=\s*True", r"\bpickle\.loads?\(", r"yaml\.load\(", r"yaml\.unsafe_load",
-                        r"\bdill\b", r"\bcloudpickle\b"):
+        for pattern in (
+            r"allow_pickle\s*=\s*True",
+            r"\bpickle\.loads?\(",
+            r"yaml\.load\(",
+            r"yaml\.unsafe_load",
+            r"\bdill\b",
+            r"\bcloudpickle\b",
+        ):
             offenders += [f"{path.name}: {m.group(0)}" for m in re.finditer(pattern, text)]
     assert offenders == []
 
@@ -209,8 +264,20 @@ def garbage_export(exported, tmp_path) -> Path:
 
 
 def test_evaluate_refuses_a_garbage_model(garbage_export, tiny_pipeline_dirs, params_file, tmp_path, capsys):
-    code, err = cli(["evaluate", "--params", params_file, "--export-dir", garbage_export,
-                     "--prepared-dir", tiny_pipeline_dirs["prepared"], "--out-dir", tmp_path / "out"], capsys)
+    code, err = cli(
+        [
+            "evaluate",
+            "--params",
+            params_file,
+            "--export-dir",
+            garbage_export,
+            "--prepared-dir",
+            tiny_pipeline_dirs["prepared"],
+            "--out-dir",
+            tmp_path / "out",
+        ],
+        capsys,
+    )
     assert code == 2
     assert f"{garbage_export / 'model.onnx'}: not a valid ONNX model" in err
     assert not (tmp_path / "out").exists()
@@ -229,8 +296,18 @@ def test_register_refuses_a_garbage_model_before_logging(garbage_export, tmp_pat
     evaluation = tmp_path / "evaluation"
     evaluation.mkdir()
     (evaluation / "metrics.json").write_text(json.dumps({"accuracy": 0.9}))
-    code, err = cli(["register", "--export-dir", garbage_export, "--evaluation-dir", evaluation,
-                     "--out-dir", tmp_path / "registered"], capsys)
+    code, err = cli(
+        [
+            "register",
+            "--export-dir",
+            garbage_export,
+            "--evaluation-dir",
+            evaluation,
+            "--out-dir",
+            tmp_path / "registered",
+        ],
+        capsys,
+    )
     assert code == 2
     assert f"{garbage_export / 'model.onnx'}: not a valid ONNX model" in err
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "registered").exists()
@@ -238,7 +315,19 @@ def test_register_refuses_a_garbage_model_before_logging(garbage_export, tmp_pat
 
 def test_a_valid_export_still_evaluates(exported, tiny_pipeline_dirs, params_file, tmp_path, capsys):
     """The checks above refuse only what is broken."""
-    code, err = cli(["evaluate", "--params", params_file, "--export-dir", exported,
-                     "--prepared-dir", tiny_pipeline_dirs["prepared"], "--out-dir", tmp_path / "out"], capsys)
+    code, err = cli(
+        [
+            "evaluate",
+            "--params",
+            params_file,
+            "--export-dir",
+            exported,
+            "--prepared-dir",
+            tiny_pipeline_dirs["prepared"],
+            "--out-dir",
+            tmp_path / "out",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert np.isfinite(json.loads((tmp_path / "out" / "metrics.json").read_text())["accuracy"])

@@ -28,8 +28,13 @@ TASKS = ("data", "prepare", "augment", "teacher", "distill", "select", "export",
 
 
 def _git_env() -> dict[str, str]:
-    return {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    return {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
+    }
 
 
 def _run(cmd, cwd) -> str:
@@ -90,8 +95,20 @@ def test_whole_pipeline_runs_locally_and_every_artifact_checks_out(tmp_path, mon
     params = pipeline_params(tmp_path / "params.yaml")
     root = tmp_path / "kfp"
 
-    code = cli.main(["pipeline", "run-local", "--params", str(params), "--data-repo", str(repo),
-                     "--pipeline-root", str(root), "-S", "register.model_name=kfp-test"])
+    code = cli.main(
+        [
+            "pipeline",
+            "run-local",
+            "--params",
+            str(params),
+            "--data-repo",
+            str(repo),
+            "--pipeline-root",
+            str(root),
+            "-S",
+            "register.model_name=kfp-test",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out[-4000:]
     runs = list(root.glob("kdpipe-*"))
@@ -156,8 +173,15 @@ def test_whole_pipeline_runs_locally_and_every_artifact_checks_out(tmp_path, mon
     # every step of this pipeline run logged under ONE parent run, tagged with the run's id
     experiments = [e.experiment_id for e in client.search_experiments()]
     steps = client.search_runs(experiments, filter_string="tags.`kdpipe.step` != ''")
-    assert {r.data.tags["kdpipe.step"] for r in steps} >= {"prepare", "teacher", "augment", "distill", "select",
-                                                           "export", "evaluate"}
+    assert {r.data.tags["kdpipe.step"] for r in steps} >= {
+        "prepare",
+        "teacher",
+        "augment",
+        "distill",
+        "select",
+        "export",
+        "evaluate",
+    }
     parents = {r.data.tags["mlflow.parentRunId"] for r in steps}
     assert len(parents) == 1
     assert client.get_run(parents.pop()).data.tags["kdpipe.execution"]
@@ -175,10 +199,26 @@ def test_a_model_below_the_quality_gate_fails_the_local_run(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     params = pipeline_params(tmp_path / "params.yaml")
     root = tmp_path / "kfp"
-    code = cli.main(["pipeline", "run-local", "--params", str(params), "--data-repo", str(repo),
-                     "--pipeline-root", str(root), "-S", "register.min_accuracy=1.0",
-                     "-S", "train.max_iterations=1", "-S", "teacher.max_iterations=1",
-                     "-S", "register.model_name=kfp-gate"])
+    code = cli.main(
+        [
+            "pipeline",
+            "run-local",
+            "--params",
+            str(params),
+            "--data-repo",
+            str(repo),
+            "--pipeline-root",
+            str(root),
+            "-S",
+            "register.min_accuracy=1.0",
+            "-S",
+            "train.max_iterations=1",
+            "-S",
+            "teacher.max_iterations=1",
+            "-S",
+            "register.model_name=kfp-gate",
+        ]
+    )
     captured = capfd.readouterr()
     text = captured.out + captured.err
     assert code != 0

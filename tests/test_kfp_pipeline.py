@@ -19,11 +19,29 @@ PACKAGE = ROOT / "pipelines" / "kdpipe_pipeline.yaml"
 STEPS = ("data", "prepare", "teacher", "augment", "distill", "select", "export", "evaluate", "register")
 
 
-def compile_to(out: Path, env: dict[str, str] | None = None, extra_args: list[str] | None = None) -> list[dict]:
+def compile_to(
+    out: Path, env: dict[str, str] | None = None, extra_args: list[str] | None = None
+) -> list[dict]:
     """Compile in a fresh interpreter (KDPIPE_IMAGE is read at import time) from the project root."""
-    done = subprocess.run([sys.executable, "-m", "kdpipe.cli", "pipeline", "compile", "--out", str(out),
-                           "--components-dir", str(out.parent / "components"), *(extra_args or [])], cwd=ROOT, env={**os.environ, "KDPIPE_IMAGE": "", **(env or {})},
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kdpipe.cli",
+            "pipeline",
+            "compile",
+            "--out",
+            str(out),
+            "--components-dir",
+            str(out.parent / "components"),
+            *(extra_args or []),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "KDPIPE_IMAGE": "", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     return list(yaml.safe_load_all(out.read_text(encoding="utf-8")))
 
@@ -44,15 +62,23 @@ def without_sdk_version(text: str) -> str:
 def test_committed_yaml_is_up_to_date(compiled):
     out, _, _ = compiled
     assert without_sdk_version(out.read_text(encoding="utf-8")) == without_sdk_version(
-        PACKAGE.read_text(encoding="utf-8")), (
-        "pipelines/kdpipe_pipeline.yaml is stale: run `kdpipe pipeline compile` (or `make pipeline`) and commit it")
+        PACKAGE.read_text(encoding="utf-8")
+    ), (
+        "pipelines/kdpipe_pipeline.yaml is stale: run `kdpipe pipeline compile` (or `make pipeline`) and commit it"
+    )
 
 
 def test_committed_component_files_are_up_to_date(compiled):
     """components/<name>.yaml (one per step, for users' own pipelines) are compiled with the package."""
     out, _, _ = compiled
-    fresh = {p.name: without_sdk_version(p.read_text(encoding="utf-8")) for p in (out.parent / "components").glob("*.yaml")}
-    committed = {p.name: without_sdk_version(p.read_text(encoding="utf-8")) for p in (ROOT / "components").glob("*.yaml")}
+    fresh = {
+        p.name: without_sdk_version(p.read_text(encoding="utf-8"))
+        for p in (out.parent / "components").glob("*.yaml")
+    }
+    committed = {
+        p.name: without_sdk_version(p.read_text(encoding="utf-8"))
+        for p in (ROOT / "components").glob("*.yaml")
+    }
     assert set(fresh) == {f"{name}.yaml" for name in STEPS} | {"quality_gate_failed.yaml"}
     assert fresh == committed, "components/*.yaml are stale: run `make pipeline` and commit them"
 
@@ -61,21 +87,32 @@ def test_staleness_check_still_sees_real_changes():
     committed = PACKAGE.read_text(encoding="utf-8")
     bumped = re.sub(r"(?m)^sdkVersion: kfp-\S+$", "sdkVersion: kfp-9.9.9", committed)
     assert without_sdk_version(bumped) == without_sdk_version(committed)
-    assert without_sdk_version(committed.replace("nvidia.com/gpu", "amd.com/gpu")) != without_sdk_version(committed)
+    assert without_sdk_version(committed.replace("nvidia.com/gpu", "amd.com/gpu")) != without_sdk_version(
+        committed
+    )
 
 
 def test_dag_order_and_quality_gate(compiled):
     _, spec, _ = compiled
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == set(STEPS[:-1]) | {"condition-branches-1"}
-    needs = {"data": set(), "prepare": {"data"}, "teacher": {"prepare"}, "augment": {"prepare", "teacher"},
-             "distill": {"prepare", "augment", "teacher"}, "select": {"distill", "prepare", "teacher"},
-             "export": {"select", "prepare"}, "evaluate": {"export", "prepare"},
-             "condition-branches-1": {"evaluate", "export", "prepare"}}
+    needs = {
+        "data": set(),
+        "prepare": {"data"},
+        "teacher": {"prepare"},
+        "augment": {"prepare", "teacher"},
+        "distill": {"prepare", "augment", "teacher"},
+        "select": {"distill", "prepare", "teacher"},
+        "export": {"select", "prepare"},
+        "evaluate": {"export", "prepare"},
+        "condition-branches-1": {"evaluate", "export", "prepare"},
+    }
     assert {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()} == needs
     branches = spec["components"]["comp-condition-branches-1"]["dag"]["tasks"]
     passed, failed = branches["condition-2"], branches["condition-3"]
-    assert passed["taskInfo"]["name"] == "quality-gate" and failed["taskInfo"]["name"] == "quality-gate-failed"
+    assert (
+        passed["taskInfo"]["name"] == "quality-gate" and failed["taskInfo"]["name"] == "quality-gate-failed"
+    )
     condition = passed["triggerPolicy"]["condition"]
     assert "pipelinechannel--evaluate-Output" in condition and ">=" in condition
     assert "pipelinechannel--min_accuracy" in condition
@@ -101,8 +138,11 @@ def test_every_task_has_resources_retries_and_a_time_limit(compiled):
     _, spec, platform = compiled
     executors = spec["deploymentSpec"]["executors"]
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    tasks = {**spec["root"]["dag"]["tasks"], **spec["components"]["comp-condition-2"]["dag"]["tasks"],
-             **spec["components"]["comp-condition-3"]["dag"]["tasks"]}
+    tasks = {
+        **spec["root"]["dag"]["tasks"],
+        **spec["components"]["comp-condition-2"]["dag"]["tasks"],
+        **spec["components"]["comp-condition-3"]["dag"]["tasks"],
+    }
     defaults = ClusterSettings()
     for name in STEPS:
         wanted = defaults.task(name)
@@ -118,22 +158,42 @@ def test_every_task_has_resources_retries_and_a_time_limit(compiled):
         else:
             assert retry["maxRetryCount"] == wanted.retries >= 2 and retry["backoffDuration"] == "60s", name
         # which image produced a model is recorded in MLflow
-        assert {"name": "KDPIPE_IMAGE_REF", "value": kubeflow.DEFAULT_IMAGE} in executors[f"exec-{name}"]["container"]["env"]
+        assert {"name": "KDPIPE_IMAGE_REF", "value": kubeflow.DEFAULT_IMAGE} in executors[f"exec-{name}"][
+            "container"
+        ]["env"]
 
 
 def test_cluster_settings_file_changes_placement_and_resources(tmp_path):
     cluster = tmp_path / "cluster.yaml"
-    cluster.write_text(yaml.safe_dump({
-        "gpu_node_selector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
-        "gpu_tolerations": [{"key": "nvidia.com/gpu"}, {"key": "dedicated", "operator": "Equal", "value": "ml"}],
-        "shm_size": "16Gi", "image_pull_secrets": ["regcred"], "state_pvc": "kdpipe-state",
-        "tasks": {"distill": {"memory_request": "64Gi", "cpu_limit": "16", "retries": 5, "timeout_seconds": 600}},
-    }))
+    cluster.write_text(
+        yaml.safe_dump(
+            {
+                "gpu_node_selector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
+                "gpu_tolerations": [
+                    {"key": "nvidia.com/gpu"},
+                    {"key": "dedicated", "operator": "Equal", "value": "ml"},
+                ],
+                "shm_size": "16Gi",
+                "image_pull_secrets": ["regcred"],
+                "state_pvc": "kdpipe-state",
+                "tasks": {
+                    "distill": {
+                        "memory_request": "64Gi",
+                        "cpu_limit": "16",
+                        "retries": 5,
+                        "timeout_seconds": 600,
+                    }
+                },
+            }
+        )
+    )
     spec, platform = compile_to(tmp_path / "p.yaml", extra_args=["--cluster", str(cluster)])
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     for name in ("exec-teacher", "exec-augment", "exec-distill"):
         assert k8s[name]["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
-        assert {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"} in k8s[name]["tolerations"]
+        assert {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"} in k8s[name][
+            "tolerations"
+        ]
         assert k8s[name]["emptyDirMounts"][0]["sizeLimit"] == "16Gi"
     assert "nodeSelector" not in k8s["exec-prepare"]
     assert all([s["secretName"] for s in cfg["imagePullSecret"]] == ["regcred"] for cfg in k8s.values())
@@ -144,7 +204,10 @@ def test_cluster_settings_file_changes_placement_and_resources(tmp_path):
     assert int(k8s["exec-distill"]["activeDeadlineSeconds"]) == 600
     # the resume state on the claim: a retried or preempted distill pod resumes from its last.pt
     (mount,) = k8s["exec-distill"]["pvcMount"]
-    assert mount["mountPath"] == "/kdpipe-state" and mount["pvcNameParameter"]["runtimeValue"]["constant"] == "kdpipe-state"
+    assert (
+        mount["mountPath"] == "/kdpipe-state"
+        and mount["pvcNameParameter"]["runtimeValue"]["constant"] == "kdpipe-state"
+    )
     distill_in = spec["root"]["dag"]["tasks"]["distill"]["inputs"]["parameters"]
     assert distill_in["state_dir"]["runtimeValue"]["constant"] == "/kdpipe-state"
     assert "pvcMount" not in k8s["exec-teacher"]
@@ -154,8 +217,23 @@ def test_cluster_settings_file_changes_placement_and_resources(tmp_path):
 def test_a_bad_cluster_settings_file_is_one_clear_error(tmp_path):
     cluster = tmp_path / "cluster.yaml"
     cluster.write_text("tasks:\n  distil:\n    retries: 2\n")
-    done = subprocess.run([sys.executable, "-m", "kdpipe.cli", "pipeline", "compile", "--out", str(tmp_path / "p.yaml"),
-                           "--cluster", str(cluster)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kdpipe.cli",
+            "pipeline",
+            "compile",
+            "--out",
+            str(tmp_path / "p.yaml"),
+            "--cluster",
+            str(cluster),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode != 0 and "cluster.yaml" in done.stderr and "distil" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "p.yaml").exists()
 
@@ -179,7 +257,9 @@ def test_training_tasks_request_gpus(compiled):
     assert distill["resourceType"] == "nvidia.com/gpu"
     assert distill["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gpus']}}"
     # the distill component itself knows the GPU count (torchrun --nproc_per_node when > 1)
-    assert spec["root"]["dag"]["tasks"]["distill"]["inputs"]["parameters"]["gpus"] == {"componentInputParameter": "gpus"}
+    assert spec["root"]["dag"]["tasks"]["distill"]["inputs"]["parameters"]["gpus"] == {
+        "componentInputParameter": "gpus"
+    }
     for name in ("exec-data", "exec-prepare", "exec-evaluate", "exec-register"):
         assert "accelerator" not in executors[name]["container"].get("resources", {})
     # a task holding a GPU fails when CUDA is unusable instead of training on the CPU
@@ -196,15 +276,23 @@ def test_kubernetes_platform_settings(compiled):
         # no node selector by default: the GPU request places the pod, whatever the cluster's labels
         assert "nodeSelector" not in cfg
         assert cfg["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-        assert cfg["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "8Gi",
-                                          "volumeName": "dshm"}]
-    secrets = {name: {s["secretName"]: {k["envVar"] for k in s["keyToEnv"]} for s in cfg.get("secretAsEnv", [])}
-               for name, cfg in executors.items()}
-    assert secrets["exec-data"] == {"kdpipe-dvc-remote": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
-                                    "kdpipe-git": {"KDPIPE_GIT_USERNAME", "KDPIPE_GIT_TOKEN"}}
+        assert cfg["emptyDirMounts"] == [
+            {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "8Gi", "volumeName": "dshm"}
+        ]
+    secrets = {
+        name: {s["secretName"]: {k["envVar"] for k in s["keyToEnv"]} for s in cfg.get("secretAsEnv", [])}
+        for name, cfg in executors.items()
+    }
+    assert secrets["exec-data"] == {
+        "kdpipe-dvc-remote": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
+        "kdpipe-git": {"KDPIPE_GIT_USERNAME", "KDPIPE_GIT_TOKEN"},
+    }
     for step in STEPS[1:]:  # every step logs to MLflow when the secret exists
-        assert secrets[f"exec-{step}"]["kdpipe-mlflow"] == {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
-                                                            "MLFLOW_TRACKING_PASSWORD"}, step
+        assert secrets[f"exec-{step}"]["kdpipe-mlflow"] == {
+            "MLFLOW_TRACKING_URI",
+            "MLFLOW_TRACKING_USERNAME",
+            "MLFLOW_TRACKING_PASSWORD",
+        }, step
 
 
 def test_data_version_and_rev_key_the_cache(compiled):
@@ -213,7 +301,11 @@ def test_data_version_and_rev_key_the_cache(compiled):
     data = spec["root"]["dag"]["tasks"]["data"]
     assert data["cachingOptions"] == {"enableCache": True}
     params = data["inputs"]["parameters"]
-    for name, pipeline_param in (("data_version", "data_version"), ("rev", "data_rev"), ("repo", "data_repo")):
+    for name, pipeline_param in (
+        ("data_version", "data_version"),
+        ("rev", "data_rev"),
+        ("repo", "data_repo"),
+    ):
         assert params[name] == {"componentInputParameter": pipeline_param}
     declared = spec["components"]["comp-data"]["inputDefinitions"]["parameters"]
     assert {"data_version", "rev", "repo"} <= set(declared)
@@ -231,8 +323,11 @@ def test_pipeline_parameters_mirror_params_yaml(compiled):
     for group in ("prepare", "augment", "teacher", "train", "select", "export", "evaluate", "register"):
         default = declared[f"{group}_params"]["defaultValue"]
         # unset values travel as "null" (KFP stores no None) and come back as None in the components
-        expected = {k: "null" if v is None else v for k, v in params[group].items()
-                    if (group, k) != ("register", "min_accuracy")}
+        expected = {
+            k: "null" if v is None else v
+            for k, v in params[group].items()
+            if (group, k) != ("register", "min_accuracy")
+        }
         assert default == expected, group
         assert kubeflow.params_from(**{group: default}).model_dump(mode="json")[group] == params[group]
     assert declared["min_accuracy"]["defaultValue"] == params["register"]["min_accuracy"]
@@ -246,7 +341,9 @@ def test_image_comes_from_one_setting(tmp_path):
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {"registry.example.com/kdpipe:1.2"}
     committed = next(yaml.safe_load_all(PACKAGE.read_text()))
-    assert {e["container"]["image"] for e in committed["deploymentSpec"]["executors"].values()} == {DEFAULT_IMAGE}
+    assert {e["container"]["image"] for e in committed["deploymentSpec"]["executors"].values()} == {
+        DEFAULT_IMAGE
+    }
     # components run the installed kdpipe: nothing is pip-installed at run time
     assert "pip install" not in PACKAGE.read_text()
 
@@ -260,4 +357,7 @@ def test_multi_node_distill_is_a_cpu_task_that_launches_a_trainjob(tmp_path):
     assert distill["gpus"] == {"componentInputParameter": "gpus"}  # GPUs per node of the TrainJob
     # the launching task holds no GPU: the TrainJob's pods do
     assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-distill"]["container"]["resources"]
-    assert "tolerations" not in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-distill"]
+    assert (
+        "tolerations"
+        not in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-distill"]
+    )

@@ -42,8 +42,11 @@ class FakeKfp:
 
     @staticmethod
     def _named(items, query) -> list[dict]:
-        names = [p["stringValue"] for p in json.loads(query.get("filter", ['{"predicates": []}'])[0])["predicates"]
-                 if p.get("key") == "display_name"]
+        names = [
+            p["stringValue"]
+            for p in json.loads(query.get("filter", ['{"predicates": []}'])[0])["predicates"]
+            if p.get("key") == "display_name"
+        ]
         return [i for i in items if not names or i["display_name"] in names]
 
     def handle(self, method: str, path: str, query: dict, body: dict | None) -> tuple[int, dict]:
@@ -122,9 +125,30 @@ def calls(fake: FakeKfp, method: str, path: str) -> list[dict]:
 
 
 def test_submit_sends_the_compiled_pipeline_and_parameters(kfp_server, capsys):
-    code = cli.main(["pipeline", "submit", "--host", kfp_server.url, "--experiment", "kd-exp", "--run-name", "try-1",
-                     "-S", "train.lr=0.1", "-S", "train.recipe=cotrain", "-S", "register.min_accuracy=0.6",
-                     "-S", "data_rev=v2", "-S", "data_version=2024-06", "-S", "data_repo=https://git.example.com/d.git"])
+    code = cli.main(
+        [
+            "pipeline",
+            "submit",
+            "--host",
+            kfp_server.url,
+            "--experiment",
+            "kd-exp",
+            "--run-name",
+            "try-1",
+            "-S",
+            "train.lr=0.1",
+            "-S",
+            "train.recipe=cotrain",
+            "-S",
+            "register.min_accuracy=0.6",
+            "-S",
+            "data_rev=v2",
+            "-S",
+            "data_version=2024-06",
+            "-S",
+            "data_repo=https://git.example.com/d.git",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     assert [b["display_name"] for b in calls(kfp_server, "POST", f"{API}/experiments")] == ["kd-exp"]
@@ -142,7 +166,9 @@ def test_submit_sends_the_compiled_pipeline_and_parameters(kfp_server, capsys):
     # the commit it was submitted from, recorded by every task in MLflow
     import subprocess
 
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
     assert params["git_commit"] == head
     executors = run["pipeline_spec"]["pipeline_spec"]["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {IMAGE}
@@ -161,7 +187,16 @@ def test_submit_rejects_bad_params_before_sending(kfp_server, capsys):
 
 
 def test_schedule_twice_replaces_the_recurring_run(kfp_server, capsys):
-    base = ["pipeline", "schedule", "--host", kfp_server.url, "--name", "nightly", "-S", "data_version=rolling"]
+    base = [
+        "pipeline",
+        "schedule",
+        "--host",
+        kfp_server.url,
+        "--name",
+        "nightly",
+        "-S",
+        "data_version=rolling",
+    ]
     assert cli.main([*base, "--cron", "0 0 3 * * *"]) == 0
     assert cli.main([*base, "--cron", "0 30 4 * * *", "-S", "train.max_iterations=50"]) == 0
     out = capsys.readouterr().out
@@ -195,10 +230,16 @@ def test_schedule_needs_a_six_field_cron(kfp_server, capsys):
     assert kfp_server.requests == []
 
 
-@pytest.mark.parametrize("image, reason", [("kdpipe:0.1.0", "names no registry"),
-                                           ("registry.example.com/team/kdpipe:latest", "not pinned by digest")])
-def test_submit_refuses_an_image_a_cluster_cannot_pull_or_cache_safely(kfp_server, capsys, monkeypatch, image,
-                                                                        reason):
+@pytest.mark.parametrize(
+    "image, reason",
+    [
+        ("kdpipe:0.1.0", "names no registry"),
+        ("registry.example.com/team/kdpipe:latest", "not pinned by digest"),
+    ],
+)
+def test_submit_refuses_an_image_a_cluster_cannot_pull_or_cache_safely(
+    kfp_server, capsys, monkeypatch, image, reason
+):
     monkeypatch.delenv("KDPIPE_IMAGE")
     assert cli.main(["pipeline", "submit", "--host", kfp_server.url, "--image", image]) == 2
     assert reason in capsys.readouterr().err
@@ -214,12 +255,16 @@ def test_submit_and_schedule_refuse_an_older_backend(kfp_server, capsys):
     assert cli.main(["pipeline", "schedule", "--host", kfp_server.url, "--cron", "0 0 3 * * *"]) == 2
     err = capsys.readouterr().err
     assert err.count("older than 2.15.0") == 2 and "Traceback" not in err
-    assert not calls(kfp_server, "POST", f"{API}/runs") and not calls(kfp_server, "POST", f"{API}/recurringruns")
+    assert not calls(kfp_server, "POST", f"{API}/runs") and not calls(
+        kfp_server, "POST", f"{API}/recurringruns"
+    )
 
 
 def test_gpu_tasks_get_the_gpu_image_and_the_others_the_slim_one(kfp_server, capsys):
     gpu = "registry.example.com/team/kdpipe-gpu@sha256:" + "fedcba9876543210" * 4
-    assert cli.main(["pipeline", "submit", "--host", kfp_server.url, "--gpu-image", gpu]) == 0, capsys.readouterr().err
+    assert cli.main(["pipeline", "submit", "--host", kfp_server.url, "--gpu-image", gpu]) == 0, (
+        capsys.readouterr().err
+    )
     (run,) = calls(kfp_server, "POST", f"{API}/runs")
     executors = run["pipeline_spec"]["pipeline_spec"]["deploymentSpec"]["executors"]
     images = {name.removeprefix("exec-"): e["container"]["image"] for name, e in executors.items()}

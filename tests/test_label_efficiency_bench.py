@@ -29,17 +29,57 @@ def write_tiny_npz(path, per_class: int = 40, size: int = 8, seed: int = 0) -> N
 
     x_train, y_train = images(per_class)
     x_test, y_test = images(per_class // 4)
-    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
-             class_names=np.array(["red", "green", "blue"]))
+    np.savez(
+        path,
+        x_train=x_train,
+        y_train=y_train,
+        x_test=x_test,
+        y_test=y_test,
+        class_names=np.array(["red", "green", "blue"]),
+    )
 
 
 def run_bench(tmp_path, name: str, *extra: str) -> dict:
     out = tmp_path / name
-    argv = ["--data", str(tmp_path / "tiny.npz"), "--fraction", "0.25", "--seeds", "0", "1",
-            "--iterations", "6", "--multiples", "1", "2", "--teacher-iterations", "6", "--round-iterations", "4", "--pseudo-threshold", "0",
-            "--eval-every", "3", "--batch", "16", "--views", "2", "--student-arch", "cnn_tiny",
-            "--teacher-arch", "cnn_tiny", "--teacher-weights", "null", "--teacher-image-size", "16",
-            "--teacher-batch-size", "8", "--out", str(out), *extra]
+    argv = [
+        "--data",
+        str(tmp_path / "tiny.npz"),
+        "--fraction",
+        "0.25",
+        "--seeds",
+        "0",
+        "1",
+        "--iterations",
+        "6",
+        "--multiples",
+        "1",
+        "2",
+        "--teacher-iterations",
+        "6",
+        "--round-iterations",
+        "4",
+        "--pseudo-threshold",
+        "0",
+        "--eval-every",
+        "3",
+        "--batch",
+        "16",
+        "--views",
+        "2",
+        "--student-arch",
+        "cnn_tiny",
+        "--teacher-arch",
+        "cnn_tiny",
+        "--teacher-weights",
+        "null",
+        "--teacher-image-size",
+        "16",
+        "--teacher-batch-size",
+        "8",
+        "--out",
+        str(out),
+        *extra,
+    ]
     assert label_efficiency.main(argv) == 0
     return json.loads(out.with_suffix(".json").read_text())
 
@@ -48,16 +88,26 @@ def run_bench(tmp_path, name: str, *extra: str) -> dict:
 def results(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("label_eff")
     write_tiny_npz(tmp_path / "tiny.npz")
-    return tmp_path, {"serial": run_bench(tmp_path, "serial", "--jobs", "1"),
-                      "parallel": run_bench(tmp_path, "parallel", "--jobs", "2")}
+    return tmp_path, {
+        "serial": run_bench(tmp_path, "serial", "--jobs", "1"),
+        "parallel": run_bench(tmp_path, "parallel", "--jobs", "2"),
+    }
 
 
 @pytest.mark.parametrize("mode", ["serial", "parallel"])
 def test_every_seed_gets_every_run(results, mode):
     tmp_path, by_mode = results
     result = by_mode[mode]
-    every = ["cache", "ceiling", "student", "student", "supervised", "supervised_same_aug", "teacher",
-             "teacher_unlabeled"]
+    every = [
+        "cache",
+        "ceiling",
+        "student",
+        "student",
+        "supervised",
+        "supervised_same_aug",
+        "teacher",
+        "teacher_unlabeled",
+    ]
     kinds_per_seed = {seed: sorted(r["kind"] for r in result["runs"] if r["seed"] == seed) for seed in (0, 1)}
     assert kinds_per_seed == {0: every, 1: every}
     for row in result["runs"]:
@@ -89,19 +139,32 @@ def test_derived_figures_follow_from_the_raw_rows(results, mode):
         assert teaching["kind"] in ("teacher", "teacher_unlabeled")
         sup = one["supervised"]["test_selected"]
         span = teaching["test_selected"] - sup
-        expected = None if span <= 1e-9 else (student["test_selected"] - sup) / span  # undefined below supervised
+        expected = (
+            None if span <= 1e-9 else (student["test_selected"] - sup) / span
+        )  # undefined below supervised
         got = figures["teacher_gap_closed"]["per_seed"][k]
         assert got == (None if expected is None else pytest.approx(expected))
         assert figures["student_vs_teacher_points"]["per_seed"][k] == pytest.approx(
-            100 * (student["test_selected"] - teaching["test_selected"]))
+            100 * (student["test_selected"] - teaching["test_selected"])
+        )
         assert figures["longer_budget_points"]["per_seed"][k] == pytest.approx(
-            100 * (student["test_selected"] - short["test_selected"]))
-        path = one["teacher"]["wall_s"] + one["teacher_unlabeled"]["wall_s"] + one["cache"]["wall_s"] + short["wall_s"]
+            100 * (student["test_selected"] - short["test_selected"])
+        )
+        path = (
+            one["teacher"]["wall_s"]
+            + one["teacher_unlabeled"]["wall_s"]
+            + one["cache"]["wall_s"]
+            + short["wall_s"]
+        )
         assert one["supervised_same_aug"]["path_s"] == pytest.approx(path, abs=0.11)
         assert figures["equal_wall_clock_points"]["per_seed"][k] == pytest.approx(
-            100 * (short["test_selected"] - one["supervised_same_aug"]["test_selected"]))
+            100 * (short["test_selected"] - one["supervised_same_aug"]["test_selected"])
+        )
         # the ceiling gets as many passes over all labels as supervised made over its labels (or stops)
-        labeled, everything = one["supervised"]["labeled"], one["supervised"]["labeled"] + one["supervised"]["unlabeled"]
+        labeled, everything = (
+            one["supervised"]["labeled"],
+            one["supervised"]["labeled"] + one["supervised"]["unlabeled"],
+        )
         passes = one["supervised"]["iterations"] * 16 / labeled
         assert one["ceiling"]["iterations"] <= round(passes * everything / 16)
 

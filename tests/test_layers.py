@@ -31,8 +31,12 @@ def violations(graph: dict[str, set[str]]) -> list[str]:
             short, target_short = module.partition(".")[2], target.partition(".")[2]
             if layer_of(target) > layer_of(module):
                 found.append(f"{short} imports {target_short}, a layer above it")
-            elif (short.startswith("steps.") and target_short.startswith("steps.")
-                  and target_short not in SHARED_STEP_MODULES and short not in SHARED_STEP_MODULES):
+            elif (
+                short.startswith("steps.")
+                and target_short.startswith("steps.")
+                and target_short not in SHARED_STEP_MODULES
+                and short not in SHARED_STEP_MODULES
+            ):
                 found.append(f"{short} imports another step, {target_short}")
     return found
 
@@ -66,6 +70,8 @@ def test_the_checks_catch_an_upward_import_a_step_calling_a_step_and_a_cycle(tmp
         (pkg / name).parent.mkdir(parents=True, exist_ok=True)
         (pkg / name).write_text(text)
     graph = import_graph(pkg)
-    assert violations(graph) == ["core.a imports training.b, a layer above it",
-                                 "steps.one imports another step, steps.two"]
+    assert violations(graph) == [
+        "core.a imports training.b, a layer above it",
+        "steps.one imports another step, steps.two",
+    ]
     assert find_cycle(graph) == ["kdpipe.core.a", "kdpipe.training.b", "kdpipe.core.a"]

@@ -86,8 +86,9 @@ def test_the_outputs_do_not_depend_on_the_chunk_size(mixed_root, tmp_path, monke
     assert reasons["labeled/ant/notes.txt"] == "not_an_image"
 
 
-def test_an_incremental_prepare_in_tiny_chunks_equals_a_full_one(mixed_root, tmp_path, tiny_chunks, make_image,
-                                                                   capsys):
+def test_an_incremental_prepare_in_tiny_chunks_equals_a_full_one(
+    mixed_root, tmp_path, tiny_chunks, make_image, capsys
+):
     out = tmp_path / "prepared"
     prepare.run(params(workers=2), mixed_root, out)
     for k in range(5):
@@ -137,8 +138,14 @@ def test_the_data_version_sorts_paths_as_python_sorts_their_names(mixed_root, tm
             # rel shows b"\xff" as the text \xff: back to the real name for this check
             raw = os.fsdecode(rel.encode().replace(b"\\xff", b"\xff"))
             path = os.fsdecode(os.fsencode(mixed_root)) + "/" + raw
-            entries.append((rel.split("/")[0], path, label_of.get(rel, ""),
-                            hashlib.sha256(Path(path).read_bytes()).hexdigest()))
+            entries.append(
+                (
+                    rel.split("/")[0],
+                    path,
+                    label_of.get(rel, ""),
+                    hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+                )
+            )
     digest = hashlib.sha256()
     for entry in sorted(entries):
         digest.update(json.dumps(entry, ensure_ascii=False).encode("utf-8", "surrogateescape") + b"\n")
@@ -187,16 +194,22 @@ def test_a_damaged_store_of_input_hashes_only_means_reading_every_file(mixed_roo
     assert files_of(out) == files_of(tmp_path / "full")
 
 
-def test_the_walk_sorted_on_disk_visits_what_the_walk_sorted_in_memory_visits(mixed_root, tmp_path, monkeypatch):
+def test_the_walk_sorted_on_disk_visits_what_the_walk_sorted_in_memory_visits(
+    mixed_root, tmp_path, monkeypatch
+):
     """prepare's walk sorts each folder's listing in the ledger (in pages of 3 here); it hands out
     the same files, in the same order, with the same reports, as the in-memory sort ingest uses."""
     from kdpipe.data.ledger import Ledger
     from kdpipe.data.walk import Walker
 
-    (mixed_root / "unlabeled" / "batch-0003" / "again.png").symlink_to(mixed_root / "unlabeled" / "batch-0001" / "u_0.png")
+    (mixed_root / "unlabeled" / "batch-0003" / "again.png").symlink_to(
+        mixed_root / "unlabeled" / "batch-0001" / "u_0.png"
+    )
     (mixed_root / "unlabeled" / "batch-0003" / "nowhere.png").symlink_to(tmp_path / "missing.png")
     # a link walked before the file it points to: the plain file is then the second visit
-    (mixed_root / "unlabeled" / "batch-0001" / "to_later.png").symlink_to(mixed_root / "unlabeled" / "batch-0003" / "u_1.png")
+    (mixed_root / "unlabeled" / "batch-0001" / "to_later.png").symlink_to(
+        mixed_root / "unlabeled" / "batch-0003" / "u_1.png"
+    )
     monkeypatch.setattr(kdpipe.data.ledger, "CHUNK", 3)
 
     def walk(**how) -> tuple[list[str], list[tuple[str, str]]]:

@@ -33,8 +33,15 @@ def project(tmp_path):
 
 
 def make(target: str, root: Path, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(["make", "--no-print-directory", target], cwd=root, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    return subprocess.run(
+        ["make", "--no-print-directory", target],
+        cwd=root,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        timeout=300,
+    )
 
 
 def test_a_failed_push_says_why_and_fails(project):
@@ -43,8 +50,9 @@ def test_a_failed_push_says_why_and_fails(project):
     root, env = project
     unwritable = root / "not-a-folder"
     unwritable.write_text("a file where the remote's folder should be\n")
-    subprocess.run(["dvc", "remote", "add", "-d", "broken", str(unwritable / "store")], cwd=root, check=True,
-                   env=env)
+    subprocess.run(
+        ["dvc", "remote", "add", "-d", "broken", str(unwritable / "store")], cwd=root, check=True, env=env
+    )
     done = make("push", root, env)
     assert done.returncode != 0
     assert "error: dvc push failed" in done.stdout and "not on the default remote" in done.stdout
@@ -73,8 +81,15 @@ def test_a_second_repro_changes_nothing_while_one_runs(project):
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "w") as held:  # what the running `make repro` holds
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        done = subprocess.run(["make", "--no-print-directory", "repro", "S=train.lr=0.5"], cwd=root, env=env,
-                              text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+        done = subprocess.run(
+            ["make", "--no-print-directory", "repro", "S=train.lr=0.5"],
+            cwd=root,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=300,
+        )
     assert done.returncode != 0
     assert "another 'make repro' is running in this project" in done.stdout
     assert params.read_text() == "train:\n  lr: 0.1\n"

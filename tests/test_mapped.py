@@ -96,15 +96,20 @@ def test_batch_gathering_reads_the_files_and_maps_nothing(tmp_path):
             l_idx, u_idx = rng.integers(0, 64, 16), rng.integers(0, 2000, 48)
             batch = gather_batch(l_map, u_map, (l_idx,), (u_idx,), CPU, channels_first).numpy()
             expected = np.concatenate([labeled[l_idx], unlabeled[u_idx]])
-            np.testing.assert_array_equal(batch, expected.transpose(0, 3, 1, 2) if channels_first else expected)
+            np.testing.assert_array_equal(
+                batch, expected.transpose(0, 3, 1, 2) if channels_first else expected
+            )
             assert resident_kib(l_path) == resident_kib(u_path) == 0
 
 
 def test_file_rows_read_segments_and_stored_views(tmp_path):
     # logits of stored views: float32 rows indexed by (sample, view), across two segment files
-    parts = [np.random.default_rng(k).standard_normal((n, 3, 10)).astype(np.float32) for k, n in enumerate((7, 5))]
-    segments = RowSegments([np.load(_saved(tmp_path, f"logits{k}.npy", part), mmap_mode="r")
-                            for k, part in enumerate(parts)])
+    parts = [
+        np.random.default_rng(k).standard_normal((n, 3, 10)).astype(np.float32) for k, n in enumerate((7, 5))
+    ]
+    segments = RowSegments(
+        [np.load(_saved(tmp_path, f"logits{k}.npy", part), mmap_mode="r") for k, part in enumerate(parts)]
+    )
     whole = np.concatenate(parts)
     positions = np.array([[11, 2], [0, 0], [6, 1], [7, 1], [6, 1]])
     out = np.zeros((5, 10), dtype=np.float32)

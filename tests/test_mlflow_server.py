@@ -78,16 +78,28 @@ def mlflow_server(tmp_path_factory, empty_db):  # noqa: F811
     server_dir = tmp_path_factory.mktemp("server")
     shutil.copyfile(empty_db, server_dir / "db.sqlite")  # already migrated: a faster start
     port = _free_port()
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--workers", "1", "--host", "127.0.0.1",
-           "--port", str(port), "--backend-store-uri", f"sqlite:///{server_dir.as_posix()}/db.sqlite",
-           "--default-artifact-root", str(server_dir / "art")]
+    cmd = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--workers",
+        "1",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{server_dir.as_posix()}/db.sqlite",
+        "--default-artifact-root",
+        str(server_dir / "art"),
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RANK")}
     log_path = server_dir / "server.log"
     with open(log_path, "wb") as log:
         # A new session makes the server the leader of its own process group, so teardown can stop
         # it and its workers by this one PID.
-        proc = subprocess.Popen(cmd, cwd=server_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=server_dir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         yield Server(proc, f"http://127.0.0.1:{port}", server_dir, log_path)
     finally:
@@ -106,8 +118,13 @@ def test_register_through_a_real_server(mlflow_server, onnx_model, tmp_path, mon
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    for name in ("MLFLOW_TRACKING_URI", "KDPIPE_MLFLOW_RUN_ID", "RANK", "MLFLOW_TRACKING_USERNAME",
-                 "MLFLOW_TRACKING_PASSWORD"):
+    for name in (
+        "MLFLOW_TRACKING_URI",
+        "KDPIPE_MLFLOW_RUN_ID",
+        "RANK",
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+    ):
         # setenv first: delenv of an absent variable records nothing, and mlflow / tracking set
         # some of these during the run; this way teardown removes them again.
         monkeypatch.setenv(name, "")
@@ -118,7 +135,9 @@ def test_register_through_a_real_server(mlflow_server, onnx_model, tmp_path, mon
     params = make_params(tracking_uri=f"http://kdpipe:{SECRET}@{host}")
     export_dir, evaluation_dir = make_upstream(work, onnx_model, 0.75)
     try:
-        decision = register.run(params, export_dir, evaluation_dir, work / "artifacts" / "prepared", work / "out")
+        decision = register.run(
+            params, export_dir, evaluation_dir, work / "artifacts" / "prepared", work / "out"
+        )
     finally:
         while mlflow.active_run():
             mlflow.end_run()

@@ -18,8 +18,16 @@ from kdpipe.training.models import (
 )
 
 TORCHVISION_ARCHS = [
-    "resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
-    "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "regnet_y_400mf", "regnet_x_400mf",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "shufflenet_v2_x0_5",
+    "shufflenet_v2_x1_0",
+    "regnet_y_400mf",
+    "regnet_x_400mf",
 ]
 TINY_ARCHS = ["cnn_tiny", "cnn_medium", "cnn_small", "resnet_tiny", "resnet20"]
 
@@ -150,8 +158,10 @@ def test_weights_for_tiny_model_rejected():
         build_model("cnn_tiny", num_classes=2, weights="IMAGENET1K_V1")
 
 
-@pytest.mark.parametrize("weights", ["IMAGENET_BOGUS", "ResNet18_Weights.BOGUS", "Bogus_Weights.X",
-                                     "ResNet50_Weights.IMAGENET1K_V1"])
+@pytest.mark.parametrize(
+    "weights",
+    ["IMAGENET_BOGUS", "ResNet18_Weights.BOGUS", "Bogus_Weights.X", "ResNet50_Weights.IMAGENET1K_V1"],
+)
 def test_bogus_weights_name_gives_clear_error(weights):
     with pytest.raises(KdpipeError) as info:
         build_model("resnet18", num_classes=2, weights=weights)
@@ -182,9 +192,16 @@ def test_onnx_export_with_dynamic_batch(arch, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     model = build_model(arch, num_classes=7, image_size=32).eval()
     path = tmp_path / f"{arch}.onnx"
-    torch.onnx.export(model, torch.rand(1, 3, 32, 32), str(path), dynamo=False, opset_version=17,
-                      input_names=["images"], output_names=["logits"],
-                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+    torch.onnx.export(
+        model,
+        torch.rand(1, 3, 32, 32),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+    )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for batch in (1, 3):
         x = torch.rand(batch, 3, 32, 32)

@@ -44,8 +44,11 @@ def test_a_thumbnail_is_the_area_average():
     rng = np.random.default_rng(0)
     for size in (32, 24, 8):  # a multiple of 16, not one, smaller than the thumbnail
         images = rng.integers(0, 256, size=(3, size, size, 3), dtype=np.uint8)
-        expected = torch.nn.functional.adaptive_avg_pool2d(
-            torch.from_numpy(images).permute(0, 3, 1, 2).double(), 16).permute(0, 2, 3, 1).reshape(3, -1)
+        expected = (
+            torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(images).permute(0, 3, 1, 2).double(), 16)
+            .permute(0, 2, 3, 1)
+            .reshape(3, -1)
+        )
         np.testing.assert_allclose(thumbnails(images), expected.numpy(), rtol=1e-5, atol=1e-3)
 
 
@@ -87,7 +90,9 @@ def test_prepare_rejects_near_copies_of_a_test_photo(image_dataset, tmp_path, im
     decoded = np.asarray(Image.open(root / "test" / "cat" / "photo.jpg").convert("RGB"))
     Image.fromarray(reencoded(decoded, 70)).save(root / "unlabeled" / "photo-again.jpg", quality=70)
     Image.fromarray(decoded).save(root / "labeled" / "cat" / "photo.png")
-    Image.fromarray(smooth_photo(128, seed=5)).save(root / "labeled" / "dog" / "another-photo.jpg", quality=90)
+    Image.fromarray(smooth_photo(128, seed=5)).save(
+        root / "labeled" / "dog" / "another-photo.jpg", quality=90
+    )
     out = tmp_path / f"prepared-{image_size}"
     manifest = prepare.run(Params(prepare={"image_size": image_size}), data_root=root, out_dir=out)
     rejected = {r["path"]: r for r in json.loads((out / "rejected.json").read_text(encoding="utf-8"))}

@@ -29,8 +29,12 @@ def test_params_file_is_the_defaults_plus_the_declared_demo_settings():
         group, key = dotted.split(".")
         assert expected[group][key] != value, f"{dotted} is the default already: drop it from DEMO_SETTINGS"
         expected[group][key] = value
-    differing = {f"{g}.{k}": (raw[g][k], v) for g, values in expected.items() for k, v in values.items()
-                 if raw[g][k] != v}
+    differing = {
+        f"{g}.{k}": (raw[g][k], v)
+        for g, values in expected.items()
+        for k, v in values.items()
+        if raw[g][k] != v
+    }
     assert differing == {}, "params.yaml (left) disagrees with the schema's defaults + DEMO_SETTINGS (right)"
 
 
@@ -50,7 +54,15 @@ def test_the_training_loop_takes_every_setting_from_params():
 
 def test_groups_follow_the_pipeline_steps():
     assert list(Params.model_fields) == [
-        "data", "prepare", "augment", "teacher", "train", "select", "export", "evaluate", "register",
+        "data",
+        "prepare",
+        "augment",
+        "teacher",
+        "train",
+        "select",
+        "export",
+        "evaluate",
+        "register",
     ]
 
 
@@ -118,8 +130,14 @@ def test_write_overrides_edits_values_in_place_and_keeps_comments(tmp_path):
     path = tmp_path / "params.yaml"
     original = (REPO / "params.yaml").read_text()
     path.write_text(original)
-    changed = write_overrides(path, ["prepare.image_size=64", "augment.flip=true", "evaluate.providers=[CPUExecutionProvider]"])
-    assert changed == ["prepare.image_size: 64", "augment.flip: true", "evaluate.providers: [CPUExecutionProvider]"]
+    changed = write_overrides(
+        path, ["prepare.image_size=64", "augment.flip=true", "evaluate.providers=[CPUExecutionProvider]"]
+    )
+    assert changed == [
+        "prepare.image_size: 64",
+        "augment.flip: true",
+        "evaluate.providers: [CPUExecutionProvider]",
+    ]
     text = path.read_text()
     assert "  image_size: 64             # images are resized" in text  # the comment stays in its column
     assert load_params(path).prepare.image_size == 64 and load_params(path).augment.flip is True
@@ -138,7 +156,11 @@ def test_write_overrides_refuses_before_writing(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text((REPO / "params.yaml").read_text())
     before = path.read_bytes()
-    for bad in (["prepare.image_sise=64"], ["prepare.image_size=2"], ["prepare.image_size=64", "train.lr=-1"]):
+    for bad in (
+        ["prepare.image_sise=64"],
+        ["prepare.image_size=2"],
+        ["prepare.image_size=64", "train.lr=-1"],
+    ):
         with pytest.raises(ParamsError):
             write_overrides(path, bad)
         assert path.read_bytes() == before
@@ -150,12 +172,23 @@ def test_schema_defaults_and_params_yaml_agree_on_the_teacher_and_distillation_d
 
     committed = load_params(REPO / "params.yaml")
     schema = Params()
-    for group, keys in {"teacher": ("arch", "weights", "lr", "backbone_lr_scale", "freeze_batchnorm",
-                                    "label_smoothing", "warmup_fraction"),
-                        "train": ("recipe", "tau", "mutual_tau", "mu", "lr"),
-                        "select": ("max_params",)}.items():
+    for group, keys in {
+        "teacher": (
+            "arch",
+            "weights",
+            "lr",
+            "backbone_lr_scale",
+            "freeze_batchnorm",
+            "label_smoothing",
+            "warmup_fraction",
+        ),
+        "train": ("recipe", "tau", "mutual_tau", "mu", "lr"),
+        "select": ("max_params",),
+    }.items():
         for key in keys:
-            assert getattr(getattr(committed, group), key) == getattr(getattr(schema, group), key), f"{group}.{key}"
+            assert getattr(getattr(committed, group), key) == getattr(getattr(schema, group), key), (
+                f"{group}.{key}"
+            )
 
 
 def test_old_short_names_of_the_loss_weights_still_work_with_a_warning():
@@ -176,5 +209,5 @@ def test_every_demo_setting_says_so_in_params_yaml():
     for dotted in DEMO_SETTINGS:
         group, key = dotted.split(".")
         start = text.index(f"{group}:")
-        line = next(line for line in text[start + 1:] if line.strip().startswith(f"{key}:"))
+        line = next(line for line in text[start + 1 :] if line.strip().startswith(f"{key}:"))
         assert DEMO_COMMENT in line, line

@@ -24,8 +24,24 @@ from kdpipe.training import checkpoints
 def pipeline(tmp_path_factory) -> dict[str, Path]:
     """data -> prepare -> random cnn_tiny -> export -> evaluate, in a module-wide folder."""
     tmp = tmp_path_factory.mktemp("predict")
-    write_images(tmp / "data", "labeled", {"blue": 3, "green": 3, "red": 3}, seed=0, max_side=48, noise=60, mixed_formats=True)
-    write_images(tmp / "data", "test", {"blue": 5, "green": 5, "red": 5}, seed=1, max_side=48, noise=60, mixed_formats=True)
+    write_images(
+        tmp / "data",
+        "labeled",
+        {"blue": 3, "green": 3, "red": 3},
+        seed=0,
+        max_side=48,
+        noise=60,
+        mixed_formats=True,
+    )
+    write_images(
+        tmp / "data",
+        "test",
+        {"blue": 5, "green": 5, "red": 5},
+        seed=1,
+        max_side=48,
+        noise=60,
+        mixed_formats=True,
+    )
     params = Params()
     params.export.calibration_samples = 8
     params.evaluate.latency_runs = 3
@@ -33,12 +49,18 @@ def pipeline(tmp_path_factory) -> dict[str, Path]:
     prepare.run(params, tmp / "data", tmp / "prepared")
     data = load_prepared(tmp / "prepared")
     model = probe_model(data)
-    checkpoints.save(checkpoints.model_checkpoint(model, "cnn_tiny", data.num_classes, data.image_size,
-                                                  data.class_names), tmp / "selected" / "model.pt")
+    checkpoints.save(
+        checkpoints.model_checkpoint(model, "cnn_tiny", data.num_classes, data.image_size, data.class_names),
+        tmp / "selected" / "model.pt",
+    )
     export.run(params, tmp / "selected", tmp / "prepared", tmp / "export")
     evaluate.run(params, tmp / "export", tmp / "prepared", tmp / "evaluation")
-    return {"root": tmp, "data": tmp / "data", "model": tmp / "export" / "model.onnx",
-            "metrics": tmp / "evaluation" / "metrics.json"}
+    return {
+        "root": tmp,
+        "data": tmp / "data",
+        "model": tmp / "export" / "model.onnx",
+        "metrics": tmp / "evaluation" / "metrics.json",
+    }
 
 
 def test_predict_reproduces_evaluate_accuracy(pipeline):
@@ -76,7 +98,9 @@ def test_corrupt_file_gives_an_error_row(pipeline, tmp_path):
 
 def test_write_predictions_csv_and_json(pipeline, tmp_path):
     rows = predict(pipeline["model"], [pipeline["data"] / "test" / "blue"], top_k=2)
-    rows.append({"path": "x.png", "top1": None, "p1": None, "top2": None, "p2": None, "error": "corrupt: bad"})
+    rows.append(
+        {"path": "x.png", "top1": None, "p1": None, "top2": None, "p2": None, "error": "corrupt: bad"}
+    )
     write_predictions(rows, tmp_path / "out.csv")
     with open(tmp_path / "out.csv", newline="") as fh:
         table = list(csv.DictReader(fh))
@@ -99,8 +123,18 @@ def test_missing_sidecar_or_input_is_an_error(pipeline, tmp_path):
 
 def test_cli_predict(pipeline, tmp_path, capsys):
     out = tmp_path / "pred.json"
-    code = main(["predict", str(pipeline["data"] / "test" / "green"), "--model", str(pipeline["model"]),
-                 "--top-k", "1", "--output", str(out)])
+    code = main(
+        [
+            "predict",
+            str(pipeline["data"] / "test" / "green"),
+            "--model",
+            str(pipeline["model"]),
+            "--top-k",
+            "1",
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 0
     rows = json.loads(out.read_text())
     assert len(rows) == 5 and list(rows[0]) == ["path", "top1", "p1", "error"]
@@ -114,8 +148,17 @@ def test_cli_predict(pipeline, tmp_path, capsys):
 @pytest.mark.parametrize("option", [["--batch-size", "0"], ["--batch-size", "-3"], ["--top-k", "0"]])
 def test_options_that_would_classify_nothing_are_refused(pipeline, tmp_path, capsys, option):
     out = tmp_path / "pred.csv"
-    code = main(["predict", str(pipeline["data"] / "test"), "--model", str(pipeline["model"]), "--output", str(out),
-                 *option])
+    code = main(
+        [
+            "predict",
+            str(pipeline["data"] / "test"),
+            "--model",
+            str(pipeline["model"]),
+            "--output",
+            str(out),
+            *option,
+        ]
+    )
     assert code == 2 and option[0] in capsys.readouterr().err and not out.exists()
 
 
@@ -130,13 +173,19 @@ def test_a_folder_without_images_is_an_error_not_an_empty_csv(pipeline, tmp_path
         assert "no image file found" in capsys.readouterr().err and not out.exists()
 
 
-@pytest.mark.parametrize("sidecar, message", [
-    ("{not json", "not valid JSON"),
-    ('{"image_size": 16, "class_names": ["blue", "green"]}', "lists 2 class names but"),
-    ('{"image_size": "big", "class_names": ["blue", "green", "red"]}', "image_size must be a positive integer"),
-    ('{"image_size": 16, "class_names": []}', "class_names must be a non-empty list"),
-    ("[1, 2]", "expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "sidecar, message",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"image_size": 16, "class_names": ["blue", "green"]}', "lists 2 class names but"),
+        (
+            '{"image_size": "big", "class_names": ["blue", "green", "red"]}',
+            "image_size must be a positive integer",
+        ),
+        ('{"image_size": 16, "class_names": []}', "class_names must be a non-empty list"),
+        ("[1, 2]", "expected a JSON object"),
+    ],
+)
 def test_a_broken_sidecar_is_one_clear_error(pipeline, tmp_path, capsys, sidecar, message):
     model = tmp_path / "model.onnx"
     shutil.copy(pipeline["model"], model)
@@ -156,8 +205,16 @@ def test_output_in_a_read_only_folder_fails_before_classifying(pipeline, tmp_pat
     called = []
     monkeypatch.setattr(predict_module, "predict", lambda *a, **k: called.append(1) or [])
     with tmpfs(tmp_path / "ro", "64k", read_only=True) as ro:
-        code = main(["predict", str(pipeline["data"] / "test"), "--model", str(pipeline["model"]),
-                     "--output", str(ro / "pred.csv")])
+        code = main(
+            [
+                "predict",
+                str(pipeline["data"] / "test"),
+                "--model",
+                str(pipeline["model"]),
+                "--output",
+                str(ro / "pred.csv"),
+            ]
+        )
     err = capsys.readouterr().err
     assert code == 2 and "read-only" in err and "Traceback" not in err
     assert called == []  # nothing was classified for a result that could not be saved
@@ -174,8 +231,11 @@ def test_file_names_a_spreadsheet_would_run_are_quoted_in_csv_only(pipeline, tmp
     assert main(["predict", ".", "--model", str(pipeline["model"]), "--top-k", "1"]) == 0
     table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert sorted(row["path"] for row in table) == sorted(
-        name if name == "plain.png" else "'" + name for name in names)
-    assert main(["predict", ".", "--model", str(pipeline["model"]), "--top-k", "1", "--output", "out.json"]) == 0
+        name if name == "plain.png" else "'" + name for name in names
+    )
+    assert (
+        main(["predict", ".", "--model", str(pipeline["model"]), "--top-k", "1", "--output", "out.json"]) == 0
+    )
     assert sorted(row["path"] for row in json.loads((tmp_path / "out.json").read_text())) == sorted(names)
 
 

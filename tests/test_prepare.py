@@ -51,7 +51,10 @@ def test_end_to_end_outputs_and_manifest(image_dataset, tmp_path):
         "test": {"cat": 2, "dog": 2},
     }
     assert manifest["image_size"] == SIZE
-    assert manifest["params"] == {**make_params().prepare.model_dump(exclude={"workers"}), "teacher_image_size": None}
+    assert manifest["params"] == {
+        **make_params().prepare.model_dump(exclude={"workers"}),
+        "teacher_image_size": None,
+    }
     assert manifest["teacher_image_size"] is None  # no teacher-resolution copy for these small images
     assert manifest["kdpipe_version"]
     assert len(manifest["data_version"]) == 64
@@ -59,11 +62,15 @@ def test_end_to_end_outputs_and_manifest(image_dataset, tmp_path):
     assert set(manifest["files"]) == {*ARRAY_FILES, "rows.npy", "sources.json", "rejected.json"}
     for name, digest in manifest["files"].items():
         assert file_sha256(out / name) == digest
-    assert sorted(p.name for p in out.iterdir()) == sorted([*manifest["files"], "manifest.json", "teacher_inputs.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*manifest["files"], "manifest.json", "teacher_inputs.json"]
+    )
     # what the teacher stage depends on: the labeled training and validation arrays, not the others
     inputs = json.loads((out / "teacher_inputs.json").read_text(encoding="utf-8"))
     assert set(inputs["files"]) == {"train_x.npy", "train_y.npy", "val_x.npy", "val_y.npy"}
-    assert inputs["files"]["train_x.npy"] == manifest["files"]["train_x.npy"] and not inputs["reads_unlabeled"]
+    assert (
+        inputs["files"]["train_x.npy"] == manifest["files"]["train_x.npy"] and not inputs["reads_unlabeled"]
+    )
 
     train_x = np.load(out / "train_x.npy", mmap_mode="r")
     assert train_x.shape == (8, SIZE, SIZE, 3) and train_x.dtype == np.uint8
@@ -140,8 +147,10 @@ def test_split_follows_the_source_file_not_the_resolution(image_dataset, tmp_pat
     """The validation images are the same files at every prepare.image_size: experiments at two
     resolutions compare on the same split (a hash of the resized pixels moved about half of them)."""
     root = image_dataset(classes={"a": 20, "b": 20}, unlabeled=0, test={}, size=48)
-    splits = {size: sources(_prepared(root, tmp_path / f"px{size}", image_size=size))
-              for size in (8, 12, 16, 24, 32)}
+    splits = {
+        size: sources(_prepared(root, tmp_path / f"px{size}", image_size=size))
+        for size in (8, 12, 16, 24, 32)
+    }
     assert all(len(s["val"]) == 8 for s in splits.values())
     for size in (12, 16, 24, 32):
         assert splits[size]["val"] == splits[8]["val"]
@@ -371,14 +380,21 @@ def test_load_prepared_missing_files(image_dataset, tmp_path):
 def test_per_class_counts_and_a_warning_for_classes_too_small(image_dataset, tmp_path, capsys):
     """prepare (and prepare --check) print images per class and split, and warn about a class with 1 or
     2 labeled images: with 1 there is no validation image for it at all."""
-    root = image_dataset(classes={"big": 10, "one": 1, "two": 2}, unlabeled=0, test={"big": 1, "one": 1, "two": 1})
+    root = image_dataset(
+        classes={"big": 10, "one": 1, "two": 2}, unlabeled=0, test={"big": 1, "one": 1, "two": 1}
+    )
     for check in (True, False):
-        prepare.run(make_params(val_fraction=0.2), data_root=root, out_dir=tmp_path / f"out{check}", check=check)
+        prepare.run(
+            make_params(val_fraction=0.2), data_root=root, out_dir=tmp_path / f"out{check}", check=check
+        )
         out = capsys.readouterr().out
         assert "prepare: images per class (train / validation / test):" in out
         assert any(line.split() == ["big", "8", "/", "2", "/", "1"] for line in out.splitlines())
         assert any(line.split() == ["one", "1", "/", "0", "/", "1"] for line in out.splitlines())
-        assert "warning: class 'one' has 1 labeled image(s): too few to train it, and none is left to validate it" in out
+        assert (
+            "warning: class 'one' has 1 labeled image(s): too few to train it, and none is left to validate it"
+            in out
+        )
         assert "warning: class 'two' has 2 labeled image(s): too few to train it reliably" in out
         assert "class 'big'" not in out
 

@@ -30,7 +30,11 @@ def photo(seed: int, size: tuple[int, int]) -> Image.Image:
     rng = np.random.default_rng(seed)
     h, w = size[1], size[0]
     yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-    base = rng.uniform(0, 255, 3) + rng.uniform(-120, 120, 3) * xx[..., None] + rng.uniform(-120, 120, 3) * yy[..., None]
+    base = (
+        rng.uniform(0, 255, 3)
+        + rng.uniform(-120, 120, 3) * xx[..., None]
+        + rng.uniform(-120, 120, 3) * yy[..., None]
+    )
     noise = rng.normal(0, 12, (h, w, 3))
     return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
 
@@ -55,8 +59,10 @@ def photo_root(tmp_path) -> Path:
 
 
 def params(workers: int = 1, teacher_size: int | None = None, **prepare_settings) -> Params:
-    return Params(prepare={"image_size": SIZE, "workers": workers, **prepare_settings},
-                  teacher={"image_size": teacher_size})
+    return Params(
+        prepare={"image_size": SIZE, "workers": workers, **prepare_settings},
+        teacher={"image_size": teacher_size},
+    )
 
 
 def files_of(folder: Path) -> dict[str, bytes]:
@@ -393,10 +399,15 @@ def test_decode_workers_die_with_a_killed_prepare(tmp_path):
     picture = (one / "img_01000.jpg").read_bytes()
     for k in range(3000):  # many files to decode (duplicates are only known once decoded)
         (one / f"copy_{k:05d}.jpg").write_bytes(picture)
-    script = ("import sys; from kdpipe.core.params import Params; from kdpipe.steps import prepare; "
-              "prepare.run(Params(prepare={'image_size': 256, 'workers': 2}), sys.argv[1], sys.argv[2])")
-    child = subprocess.Popen([sys.executable, "-c", script, str(root), str(tmp_path / "out")],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    script = (
+        "import sys; from kdpipe.core.params import Params; from kdpipe.steps import prepare; "
+        "prepare.run(Params(prepare={'image_size': 256, 'workers': 2}), sys.argv[1], sys.argv[2])"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, str(root), str(tmp_path / "out")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         workers: set[int] = set()
         while not workers and child.poll() is None:  # synchronise on the pool's processes appearing

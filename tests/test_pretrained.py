@@ -25,7 +25,9 @@ SMALL_TIMM = "mobilenetv3_small_050"  # a small timm architecture for the local-
 def reference_lite0():
     """The reference implementation the weights were published with (test-only dependency)."""
     reference = pytest.importorskip("efficientnet_lite_pytorch")
-    model = reference.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(efficientnet_lite0_file()))
+    model = reference.EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=str(efficientnet_lite0_file())
+    )
     return model.eval()
 
 
@@ -50,8 +52,12 @@ def test_converter_maps_every_key_one_to_one():
     assert len(converted) == len(reference) == 296
     assert sum(LITE0_STAGE_DEPTHS) == 16
     assert converted["conv_stem.weight"] is reference["_conv_stem.weight"]  # tensors pass through untouched
-    assert converted["blocks.0.0.conv_pw.weight"] is reference["_blocks.0._project_conv.weight"]  # depthwise-separable
-    assert converted["blocks.6.0.conv_pwl.weight"] is reference["_blocks.15._project_conv.weight"]  # last block
+    assert (
+        converted["blocks.0.0.conv_pw.weight"] is reference["_blocks.0._project_conv.weight"]
+    )  # depthwise-separable
+    assert (
+        converted["blocks.6.0.conv_pwl.weight"] is reference["_blocks.15._project_conv.weight"]
+    )  # last block
     assert converted["classifier.weight"].shape == (1000, 1280)
 
 
@@ -66,12 +72,15 @@ def test_converted_weights_give_the_reference_logits(reference_lite0, converted_
 def test_kdpipe_model_gives_the_reference_features(reference_lite0):
     """build_model's Lite0 with the named offline weights: resize + [-1, 1] normalisation inside the
     network, then the reference network's pooled features -- the contract export and predict rely on."""
-    model = build_model(LITE0, num_classes=10, image_size=32, weights="efficientnet_lite0_imagenet",
-                        input_size=96).eval()
+    model = build_model(
+        LITE0, num_classes=10, image_size=32, weights="efficientnet_lite0_imagenet", input_size=96
+    ).eval()
     torch.testing.assert_close(model.normalize.mean.flatten(), torch.full((3,), 0.5))
     torch.testing.assert_close(model.normalize.std.flatten(), torch.full((3,), 0.5))
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
-    tf_input = (nn.functional.interpolate(images, size=(96, 96), mode="bilinear", align_corners=False) - 0.5) / 0.5
+    tf_input = (
+        nn.functional.interpolate(images, size=(96, 96), mode="bilinear", align_corners=False) - 0.5
+    ) / 0.5
     with torch.no_grad():
         expected = reference_lite0._avg_pooling(reference_lite0.extract_features(tf_input)).flatten(1)
         got = model.features(images)

@@ -35,7 +35,12 @@ def _parts_close(parts: dict[str, float], expected: dict[str, float]) -> None:
 # ------------------------------------------------------------------------------ recipe structure
 def test_recipe_flags_follow_spec():
     sup = build_recipe("supervised")
-    assert (sup.uses_teacher, sup.trains_teacher, sup.uses_unlabeled, sup.uses_schedule) == (False, False, False, False)
+    assert (sup.uses_teacher, sup.trains_teacher, sup.uses_unlabeled, sup.uses_schedule) == (
+        False,
+        False,
+        False,
+        False,
+    )
     assert [t.name for t in sup.terms] == ["ce"]
 
     cot = build_recipe("cotrain")
@@ -64,16 +69,30 @@ def test_recipe_flags_follow_spec():
 
     # a frozen teacher means stored views (its logits are cached on them); a trained one, online views
     assert {r: build_recipe(r).reads_stored_views for r in RECIPES} == {
-        "supervised": False, "kd": True, "cotrain": False, "adaptive": True, "consistency": True, "full": False}
+        "supervised": False,
+        "kd": True,
+        "cotrain": False,
+        "adaptive": True,
+        "consistency": True,
+        "full": False,
+    }
     assert frozen.reads_stored_views
 
     assert [t.name for t in build_recipe("cotrain", feature_matching=True).terms][-1] == "feat"
     assert set(RECIPES) == {"supervised", "kd", "cotrain", "adaptive", "consistency", "full"}
     # which recipes use a teacher, train it, and follow the adaptive schedule (the engine acts on these)
-    flags = {r: (build_recipe(r).uses_teacher, build_recipe(r).trains_teacher, build_recipe(r).uses_schedule)
-             for r in RECIPES}
-    assert flags == {"supervised": (False, False, False), "kd": (True, False, False), "cotrain": (True, True, False),
-                     "adaptive": (True, False, True), "consistency": (True, False, False), "full": (True, True, True)}
+    flags = {
+        r: (build_recipe(r).uses_teacher, build_recipe(r).trains_teacher, build_recipe(r).uses_schedule)
+        for r in RECIPES
+    }
+    assert flags == {
+        "supervised": (False, False, False),
+        "kd": (True, False, False),
+        "cotrain": (True, True, False),
+        "adaptive": (True, False, True),
+        "consistency": (True, False, False),
+        "full": (True, True, True),
+    }
 
 
 def test_unknown_recipe_is_rejected():
@@ -104,7 +123,11 @@ def test_consistency_term_is_positive_for_different_views(name):
 def test_consistency_recipe_combines_its_three_constraints():
     recipe = build_recipe("consistency", views=3)
     student = [_logits(0), _logits(1), _logits(2)]
-    teacher = [_logits(10, requires_grad=True), _logits(11, requires_grad=True), _logits(12, requires_grad=True)]
+    teacher = [
+        _logits(10, requires_grad=True),
+        _logits(11, requires_grad=True),
+        _logits(12, requires_grad=True),
+    ]
     h = Hyper(w_labels=0.5, w_consistency=2.0, w_distill=3.0, tau=2.0)
     total, parts = total_loss(recipe, _outputs(recipe, student, teacher), h)
 
@@ -178,7 +201,9 @@ def test_all_zero_weights_still_give_a_differentiable_zero():
     recipe = build_recipe("consistency", views=2)
     student = [_logits(0), _logits(1)]
     teacher = [_logits(2, requires_grad=False), _logits(3, requires_grad=False)]
-    total, parts = total_loss(recipe, _outputs(recipe, student, teacher), Hyper(w_labels=0.0, w_consistency=0.0, w_distill=0.0))
+    total, parts = total_loss(
+        recipe, _outputs(recipe, student, teacher), Hyper(w_labels=0.0, w_consistency=0.0, w_distill=0.0)
+    )
     assert _f(total) == 0.0 and parts["total"] == 0.0
     assert parts["gt"] > 0  # still recorded for the history
     total.backward()  # must not raise

@@ -42,9 +42,16 @@ def export_tiny_model(path: Path, answer: int | None = None) -> Path:
             model.head.weight.zero_()
             model.head.bias.fill_(-10.0)
             model.head.bias[answer] = 10.0
-    torch.onnx.export(model, (torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE),), str(path), dynamo=False,
-                      opset_version=17, input_names=["images"], output_names=["logits"],
-                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+    torch.onnx.export(
+        model,
+        (torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE),),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+    )
     return path
 
 
@@ -53,7 +60,9 @@ VAL_LABELS = [0] * 6 + [1] * 3 + [2] * 1
 VAL_SCORES = {"a": 0.6, "b": 0.3, "c": 0.1}
 
 
-def write_prepared_split(root: Path, data_version: str, val_labels=VAL_LABELS, classes=("a", "b", "c")) -> Path:
+def write_prepared_split(
+    root: Path, data_version: str, val_labels=VAL_LABELS, classes=("a", "b", "c")
+) -> Path:
     """A prepared folder at root/artifacts/prepared whose validation split has ``val_labels``."""
     from benchmarks.common import write_prepared
 
@@ -64,8 +73,17 @@ def write_prepared_split(root: Path, data_version: str, val_labels=VAL_LABELS, c
 
     folder = root / "artifacts" / "prepared"
     n = len(val_labels)
-    write_prepared(folder, images(6), np.arange(6) % len(classes), images(n), np.asarray(val_labels), images(0),
-                   images(4), np.arange(4) % len(classes), list(classes))
+    write_prepared(
+        folder,
+        images(6),
+        np.arange(6) % len(classes),
+        images(n),
+        np.asarray(val_labels),
+        images(0),
+        images(4),
+        np.arange(4) % len(classes),
+        list(classes),
+    )
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["data_version"] = data_version
     (folder / "manifest.json").write_text(json.dumps(manifest))
@@ -82,8 +100,15 @@ def make_upstream(root: Path, model: Path, accuracy: float, data_version: str = 
     (export_dir / "model.onnx").write_bytes(model.read_bytes())
     _write(export_dir / "parity.json", {"max_abs": 1e-6, "agreement": 1.0})
     _write(export_dir / "preprocess.json", {"class_names": ["a", "b", "c"], "image_size": IMAGE_SIZE})
-    _write(evaluation_dir / "metrics.json", {"accuracy": accuracy, "int8_accuracy": None, "macro_f1": 0.5,
-                                             "models": {"model.onnx": {"accuracy": accuracy}}})
+    _write(
+        evaluation_dir / "metrics.json",
+        {
+            "accuracy": accuracy,
+            "int8_accuracy": None,
+            "macro_f1": 0.5,
+            "models": {"model.onnx": {"accuracy": accuracy}},
+        },
+    )
     (evaluation_dir / "report.md").write_text("# report\n")
     (evaluation_dir / "confusion.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     _write(evaluation_dir / "confusion.json", {"matrix": [[1, 0], [0, 1]]})
@@ -131,8 +156,13 @@ def store(tmp_path, monkeypatch, empty_db):
 
 def _register(tmp_path, model, accuracy, **register_values):
     export_dir, evaluation_dir = make_upstream(tmp_path, model, accuracy)
-    return register.run(make_params(**register_values), export_dir, evaluation_dir,
-                        tmp_path / "artifacts" / "prepared", tmp_path / "out")
+    return register.run(
+        make_params(**register_values),
+        export_dir,
+        evaluation_dir,
+        tmp_path / "artifacts" / "prepared",
+        tmp_path / "out",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -145,15 +175,18 @@ def answering(tmp_path_factory) -> dict[str, Path]:
 # ---------------------------------------------------------------- pure logic
 
 
-@pytest.mark.parametrize(("new", "champion", "min_improvement", "expected"), [
-    (0.5, None, 0.0, True),      # first model becomes champion
-    (0.8, 0.7, 0.0, True),       # strictly better
-    (0.7, 0.7, 0.0, False),      # a tie keeps the champion
-    (0.6, 0.7, 0.0, False),      # worse
-    (0.9, 0.8, 0.1, True),       # exactly min_improvement (0.9 - 0.8 is 0.0999... in floats)
-    (0.85, 0.8, 0.1, False),     # better, but not by enough
-    (0.8, 0.8, 0.1, False),
-])
+@pytest.mark.parametrize(
+    ("new", "champion", "min_improvement", "expected"),
+    [
+        (0.5, None, 0.0, True),  # first model becomes champion
+        (0.8, 0.7, 0.0, True),  # strictly better
+        (0.7, 0.7, 0.0, False),  # a tie keeps the champion
+        (0.6, 0.7, 0.0, False),  # worse
+        (0.9, 0.8, 0.1, True),  # exactly min_improvement (0.9 - 0.8 is 0.0999... in floats)
+        (0.85, 0.8, 0.1, False),  # better, but not by enough
+        (0.8, 0.8, 0.1, False),
+    ],
+)
 def test_decide_promotion(new, champion, min_improvement, expected):
     promoted, reason = decide_promotion(new, champion, min_improvement)
     assert promoted is expected and reason
@@ -222,9 +255,16 @@ def test_a_new_class_set_starts_a_new_lineage_and_says_so(store, answering, tmp_
 
     four = tmp_path_factory.mktemp("four") / "model.onnx"
     model = build_model("cnn_tiny", 4, IMAGE_SIZE).eval()
-    torch.onnx.export(model, (torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE),), str(four), dynamo=False, opset_version=17,
-                      input_names=["images"], output_names=["logits"],
-                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+    torch.onnx.export(
+        model,
+        (torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE),),
+        str(four),
+        dynamo=False,
+        opset_version=17,
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+    )
     decision = _register(store, four, 0.2)
     assert decision["promoted"]
     assert "the class set changed since champion v1 (added: d; removed: none" in decision["reason"]
@@ -247,8 +287,16 @@ def test_an_experiment_never_moves_the_champion(store, answering):
 
 
 def test_make_exp_runs_experiments_without_promotion_in_a_temporary_copy():
-    recipe = next(line for line in (ROOT / "Makefile").read_text().splitlines() if "dvc exp run" in line and not line.lstrip().startswith("#"))
-    assert "--temp" in recipe and "-S register.promote=false" in recipe and "-S register.new_version=false" in recipe
+    recipe = next(
+        line
+        for line in (ROOT / "Makefile").read_text().splitlines()
+        if "dvc exp run" in line and not line.lstrip().startswith("#")
+    )
+    assert (
+        "--temp" in recipe
+        and "-S register.promote=false" in recipe
+        and "-S register.new_version=false" in recipe
+    )
 
 
 def test_an_experiment_adds_no_registry_version(store, answering):
@@ -317,11 +365,13 @@ def test_credentials_never_reach_the_store(store, onnx_model, monkeypatch):
     from kdpipe.orchestration import tracking
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    params = Params.model_validate({
-        "data": {"root": f"s3://user:{SECRET}@bucket/data"},
-        # The env URI (SQLite) wins; this value is still a param that must be logged redacted.
-        "register": {"model_name": NAME, "tracking_uri": f"http://user:{SECRET}@127.0.0.1:9"},
-    })
+    params = Params.model_validate(
+        {
+            "data": {"root": f"s3://user:{SECRET}@bucket/data"},
+            # The env URI (SQLite) wins; this value is still a param that must be logged redacted.
+            "register": {"model_name": NAME, "tracking_uri": f"http://user:{SECRET}@127.0.0.1:9"},
+        }
+    )
     export_dir, evaluation_dir = make_upstream(store, onnx_model, 0.7)
     prepared = store / "artifacts" / "prepared"
     with tracking.pipeline_run(params):

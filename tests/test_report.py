@@ -35,11 +35,17 @@ def test_report_renders_pngs_and_summary(tmp_path, monkeypatch):
     reports = tmp_path / "reports"
     (reports / "distill").mkdir(parents=True)
     (reports / "evaluate").mkdir()
-    (reports / "distill" / "history.json").write_text(json.dumps(
-        [{"iteration": i * 10, "val_acc_student": 0.1 * i, "val_acc_teacher": 0.5} for i in range(1, 6)]))
+    (reports / "distill" / "history.json").write_text(
+        json.dumps(
+            [{"iteration": i * 10, "val_acc_student": 0.1 * i, "val_acc_teacher": 0.5} for i in range(1, 6)]
+        )
+    )
     (reports / "distill" / "metrics.json").write_text(json.dumps({"recipe": "full", "val_acc_student": 0.5}))
-    (reports / "evaluate" / "confusion.json").write_text(json.dumps(
-        [{"actual": a, "predicted": p} for a, p in [("cat", "cat"), ("dog", "cat"), ("dog", "dog")]]))
+    (reports / "evaluate" / "confusion.json").write_text(
+        json.dumps(
+            [{"actual": a, "predicted": p} for a, p in [("cat", "cat"), ("dog", "cat"), ("dog", "dog")]]
+        )
+    )
     (reports / "evaluate" / "metrics.json").write_text(json.dumps({"accuracy": 0.6667}))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "summary").mkdir()
@@ -71,6 +77,10 @@ def test_report_renders_pngs_and_summary(tmp_path, monkeypatch):
 
 
 def test_specs_with_several_revisions_keep_their_colours():
-    spec = {"encoding": {"color": {"field": "rev", "scale": {"domain": ["HEAD", "workspace"]}},
-                         "strokeDash": {"field": "field", "scale": {"domain": ["a", "b"]}}}}
+    spec = {
+        "encoding": {
+            "color": {"field": "rev", "scale": {"domain": ["HEAD", "workspace"]}},
+            "strokeDash": {"field": "field", "scale": {"domain": ["a", "b"]}},
+        }
+    }
     assert colour_lines_by_field(spec) is spec

@@ -21,8 +21,14 @@ pytestmark = pytest.mark.slow
 
 # "full" exercises everything a resume must restore: both networks and optimizers, the LR
 # schedules, both samplers, the augmentation generator, the adaptive schedule and the history.
-RESUME_TRAIN = {"recipe": "full", "max_iterations": 30, "epoch_iterations": 5, "eval_every": 5,
-                "checkpoint_every": 3, "threads": 1}
+RESUME_TRAIN = {
+    "recipe": "full",
+    "max_iterations": 30,
+    "epoch_iterations": 5,
+    "eval_every": 5,
+    "checkpoint_every": 3,
+    "threads": 1,
+}
 KILL_AT = 9  # iteration of the last.pt to wait for before killing (mid-epoch: running losses are saved too)
 
 CHILD = """
@@ -44,8 +50,12 @@ distill.run(validate_params(cfg["params"]), **cfg["paths"])
 
 
 def _paths(d, out):
-    return {"prepared_dir": str(d["prepared"]), "augmented_dir": str(d["augmented"]),
-            "teacher_dir": str(d["teacher"]), "out_dir": str(out)}
+    return {
+        "prepared_dir": str(d["prepared"]),
+        "augmented_dir": str(d["augmented"]),
+        "teacher_dir": str(d["teacher"]),
+        "out_dir": str(out),
+    }
 
 
 def _last_iteration(path) -> int:
@@ -57,12 +67,18 @@ def _last_iteration(path) -> int:
 
 def _start_child(tmp_path, d, params, out, sleep):
     cfg = tmp_path / "child.json"
-    cfg.write_text(json.dumps({"params": params.model_dump(mode="json"), "paths": _paths(d, out), "sleep": sleep}))
+    cfg.write_text(
+        json.dumps({"params": params.model_dump(mode="json"), "paths": _paths(d, out), "sleep": sleep})
+    )
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     log = open(tmp_path / "child.log", "wb")  # noqa: SIM115 - closed by the caller
-    proc = subprocess.Popen([sys.executable, str(script), str(cfg)], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(cfg)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     return proc, log
 
 
@@ -86,8 +102,9 @@ def test_killed_run_resumes_bit_for_bit(tiny_pipeline_dirs, tiny_params_factory,
     try:
         deadline = time.monotonic() + 60
         while _last_iteration(last) < KILL_AT:
-            assert proc.poll() is None, "the child ended before it could be killed:\n" + \
-                (tmp_path / "child.log").read_text(errors="replace")
+            assert proc.poll() is None, "the child ended before it could be killed:\n" + (
+                tmp_path / "child.log"
+            ).read_text(errors="replace")
             assert time.monotonic() < deadline, "no checkpoint within 60 s"
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
@@ -117,7 +134,9 @@ def test_killed_run_resumes_bit_for_bit(tiny_pipeline_dirs, tiny_params_factory,
         ca, cb = checkpoints.load(killed / name), checkpoints.load(reference / name)
         _assert_same_state(ca["state_dict"], cb["state_dict"], name)
         assert ca["meta"] == cb["meta"]
-    assert _without_timing(read_json(killed / "history.json")) == _without_timing(read_json(reference / "history.json"))
+    assert _without_timing(read_json(killed / "history.json")) == _without_timing(
+        read_json(reference / "history.json")
+    )
     assert read_json(killed / "schedule.json") == read_json(reference / "schedule.json")
 
 
@@ -153,7 +172,9 @@ def test_resume_with_changed_settings_starts_over(run_distill, tmp_path, capsys)
     fresh = tmp_path / "fresh"
     run_distill(fresh, recipe="supervised", max_iterations=10, lr=0.02)
     _assert_same_state(again["student"], checkpoints.load(fresh / "last.pt")["student"], "student")
-    assert _without_timing(again["history"]) == _without_timing(checkpoints.load(fresh / "last.pt")["history"])
+    assert _without_timing(again["history"]) == _without_timing(
+        checkpoints.load(fresh / "last.pt")["history"]
+    )
 
 
 # ------------------------------------------------------------------------ another precision, another device
@@ -168,16 +189,21 @@ def _trainer(d, params, out, amp: str, channels_last: bool = False, device: torc
     from kdpipe.training.devices import Runtime
 
     runtime = Runtime(device, PRECISIONS[amp], channels_last)
-    return build_trainer(params, d["prepared"], d["augmented"], d["teacher"], out, runtime=runtime, progress=False)
+    return build_trainer(
+        params, d["prepared"], d["augmented"], d["teacher"], out, runtime=runtime, progress=False
+    )
 
 
 @pytest.mark.parametrize(("saved", "resumed"), [("fp32", "fp16"), ("fp16", "fp32"), ("fp16", "bf16")])
-def test_a_run_resumes_under_another_precision(saved, resumed, tiny_pipeline_dirs, tiny_params_factory, tmp_path):
+def test_a_run_resumes_under_another_precision(
+    saved, resumed, tiny_pipeline_dirs, tiny_params_factory, tmp_path
+):
     """A preempted GPU run rescheduled onto another machine resumes, whatever its precision there (an
     fp32 resume state used to stop an fp16 run with the GradScaler's RuntimeError)."""
     d = tiny_pipeline_dirs
-    params = tiny_params_factory(recipe="full", max_iterations=6, eval_every=3, epoch_iterations=3,
-                                 checkpoint_every=3)
+    params = tiny_params_factory(
+        recipe="full", max_iterations=6, eval_every=3, epoch_iterations=3, checkpoint_every=3
+    )
     out = tmp_path / "out"
     first = _trainer(d, params, out, saved)
     first.run()
@@ -188,13 +214,19 @@ def test_a_run_resumes_under_another_precision(saved, resumed, tiny_pipeline_dir
     assert again.scaler.is_enabled() == (resumed == "fp16")
 
 
-DEVICES = [CPU, pytest.param(torch.device("cuda"), marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+DEVICES = [
+    CPU,
+    pytest.param(
+        torch.device("cuda"),
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    ),
+]
 
 
 @pytest.mark.parametrize("device", DEVICES, ids=["cpu", "cuda"])
-def test_fp16_autocast_with_loss_scaling_and_channels_last_trains(device, tiny_pipeline_dirs, tiny_params_factory,
-                                                                   tmp_path):
+def test_fp16_autocast_with_loss_scaling_and_channels_last_trains(
+    device, tiny_pipeline_dirs, tiny_params_factory, tmp_path
+):
     """The GPU training path (autocast fp16, GradScaler, channels_last) run end to end: on the CPU
     here, and on the GPU where there is one."""
     d = tiny_pipeline_dirs
@@ -210,17 +242,22 @@ def test_fp16_autocast_with_loss_scaling_and_channels_last_trains(device, tiny_p
     assert trainer.scaler.get_scale() > 0
 
 
-def test_a_state_saved_on_another_kind_of_device_resumes(tiny_pipeline_dirs, tiny_params_factory, tmp_path, capsys):
+def test_a_state_saved_on_another_kind_of_device_resumes(
+    tiny_pipeline_dirs, tiny_params_factory, tmp_path, capsys
+):
     """A run preempted on a GPU and resumed on a CPU (or the reverse): the augmentation generator's
     state cannot cross devices (a CUDA generator's is 16 bytes, a CPU one's 5056), so the stream
     restarts from the seed with a note, and the rest resumes as saved. (Restoring it as it was failed.)"""
     d = tiny_pipeline_dirs
-    params = tiny_params_factory(recipe="full", max_iterations=6, eval_every=3, epoch_iterations=3,
-                                 checkpoint_every=3)
+    params = tiny_params_factory(
+        recipe="full", max_iterations=6, eval_every=3, epoch_iterations=3, checkpoint_every=3
+    )
     out = tmp_path / "out"
     _trainer(d, params, out, "fp32").run()
     state = checkpoints.load(out / "last.pt")
-    state["rng"][0].update(gen=torch.zeros(16, dtype=torch.uint8), gen_device="cuda")  # as a CUDA run writes it
+    state["rng"][0].update(
+        gen=torch.zeros(16, dtype=torch.uint8), gen_device="cuda"
+    )  # as a CUDA run writes it
     checkpoints.save(state, out / "last.pt")
     again = _trainer(d, params, out, "fp32")
     assert again.try_resume() and again.iteration == 6

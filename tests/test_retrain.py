@@ -97,7 +97,11 @@ def test_ingest_makes_the_pipeline_stale_and_a_second_ingest_changes_nothing(tmp
     assert "up to date" in run([DVC, "status"], repo, env)
     assert run(["git", "status", "--porcelain"], repo, env) == ""
     assert sorted(p.name for p in (repo / "data/unlabeled").iterdir() if not p.name.startswith(".")) == [
-        "batch-0001", "batch-0001.dvc", new_dvc[:-4], new_dvc]
+        "batch-0001",
+        "batch-0001.dvc",
+        new_dvc[:-4],
+        new_dvc,
+    ]
 
 
 def test_dvc_sees_every_unlabeled_batch_and_pull_restores_them(tmp_path):
@@ -145,8 +149,9 @@ def test_retrain_pulls_reproduces_pushes_and_writes_the_metrics_diff(tmp_path):
     # a remote without the data: pull fails, the workspace has it, retraining goes on
     shutil.rmtree(repo / ".dvc" / "cache")
     run([DVC, "remote", "modify", "store", "url", str(tmp_path / "empty-remote")], repo, env)
-    done = subprocess.run([KDPIPE, "retrain", "--no-push"], cwd=repo, env=env, capture_output=True, text=True,
-                          timeout=240)
+    done = subprocess.run(
+        [KDPIPE, "retrain", "--no-push"], cwd=repo, env=env, capture_output=True, text=True, timeout=240
+    )
     assert done.returncode == 0, done.stderr
     assert "dvc pull failed; the workspace already holds the data" in done.stderr
     assert "`dvc pull` failed" in done.stdout
@@ -154,16 +159,21 @@ def test_retrain_pulls_reproduces_pushes_and_writes_the_metrics_diff(tmp_path):
     # ... but not when the workspace lacks tracked data: a clear error naming it
     shutil.rmtree(repo / "data" / "test")
     shutil.rmtree(repo / ".dvc" / "cache")  # the run above re-cached the workspace: drop it again
-    done = subprocess.run([KDPIPE, "retrain", "--no-push"], cwd=repo, env=env, capture_output=True, text=True,
-                          timeout=240)
+    done = subprocess.run(
+        [KDPIPE, "retrain", "--no-push"], cwd=repo, env=env, capture_output=True, text=True, timeout=240
+    )
     assert done.returncode == 2
-    assert "kdpipe retrain: error: dvc pull failed and the workspace lacks DVC-tracked data: data/test" in done.stderr
+    assert (
+        "kdpipe retrain: error: dvc pull failed and the workspace lacks DVC-tracked data: data/test"
+        in done.stderr
+    )
 
 
 def test_with_a_kubeflow_endpoint_retrain_submits_the_pipeline_instead(tmp_path):
     steps = plan(kfp_host="https://kfp.example.com")
     assert [s.argv for s in steps] == [
-        [sys.executable, "-m", "kdpipe.cli", "pipeline", "submit", "--host", "https://kfp.example.com"]]
+        [sys.executable, "-m", "kdpipe.cli", "pipeline", "submit", "--host", "https://kfp.example.com"]
+    ]
     env = repo_env()
     repo = init_repo(tmp_path / "repo", env)
     (repo / "f").write_text("x")
@@ -171,9 +181,19 @@ def test_with_a_kubeflow_endpoint_retrain_submits_the_pipeline_instead(tmp_path)
     run(["git", "remote", "add", "origin", "https://git.example.com/team/data.git"], repo, env)
     data = kfp_data_arguments(repo)
     head = run(["git", "rev-parse", "HEAD"], repo, env).strip()
-    assert data == {"data_repo": "https://git.example.com/team/data.git", "data_rev": head, "data_version": head}
+    assert data == {
+        "data_repo": "https://git.example.com/team/data.git",
+        "data_rev": head,
+        "data_version": head,
+    }
     assert plan(kfp_host="https://kfp.example.com", data=data)[0].argv[-6:] == [
-        "-S", f"data_repo={data['data_repo']}", "-S", f"data_rev={head}", "-S", f"data_version={head}"]
+        "-S",
+        f"data_repo={data['data_repo']}",
+        "-S",
+        f"data_rev={head}",
+        "-S",
+        f"data_version={head}",
+    ]
     local = plan(dvc="dvc")
     assert [s.argv for s in local] == [["dvc", "pull"], ["dvc", "repro"], ["dvc", "push"]]
     assert [s.tolerate_failure for s in local] == [True, False, False]
@@ -202,7 +222,9 @@ def test_a_kubeflow_submission_carries_the_dvc_remote_namespace_and_never_creden
     run([DVC, "remote", "modify", "--local", "store", "secret_access_key", "hush-9f2"], repo, env)
     run([DVC, "remote", "modify", "--local", "store", "access_key_id", "AKIAEXAMPLE"], repo, env)
     found = kfp_remote_arguments(repo)
-    assert found == {"dvc_remote_config": {"url": "s3://bucket/kdpipe", "endpointurl": "https://s3.example.com"}}
+    assert found == {
+        "dvc_remote_config": {"url": "s3://bucket/kdpipe", "endpointurl": "https://s3.example.com"}
+    }
     monkeypatch.setenv("KDPIPE_DVC_REMOTE", "gs://other/kdpipe")
     assert kfp_remote_arguments(repo) == {"dvc_remote_config": {"url": "gs://other/kdpipe"}}
 
@@ -224,19 +246,27 @@ def test_the_metrics_diff_shows_the_numbers_that_changed_only():
     a real retrain): the summary keeps the numbers that changed."""
     from kdpipe.orchestration.retrain import numeric_changes
 
-    diff = {"reports/prepare/manifest.json": {
-        "counts.unlabeled": {"old": 20, "new": 32, "diff": 12},
-        "counts.test": {"old": 6, "new": 6, "diff": 0},
-        "files.unlabeled_x.npy": {"old": "a" * 64, "new": "b" * 64},
-        "data_version": {"old": "c" * 64, "new": "d" * 64},
-        "teacher.sha256": {"old": "e" * 64, "new": "f" * 64},
-        "logits_dtype": {"old": None, "new": "float16"},
-        "check_only": {"old": False, "new": True}},
-        "reports/evaluate/metrics.json": {"accuracy": {"old": 0.9, "new": 0.92, "diff": 0.02},
-                                          "int8_accuracy": {"old": None, "new": 0.91}}}
+    diff = {
+        "reports/prepare/manifest.json": {
+            "counts.unlabeled": {"old": 20, "new": 32, "diff": 12},
+            "counts.test": {"old": 6, "new": 6, "diff": 0},
+            "files.unlabeled_x.npy": {"old": "a" * 64, "new": "b" * 64},
+            "data_version": {"old": "c" * 64, "new": "d" * 64},
+            "teacher.sha256": {"old": "e" * 64, "new": "f" * 64},
+            "logits_dtype": {"old": None, "new": "float16"},
+            "check_only": {"old": False, "new": True},
+        },
+        "reports/evaluate/metrics.json": {
+            "accuracy": {"old": 0.9, "new": 0.92, "diff": 0.02},
+            "int8_accuracy": {"old": None, "new": 0.91},
+        },
+    }
     rows = numeric_changes(diff)
     assert [(path.split("/")[1], name) for path, name, *_ in rows] == [
-        ("evaluate", "accuracy"), ("evaluate", "int8_accuracy"), ("prepare", "counts.unlabeled")]
+        ("evaluate", "accuracy"),
+        ("evaluate", "int8_accuracy"),
+        ("prepare", "counts.unlabeled"),
+    ]
     assert rows[2][2:] == (20, 32, 12) and rows[1][2:] == (None, 0.91, None)
 
 
@@ -255,8 +285,9 @@ def test_images_marked_executable_are_not_reported_modified_on_every_pull(tmp_pa
         path.chmod(0o755)
     assert f"{len(images)} files modified" in run([DVC, "pull"], repo, env)  # DVC's own behaviour
 
-    done = subprocess.run([KDPIPE, "retrain", "--no-push"], cwd=repo, env=env, capture_output=True, text=True,
-                          timeout=240)
+    done = subprocess.run(
+        [KDPIPE, "retrain", "--no-push"], cwd=repo, env=env, capture_output=True, text=True, timeout=240
+    )
     assert done.returncode == 0, done.stderr
     assert f"cleared the executable bit on {len(images)} data file(s)" in done.stderr
     assert "modified" not in done.stderr.split("kdpipe retrain: dvc repro")[0].split("dvc pull")[-1]
@@ -283,11 +314,18 @@ def test_an_unlabeled_only_ingest_does_not_retrain_the_teacher(tmp_path, tiny_pa
     repo = init_repo(tmp_path / "repo", env)
     write_tiny_dataset(repo / "data", labeled_per_class=6, unlabeled=20, test_per_class=2, seed=0)
     stages = {
-        "prepare": {"cmd": "kdpipe prepare", "deps": _real_stage_deps("prepare"),
-                    "params": ["prepare", "teacher.image_size", "teacher.unlabeled_rounds"],
-                    "outs": [{"artifacts/prepared": {"persist": True}}]},
-        "teacher": {"cmd": "kdpipe teacher", "deps": _real_stage_deps("teacher"), "params": ["teacher"],
-                    "outs": ["artifacts/teacher"]},
+        "prepare": {
+            "cmd": "kdpipe prepare",
+            "deps": _real_stage_deps("prepare"),
+            "params": ["prepare", "teacher.image_size", "teacher.unlabeled_rounds"],
+            "outs": [{"artifacts/prepared": {"persist": True}}],
+        },
+        "teacher": {
+            "cmd": "kdpipe teacher",
+            "deps": _real_stage_deps("teacher"),
+            "params": ["teacher"],
+            "outs": ["artifacts/teacher"],
+        },
     }
     assert "artifacts/prepared" not in stages["teacher"]["deps"]
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))

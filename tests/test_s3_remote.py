@@ -26,8 +26,11 @@ pytestmark = pytest.mark.slow
 
 MOTO = Path(sys.executable).parent / "moto_server"
 BUCKET = "kdpipe-test"
-FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
-                    "AWS_DEFAULT_REGION": "us-east-1"}
+FAKE_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing-key-id",
+    "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 def _free_port() -> int:
@@ -43,8 +46,12 @@ def s3_endpoint(tmp_path):
         pytest.skip("moto_server is not installed (pip install 'moto[server]')")
     port = _free_port()
     log = open(tmp_path / "moto.log", "wb")  # noqa: SIM115 - closed in the finally below
-    proc = subprocess.Popen([str(MOTO), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, **FAKE_CREDENTIALS})
+    proc = subprocess.Popen(
+        [str(MOTO), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **FAKE_CREDENTIALS},
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -68,16 +75,22 @@ def s3_endpoint(tmp_path):
 
 
 def _tree_hashes(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def test_push_and_pull_through_s3_with_hash_check(tmp_path, s3_endpoint):
     import boto3
 
     env = repo_env(**FAKE_CREDENTIALS)
-    boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id=FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                 aws_secret_access_key=FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-                 region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        aws_access_key_id=FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+    ).create_bucket(Bucket=BUCKET)
 
     origin = init_repo(tmp_path / "origin", env)
     write_tiny_dataset(origin / "data", labeled_per_class=4, unlabeled=30, test_per_class=2, seed=3)
@@ -92,10 +105,18 @@ def test_push_and_pull_through_s3_with_hash_check(tmp_path, s3_endpoint):
     assert sum(name.endswith(".png") for name in expected) == 3 * 4 + 3 * 2 + 30
 
     # the objects really are in the bucket
-    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
-                      aws_access_key_id=FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                      aws_secret_access_key=FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
-    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET) for o in page.get("Contents", [])]
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+    )
+    keys = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+        for o in page.get("Contents", [])
+    ]
     assert len(keys) >= 3 * 4 + 3 * 2 + 30
 
     clone = tmp_path / "clone"

@@ -40,7 +40,11 @@ def _scan(folder, secrets) -> list[str]:
     for path in sorted(folder.rglob("*")):
         if path.is_file() and not path.is_symlink():
             data = path.read_bytes()
-            hits += [f"{path.relative_to(folder)}: {name}" for name, value in secrets.items() if value.encode() in data]
+            hits += [
+                f"{path.relative_to(folder)}: {name}"
+                for name, value in secrets.items()
+                if value.encode() in data
+            ]
     return hits
 
 
@@ -57,23 +61,35 @@ def test_no_secret_reaches_outputs_logs_or_mlflow(tmp_path, tiny_params_factory)
     raw["select"].update(latency_runs=3)
     raw["export"].update(calibration_samples=16, parity_samples=32)
     raw["evaluate"].update(latency_runs=3, throughput_batch=8)
-    raw["register"].update(model_name="kdpipe-secret-test", tracking_uri=f"http://kdpipe:{URI_SECRET}@127.0.0.1:9")
+    raw["register"].update(
+        model_name="kdpipe-secret-test", tracking_uri=f"http://kdpipe:{URI_SECRET}@127.0.0.1:9"
+    )
     params = inputs / "params.yaml"
     params.write_text(yaml.safe_dump(raw), encoding="utf-8")
     write_tiny_dataset(run / "data", labeled_per_class=6, unlabeled=12, test_per_class=2)
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "KDPIPE_"))}
-    env.update(ENV_SECRETS, MLFLOW_TRACKING_USERNAME=MLFLOW_USER, KF_PIPELINES_SA_TOKEN_PATH=str(token_file),
-               KDPIPE_TRACKING="1",
-               MLFLOW_TRACKING_URI=f"sqlite:///{run.as_posix()}/mlflow.db")
+    env.update(
+        ENV_SECRETS,
+        MLFLOW_TRACKING_USERNAME=MLFLOW_USER,
+        KF_PIPELINES_SA_TOKEN_PATH=str(token_file),
+        KDPIPE_TRACKING="1",
+        MLFLOW_TRACKING_URI=f"sqlite:///{run.as_posix()}/mlflow.db",
+    )
     zygote = Zygote(logs, extra_modules=("mlflow", "mlflow.onnx", "sqlalchemy", "alembic"), env=env)
     try:
         for step in STEPS:
             extra = ["--data-root", "data"] if step == "prepare" else []
-            code, _, output = zygote.run([step, "--params", params, *extra, "--reports-dir", f"reports/{step}"],
-                                         run, log=logs / f"{step}.log", log_level="DEBUG")
+            code, _, output = zygote.run(
+                [step, "--params", params, *extra, "--reports-dir", f"reports/{step}"],
+                run,
+                log=logs / f"{step}.log",
+                log_level="DEBUG",
+            )
             assert code == 0, f"kdpipe {step} failed:\n{output[-4000:]}"
-        code, _, output = zygote.run(["params", "--show", "--params", params], run, log=logs / "params-show.log")
+        code, _, output = zygote.run(
+            ["params", "--show", "--params", params], run, log=logs / "params-show.log"
+        )
         assert code == 0, output
     finally:
         zygote.close()

@@ -100,7 +100,9 @@ def test_training_on_segments_equals_training_on_one_file(tmp_path, monkeypatch,
 
     data = write_tiny_dataset(tmp_path / "data", unlabeled=30)
     for k in (2, 3):  # two more batch folders
-        more = write_tiny_dataset(tmp_path / f"more{k}", labeled_per_class=0, test_per_class=0, unlabeled=9, seed=k)
+        more = write_tiny_dataset(
+            tmp_path / f"more{k}", labeled_per_class=0, test_per_class=0, unlabeled=9, seed=k
+        )
         shutil.move(more / "unlabeled" / "batch-0001", data / "unlabeled" / f"batch-000{k}")
     params = tiny_params(recipe=recipe, max_iterations=10)
     monkeypatch.setattr(kdpipe.steps.common, "IN_MEMORY_LIMIT_BYTES", 0)
@@ -109,19 +111,28 @@ def test_training_on_segments_equals_training_on_one_file(tmp_path, monkeypatch,
     try:
         for name, min_bytes in (("one", 1 << 40), ("segments", 1)):
             monkeypatch.setattr(kdpipe.data.segments, "SEGMENT_MIN_BYTES", min_bytes)
-            prepared, augmented, out = (tmp_path / f"{name}-{part}" for part in ("prepared", "augmented", "distill"))
+            prepared, augmented, out = (
+                tmp_path / f"{name}-{part}" for part in ("prepared", "augmented", "distill")
+            )
             prepare.run(params, data, prepared)
             assert len(load_prepared(prepared).manifest.get("segments", {}).get("unlabeled", [0])) == (
-                3 if name == "segments" else 1)
+                3 if name == "segments" else 1
+            )
             augment.run(params, prepared, augmented, tiny_pipeline_dirs["teacher"])
             summary = distill.run(params, prepared, augmented, tiny_pipeline_dirs["teacher"], out)
             views = sorted(p.name for p in augmented.glob("*.npy"))
             # the checkpoint holds run metadata (paths, times): compare what was learned and measured
             state = torch.load(out / "student.pt", map_location="cpu", weights_only=False)["state_dict"]
             weights = hashlib.sha256(b"".join(t.numpy().tobytes() for t in state.values())).hexdigest()
-            results[name] = ({v: file_sha256(augmented / v) for v in views}, weights,
-                             [{k: v for k, v in h.items() if k != "train_seconds"}
-                              for h in json.loads((out / "history.json").read_text())], summary["iterations"])
+            results[name] = (
+                {v: file_sha256(augmented / v) for v in views},
+                weights,
+                [
+                    {k: v for k, v in h.items() if k != "train_seconds"}
+                    for h in json.loads((out / "history.json").read_text())
+                ],
+                summary["iterations"],
+            )
     finally:
         torch.set_num_threads(threads)
     assert results["one"] == results["segments"]

@@ -30,8 +30,9 @@ def prepared(tmp_path_factory) -> Path:
     return tmp / "prepared"
 
 
-def _constant_model(path: Path, prepared: Path, arch: str, answer: str, claimed_acc: float = 0.99,
-                    trained_in_run: bool = True) -> None:
+def _constant_model(
+    path: Path, prepared: Path, arch: str, answer: str, claimed_acc: float = 0.99, trained_in_run: bool = True
+) -> None:
     """A checkpoint whose head always answers ``answer`` (known validation accuracy, no training)."""
     data = load_prepared(prepared)
     model = build_model(arch, data.num_classes, data.image_size)
@@ -39,10 +40,15 @@ def _constant_model(path: Path, prepared: Path, arch: str, answer: str, claimed_
         model.head.weight.zero_()
         model.head.bias.fill_(-10.0)
         model.head.bias[data.class_names.index(answer)] = 10.0
-    meta = {"val_accuracy": claimed_acc, "role": path.stem,  # deliberately wrong: select must recompute
-            "trained_in_run": trained_in_run}
-    checkpoints.save(checkpoints.model_checkpoint(model, arch, data.num_classes, data.image_size,
-                                                  data.class_names, meta), path)
+    meta = {
+        "val_accuracy": claimed_acc,
+        "role": path.stem,  # deliberately wrong: select must recompute
+        "trained_in_run": trained_in_run,
+    }
+    checkpoints.save(
+        checkpoints.model_checkpoint(model, arch, data.num_classes, data.image_size, data.class_names, meta),
+        path,
+    )
 
 
 def _distill_dir(tmp_path: Path, prepared: Path, student: tuple[str, str], teacher: tuple[str, str] | None):
@@ -55,7 +61,9 @@ def _distill_dir(tmp_path: Path, prepared: Path, student: tuple[str, str], teach
 
 
 def _select(params, distill, prepared, out, teacher_dir=None):
-    return select.run(params, distill_dir=distill, teacher_dir=teacher_dir, prepared_dir=prepared, out_dir=out)
+    return select.run(
+        params, distill_dir=distill, teacher_dir=teacher_dir, prepared_dir=prepared, out_dir=out
+    )
 
 
 def _teacher_dir(tmp_path: Path, prepared: Path, arch: str, answer: str, trained_in_run: bool = True) -> Path:
@@ -106,7 +114,10 @@ def test_parameter_limit_excludes_the_more_accurate_model(tmp_path, prepared):
     distill = _distill_dir(tmp_path, prepared, student=("cnn_tiny", "green"), teacher=("cnn_small", "blue"))
     result = _select(_params(max_params=100_000), distill, prepared, tmp_path / "selected")
     assert result["chosen"] == "student"
-    assert {c["name"]: c["meets"]["max_params"] for c in result["candidates"]} == {"student": True, "cotrained_teacher": False}
+    assert {c["name"]: c["meets"]["max_params"] for c in result["candidates"]} == {
+        "student": True,
+        "cotrained_teacher": False,
+    }
 
 
 def test_nothing_fits_names_each_candidate_and_limit(tmp_path, prepared):
@@ -122,8 +133,12 @@ def test_nothing_fits_names_each_candidate_and_limit(tmp_path, prepared):
 
 def test_fallback_fastest_takes_the_lowest_latency(tmp_path, prepared):
     distill = _distill_dir(tmp_path, prepared, student=("cnn_tiny", "green"), teacher=("cnn_small", "blue"))
-    result = _select(_params(max_latency_ms=1e-6, fallback_fastest=True, include_champion=True),
-                        distill, prepared, tmp_path / "selected")
+    result = _select(
+        _params(max_latency_ms=1e-6, fallback_fastest=True, include_champion=True),
+        distill,
+        prepared,
+        tmp_path / "selected",
+    )
     fastest = min(result["candidates"], key=lambda c: c["latency_ms_p50"])
     assert result["chosen"] == fastest["name"]
     assert "fallback_fastest" in result["reason"] and "max_latency_ms" in result["reason"]
@@ -140,12 +155,30 @@ def test_student_only_and_missing_student(tmp_path, prepared):
 
 def test_choose_rule_is_pure():
     cands = [
-        {"name": "a", "arch": "x", "parameters": 10, "val_accuracy": 0.8, "latency_ms_p50": 2.0,
-         "meets": {"max_params": True, "max_latency_ms": True}},
-        {"name": "b", "arch": "y", "parameters": 5, "val_accuracy": 0.8, "latency_ms_p50": 3.0,
-         "meets": {"max_params": True, "max_latency_ms": True}},
-        {"name": "c", "arch": "z", "parameters": 1, "val_accuracy": 0.9, "latency_ms_p50": 1.0,
-         "meets": {"max_params": True, "max_latency_ms": False}},
+        {
+            "name": "a",
+            "arch": "x",
+            "parameters": 10,
+            "val_accuracy": 0.8,
+            "latency_ms_p50": 2.0,
+            "meets": {"max_params": True, "max_latency_ms": True},
+        },
+        {
+            "name": "b",
+            "arch": "y",
+            "parameters": 5,
+            "val_accuracy": 0.8,
+            "latency_ms_p50": 3.0,
+            "meets": {"max_params": True, "max_latency_ms": True},
+        },
+        {
+            "name": "c",
+            "arch": "z",
+            "parameters": 1,
+            "val_accuracy": 0.9,
+            "latency_ms_p50": 1.0,
+            "meets": {"max_params": True, "max_latency_ms": False},
+        },
     ]
     chosen, _ = select.choose(cands, {"max_params": 100, "max_latency_ms": 2.5}, fallback_fastest=False)
     assert chosen["name"] == "b"
@@ -164,7 +197,10 @@ def test_a_frozen_input_teacher_is_never_a_candidate(tmp_path, prepared):
     assert result["chosen"] == "student"
     assert [c["name"] for c in result["candidates"]] == ["student"]
     assert [e["name"] for e in result["excluded"]] == ["cotrained_teacher", "teacher"]
-    assert all("did not train" in e["reason"] for e in result["excluded"]) and "did not train" in result["reason"]
+    assert (
+        all("did not train" in e["reason"] for e in result["excluded"])
+        and "did not train" in result["reason"]
+    )
 
 
 def test_the_fine_tuned_teacher_ships_when_it_is_best_and_fits_the_budget(tmp_path, prepared):
@@ -178,7 +214,9 @@ def test_the_fine_tuned_teacher_ships_when_it_is_best_and_fits_the_budget(tmp_pa
     assert (out / "model.pt").read_bytes() == (teacher_dir / "teacher.pt").read_bytes()
 
 
-def test_the_latency_budget_keeps_a_slow_teacher_out_and_the_frontier_shows_it(tmp_path, prepared, monkeypatch):
+def test_the_latency_budget_keeps_a_slow_teacher_out_and_the_frontier_shows_it(
+    tmp_path, prepared, monkeypatch
+):
     """A budget between the two candidates' latencies ships the fast student, says why the teacher is
     out, and the frontier lists both with the shipped one marked. (The latencies are fixed here, so the
     test does not depend on how loaded the machine is; the measurement itself is tested above.)"""
@@ -192,7 +230,9 @@ def test_the_latency_budget_keeps_a_slow_teacher_out_and_the_frontier_shows_it(t
     assert "teacher (cnn_small) left out: latency p50 0.700 ms > max_latency_ms 0.5" in result["reason"]
     frontier = {row["name"]: row for row in json.loads((out / "frontier.json").read_text())}
     assert frontier["student"]["shipped"] and not frontier["teacher"]["shipped"]
-    assert not frontier["teacher"]["within_budget"] and frontier["teacher"]["val_accuracy"] == pytest.approx(0.5)
+    assert not frontier["teacher"]["within_budget"] and frontier["teacher"]["val_accuracy"] == pytest.approx(
+        0.5
+    )
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -216,12 +256,17 @@ def test_a_lead_the_validation_split_cannot_resolve_goes_to_the_smaller_model(tm
     params = Params()
     params.prepare.val_fraction = 0.5
     prepare.run(params, tmp_path / "data", tmp_path / "prepared")
-    distill = _distill_dir(tmp_path, tmp_path / "prepared", student=("cnn_tiny", "green"),
-                           teacher=("resnet_tiny", "blue"))
+    distill = _distill_dir(
+        tmp_path, tmp_path / "prepared", student=("cnn_tiny", "green"), teacher=("resnet_tiny", "blue")
+    )
     result = _select(_params(), distill, tmp_path / "prepared", tmp_path / "selected")
     assert result["chosen"] == "student"
     (cmp,) = result["comparisons"]
-    assert cmp["a"] == "cotrained_teacher" and cmp["validation_images"] == 8 and cmp["difference"] == pytest.approx(0.25)
+    assert (
+        cmp["a"] == "cotrained_teacher"
+        and cmp["validation_images"] == 8
+        and cmp["difference"] == pytest.approx(0.25)
+    )
     assert cmp["ci95"][0] < 0 < cmp["ci95"][1] and not cmp["resolved"]
     assert "8 validation images" in result["reason"] and "not resolvably below" in result["reason"]
 

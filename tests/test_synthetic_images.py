@@ -18,7 +18,9 @@ SIZES = [(40, 30), (32, 32)]  # small, and one needs resizing
 
 def tiny(root, seed=0, workers=1):
     """40 images: 2 classes x 6 labeled, 24 unlabeled, 2 classes x 2 test."""
-    return generate(root, labeled=12, unlabeled=24, test=4, classes=2, sizes=SIZES, seed=seed, workers=workers)
+    return generate(
+        root, labeled=12, unlabeled=24, test=4, classes=2, sizes=SIZES, seed=seed, workers=workers
+    )
 
 
 def file_bytes(root) -> dict[str, bytes]:
@@ -58,10 +60,13 @@ def test_layout_sizes_and_distinct_pixels(tmp_path):
 
 
 def test_prepare_accepts_everything(tmp_path, monkeypatch):
-    monkeypatch.setenv("KDPIPE_CACHE_DIR", str(tmp_path / "cache"))  # prepare's decode cache, if any, stays here
+    monkeypatch.setenv(
+        "KDPIPE_CACHE_DIR", str(tmp_path / "cache")
+    )  # prepare's decode cache, if any, stays here
     tiny(tmp_path / "data")
-    manifest = prepare.run(Params(prepare={"image_size": 16}), data_root=tmp_path / "data",
-                           out_dir=tmp_path / "prepared")
+    manifest = prepare.run(
+        Params(prepare={"image_size": 16}), data_root=tmp_path / "data", out_dir=tmp_path / "prepared"
+    )
     counts = manifest["counts"]
     assert counts["rejected"] == 0
     assert counts["train"] + counts["val"] == 12

@@ -57,8 +57,12 @@ def test_prepare_keeps_a_teacher_copy_of_large_images(photos_pipeline):
         small, big = getattr(data, f"{split}_x"), getattr(data, f"{split}_xt")
         assert small.shape[1:] == (STUDENT, STUDENT, 3) and big.shape == (len(small), BIG, BIG, 3)
     # the copy is the same picture: shrunk to the student's size it is close to the student's array
-    shrunk = torch.nn.functional.interpolate(torch.from_numpy(np.array(data.train_xt[:4])).permute(0, 3, 1, 2)
-                                             .float(), size=(STUDENT, STUDENT), mode="bilinear", antialias=True)
+    shrunk = torch.nn.functional.interpolate(
+        torch.from_numpy(np.array(data.train_xt[:4])).permute(0, 3, 1, 2).float(),
+        size=(STUDENT, STUDENT),
+        mode="bilinear",
+        antialias=True,
+    )
     student = torch.from_numpy(np.array(data.train_x[:4])).permute(0, 3, 1, 2).float()
     assert (shrunk - student).abs().mean() < 12
 
@@ -129,8 +133,13 @@ def test_exported_student_takes_the_student_size(photos_pipeline):
     selected = photos_pipeline["base"] / "selected"
     selected.mkdir(exist_ok=True)
     copyfile(photos_pipeline["distill"] / "student.pt", selected / "model.pt")
-    _keep_threads(export.run, photos_pipeline["params"], selected, photos_pipeline["prepared"],
-                  photos_pipeline["export"])
+    _keep_threads(
+        export.run,
+        photos_pipeline["params"],
+        selected,
+        photos_pipeline["prepared"],
+        photos_pipeline["export"],
+    )
     session = make_session(photos_pipeline["export"] / "model.onnx", [CPU])
     assert session.get_inputs()[0].shape[1:] == [3, STUDENT, STUDENT]
     assert read_json(photos_pipeline["export"] / "preprocess.json")["image_size"] == STUDENT
@@ -142,9 +151,19 @@ def test_exported_student_takes_the_student_size(photos_pipeline):
 def test_cached_logits_give_the_same_losses_as_running_the_teacher(recipe, tiny_pipeline_dirs, tmp_path):
     d = tiny_pipeline_dirs
     params = tiny_params(recipe=recipe)
-    trainers = {cached: _keep_threads(distill.build_trainer, params, d["prepared"], d["augmented"], d["teacher"],
-                                      tmp_path / str(cached), progress=False, use_cached_logits=cached)
-                for cached in (True, False)}
+    trainers = {
+        cached: _keep_threads(
+            distill.build_trainer,
+            params,
+            d["prepared"],
+            d["augmented"],
+            d["teacher"],
+            tmp_path / str(cached),
+            progress=False,
+            use_cached_logits=cached,
+        )
+        for cached in (True, False)
+    }
     calls = {True: 0, False: 0}
     for cached, trainer in trainers.items():
         trainer.teacher.register_forward_hook(lambda *args, c=cached: calls.__setitem__(c, calls[c] + 1))
@@ -185,8 +204,9 @@ def test_stale_cached_logits_are_refused(tiny_pipeline_dirs, tmp_path):
     ckpt["state_dict"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
     checkpoints.save(ckpt, other / "teacher.pt")
     with pytest.raises(IntegrityError, match="another teacher"):
-        distill.build_trainer(tiny_params(recipe="kd"), d["prepared"], d["augmented"], other, tmp_path / "out",
-                              progress=False)
+        distill.build_trainer(
+            tiny_params(recipe="kd"), d["prepared"], d["augmented"], other, tmp_path / "out", progress=False
+        )
 
 
 def test_views_from_other_data_are_refused(tiny_pipeline_dirs, tmp_path):
@@ -194,8 +214,14 @@ def test_views_from_other_data_are_refused(tiny_pipeline_dirs, tmp_path):
     _keep_threads(prepare.run, tiny_params(), tmp_path / "data", tmp_path / "prepared")
     d = tiny_pipeline_dirs
     with pytest.raises(IntegrityError, match="another prepared data set"):
-        distill.build_trainer(tiny_params(recipe="kd"), tmp_path / "prepared", d["augmented"], d["teacher"],
-                              tmp_path / "out", progress=False)
+        distill.build_trainer(
+            tiny_params(recipe="kd"),
+            tmp_path / "prepared",
+            d["augmented"],
+            d["teacher"],
+            tmp_path / "out",
+            progress=False,
+        )
 
 
 def test_stored_views_follow_the_schedule_probability(tiny_pipeline_dirs, tmp_path):
@@ -205,8 +231,15 @@ def test_stored_views_follow_the_schedule_probability(tiny_pipeline_dirs, tmp_pa
     from kdpipe.training.views import StoredViews
 
     d = tiny_pipeline_dirs
-    trainer = _keep_threads(distill.build_trainer, tiny_params(recipe="adaptive"), d["prepared"], d["augmented"],
-                            d["teacher"], tmp_path / "out", progress=False)
+    trainer = _keep_threads(
+        distill.build_trainer,
+        tiny_params(recipe="adaptive"),
+        d["prepared"],
+        d["augmented"],
+        d["teacher"],
+        tmp_path / "out",
+        progress=False,
+    )
     views = trainer.views
     assert isinstance(views, StoredViews) and views.strong.tolist() == [False, True]
 
@@ -237,8 +270,15 @@ def test_stored_views_follow_the_schedule_probability(tiny_pipeline_dirs, tmp_pa
     assert (first != second).all()
 
     # kd reads any stored view, weak or strong, uniformly
-    kd = _keep_threads(distill.build_trainer, tiny_params(recipe="kd"), d["prepared"], d["augmented"],
-                       d["teacher"], tmp_path / "kd", progress=False)
+    kd = _keep_threads(
+        distill.build_trainer,
+        tiny_params(recipe="kd"),
+        d["prepared"],
+        d["augmented"],
+        d["teacher"],
+        tmp_path / "kd",
+        progress=False,
+    )
     (only,) = kd.views.choose(4000)
     assert 0.45 < (only == 1).float().mean() < 0.55
 
@@ -248,8 +288,15 @@ def test_online_teacher_judges_the_very_view_the_student_sees(tiny_pipeline_dirs
     """train.teacher_online: a frozen teacher runs on each fresh view the student trains on, the same
     pixels, and nothing is read from stored views."""
     d = tiny_pipeline_dirs
-    trainer = _keep_threads(distill.build_trainer, tiny_params(recipe="kd", teacher_online="on"), d["prepared"],
-                            d["augmented"], d["teacher"], tmp_path / "out", progress=False)
+    trainer = _keep_threads(
+        distill.build_trainer,
+        tiny_params(recipe="kd", teacher_online="on"),
+        d["prepared"],
+        d["augmented"],
+        d["teacher"],
+        tmp_path / "out",
+        progress=False,
+    )
     assert not trainer.recipe.reads_stored_views and trainer.data.labeled_views is None
     batch = trainer.views.next(np.arange(4), np.arange(4))
     assert torch.equal(batch.teacher[0], batch.student[0]) and batch.teacher_logits == [None]
@@ -267,8 +314,15 @@ def test_online_teacher_sees_the_copy_the_student_sees_shrunk(photos_pipeline, t
     from kdpipe.core.params import validate_params
 
     p = photos_pipeline
-    trainer = _keep_threads(distill.build_trainer, validate_params(raw), p["prepared"], p["augmented"], p["teacher"],
-                            tmp_path / "out", progress=False)
+    trainer = _keep_threads(
+        distill.build_trainer,
+        validate_params(raw),
+        p["prepared"],
+        p["augmented"],
+        p["teacher"],
+        tmp_path / "out",
+        progress=False,
+    )
     batch = trainer.views.next(np.arange(3), np.arange(2))
     assert batch.teacher[0].shape[-1] == BIG and batch.student[0].shape[-1] == STUDENT
     assert torch.equal(shrink(batch.teacher[0], STUDENT), batch.student[0])
@@ -279,8 +333,13 @@ def test_frozen_backbone_phase_trains_the_head_alone(tmp_path):
     write_tiny_dataset(tmp_path / "data", labeled_per_class=6, unlabeled=2)
     params = tiny_params()
     raw = params.model_dump(mode="json")
-    raw["teacher"].update(max_iterations=4, eval_every=2, freeze_backbone_fraction=0.5, backbone_lr_scale=0.1,
-                          freeze_batchnorm=True)
+    raw["teacher"].update(
+        max_iterations=4,
+        eval_every=2,
+        freeze_backbone_fraction=0.5,
+        backbone_lr_scale=0.1,
+        freeze_batchnorm=True,
+    )
     from kdpipe.core.params import validate_params
     from kdpipe.training.engine import LoopConfig
 
@@ -309,7 +368,9 @@ def test_frozen_backbone_phase_trains_the_head_alone(tmp_path):
         Trainer.step = original
     # iterations 1-2: backbone (weights AND BatchNorm statistics) untouched; 3-4: it learns
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
-    assert any(not torch.equal(states[1][k], states[3][k]) for k in states[1] if states[1][k].is_floating_point())
+    assert any(
+        not torch.equal(states[1][k], states[3][k]) for k in states[1] if states[1][k].is_floating_point()
+    )
     # BatchNorm statistics stay the pretrained ones throughout (freeze_batchnorm)
     running = [k for k in states[0] if k.endswith("running_mean")]
     assert running and all(torch.equal(states[0][k], states[3][k]) for k in running)
@@ -328,8 +389,12 @@ def test_backbone_learns_at_its_own_rate(tiny_pipeline_dirs, tmp_path):
     cfg = replace(LoopConfig.from_train(Params().train), lr=0.1, backbone_lr_scale=0.05, weight_decay=5e-4)
     opt = sgd(model.parameters(), cfg, list(model.backbone.parameters()))
     rates = {(g["role"], g["weight_decay"] > 0): g["lr"] for g in opt.param_groups}
-    assert rates == {("head", True): 0.1, ("head", False): 0.1, ("backbone", True): pytest.approx(0.005),
-                     ("backbone", False): pytest.approx(0.005)}
+    assert rates == {
+        ("head", True): 0.1,
+        ("head", False): 0.1,
+        ("backbone", True): pytest.approx(0.005),
+        ("backbone", False): pytest.approx(0.005),
+    }
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert all(p.ndim > 1 for p in model.parameters() if id(p) in decayed)  # never norms or biases
 
@@ -338,8 +403,15 @@ def test_backbone_learns_at_its_own_rate(tiny_pipeline_dirs, tmp_path):
 def test_early_stopping_follows_the_student_not_the_teacher(tiny_pipeline_dirs, tmp_path):
     d = tiny_pipeline_dirs
     params = tiny_params(recipe="cotrain", patience=2, target_metric=0.9)
-    trainer = _keep_threads(distill.build_trainer, params, d["prepared"], d["augmented"], d["teacher"],
-                            tmp_path / "out", progress=False)
+    trainer = _keep_threads(
+        distill.build_trainer,
+        params,
+        d["prepared"],
+        d["augmented"],
+        d["teacher"],
+        tmp_path / "out",
+        progress=False,
+    )
     # a strong teacher above the target, a student still learning: no stop
     for student in (0.4, 0.5, 0.6):
         trainer._after_eval({"val_acc_student": student, "val_acc_teacher": 0.99})
@@ -361,9 +433,18 @@ def _pretrained_params(**teacher):
     from kdpipe.core.params import validate_params
 
     raw = tiny_params(recipe="kd").model_dump(mode="json")
-    raw["teacher"].update({"arch": "tf_efficientnet_lite0", "weights": "efficientnet_lite0_imagenet", "image_size": 32,
-                           "freeze_batchnorm": True, "backbone_lr_scale": 0.1, "epochs": None,
-                           "student_check_iterations": 0, **teacher})
+    raw["teacher"].update(
+        {
+            "arch": "tf_efficientnet_lite0",
+            "weights": "efficientnet_lite0_imagenet",
+            "image_size": 32,
+            "freeze_batchnorm": True,
+            "backbone_lr_scale": 0.1,
+            "epochs": None,
+            "student_check_iterations": 0,
+            **teacher,
+        }
+    )
     return validate_params(raw)
 
 
@@ -375,8 +456,9 @@ def tiny_prepared(tmp_path_factory):
     return base / "prepared"
 
 
-def test_a_fine_tuning_that_ends_below_the_probe_keeps_the_probe_and_says_so(tiny_prepared, tmp_path, capsys,
-                                                                            monkeypatch):
+def test_a_fine_tuning_that_ends_below_the_probe_keeps_the_probe_and_says_so(
+    tiny_prepared, tmp_path, capsys, monkeypatch
+):
     """LP-FT's floor: a fine-tuning that destroys the pretrained features (here a learning rate that
     diverges) ends below the linear probe on them; the probe's network becomes the teacher, and one
     warning line says why: in the output, in metrics.json and on the step's MLflow run."""
@@ -388,8 +470,9 @@ def test_a_fine_tuning_that_ends_below_the_probe_keeps_the_probe_and_says_so(tin
     monkeypatch.setenv("KDPIPE_TRACKING", "1")
     monkeypatch.chdir(tmp_path)
     params = _pretrained_params(lr=10.0, max_iterations=6, eval_every=3)
-    metrics = _keep_threads(catalog.run_step, "teacher", params, prepared_dir=tiny_prepared,
-                            out_dir=tmp_path / "teacher")
+    metrics = _keep_threads(
+        catalog.run_step, "teacher", params, prepared_dir=tiny_prepared, out_dir=tmp_path / "teacher"
+    )
     runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`kdpipe.step` = 'teacher'")
     assert runs["metrics.warnings"].iloc[0] == 1 and "below a linear probe" in runs["tags.warnings"].iloc[0]
     probe = metrics["probe"]
@@ -407,8 +490,9 @@ def test_a_fine_tuning_that_ends_below_the_probe_keeps_the_probe_and_says_so(tin
 
     data = load_prepared(tiny_prepared)
     model, _ = checkpoints.load_model(tmp_path / "teacher" / "teacher.pt")
-    assert accuracy(predict_logits(model, data.val_x, make_runtime("cpu", "off", "off")), data.val_y) == \
-        pytest.approx(probe["val_accuracy"])
+    assert accuracy(
+        predict_logits(model, data.val_x, make_runtime("cpu", "off", "off")), data.val_y
+    ) == pytest.approx(probe["val_accuracy"])
 
 
 def test_a_sound_fine_tuning_is_kept_without_a_warning(tiny_prepared, tmp_path):
@@ -423,7 +507,9 @@ def test_a_sound_fine_tuning_is_kept_without_a_warning(tiny_prepared, tmp_path):
 def test_a_noisy_student_round_relearns_on_confident_pseudo_labels(tiny_prepared, tmp_path):
     """teacher.unlabeled_rounds: the teacher labels the unlabeled images it is sure of and relearns on
     them; the round is kept only when validation improves."""
-    params = _pretrained_params(lr=0.001, max_iterations=6, eval_every=3, unlabeled_rounds=1, pseudo_threshold=0.0)
+    params = _pretrained_params(
+        lr=0.001, max_iterations=6, eval_every=3, unlabeled_rounds=1, pseudo_threshold=0.0
+    )
     metrics = _keep_threads(teacher.run, params, tiny_prepared, tmp_path / "teacher")
     (round_one,) = metrics["rounds"]
     assert round_one["pseudo_labeled"] == round_one["unlabeled"] == 12  # threshold 0: every image
@@ -434,7 +520,9 @@ def test_a_noisy_student_round_relearns_on_confident_pseudo_labels(tiny_prepared
     assert round_one["kept"] == kept
     assert (metrics["kept"] == "unlabeled round 1") == kept
     # an impossible threshold labels nothing: no round is trained
-    strict = _pretrained_params(lr=0.001, max_iterations=6, eval_every=3, unlabeled_rounds=1, pseudo_threshold=1.0)
+    strict = _pretrained_params(
+        lr=0.001, max_iterations=6, eval_every=3, unlabeled_rounds=1, pseudo_threshold=1.0
+    )
     metrics = _keep_threads(teacher.run, strict, tiny_prepared, tmp_path / "strict")
     assert metrics["rounds"][0]["pseudo_labeled"] == 0 and not metrics["kept"].startswith("unlabeled")
 
@@ -442,8 +530,14 @@ def test_a_noisy_student_round_relearns_on_confident_pseudo_labels(tiny_prepared
 def test_a_teacher_no_better_than_the_student_alone_is_reported(tiny_prepared, tmp_path):
     """A teacher that barely trained (one step from scratch) against the student trained alone on the
     labels: the step says distillation from it will not help."""
-    params = _pretrained_params(weights=None, arch="cnn_tiny", linear_probe=False, max_iterations=1, eval_every=1,
-                                student_check_iterations=20)
+    params = _pretrained_params(
+        weights=None,
+        arch="cnn_tiny",
+        linear_probe=False,
+        max_iterations=1,
+        eval_every=1,
+        student_check_iterations=20,
+    )
     metrics = _keep_threads(teacher.run, params, tiny_prepared, tmp_path / "teacher")
     alone = metrics["student_alone"]
     assert alone["arch"] == "cnn_tiny" and alone["iterations"] == 20

@@ -31,22 +31,34 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
     assert tracking.tracking_uri(params) == "sqlite:///elsewhere.db"
 
 
-@pytest.mark.parametrize(("value", "expected"), [
-    ("https://user:pw@mlflow.example.com/x", "https://***@mlflow.example.com/x"),
-    ("s3://AKIA:secret@bucket/key", "s3://***@bucket/key"),
-    ("postgresql+psycopg2://u:p@db:5432/mlflow", "postgresql+psycopg2://***@db:5432/mlflow"),
-    ("http://host/x?token=abc&page=2", "http://host/x?token=***&page=2"),
-    ("data/labeled", "data/labeled"),
-    ("user@example.com", "user@example.com"),  # not a URI: nothing to mask
-])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("https://user:pw@mlflow.example.com/x", "https://***@mlflow.example.com/x"),
+        ("s3://AKIA:secret@bucket/key", "s3://***@bucket/key"),
+        ("postgresql+psycopg2://u:p@db:5432/mlflow", "postgresql+psycopg2://***@db:5432/mlflow"),
+        ("http://host/x?token=abc&page=2", "http://host/x?token=***&page=2"),
+        ("data/labeled", "data/labeled"),
+        ("user@example.com", "user@example.com"),  # not a URI: nothing to mask
+    ],
+)
 def test_redact(value, expected):
     assert tracking.redact(value) == expected
 
 
-@pytest.mark.parametrize(("key", "secret"), [
-    ("aws.secret_access_key", True), ("db.password", True), ("hub.apiKey", True), ("auth.token", True),
-    ("register.model_name", False), ("train.keyframes", False), ("data.monkey", False), ("train.lr", False),
-])
+@pytest.mark.parametrize(
+    ("key", "secret"),
+    [
+        ("aws.secret_access_key", True),
+        ("db.password", True),
+        ("hub.apiKey", True),
+        ("auth.token", True),
+        ("register.model_name", False),
+        ("train.keyframes", False),
+        ("data.monkey", False),
+        ("train.lr", False),
+    ],
+)
 def test_secret_keys_are_recognised_as_words(key, secret):
     assert tracking.is_secret_key(key) is secret
 
@@ -87,7 +99,10 @@ def test_steps_of_one_execution_share_one_parent_run(tmp_path):
     by_id = {r.info.run_id: r for r in _runs()}
     assert len(by_id) == 3
     parent = by_id[ids[0][0]]
-    assert parent.data.tags["kdpipe.data_version"] == "dv-7" and parent.data.tags["kdpipe.git_commit"] == "unknown"
+    assert (
+        parent.data.tags["kdpipe.data_version"] == "dv-7"
+        and parent.data.tags["kdpipe.git_commit"] == "unknown"
+    )
     assert parent.data.tags["kdpipe.version"]
     children = [by_id[c] for _, c in ids]
     assert [c.data.tags["kdpipe.step"] for c in children] == ["teacher", "distill"]
@@ -128,7 +143,9 @@ def test_run_id_from_the_environment_wins(tmp_path, monkeypatch):
 
     params = Params()
     tracking.configure(params)
-    run_id = mlflow.MlflowClient().create_run(mlflow.get_experiment_by_name("kdpipe").experiment_id).info.run_id
+    run_id = (
+        mlflow.MlflowClient().create_run(mlflow.get_experiment_by_name("kdpipe").experiment_id).info.run_id
+    )
     monkeypatch.setenv(tracking.RUN_ID_ENV, run_id)
     with tracking.pipeline_run(params) as run:
         assert run.info.run_id == run_id
@@ -140,7 +157,9 @@ def test_run_id_from_the_environment_wins(tmp_path, monkeypatch):
 
 def test_stale_run_file_starts_a_new_parent(tmp_path):
     tracking.RUN_FILE.parent.mkdir(parents=True, exist_ok=True)
-    tracking.RUN_FILE.write_text(json.dumps({"run_id": "0" * 32, "tracking_uri": tracking.tracking_uri(None)}))
+    tracking.RUN_FILE.write_text(
+        json.dumps({"run_id": "0" * 32, "tracking_uri": tracking.tracking_uri(None)})
+    )
     with tracking.pipeline_run(Params()) as run:
         assert run.info.run_id != "0" * 32
 
@@ -160,12 +179,26 @@ def test_log_params_flat_is_idempotent_and_never_changes_a_value(tmp_path, caplo
 def test_log_history_uses_iteration_as_step(tmp_path):
     import mlflow
 
-    rows = [{"iteration": it, "loss_total": 1.0 / it, "val_acc_student": it / 100, "val_acc_teacher": 0.9,
-             "agreement": 0.8, "p1": 0.5, "p2": 0.5, "w": 1.0, "note": "text", "nan": float("nan")}
-            for it in (50, 100, 150)]
+    rows = [
+        {
+            "iteration": it,
+            "loss_total": 1.0 / it,
+            "val_acc_student": it / 100,
+            "val_acc_teacher": 0.9,
+            "agreement": 0.8,
+            "p1": 0.5,
+            "p2": 0.5,
+            "w": 1.0,
+            "note": "text",
+            "nan": float("nan"),
+        }
+        for it in (50, 100, 150)
+    ]
     (tmp_path / "history.json").write_text(json.dumps(rows))
     with tracking.pipeline_run(Params()), tracking.step_run("distill") as child:
-        assert tracking.log_history(tmp_path / "history.json") == 3 * 7  # 7 finite numeric fields per row; text and NaN are skipped
+        assert (
+            tracking.log_history(tmp_path / "history.json") == 3 * 7
+        )  # 7 finite numeric fields per row; text and NaN are skipped
     history = mlflow.MlflowClient().get_metric_history(child.info.run_id, "curve_val_acc_student")
     assert [(m.step, m.value) for m in history] == [(50, 0.5), (100, 1.0), (150, 1.5)]
 
@@ -177,7 +210,9 @@ def test_log_artifacts_files_and_folders(tmp_path):
     (tmp_path / "plots" / "a.png").write_bytes(b"png")
     (tmp_path / "report.md").write_text("r")
     with tracking.pipeline_run(Params()) as run:
-        logged = tracking.log_artifacts([tmp_path / "report.md", tmp_path / "plots", tmp_path / "missing.txt"])
+        logged = tracking.log_artifacts(
+            [tmp_path / "report.md", tmp_path / "plots", tmp_path / "missing.txt"]
+        )
     assert logged == ["report.md", "plots"]
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert names == {"report.md", "plots"}
@@ -222,11 +257,17 @@ def test_cli_steps_log_nested_runs_with_curves_and_reports(tmp_path, monkeypatch
     out = tmp_path / "distill"
     out.mkdir()
     (out / "metrics.json").write_text(json.dumps({"val_acc_student": 0.75, "recipe": "full"}))
-    (out / "history.json").write_text(json.dumps([
-        {"iteration": 10, "val_acc_student": 0.5, "loss_total": 2.0},
-        {"iteration": 20, "val_acc_student": 0.75, "loss_total": 1.0},
-    ]))
-    (out / "schedule.json").write_text(json.dumps([{"epoch": 1, "p1": 0.0, "p2": 0.4, "w": 1.0, "metric": 0.5}]))
+    (out / "history.json").write_text(
+        json.dumps(
+            [
+                {"iteration": 10, "val_acc_student": 0.5, "loss_total": 2.0},
+                {"iteration": 20, "val_acc_student": 0.75, "loss_total": 1.0},
+            ]
+        )
+    )
+    (out / "schedule.json").write_text(
+        json.dumps([{"epoch": 1, "p1": 0.0, "p2": 0.4, "w": 1.0, "metric": 0.5}])
+    )
     params = Params()
     import time
 
@@ -272,7 +313,9 @@ def test_a_step_rerun_by_hand_with_other_settings_gets_its_own_parent(tmp_path, 
     assert logged == {first.info.run_id: "", other.info.run_id: "128"}  # null is logged empty
 
 
-def test_an_unreachable_tracking_server_is_one_line_after_the_outputs(tmp_path, monkeypatch, capsys, image_dataset):
+def test_an_unreachable_tracking_server_is_one_line_after_the_outputs(
+    tmp_path, monkeypatch, capsys, image_dataset
+):
     """A dead MLflow server: the step's outputs are written, then one error line (exit 2) instead of
     minutes of retries and chained tracebacks; MLflow's retries are bounded unless the user sets them."""
     import socket
@@ -287,12 +330,23 @@ def test_an_unreachable_tracking_server_is_one_line_after_the_outputs(tmp_path, 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://user:{SECRET}@127.0.0.1:{port}")
     monkeypatch.setenv("KDPIPE_TRACKING", "1")
     root = image_dataset(classes={"cat": 3, "dog": 3}, unlabeled=0, test={})
-    code = main(["prepare", "--data-root", str(root), "--out-dir", str(tmp_path / "prepared"),
-                 "-S", "prepare.image_size=8"])
+    code = main(
+        [
+            "prepare",
+            "--data-root",
+            str(root),
+            "--out-dir",
+            str(tmp_path / "prepared"),
+            "-S",
+            "prepare.image_size=8",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     (line,) = [line for line in err.splitlines() if line.strip()]
-    assert line.startswith(f"kdpipe prepare: error: MLflow tracking server http://127.0.0.1:{port} is unreachable")
+    assert line.startswith(
+        f"kdpipe prepare: error: MLflow tracking server http://127.0.0.1:{port} is unreachable"
+    )
     assert "KDPIPE_TRACKING=0" in line and SECRET not in err and "Traceback" not in err
     assert (tmp_path / "prepared" / "manifest.json").is_file()  # the step's work is kept
     assert {name: os.environ[name] for name in tracking.HTTP_RETRIES} == tracking.HTTP_RETRIES

@@ -16,14 +16,26 @@ from test_s3_remote import s3_endpoint as s3_endpoint  # a fixture, used by name
 from kdpipe.core.errors import KdpipeError
 from kdpipe.orchestration import objectstore, trainjob
 
-INPUTS = {"prepared": "s3://runs/r1/prepare/prepared", "augmented": "s3://runs/r1/augment/augmented",
-          "teacher": "s3://runs/r1/teacher/teacher_model"}
+INPUTS = {
+    "prepared": "s3://runs/r1/prepare/prepared",
+    "augmented": "s3://runs/r1/augment/augmented",
+    "teacher": "s3://runs/r1/teacher/teacher_model",
+}
 IMAGE = "registry.example.com/team/kdpipe@sha256:" + "0" * 64
 
 
 def _job(name="kdpipe-distill-run-1", nodes=2):
-    return trainjob.manifest(name, "team-a", IMAGE, nodes, 4, INPUTS, "s3://runs/r1/distill/student.trainjob",
-                             {"train": {"recipe": "kd"}}, env={"KDPIPE_EXECUTION_KEY": "run-1"})
+    return trainjob.manifest(
+        name,
+        "team-a",
+        IMAGE,
+        nodes,
+        4,
+        INPUTS,
+        "s3://runs/r1/distill/student.trainjob",
+        {"train": {"recipe": "kd"}},
+        env={"KDPIPE_EXECUTION_KEY": "run-1"},
+    )
 
 
 def test_the_trainjob_for_two_nodes_validates_against_the_trainer_api():
@@ -34,8 +46,11 @@ def test_the_trainjob_for_two_nodes_validates_against_the_trainer_api():
     assert TrainerV1alpha1TrainJob.from_dict(job).to_dict() == job
     assert job["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and job["kind"] == "TrainJob"
     spec = job["spec"]
-    assert spec["runtimeRef"] == {"name": "torch-distributed", "kind": "ClusterTrainingRuntime",
-                                  "apiGroup": "trainer.kubeflow.org"}
+    assert spec["runtimeRef"] == {
+        "name": "torch-distributed",
+        "kind": "ClusterTrainingRuntime",
+        "apiGroup": "trainer.kubeflow.org",
+    }
     trainer = spec["trainer"]
     assert trainer["numNodes"] == 2 and trainer["numProcPerNode"] == 4 and trainer["image"] == IMAGE
     assert trainer["resourcesPerNode"]["limits"] == {"nvidia.com/gpu": "4"}
@@ -46,7 +61,10 @@ def test_the_trainjob_for_two_nodes_validates_against_the_trainer_api():
     env = {e["name"]: e for e in trainer["env"]}
     assert json.loads(env["KDPIPE_PARAMS_JSON"]["value"]) == {"train": {"recipe": "kd"}}
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
-        "name": "kdpipe-object-store", "key": "AWS_SECRET_ACCESS_KEY", "optional": True}
+        "name": "kdpipe-object-store",
+        "key": "AWS_SECRET_ACCESS_KEY",
+        "optional": True,
+    }
     assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["secretKeyRef"]["name"] == "kdpipe-mlflow"
     assert "value" not in env["AWS_SECRET_ACCESS_KEY"]  # credentials by reference only
     with pytest.raises(ValueError, match="nodes > 1"):
@@ -81,8 +99,20 @@ class FakeKubernetes:
             job = self.jobs[path.rsplit("/", 1)[1]]
             state = self.states.pop(0) if len(self.states) > 1 else self.states[0]
             if state:
-                job = {**job, "status": {"conditions": [{"type": state[0], "status": "True", "message": state[1],
-                                                         "reason": state[0], "lastTransitionTime": "2026-12-02T00:00:00Z"}]}}
+                job = {
+                    **job,
+                    "status": {
+                        "conditions": [
+                            {
+                                "type": state[0],
+                                "status": "True",
+                                "message": state[1],
+                                "reason": state[0],
+                                "lastTransitionTime": "2026-12-02T00:00:00Z",
+                            }
+                        ]
+                    },
+                }
             return 200, job
         return 404, {"kind": "Status", "code": 404}
 
@@ -167,24 +197,37 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_a_node_fetches_trains_with_torchrun_and_node_0_uploads(tiny_pipeline_dirs, tiny_params_factory, tmp_path,
-                                                                 monkeypatch):
+def test_a_node_fetches_trains_with_torchrun_and_node_0_uploads(
+    tiny_pipeline_dirs, tiny_params_factory, tmp_path, monkeypatch
+):
     """The node entry point for real, on one node of one process: torchrun from $PET_* variables,
     inputs from the "object store" (local folders here), outputs uploaded by node 0."""
     import shutil
 
     d = tiny_pipeline_dirs
     store = tmp_path / "store"
-    for name, folder in (("prepared", d["prepared"]), ("augmented", d["augmented"]), ("teacher", d["teacher"])):
+    for name, folder in (
+        ("prepared", d["prepared"]),
+        ("augmented", d["augmented"]),
+        ("teacher", d["teacher"]),
+    ):
         shutil.copytree(folder, store / name)
     params = tiny_params_factory(recipe="kd", max_iterations=4, eval_every=2, checkpoint_every=2)
     monkeypatch.setenv("KDPIPE_PARAMS_JSON", json.dumps(params.model_dump(mode="json")))
-    for key, value in {"PET_NNODES": "1", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": "0",
-                       "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(_free_port())}.items():
+    for key, value in {
+        "PET_NNODES": "1",
+        "PET_NPROC_PER_NODE": "1",
+        "PET_NODE_RANK": "0",
+        "PET_MASTER_ADDR": "127.0.0.1",
+        "PET_MASTER_PORT": str(_free_port()),
+    }.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("PATH", f"{Path(os.sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    code = trainjob.distill_node({name: str(store / name) for name in trainjob.INPUTS}, str(store / "student.trainjob"),
-                                 tmp_path / "node")
+    code = trainjob.distill_node(
+        {name: str(store / name) for name in trainjob.INPUTS},
+        str(store / "student.trainjob"),
+        tmp_path / "node",
+    )
     assert code == 0
     metrics = json.loads((store / "student.trainjob" / "metrics.json").read_text())
     assert metrics["iterations"] == 4 and (store / "student.trainjob" / "student.pt").is_file()

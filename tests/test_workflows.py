@@ -33,8 +33,12 @@ def test_retrain_gives_each_secret_only_to_the_steps_that_need_it():
     # the job-level environment holds booleans only ("is it set?"), never a secret's value
     assert all(re.fullmatch(r"\$\{\{ secrets\.[A-Z_]+ != '' \}\}", v) for v in job["env"].values())
     steps = {s["name"]: s for s in job["steps"] if "name" in s}
-    assert _secrets(steps["retrain"]["env"]) >= {"KFP_TOKEN", "KDPIPE_KFP_HOST", "AWS_ACCESS_KEY_ID",
-                                                 "MLFLOW_TRACKING_URI"}
+    assert _secrets(steps["retrain"]["env"]) >= {
+        "KFP_TOKEN",
+        "KDPIPE_KFP_HOST",
+        "AWS_ACCESS_KEY_ID",
+        "MLFLOW_TRACKING_URI",
+    }
     assert "KDPIPE_KFP_NAMESPACE" in steps["retrain"]["env"] and "KDPIPE_IMAGE" in steps["retrain"]["env"]
     assert _secrets(steps["DVC remote from the secrets"]["env"]) == {"DVC_REMOTE_URL", "DVC_REMOTE_ENDPOINT"}
     for name, step in steps.items():
@@ -60,8 +64,10 @@ def test_release_compiles_the_pipeline_against_the_pushed_images_by_digest():
     images = {s.get("id"): s for s in flow["jobs"]["images"]["steps"]}
     assert images["cpu"]["with"]["target"] == "cpu" and images["gpu"]["with"]["target"] == "gpu"
     assert images["cpu"]["with"]["push"] is True and "TORCH_INDEX_URL" in images["cpu"]["with"]["build-args"]
-    assert flow["jobs"]["images"]["outputs"] == {"cpu": "${{ steps.cpu.outputs.digest }}",
-                                                 "gpu": "${{ steps.gpu.outputs.digest }}"}
+    assert flow["jobs"]["images"]["outputs"] == {
+        "cpu": "${{ steps.cpu.outputs.digest }}",
+        "gpu": "${{ steps.gpu.outputs.digest }}",
+    }
     steps = {s["name"]: s for s in flow["jobs"]["pipeline"]["steps"] if "name" in s}
     compile_step = steps["compile the pipeline against the images, by digest"]
     assert compile_step["env"]["CPU_IMAGE"].endswith("@${{ needs.images.outputs.cpu }}")
@@ -80,9 +86,26 @@ def test_the_release_images_are_accepted_by_submit_and_compile(tmp_path):
     cpu = "registry.example.com/team/kdpipe@sha256:" + "1" * 64
     gpu = "registry.example.com/team/kdpipe@sha256:" + "2" * 64
     out = tmp_path / "release.yaml"
-    done = subprocess.run([sys.executable, "-m", "kdpipe.cli", "pipeline", "compile", "--image", cpu, "--gpu-image",
-                           gpu, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={k: v for k, v in __import__("os").environ.items() if not k.startswith("KDPIPE_")})
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kdpipe.cli",
+            "pipeline",
+            "compile",
+            "--image",
+            cpu,
+            "--gpu-image",
+            gpu,
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in __import__("os").environ.items() if not k.startswith("KDPIPE_")},
+    )
     assert done.returncode == 0, done.stderr
     spec = next(yaml.safe_load_all(out.read_text()))
     images = {name: e["container"]["image"] for name, e in spec["deploymentSpec"]["executors"].items()}

@@ -30,7 +30,9 @@ def _can_mount() -> bool:
     probe = Path("/tmp") / f"kdpipe-mount-probe-{os.getpid()}"
     probe.mkdir(exist_ok=True)
     try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)], capture_output=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)], capture_output=True
+        )
         if done.returncode != 0:
             return False
         subprocess.run(["umount", str(probe)], check=True)
@@ -67,18 +69,23 @@ def _run(argv, capsys) -> tuple[int, str]:
 
 
 def _no_temporaries(folder: Path) -> list[str]:
-    return [p.name for p in folder.iterdir() if p.name.startswith(".") and (".tmp" in p.name or ".old." in p.name)]
+    return [
+        p.name for p in folder.iterdir() if p.name.startswith(".") and (".tmp" in p.name or ".old." in p.name)
+    ]
 
 
 @needs_mount
 def test_read_only_output_folder_is_one_line_before_any_work(tmp_path, capsys):
     data = write_tiny_dataset(tmp_path / "data", labeled_per_class=3, unlabeled=2)
     with tmpfs(tmp_path / "ro", "1m", read_only=True) as ro:
-        code, err = _run(["prepare", "--params", _params(tmp_path), "--data-root", data, "--out-dir", ro / "out"],
-                         capsys)
+        code, err = _run(
+            ["prepare", "--params", _params(tmp_path), "--data-root", data, "--out-dir", ro / "out"], capsys
+        )
     assert code == 2 and "Traceback" not in err
-    assert f"{ro}/out: cannot write (Read-only file system); the file system is read-only" in err or \
-        f"{ro}: cannot write (Read-only file system); the file system is read-only" in err
+    assert (
+        f"{ro}/out: cannot write (Read-only file system); the file system is read-only" in err
+        or f"{ro}: cannot write (Read-only file system); the file system is read-only" in err
+    )
 
 
 @needs_mount
@@ -86,8 +93,20 @@ def test_read_only_reports_folder_fails_before_the_output_is_written(tmp_path, c
     data = write_tiny_dataset(tmp_path / "data", labeled_per_class=3, unlabeled=2)
     out = tmp_path / "out"
     with tmpfs(tmp_path / "ro", "1m", read_only=True) as ro:
-        code, err = _run(["prepare", "--params", _params(tmp_path), "--data-root", data, "--out-dir", out,
-                          "--reports-dir", ro / "reports"], capsys)
+        code, err = _run(
+            [
+                "prepare",
+                "--params",
+                _params(tmp_path),
+                "--data-root",
+                data,
+                "--out-dir",
+                out,
+                "--reports-dir",
+                ro / "reports",
+            ],
+            capsys,
+        )
     assert code == 2 and "read-only" in err
     assert not out.exists()  # nothing half-done: the output was not written either
 
@@ -104,9 +123,24 @@ def test_full_disk_during_prepare_keeps_the_previous_output_and_leaves_no_tempor
         assert _run(["prepare", "--params", params, "--data-root", small, "--out-dir", out], capsys)[0] == 0
         before = {p.name: p.read_bytes() for p in out.iterdir()}
         # 400+ images of 64x64x3 = 5 MB of arrays (plus the decode spool): far more than 2 MB
-        done = subprocess.run([sys.executable, "-m", "kdpipe.cli", "prepare", "--params", str(params),
-                               "--data-root", str(big), "--out-dir", str(out)], capture_output=True, text=True,
-                              timeout=600, env={**os.environ, "KDPIPE_TRACKING": "0"})
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "kdpipe.cli",
+                "prepare",
+                "--params",
+                str(params),
+                "--data-root",
+                str(big),
+                "--out-dir",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "KDPIPE_TRACKING": "0"},
+        )
         assert done.returncode == 2, (done.returncode, done.stderr[-2000:])  # not -7 (SIGBUS)
         assert "No space left on device" in done.stderr and "the disk is full" in done.stderr
         assert "Traceback" not in done.stderr
@@ -125,8 +159,10 @@ def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(tmp_path, cap
     old.mkdir()
     live = tmp_path / f".prepared.{os.getpid()}-busy.tmp"  # a writer that still runs: left alone
     live.mkdir()
-    code, err = _run(["prepare", "--params", _params(tmp_path), "--data-root", data, "--out-dir",
-                      tmp_path / "prepared"], capsys)
+    code, err = _run(
+        ["prepare", "--params", _params(tmp_path), "--data-root", data, "--out-dir", tmp_path / "prepared"],
+        capsys,
+    )
     assert code == 0, err
     assert not stale.exists() and not old.exists() and live.exists()
 
@@ -137,8 +173,20 @@ def test_outputs_get_the_permissions_of_the_umask(tmp_path, capsys):
     data = write_tiny_dataset(tmp_path / "data", labeled_per_class=3, unlabeled=2)
     old = os.umask(0o022)
     try:
-        code, err = _run(["prepare", "--params", _params(tmp_path), "--data-root", data, "--out-dir",
-                          tmp_path / "prepared", "--reports-dir", tmp_path / "reports"], capsys)
+        code, err = _run(
+            [
+                "prepare",
+                "--params",
+                _params(tmp_path),
+                "--data-root",
+                data,
+                "--out-dir",
+                tmp_path / "prepared",
+                "--reports-dir",
+                tmp_path / "reports",
+            ],
+            capsys,
+        )
     finally:
         os.umask(old)
     assert code == 0, err
@@ -151,7 +199,9 @@ def test_outputs_get_the_permissions_of_the_umask(tmp_path, capsys):
 def test_an_ingested_batch_gets_the_permissions_of_the_umask(tmp_path, capsys):
     """A new unlabeled batch folder and its files: readable by the other users of a shared data folder."""
     data = write_tiny_dataset(tmp_path / "data", labeled_per_class=3, unlabeled=2)
-    source = write_tiny_dataset(tmp_path / "new", labeled_per_class=1, unlabeled=3) / "unlabeled" / "batch-0001"
+    source = (
+        write_tiny_dataset(tmp_path / "new", labeled_per_class=1, unlabeled=3) / "unlabeled" / "batch-0001"
+    )
     report = tmp_path / "ingest.json"
     old = os.umask(0o022)
     try:
@@ -173,10 +223,25 @@ def test_an_unreadable_image_is_rejected_when_run_as_a_normal_user(tmp_path):
     params = _params(tmp_path)
     locked.chmod(0o000)
     try:
-        done = subprocess.run([sys.executable, "-m", "kdpipe.cli", "prepare", "--params", str(params),
-                               "--data-root", str(data), "--out-dir", str(tmp_path / "prepared")],
-                              capture_output=True, text=True, timeout=300, preexec_fn=without_read_anything_capabilities,
-                              env={**os.environ, "KDPIPE_TRACKING": "0"})
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "kdpipe.cli",
+                "prepare",
+                "--params",
+                str(params),
+                "--data-root",
+                str(data),
+                "--out-dir",
+                str(tmp_path / "prepared"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            preexec_fn=without_read_anything_capabilities,
+            env={**os.environ, "KDPIPE_TRACKING": "0"},
+        )
     finally:
         locked.chmod(0o644)  # so that pytest can clean up
     assert done.returncode == 0, done.stderr[-2000:]

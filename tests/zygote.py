@@ -134,9 +134,14 @@ class Zygote:
         script = self.folder / "zygote.py"
         script.write_text(SCRIPT, encoding="utf-8")
         env = {**os.environ, "KDPIPE_TRACKING": "0"} if env is None else env
-        self.proc = subprocess.Popen([sys.executable, str(script), *extra_modules], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env={**env, "PYTHONUNBUFFERED": "1"},
-                                     cwd=self.folder)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), *extra_modules],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**env, "PYTHONUNBUFFERED": "1"},
+            cwd=self.folder,
+        )
         self.count = 0
 
     def _reply(self) -> dict:

@@ -45,8 +45,10 @@ def write_error(target: str | os.PathLike, exc: OSError) -> KdpipeError:
     from kdpipe.core.files import shown
 
     reason = exc.strerror or str(exc)
-    return KdpipeError(f"{shown(target)}: cannot write ({reason}){'; ' + advice if advice else ''} "
-                       "(the previous output, if any, is unchanged)")
+    return KdpipeError(
+        f"{shown(target)}: cannot write ({reason}){'; ' + advice if advice else ''} "
+        "(the previous output, if any, is unchanged)"
+    )
 
 
 @contextlib.contextmanager
@@ -166,7 +168,9 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     with _write_errors_as_messages(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_abandoned(target)
-        fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=f".tmp{suffix}", dir=target.parent)
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=_temp_prefix(target), suffix=f".tmp{suffix}", dir=target.parent
+        )
         os.close(fd)
     tmp = Path(tmp_name)
     try:

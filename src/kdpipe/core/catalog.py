@@ -30,43 +30,109 @@ class Step:
     options: dict[str, Any] = field(default_factory=dict)  # extra CLI flags: name -> argparse kwargs
 
 
-STEPS: dict[str, Step] = {s.name: s for s in (
-    Step("prepare", "decode, validate, de-duplicate and split the images into packed arrays",
-         {"data_root": (None, "data folder (default: params data.root)"),
-          "out_dir": (layout.PREPARED, "output folder")},
-         ("data", "prepare", "teacher"), ("manifest.json", "rejected.json"),
-         options={"check": {"action": "store_true",
-                            "help": "only check the data: read, validate and count everything, print the summary "
-                                    "(classes, images per split, rejected files and why), write nothing"}}),
-    Step("teacher", "fine-tune the (pretrained) teacher on the labeled data (or adopt teacher.checkpoint)",
-         {"prepared_dir": (layout.PREPARED, "prepared data"), "out_dir": (layout.TEACHER, "output folder")},
-         ("teacher", "augment", "train"), ("metrics.json", "history.json")),
-    Step("augment", "write the augmentation sets (K views per training sample) with the teacher's logits on them",
-         {"prepared_dir": (layout.PREPARED, "prepared data"),
-          "teacher_dir": (layout.TEACHER, "teacher output (its logits are cached when teacher.pt is there)"),
-          "out_dir": (layout.AUGMENTED, "output folder")},
-         ("augment", "train"), ("policy.json", "preview.png")),
-    Step("distill", "run the training recipe (train.recipe); resumes from the last checkpoint",
-         {"prepared_dir": (layout.PREPARED, "prepared data"), "augmented_dir": (layout.AUGMENTED, "augmentation sets"),
-          "teacher_dir": (layout.TEACHER, "teacher output"), "out_dir": (layout.DISTILL, "output folder")},
-         ("train", "augment"), ("metrics.json", "history.json", "schedule.json")),
-    Step("select", "pick the deployable model among the candidates within the budget; plot the frontier",
-         {"distill_dir": (layout.DISTILL, "distill output"),
-          "teacher_dir": (layout.TEACHER, "teacher output (its fine-tuned teacher is a candidate)"),
-          "prepared_dir": (layout.PREPARED, "prepared data"), "out_dir": (layout.SELECTED, "output folder")},
-         ("select", "export"), ("selection.json", "frontier.json", "frontier.png")),
-    Step("export", "export the chosen model to ONNX (+ INT8) behind a torch/onnxruntime parity gate",
-         {"selected_dir": (layout.SELECTED, "select output"), "prepared_dir": (layout.PREPARED, "prepared data"),
-          "out_dir": (layout.EXPORTED, "output folder")},
-         ("export",), ("parity.json",)),
-    Step("evaluate", "measure accuracy, per-class metrics, confusion matrix and latency with onnxruntime",
-         {"export_dir": (layout.EXPORTED, "export output"), "prepared_dir": (layout.PREPARED, "prepared data"),
-          "out_dir": (layout.EVALUATION, "output folder")},
-         ("evaluate",), ("metrics.json", "confusion.json", "confusion.png", "per_class.json", "report.md")),
-    Step("register", "log the model to MLflow, register a version, move the champion alias if it is better "
-                     "on the validation split",
-         {"export_dir": (layout.EXPORTED, "export output"), "evaluation_dir": (layout.EVALUATION, "evaluate output"),
-          "prepared_dir": (layout.PREPARED, "prepared data (the promotion split)"),
-          "out_dir": (layout.REGISTERED, "output folder")},
-         ("register",), ("decision.json",), logs_itself=True),
-)}
+STEPS: dict[str, Step] = {
+    s.name: s
+    for s in (
+        Step(
+            "prepare",
+            "decode, validate, de-duplicate and split the images into packed arrays",
+            {
+                "data_root": (None, "data folder (default: params data.root)"),
+                "out_dir": (layout.PREPARED, "output folder"),
+            },
+            ("data", "prepare", "teacher"),
+            ("manifest.json", "rejected.json"),
+            options={
+                "check": {
+                    "action": "store_true",
+                    "help": "only check the data: read, validate and count everything, print the summary "
+                    "(classes, images per split, rejected files and why), write nothing",
+                }
+            },
+        ),
+        Step(
+            "teacher",
+            "fine-tune the (pretrained) teacher on the labeled data (or adopt teacher.checkpoint)",
+            {
+                "prepared_dir": (layout.PREPARED, "prepared data"),
+                "out_dir": (layout.TEACHER, "output folder"),
+            },
+            ("teacher", "augment", "train"),
+            ("metrics.json", "history.json"),
+        ),
+        Step(
+            "augment",
+            "write the augmentation sets (K views per training sample) with the teacher's logits on them",
+            {
+                "prepared_dir": (layout.PREPARED, "prepared data"),
+                "teacher_dir": (
+                    layout.TEACHER,
+                    "teacher output (its logits are cached when teacher.pt is there)",
+                ),
+                "out_dir": (layout.AUGMENTED, "output folder"),
+            },
+            ("augment", "train"),
+            ("policy.json", "preview.png"),
+        ),
+        Step(
+            "distill",
+            "run the training recipe (train.recipe); resumes from the last checkpoint",
+            {
+                "prepared_dir": (layout.PREPARED, "prepared data"),
+                "augmented_dir": (layout.AUGMENTED, "augmentation sets"),
+                "teacher_dir": (layout.TEACHER, "teacher output"),
+                "out_dir": (layout.DISTILL, "output folder"),
+            },
+            ("train", "augment"),
+            ("metrics.json", "history.json", "schedule.json"),
+        ),
+        Step(
+            "select",
+            "pick the deployable model among the candidates within the budget; plot the frontier",
+            {
+                "distill_dir": (layout.DISTILL, "distill output"),
+                "teacher_dir": (layout.TEACHER, "teacher output (its fine-tuned teacher is a candidate)"),
+                "prepared_dir": (layout.PREPARED, "prepared data"),
+                "out_dir": (layout.SELECTED, "output folder"),
+            },
+            ("select", "export"),
+            ("selection.json", "frontier.json", "frontier.png"),
+        ),
+        Step(
+            "export",
+            "export the chosen model to ONNX (+ INT8) behind a torch/onnxruntime parity gate",
+            {
+                "selected_dir": (layout.SELECTED, "select output"),
+                "prepared_dir": (layout.PREPARED, "prepared data"),
+                "out_dir": (layout.EXPORTED, "output folder"),
+            },
+            ("export",),
+            ("parity.json",),
+        ),
+        Step(
+            "evaluate",
+            "measure accuracy, per-class metrics, confusion matrix and latency with onnxruntime",
+            {
+                "export_dir": (layout.EXPORTED, "export output"),
+                "prepared_dir": (layout.PREPARED, "prepared data"),
+                "out_dir": (layout.EVALUATION, "output folder"),
+            },
+            ("evaluate",),
+            ("metrics.json", "confusion.json", "confusion.png", "per_class.json", "report.md"),
+        ),
+        Step(
+            "register",
+            "log the model to MLflow, register a version, move the champion alias if it is better "
+            "on the validation split",
+            {
+                "export_dir": (layout.EXPORTED, "export output"),
+                "evaluation_dir": (layout.EVALUATION, "evaluate output"),
+                "prepared_dir": (layout.PREPARED, "prepared data (the promotion split)"),
+                "out_dir": (layout.REGISTERED, "output folder"),
+            },
+            ("register",),
+            ("decision.json",),
+            logs_itself=True,
+        ),
+    )
+}

@@ -11,7 +11,6 @@ def shown(path: str | os.PathLike) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-
 def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     """sha256 hex digest of a file, read in chunks (arrays can be larger than memory)."""
     digest = hashlib.sha256()

@@ -33,7 +33,9 @@ class _Group(BaseModel):
             for name, value in data.items():
                 field = cls.model_fields.get(name)
                 if field is not None and isinstance(value, bool) and _is_number(field.annotation):
-                    raise ValueError(f"{cls._group_name()}.{name}: expected a number, got the boolean {value}")
+                    raise ValueError(
+                        f"{cls._group_name()}.{name}: expected a number, got the boolean {value}"
+                    )
         return data
 
     @classmethod
@@ -54,9 +56,12 @@ class DataParams(_Group):
 class PrepareParams(_Group):
     image_size: int = Field(32, ge=8, le=1024, description="side of the square training images")
     val_fraction: float = Field(
-        0.2, ge=0.0, lt=1.0,
+        0.2,
+        ge=0.0,
+        lt=1.0,
         description="share of labeled images kept for validation; 0 = none, every label trains (fixed training "
-                    "schedules, the teacher checked by cross-validation, select ranks by agreement with the teacher)")
+        "schedules, the teacher checked by cross-validation, select ranks by agreement with the teacher)",
+    )
     seed: int = Field(0, ge=0)
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="larger images are rejected as decompression bombs"
@@ -73,73 +78,119 @@ class AugmentParams(_Group):
     p: float = Field(0.5, ge=0.0, le=1.0, description="share of the stored views that get the strong policy")
     num_ops: int = Field(2, ge=0, le=8, description="RandAugment ops per strongly augmented sample")
     magnitude: float = Field(0.5, ge=0.0, le=1.0, description="RandAugment strength, 0..1")
-    erase_prob: float = Field(0.5, ge=0.0, le=1.0, description="random erasing probability inside the strong policy")
+    erase_prob: float = Field(
+        0.5, ge=0.0, le=1.0, description="random erasing probability inside the strong policy"
+    )
     pad: int = Field(4, ge=0, le=64, description="padding of the weak random crop, in pixels")
     flip: bool = Field(True, description="random horizontal flip in the weak ops (off for digits)")
     preview_samples: int = Field(8, ge=0, le=64)
     seed: int = Field(0, ge=0)
     max_unlabeled: int = Field(0, ge=0, description="0 = views for every unlabeled image")
     teacher_logits: bool = Field(
-        True, description="store the teacher's logits on every view (frozen-teacher recipes then never run it)")
+        True,
+        description="store the teacher's logits on every view (frozen-teacher recipes then never run it)",
+    )
     logits_dtype: Literal["float16", "float32"] = Field(
-        "float16", description="precision of the cached teacher logits (float16: half the disk, same lessons)")
+        "float16", description="precision of the cached teacher logits (float16: half the disk, same lessons)"
+    )
     teacher_inference: Literal["auto", "torch", "onnxruntime"] = Field(
-        "auto", description="what computes those logits; auto = onnxruntime on a CPU device, torch on CUDA")
+        "auto", description="what computes those logits; auto = onnxruntime on a CPU device, torch on CUDA"
+    )
 
 
 class TeacherParams(_Group):
-    arch: str = Field("tf_efficientnet_lite0", description="model name: a kdpipe tiny net, torchvision or timm")
-    checkpoint: str | None = Field(None, description="path of a trained kdpipe teacher checkpoint: skips training")
+    arch: str = Field(
+        "tf_efficientnet_lite0", description="model name: a kdpipe tiny net, torchvision or timm"
+    )
+    checkpoint: str | None = Field(
+        None, description="path of a trained kdpipe teacher checkpoint: skips training"
+    )
     weights: str | None = Field(
         "efficientnet_lite0_imagenet",
         description="pretrained weights: null, a named offline source, a local state-dict/safetensors file, "
-                    "or a hub weights name (needs a network)",
+        "or a hub weights name (needs a network)",
     )
     image_size: int | None = Field(
-        None, ge=8, le=1024,
+        None,
+        ge=8,
+        le=1024,
         description="resolution the teacher computes at (inputs are upsampled on the device; prepare keeps a "
-                    "copy at this size when the source images are larger); null = the student's prepare.image_size",
+        "copy at this size when the source images are larger); null = the student's prepare.image_size",
     )
     linear_probe: bool = Field(
-        True, description="fit a linear probe on the frozen pretrained features first: the fine-tuned teacher never "
-                          "ends below it by more than one standard error on the scoring images (the probe's network is "
-                          "kept instead)")
+        True,
+        description="fit a linear probe on the frozen pretrained features first: the fine-tuned teacher never "
+        "ends below it by more than one standard error on the scoring images (the probe's network is "
+        "kept instead)",
+    )
     head_from_probe: bool = Field(
-        False, description="start the fine-tuning from the probe's head (LP-FT); measured on CIFAR-10 with 1,800 "
-                           "labels: 1 point below a fresh head (BENCHMARKS.md)")
-    probe_folds: int = Field(5, ge=2, le=20, description="cross-validation folds of the linear probe's L2 strength")
+        False,
+        description="start the fine-tuning from the probe's head (LP-FT); measured on CIFAR-10 with 1,800 "
+        "labels: 1 point below a fresh head (BENCHMARKS.md)",
+    )
+    probe_folds: int = Field(
+        5, ge=2, le=20, description="cross-validation folds of the linear probe's L2 strength"
+    )
     folds: int = Field(
-        3, ge=0, le=20,
+        3,
+        ge=0,
+        le=20,
         description="without a validation split (prepare.val_fraction 0): folds of the cross-validation that scores "
-                    "the probe and the fine-tuning (each fold one more fine-tuning); 0 = no check")
+        "the probe and the fine-tuning (each fold one more fine-tuning); 0 = no check",
+    )
     epochs: float | None = Field(
-        10.0, gt=0.0, le=1000.0,
+        10.0,
+        gt=0.0,
+        le=1000.0,
         description="fine-tuning length in passes over the labeled images (few labels: few steps), at most "
-                    "max_iterations; null = max_iterations")
+        "max_iterations; null = max_iterations",
+    )
     max_iterations: int = Field(150, ge=1)
     unlabeled_rounds: int = Field(
-        0, ge=0, le=10, description="Noisy Student rounds: the teacher relearns on its own confident pseudo-labels of "
-                                    "the unlabeled images, under strong augmentation (kept only if validation improves)")
-    pseudo_threshold: float = Field(0.8, ge=0.0, le=1.0, description="softmax confidence a pseudo-label needs")
-    pseudo_max: int = Field(20000, ge=1, description="at most this many pseudo-labeled images per round (most confident)")
-    unlabeled_epochs: float = Field(1.0, gt=0.0, le=1000.0,
-                                    description="passes over labels + pseudo-labels per round, at most max_iterations")
+        0,
+        ge=0,
+        le=10,
+        description="Noisy Student rounds: the teacher relearns on its own confident pseudo-labels of "
+        "the unlabeled images, under strong augmentation (kept only if validation improves)",
+    )
+    pseudo_threshold: float = Field(
+        0.8, ge=0.0, le=1.0, description="softmax confidence a pseudo-label needs"
+    )
+    pseudo_max: int = Field(
+        20000, ge=1, description="at most this many pseudo-labeled images per round (most confident)"
+    )
+    unlabeled_epochs: float = Field(
+        1.0,
+        gt=0.0,
+        le=1000.0,
+        description="passes over labels + pseudo-labels per round, at most max_iterations",
+    )
     student_check_iterations: int = Field(
-        200, ge=0, description="train the student alone on the labels this long and warn when the teacher is no "
-                               "better (0 = skip the check)")
+        200,
+        ge=0,
+        description="train the student alone on the labels this long and warn when the teacher is no "
+        "better (0 = skip the check)",
+    )
     batch_size: int = Field(32, ge=1)
     lr: float = Field(0.01, gt=0.0, le=10.0, description="learning rate of the new head")
     backbone_lr_scale: float = Field(
-        0.1, ge=0.0, le=10.0, description="backbone learning rate = lr x this (pretrained layers move slowly)")
+        0.1, ge=0.0, le=10.0, description="backbone learning rate = lr x this (pretrained layers move slowly)"
+    )
     freeze_backbone_fraction: float = Field(
-        0.0, ge=0.0, le=1.0,
-        description="share of the iterations, at the start, that train the head alone (backbone frozen)")
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="share of the iterations, at the start, that train the head alone (backbone frozen)",
+    )
     warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(5e-5, ge=0.0, le=1.0, description="on weights only, never on norms and biases")
+    weight_decay: float = Field(
+        5e-5, ge=0.0, le=1.0, description="on weights only, never on norms and biases"
+    )
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
     freeze_batchnorm: bool = Field(
-        True, description="keep the pretrained BatchNorm statistics while fine-tuning (small labeled sets)")
+        True, description="keep the pretrained BatchNorm statistics while fine-tuning (small labeled sets)"
+    )
     eval_every: int = Field(50, ge=1)
     seed: int = Field(0, ge=0)
 
@@ -147,79 +198,144 @@ class TeacherParams(_Group):
 # The training recipes (kdpipe.training.recipes builds each; docs/methods.md explains them).
 RECIPE_NAMES = ("supervised", "kd", "cotrain", "adaptive", "consistency", "full")
 # Old names of train settings -> their descriptive names (the old ones are accepted, with a warning).
-RENAMED_TRAIN_SETTINGS = {"a": "w_labels", "b": "w_consistency", "c": "w_distill", "w_feat": "w_features",
-                          "delta": "progress_margin"}
+RENAMED_TRAIN_SETTINGS = {
+    "a": "w_labels",
+    "b": "w_consistency",
+    "c": "w_distill",
+    "w_feat": "w_features",
+    "delta": "progress_margin",
+}
 
 
 class TrainParams(_Group):
     recipe: Literal[RECIPE_NAMES] = "kd"
     student_arch: str = Field("cnn_tiny", description="model name from kdpipe.training.models")
     weights: str | None = Field(
-        None, description="the student's pretrained weights (as teacher.weights: null, a named offline source, a "
-                          "local state-dict/safetensors file, or a hub name)")
+        None,
+        description="the student's pretrained weights (as teacher.weights: null, a named offline source, a "
+        "local state-dict/safetensors file, or a hub name)",
+    )
     batch_size: int = Field(
-        64, ge=1, description="images per batch (with mu set: labeled images per batch, plus mu x this unlabeled)")
+        64,
+        ge=1,
+        description="images per batch (with mu set: labeled images per batch, plus mu x this unlabeled)",
+    )
     mu: float | None = Field(
-        None, ge=0.0, le=64.0,
+        None,
+        ge=0.0,
+        le=64.0,
         description="unlabeled images per labeled image in a batch; null = batch_size images shared in proportion "
-                    "to the two pools, so every image is drawn about equally often")
+        "to the two pools, so every image is drawn about equally often",
+    )
     lr: float = Field(0.1, gt=0.0, le=10.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(5e-4, ge=0.0, le=1.0)
     warmup_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     max_iterations: int = Field(300, ge=1)
     epoch_iterations: int = Field(
-        50, ge=0,
-        description="iterations per adaptive-schedule step (an 'epoch'); 0 = one pass over the labeled images")
+        50,
+        ge=0,
+        description="iterations per adaptive-schedule step (an 'epoch'); 0 = one pass over the labeled images",
+    )
     eval_every: int = Field(50, ge=1)
     checkpoint_every: int = Field(50, ge=1)
     patience: int = Field(0, ge=0, description="evaluations without improvement before stopping; 0 = off")
     keep_checkpoint: Literal["auto", "best", "last"] = Field(
-        "auto", description="the checkpoint that is the result: best on validation, or last; auto = last for kd "
-                            "(a long cosine schedule ends at its best), best for the other recipes")
-    target_metric: float = Field(1.01, ge=0.0, le=1.01, description="stop when validation accuracy reaches it")
-    tau: float = Field(1.0, gt=0.0, le=100.0, description="temperature of the KD terms (kd, adaptive, consistency)")
+        "auto",
+        description="the checkpoint that is the result: best on validation, or last; auto = last for kd "
+        "(a long cosine schedule ends at its best), best for the other recipes",
+    )
+    target_metric: float = Field(
+        1.01, ge=0.0, le=1.01, description="stop when validation accuracy reaches it"
+    )
+    tau: float = Field(
+        1.0, gt=0.0, le=100.0, description="temperature of the KD terms (kd, adaptive, consistency)"
+    )
     # Loss weights (docs/methods.md says which recipe uses which)
-    w_labels: float = Field(1.0, ge=0.0, le=100.0,
-                            description="weight of the cross-entropy on the labels (consistency; older name a)")
+    w_labels: float = Field(
+        1.0,
+        ge=0.0,
+        le=100.0,
+        description="weight of the cross-entropy on the labels (consistency; older name a)",
+    )
     w_kd_labels: float = Field(
-        0.0, ge=0.0, le=100.0,
+        0.0,
+        ge=0.0,
+        le=100.0,
         description="kd: weight of a cross-entropy on the labels beside distillation (0 = the labels reach the student "
-                    "through the teacher only)")
-    w_distill: float = Field(1.0, ge=0.0, le=100.0,
-                             description="weight of the distillation term from the teacher (kd, consistency; older name c)")
+        "through the teacher only)",
+    )
+    w_distill: float = Field(
+        1.0,
+        ge=0.0,
+        le=100.0,
+        description="weight of the distillation term from the teacher (kd, consistency; older name c)",
+    )
     w_consistency: float = Field(
-        1.0, ge=0.0, le=100.0, description="weight of the consistency term between the student's views (consistency, full; older name b)")
-    w_mutual: float = Field(1.0, ge=0.0, le=100.0, description="weight of the mutual-learning term (cotrain, full)")
+        1.0,
+        ge=0.0,
+        le=100.0,
+        description="weight of the consistency term between the student's views (consistency, full; older name b)",
+    )
+    w_mutual: float = Field(
+        1.0, ge=0.0, le=100.0, description="weight of the mutual-learning term (cotrain, full)"
+    )
     w_features: float = Field(
-        0.0, ge=0.0, le=100.0,
-        description="weight of feature matching through a learned projection (cotrain, full; 0 = off)")
+        0.0,
+        ge=0.0,
+        le=100.0,
+        description="weight of feature matching through a learned projection (cotrain, full; 0 = off)",
+    )
     # Co-training (recipe cotrain)
     mutual_tau: float = Field(
-        1.0, gt=0.0, le=100.0,
-        description="temperature of the mutual (DML) term; separate because that term is not tau^2-scaled")
+        1.0,
+        gt=0.0,
+        le=100.0,
+        description="temperature of the mutual (DML) term; separate because that term is not tau^2-scaled",
+    )
     teacher_trainable: bool = Field(True, description="cotrain/full: update the teacher too (false = frozen)")
     teacher_lr_scale: float = Field(
-        0.1, gt=0.0, le=10.0,
+        0.1,
+        gt=0.0,
+        le=10.0,
         description="teacher LR = lr x this when co-trained; < 1 keeps an already trained teacher from being undone",
     )
     # Adaptive augmentation (recipe adaptive)
     schedule_rule: Literal["adaptive", "linear", "fixed"] = "adaptive"
-    p_max: float = Field(0.8, ge=0.0, le=1.0, description="adaptive schedule: the strongest augmentation probability")
+    p_max: float = Field(
+        0.8, ge=0.0, le=1.0, description="adaptive schedule: the strongest augmentation probability"
+    )
     p_fixed: float | None = Field(
-        None, ge=0.0, le=1.0, description="adaptive schedule, rule 'fixed': the constant p1; null = p_max / 2")
+        None, ge=0.0, le=1.0, description="adaptive schedule, rule 'fixed': the constant p1; null = p_max / 2"
+    )
     progress_margin: float = Field(
-        0.0, ge=0.0, le=1.0, description="adaptive schedule: the smallest rise of validation accuracy that counts as progress")
-    w_init: float = Field(1.0, ge=0.0, le=1.0, description="adaptive schedule: initial weight w of the KD term (truth: 1 - w)")
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="adaptive schedule: the smallest rise of validation accuracy that counts as progress",
+    )
+    w_init: float = Field(
+        1.0, ge=0.0, le=1.0, description="adaptive schedule: initial weight w of the KD term (truth: 1 - w)"
+    )
     w_min: float = Field(0.3, ge=0.0, le=1.0, description="adaptive schedule: w never drops below this")
-    w_step: float = Field(0.1, ge=0.0, le=1.0, description="adaptive schedule: how much w drops after an epoch without progress")
+    w_step: float = Field(
+        0.1, ge=0.0, le=1.0, description="adaptive schedule: how much w drops after an epoch without progress"
+    )
     pseudo_threshold: float = Field(
-        0.0, ge=0.0, le=1.0, description="adaptive schedule: teacher confidence needed to pseudo-label an unlabeled image")
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="adaptive schedule: teacher confidence needed to pseudo-label an unlabeled image",
+    )
     # Multi-view consistency (recipe consistency)
-    views: int = Field(2, ge=1, le=16, description="views per sample the student sees per step (consistency, full)")
+    views: int = Field(
+        2, ge=1, le=16, description="views per sample the student sees per step (consistency, full)"
+    )
     teacher_online: Literal["auto", "on", "off"] = Field(
-        "auto", description="frozen-teacher recipes: run the teacher on fresh views at every step (on) or read its "
-                            "outputs cached on the stored views (off); auto = on with CUDA, off on a CPU")
+        "auto",
+        description="frozen-teacher recipes: run the teacher on fresh views at every step (on) or read its "
+        "outputs cached on the stored views (off); auto = on with CUDA, off on a CPU",
+    )
     # devices
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
@@ -236,7 +352,9 @@ class TrainParams(_Group):
                 if old in data:
                     if new in data:
                         raise ValueError(f"train.{old} is the old name of train.{new}: set only train.{new}")
-                    warnings.warn(f"params: train.{old} is deprecated, use train.{new}", FutureWarning, stacklevel=2)
+                    warnings.warn(
+                        f"params: train.{old} is deprecated, use train.{new}", FutureWarning, stacklevel=2
+                    )
                     data = {**data, new: data[old]}
                     del data[old]
         return data
@@ -258,15 +376,23 @@ class TrainParams(_Group):
 
 class SelectParams(_Group):
     max_params: int | None = Field(
-        None, ge=1, description="deployment limit on the parameter count; null = no limit (the latency decides)")
+        None,
+        ge=1,
+        description="deployment limit on the parameter count; null = no limit (the latency decides)",
+    )
     max_latency_ms: float | None = Field(
-        1.0, gt=0.0,
+        1.0,
+        gt=0.0,
         description="deployment budget: batch-1 latency in onnxruntime on one CPU thread of the machine that runs "
-                    "select (1 ms = 1,000 images/s per core); null = no limit")
+        "select (1 ms = 1,000 images/s per core); null = no limit",
+    )
     latency_runs: int = Field(30, ge=1, le=10_000)
     agreement_images: int = Field(
-        2000, ge=1, description="without a validation split: unlabeled images on which the candidates' agreement "
-                                "with the teacher ranks them")
+        2000,
+        ge=1,
+        description="without a validation split: unlabeled images on which the candidates' agreement "
+        "with the teacher ranks them",
+    )
     fallback_fastest: bool = Field(False, description="if nothing fits the limits, take the fastest")
     include_champion: bool = Field(False, description="also consider the registry's current champion")
 
@@ -283,16 +409,21 @@ class ExportParams(_Group):
 
 class EvaluateParams(_Group):
     providers: list[str] = Field(
-        default_factory=lambda: ["CPUExecutionProvider"], min_length=1,
-        description="onnxruntime execution providers, in order of preference (at least one)")
+        default_factory=lambda: ["CPUExecutionProvider"],
+        min_length=1,
+        description="onnxruntime execution providers, in order of preference (at least one)",
+    )
 
     @model_validator(mode="after")
     def _check_providers(self) -> EvaluateParams:
         for name in self.providers:
             if not isinstance(name, str) or not name.endswith("ExecutionProvider"):
-                raise ValueError(f"evaluate.providers: {name!r} is not an onnxruntime execution provider name "
-                                 "(e.g. CPUExecutionProvider, CUDAExecutionProvider)")
+                raise ValueError(
+                    f"evaluate.providers: {name!r} is not an onnxruntime execution provider name "
+                    "(e.g. CPUExecutionProvider, CUDAExecutionProvider)"
+                )
         return self
+
     allow_cpu_fallback: bool = False
     latency_runs: int = Field(50, ge=1, le=100_000)
     throughput_batch: int = Field(64, ge=1)
@@ -300,14 +431,18 @@ class EvaluateParams(_Group):
 
 class RegisterParams(_Group):
     model_name: str = Field("kdpipe-classifier", min_length=1)
-    tracking_uri: str | None = Field(None, description="MLflow URI; env MLFLOW_TRACKING_URI wins; default local SQLite")
+    tracking_uri: str | None = Field(
+        None, description="MLflow URI; env MLFLOW_TRACKING_URI wins; default local SQLite"
+    )
     experiment: str = Field("kdpipe", min_length=1)
     min_improvement: float = Field(0.0, ge=0.0, le=1.0)
     min_accuracy: float = Field(0.0, ge=0.0, le=1.0, description="quality gate before registering")
     promote: bool = Field(True, description="move @champion when the new version wins; false for experiments")
     new_version: bool = Field(
-        True, description="register a model version; false (make exp): the model is logged with its MLflow run only, "
-                          "so experiments do not fill the registry")
+        True,
+        description="register a model version; false (make exp): the model is logged with its MLflow run only, "
+        "so experiments do not fill the registry",
+    )
     track_steps: bool = Field(True, description="log every step's params, curves and reports to MLflow")
 
 
@@ -331,9 +466,11 @@ with warnings.catch_warnings():
         def _check_across_groups(self) -> Params:
             teacher, student = self.teacher.image_size, self.prepare.image_size
             if teacher is not None and teacher < student:
-                raise ValueError(f"teacher.image_size ({teacher}) is smaller than prepare.image_size ({student}): the "
-                                 "teacher would see fewer pixels than its student; set it at least as large (128-224 "
-                                 "for photos), or null for the student's size")
+                raise ValueError(
+                    f"teacher.image_size ({teacher}) is smaller than prepare.image_size ({student}): the "
+                    "teacher would see fewer pixels than its student; set it at least as large (128-224 "
+                    "for photos), or null for the student's size"
+                )
             return self
 
 
@@ -342,7 +479,11 @@ def _fields_at(loc: tuple[Any, ...]) -> tuple[type[BaseModel] | None, dict[str, 
     model: type[BaseModel] = Params
     for key in loc[:-1]:
         field = model.model_fields.get(str(key))
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+        if (
+            field is None
+            or not isinstance(field.annotation, type)
+            or not issubclass(field.annotation, BaseModel)
+        ):
             return None, {}
         model = field.annotation
     return model, dict(model.model_fields)
@@ -368,9 +509,12 @@ def _describe_range(loc: tuple[Any, ...]) -> str:
 
 # Settings that were removed, with what replaces them: an old params.yaml gets this instead of "unknown".
 REMOVED_KEYS = {
-    ("data", "prepared"): "the prepared folder is a path, not a setting: `kdpipe prepare --out-dir` writes it and "
-                          "every other step reads `--prepared-dir` (both default artifacts/prepared, as dvc.yaml "
-                          "names it); delete the line",
+    (
+        "data",
+        "prepared",
+    ): "the prepared folder is a path, not a setting: `kdpipe prepare --out-dir` writes it and "
+    "every other step reads `--prepared-dir` (both default artifacts/prepared, as dvc.yaml "
+    "names it); delete the line",
 }
 
 
@@ -397,7 +541,9 @@ def validate_params(raw: dict[str, Any] | None, source: str = DEFAULT_PARAMS_FIL
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ParamsError(f"{source}: expected a mapping of step groups at the top level, got {type(raw).__name__}")
+        raise ParamsError(
+            f"{source}: expected a mapping of step groups at the top level, got {type(raw).__name__}"
+        )
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
@@ -422,9 +568,11 @@ def load_params(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ParamsError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
         raw = parse_yaml(text, str(path))
         if raw is None:
-            raise ParamsError(f"{path}: holds no settings (empty or only comments); write the step groups "
-                              "(`kdpipe params --show` prints every one with its default), or delete the file "
-                              "to run on the built-in defaults")
+            raise ParamsError(
+                f"{path}: holds no settings (empty or only comments); write the step groups "
+                "(`kdpipe params --show` prints every one with its default), or delete the file "
+                "to run on the built-in defaults"
+            )
     elif explicit:
         raise ParamsError(f"{path}: params file not found")
     for item in overrides or []:
@@ -441,8 +589,10 @@ def parse_yaml(text: str, source: str) -> Any:
     try:
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
-                raise _LineError(event.start_mark.line + 1, "YAML anchors and aliases (&name, *name) are not "
-                                                            "allowed in params; write the value out")
+                raise _LineError(
+                    event.start_mark.line + 1,
+                    "YAML anchors and aliases (&name, *name) are not allowed in params; write the value out",
+                )
         loader = _unique_key_loader()(text)  # a SafeLoader subclass: builds plain data only
         try:
             return loader.get_single_data()
@@ -472,8 +622,11 @@ def _unique_key_loader():
                 key = self.construct_object(key_node, deep=True)
                 line = key_node.start_mark.line + 1
                 if key in seen:
-                    raise _LineError(line, f"key {key!r} appears twice (first on line {seen[key]}); YAML would "
-                                           "silently keep the last one")
+                    raise _LineError(
+                        line,
+                        f"key {key!r} appears twice (first on line {seen[key]}); YAML would "
+                        "silently keep the last one",
+                    )
                 seen[key] = line
             return super().construct_mapping(node, deep)
 
@@ -527,7 +680,12 @@ def write_overrides(path: str | os.PathLike, overrides: list[str]) -> list[str]:
         if not key or "." in key:
             raise ParamsError(f"override {item!r}: only group.key=value can be written to {path}")
         value = parse_yaml(raw, f"override {item!r}")
-        text = yaml.safe_dump(value, default_flow_style=True, width=1_000_000).strip().removesuffix("...").strip()
+        text = (
+            yaml.safe_dump(value, default_flow_style=True, width=1_000_000)
+            .strip()
+            .removesuffix("...")
+            .strip()
+        )
         changed.append(_set_line(lines, group, key, text))
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return changed
@@ -539,8 +697,14 @@ def _set_line(lines: list[str], group: str, key: str, value: str) -> str:
     if start is None:
         lines += ["", f"{group}:", f"  {key}: {value}"]
         return lines[-1].strip()
-    end = next((i for i in range(start + 1, len(lines)) if lines[i] and not lines[i][0].isspace()
-                and not lines[i].startswith("#")), len(lines))
+    end = next(
+        (
+            i
+            for i in range(start + 1, len(lines))
+            if lines[i] and not lines[i][0].isspace() and not lines[i].startswith("#")
+        ),
+        len(lines),
+    )
     for i in range(start + 1, end):
         stripped = lines[i].lstrip()
         if stripped.startswith(f"{key}:"):
@@ -549,7 +713,7 @@ def _set_line(lines: list[str], group: str, key: str, value: str) -> str:
             new = f"{indent}{key}: {value}"
             if column >= 0:  # keep the inline comment, at its column when the new value fits before it
                 comment = lines[i][column:].lstrip()
-                old_value = lines[i][len(indent) + len(key) + 1:column].strip()
+                old_value = lines[i][len(indent) + len(key) + 1 : column].strip()
                 if comment.startswith(DEMO_COMMENT) and old_value != value:
                     # it explained the demo's value, which is gone: it would now describe the wrong one
                     comment = f"# set for this project (the demo's value was {old_value})"

@@ -7,7 +7,9 @@ import time
 
 
 class Progress:
-    def __init__(self, total: int, desc: str, initial: int = 0, enabled: bool = True, log_every_s: float = 10.0):
+    def __init__(
+        self, total: int, desc: str, initial: int = 0, enabled: bool = True, log_every_s: float = 10.0
+    ):
         self.interactive = enabled and sys.stderr.isatty()
         self.enabled = enabled
         self.desc, self.total, self.count = desc, total, initial
@@ -33,7 +35,9 @@ class Progress:
         postfix = self._postfix
         if self._bar is not None:
             self._bar.update(n)
-        elif self.enabled and (time.monotonic() - self._last_log >= self.log_every_s or self.count == self.total):
+        elif self.enabled and (
+            time.monotonic() - self._last_log >= self.log_every_s or self.count == self.total
+        ):
             self._last_log = time.monotonic()
             extra = " ".join(f"{k}={_short(v)}" for k, v in postfix.items())
             print(f"{self.desc}: {self.count}/{self.total} {extra}".rstrip(), file=sys.stderr, flush=True)

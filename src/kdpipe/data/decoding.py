@@ -67,7 +67,9 @@ class Spool:
 
     @classmethod
     def create(cls, path: Path, rows: int, size: int) -> Spool:
-        array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(max(rows, 1), size, size, 3))
+        array = np.lib.format.open_memmap(
+            path, mode="w+", dtype=np.uint8, shape=(max(rows, 1), size, size, 3)
+        )
         offset = int(array.offset)
         del array
         return cls(str(path), offset, size)
@@ -171,8 +173,11 @@ def _decode_one(row: int, path: str) -> Outcome:
     job.spool.write(_fd(job.spool), row, small)
     if job.teacher_spool is not None:
         job.teacher_spool.write(_fd(job.teacher_spool), row, resize_square(rgb, settings.teacher_size))
-    return Outcome(file_hash=file_hash, larger=min(rgb.shape[0], rgb.shape[1]) > settings.image_size,
-                   pixel_hash=hashlib.sha256(small.tobytes()).hexdigest())
+    return Outcome(
+        file_hash=file_hash,
+        larger=min(rgb.shape[0], rgb.shape[1]) > settings.image_size,
+        pixel_hash=hashlib.sha256(small.tobytes()).hexdigest(),
+    )
 
 
 def _decode_many(tasks: list[tuple[int, str]]) -> list[tuple[int, Outcome]]:
@@ -203,8 +208,15 @@ def _cgroup_cpu_quota(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
     return max(1, -(-int(limit) // int(period)))
 
 
-def decode_files(tasks: Iterable[tuple[int, str]], count: int, settings: DecodeSettings, spool: Spool,
-                 teacher_spool: Spool | None, known: str | None, workers: int) -> Iterator[tuple[int, Outcome]]:
+def decode_files(
+    tasks: Iterable[tuple[int, str]],
+    count: int,
+    settings: DecodeSettings,
+    spool: Spool,
+    teacher_spool: Spool | None,
+    known: str | None,
+    workers: int,
+) -> Iterator[tuple[int, Outcome]]:
     """Decode each ``(row, path)`` of ``tasks`` (``count`` of them) into that row of the spools; yield
     ``(row, Outcome)`` in task order. Tasks are read as the workers need them: none is held in a list."""
     job = _Job(settings, spool, teacher_spool, None if known is None else os.fspath(known))
@@ -229,8 +241,9 @@ def _tasks_per_call(count: int, workers: int) -> int:
     return max(1, min(_TASKS_PER_CALL, -(-count // workers)))
 
 
-def _decode_in_pool(job: _Job, tasks: Iterable[tuple[int, str]], workers: int,
-                    per_call: int) -> Iterator[tuple[int, Outcome]]:
+def _decode_in_pool(
+    job: _Job, tasks: Iterable[tuple[int, str]], workers: int, per_call: int
+) -> Iterator[tuple[int, Outcome]]:
     # fork where there is one (as torch's DataLoader does): workers start at once, with the job in
     # memory, and do not re-run the caller's main module, which spawn and forkserver do (a script
     # without a __main__ guard would start workers recursively; under pytest every worker would
@@ -244,7 +257,9 @@ def _decode_in_pool(job: _Job, tasks: Iterable[tuple[int, str]], workers: int,
     # parent's per-image records), copying their pages into each worker; frozen objects are skipped.
     gc.freeze()
     try:
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(job, os.getpid())) as pool:
+        with ProcessPoolExecutor(
+            workers, mp_context=context, initializer=_start_worker, initargs=(job, os.getpid())
+        ) as pool:
             pending: deque = deque()
             for chunk in chunks:
                 pending.append(pool.submit(_decode_many, chunk))
@@ -253,8 +268,10 @@ def _decode_in_pool(job: _Job, tasks: Iterable[tuple[int, str]], workers: int,
             while pending:
                 yield from pending.popleft().result()
     except BrokenProcessPool:
-        raise DataError("prepare: a decoding process died (out of memory?); run again with prepare.workers=1 "
-                        "to decode in one process, or with fewer workers") from None
+        raise DataError(
+            "prepare: a decoding process died (out of memory?); run again with prepare.workers=1 "
+            "to decode in one process, or with fewer workers"
+        ) from None
     finally:
         gc.unfreeze()
 

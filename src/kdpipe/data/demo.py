@@ -65,7 +65,9 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_demo_data(out_dir: str | Path, split: DemoSplit | None = None, force: bool = False) -> dict[str, int]:
+def write_demo_data(
+    out_dir: str | Path, split: DemoSplit | None = None, force: bool = False
+) -> dict[str, int]:
     """Write the demo data set under ``out_dir``; returns the number of files per split.
 
     Refuses to write into a folder that already holds labeled/, unlabeled/ or test/ unless

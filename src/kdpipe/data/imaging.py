@@ -62,8 +62,13 @@ def _pillow_limits(max_pixels: int) -> Iterator[None]:
 
 
 def decode_image(
-    path: str | os.PathLike, *, max_pixels: int, min_side: int, max_aspect_ratio: float,
-    data: bytes | None = None, draft_size: int | None = None,
+    path: str | os.PathLike,
+    *,
+    max_pixels: int,
+    min_side: int,
+    max_aspect_ratio: float,
+    data: bytes | None = None,
+    draft_size: int | None = None,
 ) -> np.ndarray:
     """Decode one image file to an ``HxWx3`` uint8 RGB array, or raise :class:`RejectedImage`.
 
@@ -248,8 +253,12 @@ def validate_image(path: Path, cfg, data: bytes | None = None, draft_size: int |
         raise RejectedImage("not_an_image", problem)
     try:
         return decode_image(
-            path, max_pixels=cfg.max_image_pixels, min_side=cfg.min_side, max_aspect_ratio=cfg.max_aspect_ratio,
-            data=data, draft_size=draft_size,
+            path,
+            max_pixels=cfg.max_image_pixels,
+            min_side=cfg.min_side,
+            max_aspect_ratio=cfg.max_aspect_ratio,
+            data=data,
+            draft_size=draft_size,
         )
     except OSError as exc:  # permissions, I/O errors
         raise RejectedImage("unreadable", f"cannot read the file: {exc.strerror or exc}") from None

@@ -57,7 +57,11 @@ class IngestResult:
     def to_json(self) -> dict[str, Any]:
         return {
             "batch": self.batch,
-            "counts": {"added": len(self.added), "skipped": len(self.skipped), "rejected": len(self.rejected)},
+            "counts": {
+                "added": len(self.added),
+                "skipped": len(self.skipped),
+                "rejected": len(self.rejected),
+            },
             "added": self.added,
             "skipped": self.skipped,
             "rejected": self.rejected,
@@ -116,9 +120,13 @@ def _check_folders(src: Path, root: Path) -> None:
         raise DataError(f"{root}: data root not found (expected a folder with labeled/, unlabeled/, test/)")
     src_real, root_real = src.resolve(), root.resolve()
     if src_real.is_relative_to(root_real):
-        raise DataError(f"{src}: the source folder is inside the data root {root}; its images are already there")
+        raise DataError(
+            f"{src}: the source folder is inside the data root {root}; its images are already there"
+        )
     if root_real.is_relative_to(src_real):
-        raise DataError(f"{src}: the source folder contains the data root {root}; choose the folder of new images")
+        raise DataError(
+            f"{src}: the source folder contains the data root {root}; choose the folder of new images"
+        )
 
 
 def _ingest_locked(src: Path, root: Path, cfg: PrepareParams, show_progress: bool) -> IngestResult:
@@ -146,7 +154,9 @@ def _ingest_locked(src: Path, root: Path, cfg: PrepareParams, show_progress: boo
             "skipped": result.skipped,
             "rejected": result.rejected,
         }
-        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        (tmp / INDEX_NAME).write_text(
+            json.dumps(index, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
         os.sync()  # every copied file is on disk before the batch becomes visible under its name
         normal_mode(tmp)  # mkdtemp made it owner-only; the batch is data everyone may read
         os.replace(tmp, unlabeled / name)
@@ -169,8 +179,13 @@ def _scan_source(src: Path, result: IngestResult) -> list[tuple[str, Path]]:
 
     def reject(path: Path, reason: str, detail: str) -> None:
         if reason == "symlink_outside_root":
-            reason, detail = "escapes_source", f"symlink to {shown(os.readlink(path))} points outside the source folder"
-        result.rejected.append({"source": shown(path.relative_to(src).as_posix()), "reason": reason, "detail": detail})
+            reason, detail = (
+                "escapes_source",
+                f"symlink to {shown(os.readlink(path))} points outside the source folder",
+            )
+        result.rejected.append(
+            {"source": shown(path.relative_to(src).as_posix()), "reason": reason, "detail": detail}
+        )
 
     walker = Walker(src, reject)
     return [(shown(path.relative_to(src).as_posix()), path) for path in walker.files_under(src)]
@@ -195,16 +210,31 @@ def _copy_new(
             try:
                 digest = file_sha256(path)
             except OSError as exc:
-                result.rejected.append({"source": rel, "reason": "unreadable",
-                                        "detail": f"cannot read the file: {exc.strerror or exc}"})
+                result.rejected.append(
+                    {
+                        "source": rel,
+                        "reason": "unreadable",
+                        "detail": f"cannot read the file: {exc.strerror or exc}",
+                    }
+                )
                 continue
             if digest in known:
-                result.skipped.append({"source": rel, "reason": "duplicate",
-                                       "detail": f"same bytes as {known[digest]} (already in the data set)"})
+                result.skipped.append(
+                    {
+                        "source": rel,
+                        "reason": "duplicate",
+                        "detail": f"same bytes as {known[digest]} (already in the data set)",
+                    }
+                )
                 continue
             if digest in in_source:
-                result.skipped.append({"source": rel, "reason": "duplicate",
-                                       "detail": f"same bytes as {in_source[digest]} (earlier in the source folder)"})
+                result.skipped.append(
+                    {
+                        "source": rel,
+                        "reason": "duplicate",
+                        "detail": f"same bytes as {in_source[digest]} (earlier in the source folder)",
+                    }
+                )
                 continue
             copy = tmp / rel
             copy.parent.mkdir(parents=True, exist_ok=True)
@@ -222,12 +252,19 @@ def _copy_new(
                 copy.unlink(missing_ok=True)
                 if exc.errno in OUTPUT_ERRNOS and str(exc.filename) != str(path):
                     raise  # writing the copy failed (full or read-only disk): stop, add nothing
-                result.rejected.append({"source": rel, "reason": "unreadable",
-                                        "detail": f"cannot read the file: {exc.strerror or exc}"})
+                result.rejected.append(
+                    {
+                        "source": rel,
+                        "reason": "unreadable",
+                        "detail": f"cannot read the file: {exc.strerror or exc}",
+                    }
+                )
                 continue
             if digest in known or digest in in_source:  # the file changed while it was being read
                 copy.unlink()
-                result.skipped.append({"source": rel, "reason": "duplicate", "detail": "same bytes as a known file"})
+                result.skipped.append(
+                    {"source": rel, "reason": "duplicate", "detail": "same bytes as a known file"}
+                )
                 continue
             in_source[digest] = rel
             files[rel] = {"sha256": digest, "size": copy.stat().st_size}
@@ -348,13 +385,18 @@ def _dvc_track(root: Path, result: IngestResult) -> list[str]:
         return []
     unlabeled = root / "unlabeled"
     untracked = sorted(
-        entry for entry in unlabeled.iterdir()
-        if entry.is_dir() and BATCH_PATTERN.match(entry.name) and not entry.with_name(entry.name + ".dvc").exists()
+        entry
+        for entry in unlabeled.iterdir()
+        if entry.is_dir()
+        and BATCH_PATTERN.match(entry.name)
+        and not entry.with_name(entry.name + ".dvc").exists()
     )
     if not untracked:
         return []
     rels = [os.path.relpath(p.resolve(), repo) for p in untracked]
-    done = subprocess.run([dvc_executable(), "add", "--quiet", *rels], cwd=repo, capture_output=True, text=True)
+    done = subprocess.run(
+        [dvc_executable(), "add", "--quiet", *rels], cwd=repo, capture_output=True, text=True
+    )
     if done.returncode != 0:
         message = (done.stderr or done.stdout).strip().splitlines()
         raise KdpipeError(

@@ -61,7 +61,9 @@ def _trusted(stamp: dict | None, path: Path, expected: str) -> bool:
     if not stamp or stamp.get("sha256") != expected:
         return False
     identity = _identity(path)
-    return stamp.get("identity") == identity and not _racy(stamp.get("stamped_ns", 0), identity[1], identity[3])
+    return stamp.get("identity") == identity and not _racy(
+        stamp.get("stamped_ns", 0), identity[1], identity[3]
+    )
 
 
 def _racy(stamped_ns, mtime_ns, ctime_ns):
@@ -75,8 +77,9 @@ def _window_ns(ctime_ns):
     return np.where(np.asarray(ctime_ns) % 1_000_000_000 == 0, RACY_SECONDS * 1e9, FINE_RACY_SECONDS * 1e9)
 
 
-def first_mismatch(directory: str | os.PathLike, expected: dict[str, str], names: Iterable[str],
-                   full: bool | None = None) -> str | None:
+def first_mismatch(
+    directory: str | os.PathLike, expected: dict[str, str], names: Iterable[str], full: bool | None = None
+) -> str | None:
     """The first of ``names`` (files of ``directory``) whose sha256 differs from ``expected``, or None.
 
     ``full``: hash every file (True), trust unchanged stamped files (None: the default, unless
@@ -135,8 +138,10 @@ def record_verified(directory: str | os.PathLike, digests: dict[str, str]) -> No
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_text(json.dumps({"directory": os.fsdecode(os.path.realpath(directory)), "files": files}),
-                             encoding="utf-8")
+        temporary.write_text(
+            json.dumps({"directory": os.fsdecode(os.path.realpath(directory)), "files": files}),
+            encoding="utf-8",
+        )
         # a cache file, not a step output: a plain atomic rename, no fsync (a lost stamp only means
         # the next load hashes again)
         os.rename(temporary, target)

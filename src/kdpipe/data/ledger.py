@@ -80,8 +80,13 @@ def _connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path)
     # A scratch database in a temporary folder: a crash discards the folder, so no journal and no
     # fsync; sorts larger than the cache spill to temporary files.
-    for pragma in ("journal_mode = OFF", "synchronous = OFF", f"cache_size = -{CACHE_KIB}", "temp_store = FILE",
-                   "mmap_size = 0"):
+    for pragma in (
+        "journal_mode = OFF",
+        "synchronous = OFF",
+        f"cache_size = -{CACHE_KIB}",
+        "temp_store = FILE",
+        "mmap_size = 0",
+    ):
         db.execute(f"PRAGMA {pragma}")
     return db
 
@@ -168,8 +173,11 @@ class Ledger:
             batch = list(itertools.islice(entries, self.chunk))
         last = b""
         # a page at a time, no cursor left open: the walk adds the listings of sub-folders meanwhile
-        while rows := self.db.execute("SELECT name, symlink, folder, regular FROM listing WHERE id = ? AND name > ? "
-                                      "ORDER BY name LIMIT ?", (listing, last, self.chunk)).fetchall():
+        while rows := self.db.execute(
+            "SELECT name, symlink, folder, regular FROM listing WHERE id = ? AND name > ? "
+            "ORDER BY name LIMIT ?",
+            (listing, last, self.chunk),
+        ).fetchall():
             for name, symlink, folder, regular in rows:
                 yield Entry(os.fsdecode(name), bool(symlink), bool(folder), bool(regular))
             last = rows[-1][0]
@@ -184,14 +192,18 @@ class Ledger:
         self._scanned.clear()
 
     def reject(self, rel: str, split: str, reason: str, detail: str) -> None:
-        self.db.execute("INSERT INTO rejects VALUES (?, ?, ?, ?)",
-                        (rel, split, reason, detail.encode("utf-8", "surrogatepass")))
+        self.db.execute(
+            "INSERT INTO rejects VALUES (?, ?, ?, ?)",
+            (rel, split, reason, detail.encode("utf-8", "surrogatepass")),
+        )
 
     def number_candidates(self) -> None:
         """Put the scanned files in prepare's order (source folder, relative path; ties in walk order)."""
         self._flush_scanned()
-        self.db.execute("INSERT INTO items (row, source, label, rel, path) SELECT "
-                        "row_number() OVER (ORDER BY source, rel, rowid) - 1, source, label, rel, path FROM scanned")
+        self.db.execute(
+            "INSERT INTO items (row, source, label, rel, path) SELECT "
+            "row_number() OVER (ORDER BY source, rel, rowid) - 1, source, label, rel, path FROM scanned"
+        )
         for table in ("scanned", "seen", "listing"):
             self.db.execute(f"DROP TABLE {table}")
         self.db.commit()
@@ -208,12 +220,19 @@ class Ledger:
             for row, path in rows:
                 try:
                     st = os.stat(path)
-                    identity = (_signed(st.st_dev), _signed(st.st_ino), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                    identity = (
+                        _signed(st.st_dev),
+                        _signed(st.st_ino),
+                        st.st_size,
+                        st.st_mtime_ns,
+                        st.st_ctime_ns,
+                    )
                 except OSError:  # gone or unreadable: the decoder reports it
                     identity = (0, 0, 0, 0, 0)
                 updates.append((*identity, row))
-            self.db.executemany("UPDATE items SET dev = ?, ino = ?, size = ?, mtime = ?, ctime = ? WHERE row = ?",
-                                updates)
+            self.db.executemany(
+                "UPDATE items SET dev = ?, ino = ?, size = ?, mtime = ?, ctime = ? WHERE row = ?", updates
+            )
         self.db.commit()
 
     def recall_input_hashes(self, store: Path) -> None:
@@ -255,10 +274,15 @@ class Ledger:
             self.db.commit()
             self.db.execute("ATTACH DATABASE ? AS remembered", (os.fsdecode(temporary),))
             try:
-                self.db.execute("CREATE TABLE remembered.hashes (dev INT, ino INT, size INT, mtime INT, ctime INT, "
-                                "stamped INT, sha256 TEXT)")
-                self.db.execute("INSERT INTO remembered.hashes SELECT dev, ino, size, mtime, ctime, ?, file_hash "
-                                "FROM items WHERE file_hash IS NOT NULL AND ino != 0", (time.time_ns(),))
+                self.db.execute(
+                    "CREATE TABLE remembered.hashes (dev INT, ino INT, size INT, mtime INT, ctime INT, "
+                    "stamped INT, sha256 TEXT)"
+                )
+                self.db.execute(
+                    "INSERT INTO remembered.hashes SELECT dev, ino, size, mtime, ctime, ?, file_hash "
+                    "FROM items WHERE file_hash IS NOT NULL AND ino != 0",
+                    (time.time_ns(),),
+                )
                 self.db.execute("CREATE INDEX remembered.hashes_identity ON hashes (dev, ino)")
                 self.db.commit()
             finally:
@@ -277,12 +301,20 @@ class Ledger:
         db.execute("CREATE TABLE rows (file TEXT, split INT, row INT, pixel TEXT, larger INT)")
         starts = np.cumsum([0, *split_sizes])
         for begin in range(0, len(rows), CHUNK):
-            chunk = rows[begin:begin + CHUNK]
+            chunk = rows[begin : begin + CHUNK]
             positions = np.arange(begin, begin + len(chunk))
             splits = np.searchsorted(starts, positions, side="right") - 1
-            db.executemany("INSERT INTO rows VALUES (?, ?, ?, ?, ?)", zip(
-                (h.decode() for h in chunk["file"]), splits.tolist(), (positions - starts[splits]).tolist(),
-                (h.decode() for h in chunk["pixel"]), chunk["larger"].astype(int).tolist(), strict=True))
+            db.executemany(
+                "INSERT INTO rows VALUES (?, ?, ?, ?, ?)",
+                zip(
+                    (h.decode() for h in chunk["file"]),
+                    splits.tolist(),
+                    (positions - starts[splits]).tolist(),
+                    (h.decode() for h in chunk["pixel"]),
+                    chunk["larger"].astype(int).tolist(),
+                    strict=True,
+                ),
+            )
             release(rows)  # about 130 bytes a row: 26 MB resident at 200k rows otherwise
         db.execute("CREATE INDEX rows_file ON rows (file)")  # built by one sort, not row by row
         db.commit()
@@ -296,7 +328,8 @@ class Ledger:
         """Files whose remembered sha256 the previous output holds are reused without being read."""
         cursor = self.db.execute(
             f"UPDATE items SET state = {REUSED}, file_hash = trusted WHERE trusted IS NOT NULL "
-            "AND EXISTS (SELECT 1 FROM previous.rows p WHERE p.file = items.trusted)")
+            "AND EXISTS (SELECT 1 FROM previous.rows p WHERE p.file = items.trusted)"
+        )
         self.db.commit()
         return cursor.rowcount
 
@@ -326,8 +359,11 @@ class Ledger:
                 reused.append((outcome.file_hash, row))
             else:
                 decoded.append((outcome.file_hash, outcome.pixel_hash, int(outcome.larger), row, row))
-        self.db.executemany(f"UPDATE items SET state = {DECODED}, file_hash = ?, pixel_hash = ?, larger = ?, "
-                            f"origin = {SPOOL}, origin_row = ? WHERE row = ?", decoded)
+        self.db.executemany(
+            f"UPDATE items SET state = {DECODED}, file_hash = ?, pixel_hash = ?, larger = ?, "
+            f"origin = {SPOOL}, origin_row = ? WHERE row = ?",
+            decoded,
+        )
         self.db.executemany(f"UPDATE items SET state = {REUSED}, file_hash = ? WHERE row = ?", reused)
         for row, reason, detail in rejected:
             rel, source = self.db.execute("SELECT rel, source FROM items WHERE row = ?", (row,)).fetchone()
@@ -342,15 +378,25 @@ class Ledger:
         self.db.execute("CREATE INDEX items_pixel ON items (pixel_hash)")
         last = ""
         while True:
-            hashes = [h for (h,) in self.db.execute(
-                f"SELECT pixel_hash FROM items WHERE {_USED} AND pixel_hash > ? GROUP BY pixel_hash "
-                "HAVING count(*) > 1 ORDER BY pixel_hash LIMIT ?", (last, self.chunk))]
+            hashes = [
+                h
+                for (h,) in self.db.execute(
+                    f"SELECT pixel_hash FROM items WHERE {_USED} AND pixel_hash > ? GROUP BY pixel_hash "
+                    "HAVING count(*) > 1 ORDER BY pixel_hash LIMIT ?",
+                    (last, self.chunk),
+                )
+            ]
             if not hashes:
                 return
             for pixel_hash in hashes:
-                yield [Member(row, SOURCES[source], rel, self._label_name(label)) for row, source, rel, label in
-                       self.db.execute(f"SELECT row, source, rel, label FROM items WHERE pixel_hash = ? AND {_USED} "
-                                       "ORDER BY row", (pixel_hash,))]
+                yield [
+                    Member(row, SOURCES[source], rel, self._label_name(label))
+                    for row, source, rel, label in self.db.execute(
+                        f"SELECT row, source, rel, label FROM items WHERE pixel_hash = ? AND {_USED} "
+                        "ORDER BY row",
+                        (pixel_hash,),
+                    )
+                ]
             last = hashes[-1]
 
     def used_chunks(self, test: bool) -> Iterator[list[tuple[int, str, str, int, int]]]:
@@ -359,14 +405,21 @@ class Ledger:
         chunks)."""
         where = f"{_USED} AND source {'=' if test else '!='} {TEST}"
         for chunk in self._row_chunks("row, source, rel, origin, origin_row", where):
-            yield [(row, SOURCES[source], rel, origin, origin_row) for row, source, rel, origin, origin_row in chunk]
+            yield [
+                (row, SOURCES[source], rel, origin, origin_row)
+                for row, source, rel, origin, origin_row in chunk
+            ]
 
     def drop(self, row: int) -> None:
         self.db.execute(f"UPDATE items SET state = {DUPLICATE} WHERE row = ?", (row,))
 
     def labeled_classes_present(self) -> set[str]:
-        return {self.class_names[label] for (label,) in self.db.execute(
-            f"SELECT DISTINCT label FROM items WHERE {_USED} AND source = {LABELED}")}
+        return {
+            self.class_names[label]
+            for (label,) in self.db.execute(
+                f"SELECT DISTINCT label FROM items WHERE {_USED} AND source = {LABELED}"
+            )
+        }
 
     def assign_splits(self, val_fraction: float, seed: int) -> None:
         """Per class, round(n * val_fraction) labeled images (at least 1, at most n - 1; none when
@@ -376,20 +429,32 @@ class Ledger:
         whatever ``prepare.image_size`` is, so runs at two resolutions compare on the same split); the
         rest to train. Then number every split's rows."""
         self.db.commit()
-        self.db.create_function("val_rank", 1, lambda digest: hashlib.sha256(f"{seed}:{digest}".encode()).hexdigest(),
-                                deterministic=True)
-        self.db.execute(f"UPDATE items SET out = CASE source WHEN {UNLABELED} THEN {OUT_UNLABELED} "
-                        f"ELSE {OUT_TEST} END WHERE {_USED} AND source != {LABELED}")
+        self.db.create_function(
+            "val_rank",
+            1,
+            lambda digest: hashlib.sha256(f"{seed}:{digest}".encode()).hexdigest(),
+            deterministic=True,
+        )
+        self.db.execute(
+            f"UPDATE items SET out = CASE source WHEN {UNLABELED} THEN {OUT_UNLABELED} "
+            f"ELSE {OUT_TEST} END WHERE {_USED} AND source != {LABELED}"
+        )
         for label in range(len(self.class_names)):
             n = self.count(f"{_USED} AND source = {LABELED} AND label = ?", label)
             n_val = 0 if n < 2 or val_fraction == 0 else min(n - 1, max(1, int(n * val_fraction + 0.5)))
-            self.db.execute(f"UPDATE items SET out = {VAL} WHERE row IN (SELECT row FROM items WHERE {_USED} "
-                            f"AND source = {LABELED} AND label = ? ORDER BY val_rank(file_hash) LIMIT ?)",
-                            (label, n_val))
-        self.db.execute(f"UPDATE items SET out = {TRAIN} WHERE {_USED} AND source = {LABELED} AND out IS NULL")
-        self.db.execute("UPDATE items SET out_row = numbered.r FROM (SELECT row, row_number() OVER "
-                        "(PARTITION BY out ORDER BY row) - 1 AS r FROM items WHERE out IS NOT NULL) AS numbered "
-                        "WHERE items.row = numbered.row")
+            self.db.execute(
+                f"UPDATE items SET out = {VAL} WHERE row IN (SELECT row FROM items WHERE {_USED} "
+                f"AND source = {LABELED} AND label = ? ORDER BY val_rank(file_hash) LIMIT ?)",
+                (label, n_val),
+            )
+        self.db.execute(
+            f"UPDATE items SET out = {TRAIN} WHERE {_USED} AND source = {LABELED} AND out IS NULL"
+        )
+        self.db.execute(
+            "UPDATE items SET out_row = numbered.r FROM (SELECT row, row_number() OVER "
+            "(PARTITION BY out ORDER BY row) - 1 AS r FROM items WHERE out IS NOT NULL) AS numbered "
+            "WHERE items.row = numbered.row"
+        )
         self.db.execute("CREATE INDEX items_out ON items (out, out_row)")
         self.db.commit()
 
@@ -400,29 +465,39 @@ class Ledger:
         return [counts.get(k, 0) for k in range(4)]
 
     def class_counts(self, out: int) -> dict[str, int]:
-        found = dict(self.db.execute("SELECT label, count(*) FROM items WHERE out = ? GROUP BY label", (out,)))
+        found = dict(
+            self.db.execute("SELECT label, count(*) FROM items WHERE out = ? GROUP BY label", (out,))
+        )
         return {name: found.get(k, 0) for k, name in enumerate(self.class_names)}
 
     def mostly_larger(self) -> bool:
         """At least half of the images used are larger than the student's size."""
-        used, larger = self.db.execute("SELECT count(*), total(larger) FROM items WHERE out IS NOT NULL").fetchone()
+        used, larger = self.db.execute(
+            "SELECT count(*), total(larger) FROM items WHERE out IS NOT NULL"
+        ).fetchone()
         return used > 0 and 2 * larger >= used
 
-    def out_rows(self, out: int, columns: str, start: int = 0, stop: int | None = None,
-                 chunk: int | None = None) -> Iterator[list[tuple]]:
+    def out_rows(
+        self, out: int, columns: str, start: int = 0, stop: int | None = None, chunk: int | None = None
+    ) -> Iterator[list[tuple]]:
         """``columns`` of rows ``start:stop`` of output split ``out``, in order, ``chunk`` rows at a time."""
         chunk = chunk or self.chunk
         stop = self.split_counts()[out] if stop is None else stop
         for begin in range(start, stop, chunk):
-            yield self.db.execute(f"SELECT {columns} FROM items WHERE out = ? AND out_row >= ? AND out_row < ? "
-                                  "ORDER BY out_row", (out, begin, min(begin + chunk, stop))).fetchall()
+            yield self.db.execute(
+                f"SELECT {columns} FROM items WHERE out = ? AND out_row >= ? AND out_row < ? "
+                "ORDER BY out_row",
+                (out, begin, min(begin + chunk, stop)),
+            ).fetchall()
 
     def single_origin(self, out: int, start: int, count: int) -> tuple[int, int] | None:
         """(previous split, first row) when rows ``start:start+count`` of ``out`` are consecutive rows of
         one split of the previous output, in order; else None."""
         found = self.db.execute(
             "SELECT count(*), min(origin), max(origin), min(origin_row - out_row), max(origin_row - out_row) "
-            "FROM items WHERE out = ? AND out_row >= ? AND out_row < ?", (out, start, start + count)).fetchone()
+            "FROM items WHERE out = ? AND out_row >= ? AND out_row < ?",
+            (out, start, start + count),
+        ).fetchone()
         n, low, high, shift_low, shift_high = found
         if n != count or n == 0 or low != high or low == SPOOL or shift_low != shift_high:
             return None
@@ -431,8 +506,10 @@ class Ledger:
     def used_in_data_version_order(self) -> Iterator[tuple[str, str, str, str]]:
         """(source folder, path, label or "", file sha256) of every file used, sorted as Python sorts
         those tuples (the data version hashes them in that order)."""
-        cursor = self.db.execute("SELECT source, path, label, file_hash FROM items WHERE out IS NOT NULL "
-                                 "ORDER BY source, path_order(path), label, file_hash")
+        cursor = self.db.execute(
+            "SELECT source, path, label, file_hash FROM items WHERE out IS NOT NULL "
+            "ORDER BY source, path_order(path), label, file_hash"
+        )
         while rows := cursor.fetchmany(self.chunk):
             for source, path, label, file_hash in rows:
                 yield SOURCES[source], os.fsdecode(path), self._label_name(label) or "", file_hash
@@ -442,24 +519,37 @@ class Ledger:
 
     def rejected_sorted(self, where: str = "1", *args, limit: int | None = None) -> Iterator[dict[str, str]]:
         """Rejected files sorted by (path, reason), as rejected.json lists them."""
-        cursor = self.db.execute(f"SELECT path, split, reason, detail FROM rejects WHERE {where} "
-                                 f"ORDER BY path, reason, rowid LIMIT ?", (*args, -1 if limit is None else limit))
+        cursor = self.db.execute(
+            f"SELECT path, split, reason, detail FROM rejects WHERE {where} "
+            f"ORDER BY path, reason, rowid LIMIT ?",
+            (*args, -1 if limit is None else limit),
+        )
         while rows := cursor.fetchmany(self.chunk):
             for path, split, reason, detail in rows:
-                yield {"path": path, "split": split, "reason": reason,
-                       "detail": detail.decode("utf-8", "surrogatepass")}
+                yield {
+                    "path": path,
+                    "split": split,
+                    "reason": reason,
+                    "detail": detail.decode("utf-8", "surrogatepass"),
+                }
 
     def rejected_under(self, prefix: str, limit: int) -> tuple[int, list[dict[str, str]]]:
         """How many rejected files are under ``prefix``, and the first ``limit`` of them."""
         where = "substr(path, 1, ?) = ?"
-        total = self.db.execute(f"SELECT count(*) FROM rejects WHERE {where}", (len(prefix), prefix)).fetchone()[0]
+        total = self.db.execute(
+            f"SELECT count(*) FROM rejects WHERE {where}", (len(prefix), prefix)
+        ).fetchone()[0]
         return total, list(self.rejected_sorted(where, len(prefix), prefix, limit=limit))
 
     def reject_reasons(self) -> list[tuple[str, int]]:
         """(reason, count), most frequent first; ties in the order rejected.json first shows them."""
-        return [(reason, n) for reason, n, _ in self.db.execute(
-            "SELECT reason, count(*) AS n, min(path) AS first FROM rejects GROUP BY reason "
-            "ORDER BY n DESC, first, reason")]
+        return [
+            (reason, n)
+            for reason, n, _ in self.db.execute(
+                "SELECT reason, count(*) AS n, min(path) AS first FROM rejects GROUP BY reason "
+                "ORDER BY n DESC, first, reason"
+            )
+        ]
 
     # ------------------------------------------------------------ helpers
 
@@ -470,7 +560,8 @@ class Ledger:
         """Rows of ``items`` in order, a fully read chunk at a time (so the caller may update the table
         between chunks)."""
         last = -1
-        while rows := self.db.execute(f"SELECT {columns} FROM items WHERE row > ? AND {where} ORDER BY row LIMIT ?",
-                                      (last, self.chunk)).fetchall():
+        while rows := self.db.execute(
+            f"SELECT {columns} FROM items WHERE row > ? AND {where} ORDER BY row LIMIT ?", (last, self.chunk)
+        ).fetchall():
             yield rows
             last = rows[-1][0]

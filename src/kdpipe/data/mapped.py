@@ -55,8 +55,12 @@ def release(*arrays: Any) -> None:
 def _whole_file_map(array: Any) -> bool:
     """A C-ordered array mapped from its file as np.load maps it (not a slice: its ``offset`` and
     ``filename`` describe where its first element is)."""
-    return (isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and array.flags.c_contiguous
-            and getattr(array, "filename", None) is not None)
+    return (
+        isinstance(array, np.memmap)
+        and isinstance(array.base, mmap.mmap)
+        and array.flags.c_contiguous
+        and getattr(array, "filename", None) is not None
+    )
 
 
 class FileRows:
@@ -79,7 +83,9 @@ class FileRows:
         parts = getattr(source, "parts", None) or [source]
         return cls(parts) if all(_whole_file_map(part) for part in parts) else None
 
-    def read(self, positions: np.ndarray, slots: np.ndarray, out: np.ndarray, channels_first: bool = False) -> None:
+    def read(
+        self, positions: np.ndarray, slots: np.ndarray, out: np.ndarray, channels_first: bool = False
+    ) -> None:
         """``out[slots[j]] = source[tuple(positions[j])]`` for every ``j`` (``positions`` is ``(n, k)``
         leading indices; best given in file order); with ``channels_first`` an HWC row is written as CHW."""
         if not len(positions):
@@ -109,5 +115,7 @@ class FileRows:
         while view:
             got = os.preadv(fd, [view], start)
             if got <= 0:
-                raise OSError(f"{self.parts[which].filename}: file ended at byte {start} (truncated since it was opened?)")
+                raise OSError(
+                    f"{self.parts[which].filename}: file ended at byte {start} (truncated since it was opened?)"
+                )
             view, start = view[got:], start + got

@@ -31,7 +31,9 @@ def _pool_axis(images: np.ndarray, axis: int, size: int) -> np.ndarray:
     starts, ends = (cells * n) // size, -((-(cells + 1) * n) // size)
     shape = [1] * images.ndim
     shape[axis] = size
-    return (np.take(sums, ends, axis=axis) - np.take(sums, starts, axis=axis)) / (ends - starts).reshape(shape)
+    return (np.take(sums, ends, axis=axis) - np.take(sums, starts, axis=axis)) / (ends - starts).reshape(
+        shape
+    )
 
 
 def thumbnails(images: np.ndarray, size: int = THUMBNAIL) -> np.ndarray:
@@ -76,18 +78,18 @@ class ReferenceThumbnails:
         offset = 0
         for thumbs in chunks:
             for start in range(0, len(thumbs), _CHUNK):
-                yield from self._chunk_matches(thumbs[start:start + _CHUNK], offset + start)
+                yield from self._chunk_matches(thumbs[start : start + _CHUNK], offset + start)
             offset += len(thumbs)
 
     def _chunk_matches(self, thumbs: np.ndarray, offset: int) -> Iterator[Match]:
         if not len(self) or not len(thumbs):
             return
-        limit = self.max_rms ** 2
+        limit = self.max_rms**2
         # + 1: room for float32 rounding, so that the pre-filter never drops a pair that qualifies
         near = _squared_distances(coarse(thumbs), self.coarse) / self.coarse.shape[1] <= limit + 1.0
         for i in np.flatnonzero(near.any(axis=1)).tolist():
             candidates = np.flatnonzero(near[i])
-            d = _squared_distances(thumbs[i:i + 1], self.fine[candidates])[0] / self.fine.shape[1]
+            d = _squared_distances(thumbs[i : i + 1], self.fine[candidates])[0] / self.fine.shape[1]
             best = int(np.argmin(d))
             if d[best] <= limit:
                 yield Match(offset + i, int(candidates[best]), float(np.sqrt(d[best])))

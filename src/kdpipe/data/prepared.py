@@ -26,7 +26,9 @@ REJECTED = "rejected.json"
 # data, so that new unlabeled images (which it does not read unless teacher.unlabeled_rounds > 0) do
 # not re-train it.
 TEACHER_INPUTS = "teacher_inputs.json"
-ROWS = "rows.npy"  # per output row: the source file's sha256, the pixels' sha256 (prepare reuses rows by them)
+ROWS = (
+    "rows.npy"  # per output row: the source file's sha256, the pixels' sha256 (prepare reuses rows by them)
+)
 SPLITS = ("train", "val", "unlabeled", "test")
 # Array files, in the order prepare writes them; splits with labels have a matching *_y.npy.
 ARRAY_FILES = (
@@ -70,8 +72,12 @@ class PreparedData:
         return len(self.class_names)
 
 
-def load_prepared(directory: str | os.PathLike, verify: bool | None = None, mmap: bool = True,
-                  splits: tuple[str, ...] = SPLITS) -> PreparedData:
+def load_prepared(
+    directory: str | os.PathLike,
+    verify: bool | None = None,
+    mmap: bool = True,
+    splits: tuple[str, ...] = SPLITS,
+) -> PreparedData:
     """Load a ``prepare`` output folder: the arrays of ``splits`` only (the others are None).
 
     Integrity (see :mod:`kdpipe.data.integrity`): each file must match its manifest hash; ``verify=None``
@@ -95,8 +101,12 @@ def load_prepared(directory: str | os.PathLike, verify: bool | None = None, mmap
     _check_files(directory, files, [part for name in names for part in parts[name]], verify)
 
     mode = "r" if mmap else None
-    arrays = {name[:-4]: joined([np.load(directory / part, mmap_mode=mode, allow_pickle=False) for part in parts[name]])
-              for name in names}
+    arrays = {
+        name[:-4]: joined(
+            [np.load(directory / part, mmap_mode=mode, allow_pickle=False) for part in parts[name]]
+        )
+        for name in names
+    }
     teacher_size = manifest.get("teacher_image_size")
     has_copy = "train_xt.npy" in files and teacher_size
     data = PreparedData(
@@ -104,8 +114,12 @@ def load_prepared(directory: str | os.PathLike, verify: bool | None = None, mmap
         image_size=int(manifest["image_size"]),
         manifest=manifest,
         teacher_image_size=int(teacher_size) if has_copy else None,
-        **{f"{split}_{kind}": arrays.get(f"{split}_{kind}") for split in SPLITS for kind in ("x", "y")
-           if split != "unlabeled" or kind == "x"},
+        **{
+            f"{split}_{kind}": arrays.get(f"{split}_{kind}")
+            for split in SPLITS
+            for kind in ("x", "y")
+            if split != "unlabeled" or kind == "x"
+        },
         **{name[:-4]: arrays.get(name[:-4]) for name in TEACHER_COPY_FILES},
     )
     _check_shapes(directory, data)
@@ -125,7 +139,9 @@ def teacher_inputs(manifest: dict[str, Any], reads_unlabeled: bool) -> dict[str,
         "image_size": manifest["image_size"],
         "teacher_image_size": manifest.get("teacher_image_size"),
         "reads_unlabeled": reads_unlabeled,
-        "files": {name: sha for name, sha in sorted(manifest["files"].items()) if name.split("_")[0] in splits},
+        "files": {
+            name: sha for name, sha in sorted(manifest["files"].items()) if name.split("_")[0] in splits
+        },
     }
     record["version"] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
     return record
@@ -148,7 +164,9 @@ def _check_files(directory: Path, files: dict[str, str], names: list[str], verif
 
     for name in names:
         if not (directory / name).is_file():
-            raise IntegrityError(f"{directory / name}: listed in {MANIFEST} but missing; re-run the prepare step")
+            raise IntegrityError(
+                f"{directory / name}: listed in {MANIFEST} but missing; re-run the prepare step"
+            )
     changed = first_mismatch(directory, files, names, full=verify)
     if changed is not None:
         raise IntegrityError(

@@ -99,7 +99,7 @@ class RowSegments:
         for k, part in enumerate(self.parts):
             lo, hi = max(start, int(self.starts[k])), min(stop, int(self.starts[k + 1]))
             if lo < hi:
-                parts.append(part[lo - int(self.starts[k]):hi - int(self.starts[k])])
+                parts.append(part[lo - int(self.starts[k]) : hi - int(self.starts[k])])
         return RowSegments(parts) if parts else self.parts[0][:0]  # lazy: still views of the files
 
     def _gather(self, index: np.ndarray) -> np.ndarray:

@@ -93,8 +93,13 @@ class SeenInMemory:
 class Walker:
     """Walks folders under a boundary; remembers every real folder and file it has handed out."""
 
-    def __init__(self, boundary: Path, report: Report, seen: SeenFiles | None = None,
-                 sort: Callable[[Iterable[Entry]], Iterator[Entry]] = sorted_in_memory):
+    def __init__(
+        self,
+        boundary: Path,
+        report: Report,
+        seen: SeenFiles | None = None,
+        sort: Callable[[Iterable[Entry]], Iterator[Entry]] = sorted_in_memory,
+    ):
         self.boundary = Path(boundary)
         self.boundary_real = self.boundary.resolve()
         self.report = report
@@ -140,7 +145,9 @@ class Walker:
             self.report(folder, "symlink_loop", "links back to a folder above it; not followed")
             return None
         if real in self.folders or any(walked.is_relative_to(real) for walked in self.folders):
-            self.report(folder, "visited_twice", "the same folder is reachable through another link; read once")
+            self.report(
+                folder, "visited_twice", "the same folder is reachable through another link; read once"
+            )
             return None
         self.folders.add(real)
         return real
@@ -163,8 +170,11 @@ class Walker:
                 # only a link needs resolving: a plain entry's real path is its real folder's plus its name
                 real = os.path.realpath(path) if entry.symlink else os.path.join(real_prefix, entry.name)
                 if not self.seen.first_visit(real, entry.symlink):
-                    self.report(Path(path), "visited_twice",
-                                "the same file is reachable through another link; used once")
+                    self.report(
+                        Path(path),
+                        "visited_twice",
+                        "the same file is reachable through another link; used once",
+                    )
                     continue
                 yield path
             else:

@@ -60,8 +60,13 @@ def export_onnx(model, path: str | os.PathLike, image_size: int, opset: int) -> 
     dummy = torch.rand(1, 3, int(image_size), int(image_size))
     with _quiet_legacy_export(), torch.no_grad():
         torch.onnx.export(
-            inner, (dummy,), str(path), dynamo=False, opset_version=int(opset),
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            inner,
+            (dummy,),
+            str(path),
+            dynamo=False,
+            opset_version=int(opset),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
         )
     check_onnx(path)
@@ -85,8 +90,12 @@ def check_onnx(path: str | os.PathLike) -> None:
 # ---------------------------------------------------------------- sessions
 
 
-def make_session(path: str | os.PathLike, providers: Sequence[str] = (CPU,), allow_cpu_fallback: bool = False,
-                 threads: int = 0):
+def make_session(
+    path: str | os.PathLike,
+    providers: Sequence[str] = (CPU,),
+    allow_cpu_fallback: bool = False,
+    threads: int = 0,
+):
     """An ``onnxruntime.InferenceSession`` on exactly ``providers`` (checked before and after).
 
     A requested provider missing from this onnxruntime build, or silently dropped by the session,
@@ -104,7 +113,9 @@ def make_session(path: str | os.PathLike, providers: Sequence[str] = (CPU,), all
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=usable)
     except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph...)
-        raise KdpipeError(f"{path}: onnxruntime cannot load the model ({type(exc).__name__}: {exc})") from None
+        raise KdpipeError(
+            f"{path}: onnxruntime cannot load the model ({type(exc).__name__}: {exc})"
+        ) from None
     # Only what the session was given: providers missing from the build were reported above.
     _check_active(path, usable, session.get_providers(), allow_cpu_fallback)
     return session
@@ -114,8 +125,9 @@ def _available(requested: list[str], available: list[str], allow_cpu_fallback: b
     missing = [p for p in requested if p not in available]
     if not missing:
         return requested
-    message = (f"execution provider(s) {missing} not available in this onnxruntime build "
-               f"(available: {available})")
+    message = (
+        f"execution provider(s) {missing} not available in this onnxruntime build (available: {available})"
+    )
     if not allow_cpu_fallback:
         raise KdpipeError(message + "; install the matching onnxruntime package or set allow_cpu_fallback")
     warnings.warn(message + "; falling back to CPUExecutionProvider", RuntimeWarning, stacklevel=3)
@@ -129,8 +141,10 @@ def _check_active(path, requested: list[str], active: list[str], allow_cpu_fallb
         return
     message = f"{path}: onnxruntime dropped execution provider(s) {dropped}; the session runs on {active}"
     if not allow_cpu_fallback:
-        raise KdpipeError(message + " (a GPU provider that cannot start falls back silently; set "
-                                    "allow_cpu_fallback to accept that)")
+        raise KdpipeError(
+            message + " (a GPU provider that cannot start falls back silently; set "
+            "allow_cpu_fallback to accept that)"
+        )
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
@@ -154,7 +168,7 @@ def run_logits(session, images_uint8_nhwc: np.ndarray, batch: int = 256) -> np.n
     name = input_name(session)
     outputs = []
     for start in range(0, len(images_uint8_nhwc), max(1, int(batch))):
-        chunk = to_model_input(images_uint8_nhwc[start:start + batch])
+        chunk = to_model_input(images_uint8_nhwc[start : start + batch])
         outputs.append(session.run(None, {name: chunk})[0])
     if not outputs:
         classes = session.get_outputs()[0].shape[-1]
@@ -191,8 +205,13 @@ def latency_ms(session, image_size: int, runs: int, batch: int = 1, warmup: int 
         session.run(None, feed)
         times.append((time.perf_counter() - start) * 1000.0)
     arr = np.asarray(times)
-    return {"p50": float(np.percentile(arr, 50)), "p95": float(np.percentile(arr, 95)),
-            "mean": float(arr.mean()), "runs": len(times), "batch": int(batch)}
+    return {
+        "p50": float(np.percentile(arr, 50)),
+        "p95": float(np.percentile(arr, 95)),
+        "mean": float(arr.mean()),
+        "runs": len(times),
+        "batch": int(batch),
+    }
 
 
 def throughput(session, image_size: int, batch: int, runs: int) -> float:
@@ -215,7 +234,7 @@ def torch_logits(model, images_uint8_nhwc: np.ndarray, batch: int = 256) -> np.n
     outputs = []
     with torch.no_grad():
         for start in range(0, len(images_uint8_nhwc), max(1, int(batch))):
-            x = torch.from_numpy(to_model_input(images_uint8_nhwc[start:start + batch]))
+            x = torch.from_numpy(to_model_input(images_uint8_nhwc[start : start + batch]))
             outputs.append(model(x).float().numpy())
     if not outputs:
         return np.zeros((0, 0), dtype=np.float32)

@@ -50,12 +50,19 @@ class TaskSettings(_Strict):
     memory_request: str | None = None
     memory_limit: str | None = None
     retries: int = Field(0, ge=0, le=10, description="retries of a failed pod (preemption, node loss)")
-    timeout_seconds: int = Field(0, ge=0, description="the pod's time limit (activeDeadlineSeconds); 0 = none")
+    timeout_seconds: int = Field(
+        0, ge=0, description="the pod's time limit (activeDeadlineSeconds); 0 = none"
+    )
 
 
 def _task(cpu: str, memory: str, memory_limit: str, retries: int, hours: float) -> TaskSettings:
-    return TaskSettings(cpu_request=cpu, memory_request=memory, memory_limit=memory_limit, retries=retries,
-                        timeout_seconds=int(hours * 3600))
+    return TaskSettings(
+        cpu_request=cpu,
+        memory_request=memory,
+        memory_limit=memory_limit,
+        retries=retries,
+        timeout_seconds=int(hours * 3600),
+    )
 
 
 def _default_tasks() -> dict[str, TaskSettings]:
@@ -79,19 +86,25 @@ class ClusterSettings(_Strict):
     gpu_node_selector: dict[str, str] = Field(
         default_factory=dict,
         description="labels a GPU node must carry, e.g. {nvidia.com/gpu.present: 'true'} with NVIDIA's "
-                    "feature discovery, {cloud.google.com/gke-accelerator: nvidia-l4} on GKE; empty = any "
-                    "node with free GPUs")
+        "feature discovery, {cloud.google.com/gke-accelerator: nvidia-l4} on GKE; empty = any "
+        "node with free GPUs",
+    )
     gpu_tolerations: list[Toleration] = Field(default_factory=lambda: [Toleration(key="nvidia.com/gpu")])
     shm_size: str = Field("8Gi", description="/dev/shm of GPU tasks (64 MiB by default in a pod)")
     image_pull_secrets: list[str] = Field(default_factory=list, description="secrets for a private registry")
     state_pvc: str | None = Field(
-        None, description="an existing PersistentVolumeClaim where distill keeps each run's resume state "
-                          "(last.pt), so a retried or preempted pod resumes; null = in the pod (a retry starts over)")
+        None,
+        description="an existing PersistentVolumeClaim where distill keeps each run's resume state "
+        "(last.pt), so a retried or preempted pod resumes; null = in the pod (a retry starts over)",
+    )
     state_mount: str = Field("/kdpipe-state", description="where the state volume is mounted")
     distill_nodes: int = Field(
-        1, ge=1, le=256,
+        1,
+        ge=1,
+        le=256,
         description="nodes for distill; above 1 it runs as a Kubeflow Trainer TrainJob of this many nodes with "
-                    "`gpus` GPUs each, launched and awaited by a CPU-only distill task")
+        "`gpus` GPUs each, launched and awaited by a CPU-only distill task",
+    )
     tasks: dict[str, TaskSettings] = Field(default_factory=_default_tasks)
 
     def task(self, name: str) -> TaskSettings:
@@ -108,7 +121,9 @@ class ClusterSettings(_Strict):
             raise ValueError("tasks: expected a mapping of task name -> settings")
         unknown = set(tasks) - set(TASKS)
         if unknown:
-            raise ValueError(f"tasks: unknown task(s) {', '.join(sorted(unknown))}; tasks are {', '.join(TASKS)}")
+            raise ValueError(
+                f"tasks: unknown task(s) {', '.join(sorted(unknown))}; tasks are {', '.join(TASKS)}"
+            )
         defaults = {name: task.model_dump() for name, task in _default_tasks().items()}
         merged = {name: {**defaults[name], **(tasks.get(name) or {})} for name in TASKS}
         return {**data, "tasks": merged}
@@ -143,13 +158,17 @@ def image_registry(ref: str) -> str | None:
 def check_image_for_cluster(ref: str) -> str:
     """``ref`` when a cluster can pull it and KFP's cache cannot confuse two builds; else an error
     that says what to pass."""
-    hint = ("name it by registry and digest, e.g. --image registry.example.com/team/kdpipe@sha256:<64 hex> "
-            "(the release workflow prints it; `buildah push --digestfile` writes it)")
+    hint = (
+        "name it by registry and digest, e.g. --image registry.example.com/team/kdpipe@sha256:<64 hex> "
+        "(the release workflow prints it; `buildah push --digestfile` writes it)"
+    )
     if image_registry(ref) is None:
         raise KdpipeError(f"image {ref!r} names no registry: a cluster cannot pull it; {hint}")
     if not _DIGEST.search(ref):
-        raise KdpipeError(f"image {ref!r} is not pinned by digest: KFP caches task results by the image "
-                          f"name, so a rebuilt tag would keep serving the old code's results; {hint}")
+        raise KdpipeError(
+            f"image {ref!r} is not pinned by digest: KFP caches task results by the image "
+            f"name, so a rebuilt tag would keep serving the old code's results; {hint}"
+        )
     return ref
 
 
@@ -167,7 +186,9 @@ def check_backend_version(tag: str | None, host: str) -> tuple[int, int, int] | 
     version = parse_version(tag or "")
     if version is not None and version < MIN_BACKEND:
         needed = ".".join(map(str, MIN_BACKEND))
-        raise KdpipeError(f"{host}: Kubeflow Pipelines backend {tag} is older than {needed}, the oldest this "
-                          f"pipeline runs on (optional secrets); upgrade it, or compile with "
-                          f"`kdpipe pipeline compile --backend-version {tag}` and create every secret")
+        raise KdpipeError(
+            f"{host}: Kubeflow Pipelines backend {tag} is older than {needed}, the oldest this "
+            f"pipeline runs on (optional secrets); upgrade it, or compile with "
+            f"`kdpipe pipeline compile --backend-version {tag}` and create every secret"
+        )
     return version

@@ -39,9 +39,11 @@ DVC_SECRET_ENV = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_K
 GIT_SECRET = "kdpipe-git"  # a private data repository over HTTPS: username (optional) and token
 GIT_SECRET_ENV = {"username": "KDPIPE_GIT_USERNAME", "token": "KDPIPE_GIT_TOKEN"}
 MLFLOW_SECRET = "kdpipe-mlflow"
-MLFLOW_SECRET_ENV = {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI",
-                     "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
-                     "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"}
+MLFLOW_SECRET_ENV = {
+    "MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
+}
 
 
 def image() -> str:
@@ -70,8 +72,11 @@ def params_from(**groups: Mapping[str, Any] | None):
     groups not given keep their defaults. Invalid values raise ``ParamsError`` naming the key."""
     from kdpipe.core.params import validate_params
 
-    raw = {name: {k: None if v == NULL else v for k, v in values.items()}
-           for name, values in groups.items() if values is not None}
+    raw = {
+        name: {k: None if v == NULL else v for k, v in values.items()}
+        for name, values in groups.items()
+        if values is not None
+    }
     return validate_params(raw, "pipeline parameters")
 
 
@@ -88,7 +93,9 @@ def log_numbers(metrics, values: Mapping[str, Any], prefix: str = "") -> dict[st
     return logged
 
 
-def write_png_page(html_path: str | os.PathLike, png_path: str | os.PathLike, title: str, caption: str) -> None:
+def write_png_page(
+    html_path: str | os.PathLike, png_path: str | os.PathLike, title: str, caption: str
+) -> None:
     """A self-contained HTML page showing a PNG (inlined: the Kubeflow UI shows an HTML artifact as it is)."""
     import base64
     import html
@@ -97,7 +104,9 @@ def write_png_page(html_path: str | os.PathLike, png_path: str | os.PathLike, ti
     Path(html_path).write_text(
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>"
         f"<h3>{html.escape(title)}</h3><img alt='{html.escape(title)}' src='data:image/png;base64,{encoded}'>"
-        f"<p>{html.escape(caption)}</p></body></html>", encoding="utf-8")
+        f"<p>{html.escape(caption)}</p></body></html>",
+        encoding="utf-8",
+    )
 
 
 def confusion_matrix(evaluation_dir: str | os.PathLike, class_names: list[str]) -> list[list[int]]:
@@ -111,12 +120,28 @@ def confusion_matrix(evaluation_dir: str | os.PathLike, class_names: list[str]) 
     return matrix
 
 
-def distill_command(gpus: int, params_file: str, prepared: str, augmented: str, teacher: str,
-                    out: str) -> list[str]:
+def distill_command(
+    gpus: int, params_file: str, prepared: str, augmented: str, teacher: str, out: str
+) -> list[str]:
     """``torchrun`` command line of a DDP distill run over ``gpus`` local GPUs."""
-    return ["torchrun", "--standalone", f"--nproc_per_node={gpus}", "-m", "kdpipe.cli", "distill",
-            "--params", params_file, "--prepared-dir", prepared, "--augmented-dir", augmented,
-            "--teacher-dir", teacher, "--out-dir", out]
+    return [
+        "torchrun",
+        "--standalone",
+        f"--nproc_per_node={gpus}",
+        "-m",
+        "kdpipe.cli",
+        "distill",
+        "--params",
+        params_file,
+        "--prepared-dir",
+        prepared,
+        "--augmented-dir",
+        augmented,
+        "--teacher-dir",
+        teacher,
+        "--out-dir",
+        out,
+    ]
 
 
 def tracking_for_task(execution_key: str = "", git_commit: str = "") -> bool:
@@ -134,7 +159,9 @@ def tracking_for_task(execution_key: str = "", git_commit: str = "") -> bool:
         os.environ["KDPIPE_EXECUTION_KEY"] = execution_key
     if git_commit:
         os.environ["KDPIPE_GIT_COMMIT"] = git_commit
-    os.environ.setdefault("KDPIPE_MLFLOW_RUN_FILE", os.path.join(tempfile.gettempdir(), "kdpipe_mlflow_run.json"))
+    os.environ.setdefault(
+        "KDPIPE_MLFLOW_RUN_FILE", os.path.join(tempfile.gettempdir(), "kdpipe_mlflow_run.json")
+    )
     return bool(os.environ.get("MLFLOW_TRACKING_URI", "").strip())
 
 
@@ -149,10 +176,12 @@ def registry_for_task(register_params, decision_dir: str, require_tracking_serve
     if require_tracking_server:
         from kdpipe.core.errors import KdpipeError
 
-        raise KdpipeError(f"register: no MLflow tracking server: the Kubernetes secret {MLFLOW_SECRET!r} (key "
-                          "MLFLOW_TRACKING_URI) is missing in this namespace and register.tracking_uri is unset; "
-                          "create the secret, or run with require_tracking_server=false to keep the registry "
-                          "in the task's output")
+        raise KdpipeError(
+            f"register: no MLflow tracking server: the Kubernetes secret {MLFLOW_SECRET!r} (key "
+            "MLFLOW_TRACKING_URI) is missing in this namespace and register.tracking_uri is unset; "
+            "create the secret, or run with require_tracking_server=false to keep the registry "
+            "in the task's output"
+        )
     os.makedirs(decision_dir, exist_ok=True)
     register_params.tracking_uri = f"sqlite:///{os.path.abspath(decision_dir)}/mlflow.db"
 
@@ -161,8 +190,10 @@ def fail_quality_gate(accuracy: float, min_accuracy: float) -> None:
     """The else-branch of the pipeline's quality gate: the run must end failed, not green."""
     from kdpipe.core.errors import KdpipeError
 
-    raise KdpipeError(f"quality gate: test accuracy {accuracy:.4f} is below min_accuracy {min_accuracy:.4f}; "
-                      "the model was not registered")
+    raise KdpipeError(
+        f"quality gate: test accuracy {accuracy:.4f} is below min_accuracy {min_accuracy:.4f}; "
+        "the model was not registered"
+    )
 
 
 def resumable_dir(state_dir: str, execution_key: str, step: str) -> Path | None:

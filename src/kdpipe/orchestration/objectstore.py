@@ -35,7 +35,7 @@ def get(uri: str, local_dir: str | os.PathLike) -> Path:
     if not fs.exists(uri):
         raise KdpipeError(f"{uri}: not found in the object store")
     for source in fs.find(uri):
-        relative = source[len(fs._strip_protocol(uri)):].lstrip("/")
+        relative = source[len(fs._strip_protocol(uri)) :].lstrip("/")
         target = local / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         fs.get_file(source, str(target))

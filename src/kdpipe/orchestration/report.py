@@ -51,8 +51,12 @@ def colour_lines_by_field(spec: dict[str, Any]) -> dict[str, Any]:
         return spec
     recoloured = copy.deepcopy(spec)  # the caller's spec stays DVC's
     # the explicit domain keeps the hover-rule layer (pivoted data, no "field") out of the legend
-    recoloured["encoding"]["color"] = {"field": "field", "type": "nominal", "title": "field",
-                                       "scale": {"domain": list(dash.get("scale", {}).get("domain", []))}}
+    recoloured["encoding"]["color"] = {
+        "field": "field",
+        "type": "nominal",
+        "title": "field",
+        "scale": {"domain": list(dash.get("scale", {}).get("domain", []))},
+    }
     # same field and domain for colour and dash: Vega-Lite draws ONE legend with coloured dashes
     recoloured["encoding"]["strokeDash"] = {key: value for key, value in dash.items() if key != "legend"}
     for layer in recoloured.get("layer", []):
@@ -77,8 +81,14 @@ def render(plots: dict[str, list[dict[str, Any]]], out_dir: Path, repo: Path) ->
                 target = out_dir / f"{_file_name(plot_id)}.png"
                 with atomic_path(target) as tmp:
                     tmp.write_bytes(vl_convert.vegalite_to_png(spec, scale=2))
-                written.append((spec.get("title", {}).get("text", plot_id) if isinstance(spec.get("title"), dict)
-                                else spec.get("title", plot_id), target))
+                written.append(
+                    (
+                        spec.get("title", {}).get("text", plot_id)
+                        if isinstance(spec.get("title"), dict)
+                        else spec.get("title", plot_id),
+                        target,
+                    )
+                )
             elif entry.get("type") == "image":
                 source = repo / entry["url"] if not Path(entry["url"]).is_absolute() else Path(entry["url"])
                 if source.is_file():
@@ -111,10 +121,16 @@ def summary_rows(repo: Path) -> list[tuple[str, Any]]:
     counts = manifest.get("counts", {})
     return [
         ("data version", manifest.get("data_version", "")[:12] or None),
-        ("images: train / val / unlabeled / test / rejected",
-         " / ".join(str(counts.get(k, "–")) for k in ("train", "val", "unlabeled", "test", "rejected"))),
-        ("teacher", teacher.get("arch") and f"{teacher.get('arch')} ({teacher.get('weights') or 'from scratch'}, "
-                                            f"{teacher.get('image_size')} px)"),
+        (
+            "images: train / val / unlabeled / test / rejected",
+            " / ".join(str(counts.get(k, "–")) for k in ("train", "val", "unlabeled", "test", "rejected")),
+        ),
+        (
+            "teacher",
+            teacher.get("arch")
+            and f"{teacher.get('arch')} ({teacher.get('weights') or 'from scratch'}, "
+            f"{teacher.get('image_size')} px)",
+        ),
         ("teacher validation accuracy", teacher.get("val_accuracy")),
         ("recipe", distill.get("recipe")),
         ("iterations", distill.get("iterations")),
@@ -124,8 +140,10 @@ def summary_rows(repo: Path) -> list[tuple[str, Any]]:
         ("why", selection.get("reason")),
         ("test accuracy (ONNX fp32)", evaluation.get("accuracy")),
         ("test accuracy (ONNX INT8)", evaluation.get("int8_accuracy")),
-        ("latency p50 / p95 at batch 1 (ms)",
-         f"{_fmt(evaluation.get('latency_ms_p50'))} / {_fmt(evaluation.get('latency_ms_p95'))}"),
+        (
+            "latency p50 / p95 at batch 1 (ms)",
+            f"{_fmt(evaluation.get('latency_ms_p50'))} / {_fmt(evaluation.get('latency_ms_p95'))}",
+        ),
         ("throughput (images/s)", evaluation.get("throughput_ips")),
         ("registry", decision.get("reason") and f"v{decision.get('version')}: {decision.get('reason')}"),
     ]

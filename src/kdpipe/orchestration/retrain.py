@@ -36,17 +36,39 @@ class Step:
     tolerate_failure: bool = False  # dvc pull: a failure is checked against the workspace instead
 
 
-def plan(kfp_host: str | None = None, push: bool = True, dvc: str | None = None,
-         data: dict[str, Any] | None = None, namespace: str | None = None) -> list[Step]:
+def plan(
+    kfp_host: str | None = None,
+    push: bool = True,
+    dvc: str | None = None,
+    data: dict[str, Any] | None = None,
+    namespace: str | None = None,
+) -> list[Step]:
     """The commands ``retrain`` runs, in order (the metrics diff comes after them). ``data``: the
     pipeline's data arguments for a Kubeflow submission (``data_repo``, ``data_rev``, ``data_version``,
     ``dvc_remote_config``)."""
     if kfp_host:
-        overrides = [arg for key, value in (data or {}).items()
-                     for arg in ("-S", f"{key}={json.dumps(value) if isinstance(value, dict) else value}")]
+        overrides = [
+            arg
+            for key, value in (data or {}).items()
+            for arg in ("-S", f"{key}={json.dumps(value) if isinstance(value, dict) else value}")
+        ]
         where = ["--namespace", namespace] if namespace else []
-        return [Step("submit", [sys.executable, "-m", "kdpipe.cli", "pipeline", "submit", "--host", kfp_host,
-                                *where, *overrides])]
+        return [
+            Step(
+                "submit",
+                [
+                    sys.executable,
+                    "-m",
+                    "kdpipe.cli",
+                    "pipeline",
+                    "submit",
+                    "--host",
+                    kfp_host,
+                    *where,
+                    *overrides,
+                ],
+            )
+        ]
     dvc = dvc or dvc_executable()
     steps = [Step("pull", [dvc, "pull"], tolerate_failure=True), Step("repro", [dvc, "repro"])]
     if push:
@@ -72,13 +94,19 @@ def retrain(
     if kfp_host:
         data = {**kfp_data_arguments(repo), **kfp_remote_arguments(repo)}
         if not os.environ.get("KFP_TOKEN"):
-            print("kdpipe retrain: warning: KFP_TOKEN is unset; the submission is unauthenticated", file=sys.stderr)
+            print(
+                "kdpipe retrain: warning: KFP_TOKEN is unset; the submission is unauthenticated",
+                file=sys.stderr,
+            )
     lines = ["## kdpipe retrain", ""]
     if not kfp_host:
         cleared = clear_executable_bits(repo)
         if cleared:
-            print(f"kdpipe retrain: cleared the executable bit on {len(cleared)} data file(s) (e.g. {cleared[0]}): "
-                  "DVC reports such files as modified on every pull", file=sys.stderr)
+            print(
+                f"kdpipe retrain: cleared the executable bit on {len(cleared)} data file(s) (e.g. {cleared[0]}): "
+                "DVC reports such files as modified on every pull",
+                file=sys.stderr,
+            )
     for step in plan(kfp_host, push, data=data, namespace=namespace):
         shown = " ".join([Path(step.argv[0]).name, *(redact(a) for a in step.argv[1:])])
         print(f"kdpipe retrain: {shown}", file=sys.stderr, flush=True)
@@ -93,15 +121,20 @@ def retrain(
                     f"dvc pull failed and the workspace lacks DVC-tracked data: {', '.join(missing)}; "
                     "check the DVC remote and its credentials (environment variables)"
                 )
-            print("kdpipe retrain: dvc pull failed; the workspace already holds the data, continuing",
-                  file=sys.stderr)
+            print(
+                "kdpipe retrain: dvc pull failed; the workspace already holds the data, continuing",
+                file=sys.stderr,
+            )
             lines += ["- `dvc pull` failed; trained on the data already in the workspace", ""]
             continue
         if step.name == "submit":
             raise KdpipeError(f"submitting the Kubeflow pipeline to {redact(kfp_host)} failed (exit {code})")
         raise KdpipeError(f"`dvc {step.name}` failed (exit {code}); see its output above")
     if kfp_host:
-        lines += [f"Submitted the Kubeflow pipeline to `{redact(kfp_host)}`; training runs on the cluster.", ""]
+        lines += [
+            f"Submitted the Kubeflow pipeline to `{redact(kfp_host)}`; training runs on the cluster.",
+            "",
+        ]
     else:
         lines += [f"Metrics against `{rev}` (`dvc metrics diff {rev}`):", "", metrics_diff(repo, rev)]
     text = "\n".join(lines).rstrip() + "\n"
@@ -139,10 +172,15 @@ def kfp_remote_arguments(repo: Path) -> dict[str, Any]:
         name, settings = _default_remote(repo)
         url = str(settings.pop("url", ""))
     if "://" not in url:
-        raise KdpipeError(f"DVC remote {url!r} is a local folder: the cluster cannot read it; push the data to an "
-                          f"object store (s3://, gs://, azure://...) and set it as the default remote or ${DVC_REMOTE_ENV}")
-    public = {k: v for k, v in settings.items()
-              if not is_secret_key(k) and "password" not in k.lower() and isinstance(v, str | int | float | bool)}
+        raise KdpipeError(
+            f"DVC remote {url!r} is a local folder: the cluster cannot read it; push the data to an "
+            f"object store (s3://, gs://, azure://...) and set it as the default remote or ${DVC_REMOTE_ENV}"
+        )
+    public = {
+        k: v
+        for k, v in settings.items()
+        if not is_secret_key(k) and "password" not in k.lower() and isinstance(v, str | int | float | bool)
+    }
     return {"dvc_remote_config": {"url": url, **public}}
 
 
@@ -159,8 +197,10 @@ def _default_remote(repo: Path) -> tuple[str, dict[str, Any]]:
             for remote, settings in found.get("remote", {}).items():
                 remotes[remote] = {**remotes.get(remote, {}), **settings}
     if not name or name not in remotes:
-        raise KdpipeError(f"{repo}: no default DVC remote, so the cluster cannot read the data; "
-                          f"set one (dvc remote default NAME) or ${DVC_REMOTE_ENV}")
+        raise KdpipeError(
+            f"{repo}: no default DVC remote, so the cluster cannot read the data; "
+            f"set one (dvc remote default NAME) or ${DVC_REMOTE_ENV}"
+        )
     return name, dict(remotes[name])
 
 
@@ -184,17 +224,22 @@ def metrics_diff(repo: Path, rev: str) -> str:
     numbers only: the file hashes and settings that DVC also lists are not metrics a reviewer reads."""
     import json
 
-    done = subprocess.run([dvc_executable(), "metrics", "diff", "--json", rev], cwd=repo, capture_output=True,
-                          text=True)
+    done = subprocess.run(
+        [dvc_executable(), "metrics", "diff", "--json", rev], cwd=repo, capture_output=True, text=True
+    )
     if done.returncode != 0:
         detail = (done.stderr or done.stdout).strip().splitlines()
-        raise KdpipeError(f"dvc metrics diff {rev} failed: {detail[-1] if detail else f'exit {done.returncode}'}")
+        raise KdpipeError(
+            f"dvc metrics diff {rev} failed: {detail[-1] if detail else f'exit {done.returncode}'}"
+        )
     rows = numeric_changes(json.loads(done.stdout or "{}"))
     if not rows:
         return f"No metric changed against `{rev}`."
     lines = ["| file | metric | before | after | change |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {path} | {name} | {_number(old)} | {_number(new)} | {_number(change, signed=True)} |"
-              for path, name, old, new, change in rows]
+    lines += [
+        f"| {path} | {name} | {_number(old)} | {_number(new)} | {_number(change, signed=True)} |"
+        for path, name, old, new, change in rows
+    ]
     return "\n".join(lines)
 
 
@@ -207,7 +252,9 @@ def numeric_changes(diff: dict) -> list[tuple[str, str, float | None, float | No
             old, new = values.get("old"), values.get("new")
             if name.startswith("files.") or name.endswith(("sha256", "data_version")):
                 continue
-            if not all(v is None or (isinstance(v, int | float) and not isinstance(v, bool)) for v in (old, new)):
+            if not all(
+                v is None or (isinstance(v, int | float) and not isinstance(v, bool)) for v in (old, new)
+            ):
                 continue
             if old == new:
                 continue
@@ -231,7 +278,10 @@ def tracked_data(repo: Path) -> tuple[list[Path], list[str]]:
 
     outputs, unreadable = [], []
     for dvc_file in sorted(Path(repo).rglob("*.dvc")):
-        if any(part.startswith(".") or part in ("artifacts", "dvc-remote") for part in dvc_file.relative_to(repo).parts):
+        if any(
+            part.startswith(".") or part in ("artifacts", "dvc-remote")
+            for part in dvc_file.relative_to(repo).parts
+        ):
             continue
         try:
             outs = (yaml.safe_load(dvc_file.read_text(encoding="utf-8")) or {}).get("outs") or []

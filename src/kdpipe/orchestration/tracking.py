@@ -46,6 +46,8 @@ def run_file() -> Path:
     """The file recording this execution's parent run: ``$KDPIPE_MLFLOW_RUN_FILE``, else
     ``artifacts/mlflow_run.json`` of the project (DVC runs every stage from the project root)."""
     return Path(os.environ.get(RUN_FILE_ENV) or RUN_FILE)
+
+
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlruns"
 
@@ -55,11 +57,25 @@ TAG_VERSION = "kdpipe.version"
 TAG_STEP = "kdpipe.step"
 
 # A key is dropped when one of its words (split on . _ - and camelCase) is one of these.
-SECRET_WORDS = frozenset({"secret", "secrets", "password", "passwd", "token", "tokens", "key", "keys",
-                          "apikey", "credential", "credentials"})
+SECRET_WORDS = frozenset(
+    {
+        "secret",
+        "secrets",
+        "password",
+        "passwd",
+        "token",
+        "tokens",
+        "key",
+        "keys",
+        "apikey",
+        "credential",
+        "credentials",
+    }
+)
 _URI_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
-_SECRET_QUERY = re.compile(r"([?&][^=&\s]*(?:secret|password|token|key|signature)[^=&\s]*=)[^&\s#]+",
-                           re.IGNORECASE)
+_SECRET_QUERY = re.compile(
+    r"([?&][^=&\s]*(?:secret|password|token|key|signature)[^=&\s]*=)[^&\s#]+", re.IGNORECASE
+)
 
 
 # ---------------------------------------------------------------- helpers without mlflow
@@ -128,8 +144,9 @@ def git_commit(cwd: str | os.PathLike | None = None) -> str:
     if given:
         return given
     try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                              timeout=10, check=False)
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=False
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "unknown"
@@ -186,8 +203,11 @@ def configure(params: Any) -> str:
 
 # How hard a step tries to reach a tracking server before it gives up (MLflow's own settings, which a
 # user's environment overrides): MLflow's defaults retry for minutes before failing.
-HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+HTTP_RETRIES = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
 
 
 def _bounded_retries() -> None:
@@ -201,9 +221,11 @@ class TrackingUnavailable(KdpipeError):
     def __init__(self, uri: str, exc: BaseException):
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         reason = re.sub(r"HTTPConnectionPool\(.*", "connection refused or timed out", redact(reason))
-        super().__init__(f"MLflow tracking server {redact(uri)} is unreachable ({reason[:200]}); the step's outputs "
-                         "are written, but it is not recorded. Start the server and run the step again, or set "
-                         "KDPIPE_TRACKING=0 to run without tracking (retries: MLFLOW_HTTP_REQUEST_MAX_RETRIES)")
+        super().__init__(
+            f"MLflow tracking server {redact(uri)} is unreachable ({reason[:200]}); the step's outputs "
+            "are written, but it is not recorded. Start the server and run the step again, or set "
+            "KDPIPE_TRACKING=0 to run without tracking (retries: MLFLOW_HTTP_REQUEST_MAX_RETRIES)"
+        )
 
 
 def _quiet_mlflow() -> None:
@@ -254,8 +276,12 @@ def _execution_run(client, key: str) -> str | None:
     experiments = [e.experiment_id for e in client.search_experiments()]
     if not experiments:
         return None
-    runs = client.search_runs(experiments, filter_string=f"tags.`{TAG_EXECUTION}` = '{key}'",
-                              order_by=["attributes.start_time ASC"], max_results=1)
+    runs = client.search_runs(
+        experiments,
+        filter_string=f"tags.`{TAG_EXECUTION}` = '{key}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=1,
+    )
     return runs[0].info.run_id if runs else None
 
 
@@ -313,8 +339,14 @@ def pipeline_run(params: Any, run_name: str | None = None) -> Iterator[Any]:
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name) as run:
         mlflow.set_tags({**run_tags(params), **({TAG_EXECUTION: execution} if execution else {})})
         if run_id is None and source != "env":
-            write_json(run_file(), {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-                                  "tracking_uri": redact(uri)})
+            write_json(
+                run_file(),
+                {
+                    "run_id": run.info.run_id,
+                    "experiment_id": run.info.experiment_id,
+                    "tracking_uri": redact(uri),
+                },
+            )
         yield run
 
 
@@ -345,8 +377,11 @@ def step_run(name: str, params: Any = None, started_at: float | None = None) -> 
             yield run
         return
     created = mlflow.MlflowClient().create_run(
-        parent.info.experiment_id, start_time=int(started_at * 1000), run_name=name,
-        tags={**tags, "mlflow.parentRunId": parent.info.run_id})
+        parent.info.experiment_id,
+        start_time=int(started_at * 1000),
+        run_name=name,
+        tags={**tags, "mlflow.parentRunId": parent.info.run_id},
+    )
     with mlflow.start_run(run_id=created.info.run_id, nested=True) as run:
         yield run
 
@@ -391,10 +426,12 @@ def log_params_flat(params: Any) -> dict[str, str]:
         if key not in existing:
             new[key] = value
         elif existing[key] != value:
-            log.warning("MLflow param %s already logged as %r; not changing it to %r", key, existing[key], value)
+            log.warning(
+                "MLflow param %s already logged as %r; not changing it to %r", key, existing[key], value
+            )
     items = [Param(k, v) for k, v in new.items()]
     for start in range(0, len(items), 100):  # log_batch accepts at most 100 params per call
-        client.log_batch(run_id, params=items[start:start + 100])
+        client.log_batch(run_id, params=items[start : start + 100])
     return new
 
 
@@ -458,7 +495,7 @@ def log_history(history_path: str | os.PathLike, prefix: str = HISTORY_PREFIX) -
                 points.append(Metric(metric_name(prefix + key), number, now, step))
     client = mlflow.MlflowClient()
     for start in range(0, len(points), 1000):  # log_batch limit
-        client.log_batch(run_id, metrics=points[start:start + 1000])
+        client.log_batch(run_id, metrics=points[start : start + 1000])
     return len(points)
 
 
@@ -489,8 +526,13 @@ def tracking_enabled(params: Any) -> bool:
     return bool(params.register.track_steps) and os.environ.get("KDPIPE_TRACKING", "1") != "0"
 
 
-def log_step(name: str, params: Any, out_dir: str | os.PathLike, report_files: Iterable[str] = (),
-             started_at: float | None = None) -> None:
+def log_step(
+    name: str,
+    params: Any,
+    out_dir: str | os.PathLike,
+    report_files: Iterable[str] = (),
+    started_at: float | None = None,
+) -> None:
     """Record one finished pipeline step in this execution's parent run, as a nested run.
 
     Logs the (redacted) params on the parent, and on the step's run: the numbers of the step's
@@ -511,11 +553,21 @@ def log_step(name: str, params: Any, out_dir: str | os.PathLike, report_files: I
 
 def _is_unreachable(exc: BaseException) -> bool:
     text = str(exc)
-    return any(sign in text for sign in ("Max retries exceeded", "Connection refused", "ConnectionError",
-                                         "Failed to establish a new connection", "timed out"))
+    return any(
+        sign in text
+        for sign in (
+            "Max retries exceeded",
+            "Connection refused",
+            "ConnectionError",
+            "Failed to establish a new connection",
+            "timed out",
+        )
+    )
 
 
-def _log_step(name: str, params: Any, out: Path, report_files: Iterable[str], started_at: float | None) -> None:
+def _log_step(
+    name: str, params: Any, out: Path, report_files: Iterable[str], started_at: float | None
+) -> None:
     with pipeline_run(params, run_name="kdpipe"):
         log_params_flat(params)
         with step_run(name, params, started_at):

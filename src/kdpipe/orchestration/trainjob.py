@@ -44,8 +44,17 @@ def node_command(inputs: Mapping[str, str], output: str) -> list[str]:
     return args
 
 
-def manifest(name: str, namespace: str, image: str, nodes: int, gpus_per_node: int, inputs: Mapping[str, str],
-             output: str, params: Mapping[str, Any], env: Mapping[str, str] | None = None) -> dict[str, Any]:
+def manifest(
+    name: str,
+    namespace: str,
+    image: str,
+    nodes: int,
+    gpus_per_node: int,
+    inputs: Mapping[str, str],
+    output: str,
+    params: Mapping[str, Any],
+    env: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
     """The TrainJob, built with Kubeflow Trainer's own API models (so its fields are the CRD's)."""
     from kubeflow_trainer_api import models as m
 
@@ -55,20 +64,40 @@ def manifest(name: str, namespace: str, image: str, nodes: int, gpus_per_node: i
     variables += [m.IoK8sApiCoreV1EnvVar(name=k, value=v) for k, v in sorted((env or {}).items())]
     secrets = [(STORE_SECRET, key, key) for key in STORE_SECRET_KEYS]
     secrets += [(MLFLOW_SECRET, key, variable) for key, variable in MLFLOW_SECRET_ENV.items()]
-    variables += [m.IoK8sApiCoreV1EnvVar(name=variable, value_from=m.IoK8sApiCoreV1EnvVarSource(
-        secret_key_ref=m.IoK8sApiCoreV1SecretKeySelector(name=secret, key=key, optional=True)))
-        for secret, key, variable in secrets]
-    gpus = {"nvidia.com/gpu": m.IoK8sApimachineryPkgApiResourceQuantity(str(gpus_per_node))} if gpus_per_node else {}
+    variables += [
+        m.IoK8sApiCoreV1EnvVar(
+            name=variable,
+            value_from=m.IoK8sApiCoreV1EnvVarSource(
+                secret_key_ref=m.IoK8sApiCoreV1SecretKeySelector(name=secret, key=key, optional=True)
+            ),
+        )
+        for secret, key, variable in secrets
+    ]
+    gpus = (
+        {"nvidia.com/gpu": m.IoK8sApimachineryPkgApiResourceQuantity(str(gpus_per_node))}
+        if gpus_per_node
+        else {}
+    )
     job = m.TrainerV1alpha1TrainJob(
-        api_version=f"{GROUP}/{VERSION}", kind="TrainJob",
+        api_version=f"{GROUP}/{VERSION}",
+        kind="TrainJob",
         metadata=m.IoK8sApimachineryPkgApisMetaV1ObjectMeta(
-            name=name, namespace=namespace, labels={"app.kubernetes.io/part-of": "kdpipe"}),
+            name=name, namespace=namespace, labels={"app.kubernetes.io/part-of": "kdpipe"}
+        ),
         spec=m.TrainerV1alpha1TrainJobSpec(
-            runtime_ref=m.TrainerV1alpha1RuntimeRef(name=RUNTIME, kind="ClusterTrainingRuntime", api_group=GROUP),
+            runtime_ref=m.TrainerV1alpha1RuntimeRef(
+                name=RUNTIME, kind="ClusterTrainingRuntime", api_group=GROUP
+            ),
             trainer=m.TrainerV1alpha1Trainer(
-                image=image, command=node_command(inputs, output), env=variables, num_nodes=nodes,
+                image=image,
+                command=node_command(inputs, output),
+                env=variables,
+                num_nodes=nodes,
                 num_proc_per_node=max(1, gpus_per_node),
-                resources_per_node=m.IoK8sApiCoreV1ResourceRequirements(limits=gpus or None, requests=gpus or None)),
+                resources_per_node=m.IoK8sApiCoreV1ResourceRequirements(
+                    limits=gpus or None, requests=gpus or None
+                ),
+            ),
         ),
     )
     return job.to_dict()
@@ -88,8 +117,13 @@ def _condition(job: Mapping[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-def run_and_wait(job: dict[str, Any], api, poll_seconds: float = 30.0, timeout_seconds: float = 7 * 24 * 3600,
-                 sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
+def run_and_wait(
+    job: dict[str, Any],
+    api,
+    poll_seconds: float = 30.0,
+    timeout_seconds: float = 7 * 24 * 3600,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
     """Create the TrainJob (or find it: a retried task resumes waiting for its own), wait until it
     completes; raise :class:`KdpipeError` if it fails or the time runs out. ``api`` is a
     ``kubernetes.client.CustomObjectsApi``."""
@@ -101,8 +135,10 @@ def run_and_wait(job: dict[str, Any], api, poll_seconds: float = 30.0, timeout_s
         print(f"distill: TrainJob {namespace}/{name} created ({job['spec']['trainer']['numNodes']} nodes)")
     except ApiException as exc:
         if exc.status != 409:  # 409: it exists, created by an earlier try of this task
-            raise KdpipeError(f"TrainJob {namespace}/{name}: the cluster refused it ({exc.status}: {exc.reason}); "
-                              "is Kubeflow Trainer installed, and may this service account create trainjobs?") from None
+            raise KdpipeError(
+                f"TrainJob {namespace}/{name}: the cluster refused it ({exc.status}: {exc.reason}); "
+                "is Kubeflow Trainer installed, and may this service account create trainjobs?"
+            ) from None
         print(f"distill: TrainJob {namespace}/{name} exists; waiting for it")
     waited = 0.0
     while True:
@@ -136,7 +172,9 @@ def current_namespace() -> str:
 
 
 # ---------------------------------------------------------------- on every node
-def distill_node(inputs: Mapping[str, str], output: str, workdir: str | os.PathLike = "/tmp/kdpipe-node") -> int:
+def distill_node(
+    inputs: Mapping[str, str], output: str, workdir: str | os.PathLike = "/tmp/kdpipe-node"
+) -> int:
     """One node of a TrainJob: fetch the inputs, run torchrun over this node's processes (the runtime's
     ``PET_*`` variables give the node count, rank and rendezvous), and on node 0 upload the outputs."""
     import yaml
@@ -148,9 +186,22 @@ def distill_node(inputs: Mapping[str, str], output: str, workdir: str | os.PathL
     params_file = work / "params.yaml"
     params_file.write_text(yaml.safe_dump(json.loads(os.environ["KDPIPE_PARAMS_JSON"])), encoding="utf-8")
     out = work / "student"
-    cmd = ["torchrun", "-m", "kdpipe.cli", "distill", "--params", str(params_file),
-           "--prepared-dir", str(local["prepared"]), "--augmented-dir", str(local["augmented"]),
-           "--teacher-dir", str(local["teacher"]), "--out-dir", str(out)]
+    cmd = [
+        "torchrun",
+        "-m",
+        "kdpipe.cli",
+        "distill",
+        "--params",
+        str(params_file),
+        "--prepared-dir",
+        str(local["prepared"]),
+        "--augmented-dir",
+        str(local["augmented"]),
+        "--teacher-dir",
+        str(local["teacher"]),
+        "--out-dir",
+        str(out),
+    ]
     code = subprocess.run(cmd, check=False).returncode
     if code == 0 and os.environ.get("PET_NODE_RANK", "0") == "0":
         objectstore.put(out, output)

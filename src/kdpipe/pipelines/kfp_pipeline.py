@@ -63,8 +63,12 @@ def group_defaults(params: Params) -> dict[str, dict[str, Any]]:
     store ``None``, so unset values travel as the string ``"null"`` (``kubeflow.params_from`` turns it
     back): leaving them out would let a schema default that is not ``None`` take their place."""
     dumped = params.model_dump(mode="json")
-    return {f"{g}_params": {k: kubeflow.NULL if v is None else v for k, v in dumped[g].items()
-                            if (g, k) not in SEPARATE} for g in GROUPS}
+    return {
+        f"{g}_params": {
+            k: kubeflow.NULL if v is None else v for k, v in dumped[g].items() if (g, k) not in SEPARATE
+        }
+        for g in GROUPS
+    }
 
 
 def _gpu_task(task: dsl.PipelineTask, gpus, cluster: ClusterSettings) -> dsl.PipelineTask:
@@ -77,8 +81,13 @@ def _gpu_task(task: dsl.PipelineTask, gpus, cluster: ClusterSettings) -> dsl.Pip
         kubernetes.add_node_selector(task, label, value)
     for toleration in cluster.gpu_tolerations:
         kubernetes.add_toleration(task, **toleration.model_dump(exclude_none=True))
-    kubernetes.empty_dir_mount(task, volume_name=kubeflow.SHM_VOLUME, mount_path=kubeflow.SHM_PATH,
-                               medium="Memory", size_limit=cluster.shm_size)
+    kubernetes.empty_dir_mount(
+        task,
+        volume_name=kubeflow.SHM_VOLUME,
+        mount_path=kubeflow.SHM_PATH,
+        medium="Memory",
+        size_limit=cluster.shm_size,
+    )
     return task
 
 
@@ -86,15 +95,22 @@ def _cluster_task(task: dsl.PipelineTask, name: str, cluster: ClusterSettings) -
     """The task's requests and limits, retries and time limit, pull secrets, and the name of its image
     (recorded in MLflow: which build produced a model)."""
     settings = cluster.task(name)
-    for setter, value in ((task.set_cpu_request, settings.cpu_request), (task.set_cpu_limit, settings.cpu_limit),
-                          (task.set_memory_request, settings.memory_request),
-                          (task.set_memory_limit, settings.memory_limit)):
+    for setter, value in (
+        (task.set_cpu_request, settings.cpu_request),
+        (task.set_cpu_limit, settings.cpu_limit),
+        (task.set_memory_request, settings.memory_request),
+        (task.set_memory_limit, settings.memory_limit),
+    ):
         if value:
             setter(value)
     if settings.retries:
         # exponential back-off from a minute: a preempted node needs time to be replaced
-        task.set_retry(num_retries=settings.retries, backoff_duration="60s", backoff_factor=2.0,
-                       backoff_max_duration="3600s")
+        task.set_retry(
+            num_retries=settings.retries,
+            backoff_duration="60s",
+            backoff_factor=2.0,
+            backoff_max_duration="3600s",
+        )
     if settings.timeout_seconds:
         kubernetes.set_timeout(task, settings.timeout_seconds)
     if cluster.image_pull_secrets:
@@ -105,16 +121,18 @@ def _cluster_task(task: dsl.PipelineTask, name: str, cluster: ClusterSettings) -
 
 
 def _mlflow_env(task: dsl.PipelineTask, optional_secrets: bool) -> dsl.PipelineTask:
-    return kubernetes.use_secret_as_env(task, kubeflow.MLFLOW_SECRET, kubeflow.MLFLOW_SECRET_ENV,
-                                        optional=optional_secrets)
+    return kubernetes.use_secret_as_env(
+        task, kubeflow.MLFLOW_SECRET, kubeflow.MLFLOW_SECRET_ENV, optional=optional_secrets
+    )
 
 
 # Every step task logs to MLflow under one parent run per pipeline run, found by this key.
 EXECUTION = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 
 
-def build_pipeline(params: "Params | None" = None, cluster: ClusterSettings | None = None,
-                   optional_secrets: bool = True):
+def build_pipeline(
+    params: "Params | None" = None, cluster: ClusterSettings | None = None, optional_secrets: bool = True
+):
     """The ``@dsl.pipeline`` function, with parameter defaults taken from ``params`` (default:
     params.yaml) and the cluster's settings (default: :class:`kdpipe.orchestration.cluster.ClusterSettings`).
     ``optional_secrets=False`` compiles for a backend older than 2.15: every secret must then exist."""
@@ -122,8 +140,11 @@ def build_pipeline(params: "Params | None" = None, cluster: ClusterSettings | No
     cluster = cluster or ClusterSettings()
     d = group_defaults(params)
 
-    @dsl.pipeline(name=PIPELINE_NAME, description="kdpipe: semi-supervised distillation of a small image "
-                  "classifier from a DVC data revision, exported to ONNX and registered in MLflow")
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="kdpipe: semi-supervised distillation of a small image "
+        "classifier from a DVC data revision, exported to ONNX and registered in MLflow",
+    )
     def kdpipe_pipeline(
         data_repo: str = "",
         data_rev: str = "HEAD",
@@ -144,51 +165,97 @@ def build_pipeline(params: "Params | None" = None, cluster: ClusterSettings | No
         evaluate_params: dict = d["evaluate_params"],
         register_params: dict = d["register_params"],
     ):
-        data_task = data(repo=data_repo, rev=data_rev, data_version=data_version, data_root=data_root,
-                         dvc_remote=dvc_remote, dvc_remote_config=dvc_remote_config).set_display_name("data")
-        kubernetes.use_secret_as_env(data_task, kubeflow.DVC_SECRET, kubeflow.DVC_SECRET_ENV,
-                                     optional=optional_secrets)
-        kubernetes.use_secret_as_env(data_task, kubeflow.GIT_SECRET, kubeflow.GIT_SECRET_ENV,
-                                     optional=optional_secrets)
+        data_task = data(
+            repo=data_repo,
+            rev=data_rev,
+            data_version=data_version,
+            data_root=data_root,
+            dvc_remote=dvc_remote,
+            dvc_remote_config=dvc_remote_config,
+        ).set_display_name("data")
+        kubernetes.use_secret_as_env(
+            data_task, kubeflow.DVC_SECRET, kubeflow.DVC_SECRET_ENV, optional=optional_secrets
+        )
+        kubernetes.use_secret_as_env(
+            data_task, kubeflow.GIT_SECRET, kubeflow.GIT_SECRET_ENV, optional=optional_secrets
+        )
         run = {"execution_key": EXECUTION, "git_commit": git_commit}  # every step task's run context
 
-        prep = prepare(raw_data=data_task.outputs["raw_data"], prepare_params=prepare_params,
-                       teacher_params=teacher_params, **run)
+        prep = prepare(
+            raw_data=data_task.outputs["raw_data"],
+            prepare_params=prepare_params,
+            teacher_params=teacher_params,
+            **run,
+        )
         prepared = prep.outputs["prepared"]
-        teach = teacher(prepared=prepared, teacher_params=teacher_params, augment_params=augment_params,
-                        train_params=train_params, **run)
+        teach = teacher(
+            prepared=prepared,
+            teacher_params=teacher_params,
+            augment_params=augment_params,
+            train_params=train_params,
+            **run,
+        )
         _gpu_task(teach, 1, cluster)
         # after the teacher: its logits on every stored view are computed once, with the views
-        aug = augment(prepared=prepared, teacher_model=teach.outputs["teacher_model"],
-                      augment_params=augment_params, train_params=train_params, **run)
+        aug = augment(
+            prepared=prepared,
+            teacher_model=teach.outputs["teacher_model"],
+            augment_params=augment_params,
+            train_params=train_params,
+            **run,
+        )
         _gpu_task(aug, 1, cluster)
-        dist = distill(prepared=prepared, augmented=aug.outputs["augmented"],
-                       teacher_model=teach.outputs["teacher_model"], train_params=train_params,
-                       augment_params=augment_params, gpus=gpus,
-                       state_dir=cluster.state_mount if cluster.state_pvc else "", nodes=cluster.distill_nodes,
-                       **run)
+        dist = distill(
+            prepared=prepared,
+            augmented=aug.outputs["augmented"],
+            teacher_model=teach.outputs["teacher_model"],
+            train_params=train_params,
+            augment_params=augment_params,
+            gpus=gpus,
+            state_dir=cluster.state_mount if cluster.state_pvc else "",
+            nodes=cluster.distill_nodes,
+            **run,
+        )
         if cluster.distill_nodes == 1:
             _gpu_task(dist, gpus, cluster)
         else:  # the task only launches and awaits the multi-node TrainJob, whose nodes hold the GPUs
             dist.set_env_variable(TRAINJOB_IMAGE_ENV, kubeflow.gpu_image())
         if cluster.state_pvc:  # durable resume state: a retried or preempted pod resumes
             kubernetes.mount_pvc(dist, pvc_name=cluster.state_pvc, mount_path=cluster.state_mount)
-        sel = select(student=dist.outputs["student"], teacher_model=teach.outputs["teacher_model"], prepared=prepared,
-                     select_params=select_params, export_params=export_params, **run)
-        exp = export(selected=sel.outputs["selected"], prepared=prepared, export_params=export_params,
-                     **run)
-        ev = evaluate(onnx_model=exp.outputs["onnx_model"], prepared=prepared, evaluate_params=evaluate_params,
-                      **run)
+        sel = select(
+            student=dist.outputs["student"],
+            teacher_model=teach.outputs["teacher_model"],
+            prepared=prepared,
+            select_params=select_params,
+            export_params=export_params,
+            **run,
+        )
+        exp = export(selected=sel.outputs["selected"], prepared=prepared, export_params=export_params, **run)
+        ev = evaluate(
+            onnx_model=exp.outputs["onnx_model"], prepared=prepared, evaluate_params=evaluate_params, **run
+        )
         for task in (prep, teach, aug, dist, sel, exp, ev):
-            _mlflow_env(task, optional_secrets)  # every step logs to the tracking server when the secret exists
+            _mlflow_env(
+                task, optional_secrets
+            )  # every step logs to the tracking server when the secret exists
 
         with dsl.If(ev.outputs["Output"] >= min_accuracy, name="quality-gate"):
-            reg = register(onnx_model=exp.outputs["onnx_model"], evaluation=ev.outputs["evaluation"],
-                           prepared=prepared, min_accuracy=min_accuracy, prepare_params=prepare_params,
-                           augment_params=augment_params, teacher_params=teacher_params,
-                           train_params=train_params, select_params=select_params, export_params=export_params,
-                           evaluate_params=evaluate_params, register_params=register_params,
-                           require_tracking_server=require_tracking_server, **run)
+            reg = register(
+                onnx_model=exp.outputs["onnx_model"],
+                evaluation=ev.outputs["evaluation"],
+                prepared=prepared,
+                min_accuracy=min_accuracy,
+                prepare_params=prepare_params,
+                augment_params=augment_params,
+                teacher_params=teacher_params,
+                train_params=train_params,
+                select_params=select_params,
+                export_params=export_params,
+                evaluate_params=evaluate_params,
+                register_params=register_params,
+                require_tracking_server=require_tracking_server,
+                **run,
+            )
             reg.set_caching_options(False)  # it changes the registry: never skip it
             _mlflow_env(reg, optional_secrets)
             _cluster_task(reg, "register", cluster)
@@ -197,15 +264,27 @@ def build_pipeline(params: "Params | None" = None, cluster: ClusterSettings | No
             failed = quality_gate_failed(accuracy=ev.outputs["Output"], min_accuracy=min_accuracy)
             failed.set_caching_options(False)
             _cluster_task(failed, "register", cluster)
-        for name, task in (("data", data_task), ("prepare", prep), ("teacher", teach), ("augment", aug),
-                           ("distill", dist), ("select", sel), ("export", exp), ("evaluate", ev)):
+        for name, task in (
+            ("data", data_task),
+            ("prepare", prep),
+            ("teacher", teach),
+            ("augment", aug),
+            ("distill", dist),
+            ("select", sel),
+            ("export", exp),
+            ("evaluate", ev),
+        ):
             _cluster_task(task, name, cluster)
 
     return kdpipe_pipeline
 
 
-def compile_pipeline(out: str | os.PathLike = PACKAGE, params_file: str | os.PathLike | None = None,
-                     cluster_file: str | os.PathLike | None = None, backend_version: str | None = None) -> Path:
+def compile_pipeline(
+    out: str | os.PathLike = PACKAGE,
+    params_file: str | os.PathLike | None = None,
+    cluster_file: str | os.PathLike | None = None,
+    backend_version: str | None = None,
+) -> Path:
     """Compile the pipeline (defaults from ``params_file``, else params.yaml; cluster settings from
     ``cluster_file``, else the defaults) to ``out``. ``backend_version`` below 2.15 drops the fields
     older backends reject (optional secrets)."""
@@ -230,8 +309,18 @@ def compile_components(folder: str | os.PathLike = COMPONENTS_DIR) -> list[Path]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for component in (data, prepare, teacher, augment, distill, select, export, evaluate, register,
-                      quality_gate_failed):
+    for component in (
+        data,
+        prepare,
+        teacher,
+        augment,
+        distill,
+        select,
+        export,
+        evaluate,
+        register,
+        quality_gate_failed,
+    ):
         out = folder / f"{component.name.replace('-', '_')}.yaml"
         compiler.Compiler().compile(component, package_path=str(out))
         out.write_text(_stable_header(out.read_text(encoding="utf-8")), encoding="utf-8")

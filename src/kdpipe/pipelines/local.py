@@ -17,14 +17,23 @@ DEFAULT_ROOT = "artifacts/kfp"
 
 def resolve_rev(repo: str, rev: str) -> str:
     """The commit ``rev`` names in the local git repository ``repo`` (empty if it cannot be resolved)."""
-    done = subprocess.run(["git", "-C", repo, "rev-parse", "--verify", f"{rev}^{{commit}}"], capture_output=True,
-                          text=True, timeout=30, check=False)
+    done = subprocess.run(
+        ["git", "-C", repo, "rev-parse", "--verify", f"{rev}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     return done.stdout.strip() if done.returncode == 0 else ""
 
 
-def run_local(arguments: dict[str, Any], params_file: str | os.PathLike | None = None,
-              overrides: list[str] | None = None, pipeline_root: str | os.PathLike = DEFAULT_ROOT,
-              enable_caching: bool = False) -> Path:
+def run_local(
+    arguments: dict[str, Any],
+    params_file: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    pipeline_root: str | os.PathLike = DEFAULT_ROOT,
+    enable_caching: bool = False,
+) -> Path:
     """Run the pipeline with ``arguments`` (the data parameters, ``gpus``...; every step group comes
     from ``params_file`` + ``overrides``); return the folder holding this run's task outputs."""
     from kfp import local
@@ -34,9 +43,15 @@ def run_local(arguments: dict[str, Any], params_file: str | os.PathLike | None =
 
     root = Path(pipeline_root).resolve()
     before = set(root.glob(f"{PIPELINE_NAME}-*")) if root.is_dir() else set()
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True,
-               enable_caching=enable_caching)
-    build_pipeline(load_params(params_file, overrides))(**arguments)  # like every step: --params, $KDPIPE_PARAMS or ./params.yaml
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(root),
+        raise_on_error=True,
+        enable_caching=enable_caching,
+    )
+    build_pipeline(load_params(params_file, overrides))(
+        **arguments
+    )  # like every step: --params, $KDPIPE_PARAMS or ./params.yaml
     new = sorted(set(root.glob(f"{PIPELINE_NAME}-*")) - before, key=lambda p: p.stat().st_mtime)
     if not new:
         raise RuntimeError(f"kfp.local wrote no run folder under {root}")

@@ -50,12 +50,17 @@ def pipeline_arguments(package: str | os.PathLike, overrides: list[str] | None =
             args[SEPARATE[group, field]] = value
         elif field and f"{group}_params" in args:
             # an unset value travels as kubeflow.NULL, like the compiled defaults (KFP stores no None)
-            args[f"{group}_params"] = {**(args[f"{group}_params"] or {}), field: NULL if value is None else value}
+            args[f"{group}_params"] = {
+                **(args[f"{group}_params"] or {}),
+                field: NULL if value is None else value,
+            }
         elif not field and key in args:
             args[key] = value
         else:
-            raise ParamsError(f"override {item!r}: no such pipeline parameter or params group "
-                              f"(parameters: {', '.join(sorted(args))})")
+            raise ParamsError(
+                f"override {item!r}: no such pipeline parameter or params group "
+                f"(parameters: {', '.join(sorted(args))})"
+            )
     groups = {name.removesuffix("_params"): value for name, value in args.items() if name.endswith("_params")}
     params_from(**groups)  # raises ParamsError naming the bad key
     return {k: v for k, v in args.items() if v is not None}
@@ -89,8 +94,10 @@ def check_server(host: str) -> None:
 
     if check_backend_version(server_version(host), redact(host)) is None:
         needed = ".".join(map(str, MIN_BACKEND))
-        print(f"warning: {redact(host)} does not report its Kubeflow Pipelines version; this pipeline needs "
-              f"backend {needed} or newer")
+        print(
+            f"warning: {redact(host)} does not report its Kubeflow Pipelines version; this pipeline needs "
+            f"backend {needed} or newer"
+        )
 
 
 def package_images(docs: list[dict]) -> set[str]:
@@ -129,7 +136,9 @@ def package_for_cluster(package: str | os.PathLike, image: str | None, gpu_image
     image = image or os.environ.get("KDPIPE_IMAGE", "").strip() or None
     gpu_image = gpu_image or os.environ.get("KDPIPE_GPU_IMAGE", "").strip() or None
     if image:
-        docs = with_image(docs, check_image_for_cluster(image), gpu_image and check_image_for_cluster(gpu_image))
+        docs = with_image(
+            docs, check_image_for_cluster(image), gpu_image and check_image_for_cluster(gpu_image)
+        )
     for ref in sorted(package_images(docs)):
         check_image_for_cluster(ref)
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,29 +156,51 @@ def with_git_commit(package: str | os.PathLike, arguments: dict[str, Any]) -> di
     return arguments
 
 
-def submit(host: str, package: str | os.PathLike, arguments: dict[str, Any], experiment: str = "kdpipe",
-           run_name: str | None = None, namespace: str | None = None, image: str | None = None,
-           gpu_image: str | None = None) -> str:
+def submit(
+    host: str,
+    package: str | os.PathLike,
+    arguments: dict[str, Any],
+    experiment: str = "kdpipe",
+    run_name: str | None = None,
+    namespace: str | None = None,
+    image: str | None = None,
+    gpu_image: str | None = None,
+) -> str:
     """Create one run of the package on ``image`` (GPU tasks on ``gpu_image``); returns the run id."""
     check_server(host)
     with package_for_cluster(package, image, gpu_image) as sent:
         result = client(host, namespace).create_run_from_pipeline_package(
-            str(sent), arguments=with_git_commit(sent, arguments), run_name=run_name, experiment_name=experiment,
-            namespace=namespace)
+            str(sent),
+            arguments=with_git_commit(sent, arguments),
+            run_name=run_name,
+            experiment_name=experiment,
+            namespace=namespace,
+        )
     return result.run_id
 
 
 def check_cron(cron: str) -> str:
     fields = cron.split()
     if len(fields) != 6:
-        raise ValueError(f"--cron {cron!r}: KFP needs 6 fields (seconds minutes hours day-of-month month "
-                         "day-of-week), e.g. '0 0 3 * * *' for 03:00 every day")
+        raise ValueError(
+            f"--cron {cron!r}: KFP needs 6 fields (seconds minutes hours day-of-month month "
+            "day-of-week), e.g. '0 0 3 * * *' for 03:00 every day"
+        )
     return " ".join(fields)
 
 
-def schedule(host: str, package: str | os.PathLike, arguments: dict[str, Any], name: str, cron: str,
-             experiment: str = "kdpipe", namespace: str | None = None, enable_caching: bool = False,
-             image: str | None = None, gpu_image: str | None = None) -> dict[str, Any]:
+def schedule(
+    host: str,
+    package: str | os.PathLike,
+    arguments: dict[str, Any],
+    name: str,
+    cron: str,
+    experiment: str = "kdpipe",
+    namespace: str | None = None,
+    enable_caching: bool = False,
+    image: str | None = None,
+    gpu_image: str | None = None,
+) -> dict[str, Any]:
     """Create the recurring run ``name`` on ``image``, replacing any recurring run of that name in the
     experiment (KFP has no update call: the old one is deleted, then the new one created).
     One run at a time, no catch-up. Caching is off by default, so each run reads the data anew."""
@@ -178,12 +209,21 @@ def schedule(host: str, package: str | os.PathLike, arguments: dict[str, Any], n
     with package_for_cluster(package, image, gpu_image) as sent:
         kfp_client = client(host, namespace)
         experiment_id = kfp_client.create_experiment(experiment, namespace=namespace).experiment_id
-        by_name = json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]})
+        by_name = json.dumps(
+            {"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]}
+        )
         listed = kfp_client.list_recurring_runs(experiment_id=experiment_id, filter=by_name, page_size=100)
         replaced = [r.recurring_run_id for r in (listed.recurring_runs or []) if r.display_name == name]
         for recurring_run_id in replaced:
             kfp_client.delete_recurring_run(recurring_run_id)
         created = kfp_client.create_recurring_run(
-            experiment_id=experiment_id, job_name=name, cron_expression=cron, max_concurrency=1, no_catchup=True,
-            pipeline_package_path=str(sent), params=with_git_commit(sent, arguments), enable_caching=enable_caching)
+            experiment_id=experiment_id,
+            job_name=name,
+            cron_expression=cron,
+            max_concurrency=1,
+            no_catchup=True,
+            pipeline_package_path=str(sent),
+            params=with_git_commit(sent, arguments),
+            enable_caching=enable_caching,
+        )
     return {"recurring_run_id": created.recurring_run_id, "replaced": replaced, "cron": cron}

@@ -71,7 +71,12 @@ def _load_teacher(teacher_dir, params) -> _Teacher | None:
     model, ckpt = checkpoints.load_model(path)
     runtime = runtime_from_params(params.train)
     model = model.to(runtime.device).eval()
-    meta = {"arch": ckpt["arch"], "input_size": ckpt.get("input_size"), "path": str(path), "inference": "torch"}
+    meta = {
+        "arch": ckpt["arch"],
+        "input_size": ckpt.get("input_size"),
+        "path": str(path),
+        "inference": "torch",
+    }
     return _Teacher(model, runtime, file_sha256(path), meta)
 
 
@@ -97,9 +102,20 @@ def _use_onnxruntime(teacher: _Teacher, choice: str, view_size: int, workdir: Pa
     teacher.meta.update(inference="onnxruntime", parity_max_abs=gap)
 
 
-def _write_sets(images: np.ndarray, small_size: int, kinds: list[str], cfg, gen, teacher: _Teacher | None,
-                views_path: Path, logits_path: Path, num_classes: int, desc: str, device,
-                logits_dtype: str = "float16") -> None:
+def _write_sets(
+    images: np.ndarray,
+    small_size: int,
+    kinds: list[str],
+    cfg,
+    gen,
+    teacher: _Teacher | None,
+    views_path: Path,
+    logits_path: Path,
+    num_classes: int,
+    desc: str,
+    device,
+    logits_dtype: str = "float16",
+) -> None:
     """Augment ``images`` chunk by chunk on ``device`` into ``views_path`` (and the teacher's logits into
     ``logits_path``): memory holds one chunk, whatever the number of images."""
     import torch
@@ -121,16 +137,16 @@ def _write_sets(images: np.ndarray, small_size: int, kinds: list[str], cfg, gen,
         logits_out = allocated_memmap(logits_path, np.dtype(logits_dtype), (n, k, num_classes))
     bar = Progress(n, desc)
     for start in range(0, n, CHUNK):
-        chunk = to_nchw(images[start:start + CHUNK]).to(device)
+        chunk = to_nchw(images[start : start + CHUNK]).to(device)
         for view, kind in enumerate(kinds):
             big = augment(chunk, gen, 1.0 if kind == "strong" else 0.0, cfg)
             small_u8 = shrink(big, small_size).mul(255).round().clamp(0, 255).to(torch.uint8)
-            views_out[start:start + len(chunk), view] = small_u8.permute(0, 2, 3, 1).cpu().numpy()
+            views_out[start : start + len(chunk), view] = small_u8.permute(0, 2, 3, 1).cpu().numpy()
             if logits_out is not None:
                 # The teacher reads the view it is given: the stored uint8 view itself, or (with a
                 # teacher-resolution copy) the same view before it was shrunk for the student.
                 x = big if big.shape[-1] != small_size else small_u8.float().div_(255.0)
-                logits_out[start:start + len(chunk), view] = teacher.logits(x)
+                logits_out[start : start + len(chunk), view] = teacher.logits(x)
         # the pages this chunk read and wrote are in the page cache (written ones go to disk as
         # usual): keeping them mapped would make the resident set grow with N (see mapped.py)
         release(images, views_out, logits_out)
@@ -168,8 +184,12 @@ def stored_views_needed(params) -> bool:
     return recipe_for(params.train).reads_stored_views
 
 
-def run(params, prepared_dir: str | os.PathLike = PREPARED, out_dir: str | os.PathLike = AUGMENTED,
-        teacher_dir: str | os.PathLike | None = TEACHER) -> dict:
+def run(
+    params,
+    prepared_dir: str | os.PathLike = PREPARED,
+    out_dir: str | os.PathLike = AUGMENTED,
+    teacher_dir: str | os.PathLike | None = TEACHER,
+) -> dict:
     from kdpipe.training.augmentation import OPS, AugmentConfig, make_generator
     from kdpipe.training.devices import runtime_from_params
     from kdpipe.training.views import scaled_config, to_nchw
@@ -195,20 +215,38 @@ def run(params, prepared_dir: str | os.PathLike = PREPARED, out_dir: str | os.Pa
                 probe = to_nchw(np.asarray(labeled[:32])).float().div_(255.0)
                 _use_onnxruntime(teacher, ap.teacher_inference, int(labeled.shape[1]), Path(workdir), probe)
         for images, role in ((labeled, "labeled"), (unlabeled, "unlabeled")):
-            _write_sets(images, data.image_size, kinds, work_cfg, gen, teacher, tmp / f"{role}_views.npy",
-                        tmp / f"{role}_logits.npy", data.num_classes, f"augment {role}", device, ap.logits_dtype)
+            _write_sets(
+                images,
+                data.image_size,
+                kinds,
+                work_cfg,
+                gen,
+                teacher,
+                tmp / f"{role}_views.npy",
+                tmp / f"{role}_logits.npy",
+                data.num_classes,
+                f"augment {role}",
+                device,
+                ap.logits_dtype,
+            )
         labeled_views = np.load(tmp / VIEW_FILES[0], mmap_mode="r")
         shown = min(ap.preview_samples, len(labeled_views))
         if shown:
-            contact_sheet(np.asarray(data.train_x[:shown]), np.asarray(labeled_views[:shown]), tmp / "preview.png")
+            contact_sheet(
+                np.asarray(data.train_x[:shown]), np.asarray(labeled_views[:shown]), tmp / "preview.png"
+            )
         files = VIEW_FILES + (LOGIT_FILES if teacher is not None else ())
         policy = {
             **ap.model_dump(exclude=PRESENTATION_ONLY),
             "view_kinds": kinds,
             "ops": list(OPS),
             "weak": {"pad": cfg.pad, "flip": cfg.flip, "crop": "random crop with reflect padding"},
-            "strong": {"num_ops": cfg.num_ops, "magnitude": cfg.magnitude, "erase_prob": cfg.erase_prob,
-                       "views": kinds.count("strong")},
+            "strong": {
+                "num_ops": cfg.num_ops,
+                "magnitude": cfg.magnitude,
+                "erase_prob": cfg.erase_prob,
+                "views": kinds.count("strong"),
+            },
             "made_at": int(labeled.shape[1]),
             "counts": {"labeled": int(len(labeled)), "unlabeled": int(len(unlabeled))},
             "data_version": data.manifest["data_version"],
@@ -219,8 +257,10 @@ def run(params, prepared_dir: str | os.PathLike = PREPARED, out_dir: str | os.Pa
         write_json(tmp / "policy.json", policy)
     record_verified(out_dir, policy["files"])  # just hashed: distill need not read them again
     cached = "with the teacher's logits" if teacher is not None else "without teacher logits (no teacher.pt)"
-    print(f"augment: {len(labeled)} labeled and {len(unlabeled)} unlabeled samples x {ap.views} views "
-          f"({kinds.count('strong')} strong) {cached} -> {out_dir}")
+    print(
+        f"augment: {len(labeled)} labeled and {len(unlabeled)} unlabeled samples x {ap.views} views "
+        f"({kinds.count('strong')} strong) {cached} -> {out_dir}"
+    )
     return policy
 
 
@@ -231,14 +271,19 @@ def _skip(params, data, out_dir: str | os.PathLike) -> dict:
 
     ap = params.augment
     recipe = params.train.recipe
-    policy = {**ap.model_dump(exclude=PRESENTATION_ONLY), "skipped_for_recipe": recipe,
-              "data_version": data.manifest["data_version"], "files": {}}
+    policy = {
+        **ap.model_dump(exclude=PRESENTATION_ONLY),
+        "skipped_for_recipe": recipe,
+        "data_version": data.manifest["data_version"],
+        "files": {},
+    }
     with atomic_dir(out_dir) as tmp:
         shown = min(ap.preview_samples, len(data.train_x))
         if shown:
             originals = np.asarray(data.train_x[:shown])
-            previews = _preview_views(originals, view_kinds(ap.views, ap.p), AugmentConfig.from_params(ap),
-                                      make_generator(ap.seed))
+            previews = _preview_views(
+                originals, view_kinds(ap.views, ap.p), AugmentConfig.from_params(ap), make_generator(ap.seed)
+            )
             contact_sheet(originals, previews, tmp / "preview.png")
         write_json(tmp / "policy.json", policy)
     print(f"augment: recipe '{recipe}' builds its views during training; no views stored -> {out_dir}")
@@ -253,6 +298,8 @@ def _preview_views(originals: np.ndarray, kinds: list[str], cfg, gen) -> np.ndar
     from kdpipe.training.views import to_nchw
 
     x = to_nchw(originals)
-    views = [augment(x, gen, 1.0 if kind == "strong" else 0.0, cfg).mul(255).round().clamp(0, 255).to(torch.uint8)
-             for kind in kinds]
+    views = [
+        augment(x, gen, 1.0 if kind == "strong" else 0.0, cfg).mul(255).round().clamp(0, 255).to(torch.uint8)
+        for kind in kinds
+    ]
     return torch.stack(views, dim=1).permute(0, 1, 3, 4, 2).numpy()

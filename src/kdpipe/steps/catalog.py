@@ -25,8 +25,9 @@ def publish_reports(step: Step, out_dir: str | os.PathLike, reports_dir: str | o
                 shutil.copyfile(source, tmp)
 
 
-def run_step(name: str, params, reports_dir: str | os.PathLike | None = None, track: bool = True,
-             **paths: Any) -> Any:
+def run_step(
+    name: str, params, reports_dir: str | os.PathLike | None = None, track: bool = True, **paths: Any
+) -> Any:
     """Run ``kdpipe.steps.<name>.run(params, **paths)``, then copy its reports to ``reports_dir`` and
     log it to MLflow as a nested run of this execution (unless ``track`` is false or tracking is off
     in the params or the environment). What every front end calls: CLI, Kubeflow components, Python.

@@ -33,8 +33,13 @@ class _RamBudget:
         return copy
 
 
-def training_data(prepared_dir: str | os.PathLike, augmented_dir: str | os.PathLike | None = None,
-                  in_memory: bool = True, teacher_copy: bool = False, unlabeled: bool = True) -> TrainingData:
+def training_data(
+    prepared_dir: str | os.PathLike,
+    augmented_dir: str | os.PathLike | None = None,
+    in_memory: bool = True,
+    teacher_copy: bool = False,
+    unlabeled: bool = True,
+) -> TrainingData:
     """The arrays a trainer samples from.
 
     Arrays are read into RAM up to :data:`IN_MEMORY_LIMIT_BYTES` in all (none with ``in_memory=False``);
@@ -42,7 +47,9 @@ def training_data(prepared_dir: str | os.PathLike, augmented_dir: str | os.PathL
     when the augment step wrote them); ``teacher_copy`` adds prepare's teacher-resolution arrays when
     they exist; ``unlabeled=False`` leaves the unlabeled images out (empty), for a step that does not
     depend on them."""
-    data = load_prepared(prepared_dir, splits=("train", "val", "unlabeled") if unlabeled else ("train", "val"))
+    data = load_prepared(
+        prepared_dir, splits=("train", "val", "unlabeled") if unlabeled else ("train", "val")
+    )
     if not unlabeled:
         data.unlabeled_x = np.zeros((0, *data.train_x.shape[1:]), dtype=np.uint8)
         if data.train_xt is not None:
@@ -68,8 +75,11 @@ def training_data(prepared_dir: str | os.PathLike, augmented_dir: str | os.PathL
         "teacher_unlabeled_x": data.unlabeled_xt if copies else None,
     }
     return TrainingData(
-        class_names=list(data.class_names), image_size=int(data.image_size), train_y=np.asarray(data.train_y),
-        val_y=np.asarray(data.val_y), view_kinds=stored.view_kinds if stored else None,
+        class_names=list(data.class_names),
+        image_size=int(data.image_size),
+        train_y=np.asarray(data.train_y),
+        val_y=np.asarray(data.val_y),
+        view_kinds=stored.view_kinds if stored else None,
         data_version=data.manifest["data_version"],
         **{name: ram.take(array) for name, array in arrays.items()},
     )

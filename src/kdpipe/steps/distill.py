@@ -54,12 +54,22 @@ def check_cached_logits(data, augmented_dir, teacher_dir) -> None:
     cached_by = (policy.get("teacher") or {}).get("sha256")
     teacher_file = Path(teacher_dir) / "teacher.pt"
     if not teacher_file.is_file() or cached_by != file_sha256(teacher_file):
-        raise IntegrityError(f"{augmented_dir}: the stored teacher logits were computed by another teacher than "
-                             f"{teacher_file}; re-run `kdpipe augment` (it runs after `kdpipe teacher`)")
+        raise IntegrityError(
+            f"{augmented_dir}: the stored teacher logits were computed by another teacher than "
+            f"{teacher_file}; re-run `kdpipe augment` (it runs after `kdpipe teacher`)"
+        )
 
 
-def build_trainer(params, prepared_dir=PREPARED, augmented_dir=AUGMENTED, teacher_dir=TEACHER, out_dir=DISTILL,
-                  runtime=None, progress: bool = True, use_cached_logits: bool = True):
+def build_trainer(
+    params,
+    prepared_dir=PREPARED,
+    augmented_dir=AUGMENTED,
+    teacher_dir=TEACHER,
+    out_dir=DISTILL,
+    runtime=None,
+    progress: bool = True,
+    use_cached_logits: bool = True,
+):
     """The configured :class:`kdpipe.training.engine.Trainer` for ``params`` (used by the step and by tests)."""
     from kdpipe.steps.common import training_data
     from kdpipe.training.augmentation import AugmentConfig
@@ -73,16 +83,30 @@ def build_trainer(params, prepared_dir=PREPARED, augmented_dir=AUGMENTED, teache
     runtime = runtime or runtime_from_params(tp)
     stored = recipe.reads_stored_views
     # An online teacher reads prepare's teacher-resolution copy when there is one.
-    data = training_data(prepared_dir, augmented_dir if stored else None,
-                         teacher_copy=recipe.uses_teacher and not stored)
+    data = training_data(
+        prepared_dir, augmented_dir if stored else None, teacher_copy=recipe.uses_teacher and not stored
+    )
     if stored and use_cached_logits:
         check_cached_logits(data, augmented_dir, teacher_dir)
     teacher, teacher_arch = _load_teacher(teacher_dir, recipe.uses_teacher)
     networks = NetworkSpec(tp.student_arch, tp.weights, teacher=teacher, teacher_arch=teacher_arch)
-    run_files = RunFiles(out_dir, fingerprint=_fingerprint(params, prepared_dir, teacher_dir),
-                         desc=f"distill[{tp.recipe}]", progress=progress)
-    return Trainer(recipe, data, LoopConfig.from_train(tp, recipe), Hyper(tp), runtime, networks, run_files,
-                   augment_cfg=AugmentConfig.from_params(params.augment), use_cached_logits=use_cached_logits)
+    run_files = RunFiles(
+        out_dir,
+        fingerprint=_fingerprint(params, prepared_dir, teacher_dir),
+        desc=f"distill[{tp.recipe}]",
+        progress=progress,
+    )
+    return Trainer(
+        recipe,
+        data,
+        LoopConfig.from_train(tp, recipe),
+        Hyper(tp),
+        runtime,
+        networks,
+        run_files,
+        augment_cfg=AugmentConfig.from_params(params.augment),
+        use_cached_logits=use_cached_logits,
+    )
 
 
 def _teacher_warnings(trainer) -> list[str]:
@@ -93,13 +117,20 @@ def _teacher_warnings(trainer) -> list[str]:
     student = trainer.best["student"]["accuracy"]
     if teacher is None or student is None or student <= teacher:
         return []
-    return [f"the student ({student:.1%} on {len(trainer.data.val_y)} validation images) scores above its frozen "
-            f"teacher ({teacher:.1%}): the teacher holds it back; give the teacher more pixels (teacher.image_size), "
-            "more fine-tuning or another pretrained network"]
+    return [
+        f"the student ({student:.1%} on {len(trainer.data.val_y)} validation images) scores above its frozen "
+        f"teacher ({teacher:.1%}): the teacher holds it back; give the teacher more pixels (teacher.image_size), "
+        "more fine-tuning or another pretrained network"
+    ]
 
 
-def run(params, prepared_dir: str | os.PathLike = PREPARED, augmented_dir: str | os.PathLike = AUGMENTED,
-        teacher_dir: str | os.PathLike = TEACHER, out_dir: str | os.PathLike = DISTILL) -> dict:
+def run(
+    params,
+    prepared_dir: str | os.PathLike = PREPARED,
+    augmented_dir: str | os.PathLike = AUGMENTED,
+    teacher_dir: str | os.PathLike = TEACHER,
+    out_dir: str | os.PathLike = DISTILL,
+) -> dict:
     trainer = build_trainer(params, prepared_dir, augmented_dir, teacher_dir, out_dir)
     summary = trainer.run()
     trainer.write_reports()

@@ -23,8 +23,12 @@ from kdpipe.core.layout import EVALUATION, EXPORTED, PREPARED
 from kdpipe.export.onnx import FP32_NAME, INT8_NAME
 
 
-def run(params, export_dir: str | os.PathLike = EXPORTED, prepared_dir: str | os.PathLike = PREPARED,
-        out_dir: str | os.PathLike = EVALUATION) -> dict:
+def run(
+    params,
+    export_dir: str | os.PathLike = EXPORTED,
+    prepared_dir: str | os.PathLike = PREPARED,
+    out_dir: str | os.PathLike = EVALUATION,
+) -> dict:
     """Evaluate every exported model on every configured provider; write the files above; return metrics."""
     from kdpipe.data.prepared import load_prepared
     from kdpipe.export.onnx import check_onnx
@@ -32,8 +36,10 @@ def run(params, export_dir: str | os.PathLike = EXPORTED, prepared_dir: str | os
     cfg = params.evaluate
     data = load_prepared(prepared_dir, splits=("test",))
     if len(data.test_x) == 0:
-        raise KdpipeError(f"{prepared_dir}: the test split is empty; add images under <data root>/test/<class>/ "
-                          "and re-run prepare")
+        raise KdpipeError(
+            f"{prepared_dir}: the test split is empty; add images under <data root>/test/<class>/ "
+            "and re-run prepare"
+        )
     export_dir = Path(export_dir)
     _check_classes(export_dir, data)
     models = [(name, export_dir / name) for name in (FP32_NAME, INT8_NAME) if (export_dir / name).is_file()]
@@ -44,7 +50,10 @@ def run(params, export_dir: str | os.PathLike = EXPORTED, prepared_dir: str | os
 
     labels = np.asarray(data.test_y)
     test_x = np.asarray(data.test_x)
-    results = {name: evaluate_model(path, test_x, labels, data.num_classes, data.image_size, cfg) for name, path in models}
+    results = {
+        name: evaluate_model(path, test_x, labels, data.num_classes, data.image_size, cfg)
+        for name, path in models
+    }
     primary = results[FP32_NAME]
     preds = primary.pop("predictions")
     for res in results.values():
@@ -59,8 +68,10 @@ def run(params, export_dir: str | os.PathLike = EXPORTED, prepared_dir: str | os
         write_json(tmp / "per_class.json", per_class)
         plot_confusion(cm, data.class_names, tmp / "confusion.png")
         write_text(tmp / "report.md", report_markdown(metrics, per_class))
-    print(f"evaluate: accuracy {metrics['accuracy']:.4f} on {len(labels)} test images, "
-          f"p50 {metrics['latency_ms_p50']:.3f} ms -> {out_dir}")
+    print(
+        f"evaluate: accuracy {metrics['accuracy']:.4f} on {len(labels)} test images, "
+        f"p50 {metrics['latency_ms_p50']:.3f} ms -> {out_dir}"
+    )
     return metrics
 
 
@@ -70,11 +81,14 @@ def _check_classes(export_dir: Path, data) -> None:
         return  # older exports: the class count is still checked by the logits' width
     names = read_json(spec_path).get("class_names")
     if names is not None and list(names) != list(data.class_names):
-        raise KdpipeError(f"{spec_path}: model classes {names} differ from the prepared data's {data.class_names}")
+        raise KdpipeError(
+            f"{spec_path}: model classes {names} differ from the prepared data's {data.class_names}"
+        )
 
 
-def evaluate_model(path: Path, images: np.ndarray, labels: np.ndarray, num_classes: int, image_size: int,
-                   cfg) -> dict[str, Any]:
+def evaluate_model(
+    path: Path, images: np.ndarray, labels: np.ndarray, num_classes: int, image_size: int, cfg
+) -> dict[str, Any]:
     """Accuracy, latency and throughput of one ONNX file on each provider of ``cfg.providers``."""
     from kdpipe.export.onnx import accuracy, latency_ms, make_session, run_logits, throughput
 
@@ -84,7 +98,9 @@ def evaluate_model(path: Path, images: np.ndarray, labels: np.ndarray, num_class
         session = make_session(path, [provider], allow_cpu_fallback=cfg.allow_cpu_fallback)
         logits = run_logits(session, images, batch=cfg.throughput_batch)
         if logits.shape[1] != num_classes:
-            raise KdpipeError(f"{path}: the model has {logits.shape[1]} outputs, the data {num_classes} classes")
+            raise KdpipeError(
+                f"{path}: the model has {logits.shape[1]} outputs, the data {num_classes} classes"
+            )
         if predictions is None:
             predictions = logits.argmax(1)
         lat = latency_ms(session, image_size, cfg.latency_runs, batch=1)
@@ -93,11 +109,18 @@ def evaluate_model(path: Path, images: np.ndarray, labels: np.ndarray, num_class
             "accuracy": accuracy(logits, labels),
             "latency_ms": lat,
             # Fewer throughput calls than latency calls: each one is a whole batch.
-            "throughput_ips": throughput(session, image_size, cfg.throughput_batch, max(3, cfg.latency_runs // 5)),
+            "throughput_ips": throughput(
+                session, image_size, cfg.throughput_batch, max(3, cfg.latency_runs // 5)
+            ),
             "throughput_batch": cfg.throughput_batch,
         }
     first = providers[cfg.providers[0]]
-    return {"file": path.name, "accuracy": first["accuracy"], "providers": providers, "predictions": predictions}
+    return {
+        "file": path.name,
+        "accuracy": first["accuracy"],
+        "providers": providers,
+        "predictions": predictions,
+    }
 
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
@@ -117,18 +140,28 @@ def per_class_metrics(cm: np.ndarray, class_names: list[str]) -> list[dict[str, 
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
     return [
-        {"class": name, "precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-         "support": int(actual[i])}
+        {
+            "class": name,
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(actual[i]),
+        }
         for i, name in enumerate(class_names)
     ]
 
 
 def confusion_rows(labels: np.ndarray, preds: np.ndarray, class_names: list[str]) -> list[dict[str, str]]:
     """DVC's confusion template wants one row per sample, with class names (not indices)."""
-    return [{"actual": class_names[int(a)], "predicted": class_names[int(p)]} for a, p in zip(labels, preds, strict=True)]
+    return [
+        {"actual": class_names[int(a)], "predicted": class_names[int(p)]}
+        for a, p in zip(labels, preds, strict=True)
+    ]
 
 
-def _summary(results: dict[str, dict], per_class: list[dict], num_test: int, first_provider: str) -> dict[str, Any]:
+def _summary(
+    results: dict[str, dict], per_class: list[dict], num_test: int, first_provider: str
+) -> dict[str, Any]:
     fp32 = results[FP32_NAME]["providers"][first_provider]
     supported = [row for row in per_class if row["support"] > 0]
     return {
@@ -163,8 +196,15 @@ def plot_confusion(cm: np.ndarray, class_names: list[str], path: Path) -> None:
     threshold = cm.max() / 2 if cm.size else 0
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, str(int(cm[i, j])), ha="center", va="center",
-                    color="white" if cm[i, j] > threshold else "black", fontsize=8)
+            ax.text(
+                j,
+                i,
+                str(int(cm[i, j])),
+                ha="center",
+                va="center",
+                color="white" if cm[i, j] > threshold else "black",
+                fontsize=8,
+            )
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=100)
 
@@ -189,12 +229,21 @@ def report_markdown(metrics: dict[str, Any], per_class: list[dict[str, Any]]) ->
     ]
     for name, res in metrics["models"].items():
         for provider, r in res["providers"].items():
-            lines.append(f"| {name} | {provider} | {', '.join(r['active_providers'])} | {_fmt(r['accuracy'])} | "
-                         f"{_fmt(r['latency_ms']['p50'], 3)} | {_fmt(r['latency_ms']['p95'], 3)} | "
-                         f"{r['throughput_ips']:.0f} (batch {r['throughput_batch']}) |")
-    lines += ["", "## Per class (fp32)", "", "| class | precision | recall | F1 | support |",
-              "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['class']} | {_fmt(r['precision'])} | {_fmt(r['recall'])} | {_fmt(r['f1'])} | {r['support']} |"
-              for r in per_class]
+            lines.append(
+                f"| {name} | {provider} | {', '.join(r['active_providers'])} | {_fmt(r['accuracy'])} | "
+                f"{_fmt(r['latency_ms']['p50'], 3)} | {_fmt(r['latency_ms']['p95'], 3)} | "
+                f"{r['throughput_ips']:.0f} (batch {r['throughput_batch']}) |"
+            )
+    lines += [
+        "",
+        "## Per class (fp32)",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r['class']} | {_fmt(r['precision'])} | {_fmt(r['recall'])} | {_fmt(r['f1'])} | {r['support']} |"
+        for r in per_class
+    ]
     lines += ["", "## Confusion matrix (fp32)", "", "![confusion matrix](confusion.png)", ""]
     return "\n".join(lines)

@@ -24,18 +24,30 @@ from kdpipe.core.errors import KdpipeError
 from kdpipe.core.layout import EXPORTED, PREPARED, SELECTED
 from kdpipe.export.onnx import FP32_NAME, INT8_NAME
 
-QUANTIZATION = {"format": "QDQ", "per_channel": True, "weights": "QInt8", "activations": "QUInt8",
-                "calibrate_method": "MinMax"}
+QUANTIZATION = {
+    "format": "QDQ",
+    "per_channel": True,
+    "weights": "QInt8",
+    "activations": "QUInt8",
+    "calibrate_method": "MinMax",
+}
 _CALIBRATION_BATCH = 32
 
 
-def check_parity(torch_logits: np.ndarray, ort_logits: np.ndarray, max_abs: float, min_agreement: float) -> dict:
+def check_parity(
+    torch_logits: np.ndarray, ort_logits: np.ndarray, max_abs: float, min_agreement: float
+) -> dict:
     """The parity gate as a pure function: gap and top-1 agreement of two logit arrays, and ``passed``."""
     a = np.asarray(torch_logits, dtype=np.float64)
     b = np.asarray(ort_logits, dtype=np.float64)
     if a.shape != b.shape:
-        return {"samples": int(len(a)), "max_abs_diff": None, "top1_agreement": 0.0, "passed": False,
-                "failures": [f"logit shapes differ: {a.shape} vs {b.shape}"]}
+        return {
+            "samples": int(len(a)),
+            "max_abs_diff": None,
+            "top1_agreement": 0.0,
+            "passed": False,
+            "failures": [f"logit shapes differ: {a.shape} vs {b.shape}"],
+        }
     if len(a) == 0:
         raise KdpipeError("parity check needs at least one image")
     gap = float(np.abs(a - b).max())
@@ -45,12 +57,21 @@ def check_parity(torch_logits: np.ndarray, ort_logits: np.ndarray, max_abs: floa
         failures.append(f"max abs logit difference {gap:.3g} > parity_max_abs {max_abs}")
     if agreement < min_agreement:
         failures.append(f"top-1 agreement {agreement:.4f} < parity_min_agreement {min_agreement}")
-    return {"samples": int(len(a)), "max_abs_diff": gap, "top1_agreement": agreement,
-            "passed": not failures, "failures": failures}
+    return {
+        "samples": int(len(a)),
+        "max_abs_diff": gap,
+        "top1_agreement": agreement,
+        "passed": not failures,
+        "failures": failures,
+    }
 
 
-def run(params, selected_dir: str | os.PathLike = SELECTED, prepared_dir: str | os.PathLike = PREPARED,
-        out_dir: str | os.PathLike = EXPORTED) -> dict:
+def run(
+    params,
+    selected_dir: str | os.PathLike = SELECTED,
+    prepared_dir: str | os.PathLike = PREPARED,
+    out_dir: str | os.PathLike = EXPORTED,
+) -> dict:
     """Export, gate, optionally quantize; write the folder described above and return ``parity.json``."""
     from kdpipe.data.prepared import load_prepared
     from kdpipe.training import checkpoints
@@ -66,12 +87,17 @@ def run(params, selected_dir: str | os.PathLike = SELECTED, prepared_dir: str | 
         fp32 = _export_fp32(model, tmp / FP32_NAME, data.image_size, cfg, images)
         fp32["split"] = split
         if not fp32["passed"]:
-            raise KdpipeError(f"{model_path}: ONNX export failed the parity gate on {fp32['samples']} {split} "
-                              f"images: {'; '.join(fp32['failures'])}; nothing was written to {out_dir}")
+            raise KdpipeError(
+                f"{model_path}: ONNX export failed the parity gate on {fp32['samples']} {split} "
+                f"images: {'; '.join(fp32['failures'])}; nothing was written to {out_dir}"
+            )
         int8 = _int8(tmp, data, cfg) if cfg.int8 else {"enabled": False, "shipped": False}
         report = {
-            "thresholds": {"parity_max_abs": cfg.parity_max_abs, "parity_min_agreement": cfg.parity_min_agreement,
-                           "int8_min_agreement": cfg.int8_min_agreement},
+            "thresholds": {
+                "parity_max_abs": cfg.parity_max_abs,
+                "parity_min_agreement": cfg.parity_min_agreement,
+                "int8_min_agreement": cfg.int8_min_agreement,
+            },
             "opset": cfg.opset,
             "fp32": fp32,
             "int8": int8,
@@ -86,7 +112,9 @@ def run(params, selected_dir: str | os.PathLike = SELECTED, prepared_dir: str | 
 
 def _check_compatible(path: Path, ckpt: dict, data) -> None:
     if int(ckpt["image_size"]) != data.image_size:
-        raise KdpipeError(f"{path}: model was built for {ckpt['image_size']}px images, the data is {data.image_size}px")
+        raise KdpipeError(
+            f"{path}: model was built for {ckpt['image_size']}px images, the data is {data.image_size}px"
+        )
     names = ckpt.get("class_names")
     if names and list(names) != list(data.class_names):
         raise KdpipeError(f"{path}: model classes {names} differ from the prepared data's {data.class_names}")
@@ -106,8 +134,9 @@ def _export_fp32(model, path: Path, image_size: int, cfg, images: np.ndarray) ->
 
     export_onnx(model, path, image_size, cfg.opset)
     session = make_session(path, [CPU])
-    return check_parity(torch_logits(model, images), run_logits(session, images),
-                        cfg.parity_max_abs, cfg.parity_min_agreement)
+    return check_parity(
+        torch_logits(model, images), run_logits(session, images), cfg.parity_max_abs, cfg.parity_min_agreement
+    )
 
 
 # ---------------------------------------------------------------- INT8
@@ -116,22 +145,34 @@ def _export_fp32(model, path: Path, image_size: int, cfg, images: np.ndarray) ->
 def _int8(out: Path, data, cfg) -> dict[str, Any]:
     """Quantize ``out/model.onnx`` into ``out/model.int8.onnx`` and judge it against fp32."""
     calib = _calibration_images(data, cfg.calibration_samples)
-    section: dict[str, Any] = {"enabled": True, "quantization": QUANTIZATION, "calibration_split": "train",
-                               "calibration_samples": int(len(calib)), "min_agreement": cfg.int8_min_agreement}
+    section: dict[str, Any] = {
+        "enabled": True,
+        "quantization": QUANTIZATION,
+        "calibration_split": "train",
+        "calibration_samples": int(len(calib)),
+        "min_agreement": cfg.int8_min_agreement,
+    }
     if len(calib) == 0:
         return {**section, "shipped": False, "reason": "no training images to calibrate on"}
     int8_path = out / INT8_NAME
     try:
         quantize_int8(out / FP32_NAME, int8_path, calib)
     except Exception as exc:  # INT8 is optional: a quantizer failure must not block the fp32 model
-        warnings.warn(f"export: INT8 quantization failed, shipping fp32 only: {exc}", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"export: INT8 quantization failed, shipping fp32 only: {exc}", RuntimeWarning, stacklevel=2
+        )
         int8_path.unlink(missing_ok=True)
         return {**section, "shipped": False, "reason": f"quantization failed: {type(exc).__name__}: {exc}"}
     section.update(compare_int8(out / FP32_NAME, int8_path, data))
     if section["top1_agreement"] < cfg.int8_min_agreement:
         int8_path.unlink()
-        section.update(shipped=False, reason=(f"top-1 agreement with fp32 {section['top1_agreement']:.4f} < "
-                                              f"int8_min_agreement {cfg.int8_min_agreement}"))
+        section.update(
+            shipped=False,
+            reason=(
+                f"top-1 agreement with fp32 {section['top1_agreement']:.4f} < "
+                f"int8_min_agreement {cfg.int8_min_agreement}"
+            ),
+        )
     else:
         section.update(shipped=True, reason="agreement with fp32 meets int8_min_agreement")
     return section
@@ -153,9 +194,13 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration_images: np.ndarr
         prepped = Path(work) / "preprocessed.onnx"
         quant_pre_process(str(fp32_path), str(prepped))
         quantize_static(
-            str(prepped), str(int8_path), _calibration_reader(calibration_images),
-            quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            str(prepped),
+            str(int8_path),
+            _calibration_reader(calibration_images),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
         )
 
@@ -174,7 +219,7 @@ def _calibration_reader(images: np.ndarray):
         def get_next(self):
             if self.start >= len(images):
                 return None
-            chunk = images[self.start:self.start + _CALIBRATION_BATCH]
+            chunk = images[self.start : self.start + _CALIBRATION_BATCH]
             self.start += _CALIBRATION_BATCH
             return {INPUT_NAME: to_model_input(chunk)}
 
@@ -225,7 +270,7 @@ def preprocess_spec(data, params) -> dict[str, Any]:
     return {
         "image_size": data.image_size,
         "resize": f"bicubic, whole image to image_size x image_size ({data.image_size}x{data.image_size}), "
-                  "no crop; kdpipe.data.imaging.resize_square",
+        "no crop; kdpipe.data.imaging.resize_square",
         "decode": "kdpipe.data.imaging.decode_image: EXIF orientation applied, alpha over white, RGB",
         "decode_limits": {k: prep[k] for k in ("max_image_pixels", "min_side", "max_aspect_ratio")},
         # prepare decodes a JPEG at a reduced scale no smaller than this (libjpeg DCT scaling); predict

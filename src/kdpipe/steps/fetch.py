@@ -36,8 +36,14 @@ def with_git_credentials(repo: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{userinfo}@{parts.netloc}"))
 
 
-def run(params, out_dir: str | os.PathLike, repo: str, rev: str = "HEAD", remote: str | None = None,
-        remote_config: dict[str, Any] | None = None) -> dict[str, Any]:
+def run(
+    params,
+    out_dir: str | os.PathLike,
+    repo: str,
+    rev: str = "HEAD",
+    remote: str | None = None,
+    remote_config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     from dvc.api import DVCFileSystem
 
     from kdpipe.orchestration.tracking import is_secret_key, redact
@@ -45,16 +51,24 @@ def run(params, out_dir: str | os.PathLike, repo: str, rev: str = "HEAD", remote
     remote_config = dict(remote_config or {})
     secret = sorted(k for k in remote_config if is_secret_key(k) or "password" in k.lower())
     if secret:
-        raise KdpipeError(f"DVC remote settings {secret}: credentials are read from the environment "
-                          "(a Kubernetes secret), never from pipeline parameters")
+        raise KdpipeError(
+            f"DVC remote settings {secret}: credentials are read from the environment "
+            "(a Kubernetes secret), never from pipeline parameters"
+        )
     if not repo:
-        raise KdpipeError("data: no repository given (the git URL or path of the DVC project holding the data)")
+        raise KdpipeError(
+            "data: no repository given (the git URL or path of the DVC project holding the data)"
+        )
     if remote_config and not remote:
         remote = "kdpipe"  # DVC needs a remote name to attach settings to
     root = PurePosixPath(params.data.root).as_posix().strip("/") or "."
     try:
-        fs = DVCFileSystem(with_git_credentials(repo), rev=rev or None, remote=remote or None,
-                           remote_config=remote_config or None)
+        fs = DVCFileSystem(
+            with_git_credentials(repo),
+            rev=rev or None,
+            remote=remote or None,
+            remote_config=remote_config or None,
+        )
         commit = fs.repo.scm.get_rev()
         present = [s for s in SPLITS if fs.isdir(f"{root}/{s}")]
         if "labeled" not in present:
@@ -66,7 +80,8 @@ def run(params, out_dir: str | os.PathLike, repo: str, rev: str = "HEAD", remote
     except KdpipeError:
         raise
     except Exception as exc:  # dvc/scmrepo raise many types; name the source, hide URL credentials
-        raise KdpipeError(f"data: cannot read {root} of {redact(repo)} at {rev!r}: "
-                          f"{redact(str(exc))}") from None
+        raise KdpipeError(
+            f"data: cannot read {root} of {redact(repo)} at {rev!r}: {redact(str(exc))}"
+        ) from None
     print(f"data: {files} files of {root}/ at {redact(repo)}@{rev} ({commit[:12]}) -> {out_dir}")
     return {"repo": redact(repo), "rev": rev, "commit": commit, "files": files, "splits": present}

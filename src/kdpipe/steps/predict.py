@@ -26,8 +26,13 @@ from kdpipe.core.errors import KdpipeError
 SIDECAR = "preprocess.json"
 
 
-def predict(model_path: str | os.PathLike, inputs: Iterable[str | os.PathLike], top_k: int = 3,
-            batch_size: int = 64, provider: str = "CPUExecutionProvider") -> list[dict[str, Any]]:
+def predict(
+    model_path: str | os.PathLike,
+    inputs: Iterable[str | os.PathLike],
+    top_k: int = 3,
+    batch_size: int = 64,
+    provider: str = "CPUExecutionProvider",
+) -> list[dict[str, Any]]:
     """One row per input image: ``{"path", "top1", "p1", ..., "error"}`` (``error`` None when fine)."""
     from kdpipe.export.onnx import make_session
 
@@ -44,7 +49,7 @@ def predict(model_path: str | os.PathLike, inputs: Iterable[str | os.PathLike], 
     k = min(int(top_k), len(names))
     rows: list[dict[str, Any]] = []
     for start in range(0, len(files), int(batch_size)):
-        rows += _predict_batch(session, files[start:start + batch_size], spec, names, k)
+        rows += _predict_batch(session, files[start : start + batch_size], spec, names, k)
     return rows
 
 
@@ -52,8 +57,10 @@ def _check_classes(model_path: Path, session, names: list[str]) -> None:
     """The sidecar must name one class per model output, or every prediction would be mislabelled."""
     outputs = session.get_outputs()[0].shape[-1]
     if isinstance(outputs, int) and outputs != len(names):
-        raise KdpipeError(f"{model_path.parent / SIDECAR}: lists {len(names)} class names but {model_path} "
-                          f"outputs {outputs} classes; re-run the export step")
+        raise KdpipeError(
+            f"{model_path.parent / SIDECAR}: lists {len(names)} class names but {model_path} "
+            f"outputs {outputs} classes; re-run the export step"
+        )
 
 
 def load_spec(model_path: Path) -> dict[str, Any]:
@@ -61,8 +68,10 @@ def load_spec(model_path: Path) -> dict[str, Any]:
     if not model_path.is_file():
         raise KdpipeError(f"{model_path}: model not found; run `kdpipe export` or pass --model")
     if not spec_path.is_file():
-        raise KdpipeError(f"{spec_path}: not found; predict needs the {SIDECAR} that `kdpipe export` writes "
-                          "next to the model (it says how to preprocess images)")
+        raise KdpipeError(
+            f"{spec_path}: not found; predict needs the {SIDECAR} that `kdpipe export` writes "
+            "next to the model (it says how to preprocess images)"
+        )
     try:
         spec = read_json(spec_path)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -74,9 +83,13 @@ def load_spec(model_path: Path) -> dict[str, Any]:
             raise KdpipeError(f"{spec_path}: has no '{key}' entry; re-run the export step")
     size, names = spec["image_size"], spec["class_names"]
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise KdpipeError(f"{spec_path}: image_size must be a positive integer (got {size!r}); re-run the export step")
+        raise KdpipeError(
+            f"{spec_path}: image_size must be a positive integer (got {size!r}); re-run the export step"
+        )
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise KdpipeError(f"{spec_path}: class_names must be a non-empty list of names; re-run the export step")
+        raise KdpipeError(
+            f"{spec_path}: class_names must be a non-empty list of names; re-run the export step"
+        )
     return spec
 
 
@@ -89,8 +102,13 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                     and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+            found = [
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in IMAGE_EXTENSIONS
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            ]
             files += sorted(found)
         elif path.exists():
             files.append(path)
@@ -98,8 +116,10 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
             raise KdpipeError(f"{path}: no such file or folder")
     if not files:
         given = ", ".join(str(i) for i in inputs)
-        raise KdpipeError(f"{given}: no image file found (looked for {' '.join(sorted(IMAGE_EXTENSIONS))}, "
-                          "hidden files skipped); nothing to classify")
+        raise KdpipeError(
+            f"{given}: no image file found (looked for {' '.join(sorted(IMAGE_EXTENSIONS))}, "
+            "hidden files skipped); nothing to classify"
+        )
     return files
 
 
@@ -109,8 +129,13 @@ def _decode(path: Path, spec: dict[str, Any]) -> np.ndarray:
     from kdpipe.data.imaging import decode_image, resize_square
 
     limits = {**PrepareParams().model_dump(), **(spec.get("decode_limits") or {})}
-    rgb = decode_image(path, max_pixels=int(limits["max_image_pixels"]), min_side=int(limits["min_side"]),
-                       max_aspect_ratio=float(limits["max_aspect_ratio"]), draft_size=spec.get("jpeg_draft_size"))
+    rgb = decode_image(
+        path,
+        max_pixels=int(limits["max_image_pixels"]),
+        min_side=int(limits["min_side"]),
+        max_aspect_ratio=float(limits["max_aspect_ratio"]),
+        draft_size=spec.get("jpeg_draft_size"),
+    )
     return resize_square(rgb, int(spec["image_size"]))
 
 

@@ -108,8 +108,11 @@ _SUMMARY_EXAMPLES = 8  # rejected files shown by name in prepare's summary
 
 
 def run(
-    params: Params, data_root: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
-    check: bool = False, reuse: bool = True,
+    params: Params,
+    data_root: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
+    check: bool = False,
+    reuse: bool = True,
 ) -> dict:
     """Run the prepare step; return the manifest (also written to ``<out_dir>/manifest.json``).
 
@@ -143,7 +146,7 @@ def _run(params: Params, root: Path, out: Path, check: bool, reuse: bool) -> dic
     settings = _decode_settings(cfg, teacher_size)
     previous = _Previous.find(out, settings) if reuse else None
     workspace = tempfile.TemporaryDirectory(prefix="kdpipe-prepare-check-") if check else None
-    with (contextlib.nullcontext(Path(workspace.name)) if check else atomic_dir(out)) as tmp:
+    with contextlib.nullcontext(Path(workspace.name)) if check else atomic_dir(out) as tmp:
         ledger = Ledger(tmp / ".ledger.sqlite")
         try:
             manifest = _prepare(params, root, tmp, ledger, settings, previous, check)
@@ -162,8 +165,15 @@ def _run(params: Params, root: Path, out: Path, check: bool, reuse: bool) -> dic
     return manifest
 
 
-def _prepare(params: Params, root: Path, tmp: Path, ledger: Ledger, settings: DecodeSettings,
-             previous: _Previous | None, check: bool) -> dict[str, Any]:
+def _prepare(
+    params: Params,
+    root: Path,
+    tmp: Path,
+    ledger: Ledger,
+    settings: DecodeSettings,
+    previous: _Previous | None,
+    check: bool,
+) -> dict[str, Any]:
     """Scan, decode, de-duplicate, split and (unless ``check``) write the outputs into ``tmp``."""
     cfg = params.prepare
     _scan(root, ledger)
@@ -197,10 +207,14 @@ def _prepare(params: Params, root: Path, tmp: Path, ledger: Ledger, settings: De
 
 def _check_data_root(root: Path) -> None:
     if not root.is_dir():
-        raise DataError(f"{shown(root)}: data root not found (expected a folder with labeled/, unlabeled/, test/)")
+        raise DataError(
+            f"{shown(root)}: data root not found (expected a folder with labeled/, unlabeled/, test/)"
+        )
     labeled_dir = root / "labeled"
     if not labeled_dir.is_dir():
-        raise DataError(f"{shown(labeled_dir)}: folder not found; labeled images go in {shown(labeled_dir)}/<class>/")
+        raise DataError(
+            f"{shown(labeled_dir)}: folder not found; labeled images go in {shown(labeled_dir)}/<class>/"
+        )
 
 
 def _check_out_dir(root: Path, out: Path) -> None:
@@ -260,11 +274,15 @@ def _class_dirs(root: Path, walker: Walker, parent: Path, ledger: Ledger) -> dic
         if entry.is_dir():
             name = unicodedata.normalize("NFC", shown(entry.name))
             if name in dirs:
-                raise DataError(f"{shown(entry)} and {shown(dirs[name])}: two class folders with the same name written "
-                                "in two Unicode forms (composed and decomposed accents); merge them into one")
+                raise DataError(
+                    f"{shown(entry)} and {shown(dirs[name])}: two class folders with the same name written "
+                    "in two Unicode forms (composed and decomposed accents); merge them into one"
+                )
             dirs[name] = entry
         else:
-            ledger.reject(_rel(root, entry), split, "outside_class_folder", f"files must be in {split}/<class>/")
+            ledger.reject(
+                _rel(root, entry), split, "outside_class_folder", f"files must be in {split}/<class>/"
+            )
     return dirs
 
 
@@ -290,13 +308,15 @@ def _optional_test(root: Path, walker: Walker, class_names: list[str], ledger: L
         _add_files(root, walker, path, TEST, class_names.index(name), ledger)
 
 
-def _add_files(root: Path, walker: Walker, folder: Path, source: int, label: int | None, ledger: Ledger) -> None:
+def _add_files(
+    root: Path, walker: Walker, folder: Path, source: int, label: int | None, ledger: Ledger
+) -> None:
     """Image files under ``folder`` at any depth, each real file once; non-image extensions are rejected."""
     split = SOURCE_FOLDERS[source]
     # the walk builds every path as root / ...: cut the prefix off instead of a pathlib call per file
     prefix = os.path.join(os.fspath(root), "")
     for full in walker.file_paths_under(folder):
-        rel = shown(full[len(prefix):]) if full.startswith(prefix) else _rel(root, Path(full))
+        rel = shown(full[len(prefix) :]) if full.startswith(prefix) else _rel(root, Path(full))
         if (problem := extension_problem(full)) is not None:
             ledger.reject(rel, split, "not_an_image", problem)
         else:
@@ -318,12 +338,18 @@ def _teacher_size(params: Params) -> int | None:
 
 
 def _decode_settings(cfg: PrepareParams, teacher_size: int | None) -> DecodeSettings:
-    return DecodeSettings(image_size=cfg.image_size, teacher_size=teacher_size, max_image_pixels=cfg.max_image_pixels,
-                          min_side=cfg.min_side, max_aspect_ratio=cfg.max_aspect_ratio)
+    return DecodeSettings(
+        image_size=cfg.image_size,
+        teacher_size=teacher_size,
+        max_image_pixels=cfg.max_image_pixels,
+        min_side=cfg.min_side,
+        max_aspect_ratio=cfg.max_aspect_ratio,
+    )
 
 
-def _decode_all(root: Path, ledger: Ledger, settings: DecodeSettings, workers: int, tmp: Path,
-                previous: _Previous | None) -> tuple[Path, Path | None]:
+def _decode_all(
+    root: Path, ledger: Ledger, settings: DecodeSettings, workers: int, tmp: Path, previous: _Previous | None
+) -> tuple[Path, Path | None]:
     """Decode and resize every candidate into disk-backed spools (bounded memory, every core); reject
     failures. Files the previous output already holds are only hashed (their rows are copied later),
     or not even read while their remembered hash can be trusted (:func:`input_hashes_path`).
@@ -331,7 +357,9 @@ def _decode_all(root: Path, ledger: Ledger, settings: DecodeSettings, workers: i
     The second spool (teacher resolution) exists only when a teacher-resolution copy may be needed."""
     total = ledger.count()
     spool = Spool.create(tmp / ".spool.npy", total, settings.image_size)
-    teacher_spool = Spool.create(tmp / ".spool_t.npy", total, settings.teacher_size) if settings.teacher_size else None
+    teacher_spool = (
+        Spool.create(tmp / ".spool_t.npy", total, settings.teacher_size) if settings.teacher_size else None
+    )
     remembered = input_hashes_path(root)
     ledger.record_identities()
     ledger.recall_input_hashes(remembered)
@@ -342,10 +370,13 @@ def _decode_all(root: Path, ledger: Ledger, settings: DecodeSettings, workers: i
         ledger.attach_previous(known)
         ledger.reuse_trusted()
     pending = ledger.count(f"state = {PENDING}")
-    outcomes = decode_files(ledger.pending(), pending, settings, spool, teacher_spool, known, worker_count(workers))
+    outcomes = decode_files(
+        ledger.pending(), pending, settings, spool, teacher_spool, known, worker_count(workers)
+    )
     # one iterator for every batch: a new iter() per batch would close the decoding when it is dropped
-    progress = iter(tqdm(outcomes, total=pending, desc="prepare: decoding", unit="img",
-                         disable=not sys.stderr.isatty()))
+    progress = iter(
+        tqdm(outcomes, total=pending, desc="prepare: decoding", unit="img", disable=not sys.stderr.isatty())
+    )
     while batch := list(islice(progress, ledger.chunk)):
         ledger.record_outcomes(batch)
     ledger.remember_input_hashes(remembered)  # rejected files have none: read again
@@ -397,14 +428,17 @@ class _Previous:
 
     def write_rows(self, path: Path) -> None:
         """The previous rows by file sha256, in an SQLite file the decoding workers read."""
-        Ledger.write_previous(path, _rows_file(self._folder / ROWS),
-                              [int(self._manifest["counts"][name]) for name in SPLITS])
+        Ledger.write_previous(
+            path, _rows_file(self._folder / ROWS), [int(self._manifest["counts"][name]) for name in SPLITS]
+        )
 
     def array_files(self, kind: str) -> dict[int, list[Path]]:
         """The previous output's files of each split's ``kind`` array (by split index), in row order
         (its segments, if several); read until the new output replaces them."""
-        return {k: [self._folder / f for f in segment_names(self._manifest, f"{split}_{kind}.npy")]
-                for k, split in enumerate(SPLITS)}
+        return {
+            k: [self._folder / f for f in segment_names(self._manifest, f"{split}_{kind}.npy")]
+            for k, split in enumerate(SPLITS)
+        }
 
     def file_holding(self, origin: tuple[int, int] | None, count: int, kind: str) -> tuple[Path, str] | None:
         """The previous file (and its recorded sha256) that holds exactly ``count`` consecutive rows
@@ -481,19 +515,25 @@ def _drop_near_copies_of_test(ledger: Ledger, pixels: dict[int, list[Path]], siz
     for chunk in ledger.used_chunks(test=False):
         for match in reference.matches(_thumbnail_chunks([chunk], pixels, size)):
             row, split, rel = chunk[match.index][:3]
-            ledger.reject(rel, split, "leakage_with_test",
-                          f"a near-copy of a test image: {tests[match.test][2]} (thumbnails {THUMBNAIL} px apart "
-                          f"by {match.rms:.1f} of 255 RMS; {MAX_RMS:g} or less counts as a copy)")
+            ledger.reject(
+                rel,
+                split,
+                "leakage_with_test",
+                f"a near-copy of a test image: {tests[match.test][2]} (thumbnails {THUMBNAIL} px apart "
+                f"by {match.rms:.1f} of 255 RMS; {MAX_RMS:g} or less counts as a copy)",
+            )
             ledger.drop(row)
 
 
-def _thumbnail_chunks(chunks: Iterable[list[tuple]], pixels: dict[int, list[Path]], size: int) -> Iterator[np.ndarray]:
+def _thumbnail_chunks(
+    chunks: Iterable[list[tuple]], pixels: dict[int, list[Path]], size: int
+) -> Iterator[np.ndarray]:
     """The thumbnails of each chunk of (row, split, rel, origin, origin_row) items, read from where
     their pixels are (this prepare's spool or the previous output)."""
     piece = max(1, 8 * _COPY_BYTES // (size * size * 3))  # rows read at a time: memory stays flat
     for chunk in chunks:
         for start in range(0, len(chunk), piece):
-            yield thumbnails(_gather_rows(pixels, [item[3:5] for item in chunk[start:start + piece]], size))
+            yield thumbnails(_gather_rows(pixels, [item[3:5] for item in chunk[start : start + piece]], size))
 
 
 def _require_each_class(root: Path, ledger: Ledger) -> None:
@@ -585,8 +625,11 @@ ROW_RECORD = np.dtype([("file", "S64"), ("pixel", "S64"), ("larger", "?")])
 
 
 def _write_rows(out: Path, ledger: Ledger) -> None:
-    records = (np.array(chunk, dtype=ROW_RECORD) for k in range(len(SPLITS))
-               for chunk in ledger.out_rows(k, "file_hash, pixel_hash, larger"))
+    records = (
+        np.array(chunk, dtype=ROW_RECORD)
+        for k in range(len(SPLITS))
+        for chunk in ledger.out_rows(k, "file_hash, pixel_hash, larger")
+    )
     _save_column(out / ROWS, ROW_RECORD, sum(ledger.split_counts()), records)
 
 
@@ -598,7 +641,7 @@ def _save_column(path: Path, dtype: np.dtype, count: int, chunks: Iterable[np.nd
     dest = allocated_memmap(path, dtype, (count,))
     at = 0
     for chunk in chunks:
-        dest[at:at + len(chunk)] = chunk
+        dest[at : at + len(chunk)] = chunk
         at += len(chunk)
         release(dest)  # written pages go to the page cache, not this process's resident set
     if at != count:
@@ -607,8 +650,13 @@ def _save_column(path: Path, dtype: np.dtype, count: int, chunks: Iterable[np.nd
     del dest
 
 
-def _save_rows(path: Path, sources: dict[int, list[Path]], origins: Iterable[list[tuple[int, int]]], count: int,
-               size: int) -> None:
+def _save_rows(
+    path: Path,
+    sources: dict[int, list[Path]],
+    origins: Iterable[list[tuple[int, int]]],
+    count: int,
+    size: int,
+) -> None:
     """Write the rows named by ``origins`` (chunks of (source, row); source SPOOL or a previous
     split) as a standard .npy (same bytes as np.save). Neither the output nor the sources are
     mapped: a chunk's rows are read from the source files into a buffer (``preadv``, in file
@@ -641,8 +689,12 @@ def _gather_rows(sources: dict[int, list[Path]], origins: list[tuple[int, int]],
     buffer = np.empty((len(where), size, size, 3), dtype=np.uint8)
     for source in np.unique(where[:, 0]).tolist():
         picked = np.flatnonzero(where[:, 0] == source)
-        _read_rows(joined([np.load(part, mmap_mode="r") for part in sources[source]]), where[picked, 1], picked,
-                   buffer)
+        _read_rows(
+            joined([np.load(part, mmap_mode="r") for part in sources[source]]),
+            where[picked, 1],
+            picked,
+            buffer,
+        )
     return buffer
 
 
@@ -668,6 +720,7 @@ def _write_all(fd: int, data: np.ndarray, offset: int, path: Path) -> None:
 
 def _write_sources(path: Path, ledger: Ledger) -> None:
     """sources.json: {split: [relative path of each row]}, written as it is read (as write_json lays it out)."""
+
     def parts() -> Iterator[str]:
         yield "{"
         for k, split in enumerate(SPLITS):
@@ -681,9 +734,12 @@ def _write_sources(path: Path, ledger: Ledger) -> None:
 
 def _write_rejected(path: Path, ledger: Ledger) -> None:
     """rejected.json: every file not used, sorted by path and reason (as write_json lays it out)."""
+
     def parts() -> Iterator[str]:
         yield "["
-        entries = (textwrap.indent(json.dumps(entry, indent=2), "  ").lstrip() for entry in ledger.rejected_sorted())
+        entries = (
+            textwrap.indent(json.dumps(entry, indent=2), "  ").lstrip() for entry in ledger.rejected_sorted()
+        )
         yield from _json_items(entries, "  ", "\n]")
         yield "\n"
 
@@ -732,14 +788,22 @@ def _counts(ledger: Ledger) -> dict[str, int]:
     return counts
 
 
-def _manifest(out: Path, params: Params, ledger: Ledger, teacher_copy_size: int | None, layout: _Layout,
-              linked: dict[str, str]) -> dict[str, Any]:
+def _manifest(
+    out: Path,
+    params: Params,
+    ledger: Ledger,
+    teacher_copy_size: int | None,
+    layout: _Layout,
+    linked: dict[str, str],
+) -> dict[str, Any]:
     per_class = {name: ledger.class_counts(SPLITS.index(name)) for name in ("train", "val", "test")}
     images = [f[0] for kind in ("x", "xt" if teacher_copy_size else None) if kind for f in layout.files(kind)]
     labels = [name for name in ARRAY_FILES if name.endswith("_y.npy")]
     # a hard-linked file is the previous output's, which passed its integrity check: its hash stands
-    files = {name: linked.get(name) or file_sha256(out / name)
-             for name in sorted((*images, *labels), key=_file_order) + [ROWS, SOURCES, REJECTED]}
+    files = {
+        name: linked.get(name) or file_sha256(out / name)
+        for name in sorted((*images, *labels), key=_file_order) + [ROWS, SOURCES, REJECTED]
+    }
     return {
         "class_names": ledger.class_names,
         "counts": _counts(ledger),
@@ -752,7 +816,10 @@ def _manifest(out: Path, params: Params, ledger: Ledger, teacher_copy_size: int 
         # rows per file of a split kept in several files (kdpipe.data.segments); absent when each split is one file
         **({"segments": layout.segments} if any(len(v) > 1 for v in layout.segments.values()) else {}),
         # workers is left out: it changes how fast, never what (the outputs are the same bytes)
-        "params": {**params.prepare.model_dump(exclude={"workers"}), "teacher_image_size": params.teacher.image_size},
+        "params": {
+            **params.prepare.model_dump(exclude={"workers"}),
+            "teacher_image_size": params.teacher.image_size,
+        },
         "decoding": _decoding_record(_decode_settings(params.prepare, _teacher_size(params))),
         "kdpipe_version": __version__,
     }
@@ -763,8 +830,13 @@ def _manifest(out: Path, params: Params, ledger: Ledger, teacher_copy_size: int 
 SMALL_VALIDATION = 100
 
 
-def summary_lines(manifest: dict[str, Any], reasons: list[tuple[str, int]], examples: list[dict[str, str]],
-                  out: Path | None, val_fraction: float | None = None) -> list[str]:
+def summary_lines(
+    manifest: dict[str, Any],
+    reasons: list[tuple[str, int]],
+    examples: list[dict[str, str]],
+    out: Path | None,
+    val_fraction: float | None = None,
+) -> list[str]:
     """What prepare prints: the classes, the images per split, what was rejected and why (``reasons``:
     (reason, count), most frequent first; ``examples``: the first rejected files, sorted), and a
     warning when the validation split is too small to choose between models."""
@@ -772,38 +844,54 @@ def summary_lines(manifest: dict[str, Any], reasons: list[tuple[str, int]], exam
     names = manifest["class_names"]
     shown_names = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
     where = f" -> {shown(out)}" if out is not None else " (check only: nothing written)"
-    lines = [f"prepare: {len(names)} classes: {shown_names}",
-             f"prepare: {c['train']} train, {c['val']} validation, {c['unlabeled']} unlabeled, {c['test']} test "
-             f"images{where}"]
+    lines = [
+        f"prepare: {len(names)} classes: {shown_names}",
+        f"prepare: {c['train']} train, {c['val']} validation, {c['unlabeled']} unlabeled, {c['test']} test "
+        f"images{where}",
+    ]
     if c["rejected"]:
-        lines.append(f"prepare: {c['rejected']} file(s) not used: "
-                     + ", ".join(f"{n} {reason}" for reason, n in reasons)
-                     + ("" if out is None else f" (all listed in {shown(out / REJECTED)})"))
+        lines.append(
+            f"prepare: {c['rejected']} file(s) not used: "
+            + ", ".join(f"{n} {reason}" for reason, n in reasons)
+            + ("" if out is None else f" (all listed in {shown(out / REJECTED)})")
+        )
         for r in examples:
             lines.append(f"  {r['path']}: {r['reason']} ({r['detail']})")
         if c["rejected"] > len(examples):
             lines.append(f"  ... and {c['rejected'] - len(examples)} more")
     lines += class_lines(manifest, val_fraction)
     if c["val"] == 0 and val_fraction == 0:
-        lines.append("prepare: no validation split (prepare.val_fraction 0): every label trains; the teacher is "
-                     "checked by cross-validation and select ranks the models by agreement with the teacher")
+        lines.append(
+            "prepare: no validation split (prepare.val_fraction 0): every label trains; the teacher is "
+            "checked by cross-validation and select ranks the models by agreement with the teacher"
+        )
     elif c["val"] == 0:
-        lines.append("warning: the validation split is empty (every class has a single labeled image): "
-                     "nothing can pick the best checkpoint or model")
+        lines.append(
+            "warning: the validation split is empty (every class has a single labeled image): "
+            "nothing can pick the best checkpoint or model"
+        )
     elif c["val"] < SMALL_VALIDATION:
         half_width = 100 * 1.96 * (0.25 / c["val"]) ** 0.5
-        lines.append(f"warning: the validation split holds only {c['val']} images: an accuracy measured on it is "
-                     f"uncertain by up to ±{half_width:.0f} points, too coarse to choose between models reliably; "
-                     "label more images, or set prepare.val_fraction=0 to train on every label and check the "
-                     "teacher by cross-validation instead (README, 'Few labels')")
+        lines.append(
+            f"warning: the validation split holds only {c['val']} images: an accuracy measured on it is "
+            f"uncertain by up to ±{half_width:.0f} points, too coarse to choose between models reliably; "
+            "label more images, or set prepare.val_fraction=0 to train on every label and check the "
+            "teacher by cross-validation instead (README, 'Few labels')"
+        )
     return lines
 
 
 def _summary_manifest(params: Params, ledger: Ledger, copy_size: int | None) -> dict[str, Any]:
     """The manifest's counts for ``--check`` (no files, so no hashes)."""
     per_class = {name: ledger.class_counts(SPLITS.index(name)) for name in ("train", "val", "test")}
-    return {"class_names": ledger.class_names, "counts": _counts(ledger), "per_class": per_class,
-            "image_size": params.prepare.image_size, "teacher_image_size": copy_size, "check_only": True}
+    return {
+        "class_names": ledger.class_names,
+        "counts": _counts(ledger),
+        "per_class": per_class,
+        "image_size": params.prepare.image_size,
+        "teacher_image_size": copy_size,
+        "check_only": True,
+    }
 
 
 # A class with fewer labeled images than this gets a warning: too few to learn it from, and (with a
@@ -823,20 +911,31 @@ def class_lines(manifest: dict[str, Any], val_fraction: float | None) -> list[st
     def labeled(name: str) -> int:
         return per_class["train"].get(name, 0) + per_class["val"].get(name, 0)
 
-    shown_names = names if len(names) <= MAX_CLASS_LINES else sorted(names, key=labeled)[:MAX_CLASS_LINES // 2]
+    shown_names = (
+        names if len(names) <= MAX_CLASS_LINES else sorted(names, key=labeled)[: MAX_CLASS_LINES // 2]
+    )
     width = max(len(name) for name in shown_names)
-    lines = ["prepare: images per class (train / validation / test)"
-             + (":" if shown_names is names else f", the {len(shown_names)} smallest of {len(names)} classes:")]
-    lines += [f"  {name:<{width}}  {per_class['train'].get(name, 0):>6} / {per_class['val'].get(name, 0):>6} / "
-              f"{per_class['test'].get(name, 0):>6}" for name in shown_names]
+    lines = [
+        "prepare: images per class (train / validation / test)"
+        + (":" if shown_names is names else f", the {len(shown_names)} smallest of {len(names)} classes:")
+    ]
+    lines += [
+        f"  {name:<{width}}  {per_class['train'].get(name, 0):>6} / {per_class['val'].get(name, 0):>6} / "
+        f"{per_class['test'].get(name, 0):>6}"
+        for name in shown_names
+    ]
     for name in names:
         count, val = labeled(name), per_class["val"].get(name, 0)
         if count >= SMALL_CLASS:
             continue
         if val == 0 and val_fraction != 0:
-            lines.append(f"warning: class '{name}' has {count} labeled image(s): too few to train it, and none is "
-                         "left to validate it; label a few more (the pipeline still runs)")
+            lines.append(
+                f"warning: class '{name}' has {count} labeled image(s): too few to train it, and none is "
+                "left to validate it; label a few more (the pipeline still runs)"
+            )
         else:
-            lines.append(f"warning: class '{name}' has {count} labeled image(s): too few to train it reliably; "
-                         "label a few more (the pipeline still runs)")
+            lines.append(
+                f"warning: class '{name}' has {count} labeled image(s): too few to train it reliably; "
+                "label a few more (the pipeline still runs)"
+            )
     return lines

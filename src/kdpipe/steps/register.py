@@ -53,8 +53,10 @@ def decide_promotion(new_acc: float, champion_acc: float | None, min_improvement
     if gain <= _TOLERANCE:
         return False, f"accuracy {new_acc:.4f} does not beat the champion's {champion_acc:.4f}"
     if gain + _TOLERANCE < min_improvement:
-        return False, (f"accuracy {new_acc:.4f} beats the champion's {champion_acc:.4f} by {gain:.4f}, "
-                       f"less than register.min_improvement={min_improvement}")
+        return False, (
+            f"accuracy {new_acc:.4f} beats the champion's {champion_acc:.4f} by {gain:.4f}, "
+            f"less than register.min_improvement={min_improvement}"
+        )
     return True, f"accuracy {new_acc:.4f} beats the champion's {champion_acc:.4f} by {gain:.4f}"
 
 
@@ -80,7 +82,9 @@ def _read_accuracy(evaluation_dir: Path) -> tuple[dict[str, Any], float]:
     try:
         metrics = read_json(path)
     except OSError as exc:
-        raise KdpipeError(f"{path}: cannot read the evaluation metrics ({exc.strerror}); run `kdpipe evaluate`") from exc
+        raise KdpipeError(
+            f"{path}: cannot read the evaluation metrics ({exc.strerror}); run `kdpipe evaluate`"
+        ) from exc
     accuracy = metrics.get("accuracy") if isinstance(metrics, dict) else None
     if isinstance(accuracy, bool) or not isinstance(accuracy, int | float) or not math.isfinite(accuracy):
         raise KdpipeError(f"{path}: expected a numeric top-level 'accuracy', got {accuracy!r}")
@@ -121,7 +125,9 @@ def promotion_split(prepared_dir: Path) -> PromotionSplit:
     data = load_prepared(prepared_dir, splits=("val", "test"))
     if len(data.val_y):
         return PromotionSplit("validation", data.val_x, data.val_y, list(data.class_names))
-    return PromotionSplit("test (there is no validation split)", data.test_x, data.test_y, list(data.class_names))
+    return PromotionSplit(
+        "test (there is no validation split)", data.test_x, data.test_y, list(data.class_names)
+    )
 
 
 def onnx_accuracy(model_path: Path, split: PromotionSplit) -> float | None:
@@ -147,9 +153,15 @@ def _champion(client, name: str, split: PromotionSplit) -> tuple[Any, float | No
         old, new = json.loads(classes), split.class_names
         added = [c for c in new if c not in old]
         removed = [c for c in old if c not in new]
-        return version, None, (f"the class set changed since champion v{version.version} (added: "
-                               f"{', '.join(added) or 'none'}; removed: {', '.join(removed) or 'none'}; order or "
-                               "names differ otherwise): it cannot be compared, so this version starts a new lineage")
+        return (
+            version,
+            None,
+            (
+                f"the class set changed since champion v{version.version} (added: "
+                f"{', '.join(added) or 'none'}; removed: {', '.join(removed) or 'none'}; order or "
+                "names differ otherwise): it cannot be compared, so this version starts a new lineage"
+            ),
+        )
     try:
         folder = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@{CHAMPION}"))
         return version, onnx_accuracy(folder / "model.onnx", split), None
@@ -168,10 +180,14 @@ def _log_model(model_path: Path, export_dir: Path, model_name: str | None):
     extra = [str(p) for p in [export_dir / "preprocess.json"] if p.is_file()]
     with _without_registry_chatter():
         return mlflow.onnx.log_model(
-            onnx.load(str(model_path)), name="model", registered_model_name=model_name,
+            onnx.load(str(model_path)),
+            name="model",
+            registered_model_name=model_name,
             onnx_execution_providers=execution_providers(distribution),
             pip_requirements=[f"onnx=={onnx.__version__}", f"{distribution}=={ort_version}"],
-            signature=signature, input_example=example, extra_files=extra or None,
+            signature=signature,
+            input_example=example,
+            extra_files=extra or None,
             # One self-contained model.onnx unless protobuf's 2 GB limit forces external tensor data.
             save_as_external_data=model_path.stat().st_size > _EXTERNAL_DATA_BYTES,
         )
@@ -189,13 +205,23 @@ def _without_registry_chatter():
         with contextlib.redirect_stderr(captured):
             yield
     finally:
-        kept = [line for line in captured.getvalue().splitlines(keepends=True)
-                if not line.startswith(_REGISTRY_CHATTER)]
+        kept = [
+            line
+            for line in captured.getvalue().splitlines(keepends=True)
+            if not line.startswith(_REGISTRY_CHATTER)
+        ]
         sys.stderr.write("".join(kept))
 
 
-def _promote(client, name: str, version: str, accuracy: float, split: PromotionSplit, min_improvement: float,
-             allowed: bool = True) -> dict[str, Any]:
+def _promote(
+    client,
+    name: str,
+    version: str,
+    accuracy: float,
+    split: PromotionSplit,
+    min_improvement: float,
+    allowed: bool = True,
+) -> dict[str, Any]:
     """Set ``challenger`` on the new version, move ``champion`` if it wins on the promotion split (and
     ``allowed``: an experiment never promotes); the decision fields."""
     champion, champion_acc, problem = _champion(client, name, split)
@@ -203,8 +229,13 @@ def _promote(client, name: str, version: str, accuracy: float, split: PromotionS
     if champion is not None and problem and problem.startswith("the class set changed"):
         promoted, reason = True, problem
     elif champion is not None and champion_acc is None:
-        promoted, reason = False, (f"champion v{champion.version} could not be scored on the {split.name} split "
-                                   f"({problem}); not replacing a hand-set champion automatically")
+        promoted, reason = (
+            False,
+            (
+                f"champion v{champion.version} could not be scored on the {split.name} split "
+                f"({problem}); not replacing a hand-set champion automatically"
+            ),
+        )
     else:
         promoted, reason = decide_promotion(accuracy, champion_acc, min_improvement)
         if champion_acc is not None:
@@ -215,8 +246,13 @@ def _promote(client, name: str, version: str, accuracy: float, split: PromotionS
         client.set_registered_model_alias(name, CHAMPION, version)
     before = None if champion is None else {"version": str(champion.version), "accuracy": champion_acc}
     after = {"version": version, "accuracy": accuracy} if promoted else before
-    return {"champion_before": before, "champion_after": after, "promoted": promoted, "reason": reason,
-            "promotion_split": {"split": split.name, "images": int(len(split.labels)), "accuracy": accuracy}}
+    return {
+        "champion_before": before,
+        "champion_after": after,
+        "promoted": promoted,
+        "reason": reason,
+        "promotion_split": {"split": split.name, "images": int(len(split.labels)), "accuracy": accuracy},
+    }
 
 
 def _check_model(model_path: Path) -> None:
@@ -240,26 +276,52 @@ def _register(params, export_dir: Path, accuracy: float, split: PromotionSplit) 
     if not params.register.new_version:  # an experiment: the model stays with its run
         _log_model(model_path, export_dir, None)
         champion, _, _ = _champion(mlflow.MlflowClient(), name, split)
-        current = None if champion is None else {"version": str(champion.version),
-                                                 "accuracy": _tag_number(champion, PROMOTION_TAG)}
-        return {"registered": False, "model_name": name, "version": None, "champion_before": current,
-                "champion_after": current, "promoted": False,
-                "reason": "an experiment (register.new_version false): the model is logged with its MLflow run, "
-                          "no registry version",
-                "promotion_split": {"split": split.name, "images": int(len(split.labels)),
-                                    "accuracy": promotion_accuracy}}
+        current = (
+            None
+            if champion is None
+            else {"version": str(champion.version), "accuracy": _tag_number(champion, PROMOTION_TAG)}
+        )
+        return {
+            "registered": False,
+            "model_name": name,
+            "version": None,
+            "champion_before": current,
+            "champion_after": current,
+            "promoted": False,
+            "reason": "an experiment (register.new_version false): the model is logged with its MLflow run, "
+            "no registry version",
+            "promotion_split": {
+                "split": split.name,
+                "images": int(len(split.labels)),
+                "accuracy": promotion_accuracy,
+            },
+        }
     info = _log_model(model_path, export_dir, name)
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
-    tags = {ACCURACY_TAG: repr(accuracy), PROMOTION_TAG: repr(promotion_accuracy),
-            CLASSES_TAG: json.dumps(split.class_names), "data_version": tracking.data_version(params),
-            "git_commit": tracking.git_commit(), "kdpipe_version": __version__}
+    tags = {
+        ACCURACY_TAG: repr(accuracy),
+        PROMOTION_TAG: repr(promotion_accuracy),
+        CLASSES_TAG: json.dumps(split.class_names),
+        "data_version": tracking.data_version(params),
+        "git_commit": tracking.git_commit(),
+        "kdpipe_version": __version__,
+    }
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     mlflow.set_tag("kdpipe.registered_version", version)
     decision = {"registered": True, "model_name": name, "version": version}
-    decision.update(_promote(client, name, version, promotion_accuracy, split, params.register.min_improvement,
-                             params.register.promote))
+    decision.update(
+        _promote(
+            client,
+            name,
+            version,
+            promotion_accuracy,
+            split,
+            params.register.min_improvement,
+            params.register.promote,
+        )
+    )
     return decision
 
 
@@ -271,11 +333,20 @@ def _rejected(name: str, accuracy: float, gate: float) -> dict[str, Any]:
         champion = mlflow.MlflowClient().get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         champion = None
-    current = None if champion is None else {"version": str(champion.version),
-                                             "accuracy": _tag_number(champion, PROMOTION_TAG)}
-    return {"registered": False, "model_name": name, "version": None, "champion_before": current,
-            "champion_after": current, "promoted": False,
-            "reason": f"accuracy {accuracy:.4f} is below register.min_accuracy={gate}"}
+    current = (
+        None
+        if champion is None
+        else {"version": str(champion.version), "accuracy": _tag_number(champion, PROMOTION_TAG)}
+    )
+    return {
+        "registered": False,
+        "model_name": name,
+        "version": None,
+        "champion_before": current,
+        "champion_after": current,
+        "promoted": False,
+        "reason": f"accuracy {accuracy:.4f} is below register.min_accuracy={gate}",
+    }
 
 
 def _tag_number(version, tag: str) -> float | None:
@@ -285,8 +356,13 @@ def _tag_number(version, tag: str) -> float | None:
         return None
 
 
-def run(params, export_dir: str | os.PathLike = EXPORTED, evaluation_dir: str | os.PathLike = EVALUATION,
-        prepared_dir: str | os.PathLike = PREPARED, out_dir: str | os.PathLike = REGISTERED) -> dict[str, Any] | None:
+def run(
+    params,
+    export_dir: str | os.PathLike = EXPORTED,
+    evaluation_dir: str | os.PathLike = EVALUATION,
+    prepared_dir: str | os.PathLike = PREPARED,
+    out_dir: str | os.PathLike = REGISTERED,
+) -> dict[str, Any] | None:
     """Gate, register, promote; writes and returns the decision (``None`` on non-zero DDP ranks)."""
     if not tracking.is_main_rank():
         return None
@@ -304,10 +380,21 @@ def run(params, export_dir: str | os.PathLike = EXPORTED, evaluation_dir: str | 
         tracking.log_params_flat(params)
         with tracking.step_run("register", params):
             tracking.log_metrics_flat(metrics)
-            tracking.log_artifacts([evaluation_dir / n for n in ("metrics.json", "report.md", "confusion.png",
-                                                                 "confusion.json")], artifact_path="evaluation")
-            tracking.log_artifacts([export_dir / n for n in ("parity.json", "preprocess.json", "model.int8.onnx")
-                                    if (export_dir / n).exists()], artifact_path="export")
+            tracking.log_artifacts(
+                [
+                    evaluation_dir / n
+                    for n in ("metrics.json", "report.md", "confusion.png", "confusion.json")
+                ],
+                artifact_path="evaluation",
+            )
+            tracking.log_artifacts(
+                [
+                    export_dir / n
+                    for n in ("parity.json", "preprocess.json", "model.int8.onnx")
+                    if (export_dir / n).exists()
+                ],
+                artifact_path="export",
+            )
             if accuracy < gate:
                 decision = _rejected(params.register.model_name, accuracy, gate)
             else:

@@ -29,8 +29,13 @@ CHAMPION_NOT_CONFIGURED = "not configured (no model registry is available to the
 LATENCY_THREADS = 1  # the budget is per core: one onnxruntime thread, as a server runs one model per core
 
 
-def run(params, distill_dir: str | os.PathLike = DISTILL, teacher_dir: str | os.PathLike | None = TEACHER,
-        prepared_dir: str | os.PathLike = PREPARED, out_dir: str | os.PathLike = SELECTED) -> dict:
+def run(
+    params,
+    distill_dir: str | os.PathLike = DISTILL,
+    teacher_dir: str | os.PathLike | None = TEACHER,
+    prepared_dir: str | os.PathLike = PREPARED,
+    out_dir: str | os.PathLike = SELECTED,
+) -> dict:
     """Measure the candidates, choose one, write ``model.pt``, ``selection.json`` and the frontier;
     return the selection. ``teacher_dir`` None: the teacher step's model does not compete."""
     from kdpipe.data.prepared import load_prepared
@@ -51,8 +56,11 @@ def run(params, distill_dir: str | os.PathLike = DISTILL, teacher_dir: str | os.
     chosen, reason, comparisons = _prefer_smaller_on_a_statistical_tie(chosen, reason, candidates)
     for cand in candidates:
         cand.pop("_correct", None)
-    reason += "".join(f"; {c['name']} ({c['arch']}) left out: {_violations(c, limits)}"
-                      for c in candidates if not all(c["meets"].values()) and c is not chosen)
+    reason += "".join(
+        f"; {c['name']} ({c['arch']}) left out: {_violations(c, limits)}"
+        for c in candidates
+        if not all(c["meets"].values()) and c is not chosen
+    )
     reason += "".join(f"; {e['name']} not a candidate: {e['reason']}" for e in excluded)
     selection = {
         "candidates": candidates,
@@ -71,8 +79,10 @@ def run(params, distill_dir: str | os.PathLike = DISTILL, teacher_dir: str | os.
         write_json(tmp / "frontier.json", frontier)
         plot_frontier(frontier, limits, tmp / "frontier.png")
     print(f"select: chose {chosen['name']} ({reason})")
-    print(f"select: accuracy against latency of every candidate -> {Path(out_dir) / 'frontier.png'} "
-          "(dvc plots show; make report renders it offline)")
+    print(
+        f"select: accuracy against latency of every candidate -> {Path(out_dir) / 'frontier.png'} "
+        "(dvc plots show; make report renders it offline)"
+    )
     return selection
 
 
@@ -87,8 +97,10 @@ def _score_by_teacher_agreement(candidates: list[dict], teacher_dir, prepared_di
 
     reference = None if teacher_dir is None else Path(teacher_dir) / "teacher.pt"
     if reference is None or not reference.is_file():
-        raise KdpipeError("select: there is no validation split (prepare.val_fraction 0) and no teacher to rank the "
-                          f"candidates against ({reference}); run the teacher step, or keep a validation split")
+        raise KdpipeError(
+            "select: there is no validation split (prepare.val_fraction 0) and no teacher to rank the "
+            f"candidates against ({reference}); run the teacher step, or keep a validation split"
+        )
     data = load_prepared(prepared_dir, splits=("unlabeled", "train"))
     images = data.unlabeled_x if len(data.unlabeled_x) else data.train_x
     images = np.asarray(images[:limit])
@@ -97,17 +109,29 @@ def _score_by_teacher_agreement(candidates: list[dict], teacher_dir, prepared_di
     what = f"agreement with the teacher on {len(images)} {'unlabeled' if len(data.unlabeled_x) else 'training'} images"
     for cand in candidates:
         model, _ = checkpoints.load_model(cand["path"])
-        agreement = float((torch_logits(model, images).argmax(axis=1) == answers).mean()) if len(images) else None
+        agreement = (
+            float((torch_logits(model, images).argmax(axis=1) == answers).mean()) if len(images) else None
+        )
         cand.update(teacher_agreement=agreement, score=agreement, score_by=what)
 
 
 def frontier_rows(candidates: list[dict], chosen: dict) -> list[dict[str, Any]]:
     """One row per candidate, as the DVC plot and the report draw them: accuracy (or, without a
     validation split, agreement with the teacher) against latency."""
-    return [{"name": c["name"], "arch": c["arch"], "accuracy": c.get("score"), "measured_as": c.get("score_by"),
-             "val_accuracy": c["val_accuracy"], "latency_ms": round(c["latency_ms_p50"], 4),
-             "parameters": c["parameters"], "within_budget": all(c["meets"].values()), "shipped": c is chosen}
-            for c in candidates]
+    return [
+        {
+            "name": c["name"],
+            "arch": c["arch"],
+            "accuracy": c.get("score"),
+            "measured_as": c.get("score_by"),
+            "val_accuracy": c["val_accuracy"],
+            "latency_ms": round(c["latency_ms_p50"], 4),
+            "parameters": c["parameters"],
+            "within_budget": all(c["meets"].values()),
+            "shipped": c is chosen,
+        }
+        for c in candidates
+    ]
 
 
 def plot_frontier(rows: list[dict[str, Any]], limits: dict, path: Path) -> None:
@@ -123,16 +147,36 @@ def plot_frontier(rows: list[dict[str, Any]], limits: dict, path: Path) -> None:
     budget = limits.get("max_latency_ms")
     for row in rows:
         accuracy = row["accuracy"] if row["accuracy"] is not None else float("nan")
-        ax.scatter([row["latency_ms"]], [accuracy], s=50, zorder=3,
-                   color="tab:blue" if row["within_budget"] else "tab:gray")
-        ax.annotate(f"{row['name']}\n{row['arch']}, {row['parameters'] / 1e6:.2g}M params",
-                    (row["latency_ms"], accuracy), textcoords="offset points", xytext=(8, -4), fontsize=8,
-                    va="top")
+        ax.scatter(
+            [row["latency_ms"]],
+            [accuracy],
+            s=50,
+            zorder=3,
+            color="tab:blue" if row["within_budget"] else "tab:gray",
+        )
+        ax.annotate(
+            f"{row['name']}\n{row['arch']}, {row['parameters'] / 1e6:.2g}M params",
+            (row["latency_ms"], accuracy),
+            textcoords="offset points",
+            xytext=(8, -4),
+            fontsize=8,
+            va="top",
+        )
         if row["shipped"]:
-            ax.scatter([row["latency_ms"]], [accuracy], s=260, facecolors="none", edgecolors="tab:red",
-                       linewidths=2, zorder=4, label="shipped")
+            ax.scatter(
+                [row["latency_ms"]],
+                [accuracy],
+                s=260,
+                facecolors="none",
+                edgecolors="tab:red",
+                linewidths=2,
+                zorder=4,
+                label="shipped",
+            )
     if budget is not None:
-        ax.axvline(budget, color="tab:red", linestyle="--", linewidth=1, label=f"latency budget ({budget:g} ms)")
+        ax.axvline(
+            budget, color="tab:red", linestyle="--", linewidth=1, label=f"latency budget ({budget:g} ms)"
+        )
     right = max([row["latency_ms"] for row in rows] + ([budget] if budget is not None else []))
     ax.set_xlim(0, right * 1.35)
     if scores:
@@ -145,6 +189,7 @@ def plot_frontier(rows: list[dict[str, Any]], limits: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, format="png")
 
+
 def paired_difference(a: list[bool], b: list[bool]) -> dict[str, Any]:
     """Accuracy of ``a`` minus accuracy of ``b`` on the same images, with its 95% interval (normal
     approximation of the paired differences): how sure the validation split is about the order."""
@@ -155,8 +200,12 @@ def paired_difference(a: list[bool], b: list[bool]) -> dict[str, Any]:
     half = 1.96 * math.sqrt(var / n) if n > 1 else float("inf")
     # With no disagreement at all the interval would be 0: one more disagreement is the resolution.
     half = max(half, 1.0 / n)
-    return {"validation_images": n, "difference": mean, "ci95": [mean - half, mean + half],
-            "resolved": abs(mean) > half}
+    return {
+        "validation_images": n,
+        "difference": mean,
+        "ci95": [mean - half, mean + half],
+        "resolved": abs(mean) > half,
+    }
 
 
 def _prefer_smaller_on_a_statistical_tie(chosen: dict, reason: str, candidates: list[dict]):
@@ -168,18 +217,26 @@ def _prefer_smaller_on_a_statistical_tie(chosen: dict, reason: str, candidates: 
     for other in fitting:
         if not chosen["_correct"]:
             break
-        cmp = {"a": chosen["name"], "b": other["name"], **paired_difference(chosen["_correct"], other["_correct"])}
+        cmp = {
+            "a": chosen["name"],
+            "b": other["name"],
+            **paired_difference(chosen["_correct"], other["_correct"]),
+        }
         comparisons.append(cmp)
         if not cmp["resolved"] and other["parameters"] < chosen["parameters"]:
             lo, hi = cmp["ci95"]
-            reason = (f"{other['name']} is smaller and its validation accuracy ({_fmt_acc(other)}) is not resolvably "
-                      f"below {chosen['name']}'s ({_fmt_acc(chosen)}): on {cmp['validation_images']} validation images "
-                      f"the difference {cmp['difference']:+.3f} lies within its 95% interval [{lo:+.3f}, {hi:+.3f}]")
+            reason = (
+                f"{other['name']} is smaller and its validation accuracy ({_fmt_acc(other)}) is not resolvably "
+                f"below {chosen['name']}'s ({_fmt_acc(chosen)}): on {cmp['validation_images']} validation images "
+                f"the difference {cmp['difference']:+.3f} lies within its 95% interval [{lo:+.3f}, {hi:+.3f}]"
+            )
             return other, reason, comparisons
     return chosen, reason, comparisons
 
 
-def _candidate_paths(distill_dir: Path, teacher_dir: Path | None) -> tuple[list[tuple[str, Path]], list[dict[str, str]]]:
+def _candidate_paths(
+    distill_dir: Path, teacher_dir: Path | None
+) -> tuple[list[tuple[str, Path]], list[dict[str, str]]]:
     """``([(name, path)...], [{"name", "path", "reason"}...])``: the candidates, and the files left out."""
     from kdpipe.training import checkpoints
 
@@ -192,13 +249,20 @@ def _candidate_paths(distill_dir: Path, teacher_dir: Path | None) -> tuple[list[
             continue
         meta = checkpoints.load(path).get("meta") or {}
         if name != "student" and not meta.get("trained_in_run"):
-            excluded.append({"name": name, "path": str(path),
-                             "reason": "an input teacher that this pipeline did not train (teacher.checkpoint): "
-                                       "only models trained here compete"})
+            excluded.append(
+                {
+                    "name": name,
+                    "path": str(path),
+                    "reason": "an input teacher that this pipeline did not train (teacher.checkpoint): "
+                    "only models trained here compete",
+                }
+            )
             continue
         found.append((name, path))
     if not any(name == "student" for name, _ in found):
-        raise KdpipeError(f"{distill_dir / 'student.pt'}: not found; run the distill step first (`kdpipe distill`)")
+        raise KdpipeError(
+            f"{distill_dir / 'student.pt'}: not found; run the distill step first (`kdpipe distill`)"
+        )
     return found, excluded
 
 
@@ -235,7 +299,9 @@ def _check_compatible(path: Path, ckpt: dict, data) -> None:
     if names and list(names) != list(data.class_names):
         raise KdpipeError(f"{path}: model classes {names} differ from the prepared data's {data.class_names}")
     if int(ckpt["num_classes"]) != data.num_classes:
-        raise KdpipeError(f"{path}: model has {ckpt['num_classes']} classes, the prepared data {data.num_classes}")
+        raise KdpipeError(
+            f"{path}: model has {ckpt['num_classes']} classes, the prepared data {data.num_classes}"
+        )
 
 
 def _latency_p50(model, image_size: int, runs: int, opset: int) -> float:
@@ -252,7 +318,8 @@ def _meets(cand: dict, limits: dict) -> dict[str, bool]:
     """Per limit, whether the candidate keeps it (an unset limit always is)."""
     return {
         "max_params": limits["max_params"] is None or cand["parameters"] <= limits["max_params"],
-        "max_latency_ms": limits["max_latency_ms"] is None or cand["latency_ms_p50"] <= limits["max_latency_ms"],
+        "max_latency_ms": limits["max_latency_ms"] is None
+        or cand["latency_ms_p50"] <= limits["max_latency_ms"],
     }
 
 
@@ -274,7 +341,10 @@ def choose(candidates: list[dict], limits: dict, fallback_fastest: bool) -> tupl
             "select.max_latency_ms, or set select.fallback_fastest=true"
         )
     fastest = min(candidates, key=lambda c: (c["latency_ms_p50"], c["parameters"]))
-    return fastest, f"no candidate meets the limits ({broken}); select.fallback_fastest took the lowest latency"
+    return (
+        fastest,
+        f"no candidate meets the limits ({broken}); select.fallback_fastest took the lowest latency",
+    )
 
 
 def _acc(cand: dict) -> float:
@@ -294,5 +364,7 @@ def _violations(cand: dict, limits: dict) -> str:
     if not cand["meets"]["max_params"]:
         parts.append(f"parameters {cand['parameters']} > max_params {limits['max_params']}")
     if not cand["meets"]["max_latency_ms"]:
-        parts.append(f"latency p50 {cand['latency_ms_p50']:.3f} ms > max_latency_ms {limits['max_latency_ms']}")
+        parts.append(
+            f"latency p50 {cand['latency_ms_p50']:.3f} ms > max_latency_ms {limits['max_latency_ms']}"
+        )
     return ", ".join(parts) or "meets both limits"

@@ -32,12 +32,21 @@ def _adopt(params, data, out: Path, runtime) -> dict:
     path = params.teacher.checkpoint
     model, ckpt = checkpoints.load_model(path)
     if list(ckpt.get("class_names") or data.class_names) != data.class_names:
-        raise KdpipeError(f"{path}: teacher classes {ckpt.get('class_names')} differ from the data's {data.class_names}")
+        raise KdpipeError(
+            f"{path}: teacher classes {ckpt.get('class_names')} differ from the data's {data.class_names}"
+        )
     if ckpt["num_classes"] != len(data.class_names):
-        raise KdpipeError(f"{path}: teacher has {ckpt['num_classes']} classes, the data {len(data.class_names)}")
+        raise KdpipeError(
+            f"{path}: teacher has {ckpt['num_classes']} classes, the data {len(data.class_names)}"
+        )
     acc = accuracy(predict_logits(model.to(runtime.device), data.val_x, runtime), data.val_y)
-    ckpt["meta"] = {**ckpt.get("meta", {}), "val_accuracy": acc, "role": "teacher", "source": "teacher.checkpoint",
-                    "trained_in_run": False}
+    ckpt["meta"] = {
+        **ckpt.get("meta", {}),
+        "val_accuracy": acc,
+        "role": "teacher",
+        "source": "teacher.checkpoint",
+        "trained_in_run": False,
+    }
     ckpt["class_names"] = data.class_names
     checkpoints.save(ckpt, out / "teacher.pt")
     summary = {"trained": False, "source": str(path), "val_accuracy": acc}
@@ -59,9 +68,15 @@ def fine_tuning_data(data):
 
     if data.teacher_train_x is None:
         return data
-    return replace(data, train_x=data.teacher_train_x, val_x=data.teacher_val_x,
-                   unlabeled_x=data.teacher_unlabeled_x, teacher_train_x=None, teacher_val_x=None,
-                   teacher_unlabeled_x=None)
+    return replace(
+        data,
+        train_x=data.teacher_train_x,
+        val_x=data.teacher_val_x,
+        unlabeled_x=data.teacher_unlabeled_x,
+        teacher_train_x=None,
+        teacher_val_x=None,
+        teacher_unlabeled_x=None,
+    )
 
 
 def fine_tuning_iterations(tp, labeled: int) -> int:
@@ -78,8 +93,13 @@ def build_network(params, data):
     from kdpipe.training.models import build_model
 
     tp = params.teacher
-    return build_model(tp.arch, len(data.class_names), data.image_size, tp.weights,
-                       input_size=teacher_resolution(params, data.image_size))
+    return build_model(
+        tp.arch,
+        len(data.class_names),
+        data.image_size,
+        tp.weights,
+        input_size=teacher_resolution(params, data.image_size),
+    )
 
 
 def build_trainer(params, data, out_dir, runtime, model=None):
@@ -93,16 +113,35 @@ def build_trainer(params, data, out_dir, runtime, model=None):
 
     tp = params.teacher
     tuned = fine_tuning_data(data)
-    networks = NetworkSpec(tp.arch, tp.weights, student_input_size=teacher_resolution(params, data.image_size),
-                           student_model=model)
-    run_files = RunFiles(out_dir, best_names={"student": "teacher.pt"},
-                         report_names={"val_acc_student": "val_acc_teacher"},
-                         fingerprint={"step": "teacher", "teacher": tp.model_dump(),
-                                      "augment": params.augment.model_dump(), "data_version": data.data_version},
-                         desc="teacher")
+    networks = NetworkSpec(
+        tp.arch,
+        tp.weights,
+        student_input_size=teacher_resolution(params, data.image_size),
+        student_model=model,
+    )
+    run_files = RunFiles(
+        out_dir,
+        best_names={"student": "teacher.pt"},
+        report_names={"val_acc_student": "val_acc_teacher"},
+        fingerprint={
+            "step": "teacher",
+            "teacher": tp.model_dump(),
+            "augment": params.augment.model_dump(),
+            "data_version": data.data_version,
+        },
+        desc="teacher",
+    )
     loop = LoopConfig.from_teacher(tp, fine_tuning_iterations(tp, len(tuned.train_x)))
-    return Trainer(build_recipe("supervised"), tuned, loop, Hyper(label_smoothing=tp.label_smoothing), runtime,
-                   networks, run_files, augment_cfg=AugmentConfig.from_params(params.augment))
+    return Trainer(
+        build_recipe("supervised"),
+        tuned,
+        loop,
+        Hyper(label_smoothing=tp.label_smoothing),
+        runtime,
+        networks,
+        run_files,
+        augment_cfg=AugmentConfig.from_params(params.augment),
+    )
 
 
 def linear_probe(params, data, model, runtime):
@@ -113,8 +152,18 @@ def linear_probe(params, data, model, runtime):
 
     tp = params.teacher
     tuned = fine_tuning_data(data)
-    probe = fit_probe(model.to(runtime.device), tuned.train_x, tuned.train_y, tuned.val_x, tuned.val_y,
-                      len(data.class_names), runtime, flip=params.augment.flip, folds=tp.probe_folds, seed=tp.seed)
+    probe = fit_probe(
+        model.to(runtime.device),
+        tuned.train_x,
+        tuned.train_y,
+        tuned.val_x,
+        tuned.val_y,
+        len(data.class_names),
+        runtime,
+        flip=params.augment.flip,
+        folds=tp.probe_folds,
+        seed=tp.seed,
+    )
     probe_model = copy.deepcopy(model).cpu()
     install(probe_model, probe)
     if tp.head_from_probe:
@@ -126,10 +175,17 @@ def _save_probe_as_teacher(model, data, probe, out: Path) -> None:
     """The probe's network (pretrained backbone untouched, fitted head) as the step's teacher.pt."""
     from kdpipe.training.models import count_parameters
 
-    meta = {"val_accuracy": probe.val_accuracy, "iteration": 0, "role": "teacher", "recipe": "linear probe",
-            "parameters": count_parameters(model), "trained_in_run": True}
-    ckpt = checkpoints.model_checkpoint(model, model.arch, len(data.class_names), data.image_size,
-                                        data.class_names, meta)
+    meta = {
+        "val_accuracy": probe.val_accuracy,
+        "iteration": 0,
+        "role": "teacher",
+        "recipe": "linear probe",
+        "parameters": count_parameters(model),
+        "trained_in_run": True,
+    }
+    ckpt = checkpoints.model_checkpoint(
+        model, model.arch, len(data.class_names), data.image_size, data.class_names, meta
+    )
     checkpoints.save(ckpt, out / "teacher.pt")
 
 
@@ -138,8 +194,10 @@ def noisy_supervised_recipe():
     the noise of a Noisy Student round, where the teacher relearns from its own pseudo-labels."""
     from kdpipe.training.recipes import CE, Method, compose
 
-    return compose("supervised (strong views)", Method("supervised learning on strong views", terms=(CE,),
-                                                       view_plan="any"))
+    return compose(
+        "supervised (strong views)",
+        Method("supervised learning on strong views", terms=(CE,), view_plan="any"),
+    )
 
 
 def fast_logits(model, images: np.ndarray, runtime, opset: int = 17) -> np.ndarray:
@@ -174,8 +232,12 @@ def pseudo_labels(model, data, runtime, threshold: float, limit: int) -> tuple[n
     rows = rows[np.argsort(-confidence[rows], kind="stable")][:limit]
     rows.sort()  # file order: the gather reads forward
     counts = np.bincount(labels[rows], minlength=len(data.class_names))
-    summary = {"unlabeled": int(len(labels)), "pseudo_labeled": int(len(rows)), "threshold": threshold,
-               "per_class": {name: int(n) for name, n in zip(data.class_names, counts, strict=True)}}
+    summary = {
+        "unlabeled": int(len(labels)),
+        "pseudo_labeled": int(len(rows)),
+        "threshold": threshold,
+        "per_class": {name: int(n) for name, n in zip(data.class_names, counts, strict=True)},
+    }
     return rows, labels[rows].astype(np.int64), summary
 
 
@@ -197,23 +259,52 @@ def unlabeled_round(params, data, model, runtime, out: Path, index: int):
     if not len(rows):
         return None, summary
     images = np.concatenate([np.asarray(tuned.train_x), np.asarray(tuned.unlabeled_x[rows])])
-    round_data = replace(tuned, train_x=images, train_y=np.concatenate([np.asarray(tuned.train_y), labels]),
-                         unlabeled_x=tuned.unlabeled_x[:0])
-    iterations = max(1, min(int(tp.max_iterations), math.ceil(tp.unlabeled_epochs * len(images) / tp.batch_size)))
+    round_data = replace(
+        tuned,
+        train_x=images,
+        train_y=np.concatenate([np.asarray(tuned.train_y), labels]),
+        unlabeled_x=tuned.unlabeled_x[:0],
+    )
+    iterations = max(
+        1, min(int(tp.max_iterations), math.ceil(tp.unlabeled_epochs * len(images) / tp.batch_size))
+    )
     loop = LoopConfig.from_teacher(tp, iterations)
-    networks = NetworkSpec(tp.arch, tp.weights, student_input_size=teacher_resolution(params, data.image_size),
-                           student_model=model)
-    run_files = RunFiles(out / f"round-{index}", best_names={"student": "teacher.pt"},
-                         report_names={"val_acc_student": "val_acc_teacher"},
-                         fingerprint={"step": "teacher", "round": index, "teacher": tp.model_dump(),
-                                      "augment": params.augment.model_dump(), "data_version": data.data_version},
-                         desc=f"teacher round {index}")
-    trainer = Trainer(noisy_supervised_recipe(), round_data, loop, Hyper(label_smoothing=tp.label_smoothing), runtime,
-                      networks, run_files, augment_cfg=AugmentConfig.from_params(params.augment))
+    networks = NetworkSpec(
+        tp.arch,
+        tp.weights,
+        student_input_size=teacher_resolution(params, data.image_size),
+        student_model=model,
+    )
+    run_files = RunFiles(
+        out / f"round-{index}",
+        best_names={"student": "teacher.pt"},
+        report_names={"val_acc_student": "val_acc_teacher"},
+        fingerprint={
+            "step": "teacher",
+            "round": index,
+            "teacher": tp.model_dump(),
+            "augment": params.augment.model_dump(),
+            "data_version": data.data_version,
+        },
+        desc=f"teacher round {index}",
+    )
+    trainer = Trainer(
+        noisy_supervised_recipe(),
+        round_data,
+        loop,
+        Hyper(label_smoothing=tp.label_smoothing),
+        runtime,
+        networks,
+        run_files,
+        augment_cfg=AugmentConfig.from_params(params.augment),
+    )
     result = trainer.run()
     trainer.write_reports()
-    summary.update(iterations=result["iterations"], train_seconds=result["train_seconds"],
-                   val_accuracy=result["best_student"]["accuracy"])
+    summary.update(
+        iterations=result["iterations"],
+        train_seconds=result["train_seconds"],
+        val_accuracy=result["best_student"]["accuracy"],
+    )
     return trainer, summary
 
 
@@ -230,17 +321,37 @@ def student_alone(params, data, out: Path, runtime) -> dict:
     tp = params.train
     iterations = params.teacher.student_check_iterations
     every = min(tp.eval_every, iterations)
-    loop = replace(LoopConfig.from_train(tp), max_iterations=iterations, eval_every=every, epoch_iterations=every,
-                   checkpoint_every=every, patience=0, target_metric=1.01)
-    run_files = RunFiles(out / "student-alone", fingerprint={"step": "teacher", "student_alone": tp.model_dump(),
-                                                             "data_version": data.data_version},
-                         desc="student alone", progress=False)
-    trainer = Trainer(build_recipe("supervised"), data, loop, Hyper(tp), runtime,
-                      NetworkSpec(tp.student_arch, tp.weights), run_files,
-                      augment_cfg=AugmentConfig.from_params(params.augment))
+    loop = replace(
+        LoopConfig.from_train(tp),
+        max_iterations=iterations,
+        eval_every=every,
+        epoch_iterations=every,
+        checkpoint_every=every,
+        patience=0,
+        target_metric=1.01,
+    )
+    run_files = RunFiles(
+        out / "student-alone",
+        fingerprint={"step": "teacher", "student_alone": tp.model_dump(), "data_version": data.data_version},
+        desc="student alone",
+        progress=False,
+    )
+    trainer = Trainer(
+        build_recipe("supervised"),
+        data,
+        loop,
+        Hyper(tp),
+        runtime,
+        NetworkSpec(tp.student_arch, tp.weights),
+        run_files,
+        augment_cfg=AugmentConfig.from_params(params.augment),
+    )
     summary = trainer.run()
-    return {"arch": tp.student_arch, "iterations": summary["iterations"],
-            "val_accuracy": summary["best_student"]["accuracy"]}
+    return {
+        "arch": tp.student_arch,
+        "iterations": summary["iterations"],
+        "val_accuracy": summary["best_student"]["accuracy"],
+    }
 
 
 def noise_margin(accuracy: float, images: int) -> float:
@@ -261,18 +372,25 @@ def _floor_warnings(result: dict) -> list[str]:
     probe = (result.get("probe") or {}).get("estimate")
     where = "on validation" if result.get("estimated_by") == "validation split" else "out of fold"
     if tuned is not None and probe is not None and tuned < probe:
-        kept = ("the probe's network is kept as the teacher" if result.get("kept") == "linear probe" else
-                "within one standard error on that many images, so the fine-tuned network is kept")
-        warnings.append(f"fine-tuning ended below a linear probe on the teacher's own pretrained features "
-                        f"({tuned:.1%} against {probe:.1%} {where}): {kept}; "
-                        "fewer teacher.epochs or a lower teacher.lr may let fine-tuning help")
+        kept = (
+            "the probe's network is kept as the teacher"
+            if result.get("kept") == "linear probe"
+            else "within one standard error on that many images, so the fine-tuned network is kept"
+        )
+        warnings.append(
+            f"fine-tuning ended below a linear probe on the teacher's own pretrained features "
+            f"({tuned:.1%} against {probe:.1%} {where}): {kept}; "
+            "fewer teacher.epochs or a lower teacher.lr may let fine-tuning help"
+        )
     alone = result.get("student_alone") or {}
     teacher = result.get("val_accuracy")
     if alone.get("val_accuracy") is not None and teacher is not None and teacher <= alone["val_accuracy"]:
-        warnings.append(f"the teacher ({teacher:.1%} on {result.get('validation_images')} validation images) is no "
-                        f"better than the student trained alone on the labels ({alone['arch']}, "
-                        f"{alone['val_accuracy']:.1%}): distillation can only pass on what the teacher knows; give it "
-                        "more pixels (teacher.image_size), another pretrained network, or more labels")
+        warnings.append(
+            f"the teacher ({teacher:.1%} on {result.get('validation_images')} validation images) is no "
+            f"better than the student trained alone on the labels ({alone['arch']}, "
+            f"{alone['val_accuracy']:.1%}): distillation can only pass on what the teacher knows; give it "
+            "more pixels (teacher.image_size), another pretrained network, or more labels"
+        )
     return warnings
 
 
@@ -301,10 +419,17 @@ def _subset(data, rows, held):
 
     x, y = np.asarray(data.train_x), np.asarray(data.train_y)
     big = None if data.teacher_train_x is None else np.asarray(data.teacher_train_x)
-    return replace(data, train_x=x[rows], train_y=y[rows], val_x=x[held], val_y=y[held],
-                   teacher_train_x=None if big is None else big[rows],
-                   teacher_val_x=None if big is None else big[held], unlabeled_x=data.unlabeled_x[:0],
-                   teacher_unlabeled_x=None if data.teacher_unlabeled_x is None else data.teacher_unlabeled_x[:0])
+    return replace(
+        data,
+        train_x=x[rows],
+        train_y=y[rows],
+        val_x=x[held],
+        val_y=y[held],
+        teacher_train_x=None if big is None else big[rows],
+        teacher_val_x=None if big is None else big[held],
+        unlabeled_x=data.unlabeled_x[:0],
+        teacher_unlabeled_x=None if data.teacher_unlabeled_x is None else data.teacher_unlabeled_x[:0],
+    )
 
 
 def cross_validate(params, data, runtime, out: Path) -> dict | None:
@@ -327,7 +452,9 @@ def cross_validate(params, data, runtime, out: Path) -> dict | None:
         held = np.flatnonzero(fold == k)
         part = _subset(data, np.flatnonzero(fold != k), held)
         model = build_network(params, part)
-        probe, _ = linear_probe(params, part, model, runtime) if tp.linear_probe and tp.weights else (None, None)
+        probe, _ = (
+            linear_probe(params, part, model, runtime) if tp.linear_probe and tp.weights else (None, None)
+        )
         if probe is not None:
             probe_right += probe.val_accuracy * len(held)
         # trained as the final teacher is: no validation split, so the fixed schedule's last checkpoint
@@ -336,10 +463,15 @@ def cross_validate(params, data, runtime, out: Path) -> dict | None:
         trainer.run_files.progress = False
         trainer.run()
         scored = fine_tuning_data(part)
-        tuned_right += accuracy(predict_logits(trainer.student, scored.val_x, runtime), scored.val_y) * len(held)
+        tuned_right += accuracy(predict_logits(trainer.student, scored.val_x, runtime), scored.val_y) * len(
+            held
+        )
     n = len(labels)
-    return {"folds": folds, "probe_accuracy": probe_right / n if tp.linear_probe and tp.weights else None,
-            "fine_tuned_accuracy": tuned_right / n}
+    return {
+        "folds": folds,
+        "probe_accuracy": probe_right / n if tp.linear_probe and tp.weights else None,
+        "fine_tuned_accuracy": tuned_right / n,
+    }
 
 
 def _inputs_version(prepared_dir: str | os.PathLike, reads_unlabeled: bool) -> str:
@@ -374,23 +506,41 @@ def run(params, prepared_dir: str | os.PathLike = PREPARED, out_dir: str | os.Pa
     cv = None if validates else cross_validate(params, data, runtime, out)
     # a probe is a floor only on pretrained features (random ones teach nothing)
     # the probe's network is kept if the fine-tuning falls below it
-    probe, probe_model = linear_probe(params, data, model, runtime) if tp.linear_probe and tp.weights else (None, None)
+    probe, probe_model = (
+        linear_probe(params, data, model, runtime) if tp.linear_probe and tp.weights else (None, None)
+    )
     if probe is not None and runtime.is_main:
-        print("teacher: linear probe on the pretrained features: "
-              + ", ".join(f"{k}={v}" for k, v in probe.summary().items()))
+        print(
+            "teacher: linear probe on the pretrained features: "
+            + ", ".join(f"{k}={v}" for k, v in probe.summary().items())
+        )
     trainer = build_trainer(params, data, out, runtime, model=model)
     summary = trainer.run()
     trainer.write_reports()
     tuned = summary["best_student"]["accuracy"] if validates else (cv or {}).get("fine_tuned_accuracy")
     probed = None if probe is None else probe.val_accuracy if validates else (cv or {}).get("probe_accuracy")
-    result = {"trained": True, "arch": tp.arch, "weights": tp.weights,
-              "image_size": teacher_resolution(params, data.image_size), "teacher_copy": data.teacher_train_x is not None,
-              "validation_images": int(len(data.val_y)),
-              "estimated_by": "validation split" if validates else
-              (f"{cv['folds']}-fold cross-validation" if cv else "nothing (no validation split, too few labels to fold)"),
-              "val_accuracy": tuned, "fine_tuned_val_accuracy": tuned, "iterations": summary["iterations"],
-              "train_seconds": summary["train_seconds"], "probe": None if probe is None else probe.summary(),
-              "cross_validation": cv, "kept": "fine-tuned"}
+    result = {
+        "trained": True,
+        "arch": tp.arch,
+        "weights": tp.weights,
+        "image_size": teacher_resolution(params, data.image_size),
+        "teacher_copy": data.teacher_train_x is not None,
+        "validation_images": int(len(data.val_y)),
+        "estimated_by": "validation split"
+        if validates
+        else (
+            f"{cv['folds']}-fold cross-validation"
+            if cv
+            else "nothing (no validation split, too few labels to fold)"
+        ),
+        "val_accuracy": tuned,
+        "fine_tuned_val_accuracy": tuned,
+        "iterations": summary["iterations"],
+        "train_seconds": summary["train_seconds"],
+        "probe": None if probe is None else probe.summary(),
+        "cross_validation": cv,
+        "kept": "fine-tuned",
+    }
     if result["probe"] is not None:
         result["probe"]["estimate"] = probed
     # Never below its own pretrained features: when the fine-tuned network scores clearly below the probe
@@ -409,8 +559,12 @@ def run(params, prepared_dir: str | os.PathLike = PREPARED, out_dir: str | os.Pa
     result["warnings"] = _floor_warnings(result)
     if runtime.is_main:
         write_json(out / "metrics.json", result)
-        print("teacher: " + ", ".join(f"{k}={v}" for k, v in result.items()
-                                      if k not in ("warnings", "probe", "cross_validation")))
+        print(
+            "teacher: "
+            + ", ".join(
+                f"{k}={v}" for k, v in result.items() if k not in ("warnings", "probe", "cross_validation")
+            )
+        )
         for line in result["warnings"]:
             print(f"warning: teacher: {line}")
     return result

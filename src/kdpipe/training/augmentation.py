@@ -290,8 +290,9 @@ def strong(
     return x.clamp(0.0, 1.0)
 
 
-def _apply_grouped(x: torch.Tensor, rounds, ops: Sequence[str], theta: torch.Tensor,
-                   has_geometric: torch.Tensor) -> torch.Tensor:
+def _apply_grouped(
+    x: torch.Tensor, rounds, ops: Sequence[str], theta: torch.Tensor, has_geometric: torch.Tensor
+) -> torch.Tensor:
     """Each colour op on the samples that drew it, then the warp on the samples with a geometric op."""
     n, dev = x.shape[0], x.device
     # The one host synchronisation: how many samples drew each op in each round, and how many are
@@ -318,8 +319,9 @@ def _apply_grouped(x: torch.Tensor, rounds, ops: Sequence[str], theta: torch.Ten
     return x
 
 
-def _apply_masked(x: torch.Tensor, rounds, ops: Sequence[str], theta: torch.Tensor,
-                  has_geometric: torch.Tensor) -> torch.Tensor:
+def _apply_masked(
+    x: torch.Tensor, rounds, ops: Sequence[str], theta: torch.Tensor, has_geometric: torch.Tensor
+) -> torch.Tensor:
     """Each colour op and the warp on the whole batch, kept where drawn: no host synchronisation."""
     n = x.shape[0]
     for op, level in rounds:
@@ -330,8 +332,9 @@ def _apply_masked(x: torch.Tensor, rounds, ops: Sequence[str], theta: torch.Tens
     return torch.where(has_geometric.view(n, 1, 1, 1), _warp(x, theta), x)
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, p: float, cfg: AugmentConfig,
-            grouped: bool | None = None) -> torch.Tensor:
+def augment(
+    x: torch.Tensor, gen: torch.Generator, p: float, cfg: AugmentConfig, grouped: bool | None = None
+) -> torch.Tensor:
     """``Aug(x; p)``: weak ops on every sample, then the strong policy on each sample with probability ``p``.
 
     With ``p == 0`` the strong policy is skipped entirely (no random numbers drawn for it). Grouped
@@ -344,8 +347,15 @@ def augment(x: torch.Tensor, gen: torch.Generator, p: float, cfg: AugmentConfig,
     grouped = groups_on_host(x.device) if grouped is None else grouped
 
     def strong_on(v: torch.Tensor) -> torch.Tensor:
-        return strong(v, gen, num_ops=cfg.num_ops, magnitude=cfg.magnitude, erase_prob=cfg.erase_prob, ops=cfg.ops,
-                      grouped=grouped)
+        return strong(
+            v,
+            gen,
+            num_ops=cfg.num_ops,
+            magnitude=cfg.magnitude,
+            erase_prob=cfg.erase_prob,
+            ops=cfg.ops,
+            grouped=grouped,
+        )
 
     selected = _rand(gen, x.shape[0], x.device) < p
     if p >= 1:

@@ -40,8 +40,14 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     return load_tensors(path, "kdpipe checkpoint")
 
 
-def model_checkpoint(model, arch: str, num_classes: int, image_size: int, class_names: list[str],
-                     meta: dict[str, Any] | None = None) -> dict[str, Any]:
+def model_checkpoint(
+    model,
+    arch: str,
+    num_classes: int,
+    image_size: int,
+    class_names: list[str],
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The dict saved for a trained model (unwrapping DDP and torch.compile wrappers)."""
     inner = getattr(model, "module", model)
     inner = getattr(inner, "_orig_mod", inner)
@@ -65,8 +71,12 @@ def load_model(path: str | os.PathLike):
     for key in ("arch", "num_classes", "image_size", "state_dict"):
         if key not in ckpt:
             raise KdpipeError(f"{path}: checkpoint has no '{key}' entry (not a kdpipe model checkpoint)")
-    model = build_model(ckpt["arch"], num_classes=ckpt["num_classes"], image_size=ckpt["image_size"],
-                        input_size=ckpt.get("input_size"))
+    model = build_model(
+        ckpt["arch"],
+        num_classes=ckpt["num_classes"],
+        image_size=ckpt["image_size"],
+        input_size=ckpt.get("input_size"),
+    )
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
     return model, ckpt

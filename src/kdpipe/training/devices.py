@@ -91,7 +91,8 @@ def resolve_device(name: str) -> torch.device:
         raise KdpipeError(
             f"this task was given a GPU ({EXPECT_GPU_ENV}=1) but CUDA is unusable: torch {torch.__version__} is built "
             f"for CUDA {torch.version.cuda or 'none (a CPU-only build)'}; check the node's NVIDIA driver against that "
-            "CUDA version and the image's torch build (README, 'Cluster prerequisites')")
+            "CUDA version and the image's torch build (README, 'Cluster prerequisites')"
+        )
     if name == "cuda":
         if not torch.cuda.is_available():
             raise KdpipeError("train.device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
@@ -132,7 +133,9 @@ def init_distributed(device: torch.device) -> tuple[int, int, int]:
     return rank, world_size, local_rank
 
 
-def make_runtime(device: str = "auto", amp: str = "auto", channels_last: str = "auto", threads: int = 0) -> Runtime:
+def make_runtime(
+    device: str = "auto", amp: str = "auto", channels_last: str = "auto", threads: int = 0
+) -> Runtime:
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
@@ -149,4 +152,6 @@ def make_runtime(device: str = "auto", amp: str = "auto", channels_last: str = "
 
 
 def runtime_from_params(train_params) -> Runtime:
-    return make_runtime(train_params.device, train_params.amp, train_params.channels_last, train_params.threads)
+    return make_runtime(
+        train_params.device, train_params.amp, train_params.channels_last, train_params.threads
+    )

@@ -85,12 +85,22 @@ class LoopConfig:
         step sizes them to the number of labels."""
         iterations = int(iterations or tp.max_iterations)
         every = min(tp.eval_every, iterations)
-        return cls(batch_size=tp.batch_size, mu=0.0, lr=tp.lr, momentum=tp.momentum, weight_decay=tp.weight_decay,
-                   warmup_fraction=tp.warmup_fraction, max_iterations=iterations,
-                   epoch_iterations=every, eval_every=every, checkpoint_every=every,
-                   backbone_lr_scale=tp.backbone_lr_scale,
-                   freeze_backbone_iterations=int(round(tp.freeze_backbone_fraction * iterations)),
-                   freeze_batchnorm=tp.freeze_batchnorm, seed=tp.seed)
+        return cls(
+            batch_size=tp.batch_size,
+            mu=0.0,
+            lr=tp.lr,
+            momentum=tp.momentum,
+            weight_decay=tp.weight_decay,
+            warmup_fraction=tp.warmup_fraction,
+            max_iterations=iterations,
+            epoch_iterations=every,
+            eval_every=every,
+            checkpoint_every=every,
+            backbone_lr_scale=tp.backbone_lr_scale,
+            freeze_backbone_iterations=int(round(tp.freeze_backbone_fraction * iterations)),
+            freeze_batchnorm=tp.freeze_batchnorm,
+            seed=tp.seed,
+        )
 
 
 @dataclass
@@ -123,7 +133,9 @@ class RunFiles:
     progress-bar label."""
 
     out_dir: str | os.PathLike
-    best_names: dict[str, str] = field(default_factory=lambda: {"student": "student.pt", "teacher": "teacher.pt"})
+    best_names: dict[str, str] = field(
+        default_factory=lambda: {"student": "student.pt", "teacher": "teacher.pt"}
+    )
     report_names: dict[str, str] = field(default_factory=dict)
     fingerprint: dict[str, Any] = field(default_factory=dict)
     desc: str = "distill"
@@ -145,13 +157,15 @@ def batch_split(batch_size: int, mu: float | None, labeled: int, unlabeled: int)
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: np.ndarray, runtime: Runtime, batch_size: int = 512) -> torch.Tensor:
+def predict_logits(
+    model: nn.Module, images: np.ndarray, runtime: Runtime, batch_size: int = 512
+) -> torch.Tensor:
     """Logits of ``model`` (eval mode) for uint8 NHWC images, on the CPU."""
     was_training = model.training
     model.eval()
     outputs = []
     for start in range(0, len(images), batch_size):
-        x = runtime.to_device(to_nchw(images[start:start + batch_size])).float().div_(255.0)
+        x = runtime.to_device(to_nchw(images[start : start + batch_size])).float().div_(255.0)
         if runtime.wants_channels_last(model):
             x = x.contiguous(memory_format=torch.channels_last)
         with runtime.autocast():
@@ -172,9 +186,18 @@ def accuracy(logits: torch.Tensor, labels: np.ndarray) -> float:
 class Trainer:
     """Runs one recipe to completion, resuming from ``out_dir/last.pt`` when it exists."""
 
-    def __init__(self, recipe: Recipe, data: TrainingData, cfg: LoopConfig, hyper: Hyper, runtime: Runtime,
-                 networks: NetworkSpec, run: RunFiles, augment_cfg: AugmentConfig | None = None,
-                 use_cached_logits: bool = True):
+    def __init__(
+        self,
+        recipe: Recipe,
+        data: TrainingData,
+        cfg: LoopConfig,
+        hyper: Hyper,
+        runtime: Runtime,
+        networks: NetworkSpec,
+        run: RunFiles,
+        augment_cfg: AugmentConfig | None = None,
+        use_cached_logits: bool = True,
+    ):
         self.recipe, self.data, self.cfg, self.hyper, self.rt = recipe, data, cfg, hyper, runtime
         self.run_files = run
         self.out_dir = Path(run.out_dir)
@@ -191,21 +214,34 @@ class Trainer:
         self.nets = Networks(networks, recipe, len(data.class_names), data.image_size, cfg, runtime)
         self.scaler = runtime.grad_scaler()
         n_unlabeled = self._unlabeled_pool() if recipe.uses_unlabeled else 0
-        self.labeled_per_step, self.mu = batch_split(cfg.batch_size, cfg.mu if recipe.uses_unlabeled else 0.0,
-                                                     len(data.train_x), n_unlabeled)
-        self.sampler = LabeledUnlabeledSampler(len(data.train_x), n_unlabeled, self.labeled_per_step, self.mu,
-                                               cfg.seed, runtime.rank, runtime.world_size)
+        self.labeled_per_step, self.mu = batch_split(
+            cfg.batch_size, cfg.mu if recipe.uses_unlabeled else 0.0, len(data.train_x), n_unlabeled
+        )
+        self.sampler = LabeledUnlabeledSampler(
+            len(data.train_x),
+            n_unlabeled,
+            self.labeled_per_step,
+            self.mu,
+            cfg.seed,
+            runtime.rank,
+            runtime.world_size,
+        )
         # each rank augments differently, like it samples differently
         self.gen = make_generator(cfg.seed * 1000 + 17 + runtime.rank, runtime.device)
         # an "epoch" of the adaptive schedule: epoch_iterations, or one pass over the labeled images
         self.epoch_iterations = cfg.epoch_iterations or max(
-            1, math.ceil(len(data.train_x) / (cfg.batch_size * runtime.world_size)))
+            1, math.ceil(len(data.train_x) / (cfg.batch_size * runtime.world_size))
+        )
         self.epochs = max(2, math.ceil(cfg.max_iterations / self.epoch_iterations))
         self.schedule = AugmentationSchedule.from_params(hyper, self.epochs) if recipe.uses_schedule else None
         if recipe.reads_stored_views:
-            self.views = StoredViews(recipe, data, runtime, cfg.seed, self.schedule, use_cache=use_cached_logits)
+            self.views = StoredViews(
+                recipe, data, runtime, cfg.seed, self.schedule, use_cache=use_cached_logits
+            )
         else:
-            self.views = OnlineViews(recipe, data, augment_cfg or AugmentConfig(), self.gen, runtime, self.schedule)
+            self.views = OnlineViews(
+                recipe, data, augment_cfg or AugmentConfig(), self.gen, runtime, self.schedule
+            )
         self.batches = BatchStream(self.sampler, self.views, cfg.prefetch)
 
         self.iteration = 0
@@ -238,20 +274,30 @@ class Trainer:
         if len(d.train_x) == 0:
             raise KdpipeError("no labeled training images after prepare")
         if not self.validates and self.cfg.patience:
-            raise KdpipeError("train.patience stops on the validation accuracy, and there is no validation split "
-                              "(prepare.val_fraction 0): set train.patience to 0")
+            raise KdpipeError(
+                "train.patience stops on the validation accuracy, and there is no validation split "
+                "(prepare.val_fraction 0): set train.patience to 0"
+            )
         if not self.validates and r.uses_schedule and self.hyper.schedule_rule == "adaptive":
-            raise KdpipeError(f"recipe '{r.name}': the adaptive schedule follows the validation accuracy, and there is "
-                              "no validation split (prepare.val_fraction 0): set train.schedule_rule to linear or fixed")
+            raise KdpipeError(
+                f"recipe '{r.name}': the adaptive schedule follows the validation accuracy, and there is "
+                "no validation split (prepare.val_fraction 0): set train.schedule_rule to linear or fixed"
+            )
         if r.uses_unlabeled and len(d.unlabeled_x) == 0 and (self.cfg.mu is None or self.cfg.mu > 0):
-            print(f"warning: recipe '{r.name}' uses unlabeled data but there is none; training on labeled data only")
+            print(
+                f"warning: recipe '{r.name}' uses unlabeled data but there is none; training on labeled data only"
+            )
         if r.reads_stored_views:
             if d.labeled_views is None:
-                raise KdpipeError(f"recipe '{r.name}' reads the augmentation sets: run `kdpipe augment` first")
+                raise KdpipeError(
+                    f"recipe '{r.name}' reads the augmentation sets: run `kdpipe augment` first"
+                )
             stored = d.labeled_views.shape[1]
             if stored < r.num_views:
-                raise KdpipeError(f"train.views={r.num_views} but the augment step stored only {stored} views "
-                                  f"(set augment.views >= {r.num_views})")
+                raise KdpipeError(
+                    f"train.views={r.num_views} but the augment step stored only {stored} views "
+                    f"(set augment.views >= {r.num_views})"
+                )
 
     def _unlabeled_pool(self) -> int:
         if self.recipe.reads_stored_views:
@@ -320,7 +366,11 @@ class Trainer:
         if self.teacher is not None:
             t_logits = self._teacher_val_logits()
             record["val_acc_teacher"] = accuracy(t_logits, d.val_y)
-            record["agreement"] = float((s_logits.argmax(1) == t_logits.argmax(1)).float().mean()) if len(d.val_y) else float("nan")
+            record["agreement"] = (
+                float((s_logits.argmax(1) == t_logits.argmax(1)).float().mean())
+                if len(d.val_y)
+                else float("nan")
+            )
         return record
 
     def _save_best(self, record: dict[str, Any]) -> None:
@@ -337,10 +387,22 @@ class Trainer:
                 continue
             if self.rt.is_main:
                 best = self.best[role]
-                meta = {"val_accuracy": best["accuracy"], "iteration": self.iteration, "role": role,
-                        "recipe": self.recipe.name, "parameters": count_parameters(model), "trained_in_run": True}
-                ckpt = checkpoints.model_checkpoint(model, archs[role], len(self.data.class_names),
-                                                    self.data.image_size, self.data.class_names, meta)
+                meta = {
+                    "val_accuracy": best["accuracy"],
+                    "iteration": self.iteration,
+                    "role": role,
+                    "recipe": self.recipe.name,
+                    "parameters": count_parameters(model),
+                    "trained_in_run": True,
+                }
+                ckpt = checkpoints.model_checkpoint(
+                    model,
+                    archs[role],
+                    len(self.data.class_names),
+                    self.data.image_size,
+                    self.data.class_names,
+                    meta,
+                )
                 checkpoints.save(ckpt, self.out_dir / names[role])
 
     def _after_eval(self, record: dict[str, Any]) -> None:
@@ -357,8 +419,11 @@ class Trainer:
         self.stopper.reason = reason
 
     def _record(self, epoch_end: bool) -> dict[str, Any]:
-        record = {"iteration": self.iteration, "epoch": self.iteration / self.epoch_iterations,
-                  "lr": self.nets.opt_s.param_groups[0]["lr"]}
+        record = {
+            "iteration": self.iteration,
+            "epoch": self.iteration / self.epoch_iterations,
+            "lr": self.nets.opt_s.param_groups[0]["lr"],
+        }
         record.update({f"loss_{k}": float(v) / max(1, self.running_steps) for k, v in self.running.items()})
         record.update(self._evaluate())
         if self.schedule is not None:
@@ -397,8 +462,10 @@ class Trainer:
             # the seed and the iteration, so the resume stays deterministic on this device.
             self.gen.manual_seed(self.cfg.seed * 1000 + 17 + self.rt.rank + 7919 * self.iteration)
             if self.rt.is_main:
-                print(f"note: the resume state was written on {saved_on}, this run is on {self.rt.device.type}: "
-                      "the augmentation stream restarts from the seed (the weights and the schedule resume as saved)")
+                print(
+                    f"note: the resume state was written on {saved_on}, this run is on {self.rt.device.type}: "
+                    "the augmentation stream restarts from the seed (the weights and the schedule resume as saved)"
+                )
         if isinstance(self.views, StoredViews):
             self.views.load_state_dict(rng["views"])
         torch.set_rng_state(rng["torch"])
@@ -418,8 +485,13 @@ class Trainer:
     # What a resume restores, each listed once: the parts that have state_dict()/load_state_dict()
     # (None where this run has no such part) ...
     def _stateful_parts(self) -> dict[str, Any]:
-        return {**self.nets.stateful_parts(), "sampler": self.sampler, "schedule": self.schedule,
-                "early_stop": self.stopper, "best": self.best_so_far}
+        return {
+            **self.nets.stateful_parts(),
+            "sampler": self.sampler,
+            "schedule": self.schedule,
+            "early_stop": self.stopper,
+            "best": self.best_so_far,
+        }
 
     # ... and the loop's plain values: progress, records, the best so far, early-stop bookkeeping.
     RESUMED_VALUES = ("iteration", "history", "running", "running_steps", "train_seconds")
@@ -428,11 +500,17 @@ class Trainer:
         """The resume state. ``rng_per_rank`` holds every rank's random streams (each rank augments
         differently); without it, only this process's. Also the scaler (see :meth:`_load_scaler`)
         and the fingerprint of the settings, which a resume must match."""
-        state = {name: None if part is None else _portable_state(part) for name, part in self._stateful_parts().items()}
+        state = {
+            name: None if part is None else _portable_state(part)
+            for name, part in self._stateful_parts().items()
+        }
         state.update({name: getattr(self, name) for name in self.RESUMED_VALUES})
         state["running"] = {k: float(v) for k, v in self.running.items()}  # portable, like the networks
-        state.update(scaler=self.scaler.state_dict(), rng=rng_per_rank or [self._rng_state()],
-                     fingerprint=self.run_files.fingerprint)
+        state.update(
+            scaler=self.scaler.state_dict(),
+            rng=rng_per_rank or [self._rng_state()],
+            fingerprint=self.run_files.fingerprint,
+        )
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -496,14 +574,22 @@ class Trainer:
             self._remove_stale_best()
         self.nets.set_train_modes(self.iteration)
         desc = self.run_files.desc
-        bar = Progress(self.cfg.max_iterations, desc, initial=self.iteration,
-                       enabled=self.run_files.progress and self.rt.is_main)
+        bar = Progress(
+            self.cfg.max_iterations,
+            desc,
+            initial=self.iteration,
+            enabled=self.run_files.progress and self.rt.is_main,
+        )
         try:
             with self.batches.prefetching():  # the thread stops however the loop ends
                 while not self._done():
                     self.train_step()
                     epoch_end = self.iteration % self.epoch_iterations == 0
-                    if epoch_end or self.iteration % self.cfg.eval_every == 0 or self.iteration == self.cfg.max_iterations:
+                    if (
+                        epoch_end
+                        or self.iteration % self.cfg.eval_every == 0
+                        or self.iteration == self.cfg.max_iterations
+                    ):
                         record = self._record(epoch_end)
                         bar.write(_format_record(desc, self._renamed(record)))
                         bar.show(loss=record["loss_total"])

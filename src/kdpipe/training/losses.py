@@ -27,13 +27,16 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
 
 
-def _masked_mean_ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-                    label_smoothing: float = 0.0) -> torch.Tensor:
+def _masked_mean_ce(
+    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """Mean CE over ``mask``; zero (in the graph) for an empty mask.
 
     Written without boolean indexing so it never waits for the GPU (no host sync per step).
     """
-    per_sample = F.cross_entropy(logits, targets.clamp(min=0), reduction="none", label_smoothing=label_smoothing)
+    per_sample = F.cross_entropy(
+        logits, targets.clamp(min=0), reduction="none", label_smoothing=label_smoothing
+    )
     # where (not multiply) so an inf loss on an excluded sample cannot turn into NaN
     total = torch.where(mask, per_sample, torch.zeros_like(per_sample)).sum()
     return total / mask.sum().clamp(min=1).to(per_sample.dtype)
@@ -84,7 +87,11 @@ def pairwise_consistency(logits: Sequence[torch.Tensor]) -> torch.Tensor:
     if len(logits) < 2:
         raise ValueError(f"pairwise_consistency needs at least 2 views, got {len(logits)}")
     probs = [F.softmax(z, dim=1) for z in logits]
-    terms = [((probs[i] - probs[j]) ** 2).sum(dim=1).mean() for i in range(len(probs)) for j in range(i + 1, len(probs))]
+    terms = [
+        ((probs[i] - probs[j]) ** 2).sum(dim=1).mean()
+        for i in range(len(probs))
+        for j in range(i + 1, len(probs))
+    ]
     return torch.stack(terms).mean()
 
 

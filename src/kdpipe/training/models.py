@@ -73,9 +73,17 @@ class ResizeInput(nn.Module):
 class Classifier(nn.Module):
     """``resize`` (optional) -> ``normalize`` -> ``backbone`` (pooled features) -> ``head`` (logits)."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, feature_dim: int, *, arch: str = "",
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 input_size: int | None = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Module,
+        feature_dim: int,
+        *,
+        arch: str = "",
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        input_size: int | None = None,
+    ):
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.backbone = backbone
@@ -156,7 +164,9 @@ def _cifar_resnet_backbone(blocks_per_stage: int, width: int = 16) -> tuple[nn.M
             stride = 2 if stage > 0 and b == 0 else 1
             down = None
             if stride != 1 or c_in != c_out:
-                down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+                down = nn.Sequential(
+                    nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
+                )
             layers.append(BasicBlock(c_in, c_out, stride=stride, downsample=down))
             c_in = c_out
     backbone = nn.Sequential(*layers, *_pool_flatten())
@@ -271,8 +281,10 @@ def _build_torchvision(arch: str, weights) -> nn.Module:
     if weights is None:
         return get_model(arch, weights=None)
     if str(weights) in pretrained.NAMED_SOURCES:
-        raise KdpipeError(f"weights '{weights}' are for '{pretrained.NAMED_SOURCES[str(weights)].arch}', "
-                          f"not for model '{arch}'")
+        raise KdpipeError(
+            f"weights '{weights}' are for '{pretrained.NAMED_SOURCES[str(weights)].arch}', "
+            f"not for model '{arch}'"
+        )
     if pretrained.looks_like_file(str(weights)):
         net = get_model(arch, weights=None)
         pretrained.load_into(net, pretrained.read_state_dict(weights), str(weights), arch)
@@ -290,7 +302,9 @@ def _build_torchvision(arch: str, weights) -> nn.Module:
         ) from None
 
 
-def _torchvision_parts(arch: str, num_classes: int, image_size: int, weights) -> tuple[nn.Module, nn.Module, int]:
+def _torchvision_parts(
+    arch: str, num_classes: int, image_size: int, weights
+) -> tuple[nn.Module, nn.Module, int]:
     spec = _TORCHVISION[arch]
     net = _build_torchvision(arch, weights)
     if image_size <= SMALL_INPUT_MAX:
@@ -310,7 +324,7 @@ TIMM_PREFIX = "timm/"
 
 def _timm_name(key: str) -> str | None:
     """The timm architecture for a lower-cased model name, or None if timm has no such model."""
-    name = key[len(TIMM_PREFIX):] if key.startswith(TIMM_PREFIX) else key
+    name = key[len(TIMM_PREFIX) :] if key.startswith(TIMM_PREFIX) else key
     if key.startswith(TIMM_PREFIX) or (key not in _TINY and key not in _TORCHVISION):
         import timm
 
@@ -352,8 +366,10 @@ def _create_timm(name: str, weights) -> nn.Module:
     if text in pretrained.NAMED_SOURCES:
         source = pretrained.NAMED_SOURCES[text]
         if source.arch != name:
-            raise KdpipeError(f"weights '{text}' are for '{source.arch}', not for model '{name}'; "
-                              f"set the architecture to {source.arch} or weights to null")
+            raise KdpipeError(
+                f"weights '{text}' are for '{source.arch}', not for model '{name}'; "
+                f"set the architecture to {source.arch} or weights to null"
+            )
         net = timm.create_model(name, pretrained=False)
         pretrained.load_into(net, source.load(), f"weights '{text}'", name)
         return net
@@ -411,9 +427,16 @@ def _check_sizes(num_classes: int, image_size: int) -> None:
         raise KdpipeError(f"image_size must be >= {MIN_IMAGE_SIZE} pixels, got {image_size}")
 
 
-def build_model(name: str, num_classes: int, image_size: int = 32, weights=None, *,
-                mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                input_size: int | None = None) -> Classifier:
+def build_model(
+    name: str,
+    num_classes: int,
+    image_size: int = 32,
+    weights=None,
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    input_size: int | None = None,
+) -> Classifier:
     """Build architecture ``name`` for ``num_classes`` classes and square inputs of ``image_size``.
 
     ``weights``: see :mod:`kdpipe.training.pretrained` (null, a named offline source, a local file, or a hub

@@ -38,14 +38,23 @@ class NetworkSpec:
 class Networks:
     """Student, teacher and projection with their optimizers; see the module docstring."""
 
-    def __init__(self, spec: NetworkSpec, recipe: Recipe, num_classes: int, image_size: int, cfg, runtime: Runtime):
+    def __init__(
+        self, spec: NetworkSpec, recipe: Recipe, num_classes: int, image_size: int, cfg, runtime: Runtime
+    ):
         self.spec, self.recipe, self.cfg, self.rt = spec, recipe, cfg, runtime
-        student = spec.student_model or build_model(spec.student_arch, num_classes, image_size, spec.student_weights,
-                                                    input_size=spec.student_input_size)
+        student = spec.student_model or build_model(
+            spec.student_arch,
+            num_classes,
+            image_size,
+            spec.student_weights,
+            input_size=spec.student_input_size,
+        )
         self.student = student.to(runtime.device)
         self.teacher = spec.teacher.to(runtime.device) if spec.teacher is not None else None
         if recipe.uses_teacher and self.teacher is None:
-            raise KdpipeError(f"recipe '{recipe.name}' needs a teacher: run `kdpipe teacher` first or set teacher.checkpoint")
+            raise KdpipeError(
+                f"recipe '{recipe.name}' needs a teacher: run `kdpipe teacher` first or set teacher.checkpoint"
+            )
         self.projection = None
         if recipe.matches_features and self.teacher is not None:
             # learned linear map from the student's feature width to the teacher's (feature matching)
@@ -107,8 +116,15 @@ class Networks:
 
     def stateful_parts(self) -> dict[str, Any]:
         """What a resume restores of the networks, by name (None where this run has no such part)."""
-        return {"student": self.student, "teacher": self.trained_teacher, "projection": self.projection,
-                "opt_s": self.opt_s, "opt_t": self.opt_t, "sched_s": self.sched_s, "sched_t": self.sched_t}
+        return {
+            "student": self.student,
+            "teacher": self.trained_teacher,
+            "projection": self.projection,
+            "opt_s": self.opt_s,
+            "opt_t": self.opt_t,
+            "sched_s": self.sched_s,
+            "sched_t": self.sched_t,
+        }
 
     def set_train_modes(self, iteration: int) -> None:
         """Train mode, except what must not learn right now: a frozen backbone (head-only phase of a
@@ -160,8 +176,12 @@ class Networks:
             if self.teacher_cl:
                 xt = xt.contiguous(memory_format=torch.channels_last)
             with torch.set_grad_enabled(self.recipe.trains_teacher):
-                t_out = self.teacher_ddp(xt, with_features=want_features) if want_features else self.teacher_ddp(xt)
+                t_out = (
+                    self.teacher_ddp(xt, with_features=want_features)
+                    if want_features
+                    else self.teacher_ddp(xt)
+                )
             t_logits, t_feats = t_out if want_features else (t_out, None)
             for i, v in enumerate(to_run):
-                logits[v] = t_logits[i * n:(i + 1) * n]
+                logits[v] = t_logits[i * n : (i + 1) * n]
         return logits, t_feats

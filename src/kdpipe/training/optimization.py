@@ -25,8 +25,10 @@ def warmup_cosine(total: int, warmup_fraction: float):
 def _decay_groups(params, weight_decay: float, lr: float, role: str) -> list[dict[str, Any]]:
     """Weights decay; norm scales and biases (1-d tensors) do not."""
     params = [p for p in params if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay, "lr": lr, "role": role},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr": lr, "role": role}]
+    return [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay, "lr": lr, "role": role},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr": lr, "role": role},
+    ]
 
 
 def sgd(params: list[nn.Parameter] | Any, cfg, backbone: list[nn.Parameter] | None = None) -> torch.optim.SGD:
@@ -47,4 +49,6 @@ def sgd(params: list[nn.Parameter] | Any, cfg, backbone: list[nn.Parameter] | No
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
     """Warm-up then cosine decay over ``cfg.max_iterations``."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.max_iterations, cfg.warmup_fraction))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(cfg.max_iterations, cfg.warmup_fraction)
+    )

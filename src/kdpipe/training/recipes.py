@@ -131,7 +131,9 @@ def _kd_all(out: StepOutputs, h: Hyper, proj) -> torch.Tensor:
 
 def _kd_views(out: StepOutputs, h: Hyper, proj) -> torch.Tensor:
     # Multi-view consistency: the teacher sees the SAME augmented view as the student, view by view.
-    return torch.stack([losses.kd(zs, zt, h.tau) for zs, zt in zip(out.student, out.teacher, strict=True)]).mean()
+    return torch.stack(
+        [losses.kd(zs, zt, h.tau) for zs, zt in zip(out.student, out.teacher, strict=True)]
+    ).mean()
 
 
 # The terms, named as they appear in history.json (loss_<name>), each with its weight.
@@ -188,31 +190,63 @@ def distillation() -> Method:
     on the labels is optional (``w_kd_labels``, off by default: the labels reach the student through
     the teacher, and hard labels on a few images drawn again and again are memorised). Its result is
     the last checkpoint: a validation split picked earlier, worse ones by noise (BENCHMARKS.md)."""
-    return Method("distillation", terms=(CE_KD, KD_ALL), view_plan="any", teacher_views=(0,),
-                  uses_unlabeled=True, uses_teacher=True, keeps_last=True)
+    return Method(
+        "distillation",
+        terms=(CE_KD, KD_ALL),
+        view_plan="any",
+        teacher_views=(0,),
+        uses_unlabeled=True,
+        uses_teacher=True,
+        keeps_last=True,
+    )
 
 
 def co_training(teacher_trainable: bool = True, feature_matching: bool = False) -> Method:
     """Co-training (``cotrain``): both networks' CE on the labels and the mutual term on every sample of one shared
     view; the teacher learns too unless frozen; optional feature matching."""
-    terms = (CE_STUDENT, *((CE_TEACHER,) if teacher_trainable else ()), MUTUAL,
-             *((FEATURE,) if feature_matching else ()))
-    return Method("co-training", terms=terms, teacher_views=(0,), uses_unlabeled=True, uses_teacher=True,
-                  trains_teacher=teacher_trainable)
+    terms = (
+        CE_STUDENT,
+        *((CE_TEACHER,) if teacher_trainable else ()),
+        MUTUAL,
+        *((FEATURE,) if feature_matching else ()),
+    )
+    return Method(
+        "co-training",
+        terms=terms,
+        teacher_views=(0,),
+        uses_unlabeled=True,
+        uses_teacher=True,
+        trains_teacher=teacher_trainable,
+    )
 
 
 def adaptive_augmentation() -> Method:
     """Adaptive augmentation (``adaptive``): two views augmented at the schedule's p1 and p2; distillation on the first, the
     truth loss on the second, weighted w and 1 - w by the schedule."""
-    return Method("adaptive augmentation", terms=(KD_VIEW1, TRUTH_VIEW2), view_plan="scheduled", num_views=2,
-                  teacher_views=(0, 1), uses_unlabeled=True, uses_teacher=True, schedule="strength+weights")
+    return Method(
+        "adaptive augmentation",
+        terms=(KD_VIEW1, TRUTH_VIEW2),
+        view_plan="scheduled",
+        num_views=2,
+        teacher_views=(0, 1),
+        uses_unlabeled=True,
+        uses_teacher=True,
+        schedule="strength+weights",
+    )
 
 
 def multi_view_consistency(views: int) -> Method:
     """Multi-view consistency (``consistency``): K stored views; CE on each, consistency between them, KD on each view from the
     teacher seeing the same view."""
-    return Method("multi-view consistency", terms=(GT_VIEWS, CONSISTENCY, KD_VIEWS), view_plan="stored",
-                  num_views=views, teacher_views=tuple(range(views)), uses_unlabeled=True, uses_teacher=True)
+    return Method(
+        "multi-view consistency",
+        terms=(GT_VIEWS, CONSISTENCY, KD_VIEWS),
+        view_plan="stored",
+        num_views=views,
+        teacher_views=tuple(range(views)),
+        uses_unlabeled=True,
+        uses_teacher=True,
+    )
 
 
 def consistency_across_views(views: int) -> Method:
@@ -269,7 +303,9 @@ def compose(name: str, *methods: Method) -> Recipe:
         raise ValueError(f"recipe {name!r}: its methods ask for different view plans {sorted(plans)}")
     view_counts = {m.num_views for m in methods if m.num_views > 1}
     if len(view_counts) > 1:
-        raise ValueError(f"recipe {name!r}: its methods ask for different numbers of views {sorted(view_counts)}")
+        raise ValueError(
+            f"recipe {name!r}: its methods ask for different numbers of views {sorted(view_counts)}"
+        )
     return Recipe(
         name,
         view_plan=plans.pop() if plans else "weak",
@@ -307,23 +343,33 @@ RECIPE_METHODS: dict[str, Callable[[RecipeSettings], tuple[Method, ...]]] = {
     "consistency": lambda s: (multi_view_consistency(s.views),),
     # the product's combination: co-training on view 0 (shared by both networks), the consistency
     # term across the student's K views, and the adaptive schedule on how strongly they are augmented
-    "full": lambda s: (co_training(s.teacher_trainable, s.feature_matching), consistency_across_views(s.views),
-                       augmentation_schedule()),
+    "full": lambda s: (
+        co_training(s.teacher_trainable, s.feature_matching),
+        consistency_across_views(s.views),
+        augmentation_schedule(),
+    ),
 }
 RECIPES = tuple(RECIPE_METHODS)
 if set(RECIPES) != set(RECIPE_NAMES):  # the params schema and this table name the same recipes
     raise ImportError(f"recipes: params.RECIPE_NAMES {RECIPE_NAMES} and the table {RECIPES} differ")
 
 
-def build_recipe(name: str, views: int = 3, teacher_trainable: bool = True, feature_matching: bool = False,
-                 teacher_online: bool = False) -> Recipe:
+def build_recipe(
+    name: str,
+    views: int = 3,
+    teacher_trainable: bool = True,
+    feature_matching: bool = False,
+    teacher_online: bool = False,
+) -> Recipe:
     """The recipe called ``name`` (``params.train.recipe``)."""
     from dataclasses import replace
 
     if name not in RECIPE_METHODS:
         raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
     recipe = compose(name, *RECIPE_METHODS[name](RecipeSettings(views, teacher_trainable, feature_matching)))
-    return replace(recipe, teacher_online=teacher_online and recipe.uses_teacher and not recipe.trains_teacher)
+    return replace(
+        recipe, teacher_online=teacher_online and recipe.uses_teacher and not recipe.trains_teacher
+    )
 
 
 def teacher_runs_online(train_params) -> bool:
@@ -342,12 +388,18 @@ def teacher_runs_online(train_params) -> bool:
 
 def recipe_for(train_params) -> Recipe:
     """The recipe ``params.train`` asks for."""
-    return build_recipe(train_params.recipe, views=train_params.views, teacher_trainable=train_params.teacher_trainable,
-                        feature_matching=train_params.w_features > 0, teacher_online=teacher_runs_online(train_params))
+    return build_recipe(
+        train_params.recipe,
+        views=train_params.views,
+        teacher_trainable=train_params.teacher_trainable,
+        feature_matching=train_params.w_features > 0,
+        teacher_online=teacher_runs_online(train_params),
+    )
 
 
-def total_loss(recipe: Recipe, out: StepOutputs, hyper: Hyper,
-               projection=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def total_loss(
+    recipe: Recipe, out: StepOutputs, hyper: Hyper, projection=None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Sum of the recipe's weighted terms, and each term's value (unweighted) for the history, as
     detached tensors on the device: reading them on the host would wait for the step at every step."""
     total = None

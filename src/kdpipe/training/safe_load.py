@@ -21,9 +21,11 @@ def load_tensors(path: Path, what: str) -> Any:
     except pickle.UnpicklingError as exc:
         refused = _unsafe_global(exc)
         if refused:
-            raise KdpipeError(f"{path}: not a safe {what}: it holds pickled Python objects ({refused}), which could "
-                              "run code when loaded, and kdpipe loads tensors only; re-save its tensors as "
-                              ".safetensors (or a plain state dict) from a trusted copy") from None
+            raise KdpipeError(
+                f"{path}: not a safe {what}: it holds pickled Python objects ({refused}), which could "
+                "run code when loaded, and kdpipe loads tensors only; re-save its tensors as "
+                ".safetensors (or a plain state dict) from a trusted copy"
+            ) from None
         raise KdpipeError(f"{path}: not a readable {what} ({_unpickler_reason(exc)})") from None
     except Exception as exc:  # torch raises several types for truncated or foreign files
         raise KdpipeError(f"{path}: not a readable {what} ({_first_line(exc)})") from None

@@ -34,7 +34,11 @@ class EarlyStop:
 
     # the resume state: everything above except the settings, which come from the params
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "evals_without_improvement": self.evals_without_improvement, "reason": self.reason}
+        return {
+            "best": self.best,
+            "evals_without_improvement": self.evals_without_improvement,
+            "reason": self.reason,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best = float(state["best"])

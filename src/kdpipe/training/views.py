@@ -64,8 +64,9 @@ def nchw_on_device(images: torch.Tensor, runtime) -> torch.Tensor:
     return x if gathers_channels_first(runtime) else x.permute(0, 3, 1, 2).contiguous()
 
 
-def gather_rows(source: np.ndarray, index: tuple[np.ndarray, ...], out: np.ndarray,
-                channels_first: bool = False) -> None:
+def gather_rows(
+    source: np.ndarray, index: tuple[np.ndarray, ...], out: np.ndarray, channels_first: bool = False
+) -> None:
     """``out[j] = source[index[0][j], index[1][j], ...]`` for every ``j``, in one copy; with
     ``channels_first`` each HWC image is written as CHW.
 
@@ -87,12 +88,18 @@ def gather_rows(source: np.ndarray, index: tuple[np.ndarray, ...], out: np.ndarr
     release(source)  # a mapped source FileRows cannot read (a slice of a map): drop what was touched
 
 
-def gather_batch(labeled: np.ndarray, unlabeled: np.ndarray, l_index: tuple[np.ndarray, ...],
-                 u_index: tuple[np.ndarray, ...], runtime, channels_first: bool = False) -> torch.Tensor:
+def gather_batch(
+    labeled: np.ndarray,
+    unlabeled: np.ndarray,
+    l_index: tuple[np.ndarray, ...],
+    u_index: tuple[np.ndarray, ...],
+    runtime,
+    channels_first: bool = False,
+) -> torch.Tensor:
     """The labeled rows then the unlabeled ones, in one new host buffer (pinned for a GPU);
     ``channels_first``: HWC images are written as CHW (see :func:`gathers_channels_first`)."""
     nl, nu = len(l_index[0]), len(u_index[0])
-    row_shape = labeled.shape[len(l_index):]
+    row_shape = labeled.shape[len(l_index) :]
     if channels_first:
         height, width, channels = row_shape
         row_shape = (channels, height, width)
@@ -148,8 +155,12 @@ class OnlineViews:
     def host(self, l_idx: np.ndarray, u_idx: np.ndarray, key: None = None) -> HostBatch:
         """The raw images of the batch (host work, safe in a background thread)."""
         d = self.data
-        labeled, unlabeled = (d.teacher_train_x, d.teacher_unlabeled_x) if self.big else (d.train_x, d.unlabeled_x)
-        images = gather_batch(labeled, unlabeled, (l_idx,), (u_idx,), self.rt, gathers_channels_first(self.rt))
+        labeled, unlabeled = (
+            (d.teacher_train_x, d.teacher_unlabeled_x) if self.big else (d.train_x, d.unlabeled_x)
+        )
+        images = gather_batch(
+            labeled, unlabeled, (l_idx,), (u_idx,), self.rt, gathers_channels_first(self.rt)
+        )
         return HostBatch(labels_tensor(d.train_y, l_idx, len(u_idx)), [images], [None])
 
     def _probabilities(self) -> list[float]:
@@ -191,8 +202,10 @@ class StoredViews:
         kinds = data.view_kinds or ["strong"] * data.labeled_views.shape[1]
         self.strong = torch.tensor([k == "strong" for k in kinds])
         if len(kinds) < recipe.num_views:
-            raise KdpipeError(f"recipe '{recipe.name}' compares {recipe.num_views} views but the augment step stored "
-                              f"only {len(kinds)} (set augment.views >= {recipe.num_views})")
+            raise KdpipeError(
+                f"recipe '{recipe.name}' compares {recipe.num_views} views but the augment step stored "
+                f"only {len(kinds)} (set augment.views >= {recipe.num_views})"
+            )
         self.cached = use_cache and data.labeled_logits is not None
         # View choices are drawn on the CPU (they index host arrays), from their own resumable stream.
         self.gen = torch.Generator().manual_seed(int(seed) * 7919 + 101 + runtime.rank)
@@ -247,7 +260,9 @@ class StoredViews:
     def load_state_dict(self, state: dict) -> None:
         self.gen.set_state(state["gen"])
 
-    def host(self, l_idx: np.ndarray, u_idx: np.ndarray, key: tuple[float | None, ...] | None = None) -> HostBatch:
+    def host(
+        self, l_idx: np.ndarray, u_idx: np.ndarray, key: tuple[float | None, ...] | None = None
+    ) -> HostBatch:
         """Chooses the stored views (this stream's generator) and gathers them, with their cached
         logits where the teacher wants them: host work, safe in a background thread. ``key`` is
         :meth:`draw_key` as the training thread last read it."""
@@ -258,11 +273,22 @@ class StoredViews:
         for view, pick in enumerate(self.choose(nl + len(u_idx), key)):
             pick = pick.numpy()
             l_index, u_index = (l_idx, pick[:nl]), (u_idx, pick[nl:])
-            images.append(gather_batch(d.labeled_views, d.unlabeled_views, l_index, u_index, self.rt,
-                                       gathers_channels_first(self.rt)))
+            images.append(
+                gather_batch(
+                    d.labeled_views,
+                    d.unlabeled_views,
+                    l_index,
+                    u_index,
+                    self.rt,
+                    gathers_channels_first(self.rt),
+                )
+            )
             cached = self.cached and view in wanted
-            logits.append(gather_batch(d.labeled_logits, d.unlabeled_logits, l_index, u_index, self.rt)
-                          if cached else None)
+            logits.append(
+                gather_batch(d.labeled_logits, d.unlabeled_logits, l_index, u_index, self.rt)
+                if cached
+                else None
+            )
         return HostBatch(labels_tensor(d.train_y, l_idx, len(u_idx)), images, logits)
 
     def on_device(self, host: HostBatch) -> Batch:

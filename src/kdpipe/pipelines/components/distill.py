@@ -8,9 +8,20 @@ from kdpipe.orchestration.kubeflow import image
 
 
 @dsl.component(base_image=image(), install_kfp_package=False)
-def distill(prepared: Input[Dataset], augmented: Input[Dataset], teacher_model: Input[Model], train_params: dict,
-            augment_params: dict, gpus: int, student: Output[Model], summary: Output[Metrics], execution_key: str = "",
-        git_commit: str = "", state_dir: str = "", nodes: int = 1):
+def distill(
+    prepared: Input[Dataset],
+    augmented: Input[Dataset],
+    teacher_model: Input[Model],
+    train_params: dict,
+    augment_params: dict,
+    gpus: int,
+    student: Output[Model],
+    summary: Output[Metrics],
+    execution_key: str = "",
+    git_commit: str = "",
+    state_dir: str = "",
+    nodes: int = 1,
+):
     import json
     import os
     import subprocess
@@ -33,26 +44,42 @@ def distill(prepared: Input[Dataset], augmented: Input[Dataset], teacher_model: 
 
         staging = student.uri.rstrip("/") + ".trainjob"
         job = trainjob.manifest(
-            trainjob.job_name(execution_key or student.uri), trainjob.current_namespace(),
-            os.environ.get(trainjob.TRAINJOB_IMAGE_ENV) or kubeflow.gpu_image(), nodes, gpus,
-            {"prepared": prepared.uri, "augmented": augmented.uri, "teacher": teacher_model.uri}, staging,
+            trainjob.job_name(execution_key or student.uri),
+            trainjob.current_namespace(),
+            os.environ.get(trainjob.TRAINJOB_IMAGE_ENV) or kubeflow.gpu_image(),
+            nodes,
+            gpus,
+            {"prepared": prepared.uri, "augmented": augmented.uri, "teacher": teacher_model.uri},
+            staging,
             params.model_dump(mode="json"),
-            env={"KDPIPE_EXECUTION_KEY": execution_key, "KDPIPE_GIT_COMMIT": git_commit,
-                 "KDPIPE_TRACKING": "1" if track else "0"})
+            env={
+                "KDPIPE_EXECUTION_KEY": execution_key,
+                "KDPIPE_GIT_COMMIT": git_commit,
+                "KDPIPE_TRACKING": "1" if track else "0",
+            },
+        )
         trainjob.run_and_wait(job, trainjob.in_cluster_api())
         objectstore.get(staging, work)
     elif gpus > 1:
         with tempfile.TemporaryDirectory() as tmp:
             params_file = os.path.join(tmp, "params.yaml")
             Path(params_file).write_text(yaml.safe_dump(params.model_dump(mode="json")), encoding="utf-8")
-            cmd = kubeflow.distill_command(gpus, params_file, prepared.path, augmented.path, teacher_model.path,
-                                           str(work))
+            cmd = kubeflow.distill_command(
+                gpus, params_file, prepared.path, augmented.path, teacher_model.path, str(work)
+            )
             print("distill: DDP over", gpus, "GPUs:", " ".join(cmd))
             # rank 0 logs the run (kdpipe.orchestration.tracking logs on the main rank only)
             subprocess.run(cmd, check=True, env={**os.environ, "KDPIPE_TRACKING": "1" if track else "0"})
     else:
-        run_step("distill", params, track=track, prepared_dir=prepared.path,
-                 augmented_dir=augmented.path, teacher_dir=teacher_model.path, out_dir=str(work))
+        run_step(
+            "distill",
+            params,
+            track=track,
+            prepared_dir=prepared.path,
+            augmented_dir=augmented.path,
+            teacher_dir=teacher_model.path,
+            out_dir=str(work),
+        )
     kubeflow.publish(work, student.path)
     metrics = json.loads((Path(student.path) / "metrics.json").read_text(encoding="utf-8"))
     student.metadata.update({"recipe": params.train.recipe, "arch": params.train.student_arch, "gpus": gpus})

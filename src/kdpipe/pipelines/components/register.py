@@ -13,22 +13,43 @@ from kdpipe.orchestration.kubeflow import image
 
 
 @dsl.component(base_image=image(), install_kfp_package=False)
-def register(onnx_model: Input[Model], evaluation: Input[Artifact], prepared: Input[Dataset], min_accuracy: float,
-             prepare_params: dict, augment_params: dict, teacher_params: dict, train_params: dict,
-             select_params: dict, export_params: dict, evaluate_params: dict, register_params: dict,
-             decision: Output[Artifact], execution_key: str = "", git_commit: str = "",
-             require_tracking_server: bool = True):
+def register(
+    onnx_model: Input[Model],
+    evaluation: Input[Artifact],
+    prepared: Input[Dataset],
+    min_accuracy: float,
+    prepare_params: dict,
+    augment_params: dict,
+    teacher_params: dict,
+    train_params: dict,
+    select_params: dict,
+    export_params: dict,
+    evaluate_params: dict,
+    register_params: dict,
+    decision: Output[Artifact],
+    execution_key: str = "",
+    git_commit: str = "",
+    require_tracking_server: bool = True,
+):
     """Every group is an input so the MLflow run records the parameters the model was built with."""
     from kdpipe.orchestration import kubeflow
     from kdpipe.steps import register as step
 
     register_params = {**register_params, "min_accuracy": min_accuracy}
     params = kubeflow.params_from(
-        data={"prepared": prepared.path}, prepare=prepare_params, augment=augment_params,
-        teacher=teacher_params, train=train_params, select=select_params, export=export_params,
-        evaluate=evaluate_params, register=register_params,
+        data={"prepared": prepared.path},
+        prepare=prepare_params,
+        augment=augment_params,
+        teacher=teacher_params,
+        train=train_params,
+        select=select_params,
+        export=export_params,
+        evaluate=evaluate_params,
+        register=register_params,
     )
     kubeflow.tracking_for_task(execution_key, git_commit)
     kubeflow.registry_for_task(params.register, decision.path, require_tracking_server)
     result = step.run(params, onnx_model.path, evaluation.path, prepared.path, decision.path)
-    decision.metadata.update({k: result[k] for k in ("registered", "model_name", "version", "promoted", "reason")})
+    decision.metadata.update(
+        {k: result[k] for k in ("registered", "model_name", "version", "promoted", "reason")}
+    )
