@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import json
 import textwrap
 from pathlib import Path
 
@@ -113,3 +114,6 @@ def test_run_step_copies_the_reports_and_logs_the_step(
     }
     runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`kdpipe.step` = 'distill'")
     assert len(runs) == 1 and runs["metrics.val_acc_student"].iloc[0] >= 0.0
+    # the data version is the one of the prepared folder the step read, not of ./artifacts/prepared
+    manifest = json.loads((Path(d["prepared"]) / "manifest.json").read_text())
+    assert runs["tags.kdpipe.data_version"].iloc[0] == manifest["data_version"]

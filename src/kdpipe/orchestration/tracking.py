@@ -152,17 +152,16 @@ def git_commit(cwd: str | os.PathLike | None = None) -> str:
     return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "unknown"
 
 
-def data_version(params: Any) -> str:
-    """``data_version`` of the prepared manifest, ``"unknown"`` before prepare has run."""
-    prepared = getattr(getattr(params, "data", None), "prepared", layout.PREPARED)
+def data_version(prepared_dir: str | os.PathLike = layout.PREPARED) -> str:
+    """``data_version`` of the prepared manifest in ``prepared_dir``, ``"unknown"`` before prepare has run."""
     try:
-        return str(read_json(Path(prepared) / "manifest.json")["data_version"])
+        return str(read_json(Path(prepared_dir) / "manifest.json")["data_version"])
     except (OSError, ValueError, KeyError, TypeError):
         return "unknown"
 
 
-def run_tags(params: Any) -> dict[str, str]:
-    tags = {TAG_GIT: git_commit(), TAG_DATA: data_version(params), TAG_VERSION: __version__}
+def run_tags(prepared_dir: str | os.PathLike = layout.PREPARED) -> dict[str, str]:
+    tags = {TAG_GIT: git_commit(), TAG_DATA: data_version(prepared_dir), TAG_VERSION: __version__}
     image = os.environ.get(IMAGE_REF_ENV, "").strip()
     if image:
         tags[TAG_IMAGE] = image
@@ -303,7 +302,9 @@ def _run_exists(client, run_id: str) -> bool:
 
 
 @contextlib.contextmanager
-def pipeline_run(params: Any, run_name: str | None = None) -> Iterator[Any]:
+def pipeline_run(
+    params: Any, run_name: str | None = None, prepared_dir: str | os.PathLike = layout.PREPARED
+) -> Iterator[Any]:
     """Start or resume the parent run of this pipeline execution; yields the ``ActiveRun``.
 
     Resumes ``$KDPIPE_MLFLOW_RUN_ID`` (an error if that run does not exist), else the run tagged
@@ -337,7 +338,7 @@ def pipeline_run(params: Any, run_name: str | None = None) -> Iterator[Any]:
         # the settings its steps used, so this is another execution, with a parent of its own.
         run_id = None
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name) as run:
-        mlflow.set_tags({**run_tags(params), **({TAG_EXECUTION: execution} if execution else {})})
+        mlflow.set_tags({**run_tags(prepared_dir), **({TAG_EXECUTION: execution} if execution else {})})
         if run_id is None and source != "env":
             write_json(
                 run_file(),
@@ -351,7 +352,12 @@ def pipeline_run(params: Any, run_name: str | None = None) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def step_run(name: str, params: Any = None, started_at: float | None = None) -> Iterator[Any]:
+def step_run(
+    name: str,
+    params: Any = None,
+    started_at: float | None = None,
+    prepared_dir: str | os.PathLike = layout.PREPARED,
+) -> Iterator[Any]:
     """A nested run for one step inside :func:`pipeline_run`; yields its ``ActiveRun``.
 
     Tagged ``kdpipe.step=<name>`` plus the parent's tags. Yields ``None`` on non-zero ranks.
@@ -367,7 +373,7 @@ def step_run(name: str, params: Any = None, started_at: float | None = None) -> 
     if parent is None:
         raise RuntimeError("step_run() must be used inside pipeline_run()")
     if params is not None:
-        tags = run_tags(params)
+        tags = run_tags(prepared_dir)
     else:  # copy the parent's tags; ActiveRun.data is a snapshot from its start, so read it back
         parent_tags = mlflow.MlflowClient().get_run(parent.info.run_id).data.tags
         tags = {k: v for k, v in parent_tags.items() if k.startswith("kdpipe.")}
@@ -532,8 +538,10 @@ def log_step(
     out_dir: str | os.PathLike,
     report_files: Iterable[str] = (),
     started_at: float | None = None,
+    prepared_dir: str | os.PathLike = layout.PREPARED,
 ) -> None:
-    """Record one finished pipeline step in this execution's parent run, as a nested run.
+    """Record one finished pipeline step in this execution's parent run, as a nested run (tagged with
+    the data version of ``prepared_dir``, the prepared data the step read or wrote).
 
     Logs the (redacted) params on the parent, and on the step's run: the numbers of the step's
     ``metrics.json``, the per-evaluation curves of ``history.json`` and ``schedule.json`` (step =
@@ -542,7 +550,7 @@ def log_step(
     if not is_main_rank():
         return
     try:
-        _log_step(name, params, Path(out_dir), report_files, started_at)
+        _log_step(name, params, Path(out_dir), report_files, started_at, prepared_dir)
     except KdpipeError:
         raise
     except Exception as exc:  # MLflow and requests raise many types when a server goes away mid-way
@@ -566,11 +574,16 @@ def _is_unreachable(exc: BaseException) -> bool:
 
 
 def _log_step(
-    name: str, params: Any, out: Path, report_files: Iterable[str], started_at: float | None
+    name: str,
+    params: Any,
+    out: Path,
+    report_files: Iterable[str],
+    started_at: float | None,
+    prepared_dir: str | os.PathLike,
 ) -> None:
-    with pipeline_run(params, run_name="kdpipe"):
+    with pipeline_run(params, run_name="kdpipe", prepared_dir=prepared_dir):
         log_params_flat(params)
-        with step_run(name, params, started_at):
+        with step_run(name, params, started_at, prepared_dir):
             if (out / "metrics.json").is_file():
                 step_metrics = read_json(out / "metrics.json")
                 log_metrics_flat(flatten(step_metrics))

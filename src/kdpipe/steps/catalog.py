@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kdpipe.core import layout
 from kdpipe.core.catalog import STEPS, Step  # noqa: F401  (re-exported)
 
 
@@ -43,5 +44,13 @@ def run_step(
         from kdpipe.orchestration import tracking
 
         if tracking.tracking_enabled(params):
-            tracking.log_step(name, params, out_dir, step.report_files, started_at)
+            # the prepared data the step read (prepare: wrote) names the run's data version
+            prepared = (
+                out_dir
+                if name == "prepare"
+                else paths.get("prepared_dir", step.paths.get("prepared_dir", (None,))[0])
+            )
+            tracking.log_step(
+                name, params, out_dir, step.report_files, started_at, prepared or layout.PREPARED
+            )
     return result

@@ -117,6 +117,7 @@ class PromotionSplit:
     images: np.ndarray
     labels: np.ndarray
     class_names: list[str]
+    data_version: str  # of the prepared data the split comes from
 
 
 def promotion_split(prepared_dir: Path) -> PromotionSplit:
@@ -124,9 +125,15 @@ def promotion_split(prepared_dir: Path) -> PromotionSplit:
 
     data = load_prepared(prepared_dir, splits=("val", "test"))
     if len(data.val_y):
-        return PromotionSplit("validation", data.val_x, data.val_y, list(data.class_names))
+        return PromotionSplit(
+            "validation", data.val_x, data.val_y, list(data.class_names), data.manifest["data_version"]
+        )
     return PromotionSplit(
-        "test (there is no validation split)", data.test_x, data.test_y, list(data.class_names)
+        "test (there is no validation split)",
+        data.test_x,
+        data.test_y,
+        list(data.class_names),
+        data.manifest["data_version"],
     )
 
 
@@ -303,7 +310,7 @@ def _register(params, export_dir: Path, accuracy: float, split: PromotionSplit) 
         ACCURACY_TAG: repr(accuracy),
         PROMOTION_TAG: repr(promotion_accuracy),
         CLASSES_TAG: json.dumps(split.class_names),
-        "data_version": tracking.data_version(params),
+        "data_version": split.data_version,
         "git_commit": tracking.git_commit(),
         "kdpipe_version": __version__,
     }
@@ -376,9 +383,9 @@ def run(
     # Credentials are masked, and the project folder is shown as "." so decision.json (kept in
     # git) names no machine-specific path.
     shown_uri = tracking.redact(tracking.tracking_uri(params)).replace(os.getcwd(), ".")
-    with tracking.pipeline_run(params, run_name="kdpipe"):
+    with tracking.pipeline_run(params, run_name="kdpipe", prepared_dir=prepared_dir):
         tracking.log_params_flat(params)
-        with tracking.step_run("register", params):
+        with tracking.step_run("register", params, prepared_dir=prepared_dir):
             tracking.log_metrics_flat(metrics)
             tracking.log_artifacts(
                 [

@@ -37,7 +37,6 @@ def register(
 
     register_params = {**register_params, "min_accuracy": min_accuracy}
     params = kubeflow.params_from(
-        data={"prepared": prepared.path},
         prepare=prepare_params,
         augment=augment_params,
         teacher=teacher_params,
