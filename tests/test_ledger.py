@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import kdpipe.data.ledger
+import kdpipe.data.prepared_writer
 import kdpipe.data.segments
 from kdpipe.core.params import Params
 from kdpipe.data.prepared import REJECTED, SOURCES, load_prepared
@@ -63,7 +64,8 @@ def tiny_chunks(monkeypatch):
     """Every pass of prepare over its records and pixels in chunks of 3 rows (4,096 and 16 MiB
     otherwise), and segments of 7 rows: every boundary is crossed many times."""
     monkeypatch.setattr(kdpipe.data.ledger, "CHUNK", 3)
-    monkeypatch.setattr(prepare, "_COPY_BYTES", 3 * SIZE * SIZE * 3)
+    monkeypatch.setattr(prepare, "COPY_BYTES", 3 * SIZE * SIZE * 3)
+    monkeypatch.setattr(kdpipe.data.prepared_writer, "COPY_BYTES", 3 * SIZE * SIZE * 3)
     monkeypatch.setattr(kdpipe.data.segments, "SEGMENT_MIN_BYTES", 7 * SIZE * SIZE * 3)
 
 
@@ -72,7 +74,8 @@ def test_the_outputs_do_not_depend_on_the_chunk_size(mixed_root, tmp_path, monke
     prepare.run(params(), mixed_root, tmp_path / "whole")
     with monkeypatch.context() as patch:
         patch.setattr(kdpipe.data.ledger, "CHUNK", 3)
-        patch.setattr(prepare, "_COPY_BYTES", 3 * SIZE * SIZE * 3)
+        patch.setattr(prepare, "COPY_BYTES", 3 * SIZE * SIZE * 3)
+        patch.setattr(kdpipe.data.prepared_writer, "COPY_BYTES", 3 * SIZE * SIZE * 3)
         prepare.run(params(), mixed_root, tmp_path / "chunked")
     assert files_of(tmp_path / "chunked") == files_of(tmp_path / "whole")
 

@@ -156,7 +156,7 @@ def test_an_array_copied_into_ram_is_released(tmp_path):
 
 
 def test_prepare_copies_rows_from_the_files_without_mapping_them(tmp_path):
-    from kdpipe.steps.prepare import _read_rows
+    from kdpipe.data.rowio import gather_rows
 
     images = _images(600)
     paths = [_saved(tmp_path, "spool.npy", images[:400]), _saved(tmp_path, "segment.npy", images[400:])]
@@ -164,6 +164,6 @@ def test_prepare_copies_rows_from_the_files_without_mapping_them(tmp_path):
     rows = np.random.default_rng(1).permutation(600)[:250]  # random rows, as a shuffled split asks for them
     slots = np.arange(250)[::-1].copy()
     out = np.zeros((250, 32, 32, 3), dtype=np.uint8)
-    _read_rows(source, rows, slots, out)
+    gather_rows(source, (rows,), out, slots=slots)
     np.testing.assert_array_equal(out[slots], images[rows])
     assert [resident_kib(p) for p in paths] == [0, 0]  # while the maps are still open

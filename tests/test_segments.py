@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from kdpipe.data.rowio import gather_rows
 from kdpipe.data.segments import RowSegments, segment_file, segment_sizes
-from kdpipe.training.views import gather_rows
 
 
 @pytest.fixture

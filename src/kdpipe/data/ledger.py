@@ -208,7 +208,12 @@ class Ledger:
             self.db.execute(f"DROP TABLE {table}")
         self.db.commit()
 
-    def count(self, where: str = "1", *args) -> int:
+    def count(self, state: int | None = None) -> int:
+        """Files recorded, or those in ``state`` (PENDING, DECODED, REUSED...)."""
+        return self._count("1") if state is None else self._count("state = ?", state)
+
+    def _count(self, where: str, *args) -> int:
+        # the SQL stays in this class: callers ask typed questions (count, class_counts...)
         return self.db.execute(f"SELECT count(*) FROM items WHERE {where}", args).fetchone()[0]
 
     # ------------------------------------------------------------ input identities and hashes
@@ -440,7 +445,7 @@ class Ledger:
             f"ELSE {OUT_TEST} END WHERE {_USED} AND source != {LABELED}"
         )
         for label in range(len(self.class_names)):
-            n = self.count(f"{_USED} AND source = {LABELED} AND label = ?", label)
+            n = self._count(f"{_USED} AND source = {LABELED} AND label = ?", label)
             n_val = 0 if n < 2 or val_fraction == 0 else min(n - 1, max(1, int(n * val_fraction + 0.5)))
             self.db.execute(
                 f"UPDATE items SET out = {VAL} WHERE row IN (SELECT row FROM items WHERE {_USED} "
@@ -517,8 +522,11 @@ class Ledger:
     def rejected_count(self) -> int:
         return self.db.execute("SELECT count(*) FROM rejects").fetchone()[0]
 
-    def rejected_sorted(self, where: str = "1", *args, limit: int | None = None) -> Iterator[dict[str, str]]:
-        """Rejected files sorted by (path, reason), as rejected.json lists them."""
+    def rejected_sorted(self, limit: int | None = None) -> Iterator[dict[str, str]]:
+        """Rejected files sorted by (path, reason), as rejected.json lists them (the first ``limit``)."""
+        return self._rejected_sorted("1", limit=limit)
+
+    def _rejected_sorted(self, where: str, *args, limit: int | None = None) -> Iterator[dict[str, str]]:
         cursor = self.db.execute(
             f"SELECT path, split, reason, detail FROM rejects WHERE {where} "
             f"ORDER BY path, reason, rowid LIMIT ?",
@@ -539,7 +547,7 @@ class Ledger:
         total = self.db.execute(
             f"SELECT count(*) FROM rejects WHERE {where}", (len(prefix), prefix)
         ).fetchone()[0]
-        return total, list(self.rejected_sorted(where, len(prefix), prefix, limit=limit))
+        return total, list(self._rejected_sorted(where, len(prefix), prefix, limit=limit))
 
     def reject_reasons(self) -> list[tuple[str, int]]:
         """(reason, count), most frequent first; ties in the order rejected.json first shows them."""
