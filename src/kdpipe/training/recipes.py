@@ -356,8 +356,8 @@ if set(RECIPES) != set(RECIPE_NAMES):  # the params schema and this table name t
 
 def build_recipe(
     name: str,
-    views: int = 3,
-    teacher_trainable: bool = True,
+    views: int = RecipeSettings.views,  # the schema's defaults (see RecipeSettings)
+    teacher_trainable: bool = RecipeSettings.teacher_trainable,
     feature_matching: bool = False,
     teacher_online: bool = False,
 ) -> Recipe:
