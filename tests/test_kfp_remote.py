@@ -274,3 +274,73 @@ def test_gpu_tasks_get_the_gpu_image_and_the_others_the_slim_one(kfp_server, cap
     for name, executor in executors.items():
         ref = {v["name"]: v["value"] for v in executor["container"]["env"]}["KDPIPE_IMAGE_REF"]
         assert ref == executor["container"]["image"], name
+
+
+SECRETS = ("ghp_SECRETTOKEN", "SIGSECRET", "AWSSECRET", "MLFLOWSECRET")
+
+
+@pytest.mark.parametrize("command", ["submit", "schedule"])
+def test_no_credential_reaches_the_kfp_server(kfp_server, capsys, command):
+    """Tokens in the data repository URL, the DVC remote settings or the tracking URI are removed
+    before anything is sent: KFP keeps parameters in its database, UI and Argo spec."""
+    remote = {
+        "url": "s3://bucket/x?X-Amz-Signature=SIGSECRET",
+        "endpointurl": "https://minio:9000",
+        "secret_access_key": "AWSSECRET",
+    }
+    args = [
+        "pipeline",
+        command,
+        "--host",
+        kfp_server.url,
+        "-S",
+        "data_repo=https://ci:ghp_SECRETTOKEN@github.com/o/r.git",
+        "-S",
+        f"dvc_remote_config={json.dumps(remote)}",
+        "-S",
+        "register.tracking_uri=https://kdpipe:MLFLOWSECRET@mlflow.example.com",
+    ]
+    if command == "schedule":
+        args += ["--cron", "0 0 3 * * *"]
+    assert cli.main(args) == 0, capsys.readouterr().err
+    sent = json.dumps([(m, p, q, b) for m, p, q, b, *_ in kfp_server.requests])
+    assert not [s for s in SECRETS if s in sent]
+    assert "github.com/o/r.git" in sent and "https://minio:9000" in sent  # the rest arrives
+    err = capsys.readouterr().err
+    assert err.count("credentials removed") == 3 and not [s for s in SECRETS if s in err]
+
+
+def test_the_compiled_package_holds_no_credential(tmp_path):
+    from kdpipe.core.params import load_params
+    from kdpipe.pipelines.kfp_pipeline import compile_pipeline
+
+    params = tmp_path / "params.yaml"
+    raw = load_params(ROOT / "params.yaml").model_dump(mode="json")
+    raw["register"]["tracking_uri"] = "https://kdpipe:MLFLOWSECRET@mlflow.example.com"
+    params.write_text(yaml.safe_dump(raw))
+    text = compile_pipeline(tmp_path / "p.yaml", params).read_text()
+    assert "MLFLOWSECRET" not in text and "https://mlflow.example.com" in text
+
+
+@pytest.mark.parametrize("reported", ["unknown", None])
+def test_a_backend_of_unknown_version_is_refused_unless_forced(kfp_server, capsys, reported):
+    kfp_server.backend_version = reported  # KFP serves "unknown" when its TAG_NAME is unset
+    assert cli.main(["pipeline", "submit", "--host", kfp_server.url]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "needs backend 2.15.0 or newer" in err and "--force-backend-version" in err and "Traceback" not in err
+    )
+    assert not calls(kfp_server, "POST", f"{API}/runs")
+    assert cli.main(["pipeline", "submit", "--host", kfp_server.url, "--force-backend-version"]) == 0
+    assert "submitting anyway" in capsys.readouterr().err and calls(kfp_server, "POST", f"{API}/runs")
+
+
+def test_an_unreachable_backend_is_one_line(capsys):
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert cli.main(["pipeline", "submit", "--host", f"http://127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be reached" in err and "Traceback" not in err

@@ -348,3 +348,10 @@ def test_an_unlabeled_only_ingest_does_not_retrain_the_teacher(tmp_path, tiny_pa
     commit(repo, env, "rounds")
     run([KDPIPE, "ingest", new_images(tmp_path / "more", 10, seed=8), "--data-root", "data"], repo, env)
     assert "Running stage 'teacher'" in run([DVC, "repro"], repo, env)
+
+
+def test_a_token_in_the_git_origin_never_becomes_a_pipeline_parameter(tmp_path):
+    env = repo_env()
+    repo = init_repo(tmp_path / "repo", env)
+    run(["git", "remote", "add", "origin", "https://ci:ghp_SECRETTOKEN@github.com/team/data.git"], repo, env)
+    assert kfp_data_arguments(repo)["data_repo"] == "https://github.com/team/data.git"

@@ -219,6 +219,7 @@ def _pipeline_submit(args: argparse.Namespace) -> None:
         args.namespace,
         image=args.image,
         gpu_image=args.gpu_image,
+        force_version=args.force_backend_version,
     )
     print(f"pipeline submitted: run {run_id} in experiment {args.experiment!r}")
 
@@ -242,6 +243,7 @@ def _pipeline_schedule(args: argparse.Namespace) -> None:
         enable_caching=args.cache,
         image=args.image,
         gpu_image=args.gpu_image,
+        force_version=args.force_backend_version,
     )
     action = f"replaced {len(done['replaced'])}" if done["replaced"] else "created"
     print(
@@ -349,6 +351,11 @@ def _add_pipeline_commands(sub) -> None:
             default=[],
             metavar="KEY=VALUE",
             help="group.key=value (params.yaml key) or parameter=value (e.g. data_rev=v2); repeatable",
+        )
+        cmd.add_argument(
+            "--force-backend-version",
+            action="store_true",
+            help="submit even when the backend's version is unknown or cannot be read (it must be 2.15+)",
         )
         if name == "submit":
             cmd.add_argument("--run-name", default=None, help="name of the run in the KFP UI")

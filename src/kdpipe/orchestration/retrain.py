@@ -153,8 +153,11 @@ def kfp_data_arguments(repo: Path) -> dict[str, str]:
         done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
         return done.stdout.strip() if done.returncode == 0 else ""
 
+    from kdpipe.orchestration.tracking import without_credentials
+
     rev = git("rev-parse", "HEAD")
-    url = os.environ.get("KDPIPE_DATA_REPO") or git("remote", "get-url", "origin")
+    # a token in the origin URL stays here: the cluster's data task reads it from the kdpipe-git secret
+    url = without_credentials(os.environ.get("KDPIPE_DATA_REPO") or git("remote", "get-url", "origin"))
     found = {"data_repo": url, "data_rev": rev, "data_version": rev}
     return {k: v for k, v in found.items() if v}
 
@@ -164,7 +167,7 @@ def kfp_remote_arguments(repo: Path) -> dict[str, Any]:
     remote's non-secret settings such as ``endpointurl``): ``$KDPIPE_DVC_REMOTE`` (a URL), else the
     project's default remote. Credentials never travel: the cluster reads them from its secret.
     A local-folder remote is refused: a cluster cannot read this machine's disk."""
-    from kdpipe.orchestration.tracking import is_secret_key
+    from kdpipe.orchestration.tracking import is_secret_key, without_credentials
 
     url = os.environ.get(DVC_REMOTE_ENV, "").strip()
     settings: dict[str, Any] = {}
@@ -181,7 +184,7 @@ def kfp_remote_arguments(repo: Path) -> dict[str, Any]:
         for k, v in settings.items()
         if not is_secret_key(k) and "password" not in k.lower() and isinstance(v, str | int | float | bool)
     }
-    return {"dvc_remote_config": {"url": url, **public}}
+    return {"dvc_remote_config": {"url": without_credentials(url), **public}}
 
 
 def _default_remote(repo: Path) -> tuple[str, dict[str, Any]]:

@@ -73,6 +73,10 @@ SECRET_WORDS = frozenset(
     }
 )
 _URI_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
+# a secret query parameter with its separator, removed whole by without_credentials
+_SECRET_QUERY_PAIR = re.compile(
+    r"([?&])[^=&\s#]*(?:secret|password|token|key|signature)[^=&\s#]*=[^&\s#]*(&?)", re.IGNORECASE
+)
 _SECRET_QUERY = re.compile(
     r"([?&][^=&\s]*(?:secret|password|token|key|signature)[^=&\s]*=)[^&\s#]+", re.IGNORECASE
 )
@@ -92,6 +96,15 @@ def redact(value: str) -> str:
     secret-looking query parameters (``?token=abc`` -> ``?token=***``)."""
     value = _URI_USERINFO.sub(r"\1***@", value)
     return _SECRET_QUERY.sub(r"\1***", value)
+
+
+def without_credentials(value: str) -> str:
+    """``value`` with the credentials of any URL in it removed: the user info
+    (``https://user:token@host/x`` -> ``https://host/x``) and secret query parameters. What a URL
+    may carry when it leaves this process as a pipeline parameter: on a cluster the credentials
+    come from Kubernetes secrets."""
+    stripped = _URI_USERINFO.sub(r"\1", value)
+    return _SECRET_QUERY_PAIR.sub(lambda m: m[1] if m[2] else "", stripped)
 
 
 def is_secret_key(key: str) -> bool:

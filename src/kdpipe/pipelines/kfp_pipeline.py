@@ -61,11 +61,17 @@ _NO_REMOTE_CONFIG: dict[str, Any] = {}
 def group_defaults(params: Params) -> dict[str, dict[str, Any]]:
     """``{"train_params": {...}, ...}`` from validated params. Separate values are left out. KFP cannot
     store ``None``, so unset values travel as the string ``"null"`` (``kubeflow.params_from`` turns it
-    back): leaving them out would let a schema default that is not ``None`` take their place."""
+    back): leaving them out would let a schema default that is not ``None`` take their place.
+    A URL's credentials (``register.tracking_uri`` with a password...) never become a default: the
+    compiled package is committed and shown in the KFP UI; the tasks read them from secrets."""
+    from kdpipe.orchestration.tracking import without_credentials
+
     dumped = params.model_dump(mode="json")
     return {
         f"{g}_params": {
-            k: kubeflow.NULL if v is None else v for k, v in dumped[g].items() if (g, k) not in SEPARATE
+            k: kubeflow.NULL if v is None else without_credentials(v) if isinstance(v, str) else v
+            for k, v in dumped[g].items()
+            if (g, k) not in SEPARATE
         }
         for g in GROUPS
     }

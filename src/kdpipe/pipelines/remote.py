@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -74,30 +75,68 @@ def client(host: str, namespace: str | None = None):
     return kfp.Client(host=host, existing_token=token, **kwargs)
 
 
-def server_version(host: str) -> str | None:
+def server_version(host: str) -> tuple[str | None, str]:
     """The backend's version (``tag_name`` of the v1beta1 health endpoint, which every 2.x backend
-    still serves); None when it does not say or cannot be asked."""
+    still serves), and when there is none, why: unreachable, or not reported."""
     request = urllib.request.Request(host.rstrip("/") + "/apis/v1beta1/healthz")
     token = os.environ.get(TOKEN_ENV)
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 (the user's own endpoint)
-            return json.loads(response.read().decode("utf-8")).get("tag_name") or None
-    except (urllib.error.URLError, OSError, ValueError):
-        return None
+            tag = json.loads(response.read().decode("utf-8")).get("tag_name") or None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return None, f"cannot be reached ({getattr(exc, 'reason', exc)})"
+    return tag, "does not report its version" if tag is None else f"reports version {tag!r}"
 
 
-def check_server(host: str) -> None:
+def check_server(host: str, force_version: bool = False) -> None:
+    """Refuse a backend older than the pipeline needs, and one whose version is unknown (KFP says
+    "unknown" when its TAG_NAME is unset) or that cannot be reached, unless ``force_version``."""
+    from kdpipe.core.errors import KdpipeError
     from kdpipe.orchestration.cluster import MIN_BACKEND, check_backend_version
     from kdpipe.orchestration.tracking import redact
 
-    if check_backend_version(server_version(host), redact(host)) is None:
-        needed = ".".join(map(str, MIN_BACKEND))
-        print(
-            f"warning: {redact(host)} does not report its Kubeflow Pipelines version; this pipeline needs "
-            f"backend {needed} or newer"
+    tag, why = server_version(host)
+    if check_backend_version(tag, redact(host)) is not None:
+        return
+    needed = ".".join(map(str, MIN_BACKEND))
+    line = (
+        f"{redact(host)}: the Kubeflow Pipelines backend {why}; this pipeline needs backend {needed} or newer"
+    )
+    if not force_version:
+        raise KdpipeError(
+            f"{line}: check the URL and $KFP_TOKEN, or pass --force-backend-version if it is {needed}+"
         )
+    print(f"warning: {line} (--force-backend-version: submitting anyway)", file=sys.stderr)
+
+
+def scrub_credentials(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline arguments with every URL's credentials removed (and secret-named keys of nested
+    settings dropped), one warning line per parameter changed: KFP keeps parameters in its database,
+    UI and Argo spec, so a token in ``data_repo`` or a DVC remote URL would be readable by anyone
+    who sees the run. The tasks read credentials from their Kubernetes secrets."""
+    from kdpipe.orchestration.tracking import is_secret_key, without_credentials
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, str):
+            return without_credentials(value)
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if not is_secret_key(str(k))}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    cleaned = {}
+    for name, value in arguments.items():
+        cleaned[name] = clean(value)
+        if cleaned[name] != value:
+            print(
+                f"warning: pipeline parameter {name}: credentials removed (they never travel as parameters; "
+                "the tasks read them from their Kubernetes secrets, see docs/kubeflow.md)",
+                file=sys.stderr,
+            )
+    return cleaned
 
 
 def package_images(docs: list[dict]) -> set[str]:
@@ -165,9 +204,11 @@ def submit(
     namespace: str | None = None,
     image: str | None = None,
     gpu_image: str | None = None,
+    force_version: bool = False,
 ) -> str:
     """Create one run of the package on ``image`` (GPU tasks on ``gpu_image``); returns the run id."""
-    check_server(host)
+    check_server(host, force_version)
+    arguments = scrub_credentials(arguments)
     with package_for_cluster(package, image, gpu_image) as sent:
         result = client(host, namespace).create_run_from_pipeline_package(
             str(sent),
@@ -200,12 +241,14 @@ def schedule(
     enable_caching: bool = False,
     image: str | None = None,
     gpu_image: str | None = None,
+    force_version: bool = False,
 ) -> dict[str, Any]:
     """Create the recurring run ``name`` on ``image``, replacing any recurring run of that name in the
     experiment (KFP has no update call: the old one is deleted, then the new one created).
     One run at a time, no catch-up. Caching is off by default, so each run reads the data anew."""
     cron = check_cron(cron)
-    check_server(host)
+    check_server(host, force_version)
+    arguments = scrub_credentials(arguments)
     with package_for_cluster(package, image, gpu_image) as sent:
         kfp_client = client(host, namespace)
         experiment_id = kfp_client.create_experiment(experiment, namespace=namespace).experiment_id
