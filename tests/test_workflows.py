@@ -21,11 +21,67 @@ def _secrets(value) -> set[str]:
     return set(re.findall(r"secrets\.([A-Z_]+)", str(value)))
 
 
-def test_retrain_runs_on_the_default_branch_only():
+def evaluate_expression(expression: str, github: dict) -> object:
+    """A GitHub Actions ``${{ }}`` expression of the kinds the workflows use (``==``, ``!=``, ``||``,
+    ``&&``, ``format()``, string literals, ``github.*`` context), evaluated on ``github``; a missing
+    property is ``''`` (falsy, as in Actions)."""
+    body = expression.strip().removeprefix("${{").removesuffix("}}").strip()
+
+    class Missing(str):  # '' that still answers property access, like a missing context value
+        def __getattr__(self, name):
+            return Missing()
+
+    class Context(dict):
+        def __getattr__(self, name):
+            value = self.get(name, Missing())
+            return Context(value) if isinstance(value, dict) else value
+
+    def fmt(template: str, *args) -> str:
+        return re.sub(r"\{(\d+)\}", lambda m: str(args[int(m[1])]), template)
+
+    python = body.replace("||", " or ").replace("&&", " and ").replace("format(", "fmt(")
+    assert re.fullmatch(r"[\w.'{}()\[\]/ ,=!-]*", python), f"unsupported expression: {body}"
+    return eval(python, {"__builtins__": {}}, {"github": Context(github), "fmt": fmt})  # noqa: S307 (a test's own workflow file)
+
+
+# what GitHub puts in the context for each event (the schedule event has no repository object)
+EVENTS = {
+    "push to main": {
+        "event_name": "push",
+        "ref": "refs/heads/main",
+        "event": {"repository": {"default_branch": "main"}},
+    },
+    "schedule": {"event_name": "schedule", "ref": "refs/heads/main", "event": {"schedule": "17 3 * * 1"}},
+    "dispatch on main": {
+        "event_name": "workflow_dispatch",
+        "ref": "refs/heads/main",
+        "event": {"repository": {"default_branch": "main"}},
+    },
+    "dispatch on a branch": {
+        "event_name": "workflow_dispatch",
+        "ref": "refs/heads/feature",
+        "event": {"repository": {"default_branch": "main"}},
+    },
+}
+
+
+def test_retrain_runs_on_the_default_branch_for_push_schedule_and_dispatch_only():
     flow = _workflow("retrain.yml")
-    assert flow["on"]["push"]["branches"] == ["main"]
-    job = flow["jobs"]["retrain"]
-    assert "github.event.repository.default_branch" in job["if"]
+    assert flow["on"]["push"]["branches"] == ["main"] and "schedule" in flow["on"]
+    condition = flow["jobs"]["retrain"]["if"]
+    runs = {event: bool(evaluate_expression(condition, github)) for event, github in EVENTS.items()}
+    assert runs == {
+        "push to main": True,
+        "schedule": True,
+        "dispatch on main": True,
+        "dispatch on a branch": False,
+    }
+
+
+def test_the_expression_evaluator_reads_missing_properties_as_empty():
+    old_condition = "${{ github.ref == format('refs/heads/{0}', github.event.repository.default_branch) }}"
+    assert evaluate_expression(old_condition, EVENTS["schedule"]) is False  # why the schedule was skipped
+    assert evaluate_expression(old_condition, EVENTS["push to main"]) is True
 
 
 def test_retrain_gives_each_secret_only_to_the_steps_that_need_it():
