@@ -36,6 +36,7 @@ class FakeKfp:
         self._ids = itertools.count(1)
         self.lock = threading.Lock()
         self.backend_version = "2.15.0"  # what the v1beta1 health endpoint reports
+        self.fail_create = False  # POST recurringruns answers 500
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}-{next(self._ids)}"
@@ -72,6 +73,8 @@ class FakeKfp:
                     found = [r for r in found if r["experiment_id"] == query["experiment_id"][0]]
                 return 200, {"recurringRuns": found, "total_size": len(found)}
             if (method, path) == ("POST", f"{API}/recurringruns"):
+                if self.fail_create:
+                    return 500, {"error": "the scheduled workflow controller is unavailable"}
                 rec = {**body, "recurring_run_id": self.new_id("rec")}
                 self.recurring[rec["recurring_run_id"]] = rec
                 return 200, rec
@@ -344,3 +347,18 @@ def test_an_unreachable_backend_is_one_line(capsys):
     assert cli.main(["pipeline", "submit", "--host", f"http://127.0.0.1:{port}"]) == 2
     err = capsys.readouterr().err
     assert "cannot be reached" in err and "Traceback" not in err
+
+
+def test_a_failed_schedule_update_keeps_the_old_schedule(kfp_server, capsys):
+    """The replacement is created before the old one is deleted: when the create fails, the old
+    schedule still runs (it used to be deleted first, leaving none)."""
+    base = ["pipeline", "schedule", "--host", kfp_server.url, "--name", "nightly", "--cron", "0 0 3 * * *"]
+    assert cli.main(base) == 0
+    (old_id,) = kfp_server.recurring
+    kfp_server.fail_create = True
+    assert cli.main(base) != 0
+    assert list(kfp_server.recurring) == [old_id]
+    assert not calls(kfp_server, "DELETE", f"{API}/recurringruns/{old_id}")
+    kfp_server.fail_create = False
+    assert cli.main(base) == 0 and len(kfp_server.recurring) == 1 and old_id not in kfp_server.recurring
+    capsys.readouterr()

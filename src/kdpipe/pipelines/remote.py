@@ -11,12 +11,14 @@ Design notes: docs/design-notes.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -209,7 +211,10 @@ def submit(
     """Create one run of the package on ``image`` (GPU tasks on ``gpu_image``); returns the run id."""
     check_server(host, force_version)
     arguments = scrub_credentials(arguments)
-    with package_for_cluster(package, image, gpu_image) as sent:
+    with (
+        package_for_cluster(package, image, gpu_image) as sent,
+        _api_errors("submitting the run", "nothing was submitted"),
+    ):
         result = client(host, namespace).create_run_from_pipeline_package(
             str(sent),
             arguments=with_git_commit(sent, arguments),
@@ -218,6 +223,24 @@ def submit(
             namespace=namespace,
         )
     return result.run_id
+
+
+@contextlib.contextmanager
+def _api_errors(what: str, outcome: str) -> Iterator[None]:
+    """A refusal of the KFP API as one line (its status and message), not a client traceback."""
+    from kfp_server_api.exceptions import ApiException
+
+    from kdpipe.core.errors import KdpipeError
+
+    try:
+        yield
+    except ApiException as exc:
+        detail = (exc.body or "").strip() if isinstance(exc.body, str) else ""
+        try:
+            detail = json.loads(detail).get("error") or json.loads(detail).get("message") or detail
+        except (ValueError, AttributeError):
+            pass
+        raise KdpipeError(f"{what} failed: {exc.status} {exc.reason}: {detail[:300]}; {outcome}") from None
 
 
 def check_cron(cron: str) -> str:
@@ -244,7 +267,8 @@ def schedule(
     force_version: bool = False,
 ) -> dict[str, Any]:
     """Create the recurring run ``name`` on ``image``, replacing any recurring run of that name in the
-    experiment (KFP has no update call: the old one is deleted, then the new one created).
+    experiment. KFP has no update call: the new one is created first and the old ones deleted after,
+    so a failed create leaves the old schedule running (never no schedule at all).
     One run at a time, no catch-up. Caching is off by default, so each run reads the data anew."""
     cron = check_cron(cron)
     check_server(host, force_version)
@@ -257,16 +281,17 @@ def schedule(
         )
         listed = kfp_client.list_recurring_runs(experiment_id=experiment_id, filter=by_name, page_size=100)
         replaced = [r.recurring_run_id for r in (listed.recurring_runs or []) if r.display_name == name]
-        for recurring_run_id in replaced:
+        with _api_errors(f"creating the recurring run {name!r}", "the recurring runs of that name are kept"):
+            created = kfp_client.create_recurring_run(
+                experiment_id=experiment_id,
+                job_name=name,
+                cron_expression=cron,
+                max_concurrency=1,
+                no_catchup=True,
+                pipeline_package_path=str(sent),
+                params=with_git_commit(sent, arguments),
+                enable_caching=enable_caching,
+            )
+        for recurring_run_id in replaced:  # only once the new one exists
             kfp_client.delete_recurring_run(recurring_run_id)
-        created = kfp_client.create_recurring_run(
-            experiment_id=experiment_id,
-            job_name=name,
-            cron_expression=cron,
-            max_concurrency=1,
-            no_catchup=True,
-            pipeline_package_path=str(sent),
-            params=with_git_commit(sent, arguments),
-            enable_caching=enable_caching,
-        )
     return {"recurring_run_id": created.recurring_run_id, "replaced": replaced, "cron": cron}
