@@ -361,3 +361,65 @@ def test_multi_node_distill_is_a_cpu_task_that_launches_a_trainjob(tmp_path):
         "tolerations"
         not in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-distill"]
     )
+
+
+def test_tenancy_settings_reach_every_pod_and_gpu_task(tmp_path):
+    """Pod labels (a Kueue queue, cost labels) and annotations on every task, the GPU resource a MIG
+    slice, and CPU limits by default (a ResourceQuota on limits.cpu rejects pods without one)."""
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(
+        yaml.safe_dump(
+            {
+                "pod_labels": {"kueue.x-k8s.io/queue-name": "team-a", "cost-center": "ml"},
+                "pod_annotations": {"example.com/owner": "ml-platform"},
+                "gpu_resource": "nvidia.com/mig-1g.10gb",
+                "distill_nodes": 2,
+            }
+        )
+    )
+    spec, platform = compile_to(tmp_path / "p.yaml", extra_args=["--cluster", str(cluster)])
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    executors = spec["deploymentSpec"]["executors"]
+    assert set(k8s) == set(executors)  # every task has its platform settings
+    for name, config in k8s.items():
+        assert config["podMetadata"]["labels"] == {
+            "kueue.x-k8s.io/queue-name": "team-a",
+            "cost-center": "ml",
+        }, name
+        assert config["podMetadata"]["annotations"] == {"example.com/owner": "ml-platform"}, name
+    for name in ("exec-teacher", "exec-augment"):
+        assert (
+            executors[name]["container"]["resources"]["accelerator"]["resourceType"]
+            == "nvidia.com/mig-1g.10gb"
+        )
+    env = {e["name"]: e["value"] for e in executors["exec-distill"]["container"]["env"]}
+    assert env["KDPIPE_GPU_RESOURCE"] == "nvidia.com/mig-1g.10gb"  # the multi-node TrainJob's nodes
+    assert all(
+        float(e["container"]["resources"]["cpuLimit"]) >= float(e["container"]["resources"]["cpuRequest"])
+        for e in executors.values()
+    )
+
+
+def test_a_label_kubernetes_would_refuse_is_one_clear_error(tmp_path):
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(yaml.safe_dump({"pod_labels": {"team": "ML platform!"}}))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kdpipe.cli",
+            "pipeline",
+            "compile",
+            "--out",
+            str(tmp_path / "p.yaml"),
+            "--cluster",
+            str(cluster),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        done.returncode != 0 and "is not a Kubernetes label" in done.stderr and "Traceback" not in done.stderr
+    )

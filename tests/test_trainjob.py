@@ -231,3 +231,19 @@ def test_a_node_fetches_trains_with_torchrun_and_node_0_uploads(
     assert code == 0
     metrics = json.loads((store / "student.trainjob" / "metrics.json").read_text())
     assert metrics["iterations"] == 4 and (store / "student.trainjob" / "student.pt").is_file()
+
+
+def test_the_nodes_request_the_cluster_settings_gpu_resource():
+    job = trainjob.manifest(
+        "kdpipe-distill-run-2",
+        "team-a",
+        IMAGE,
+        2,
+        1,
+        INPUTS,
+        "s3://runs/r2/out",
+        {"train": {"recipe": "kd"}},
+        gpu_resource="nvidia.com/mig-1g.10gb",
+    )
+    resources = job["spec"]["trainer"]["resourcesPerNode"]
+    assert resources["limits"] == resources["requests"] == {"nvidia.com/mig-1g.10gb": "1"}

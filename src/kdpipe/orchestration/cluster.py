@@ -42,8 +42,9 @@ class Toleration(_Strict):
 
 
 class TaskSettings(_Strict):
-    """Kubernetes quantities as strings ("2", "500m", "8Gi"); null = not set. CPU limits are off by
-    default: a CPU limit throttles a data loader without protecting anything."""
+    """Kubernetes quantities as strings ("2", "500m", "8Gi"); null = not set. The defaults set a CPU
+    limit of twice the request: a namespace with a ResourceQuota on limits.cpu rejects pods without
+    one (set ``cpu_limit: null`` where no quota asks for it: a limit throttles a data loader)."""
 
     cpu_request: str | None = None
     cpu_limit: str | None = None
@@ -58,6 +59,7 @@ class TaskSettings(_Strict):
 def _task(cpu: str, memory: str, memory_limit: str, retries: int, hours: float) -> TaskSettings:
     return TaskSettings(
         cpu_request=cpu,
+        cpu_limit=str(2 * int(cpu)),
         memory_request=memory,
         memory_limit=memory_limit,
         retries=retries,
@@ -80,6 +82,10 @@ def _default_tasks() -> dict[str, TaskSettings]:
         # register twice, so it is never retried
         "register": _task("1", "2Gi", "8Gi", 0, 1),
     }
+
+
+_LABEL_VALUE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?")
+_LABEL_KEY = re.compile(r"(?:[a-z0-9.-]{1,253}/)?[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
 
 
 class ClusterSettings(_Strict):
@@ -106,6 +112,31 @@ class ClusterSettings(_Strict):
         "`gpus` GPUs each, launched and awaited by a CPU-only distill task",
     )
     tasks: dict[str, TaskSettings] = Field(default_factory=_default_tasks)
+    # Fit with the cluster's tenants: queue and cost labels, admission annotations, MIG slices.
+    pod_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="labels on every task's pod, e.g. {kueue.x-k8s.io/queue-name: team-a, cost-center: ml}",
+    )
+    pod_annotations: dict[str, str] = Field(
+        default_factory=dict,
+        description="annotations on every task's pod (PodDefaults, sidecar injection...)",
+    )
+    gpu_resource: str = Field(
+        "nvidia.com/gpu",
+        pattern=r"^[a-z0-9.-]+/[A-Za-z0-9._-]+$",
+        description="the extended resource a GPU task requests: nvidia.com/gpu, or a MIG slice such as "
+        "nvidia.com/mig-1g.10gb",
+    )
+
+    @model_validator(mode="after")
+    def _label_values_are_kubernetes_labels(self) -> ClusterSettings:
+        for key, value in self.pod_labels.items():
+            if not _LABEL_VALUE.fullmatch(value) or not _LABEL_KEY.fullmatch(key):
+                raise ValueError(
+                    f"pod_labels: {key}: {value!r} is not a Kubernetes label (a name of at most 63 letters, "
+                    "digits, '-', '_' or '.', with an optional DNS prefix; the value likewise, or empty)"
+                )
+        return self
 
     def task(self, name: str) -> TaskSettings:
         return self.tasks.get(name, TaskSettings())

@@ -33,6 +33,7 @@ STORE_SECRET = "kdpipe-object-store"
 STORE_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")
 INPUTS = ("prepared", "augmented", "teacher")
 TRAINJOB_IMAGE_ENV = "KDPIPE_TRAINJOB_IMAGE"  # the nodes' (GPU) image, set on the launching task
+GPU_RESOURCE_ENV = "KDPIPE_GPU_RESOURCE"  # the nodes' GPU resource (cluster settings' gpu_resource)
 
 
 def node_command(inputs: Mapping[str, str], output: str) -> list[str]:
@@ -54,6 +55,7 @@ def manifest(
     output: str,
     params: Mapping[str, Any],
     env: Mapping[str, str] | None = None,
+    gpu_resource: str = "nvidia.com/gpu",
 ) -> dict[str, Any]:
     """The TrainJob, built with Kubeflow Trainer's own API models (so its fields are the CRD's)."""
     from kubeflow_trainer_api import models as m
@@ -74,9 +76,7 @@ def manifest(
         for secret, key, variable in secrets
     ]
     gpus = (
-        {"nvidia.com/gpu": m.IoK8sApimachineryPkgApiResourceQuantity(str(gpus_per_node))}
-        if gpus_per_node
-        else {}
+        {gpu_resource: m.IoK8sApimachineryPkgApiResourceQuantity(str(gpus_per_node))} if gpus_per_node else {}
     )
     job = m.TrainerV1alpha1TrainJob(
         api_version=f"{GROUP}/{VERSION}",

@@ -30,7 +30,7 @@ from kdpipe.orchestration.cluster import (
     parse_version,
 )
 from kdpipe.orchestration.tracking import IMAGE_REF_ENV
-from kdpipe.orchestration.trainjob import TRAINJOB_IMAGE_ENV
+from kdpipe.orchestration.trainjob import GPU_RESOURCE_ENV, TRAINJOB_IMAGE_ENV
 from kdpipe.pipelines.components import (
     augment,
     data,
@@ -80,7 +80,7 @@ def group_defaults(params: Params) -> dict[str, dict[str, Any]]:
 def _gpu_task(task: dsl.PipelineTask, gpus, cluster: ClusterSettings) -> dsl.PipelineTask:
     """GPU request (what places the pod on a GPU node), the cluster's GPU node selector and
     tolerations, and shared memory for data loading and DDP."""
-    task.set_accelerator_type(kubeflow.GPU_RESOURCE).set_accelerator_limit(gpus)
+    task.set_accelerator_type(cluster.gpu_resource).set_accelerator_limit(gpus)
     task.set_env_variable(EXPECT_GPU_ENV, "1")  # fail loudly when CUDA is unusable, never train on the CPU
     task.set_container_image(kubeflow.gpu_image())
     for label, value in cluster.gpu_node_selector.items():
@@ -121,6 +121,10 @@ def _cluster_task(task: dsl.PipelineTask, name: str, cluster: ClusterSettings) -
         kubernetes.set_timeout(task, settings.timeout_seconds)
     if cluster.image_pull_secrets:
         kubernetes.set_image_pull_secrets(task, cluster.image_pull_secrets)
+    for key, value in cluster.pod_labels.items():
+        kubernetes.add_pod_label(task, key, value)
+    for key, value in cluster.pod_annotations.items():
+        kubernetes.add_pod_annotation(task, key, value)
     on_gpu = name in GPU_TASKS and not (name == "distill" and cluster.distill_nodes > 1)
     task.set_env_variable(IMAGE_REF_ENV, kubeflow.gpu_image() if on_gpu else kubeflow.image())
     return task
@@ -226,6 +230,7 @@ def build_pipeline(
             _gpu_task(dist, gpus, cluster)
         else:  # the task only launches and awaits the multi-node TrainJob, whose nodes hold the GPUs
             dist.set_env_variable(TRAINJOB_IMAGE_ENV, kubeflow.gpu_image())
+            dist.set_env_variable(GPU_RESOURCE_ENV, cluster.gpu_resource)
         if cluster.state_pvc:  # durable resume state: a retried or preempted pod resumes
             kubernetes.mount_pvc(dist, pvc_name=cluster.state_pvc, mount_path=cluster.state_mount)
         sel = select(

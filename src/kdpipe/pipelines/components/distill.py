@@ -57,6 +57,7 @@ def distill(
                 "KDPIPE_GIT_COMMIT": git_commit,
                 "KDPIPE_TRACKING": "1" if track else "0",
             },
+            gpu_resource=os.environ.get(trainjob.GPU_RESOURCE_ENV) or "nvidia.com/gpu",
         )
         trainjob.run_and_wait(job, trainjob.in_cluster_api())
         objectstore.get(staging, work)
