@@ -5,6 +5,7 @@ is shut down when the ``with`` block ends."""
 from __future__ import annotations
 
 import contextlib
+import email
 import json
 import threading
 import urllib.parse
@@ -12,6 +13,15 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 Handle = Callable[[str, str, dict, "dict | None", dict], "tuple[int, dict]"]
+
+
+def _form_fields(content_type: str, raw: bytes) -> dict[str, str]:
+    """A multipart/form-data body (a file upload) as {field name: its text}."""
+    message = email.message_from_bytes(f"Content-Type: {content_type}\r\n\r\n".encode() + raw)
+    return {
+        part.get_param("name", header="content-disposition"): part.get_payload(decode=True).decode("utf-8")
+        for part in message.get_payload()
+    }
 
 
 @contextlib.contextmanager
@@ -22,7 +32,15 @@ def serve(handle: Handle) -> Iterator[str]:
         def _serve(self, method: str) -> None:
             url = urllib.parse.urlsplit(self.path)
             length = int(self.headers.get("Content-Length") or 0)
-            body = json.loads(self.rfile.read(length)) if length else None
+            raw = self.rfile.read(length) if length else b""
+            kind = self.headers.get("Content-Type", "")
+            body = (
+                _form_fields(kind, raw)
+                if kind.startswith("multipart/form-data")
+                else json.loads(raw)
+                if raw
+                else None
+            )
             status, payload = handle(
                 method, url.path, urllib.parse.parse_qs(url.query), body, dict(self.headers)
             )

@@ -37,6 +37,18 @@ class FakeKfp:
         self.lock = threading.Lock()
         self.backend_version = "2.15.0"  # what the v1beta1 health endpoint reports
         self.fail_create = False  # POST recurringruns answers 500
+        self.pipelines: dict[str, dict] = {}
+        self.versions: dict[str, dict] = {}
+
+    def _add_version(self, pipeline_id: str, name: str, package: str) -> dict:
+        version = {
+            "pipeline_version_id": self.new_id("ver"),
+            "pipeline_id": pipeline_id,
+            "display_name": name,
+            "package": package,
+        }
+        self.versions[version["pipeline_version_id"]] = version
+        return version
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}-{next(self._ids)}"
@@ -78,6 +90,27 @@ class FakeKfp:
                 rec = {**body, "recurring_run_id": self.new_id("rec")}
                 self.recurring[rec["recurring_run_id"]] = rec
                 return 200, rec
+            if (method, path) == ("GET", f"{API}/pipelines"):
+                found = self._named(self.pipelines.values(), query)
+                return 200, {"pipelines": found or None, "total_size": len(found)}
+            if (method, path) == ("POST", f"{API}/pipelines/upload"):
+                pipeline = {"pipeline_id": self.new_id("pipe"), "display_name": query["name"][0]}
+                self.pipelines[pipeline["pipeline_id"]] = pipeline
+                self._add_version(
+                    pipeline["pipeline_id"], query["name"][0], body["uploadfile"]
+                )  # as KFP does
+                return 200, pipeline
+            if method == "GET" and path.startswith(f"{API}/pipelines/") and path.endswith("/versions"):
+                pipeline_id = path.split("/")[-2]
+                found = self._named(
+                    [v for v in self.versions.values() if v["pipeline_id"] == pipeline_id], query
+                )
+                return 200, {"pipeline_versions": found or None, "total_size": len(found)}
+            if (method, path) == ("POST", f"{API}/pipelines/upload_version"):
+                pipeline_id = query["pipelineid"][0]
+                if pipeline_id not in self.pipelines:
+                    return 404, {"error": f"no pipeline {pipeline_id}"}
+                return 200, self._add_version(pipeline_id, query["name"][0], body["uploadfile"])
             if method == "DELETE" and path.startswith(f"{API}/recurringruns/"):
                 rec_id = path.rsplit("/", 1)[1]
                 if self.recurring.pop(rec_id, None) is None:
@@ -362,3 +395,52 @@ def test_a_failed_schedule_update_keeps_the_old_schedule(kfp_server, capsys):
     kfp_server.fail_create = False
     assert cli.main(base) == 0 and len(kfp_server.recurring) == 1 and old_id not in kfp_server.recurring
     capsys.readouterr()
+
+
+def test_upload_keeps_every_release_as_a_version_and_never_replaces_one(kfp_server, capsys):
+    base = ["pipeline", "upload", "--host", kfp_server.url, "--name", "kdpipe"]
+    assert cli.main([*base, "--version", "v1.0.0"]) == 0, capsys.readouterr().err
+    assert cli.main([*base, "--version", "v1.1.0"]) == 0, capsys.readouterr().err
+    (pipeline,) = kfp_server.pipelines.values()  # one pipeline, its versions below it
+    names = sorted(
+        v["display_name"] for v in kfp_server.versions.values() if v["pipeline_id"] == pipeline["pipeline_id"]
+    )
+    assert {"v1.0.0", "v1.1.0"} <= set(names)
+    uploaded = yaml.safe_load_all(
+        next(v for v in kfp_server.versions.values() if v["display_name"] == "v1.1.0")["package"]
+    )
+    spec = next(uploaded)
+    assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {
+        IMAGE
+    }  # by digest
+
+    assert cli.main([*base, "--version", "v1.1.0"]) == 2  # the same name again
+    assert "already has a version 'v1.1.0'" in capsys.readouterr().err
+    assert sum(v["display_name"] == "v1.1.0" for v in kfp_server.versions.values()) == 1
+
+
+def test_upload_without_a_version_or_a_tag_says_what_to_do(kfp_server, capsys, tmp_path, monkeypatch):
+    import subprocess
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    package = ROOT / "pipelines" / "kdpipe_pipeline.yaml"
+    monkeypatch.chdir(tmp_path)  # a checkout whose commit has no tag
+    assert cli.main(["pipeline", "upload", "--host", kfp_server.url, "--package", str(package)]) == 2
+    assert "name the version (--version)" in capsys.readouterr().err
+    assert not kfp_server.versions
+
+
+def test_a_run_is_named_after_its_data_version_and_commit(kfp_server, capsys):
+    args = [
+        "pipeline",
+        "submit",
+        "--host",
+        kfp_server.url,
+        "-S",
+        "data_version=2026-12-01",
+        "-S",
+        "git_commit=" + "ab" * 20,
+    ]
+    assert cli.main(args) == 0, capsys.readouterr().err
+    (run,) = calls(kfp_server, "POST", f"{API}/runs")
+    assert run["display_name"] == "kdpipe data 2026-12-01 code abababababab"

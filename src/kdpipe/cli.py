@@ -224,6 +224,28 @@ def _pipeline_submit(args: argparse.Namespace) -> None:
     print(f"pipeline submitted: run {run_id} in experiment {args.experiment!r}")
 
 
+def _pipeline_upload(args: argparse.Namespace) -> None:
+    from kdpipe.core.errors import KdpipeError
+
+    remote = _pipelines("remote")
+    version = args.version or remote.release_version()
+    if not version:
+        raise KdpipeError("name the version (--version), or run from a commit with a git tag (the release's)")
+    done = remote.upload(
+        args.host,
+        args.package,
+        args.name,
+        version,
+        args.namespace,
+        image=args.image,
+        gpu_image=args.gpu_image,
+        force_version=args.force_backend_version,
+    )
+    print(
+        f"pipeline uploaded: {args.name!r} version {version!r} ({done['version_id']}, pipeline {done['pipeline_id']})"
+    )
+
+
 def _pipeline_schedule(args: argparse.Namespace) -> None:
     from kdpipe.core.errors import KdpipeError
 
@@ -313,6 +335,11 @@ def _add_pipeline_commands(sub) -> None:
     for name, help_text, handler in (
         ("submit", "submit one run to a Kubeflow Pipelines server", _pipeline_submit),
         (
+            "upload",
+            "upload the package as a named version of the pipeline (the KFP UI keeps every release)",
+            _pipeline_upload,
+        ),
+        (
             "schedule",
             "create or replace a recurring run (cron, 6 fields) on a Kubeflow Pipelines server",
             _pipeline_schedule,
@@ -329,7 +356,8 @@ def _add_pipeline_commands(sub) -> None:
             default="pipelines/kdpipe_pipeline.yaml",
             help="compiled pipeline (default: %(default)s)",
         )
-        cmd.add_argument("--experiment", default="kdpipe", help="KFP experiment (default: %(default)s)")
+        if name != "upload":  # an upload is not a run
+            cmd.add_argument("--experiment", default="kdpipe", help="KFP experiment (default: %(default)s)")
         cmd.add_argument("--namespace", default=None, help="Kubernetes namespace (multi-user deployments)")
         cmd.add_argument(
             "--image",
@@ -343,21 +371,25 @@ def _add_pipeline_commands(sub) -> None:
             help="the image of the tasks given a GPU, by registry and digest "
             "(default: $KDPIPE_GPU_IMAGE, else --image)",
         )
-        cmd.add_argument(
-            "-S",
-            "--set",
-            dest="overrides",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="group.key=value (params.yaml key) or parameter=value (e.g. data_rev=v2); repeatable",
-        )
+        if name != "upload":
+            cmd.add_argument(
+                "-S",
+                "--set",
+                dest="overrides",
+                action="append",
+                default=[],
+                metavar="KEY=VALUE",
+                help="group.key=value (params.yaml key) or parameter=value (e.g. data_rev=v2); repeatable",
+            )
         cmd.add_argument(
             "--force-backend-version",
             action="store_true",
             help="submit even when the backend's version is unknown or cannot be read (it must be 2.15+)",
         )
-        if name == "submit":
+        if name == "upload":
+            cmd.add_argument("--name", default="kdpipe", help="pipeline name in KFP (default: %(default)s)")
+            cmd.add_argument("--version", default=None, help="version name (default: the commit's git tag)")
+        elif name == "submit":
             cmd.add_argument("--run-name", default=None, help="name of the run in the KFP UI")
         else:
             cmd.add_argument(

@@ -197,6 +197,13 @@ def with_git_commit(package: str | os.PathLike, arguments: dict[str, Any]) -> di
     return arguments
 
 
+def default_run_name(arguments: dict[str, Any]) -> str:
+    """``kdpipe data <version> code <commit>``: which data and which code, readable in the run list."""
+    data = str(arguments.get("data_version") or arguments.get("data_rev") or "?")
+    code = str(arguments.get("git_commit") or "unknown")
+    return f"kdpipe data {data[:20]} code {code[:12]}"
+
+
 def submit(
     host: str,
     package: str | os.PathLike,
@@ -215,10 +222,11 @@ def submit(
         package_for_cluster(package, image, gpu_image) as sent,
         _api_errors("submitting the run", "nothing was submitted"),
     ):
+        arguments = with_git_commit(sent, arguments)
         result = client(host, namespace).create_run_from_pipeline_package(
             str(sent),
-            arguments=with_git_commit(sent, arguments),
-            run_name=run_name,
+            arguments=arguments,
+            run_name=run_name or default_run_name(arguments),
             experiment_name=experiment,
             namespace=namespace,
         )
@@ -241,6 +249,65 @@ def _api_errors(what: str, outcome: str) -> Iterator[None]:
         except (ValueError, AttributeError):
             pass
         raise KdpipeError(f"{what} failed: {exc.status} {exc.reason}: {detail[:300]}; {outcome}") from None
+
+
+def release_version(cwd: str | os.PathLike = ".") -> str | None:
+    """The git tag naming the checked-out commit exactly (a release), or None."""
+    import subprocess
+
+    done = subprocess.run(
+        ["git", "describe", "--tags", "--exact-match"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    return done.stdout.strip() or None
+
+
+def upload(
+    host: str,
+    package: str | os.PathLike,
+    name: str,
+    version: str,
+    namespace: str | None = None,
+    image: str | None = None,
+    gpu_image: str | None = None,
+    force_version: bool = False,
+) -> dict[str, Any]:
+    """Upload the package on ``image`` as version ``version`` of the pipeline ``name`` (created on the
+    first upload), so the KFP UI keeps every release and runs can name the version they ran. A
+    version name that exists already is refused: a release is never replaced under the same name."""
+    from kdpipe.core.errors import KdpipeError
+
+    check_server(host, force_version)
+    with (
+        package_for_cluster(package, image, gpu_image) as sent,
+        _api_errors(f"uploading version {version!r} of pipeline {name!r}", "nothing was replaced"),
+    ):
+        kfp_client = client(host, namespace)
+        pipeline_id = kfp_client.get_pipeline_id(name)
+        if pipeline_id is None:
+            pipeline_id = kfp_client.upload_pipeline(
+                str(sent),
+                pipeline_name=name,
+                description="kdpipe: semi-supervised distillation",
+                namespace=namespace,
+            ).pipeline_id
+        by_name = json.dumps(
+            {"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": version}]}
+        )
+        listed = kfp_client.list_pipeline_versions(pipeline_id, filter=by_name, page_size=10)
+        if any(v.display_name == version for v in listed.pipeline_versions or []):
+            raise KdpipeError(
+                f"pipeline {name!r} already has a version {version!r}: a release is never replaced; "
+                "name a new one (--version)"
+            )
+        created = kfp_client.upload_pipeline_version(
+            str(sent), pipeline_version_name=version, pipeline_id=pipeline_id, description=f"kdpipe {version}"
+        )
+    return {"pipeline_id": pipeline_id, "version_id": created.pipeline_version_id, "version": version}
 
 
 def check_cron(cron: str) -> str:
