@@ -1,6 +1,6 @@
 """Write the images' lock files (``make constraints``): every package each image installs, pinned.
 
-Resolves ``.[cpu]`` with pip's resolver (``pip install --dry-run --report``, nothing is installed)
+Resolves ``.[cpu,cloud]`` (the object-store drivers too) with pip's resolver (``pip install --dry-run --report``, nothing is installed)
 for this interpreter (Linux x86_64, Python 3.11), then writes
 
 * ``docker/requirements-gpu.txt`` -- all of it, with the gpu extra's onnxruntime-gpu (the CUDA 13
@@ -32,7 +32,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-                        "--report", str(report), ".[cpu]"], cwd=ROOT, check=True)
+                        "--report", str(report), ".[cpu,cloud]"], cwd=ROOT, check=True)
         installed = json.loads(report.read_text())["install"]
     pins = {item["metadata"]["name"].lower().replace("_", "-"): item["metadata"]["version"] for item in installed}
     pins.pop("kdpipe", None)

@@ -3,6 +3,8 @@ settings files, and the register task's choice of registry."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from kdpipe.core.errors import KdpipeError
@@ -10,6 +12,8 @@ from kdpipe.core.params import RegisterParams
 from kdpipe.orchestration import cluster, kubeflow
 
 DIGEST = "sha256:" + "ab" * 32
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -130,3 +134,15 @@ def test_a_retried_distill_pod_finds_its_run_state_on_the_state_volume(tmp_path)
     kubeflow.publish(first, str(out))
     assert (out / "last.pt").read_bytes() == b"state at iteration 150"
     kubeflow.publish(out, str(out))  # the same folder: nothing to do
+
+
+@pytest.mark.parametrize("image", ["cpu", "gpu"])
+def test_both_images_hold_the_object_store_drivers(image):
+    """With an s3://, gs:// or azure:// DVC remote the data task failed at once ("s3 is supported, but
+    requires 'dvc-s3'"): both lock files pin DVC's plugins and fsspec's drivers for the three stores."""
+    pins = {
+        line.split("==")[0]
+        for line in (ROOT / "docker" / f"requirements-{image}.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    }
+    assert {"dvc-s3", "s3fs", "dvc-gs", "gcsfs", "dvc-azure", "adlfs"} <= pins

@@ -190,6 +190,32 @@ def test_object_store_over_a_real_s3_api(tmp_path, s3_endpoint, monkeypatch):
     assert (back / "sub" / "w.bin").read_bytes() == (source / "sub" / "w.bin").read_bytes()
 
 
+def test_kfp_minio_artifact_uris_are_read_as_s3_at_the_configured_endpoint(
+    tmp_path, s3_endpoint, monkeypatch
+):
+    """KFP's default artifact URIs are minio://bucket/key, which fsspec does not know ("Protocol not
+    known: minio"): they are read as S3 at $KDPIPE_MINIO_ENDPOINT (here moto on 127.0.0.1)."""
+    import boto3
+    from test_s3_remote import FAKE_CREDENTIALS
+
+    for key, value in FAKE_CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.setenv("KDPIPE_MINIO_ENDPOINT", s3_endpoint)
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket="mlpipeline")
+    s3.put_object(
+        Bucket="mlpipeline", Key="v2/artifacts/kdpipe/run-1/prepare/prepared/manifest.json", Body=b"{}"
+    )
+    back = objectstore.get("minio://mlpipeline/v2/artifacts/kdpipe/run-1/prepare/prepared", tmp_path / "back")
+    assert (back / "manifest.json").read_bytes() == b"{}"
+    objectstore.put(back, "minio://mlpipeline/v2/artifacts/kdpipe/run-1/copy")
+    assert (
+        s3.get_object(Bucket="mlpipeline", Key="v2/artifacts/kdpipe/run-1/copy/manifest.json")["Body"].read()
+        == b"{}"
+    )
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
