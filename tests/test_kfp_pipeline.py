@@ -150,7 +150,7 @@ def test_every_task_has_resources_retries_and_a_time_limit(compiled):
         assert resources["resourceCpuRequest"] == wanted.cpu_request, name
         assert resources["resourceMemoryRequest"] == wanted.memory_request, name
         assert resources["resourceMemoryLimit"] == wanted.memory_limit, name
-        assert "resourceCpuLimit" not in resources  # no CPU throttling by default
+        assert resources["resourceCpuLimit"] == wanted.cpu_limit == str(2 * int(wanted.cpu_request)), name  # quotas
         assert int(k8s[f"exec-{name}"]["activeDeadlineSeconds"]) == wanted.timeout_seconds > 0, name
         retry = tasks[name].get("retryPolicy")
         if name == "register":  # never retried: a retry after a half-done registration registers twice
