@@ -150,7 +150,9 @@ def test_every_task_has_resources_retries_and_a_time_limit(compiled):
         assert resources["resourceCpuRequest"] == wanted.cpu_request, name
         assert resources["resourceMemoryRequest"] == wanted.memory_request, name
         assert resources["resourceMemoryLimit"] == wanted.memory_limit, name
-        assert resources["resourceCpuLimit"] == wanted.cpu_limit == str(2 * int(wanted.cpu_request)), name  # quotas
+        assert resources["resourceCpuLimit"] == wanted.cpu_limit == str(2 * int(wanted.cpu_request)), (
+            name
+        )  # quotas
         assert int(k8s[f"exec-{name}"]["activeDeadlineSeconds"]) == wanted.timeout_seconds > 0, name
         retry = tasks[name].get("retryPolicy")
         if name == "register":  # never retried: a retry after a half-done registration registers twice
@@ -394,6 +396,14 @@ def test_tenancy_settings_reach_every_pod_and_gpu_task(tmp_path):
         )
     env = {e["name"]: e["value"] for e in executors["exec-distill"]["container"]["env"]}
     assert env["KDPIPE_GPU_RESOURCE"] == "nvidia.com/mig-1g.10gb"  # the multi-node TrainJob's nodes
+    # the multi-node launcher stages artifacts itself: it, and no other task, gets the store's secret
+    stores = {
+        n
+        for n, cfg in k8s.items()
+        for s in cfg.get("secretAsEnv", [])
+        if s["secretName"] == "kdpipe-object-store"
+    }
+    assert stores == {"exec-distill"}
     assert all(
         float(e["container"]["resources"]["cpuLimit"]) >= float(e["container"]["resources"]["cpuRequest"])
         for e in executors.values()

@@ -30,7 +30,12 @@ from kdpipe.orchestration.cluster import (
     parse_version,
 )
 from kdpipe.orchestration.tracking import IMAGE_REF_ENV
-from kdpipe.orchestration.trainjob import GPU_RESOURCE_ENV, TRAINJOB_IMAGE_ENV
+from kdpipe.orchestration.trainjob import (
+    GPU_RESOURCE_ENV,
+    STORE_SECRET,
+    STORE_SECRET_KEYS,
+    TRAINJOB_IMAGE_ENV,
+)
 from kdpipe.pipelines.components import (
     augment,
     data,
@@ -231,6 +236,11 @@ def build_pipeline(
         else:  # the task only launches and awaits the multi-node TrainJob, whose nodes hold the GPUs
             dist.set_env_variable(TRAINJOB_IMAGE_ENV, kubeflow.gpu_image())
             dist.set_env_variable(GPU_RESOURCE_ENV, cluster.gpu_resource)
+            # the launcher stages the inputs and reads the result itself (fsspec): it needs the same
+            # object-store credential as the nodes, and only this task gets it
+            kubernetes.use_secret_as_env(
+                dist, STORE_SECRET, {key: key for key in STORE_SECRET_KEYS}, optional=optional_secrets
+            )
         if cluster.state_pvc:  # durable resume state: a retried or preempted pod resumes
             kubernetes.mount_pvc(dist, pvc_name=cluster.state_pvc, mount_path=cluster.state_mount)
         sel = select(
