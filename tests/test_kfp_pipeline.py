@@ -3,6 +3,7 @@ kfp-kubernetes, caching and quality-gate settings."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -404,6 +405,14 @@ def test_tenancy_settings_reach_every_pod_and_gpu_task(tmp_path):
         if s["secretName"] == "kdpipe-object-store"
     }
     assert stores == {"exec-distill"}
+    # the TrainJob's nodes get the same placement and labels, and the launcher pod owns the TrainJob
+    from kdpipe.orchestration.cluster import load_cluster_settings
+
+    assert json.loads(env["KDPIPE_NODE_SETTINGS"]) == load_cluster_settings(cluster).node_settings()
+    assert {f["name"]: f["fieldPath"] for f in k8s["exec-distill"]["fieldPathAsEnv"]} == {
+        "KDPIPE_POD_NAME": "metadata.name",
+        "KDPIPE_POD_UID": "metadata.uid",
+    }
     assert all(
         float(e["container"]["resources"]["cpuLimit"]) >= float(e["container"]["resources"]["cpuRequest"])
         for e in executors.values()

@@ -21,6 +21,7 @@ INPUTS = {
     "augmented": "s3://runs/r1/augment/augmented",
     "teacher": "s3://runs/r1/teacher/teacher_model",
 }
+ROOT = Path(__file__).resolve().parents[1]
 IMAGE = "registry.example.com/team/kdpipe@sha256:" + "0" * 64
 
 
@@ -95,7 +96,13 @@ class FakeKubernetes:
                 return 409, {"kind": "Status", "code": 409, "reason": "AlreadyExists"}
             self.jobs[name] = body
             return 201, body
+        if method == "DELETE" and path.startswith(prefix + "/"):
+            if self.jobs.pop(path.rsplit("/", 1)[1], None) is None:
+                return 404, {"kind": "Status", "code": 404}
+            return 200, {"kind": "Status", "status": "Success"}
         if method == "GET" and path.startswith(prefix + "/"):
+            if path.rsplit("/", 1)[1] not in self.jobs:
+                return 404, {"kind": "Status", "code": 404}
             job = self.jobs[path.rsplit("/", 1)[1]]
             state = self.states.pop(0) if len(self.states) > 1 else self.states[0]
             if state:
@@ -273,3 +280,93 @@ def test_the_nodes_request_the_cluster_settings_gpu_resource():
     )
     resources = job["spec"]["trainer"]["resourcesPerNode"]
     assert resources["limits"] == resources["requests"] == {"nvidia.com/mig-1g.10gb": "1"}
+
+
+def test_a_retry_replaces_a_trainjob_that_failed_instead_of_failing_on_it(kube):
+    """Every retry of the task used to find the failed TrainJob of the first try and fail at once."""
+    api, fake = kube([("Failed", "node 0: preempted"), None, ("Complete", "")])
+    fake.jobs["kdpipe-distill-run-1"] = {**_job(), "spec": {**_job()["spec"], "old": True}}
+    trainjob.run_and_wait(_job(), api, sleep=lambda s: None)
+    methods = [m for m, _ in fake.requests]
+    assert methods[:4] == ["POST", "GET", "DELETE", "POST"]  # exists -> failed -> deleted -> created anew
+    assert "old" not in fake.jobs["kdpipe-distill-run-1"]["spec"]
+
+
+def test_a_trainjob_that_outlives_the_wait_is_deleted(kube):
+    api, fake = kube([None])
+    with pytest.raises(KdpipeError, match="did not finish in 10 s; it was deleted"):
+        trainjob.run_and_wait(_job(), api, poll_seconds=5, timeout_seconds=10, sleep=lambda s: None)
+    assert fake.jobs == {}  # its nodes no longer hold GPUs
+
+
+def test_the_nodes_get_the_cluster_settings_a_deadline_and_an_owner():
+    from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
+
+    from kdpipe.orchestration.cluster import ClusterSettings
+
+    settings = ClusterSettings.model_validate(
+        {
+            "gpu_node_selector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
+            "image_pull_secrets": ["regcred"],
+            "pod_labels": {"kueue.x-k8s.io/queue-name": "team-a"},
+            "tasks": {"distill": {"timeout_seconds": 7200}},
+        }
+    )
+    job = trainjob.manifest(
+        "kdpipe-distill-run-3",
+        "team-a",
+        IMAGE,
+        2,
+        4,
+        INPUTS,
+        "s3://runs/r3/out",
+        {"train": {}},
+        node_settings=settings.node_settings(),
+        owner={"name": "kdpipe-abc-distill", "uid": "1234-5678"},
+    )
+    assert TrainerV1alpha1TrainJob.from_dict(job).to_dict() == job  # fields the CRD knows
+    assert job["metadata"]["ownerReferences"] == [
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "name": "kdpipe-abc-distill",
+            "uid": "1234-5678",
+            "blockOwnerDeletion": False,
+        }
+    ]
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert job["spec"]["activeDeadlineSeconds"] == 7200
+    resources = job["spec"]["trainer"]["resourcesPerNode"]
+    assert resources["requests"] == {"nvidia.com/gpu": "4", "cpu": "8", "memory": "32Gi"}
+    assert resources["limits"]["memory"] == "96Gi" and resources["limits"]["cpu"] == "16"
+    (patch,) = job["spec"]["runtimePatches"]
+    (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    pod = node["template"]["spec"]["template"]
+    assert node["name"] == "node" and pod["metadata"]["labels"] == {"kueue.x-k8s.io/queue-name": "team-a"}
+    assert pod["spec"]["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+    assert pod["spec"]["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["spec"]["volumes"][0]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
+    assert pod["spec"]["containers"][0]["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}]
+
+
+def test_the_shipped_role_grants_every_call_the_launcher_makes(kube):
+    """docs/kubeflow-trainjob-role.yaml: the verbs the launcher's calls need (recorded from a run that
+    creates, finds failed, deletes and re-creates a TrainJob), on the Trainer's group and resource."""
+    import yaml
+
+    role = next(
+        d
+        for d in yaml.safe_load_all((ROOT / "docs" / "kubeflow-trainjob-role.yaml").read_text())
+        if d["kind"] == "Role"
+    )
+    (rule,) = role["rules"]
+    assert rule["apiGroups"] == [trainjob.GROUP] and rule["resources"] == [trainjob.PLURAL]
+    api, fake = kube([("Failed", "x"), None, ("Complete", "")])
+    fake.jobs["kdpipe-distill-run-1"] = _job()
+    trainjob.run_and_wait(_job(), api, sleep=lambda s: None)
+    verbs = {"POST": "create", "GET": "get", "DELETE": "delete"}
+    used = {verbs[m] for m, _ in fake.requests}
+    assert used == {"create", "get", "delete"} and used <= set(rule["verbs"])

@@ -141,6 +141,24 @@ class ClusterSettings(_Strict):
     def task(self, name: str) -> TaskSettings:
         return self.tasks.get(name, TaskSettings())
 
+    def node_settings(self) -> dict[str, Any]:
+        """What a multi-node distill's TrainJob nodes need of these settings (placement, resources,
+        deadline, labels), as plain JSON: the launcher task reads it from ``$KDPIPE_NODE_SETTINGS``."""
+        distill = self.task("distill")
+        return {
+            "node_selector": dict(self.gpu_node_selector),
+            "tolerations": [t.model_dump(exclude_none=True) for t in self.gpu_tolerations],
+            "image_pull_secrets": list(self.image_pull_secrets),
+            "shm_size": self.shm_size,
+            "pod_labels": dict(self.pod_labels),
+            "pod_annotations": dict(self.pod_annotations),
+            "gpu_resource": self.gpu_resource,
+            "resources": distill.model_dump(
+                include={"cpu_request", "cpu_limit", "memory_request", "memory_limit"}
+            ),
+            "deadline_seconds": distill.timeout_seconds or None,
+        }
+
     @model_validator(mode="before")
     @classmethod
     def _merge_with_the_defaults(cls, data: Any) -> Any:

@@ -34,6 +34,10 @@ STORE_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT
 INPUTS = ("prepared", "augmented", "teacher")
 TRAINJOB_IMAGE_ENV = "KDPIPE_TRAINJOB_IMAGE"  # the nodes' (GPU) image, set on the launching task
 GPU_RESOURCE_ENV = "KDPIPE_GPU_RESOURCE"  # the nodes' GPU resource (cluster settings' gpu_resource)
+NODE_SETTINGS_ENV = "KDPIPE_NODE_SETTINGS"  # ClusterSettings.node_settings() as JSON, on the launching task
+POD_NAME_ENV, POD_UID_ENV = "KDPIPE_POD_NAME", "KDPIPE_POD_UID"  # the launcher pod (downward API): the owner
+# the torch-distributed runtime's replicated job and container, which the node patches address
+NODE_JOB = "node"
 
 
 def node_command(inputs: Mapping[str, str], output: str) -> list[str]:
@@ -56,8 +60,15 @@ def manifest(
     params: Mapping[str, Any],
     env: Mapping[str, str] | None = None,
     gpu_resource: str = "nvidia.com/gpu",
+    node_settings: Mapping[str, Any] | None = None,
+    owner: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The TrainJob, built with Kubeflow Trainer's own API models (so its fields are the CRD's)."""
+    """The TrainJob, built with Kubeflow Trainer's own API models (so its fields are the CRD's).
+
+    ``node_settings`` (:meth:`kdpipe.orchestration.cluster.ClusterSettings.node_settings`) places
+    the node pods as the cluster settings place the GPU tasks (runtime patches: node selector,
+    tolerations, pull secrets, /dev/shm, labels), sizes them and bounds the job's time;
+    ``owner`` (the launcher pod's name and uid) makes Kubernetes delete the TrainJob with its pod."""
     from kubeflow_trainer_api import models as m
 
     if nodes < 2:
@@ -75,19 +86,41 @@ def manifest(
         )
         for secret, key, variable in secrets
     ]
-    gpus = (
-        {gpu_resource: m.IoK8sApimachineryPkgApiResourceQuantity(str(gpus_per_node))} if gpus_per_node else {}
-    )
+    node = dict(node_settings or {})
+    gpu_resource = node.get("gpu_resource") or gpu_resource
+    quantity = m.IoK8sApimachineryPkgApiResourceQuantity
+    gpus = {gpu_resource: quantity(str(gpus_per_node))} if gpus_per_node else {}
+    sizes = node.get("resources") or {}
+    requests = {
+        **gpus,
+        **{k: quantity(sizes[f"{k}_request"]) for k in ("cpu", "memory") if sizes.get(f"{k}_request")},
+    }
+    limits = {
+        **gpus,
+        **{k: quantity(sizes[f"{k}_limit"]) for k in ("cpu", "memory") if sizes.get(f"{k}_limit")},
+    }
+    owners = None
+    if owner and owner.get("name") and owner.get("uid"):
+        owners = [
+            m.IoK8sApimachineryPkgApisMetaV1OwnerReference(
+                api_version="v1", kind="Pod", name=owner["name"], uid=owner["uid"], block_owner_deletion=False
+            )
+        ]
     job = m.TrainerV1alpha1TrainJob(
         api_version=f"{GROUP}/{VERSION}",
         kind="TrainJob",
         metadata=m.IoK8sApimachineryPkgApisMetaV1ObjectMeta(
-            name=name, namespace=namespace, labels={"app.kubernetes.io/part-of": "kdpipe"}
+            name=name,
+            namespace=namespace,
+            labels={**node.get("pod_labels", {}), "app.kubernetes.io/part-of": "kdpipe"},
+            owner_references=owners,
         ),
         spec=m.TrainerV1alpha1TrainJobSpec(
             runtime_ref=m.TrainerV1alpha1RuntimeRef(
                 name=RUNTIME, kind="ClusterTrainingRuntime", api_group=GROUP
             ),
+            active_deadline_seconds=node.get("deadline_seconds") or None,
+            runtime_patches=_node_patches(node) if node else None,
             trainer=m.TrainerV1alpha1Trainer(
                 image=image,
                 command=node_command(inputs, output),
@@ -95,12 +128,63 @@ def manifest(
                 num_nodes=nodes,
                 num_proc_per_node=max(1, gpus_per_node),
                 resources_per_node=m.IoK8sApiCoreV1ResourceRequirements(
-                    limits=gpus or None, requests=gpus or None
+                    limits=limits or None, requests=requests or None
                 ),
             ),
         ),
     )
     return job.to_dict()
+
+
+def _node_patches(node: Mapping[str, Any]) -> list:
+    """The cluster settings as a runtime patch of the node pods (the fields Trainer lets a TrainJob
+    patch): GPU node selector and tolerations, pull secrets, a memory-backed /dev/shm, labels."""
+    from kubeflow_trainer_api import models as m
+
+    shm = "dshm"
+    pod = m.TrainerV1alpha1PodSpecPatch(
+        node_selector=node.get("node_selector") or None,
+        tolerations=[m.IoK8sApiCoreV1Toleration(**t) for t in node.get("tolerations", [])] or None,
+        image_pull_secrets=[
+            m.IoK8sApiCoreV1LocalObjectReference(name=n) for n in node.get("image_pull_secrets", [])
+        ]
+        or None,
+        volumes=[
+            m.IoK8sApiCoreV1Volume(
+                name=shm,
+                empty_dir=m.IoK8sApiCoreV1EmptyDirVolumeSource(
+                    medium="Memory",
+                    size_limit=m.IoK8sApimachineryPkgApiResourceQuantity(node.get("shm_size", "8Gi")),
+                ),
+            )
+        ],
+        containers=[
+            m.TrainerV1alpha1ContainerPatch(
+                name=NODE_JOB, volume_mounts=[m.IoK8sApiCoreV1VolumeMount(name=shm, mount_path="/dev/shm")]
+            )
+        ],
+    )
+    metadata = m.IoK8sApimachineryPkgApisMetaV1ObjectMeta(
+        labels=node.get("pod_labels") or None, annotations=node.get("pod_annotations") or None
+    )
+    job = m.TrainerV1alpha1ReplicatedJobPatch(
+        name=NODE_JOB,
+        template=m.TrainerV1alpha1JobTemplatePatch(
+            spec=m.TrainerV1alpha1JobSpecPatch(
+                template=m.TrainerV1alpha1PodTemplatePatch(metadata=metadata, spec=pod)
+            )
+        ),
+    )
+    return [
+        m.TrainerV1alpha1RuntimePatch(
+            manager="kdpipe",
+            training_runtime_spec=m.TrainerV1alpha1TrainingRuntimeSpecPatch(
+                template=m.TrainerV1alpha1JobSetTemplatePatch(
+                    spec=m.TrainerV1alpha1JobSetSpecPatch(replicated_jobs=[job])
+                )
+            ),
+        )
+    ]
 
 
 def job_name(execution_key: str) -> str:
@@ -127,19 +211,9 @@ def run_and_wait(
     """Create the TrainJob (or find it: a retried task resumes waiting for its own), wait until it
     completes; raise :class:`KdpipeError` if it fails or the time runs out. ``api`` is a
     ``kubernetes.client.CustomObjectsApi``."""
-    from kubernetes.client.exceptions import ApiException
 
     namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
-    try:
-        api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job)
-        print(f"distill: TrainJob {namespace}/{name} created ({job['spec']['trainer']['numNodes']} nodes)")
-    except ApiException as exc:
-        if exc.status != 409:  # 409: it exists, created by an earlier try of this task
-            raise KdpipeError(
-                f"TrainJob {namespace}/{name}: the cluster refused it ({exc.status}: {exc.reason}); "
-                "is Kubeflow Trainer installed, and may this service account create trainjobs?"
-            ) from None
-        print(f"distill: TrainJob {namespace}/{name} exists; waiting for it")
+    _create_or_adopt(job, api, sleep)
     waited = 0.0
     while True:
         current = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
@@ -150,9 +224,64 @@ def run_and_wait(
                 raise KdpipeError(f"TrainJob {namespace}/{name} failed: {message or 'no message'}")
             return current
         if waited >= timeout_seconds:
-            raise KdpipeError(f"TrainJob {namespace}/{name} did not finish in {timeout_seconds:.0f} s")
+            _delete(api, namespace, name)  # its nodes would keep holding GPUs after the task gave up
+            raise KdpipeError(
+                f"TrainJob {namespace}/{name} did not finish in {timeout_seconds:.0f} s; it was deleted"
+            )
         sleep(poll_seconds)
         waited += poll_seconds
+
+
+def _create_or_adopt(job: dict[str, Any], api, sleep: Callable[[float], None], tries: int = 30) -> None:
+    """Create the TrainJob; one that exists (an earlier try of this task created it) is waited for,
+    unless it failed: then it is deleted and created again, so a retry trains instead of failing on
+    the same dead job."""
+    from kubernetes.client.exceptions import ApiException
+
+    namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
+    for _ in range(tries):
+        try:
+            api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job)
+            print(
+                f"distill: TrainJob {namespace}/{name} created ({job['spec']['trainer']['numNodes']} nodes)"
+            )
+            return
+        except ApiException as exc:
+            if exc.status != 409:  # 409: it exists
+                raise KdpipeError(
+                    f"TrainJob {namespace}/{name}: the cluster refused it ({exc.status}: {exc.reason}); "
+                    "is Kubeflow Trainer installed, and may this service account create trainjobs "
+                    "(docs/kubeflow-trainjob-role.yaml)?"
+                ) from None
+        try:
+            existing = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            sleep(2.0)  # gone between the two calls (still being deleted): create it again
+            continue
+        finished = _condition(existing)
+        if finished is None or finished[0] != "Failed":
+            print(f"distill: TrainJob {namespace}/{name} exists; waiting for it")
+            return
+        print(
+            f"distill: TrainJob {namespace}/{name} failed earlier ({finished[1] or 'no message'}); replacing it"
+        )
+        _delete(api, namespace, name)
+        sleep(2.0)
+    raise KdpipeError(f"TrainJob {namespace}/{name}: could not replace the failed one in {tries} tries")
+
+
+def _delete(api, namespace: str, name: str) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        api.delete_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name, propagation_policy="Foreground"
+        )
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
 
 
 def in_cluster_api():

@@ -13,6 +13,7 @@ from a DVC revision (``data_repo``, ``data_rev``, ``data_version``).
 """
 
 import ast
+import json
 import os
 import re
 from pathlib import Path
@@ -32,6 +33,9 @@ from kdpipe.orchestration.cluster import (
 from kdpipe.orchestration.tracking import IMAGE_REF_ENV
 from kdpipe.orchestration.trainjob import (
     GPU_RESOURCE_ENV,
+    NODE_SETTINGS_ENV,
+    POD_NAME_ENV,
+    POD_UID_ENV,
     STORE_SECRET,
     STORE_SECRET_KEYS,
     TRAINJOB_IMAGE_ENV,
@@ -236,6 +240,10 @@ def build_pipeline(
         else:  # the task only launches and awaits the multi-node TrainJob, whose nodes hold the GPUs
             dist.set_env_variable(TRAINJOB_IMAGE_ENV, kubeflow.gpu_image())
             dist.set_env_variable(GPU_RESOURCE_ENV, cluster.gpu_resource)
+            # the nodes' placement, size and deadline, and the launcher pod as the TrainJob's owner
+            dist.set_env_variable(NODE_SETTINGS_ENV, json.dumps(cluster.node_settings(), sort_keys=True))
+            kubernetes.use_field_path_as_env(dist, POD_NAME_ENV, "metadata.name")
+            kubernetes.use_field_path_as_env(dist, POD_UID_ENV, "metadata.uid")
             # the launcher stages the inputs and reads the result itself (fsspec): it needs the same
             # object-store credential as the nodes, and only this task gets it
             kubernetes.use_secret_as_env(

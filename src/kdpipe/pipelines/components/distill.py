@@ -58,6 +58,11 @@ def distill(
                 "KDPIPE_TRACKING": "1" if track else "0",
             },
             gpu_resource=os.environ.get(trainjob.GPU_RESOURCE_ENV) or "nvidia.com/gpu",
+            node_settings=json.loads(os.environ.get(trainjob.NODE_SETTINGS_ENV) or "{}"),
+            owner={
+                "name": os.environ.get(trainjob.POD_NAME_ENV, ""),
+                "uid": os.environ.get(trainjob.POD_UID_ENV, ""),
+            },
         )
         trainjob.run_and_wait(job, trainjob.in_cluster_api())
         objectstore.get(staging, work)
