@@ -90,9 +90,15 @@ def fine_tuning_iterations(tp, labeled: int) -> int:
 def build_network(params, data):
     """The teacher network with its pretrained weights (``teacher.arch``, ``teacher.weights``),
     computing at the teacher's resolution."""
+    import torch
+
     from kdpipe.training.models import build_model
 
     tp = params.teacher
+    # The new classifier head is initialised here, before the training loop seeds anything: without
+    # a seed of its own it came from torch's start-up seed, which torch 2.14 draws at random, so two
+    # runs of the same teacher step trained two different teachers.
+    torch.manual_seed(tp.seed)
     return build_model(
         tp.arch,
         len(data.class_names),

@@ -25,11 +25,13 @@ from kdpipe.training.safe_load import load_tensors
 
 
 def save(obj: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write a checkpoint atomically (temp file + rename)."""
+    """Write a checkpoint atomically (temp file + rename). Through a file object: given a path, torch
+    names the archive's root folder after the file, here the random temporary name, so the same
+    checkpoint saved twice differed in its bytes (and DVC saw a new output every run)."""
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:
