@@ -167,3 +167,33 @@ def test_the_release_images_are_accepted_by_submit_and_compile(tmp_path):
     images = {name: e["container"]["image"] for name, e in spec["deploymentSpec"]["executors"].items()}
     assert {n for n, i in images.items() if i == gpu} == {"exec-teacher", "exec-augment", "exec-distill"}
     assert all(check_image_for_cluster(i) for i in images.values())
+
+
+def test_the_release_attaches_an_sbom_of_each_image(tmp_path):
+    """Each image's Python packages as CycloneDX, every pinned package with its purl, attached to the
+    release (issue 29: no SBOM was published)."""
+    import json
+    import subprocess
+    import sys
+
+    steps = {s["name"]: s for s in _workflow("release.yml")["jobs"]["pipeline"]["steps"] if "name" in s}
+    sbom_step = next(s for name, s in steps.items() if name.startswith("SBOM"))
+    assert "docker/sbom.py" in sbom_step["run"]
+    assert "sbom-cpu.cdx.json sbom-gpu.cdx.json" in steps["release with the compiled pipeline"]["run"]
+    for target in ("cpu", "gpu"):
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "docker" / "sbom.py"), target, "v9.9.9"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        bom = json.loads(done.stdout)
+        assert bom["bomFormat"] == "CycloneDX" and bom["metadata"]["component"]["name"] == f"kdpipe-{target}"
+        purls = {c["purl"] for c in bom["components"]}
+        lock = (ROOT / "docker" / f"requirements-{target}.txt").read_text().splitlines()
+        pinned = {
+            f"pkg:pypi/{line.replace('==', '@')}"
+            for line in lock
+            if "==" in line and not line.startswith("#")
+        }
+        assert pinned <= purls and "pkg:pypi/kdpipe@v9.9.9" in purls
