@@ -19,14 +19,17 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-# The stamp depends on pyproject.toml: the venv is (re)installed only when the dependency spec
-# changed, so `make setup` is cheap when nothing did.
-$(STAMP): pyproject.toml
+# The stamp depends on pyproject.toml and the images' lock file: the venv is (re)installed only when
+# the dependency spec changed, so `make setup` is cheap when nothing did. The lock is a constraint:
+# every package the images hold is installed at the images' version, so CI, the retrain workflow and
+# the images test and run the same stack (dev tools, which the images lack, resolve freely).
+IMAGE_LOCK := docker/requirements-cpu.txt
+$(STAMP): pyproject.toml $(IMAGE_LOCK)
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (kdpipe needs Python 3.11; set PYTHON=...)"; exit 1; }
 	@test -x $(BIN)/python || { echo "setup: creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
 	@echo "setup: installing kdpipe and its pinned stack into $(VENV) (torch 2.14.1 alone is 5.5 GB: minutes on a first install); each package as pip collects it:"
 	@$(BIN)/python -m pip install --quiet --upgrade pip 2>&1 | grep -v "is ignored" || true
-	@$(BIN)/python -m pip install -e '.[$(EXTRAS)]' 2>&1 \
+	@$(BIN)/python -m pip install -e '.[$(EXTRAS)]' --constraint $(IMAGE_LOCK) 2>&1 \
 	  | grep --line-buffered -E '^(Collecting|Successfully installed|ERROR|error)' | sed -u 's/^/  /' || true
 	@echo "setup: checking the installed stack (pip check, imports)"
 	@$(BIN)/python -m pip check >/dev/null || { $(BIN)/python -m pip check; exit 1; }

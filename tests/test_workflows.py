@@ -197,3 +197,15 @@ def test_the_release_attaches_an_sbom_of_each_image(tmp_path):
             if "==" in line and not line.startswith("#")
         }
         assert pinned <= purls and "pkg:pypi/kdpipe@v9.9.9" in purls
+
+
+def test_ci_and_retrain_install_the_images_pinned_versions():
+    """`make setup` (CI's .ci/run, the retrain and release workflows) installs with the CPU image's
+    lock file as constraints, and re-installs when it changes: the same versions everywhere."""
+    makefile = (ROOT / "Makefile").read_text()
+    assert "IMAGE_LOCK := docker/requirements-cpu.txt" in makefile
+    assert "$(STAMP): pyproject.toml $(IMAGE_LOCK)" in makefile
+    assert "pip install -e '.[$(EXTRAS)]' --constraint $(IMAGE_LOCK)" in makefile
+    for flow in ("retrain.yml", "release.yml"):
+        runs = [s.get("run", "") for job in _workflow(flow)["jobs"].values() for s in job["steps"]]
+        assert any("make setup" in run for run in runs), flow
