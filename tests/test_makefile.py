@@ -17,11 +17,13 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU 
 @pytest.fixture
 def project(tmp_path):
     """A git + DVC project holding the Makefile, with the repository's venv linked in (and its install
-    stamp kept newer than pyproject.toml, so make does not reinstall anything)."""
+    stamp kept newer than pyproject.toml and the lock file, so make does not reinstall anything)."""
     root = tmp_path / "project"
     root.mkdir()
     shutil.copy2(REPO / "Makefile", root / "Makefile")
     shutil.copy2(REPO / "pyproject.toml", root / "pyproject.toml")
+    (root / "docker").mkdir()  # the images' lock file: the venv's install constraints (and a stamp prerequisite)
+    shutil.copy2(REPO / "docker" / "requirements-cpu.txt", root / "docker" / "requirements-cpu.txt")
     (root / ".venv").symlink_to(REPO / ".venv")
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     env = {**os.environ, "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}"}
