@@ -22,7 +22,8 @@ def project(tmp_path):
     root.mkdir()
     shutil.copy2(REPO / "Makefile", root / "Makefile")
     shutil.copy2(REPO / "pyproject.toml", root / "pyproject.toml")
-    (root / "docker").mkdir()  # the images' lock file: the venv's install constraints (and a stamp prerequisite)
+    # the images' lock file: the venv's install constraints, and a prerequisite of its stamp
+    (root / "docker").mkdir()
     shutil.copy2(REPO / "docker" / "requirements-cpu.txt", root / "docker" / "requirements-cpu.txt")
     (root / ".venv").symlink_to(REPO / ".venv")
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
