@@ -209,3 +209,97 @@ def test_ci_and_retrain_install_the_images_pinned_versions():
     for flow in ("retrain.yml", "release.yml"):
         runs = [s.get("run", "") for job in _workflow(flow)["jobs"].values() for s in job["steps"]]
         assert any("make setup" in run for run in runs), flow
+
+
+# --- supply chain: actions pinned by commit, least-privilege tokens (issue 29) ---
+
+WORKFLOWS = sorted(p.name for p in (ROOT / ".github" / "workflows").glob("*.yml"))
+# `uses: owner/repo[/path]@<commit> # vX.Y.Z`: a tag can be moved to other code, a commit cannot;
+# the comment says which release the commit is (and lets Dependabot/Renovate update it)
+PINNED = re.compile(r"[\w.-]+/[\w.-]+(?:/[\w./-]+)?@[0-9a-f]{40} # v\d+\.\d+\.\d+")
+
+
+def _uses_lines(name: str) -> list[str]:
+    text = (ROOT / ".github" / "workflows" / name).read_text(encoding="utf-8")
+    return [m[1].strip() for m in re.finditer(r"^\s*(?:-\s+)?uses:(.*)$", text, flags=re.M)]
+
+
+def _jobs(name: str) -> dict:
+    return _workflow(name)["jobs"]
+
+
+def _pushes(steps: list[dict]) -> bool:
+    return any(re.search(r"\bgit\s+push\b", step.get("run", "")) for step in steps)
+
+
+def test_the_pin_checks_see_every_uses_line():
+    for name in WORKFLOWS:
+        parsed = [s["uses"] for job in _jobs(name).values() for s in job.get("steps", []) if "uses" in s]
+        parsed += [job["uses"] for job in _jobs(name).values() if "uses" in job]  # reusable workflows
+        assert len(_uses_lines(name)) == len(parsed) > 0, name
+
+
+def test_every_action_is_pinned_to_a_commit_with_its_version_in_a_comment():
+    commits: dict[str, set[str]] = {}
+    for name in WORKFLOWS:
+        for line in _uses_lines(name):
+            if line.startswith("./"):  # an action of this repository: pinned by the checkout itself
+                continue
+            assert PINNED.fullmatch(line), f"{name}: `uses: {line}` is not pinned to a commit"
+            action, rest = line.split("@", 1)
+            commits.setdefault(action, set()).add(rest)
+    # one action, one pin: two workflows on different commits of the same action is a half-done update
+    assert all(len(pins) == 1 for pins in commits.values()), commits
+
+
+def test_the_pin_pattern_rejects_tags_and_short_commits():
+    assert PINNED.fullmatch("actions/checkout@" + "a" * 40 + " # v4.4.0")
+    for line in (
+        "actions/checkout@v4",
+        "actions/checkout@v4.4.0",
+        "actions/checkout@" + "a" * 40,  # no version comment
+        "actions/checkout@" + "a" * 12 + " # v4.4.0",
+        "actions/checkout@main # v4.4.0",
+    ):
+        assert not PINNED.fullmatch(line), line
+
+
+def test_every_job_has_least_privilege_token_permissions():
+    # what a write scope is for, and the step text that shows the job uses it
+    needs = {
+        "contents": (r"\bgit\s+push\b", r"\bgh\s+release\b"),
+        "pull-requests": (r"\bgh\s+pr\b",),
+    }
+    for name in WORKFLOWS:
+        flow = _workflow(name)
+        top = flow.get("permissions")
+        assert top is None or (isinstance(top, dict) and set(top.values()) <= {"read", "none"}), (
+            f"{name}: the workflow-level token must be read-only"
+        )
+        for job_name, job in flow["jobs"].items():
+            perms = job.get("permissions")
+            assert perms is not None or top is not None, f"{name}/{job_name}: no permissions block"
+            perms = top if perms is None else perms
+            assert isinstance(perms, dict), f"{name}/{job_name}: permissions {perms!r} (write-all?)"
+            runs = "\n".join(s.get("run", "") for s in job.get("steps", []))
+            for scope, access in perms.items():
+                assert access in ("read", "write", "none"), (name, job_name, scope, access)
+                if access == "write":
+                    patterns = needs.get(scope, ())
+                    assert any(re.search(p, runs) for p in patterns), (
+                        f"{name}/{job_name}: {scope}: write, but no step uses it"
+                    )
+
+
+def test_checkout_keeps_no_token_unless_the_job_pushes_with_it():
+    for name in WORKFLOWS:
+        for job_name, job in _jobs(name).items():
+            steps = job.get("steps", [])
+            for i, step in enumerate(steps):
+                if not str(step.get("uses", "")).startswith("actions/checkout@"):
+                    continue
+                persist = step.get("with", {}).get("persist-credentials", True)
+                if _pushes(steps[i + 1 :]):
+                    assert persist is not False, f"{name}/{job_name}: pushes, but checkout dropped the token"
+                else:
+                    assert persist is False, f"{name}/{job_name}: checkout leaves the token in .git/config"
