@@ -142,7 +142,7 @@ constraints: setup ## re-pin docker/requirements-{cpu,gpu}.txt from pyproject.to
 test-image: setup ## build the cpu image from a local base and run kdpipe in it (needs buildah; minutes)
 	$(BIN)/python -m pytest -q -m image tests/test_image.py
 
-dvc-deps: setup ## rewrite dvc.yaml's code dependencies from the import graph (a test checks them)
+dvc-deps: setup ## add dvc.yaml stages for new catalog steps, rewrite code deps from the imports (tested)
 	$(BIN)/python tests/dvc_code_deps.py --write
 
 pipeline: setup ## compile the Kubeflow pipeline to pipelines/kdpipe_pipeline.yaml and components/*.yaml (commit them)

@@ -1,10 +1,13 @@
-"""dvc.yaml's code dependencies, derived from the import graph (pytest puts tests/ on sys.path).
+"""dvc.yaml's stages for new catalog steps, and every stage's code dependencies, derived from the
+step catalog and the import graph (pytest puts tests/ on sys.path).
 
 Each stage ``kdpipe <step>`` depends on every module that ``kdpipe/steps/<step>.py`` imports,
 directly or not, at the top or inside a function, except the modules that cannot change what a step
 writes (:data:`NO_EFFECT_ON_OUTPUTS`). ``python tests/dvc_code_deps.py --write`` (``make dvc-deps``)
-rewrites the ``${code}/...`` lines of every stage in dvc.yaml; tests/test_dvc_code_deps.py fails
-when they drift.
+first adds a stage for each catalog step that dvc.yaml lacks (its command, inputs, params groups,
+output and reports, from the catalog: edit it afterwards if you like, tests hold it to the catalog),
+then rewrites the ``${code}/...`` lines of every stage; tests/test_dvc_code_deps.py fails when they
+drift. ``--root DIR`` works on another checkout (the package imported is the one on ``sys.path``).
 """
 
 from __future__ import annotations
@@ -58,10 +61,10 @@ def needed_files(step: str, graph: dict[str, set[str]] | None = None) -> list[st
     return sorted(f for f in files if f not in NO_EFFECT_ON_OUTPUTS and not f.endswith("__init__.py"))
 
 
-def stages() -> dict[str, tuple[str, set[str], str]]:
+def stages(text: str | None = None) -> dict[str, tuple[str, set[str], str]]:
     """stage name -> (step, its ``${code}`` dependencies as files relative to src/kdpipe, code var)."""
-    dvc = yaml.safe_load(DVC_YAML.read_text(encoding="utf-8"))
-    code = next(v["code"] for v in dvc["vars"] if "code" in v)
+    dvc = yaml.safe_load(DVC_YAML.read_text(encoding="utf-8") if text is None else text)
+    code = next((v["code"] for v in dvc.get("vars", []) if "code" in v), "src/kdpipe")
     found = {}
     for name, stage in dvc["stages"].items():
         deps = {d.replace("${code}/", "") for d in stage.get("deps", []) if d.startswith("${code}/")}
@@ -72,7 +75,7 @@ def stages() -> dict[str, tuple[str, set[str], str]]:
 def rewrite(text: str, graph: dict[str, set[str]]) -> str:
     """dvc.yaml with each stage's ``- ${code}/...`` lines replaced by the derived list, in place of
     the first of them (the other lines and the comments are kept)."""
-    steps = {name: step for name, (step, _, _) in stages().items()}
+    steps = {name: step for name, (step, _, _) in stages(text).items()}
     out, stage, written = [], None, set()
     for line in text.split("\n"):
         if line.startswith("  ") and not line.startswith("   ") and line.rstrip().endswith(":"):
@@ -87,10 +90,64 @@ def rewrite(text: str, graph: dict[str, set[str]]) -> str:
     return "\n".join(out)
 
 
-if __name__ == "__main__":
-    new = rewrite(DVC_YAML.read_text(encoding="utf-8"), import_graph(PACKAGE))
-    if "--write" in sys.argv:
+def stage_text(step) -> list[str]:
+    """dvc.yaml's stage for a catalog step: ``kdpipe <step>``, the folders it reads (the data folder
+    for a step that reads it), one code line for :func:`rewrite` to expand, its params groups, its
+    output folder, its JSON reports as metrics and its other reports as uncached outputs."""
+    reports = [f"reports/{step.name}/{name}" for name in step.report_files]
+    inputs = [default or "data" for arg, (default, _) in step.paths.items() if arg != "out_dir"]
+    lines = [
+        f"  {step.name}:",
+        f"    cmd: kdpipe {step.name} --reports-dir reports/{step.name}",
+        "    deps:",
+        *(f"      - {path}" for path in inputs),
+        f"      - ${{code}}/steps/{step.name}.py",
+        "    params:",
+        *(f"      - {group}" for group in step.param_groups),
+        "    outs:",
+        f"      - {step.paths['out_dir'][0]}",
+        *(f"      - {r}:\n          cache: false" for r in reports if not r.endswith(".json")),
+    ]
+    metrics = [r for r in reports if r.endswith(".json")]
+    if metrics:
+        lines += ["    metrics:", *(f"      - {r}:\n          cache: false" for r in metrics)]
+    return lines + [""]
+
+
+def add_missing_stages(text: str, catalog: dict) -> str:
+    """``text`` with a stage for each catalog step it lacks, placed before the stage of the next
+    step in the catalog's order (dvc.yaml lists the stages in that order, tested)."""
+    present = set(yaml.safe_load(text)["stages"])
+    names = list(catalog)
+    for k, name in enumerate(names):
+        if name in present:
+            continue
+        lines = text.split("\n")
+        following = next((n for n in names[k + 1 :] if n in present), None)
+        at = lines.index(f"  {following}:") if following else len(lines)
+        if following is None and lines[-1] == "":
+            at -= 1  # before the file's final newline
+        lines[at:at] = stage_text(catalog[name])
+        text = "\n".join(lines)
+        present.add(name)
+    return text
+
+
+def main(argv: list[str]) -> None:
+    global PACKAGE, DVC_YAML
+    from kdpipe.core.catalog import STEPS
+
+    if "--root" in argv:
+        root = Path(argv[argv.index("--root") + 1])
+        PACKAGE, DVC_YAML = root / "src" / "kdpipe", root / "dvc.yaml"
+    text = add_missing_stages(DVC_YAML.read_text(encoding="utf-8"), STEPS)
+    new = rewrite(text, import_graph(PACKAGE))
+    if "--write" in argv:
         DVC_YAML.write_text(new, encoding="utf-8")
-        print("dvc.yaml: code dependencies rewritten from the import graph")
+        print("dvc.yaml: stages checked against the catalog, code dependencies rewritten from the imports")
     else:
         sys.stdout.write(new)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

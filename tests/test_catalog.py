@@ -4,7 +4,6 @@ from it, and dvc.yaml and the Kubeflow components must agree with it (these test
 from __future__ import annotations
 
 import ast
-import importlib
 import inspect
 import json
 import textwrap
@@ -14,6 +13,9 @@ import pytest
 import yaml
 
 from kdpipe.cli import build_parser
+from kdpipe.core import layout
+from kdpipe.pipelines.components import step_components
+from kdpipe.pipelines.components.from_catalog import catalog_component, component_source
 from kdpipe.steps import catalog
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,7 +61,7 @@ def test_dvc_stage_params_and_reports_match_the_catalog(name):
 
 @pytest.mark.parametrize("name", list(catalog.STEPS))
 def test_kubeflow_component_takes_the_steps_param_groups(name):
-    component = getattr(importlib.import_module(f"kdpipe.pipelines.components.{name}"), name)
+    component = step_components()[name]
     arguments = inspect.signature(component.python_func).parameters
     groups = {a.removesuffix("_params") for a in arguments if a.endswith("_params")}
     step = catalog.STEPS[name]
@@ -75,11 +77,52 @@ def test_kubeflow_component_takes_the_steps_param_groups(name):
         node.args[0].value
         for node in ast.walk(tree)
         if isinstance(node, ast.Call)
-        and getattr(node.func, "id", None) == "run_step"
+        and getattr(node.func, "id", None) in ("run_step", "run_task")
         and node.args
         and isinstance(node.args[0], ast.Constant)
     ]
     assert calls == [name] or step.logs_itself, "components must run the step through run_step"
+
+
+@pytest.mark.parametrize("name", list(catalog.STEPS))
+def test_kubeflow_component_reads_and_writes_the_catalogs_artifacts(name):
+    """The pipeline wires a component's inputs by name to the outputs of the steps that write them."""
+    step, component = catalog.STEPS[name], step_components()[name]
+    spec = component.component_spec
+    artifacts_in = {k for k, v in (spec.inputs or {}).items() if v.type.startswith("system.")}
+    assert artifacts_in == set(step.inputs().values()), f"{name}: component inputs vs the catalog's"
+    assert step.output in (spec.outputs or {}), f"{name}: no output named {step.output!r}"
+
+
+def test_a_step_without_a_component_gets_one_from_its_catalog_entry():
+    step = catalog.Step(
+        "calibrate",
+        'fit a "temperature"',
+        {
+            "export_dir": (layout.EXPORTED, "export output"),
+            "prepared_dir": (layout.PREPARED, "prepared data"),
+            "out_dir": ("artifacts/calibrate", "output folder"),
+        },
+        ("evaluate", "data"),
+    )
+    spec = catalog_component(step).component_spec
+    assert {k: v.type for k, v in spec.inputs.items()} == {
+        "onnx_model": "system.Artifact@0.0.1",
+        "prepared": "system.Artifact@0.0.1",
+        "evaluate_params": "Dict",
+        "execution_key": "String",
+        "git_commit": "String",
+    }
+    assert set(spec.outputs) == {"calibrate", "summary"}
+    source = component_source(step)
+    assert '{"export_dir": onnx_model.path, "prepared_dir": prepared.path}' in source
+    assert '{"evaluate": evaluate_params}' in source
+
+
+def test_an_input_no_step_writes_is_named():
+    step = catalog.Step("orphan", "x", {"model_dir": ("artifacts/nowhere", "?"), "out_dir": ("o", "?")}, ())
+    with pytest.raises(KeyError, match="artifacts/nowhere"):
+        step.inputs()
 
 
 def test_run_step_copies_the_reports_and_logs_the_step(

@@ -7,7 +7,8 @@ tests fail, naming the files, when dvc.yaml drifts from the code.
 
 from __future__ import annotations
 
-from dvc_code_deps import PACKAGE, import_closure, needed_files, rewrite, stages
+import yaml
+from dvc_code_deps import PACKAGE, add_missing_stages, import_closure, needed_files, rewrite, stages
 from import_graph import import_graph
 
 
@@ -47,3 +48,27 @@ def test_rewrite_replaces_only_the_code_lines_of_each_stage():
     assert lines[:5] == text.split("\n")[:5] and "      # a comment" in lines and "    params:" in lines
     code = [line.strip()[len("- ${code}/") :] for line in lines if line.strip().startswith("- ${code}/")]
     assert code == needed_files("prepare", graph) and "steps/prepare.py" in code
+
+
+def test_a_catalog_step_missing_from_dvc_yaml_gets_its_stage_in_pipeline_order():
+    from kdpipe.core.catalog import STEPS, Step
+
+    text = "stages:\n  prepare:\n    cmd: kdpipe prepare\n\n  register:\n    cmd: kdpipe register\n"
+    calibrate = Step(
+        "calibrate",
+        "x",
+        {"export_dir": ("artifacts/export", "?"), "out_dir": ("artifacts/calibrate", "?")},
+        ("evaluate",),
+        ("calibration.json", "reliability.png"),
+    )
+    catalog = {"prepare": STEPS["prepare"], "calibrate": calibrate, "register": STEPS["register"]}
+    stages = yaml.safe_load(add_missing_stages(text, catalog))["stages"]
+    assert list(stages) == ["prepare", "calibrate", "register"]
+    assert stages["calibrate"] == {
+        "cmd": "kdpipe calibrate --reports-dir reports/calibrate",
+        "deps": ["artifacts/export", "${code}/steps/calibrate.py"],
+        "params": ["evaluate"],
+        "outs": ["artifacts/calibrate", {"reports/calibrate/reliability.png": {"cache": False}}],
+        "metrics": [{"reports/calibrate/calibration.json": {"cache": False}}],
+    }
+    assert add_missing_stages(text, {"prepare": STEPS["prepare"], "register": STEPS["register"]}) == text

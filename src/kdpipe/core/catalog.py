@@ -28,6 +28,35 @@ class Step:
     report_files: tuple[str, ...] = ()
     logs_itself: bool = False  # register logs to MLflow with the model; the others through run_step
     options: dict[str, Any] = field(default_factory=dict)  # extra CLI flags: name -> argparse kwargs
+    # the name of out_dir as a Kubeflow artifact (default: out_dir's folder name); a step that reads
+    # it names its component input the same, which is how the pipeline wires the tasks together
+    artifact: str = ""
+
+    @property
+    def output(self) -> str:
+        return self.artifact or self.paths["out_dir"][0].rstrip("/").rsplit("/", 1)[-1]
+
+    def inputs(self) -> dict[str, str]:
+        """run()'s input path arguments -> the artifact each one reads: the output of the step whose
+        out_dir is that argument's default (:data:`DATA_ARTIFACT` for the data folder)."""
+        return {
+            arg: DATA_ARTIFACT if default is None else producer(default).output
+            for arg, (default, _) in self.paths.items()
+            if arg != "out_dir"
+        }
+
+
+# The pipeline's first task fetches the data folder (a DVC revision); the steps that read the data
+# folder (default path None: params data.root) read this artifact.
+DATA_ARTIFACT = "raw_data"
+
+
+def producer(path: str) -> Step:
+    """The step whose output folder is ``path`` by default."""
+    for step in STEPS.values():
+        if step.paths["out_dir"][0] == path:
+            return step
+    raise KeyError(f"no step of the catalog writes {path!r}")
 
 
 STEPS: dict[str, Step] = {
@@ -59,6 +88,7 @@ STEPS: dict[str, Step] = {
             },
             ("teacher", "augment", "train"),
             ("metrics.json", "history.json"),
+            artifact="teacher_model",
         ),
         Step(
             "augment",
@@ -85,6 +115,7 @@ STEPS: dict[str, Step] = {
             },
             ("train", "augment"),
             ("metrics.json", "history.json", "schedule.json"),
+            artifact="student",
         ),
         Step(
             "select",
@@ -108,6 +139,7 @@ STEPS: dict[str, Step] = {
             },
             ("export",),
             ("parity.json",),
+            artifact="onnx_model",
         ),
         Step(
             "evaluate",
@@ -119,7 +151,9 @@ STEPS: dict[str, Step] = {
             },
             ("evaluate",),
             ("metrics.json", "confusion.json", "confusion.png", "per_class.json", "report.md"),
+            artifact="evaluation",
         ),
+        # last: register, which changes the model registry (Kubeflow runs it only past the gate)
         Step(
             "register",
             "log the model to MLflow, register a version, move the champion alias if it is better "
@@ -133,6 +167,7 @@ STEPS: dict[str, Step] = {
             ("register",),
             ("decision.json",),
             logs_itself=True,
+            artifact="decision",
         ),
     )
 }

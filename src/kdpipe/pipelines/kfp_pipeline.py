@@ -13,6 +13,7 @@ from a DVC revision (``data_repo``, ``data_rev``, ``data_version``).
 """
 
 import ast
+import inspect
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from typing import Any
 
 from kfp import compiler, dsl, kubernetes
 
+from kdpipe.core.catalog import DATA_ARTIFACT, STEPS
 from kdpipe.core.params import DEFAULT_PARAMS_FILE, Params, load_params
 from kdpipe.orchestration import kubeflow
 from kdpipe.orchestration.cluster import (
@@ -40,17 +42,7 @@ from kdpipe.orchestration.trainjob import (
     STORE_SECRET_KEYS,
     TRAINJOB_IMAGE_ENV,
 )
-from kdpipe.pipelines.components import (
-    augment,
-    data,
-    distill,
-    evaluate,
-    export,
-    prepare,
-    register,
-    select,
-    teacher,
-)
+from kdpipe.pipelines.components import data, step_components
 from kdpipe.pipelines.components.gate import quality_gate_failed
 from kdpipe.training.devices import EXPECT_GPU_ENV
 
@@ -60,8 +52,9 @@ PACKAGE = Path("pipelines") / "kdpipe_pipeline.yaml"
 PARAMS_FILE = Path(DEFAULT_PARAMS_FILE)
 # Each component compiled on its own (for users who build their own pipelines from kdpipe's steps).
 COMPONENTS_DIR = Path("components")
-# params.yaml groups that become pipeline parameters named "<group>_params".
-GROUPS = ("prepare", "augment", "teacher", "train", "select", "export", "evaluate", "register")
+# params.yaml groups that become pipeline parameters named "<group>_params": every group a step
+# reads (data reaches Kubeflow as an artifact), in the catalog's order.
+GROUPS = tuple(dict.fromkeys(g for step in STEPS.values() for g in step.param_groups if g != "data"))
 # Values that are pipeline parameters of their own rather than keys of their group's dict.
 SEPARATE = {("register", "min_accuracy"): "min_accuracy"}
 _NO_REMOTE_CONFIG: dict[str, Any] = {}
@@ -147,6 +140,103 @@ def _mlflow_env(task: dsl.PipelineTask, optional_secrets: bool) -> dsl.PipelineT
 
 # Every step task logs to MLflow under one parent run per pipeline run, found by this key.
 EXECUTION = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+# The steps after this one run only when its returned accuracy passes the gate (``min_accuracy``).
+GATE_STEP = "evaluate"
+# Steps that change something outside the run (the registry): KFP must never reuse a cached result.
+UNCACHED = ("register",)
+
+
+def pipeline_parameters(params: Params) -> list[inspect.Parameter]:
+    """The pipeline's parameters with their defaults: the data revision, the run's own values, then
+    one ``<group>_params`` dict per params group that some step reads."""
+    d = group_defaults(params)
+    own: list[tuple[str, type, Any]] = [
+        ("data_repo", str, ""),
+        ("data_rev", str, "HEAD"),
+        ("data_version", str, ""),
+        ("data_root", str, params.data.root),
+        ("dvc_remote", str, ""),
+        ("dvc_remote_config", dict, _NO_REMOTE_CONFIG),
+        ("gpus", int, 1),
+        ("min_accuracy", float, params.register.min_accuracy),
+        ("git_commit", str, ""),
+        ("require_tracking_server", bool, True),
+        *((f"{g}_params", dict, d[f"{g}_params"]) for g in GROUPS),
+    ]
+    return [
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=kind)
+        for name, kind, default in own
+    ]
+
+
+def _component_inputs(component) -> list[str]:
+    return list(component.component_spec.inputs or {})
+
+
+def _step_task(step, component, args: dict, outputs: dict, cluster: ClusterSettings) -> dsl.PipelineTask:
+    """A catalog step's task, wired by name: each input artifact is the output of the step that
+    writes it (the catalog says which), and every other input named like a pipeline parameter, a
+    cluster value (:func:`_cluster_arguments`) or the run context receives that value."""
+    available = {**args, **_cluster_arguments(cluster), "execution_key": EXECUTION}
+    wanted = _component_inputs(component)
+    kwargs = {artifact: outputs[artifact] for artifact in dict.fromkeys(step.inputs().values())}
+    kwargs.update({name: available[name] for name in wanted if name not in kwargs and name in available})
+    return component(**kwargs)
+
+
+def _cluster_arguments(cluster: ClusterSettings) -> dict[str, Any]:
+    """Component inputs that come from the cluster settings, not from the run's parameters."""
+    return {
+        "state_dir": cluster.state_mount if cluster.state_pvc else "",  # distill resumes from there
+        "nodes": cluster.distill_nodes,
+    }
+
+
+def _place(task: dsl.PipelineTask, name: str, gpus, cluster: ClusterSettings, optional_secrets: bool) -> None:
+    """Where and how a step's task runs: GPU nodes for the GPU steps (distill over several nodes
+    only launches a TrainJob), a durable state volume for distill, the tracking secret everywhere."""
+    if name == "distill" and cluster.distill_nodes > 1:
+        _trainjob_launcher(task, cluster, optional_secrets)
+    elif name in GPU_TASKS:
+        _gpu_task(task, gpus if name == "distill" else 1, cluster)
+    if name == "distill" and cluster.state_pvc:  # durable resume state: a retried or preempted pod resumes
+        kubernetes.mount_pvc(task, pvc_name=cluster.state_pvc, mount_path=cluster.state_mount)
+    if name in UNCACHED:
+        task.set_caching_options(False)
+    _mlflow_env(task, optional_secrets)  # every step logs to the tracking server when the secret exists
+
+
+def _trainjob_launcher(task: dsl.PipelineTask, cluster: ClusterSettings, optional_secrets: bool) -> None:
+    """The distill task that only launches and awaits the multi-node TrainJob, whose nodes hold the GPUs."""
+    task.set_env_variable(TRAINJOB_IMAGE_ENV, kubeflow.gpu_image())
+    task.set_env_variable(GPU_RESOURCE_ENV, cluster.gpu_resource)
+    # the nodes' placement, size and deadline, and the launcher pod as the TrainJob's owner
+    task.set_env_variable(NODE_SETTINGS_ENV, json.dumps(cluster.node_settings(), sort_keys=True))
+    kubernetes.use_field_path_as_env(task, POD_NAME_ENV, "metadata.name")
+    kubernetes.use_field_path_as_env(task, POD_UID_ENV, "metadata.uid")
+    # the launcher stages the inputs and reads the result itself (fsspec): it needs the same
+    # object-store credential as the nodes, and only this task gets it
+    kubernetes.use_secret_as_env(
+        task, STORE_SECRET, {key: key for key in STORE_SECRET_KEYS}, optional=optional_secrets
+    )
+
+
+def _data_task(args: dict, optional_secrets: bool) -> dsl.PipelineTask:
+    task = data(
+        repo=args["data_repo"],
+        rev=args["data_rev"],
+        data_version=args["data_version"],
+        data_root=args["data_root"],
+        dvc_remote=args["dvc_remote"],
+        dvc_remote_config=args["dvc_remote_config"],
+    ).set_display_name("data")
+    kubernetes.use_secret_as_env(
+        task, kubeflow.DVC_SECRET, kubeflow.DVC_SECRET_ENV, optional=optional_secrets
+    )
+    kubernetes.use_secret_as_env(
+        task, kubeflow.GIT_SECRET, kubeflow.GIT_SECRET_ENV, optional=optional_secrets
+    )
+    return task
 
 
 def build_pipeline(
@@ -154,158 +244,47 @@ def build_pipeline(
 ):
     """The ``@dsl.pipeline`` function, with parameter defaults taken from ``params`` (default:
     params.yaml) and the cluster's settings (default: :class:`kdpipe.orchestration.cluster.ClusterSettings`).
-    ``optional_secrets=False`` compiles for a backend older than 2.15: every secret must then exist."""
+    ``optional_secrets=False`` compiles for a backend older than 2.15: every secret must then exist.
+
+    The tasks are the catalog's steps in order (:func:`kdpipe.pipelines.components.step_components`),
+    after the data task; the steps after :data:`GATE_STEP` run inside the quality gate."""
     params = params or load_params(PARAMS_FILE)
     cluster = cluster or ClusterSettings()
-    d = group_defaults(params)
+    parameters = pipeline_parameters(params)
+    components = step_components()
+    names = list(components)
+    gated = names[names.index(GATE_STEP) + 1 :]
 
-    @dsl.pipeline(
+    def kdpipe_pipeline(*values):
+        args = dict(zip([p.name for p in parameters], values, strict=True))
+        data_task = _data_task(args, optional_secrets)
+        _cluster_task(data_task, "data", cluster)
+        outputs = {DATA_ARTIFACT: data_task.outputs[DATA_ARTIFACT]}
+
+        def add(name: str) -> dsl.PipelineTask:
+            task = _step_task(STEPS[name], components[name], args, outputs, cluster)
+            outputs[STEPS[name].output] = task.outputs[STEPS[name].output]
+            _place(task, name, args["gpus"], cluster, optional_secrets)
+            _cluster_task(task, name, cluster)
+            return task
+
+        gate = [add(name) for name in names if name not in gated][-1]
+        with dsl.If(gate.outputs["Output"] >= args["min_accuracy"], name="quality-gate"):
+            for name in gated:
+                add(name)
+        with dsl.Else(name="quality-gate-failed"):
+            # a model below the gate ends the run failed, not green with nothing registered
+            failed = quality_gate_failed(accuracy=gate.outputs["Output"], min_accuracy=args["min_accuracy"])
+            failed.set_caching_options(False)
+            _cluster_task(failed, "register", cluster)
+
+    # KFP reads a pipeline's parameters from its signature: this one is made from the catalog
+    kdpipe_pipeline.__signature__ = inspect.Signature(parameters)
+    return dsl.pipeline(
         name=PIPELINE_NAME,
         description="kdpipe: semi-supervised distillation of a small image "
         "classifier from a DVC data revision, exported to ONNX and registered in MLflow",
-    )
-    def kdpipe_pipeline(
-        data_repo: str = "",
-        data_rev: str = "HEAD",
-        data_version: str = "",
-        data_root: str = params.data.root,
-        dvc_remote: str = "",
-        dvc_remote_config: dict = _NO_REMOTE_CONFIG,
-        gpus: int = 1,
-        min_accuracy: float = params.register.min_accuracy,
-        git_commit: str = "",
-        require_tracking_server: bool = True,
-        prepare_params: dict = d["prepare_params"],
-        augment_params: dict = d["augment_params"],
-        teacher_params: dict = d["teacher_params"],
-        train_params: dict = d["train_params"],
-        select_params: dict = d["select_params"],
-        export_params: dict = d["export_params"],
-        evaluate_params: dict = d["evaluate_params"],
-        register_params: dict = d["register_params"],
-    ):
-        data_task = data(
-            repo=data_repo,
-            rev=data_rev,
-            data_version=data_version,
-            data_root=data_root,
-            dvc_remote=dvc_remote,
-            dvc_remote_config=dvc_remote_config,
-        ).set_display_name("data")
-        kubernetes.use_secret_as_env(
-            data_task, kubeflow.DVC_SECRET, kubeflow.DVC_SECRET_ENV, optional=optional_secrets
-        )
-        kubernetes.use_secret_as_env(
-            data_task, kubeflow.GIT_SECRET, kubeflow.GIT_SECRET_ENV, optional=optional_secrets
-        )
-        run = {"execution_key": EXECUTION, "git_commit": git_commit}  # every step task's run context
-
-        prep = prepare(
-            raw_data=data_task.outputs["raw_data"],
-            prepare_params=prepare_params,
-            teacher_params=teacher_params,
-            **run,
-        )
-        prepared = prep.outputs["prepared"]
-        teach = teacher(
-            prepared=prepared,
-            teacher_params=teacher_params,
-            augment_params=augment_params,
-            train_params=train_params,
-            **run,
-        )
-        _gpu_task(teach, 1, cluster)
-        # after the teacher: its logits on every stored view are computed once, with the views
-        aug = augment(
-            prepared=prepared,
-            teacher_model=teach.outputs["teacher_model"],
-            augment_params=augment_params,
-            train_params=train_params,
-            **run,
-        )
-        _gpu_task(aug, 1, cluster)
-        dist = distill(
-            prepared=prepared,
-            augmented=aug.outputs["augmented"],
-            teacher_model=teach.outputs["teacher_model"],
-            train_params=train_params,
-            augment_params=augment_params,
-            gpus=gpus,
-            state_dir=cluster.state_mount if cluster.state_pvc else "",
-            nodes=cluster.distill_nodes,
-            **run,
-        )
-        if cluster.distill_nodes == 1:
-            _gpu_task(dist, gpus, cluster)
-        else:  # the task only launches and awaits the multi-node TrainJob, whose nodes hold the GPUs
-            dist.set_env_variable(TRAINJOB_IMAGE_ENV, kubeflow.gpu_image())
-            dist.set_env_variable(GPU_RESOURCE_ENV, cluster.gpu_resource)
-            # the nodes' placement, size and deadline, and the launcher pod as the TrainJob's owner
-            dist.set_env_variable(NODE_SETTINGS_ENV, json.dumps(cluster.node_settings(), sort_keys=True))
-            kubernetes.use_field_path_as_env(dist, POD_NAME_ENV, "metadata.name")
-            kubernetes.use_field_path_as_env(dist, POD_UID_ENV, "metadata.uid")
-            # the launcher stages the inputs and reads the result itself (fsspec): it needs the same
-            # object-store credential as the nodes, and only this task gets it
-            kubernetes.use_secret_as_env(
-                dist, STORE_SECRET, {key: key for key in STORE_SECRET_KEYS}, optional=optional_secrets
-            )
-        if cluster.state_pvc:  # durable resume state: a retried or preempted pod resumes
-            kubernetes.mount_pvc(dist, pvc_name=cluster.state_pvc, mount_path=cluster.state_mount)
-        sel = select(
-            student=dist.outputs["student"],
-            teacher_model=teach.outputs["teacher_model"],
-            prepared=prepared,
-            select_params=select_params,
-            export_params=export_params,
-            **run,
-        )
-        exp = export(selected=sel.outputs["selected"], prepared=prepared, export_params=export_params, **run)
-        ev = evaluate(
-            onnx_model=exp.outputs["onnx_model"], prepared=prepared, evaluate_params=evaluate_params, **run
-        )
-        for task in (prep, teach, aug, dist, sel, exp, ev):
-            _mlflow_env(
-                task, optional_secrets
-            )  # every step logs to the tracking server when the secret exists
-
-        with dsl.If(ev.outputs["Output"] >= min_accuracy, name="quality-gate"):
-            reg = register(
-                onnx_model=exp.outputs["onnx_model"],
-                evaluation=ev.outputs["evaluation"],
-                prepared=prepared,
-                min_accuracy=min_accuracy,
-                prepare_params=prepare_params,
-                augment_params=augment_params,
-                teacher_params=teacher_params,
-                train_params=train_params,
-                select_params=select_params,
-                export_params=export_params,
-                evaluate_params=evaluate_params,
-                register_params=register_params,
-                require_tracking_server=require_tracking_server,
-                **run,
-            )
-            reg.set_caching_options(False)  # it changes the registry: never skip it
-            _mlflow_env(reg, optional_secrets)
-            _cluster_task(reg, "register", cluster)
-        with dsl.Else(name="quality-gate-failed"):
-            # a model below the gate ends the run failed, not green with nothing registered
-            failed = quality_gate_failed(accuracy=ev.outputs["Output"], min_accuracy=min_accuracy)
-            failed.set_caching_options(False)
-            _cluster_task(failed, "register", cluster)
-        for name, task in (
-            ("data", data_task),
-            ("prepare", prep),
-            ("teacher", teach),
-            ("augment", aug),
-            ("distill", dist),
-            ("select", sel),
-            ("export", exp),
-            ("evaluate", ev),
-        ):
-            _cluster_task(task, name, cluster)
-
-    return kdpipe_pipeline
+    )(kdpipe_pipeline)
 
 
 def compile_pipeline(
@@ -338,18 +317,7 @@ def compile_components(folder: str | os.PathLike = COMPONENTS_DIR) -> list[Path]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for component in (
-        data,
-        prepare,
-        teacher,
-        augment,
-        distill,
-        select,
-        export,
-        evaluate,
-        register,
-        quality_gate_failed,
-    ):
+    for component in (data, *step_components().values(), quality_gate_failed):
         out = folder / f"{component.name.replace('-', '_')}.yaml"
         compiler.Compiler().compile(component, package_path=str(out))
         out.write_text(_stable_header(out.read_text(encoding="utf-8")), encoding="utf-8")
