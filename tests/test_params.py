@@ -211,3 +211,23 @@ def test_every_demo_setting_says_so_in_params_yaml():
         start = text.index(f"{group}:")
         line = next(line for line in text[start + 1 :] if line.strip().startswith(f"{key}:"))
         assert DEMO_COMMENT in line, line
+
+
+@pytest.mark.parametrize(
+    ("teacher", "prepared", "side", "more"),
+    [(None, None, 32, False), (None, 48, 48, False), (32, None, 32, False), (96, None, 96, True)],
+)
+def test_the_teacher_image_size_is_decided_in_one_place(teacher, prepared, side, more):
+    """teacher.image_size, else the student's: the prepared data's side when given, else prepare's."""
+    params = validate_params({"teacher": {"image_size": teacher}, "prepare": {"image_size": 32}})
+    assert params.teacher_image_size(prepared) == side
+    assert params.teacher_sees_more_pixels() is more
+
+
+def test_the_decoding_record_keeps_its_on_disk_key():
+    """A renamed key would make every earlier prepared output look decoded otherwise (all re-decoded)."""
+    from kdpipe.data.decoding import DecodeSettings
+    from kdpipe.data.prepared_writer import decoding_record
+
+    record = decoding_record(DecodeSettings(32, 96, 10_000_000, 8, 20.0))
+    assert record["teacher_size"] == 96 and "teacher_image_size" not in record

@@ -462,6 +462,16 @@ with warnings.catch_warnings():
         evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
         register: RegisterParams = Field(default_factory=RegisterParams)
 
+        def teacher_image_size(self, student_image_size: int | None = None) -> int:
+            """The side of the images the teacher computes on: ``teacher.image_size``, else the
+            student's (``student_image_size``: the prepared data's; else ``prepare.image_size``)."""
+            return int(self.teacher.image_size or student_image_size or self.prepare.image_size)
+
+        def teacher_sees_more_pixels(self) -> bool:
+            """Whether the teacher's images are larger than the student's (prepare then keeps a copy
+            of large images at the teacher's size)."""
+            return self.teacher_image_size() > self.prepare.image_size
+
         @model_validator(mode="after")
         def _check_across_groups(self) -> Params:
             teacher, student = self.teacher.image_size, self.prepare.image_size

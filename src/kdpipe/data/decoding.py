@@ -45,7 +45,7 @@ class DecodeSettings:
     """What decides whether a file is accepted and what its pixels become (prepare's settings)."""
 
     image_size: int
-    teacher_size: int | None
+    teacher_image_size: int | None  # a second copy at this size; None: no copy
     max_image_pixels: int
     min_side: int
     max_aspect_ratio: float
@@ -164,7 +164,7 @@ def _decode_one(row: int, path: str) -> Outcome:
     file_hash = hashlib.sha256(data).hexdigest()
     if _is_known(file_hash):
         return Outcome(file_hash=file_hash, reused=True)
-    largest = max(settings.image_size, settings.teacher_size or 0)
+    largest = max(settings.image_size, settings.teacher_image_size or 0)
     try:
         rgb = validate_image(Path(path), settings, data=data, draft_size=largest)
     except RejectedImage as exc:
@@ -172,7 +172,7 @@ def _decode_one(row: int, path: str) -> Outcome:
     small = resize_square(rgb, settings.image_size)
     job.spool.write(_fd(job.spool), row, small)
     if job.teacher_spool is not None:
-        job.teacher_spool.write(_fd(job.teacher_spool), row, resize_square(rgb, settings.teacher_size))
+        job.teacher_spool.write(_fd(job.teacher_spool), row, resize_square(rgb, settings.teacher_image_size))
     return Outcome(
         file_hash=file_hash,
         larger=min(rgb.shape[0], rgb.shape[1]) > settings.image_size,

@@ -107,13 +107,13 @@ def load_prepared(
         )
         for name in names
     }
-    teacher_size = manifest.get("teacher_image_size")
-    has_copy = "train_xt.npy" in files and teacher_size
+    teacher_image_size = manifest.get("teacher_image_size")
+    has_copy = "train_xt.npy" in files and teacher_image_size
     data = PreparedData(
         class_names=list(manifest["class_names"]),
         image_size=int(manifest["image_size"]),
         manifest=manifest,
-        teacher_image_size=int(teacher_size) if has_copy else None,
+        teacher_image_size=int(teacher_image_size) if has_copy else None,
         **{
             f"{split}_{kind}": arrays.get(f"{split}_{kind}")
             for split in SPLITS

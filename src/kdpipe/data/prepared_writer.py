@@ -118,7 +118,13 @@ class PreviousOutput:
 
 def decoding_record(settings: DecodeSettings) -> dict[str, Any]:
     """What decides the decoded pixels and which files are accepted (reuse requires all equal)."""
-    return {"version": DECODE_VERSION, **dataclasses.asdict(settings)}
+    # the manifest names the teacher's size "teacher_size", as it has since decoding was recorded:
+    # a new key would make every existing output look decoded otherwise, and be decoded again
+    record = dataclasses.asdict(settings)
+    return {"version": DECODE_VERSION, **{_RECORD_KEYS.get(k, k): v for k, v in record.items()}}
+
+
+_RECORD_KEYS = {"teacher_image_size": "teacher_size"}
 
 
 def write_labels(out: Path, ledger: Ledger) -> None:
@@ -212,13 +218,15 @@ def build_manifest(
     out: Path,
     params: Params,
     ledger: Ledger,
-    teacher_copy_size: int | None,
+    teacher_image_size: int | None,
     layout: Layout,
     linked: dict[str, str],
     decoding: dict[str, Any],
 ) -> dict[str, Any]:
     per_class = {name: ledger.class_counts(SPLITS.index(name)) for name in ("train", "val", "test")}
-    images = [f[0] for kind in ("x", "xt" if teacher_copy_size else None) if kind for f in layout.files(kind)]
+    images = [
+        f[0] for kind in ("x", "xt" if teacher_image_size else None) if kind for f in layout.files(kind)
+    ]
     labels = [name for name in ARRAY_FILES if name.endswith("_y.npy")]
     # a hard-linked file is the previous output's, which passed its integrity check: its hash stands
     files = {
@@ -231,7 +239,7 @@ def build_manifest(
         "per_class": per_class,
         "image_size": params.prepare.image_size,
         # the size of the *_xt.npy copies; null when the teacher upsamples the student-size arrays
-        "teacher_image_size": teacher_copy_size,
+        "teacher_image_size": teacher_image_size,
         "data_version": _data_version(ledger),
         "files": files,
         # rows per file of a split kept in several files (kdpipe.data.segments); absent when each split is one file
@@ -246,7 +254,7 @@ def build_manifest(
     }
 
 
-def summary_manifest(params: Params, ledger: Ledger, copy_size: int | None) -> dict[str, Any]:
+def summary_manifest(params: Params, ledger: Ledger, teacher_image_size: int | None) -> dict[str, Any]:
     """The manifest's counts for ``--check`` (no files, so no hashes)."""
     per_class = {name: ledger.class_counts(SPLITS.index(name)) for name in ("train", "val", "test")}
     return {
@@ -254,7 +262,7 @@ def summary_manifest(params: Params, ledger: Ledger, copy_size: int | None) -> d
         "counts": _counts(ledger),
         "per_class": per_class,
         "image_size": params.prepare.image_size,
-        "teacher_image_size": copy_size,
+        "teacher_image_size": teacher_image_size,
         "check_only": True,
     }
 

@@ -107,8 +107,9 @@ def _run(params: Params, root: Path, out: Path, check: bool, reuse: bool) -> dic
     if not check:
         _check_out_dir(root, out)
     cfg = params.prepare
-    teacher_size = _teacher_size(params)
-    settings = _decode_settings(cfg, teacher_size)
+    settings = _decode_settings(
+        cfg, params.teacher_image_size() if params.teacher_sees_more_pixels() else None
+    )
     previous = PreviousOutput.find(out, settings) if reuse else None
     workspace = tempfile.TemporaryDirectory(prefix="kdpipe-prepare-check-") if check else None
     with contextlib.nullcontext(Path(workspace.name)) if check else atomic_dir(out) as tmp:
@@ -148,24 +149,27 @@ def _prepare(
     _drop_near_copies_of_test(ledger, pixels, settings.image_size)
     _require_each_class(root, ledger)
     ledger.assign_splits(cfg.val_fraction, cfg.seed)
-    copy_size = settings.teacher_size if settings.teacher_size and ledger.mostly_larger() else None
-    if copy_size and previous is not None and not previous.has_teacher_copy:
+    # the copy is kept only when most images are larger than the student's: upsampled pixels add nothing
+    teacher_copy_size = (
+        settings.teacher_image_size if settings.teacher_image_size and ledger.mostly_larger() else None
+    )
+    if teacher_copy_size and previous is not None and not previous.has_teacher_copy:
         # The new images tipped the balance: a teacher-resolution copy is now kept, and the reused
         # images have none, so everything is decoded again (rare: once, when it happens).
         raise _DecodeEverything  # leaves atomic_dir: its temporary folder goes, the output stays
     if check:
-        return summary_manifest(params, ledger, copy_size)
+        return summary_manifest(params, ledger, teacher_copy_size)
     layout = Layout(ledger, cfg.image_size)
     writer = ArrayWriter(tmp, layout, ledger, previous)
     writer.write_images("x", spool, cfg.image_size)
-    if copy_size:
-        writer.write_images("xt", teacher_spool, copy_size)
+    if teacher_copy_size:
+        writer.write_images("xt", teacher_spool, teacher_copy_size)
     write_labels(tmp, ledger)
     write_row_records(tmp, ledger)
     write_sources(tmp / SOURCES, ledger)
     write_rejected(tmp / REJECTED, ledger)
     manifest = build_manifest(
-        tmp, params, ledger, copy_size, layout, writer.linked, decoding_record(settings)
+        tmp, params, ledger, teacher_copy_size, layout, writer.linked, decoding_record(settings)
     )
     write_json(tmp / MANIFEST, manifest)
     write_json(tmp / TEACHER_INPUTS, teacher_inputs(manifest, params.teacher.unlabeled_rounds > 0))
@@ -206,16 +210,10 @@ def _check_out_dir(root: Path, out: Path) -> None:
 # ---------------------------------------------------------------- decoding
 
 
-def _teacher_size(params: Params) -> int | None:
-    """The teacher's resolution when it is larger than the student's, else None (no copy needed)."""
-    size = params.teacher.image_size
-    return int(size) if size and size > params.prepare.image_size else None
-
-
-def _decode_settings(cfg: PrepareParams, teacher_size: int | None) -> DecodeSettings:
+def _decode_settings(cfg: PrepareParams, teacher_image_size: int | None) -> DecodeSettings:
     return DecodeSettings(
         image_size=cfg.image_size,
-        teacher_size=teacher_size,
+        teacher_image_size=teacher_image_size,
         max_image_pixels=cfg.max_image_pixels,
         min_side=cfg.min_side,
         max_aspect_ratio=cfg.max_aspect_ratio,
@@ -238,7 +236,9 @@ def _decode_all(
     total = ledger.count()
     spool = Spool.create(tmp / ".spool.npy", total, settings.image_size)
     teacher_spool = (
-        Spool.create(tmp / ".spool_t.npy", total, settings.teacher_size) if settings.teacher_size else None
+        Spool.create(tmp / ".spool_t.npy", total, settings.teacher_image_size)
+        if settings.teacher_image_size
+        else None
     )
     remembered = input_hashes_path(root)
     ledger.record_identities()

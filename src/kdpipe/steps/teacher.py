@@ -55,11 +55,6 @@ def _adopt(params, data, out: Path, runtime) -> dict:
     return summary
 
 
-def teacher_resolution(params, student_size: int) -> int:
-    """The resolution the teacher computes at: ``teacher.image_size``, or the student's."""
-    return int(params.teacher.image_size or student_size)
-
-
 def fine_tuning_data(data):
     """The arrays the teacher trains on: prepare's teacher-resolution copy when there is one. The
     teacher sits in the student's seat of the loop, so the copy takes the student's arrays' place (and
@@ -104,7 +99,7 @@ def build_network(params, data):
         len(data.class_names),
         data.image_size,
         tp.weights,
-        input_size=teacher_resolution(params, data.image_size),
+        input_size=params.teacher_image_size(data.image_size),
     )
 
 
@@ -122,7 +117,7 @@ def build_trainer(params, data, out_dir, runtime, model=None):
     networks = NetworkSpec(
         tp.arch,
         tp.weights,
-        student_input_size=teacher_resolution(params, data.image_size),
+        student_input_size=params.teacher_image_size(data.image_size),
         student_model=model,
     )
     run_files = RunFiles(
@@ -278,7 +273,7 @@ def unlabeled_round(params, data, model, runtime, out: Path, index: int):
     networks = NetworkSpec(
         tp.arch,
         tp.weights,
-        student_input_size=teacher_resolution(params, data.image_size),
+        student_input_size=params.teacher_image_size(data.image_size),
         student_model=model,
     )
     run_files = RunFiles(
@@ -529,7 +524,7 @@ def run(params, prepared_dir: str | os.PathLike = PREPARED, out_dir: str | os.Pa
         "trained": True,
         "arch": tp.arch,
         "weights": tp.weights,
-        "image_size": teacher_resolution(params, data.image_size),
+        "image_size": params.teacher_image_size(data.image_size),
         "teacher_copy": data.teacher_train_x is not None,
         "validation_images": int(len(data.val_y)),
         "estimated_by": "validation split"
