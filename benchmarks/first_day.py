@@ -145,6 +145,11 @@ def fresh_clone(workdir: Path) -> Path:
     (clone / ".venv").symlink_to(REPO / ".venv")
     # The venv is installed already: mark it newer than the clone's pyproject.toml for make.
     (REPO / ".venv" / ".installed").touch()
+    # The venv's kdpipe is this checkout's src/ (an editable install): put the clone's first, so
+    # that every command runs the committed code, not whatever this working tree holds now.
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(clone / "src"), os.environ.get("PYTHONPATH")])
+    )
     return clone
 
 
