@@ -14,7 +14,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup repro push data test test-fast lint clean report compare exp bench gpu-check bench-large image constraints test-image pipeline retrain dvc-deps
+.PHONY: help setup repro push data test test-fast lint clean report compare exp bench gpu-check bench-large image constraints test-image pipeline retrain dvc-deps generate
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -144,6 +144,11 @@ test-image: setup ## build the cpu image from a local base and run kdpipe in it 
 
 dvc-deps: setup ## add dvc.yaml stages for new catalog steps, rewrite code deps from the imports (tested)
 	$(BIN)/python tests/dvc_code_deps.py --write
+
+generate: setup ## after a new setting or step: params.yaml's missing defaults, dvc.yaml stages and code deps, the compiled pipeline
+	$(BIN)/kdpipe params --add-missing
+	$(BIN)/python tests/dvc_code_deps.py --write
+	KDPIPE_IMAGE=$(KDPIPE_IMAGE) $(BIN)/kdpipe pipeline compile
 
 pipeline: setup ## compile the Kubeflow pipeline to pipelines/kdpipe_pipeline.yaml and components/*.yaml (commit them)
 	KDPIPE_IMAGE=$(KDPIPE_IMAGE) $(BIN)/kdpipe pipeline compile

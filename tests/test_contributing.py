@@ -81,9 +81,11 @@ def package_copy(tmp_path: Path) -> Path:
 
 def run_with(src: Path, script: str, *args: str, **env: str) -> str:
     """``script`` (with ``args`` as sys.argv[1:]) in a fresh interpreter that imports kdpipe from
-    ``src``; returns its stdout."""
+    ``src`` (in folder ``cwd`` when given); returns its stdout."""
+    cwd = env.pop("cwd", None)
     done = subprocess.run(
         [sys.executable, "-c", script, *args],
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=300,
@@ -123,7 +125,19 @@ def test_worked_example_1_a_new_loss_term_applies_and_trains(tiny_pipeline_dirs,
     blocks = example_blocks("Worked example 1: a new loss term")
     assert len(blocks) == 4
     src = package_copy(tmp_path)
-    apply_blocks(blocks, src)
+    assert apply_blocks(blocks, src) == {
+        "src/kdpipe/training/losses.py",
+        "src/kdpipe/training/recipes.py",
+        "src/kdpipe/core/params.py",
+    }
+    # params.yaml gets the new setting from `make generate` (kdpipe params --add-missing)
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    added = run_with(
+        src,
+        "from kdpipe.cli import main; main(['params', '--add-missing', '--params', 'params.yaml'])",
+        cwd=str(tmp_path),
+    )
+    assert "added train.w_entropy: 0.1" in added and "1 missing settings added" in added
     check = run_with(
         src,
         "import math, torch\n"

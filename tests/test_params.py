@@ -231,3 +231,23 @@ def test_the_decoding_record_keeps_its_on_disk_key():
 
     record = decoding_record(DecodeSettings(32, 96, 10_000_000, 8, 20.0))
     assert record["teacher_size"] == 96 and "teacher_image_size" not in record
+
+
+def test_add_missing_fills_a_partial_file_and_keeps_what_is_there(tmp_path):
+    from kdpipe.core.params import add_missing_defaults
+
+    path = tmp_path / "params.yaml"
+    path.write_text("# my project\ntrain:\n  recipe: supervised   # mine\n\nselect:\n  max_latency_ms: 5.0\n")
+    added = add_missing_defaults(path)
+    text = path.read_text()
+    assert text.startswith("# my project\ntrain:\n  recipe: supervised   # mine\n")
+    assert "train.lr: 0.1" in added and "train.recipe: supervised" not in " ".join(added)
+    raw = yaml.safe_load(text)
+    assert raw["select"]["max_latency_ms"] == 5.0 and raw["train"]["recipe"] == "supervised"
+    assert {g: set(v) for g, v in raw.items()} == {g: set(v) for g, v in dump_defaults().items()}
+    # each added key carries its description from the schema
+    described = Params.model_fields["train"].annotation.model_fields["batch_size"].description
+    assert f"# {described}" in next(
+        line for line in text.splitlines() if line.strip().startswith("batch_size:")
+    )
+    assert add_missing_defaults(path) == [] and path.read_text() == text  # nothing missing: untouched

@@ -95,6 +95,15 @@ def _masked(node: Any, key: str = "") -> Any:
 
 def _params_check(args: argparse.Namespace) -> None:
     params = _load_params(args)
+    if args.add_missing:
+        from kdpipe.core.params import DEFAULT_PARAMS_FILE, add_missing_defaults
+
+        target = args.params or os.environ.get("KDPIPE_PARAMS") or DEFAULT_PARAMS_FILE
+        added = add_missing_defaults(target)
+        for line in added:
+            print(f"{target}: added {line}")
+        print(f"{target}: {len(added)} missing settings added at their defaults")
+        return
     if args.write:
         from kdpipe.core.params import DEFAULT_PARAMS_FILE, write_overrides
 
@@ -490,6 +499,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--write",
         action="store_true",
         help="write the -S settings into the params file (validated first; comments kept)",
+    )
+    check.add_argument(
+        "--add-missing",
+        action="store_true",
+        help="add every setting the params file lacks (a new one in the schema) at its default, "
+        "with its description; the rest of the file is kept",
     )
     check.set_defaults(handler=_params_check)
 

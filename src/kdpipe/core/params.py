@@ -678,7 +678,6 @@ def write_overrides(path: str | os.PathLike, overrides: list[str]) -> list[str]:
     The result is validated first (with the overrides applied), so a typo never reaches the file.
     Only ``group.key`` (two levels) is supported, which is every params.yaml setting. Returns the
     lines changed, for the caller to show."""
-    import yaml
 
     path = Path(path)
     load_params(path, overrides)  # refuses unknown keys, wrong types, ranges: nothing written then
@@ -690,23 +689,48 @@ def write_overrides(path: str | os.PathLike, overrides: list[str]) -> list[str]:
         if not key or "." in key:
             raise ParamsError(f"override {item!r}: only group.key=value can be written to {path}")
         value = parse_yaml(raw, f"override {item!r}")
-        text = (
-            yaml.safe_dump(value, default_flow_style=True, width=1_000_000)
-            .strip()
-            .removesuffix("...")
-            .strip()
-        )
-        changed.append(_set_line(lines, group, key, text))
+        changed.append(_set_line(lines, group, key, _inline_yaml(value)))
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return changed
 
 
-def _set_line(lines: list[str], group: str, key: str, value: str) -> str:
-    """Replace ``key``'s value inside ``group:`` (its inline comment kept), or add the key (or group)."""
+def add_missing_defaults(path: str | os.PathLike) -> list[str]:
+    """Add every schema group and key that a params file lacks, at its default with the field's
+    description as a comment, keeping the rest of the file as it is: a setting new in the schema
+    reaches params.yaml by ``kdpipe params --add-missing``. Returns the lines added."""
+    import yaml
+
+    path = Path(path)
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    present = yaml.safe_load(text) or {}
+    lines = text.splitlines()
+    added = []
+    for group, values in dump_defaults().items():
+        for key, value in values.items():
+            if key not in (present.get(group) or {}):
+                description = Params.model_fields[group].annotation.model_fields[key].description or ""
+                added.append(_set_line(lines, group, key, _inline_yaml(value), comment=description))
+    if added:
+        validate_params(yaml.safe_load("\n".join(lines)), str(path))  # the file still validates
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return added
+
+
+def _inline_yaml(value: Any) -> str:
+    """``value`` as YAML on one line (what follows ``key:``)."""
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True, width=1_000_000).strip().removesuffix("...").strip()
+
+
+def _set_line(lines: list[str], group: str, key: str, value: str, comment: str = "") -> str:
+    """Replace ``key``'s value inside ``group:`` (its inline comment kept), or add the key (or group,
+    with ``comment`` after a new key)."""
     start = next((i for i, line in enumerate(lines) if line.rstrip() == f"{group}:"), None)
+    new_line = f"  {key}: {value}".ljust(28) + f" # {comment}" if comment else f"  {key}: {value}"
     if start is None:
-        lines += ["", f"{group}:", f"  {key}: {value}"]
-        return lines[-1].strip()
+        lines += ["", f"{group}:", new_line]
+        return f"{group}.{key}: {value}"
     end = next(
         (
             i
@@ -733,5 +757,5 @@ def _set_line(lines: list[str], group: str, key: str, value: str) -> str:
     insert = end
     while insert > start + 1 and not lines[insert - 1].strip():
         insert -= 1
-    lines.insert(insert, f"  {key}: {value}")
+    lines.insert(insert, new_line)
     return f"{group}.{key}: {value}"
