@@ -266,6 +266,70 @@ def test_a_node_fetches_trains_with_torchrun_and_node_0_uploads(
     assert metrics["iterations"] == 4 and (store / "student.trainjob" / "student.pt").is_file()
 
 
+def test_a_restarted_node_resumes_from_the_state_claim(
+    tiny_pipeline_dirs, tiny_params_factory, tmp_path, monkeypatch, capfd
+):
+    """With the run's folder on the state claim, a node that runs again (a TrainJob restarted after
+    preemption, on fresh scratch space) resumes from the checkpoint there instead of starting over."""
+    import shutil
+
+    d = tiny_pipeline_dirs
+    store = tmp_path / "store"
+    for name in trainjob.INPUTS:
+        shutil.copytree(d[name], store / name)
+    params = tiny_params_factory(recipe="kd", max_iterations=4, eval_every=2, checkpoint_every=2)
+    monkeypatch.setenv("KDPIPE_PARAMS_JSON", json.dumps(params.model_dump(mode="json")))
+    for key, value in {"PET_NNODES": "1", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PATH", f"{Path(os.sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    state = tmp_path / "claim" / "run-1" / "distill"
+    inputs = {name: str(store / name) for name in trainjob.INPUTS}
+    for attempt in ("first", "restarted"):
+        monkeypatch.setenv("PET_MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("PET_MASTER_PORT", str(_free_port()))
+        code = trainjob.distill_node(inputs, str(store / "out"), tmp_path / f"scratch-{attempt}", state)
+        assert code == 0
+    assert (state / "last.pt").is_file() and (state / "student.pt").is_file()
+    assert not (tmp_path / "scratch-first" / "student").exists()  # trained on the claim, not in scratch
+    assert f"resuming from {state / 'last.pt'} at iteration 4" in capfd.readouterr().out
+
+
+def test_the_nodes_mount_the_state_claim_and_train_in_the_runs_folder():
+    from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
+
+    from kdpipe.orchestration.cluster import ClusterSettings
+
+    settings = ClusterSettings.model_validate({"state_pvc": "kdpipe-state", "state_mount": "/state"})
+    job = trainjob.manifest(
+        "kdpipe-distill-run-4",
+        "team-a",
+        IMAGE,
+        2,
+        1,
+        INPUTS,
+        "s3://runs/r4/out",
+        {"train": {}},
+        node_settings=settings.node_settings(),
+        state_dir="/state/run-4/distill",
+    )
+    assert TrainerV1alpha1TrainJob.from_dict(job).to_dict() == job
+    command = job["spec"]["trainer"]["command"]
+    assert command[command.index("--state-dir") + 1] == "/state/run-4/distill"
+    (patch,) = job["spec"]["runtimePatches"]
+    (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    pod = node["template"]["spec"]["template"]["spec"]
+    assert {"name": "kdpipe-state", "persistentVolumeClaim": {"claimName": "kdpipe-state"}} in pod["volumes"]
+    assert {"name": "kdpipe-state", "mountPath": "/state"} in pod["containers"][0]["volumeMounts"]
+    # without a claim: nothing mounted, no state folder (the nodes train in their scratch space)
+    plain = trainjob.manifest(
+        "j", "ns", IMAGE, 2, 1, INPUTS, "s3://o", {}, node_settings=ClusterSettings().node_settings()
+    )
+    (patch,) = plain["spec"]["runtimePatches"]
+    (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert [v["name"] for v in node["template"]["spec"]["template"]["spec"]["volumes"]] == ["dshm"]
+    assert "--state-dir" not in plain["spec"]["trainer"]["command"]
+
+
 def test_the_nodes_request_the_cluster_settings_gpu_resource():
     job = trainjob.manifest(
         "kdpipe-distill-run-2",

@@ -429,7 +429,7 @@ def _distill_node(args: argparse.Namespace) -> int:
     from kdpipe.orchestration.trainjob import distill_node
 
     inputs = {"prepared": args.prepared, "augmented": args.augmented, "teacher": args.teacher}
-    return distill_node(inputs, args.output, args.workdir)
+    return distill_node(inputs, args.output, args.workdir, args.state_dir)
 
 
 def _retrain(args: argparse.Namespace) -> None:
@@ -541,6 +541,11 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--output", required=True, help="URI where node 0 puts the distill outputs")
     node.add_argument(
         "--workdir", default="/tmp/kdpipe-node", help="local scratch folder (default: %(default)s)"
+    )
+    node.add_argument(
+        "--state-dir",
+        default=None,
+        help="the run's folder on the shared state volume: distill trains and resumes there",
     )
     node.set_defaults(handler=_distill_node)
 

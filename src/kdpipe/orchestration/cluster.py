@@ -157,6 +157,10 @@ class ClusterSettings(_Strict):
                 include={"cpu_request", "cpu_limit", "memory_request", "memory_limit"}
             ),
             "deadline_seconds": distill.timeout_seconds or None,
+            # every node mounts the state claim where the launcher does, and trains in the run's
+            # folder there: a restarted TrainJob resumes from its last.pt (needs ReadWriteMany)
+            "state_pvc": self.state_pvc,
+            "state_mount": self.state_mount,
         }
 
     @model_validator(mode="before")

@@ -40,13 +40,14 @@ POD_NAME_ENV, POD_UID_ENV = "KDPIPE_POD_NAME", "KDPIPE_POD_UID"  # the launcher 
 NODE_JOB = "node"
 
 
-def node_command(inputs: Mapping[str, str], output: str) -> list[str]:
-    """What every node runs: ``kdpipe distill-node`` with the input and output URIs; the params
-    travel in ``$KDPIPE_PARAMS_JSON``."""
+def node_command(inputs: Mapping[str, str], output: str, state_dir: str = "") -> list[str]:
+    """What every node runs: ``kdpipe distill-node`` with the input and output URIs (and the run's
+    folder on the state claim, where it trains and resumes); the params travel in
+    ``$KDPIPE_PARAMS_JSON``."""
     args = ["kdpipe", "distill-node", "--output", output]  # the image's kdpipe
     for name in INPUTS:
         args += [f"--{name}", inputs[name]]
-    return args
+    return args + (["--state-dir", state_dir] if state_dir else [])
 
 
 def manifest(
@@ -62,13 +63,15 @@ def manifest(
     gpu_resource: str = "nvidia.com/gpu",
     node_settings: Mapping[str, Any] | None = None,
     owner: Mapping[str, str] | None = None,
+    state_dir: str = "",
 ) -> dict[str, Any]:
     """The TrainJob, built with Kubeflow Trainer's own API models (so its fields are the CRD's).
 
     ``node_settings`` (:meth:`kdpipe.orchestration.cluster.ClusterSettings.node_settings`) places
     the node pods as the cluster settings place the GPU tasks (runtime patches: node selector,
     tolerations, pull secrets, /dev/shm, labels), sizes them and bounds the job's time;
-    ``owner`` (the launcher pod's name and uid) makes Kubernetes delete the TrainJob with its pod."""
+    ``owner`` (the launcher pod's name and uid) makes Kubernetes delete the TrainJob with its pod;
+    ``state_dir`` (on the claim ``node_settings`` mounts) is where the nodes train and resume."""
     from kubeflow_trainer_api import models as m
 
     if nodes < 2:
@@ -123,7 +126,7 @@ def manifest(
             runtime_patches=_node_patches(node) if node else None,
             trainer=m.TrainerV1alpha1Trainer(
                 image=image,
-                command=node_command(inputs, output),
+                command=node_command(inputs, output, state_dir),
                 env=variables,
                 num_nodes=nodes,
                 num_proc_per_node=max(1, gpus_per_node),
@@ -138,10 +141,31 @@ def manifest(
 
 def _node_patches(node: Mapping[str, Any]) -> list:
     """The cluster settings as a runtime patch of the node pods (the fields Trainer lets a TrainJob
-    patch): GPU node selector and tolerations, pull secrets, a memory-backed /dev/shm, labels."""
+    patch): GPU node selector and tolerations, pull secrets, a memory-backed /dev/shm, the state
+    claim, labels."""
     from kubeflow_trainer_api import models as m
 
-    shm = "dshm"
+    shm, state = "dshm", "kdpipe-state"
+    volumes = [
+        m.IoK8sApiCoreV1Volume(
+            name=shm,
+            empty_dir=m.IoK8sApiCoreV1EmptyDirVolumeSource(
+                medium="Memory",
+                size_limit=m.IoK8sApimachineryPkgApiResourceQuantity(node.get("shm_size", "8Gi")),
+            ),
+        )
+    ]
+    mounts = [m.IoK8sApiCoreV1VolumeMount(name=shm, mount_path="/dev/shm")]
+    if node.get("state_pvc"):  # the resume state, shared by the nodes and the launcher
+        volumes.append(
+            m.IoK8sApiCoreV1Volume(
+                name=state,
+                persistent_volume_claim=m.IoK8sApiCoreV1PersistentVolumeClaimVolumeSource(
+                    claim_name=node["state_pvc"]
+                ),
+            )
+        )
+        mounts.append(m.IoK8sApiCoreV1VolumeMount(name=state, mount_path=node["state_mount"]))
     pod = m.TrainerV1alpha1PodSpecPatch(
         node_selector=node.get("node_selector") or None,
         tolerations=[m.IoK8sApiCoreV1Toleration(**t) for t in node.get("tolerations", [])] or None,
@@ -149,20 +173,8 @@ def _node_patches(node: Mapping[str, Any]) -> list:
             m.IoK8sApiCoreV1LocalObjectReference(name=n) for n in node.get("image_pull_secrets", [])
         ]
         or None,
-        volumes=[
-            m.IoK8sApiCoreV1Volume(
-                name=shm,
-                empty_dir=m.IoK8sApiCoreV1EmptyDirVolumeSource(
-                    medium="Memory",
-                    size_limit=m.IoK8sApimachineryPkgApiResourceQuantity(node.get("shm_size", "8Gi")),
-                ),
-            )
-        ],
-        containers=[
-            m.TrainerV1alpha1ContainerPatch(
-                name=NODE_JOB, volume_mounts=[m.IoK8sApiCoreV1VolumeMount(name=shm, mount_path="/dev/shm")]
-            )
-        ],
+        volumes=volumes,
+        containers=[m.TrainerV1alpha1ContainerPatch(name=NODE_JOB, volume_mounts=mounts)],
     )
     metadata = m.IoK8sApimachineryPkgApisMetaV1ObjectMeta(
         labels=node.get("pod_labels") or None, annotations=node.get("pod_annotations") or None
@@ -302,10 +314,15 @@ def current_namespace() -> str:
 
 # ---------------------------------------------------------------- on every node
 def distill_node(
-    inputs: Mapping[str, str], output: str, workdir: str | os.PathLike = "/tmp/kdpipe-node"
+    inputs: Mapping[str, str],
+    output: str,
+    workdir: str | os.PathLike = "/tmp/kdpipe-node",
+    state_dir: str | os.PathLike | None = None,
 ) -> int:
     """One node of a TrainJob: fetch the inputs, run torchrun over this node's processes (the runtime's
-    ``PET_*`` variables give the node count, rank and rendezvous), and on node 0 upload the outputs."""
+    ``PET_*`` variables give the node count, rank and rendezvous), and on node 0 upload the outputs.
+    With ``state_dir`` (the run's folder on the shared state claim) distill trains there, so a node
+    restarted after preemption resumes from the last checkpoint instead of starting over."""
     import yaml
 
     work = Path(workdir)
@@ -314,7 +331,7 @@ def distill_node(
         objectstore.get(uri, local[name])
     params_file = work / "params.yaml"
     params_file.write_text(yaml.safe_dump(json.loads(os.environ["KDPIPE_PARAMS_JSON"])), encoding="utf-8")
-    out = work / "student"
+    out = Path(state_dir) if state_dir else work / "student"
     cmd = [
         "torchrun",
         "-m",

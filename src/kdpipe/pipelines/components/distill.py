@@ -63,6 +63,8 @@ def distill(
                 "name": os.environ.get(trainjob.POD_NAME_ENV, ""),
                 "uid": os.environ.get(trainjob.POD_UID_ENV, ""),
             },
+            # the nodes mount the state claim too and train in this run's folder there (resume)
+            state_dir=str(work) if state_dir else "",
         )
         trainjob.run_and_wait(job, trainjob.in_cluster_api())
         objectstore.get(staging, work)
