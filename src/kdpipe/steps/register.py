@@ -283,20 +283,9 @@ def _register(params, export_dir: Path, accuracy: float, split: PromotionSplit) 
     if not params.register.new_version:  # an experiment: the model stays with its run
         _log_model(model_path, export_dir, None)
         champion, _, _ = _champion(mlflow.MlflowClient(), name, split)
-        current = (
-            None
-            if champion is None
-            else {"version": str(champion.version), "accuracy": _tag_number(champion, PROMOTION_TAG)}
-        )
+        reason = "an experiment (register.new_version false): the model is logged with its MLflow run, no registry version"
         return {
-            "registered": False,
-            "model_name": name,
-            "version": None,
-            "champion_before": current,
-            "champion_after": current,
-            "promoted": False,
-            "reason": "an experiment (register.new_version false): the model is logged with its MLflow run, "
-            "no registry version",
+            **_not_registered(name, champion, reason),
             "promotion_split": {
                 "split": split.name,
                 "images": int(len(split.labels)),
@@ -340,6 +329,11 @@ def _rejected(name: str, accuracy: float, gate: float) -> dict[str, Any]:
         champion = mlflow.MlflowClient().get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         champion = None
+    return _not_registered(name, champion, f"accuracy {accuracy:.4f} is below register.min_accuracy={gate}")
+
+
+def _not_registered(name: str, champion, reason: str) -> dict[str, Any]:
+    """The decision when no version is registered: the champion, if any, stays as it was."""
     current = (
         None
         if champion is None
@@ -352,7 +346,7 @@ def _rejected(name: str, accuracy: float, gate: float) -> dict[str, Any]:
         "champion_before": current,
         "champion_after": current,
         "promoted": False,
-        "reason": f"accuracy {accuracy:.4f} is below register.min_accuracy={gate}",
+        "reason": reason,
     }
 
 

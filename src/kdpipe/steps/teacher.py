@@ -108,12 +108,34 @@ def build_trainer(params, data, out_dir, runtime, model=None):
     of the loop, under its own report names) on ``data`` from :func:`kdpipe.steps.common.training_data`;
     ``model`` is the network to start from (by default a freshly built :func:`build_network`)."""
     from kdpipe.training.augmentation import AugmentConfig
-    from kdpipe.training.engine import LoopConfig, RunFiles, Trainer
-    from kdpipe.training.networks import NetworkSpec
+    from kdpipe.training.engine import LoopConfig, Trainer
     from kdpipe.training.recipes import Hyper, build_recipe
 
     tp = params.teacher
     tuned = fine_tuning_data(data)
+    networks, run_files = _teacher_as_trained_network(params, data, model, out_dir, "teacher")
+    loop = LoopConfig.from_teacher(tp, fine_tuning_iterations(tp, len(tuned.train_x)))
+    return Trainer(
+        build_recipe("supervised"),
+        tuned,
+        loop,
+        Hyper(label_smoothing=tp.label_smoothing),
+        runtime,
+        networks,
+        run_files,
+        augment_cfg=AugmentConfig.from_params(params.augment),
+    )
+
+
+def _teacher_as_trained_network(params, data, model, out_dir, desc: str, **fingerprint):
+    """The networks and run files of a run that trains the teacher: the loop's trained network is
+    the teacher (built from ``teacher.*``, at the teacher's image size), its best checkpoint is
+    teacher.pt and its history reads ``val_acc_teacher``; ``fingerprint`` adds to what a resume
+    must match (a round's index)."""
+    from kdpipe.training.engine import RunFiles
+    from kdpipe.training.networks import NetworkSpec
+
+    tp = params.teacher
     networks = NetworkSpec(
         tp.arch,
         tp.weights,
@@ -126,23 +148,14 @@ def build_trainer(params, data, out_dir, runtime, model=None):
         report_names={"val_acc_student": "val_acc_teacher"},
         fingerprint={
             "step": "teacher",
+            **fingerprint,
             "teacher": tp.model_dump(),
             "augment": params.augment.model_dump(),
             "data_version": data.data_version,
         },
-        desc="teacher",
+        desc=desc,
     )
-    loop = LoopConfig.from_teacher(tp, fine_tuning_iterations(tp, len(tuned.train_x)))
-    return Trainer(
-        build_recipe("supervised"),
-        tuned,
-        loop,
-        Hyper(label_smoothing=tp.label_smoothing),
-        runtime,
-        networks,
-        run_files,
-        augment_cfg=AugmentConfig.from_params(params.augment),
-    )
+    return networks, run_files
 
 
 def linear_probe(params, data, model, runtime):
@@ -250,8 +263,7 @@ def unlabeled_round(params, data, model, runtime, out: Path, index: int):
     from dataclasses import replace
 
     from kdpipe.training.augmentation import AugmentConfig
-    from kdpipe.training.engine import LoopConfig, RunFiles, Trainer
-    from kdpipe.training.networks import NetworkSpec
+    from kdpipe.training.engine import LoopConfig, Trainer
     from kdpipe.training.recipes import Hyper
 
     tp = params.teacher
@@ -270,24 +282,8 @@ def unlabeled_round(params, data, model, runtime, out: Path, index: int):
         1, min(int(tp.max_iterations), math.ceil(tp.unlabeled_epochs * len(images) / tp.batch_size))
     )
     loop = LoopConfig.from_teacher(tp, iterations)
-    networks = NetworkSpec(
-        tp.arch,
-        tp.weights,
-        student_input_size=params.teacher_image_size(data.image_size),
-        student_model=model,
-    )
-    run_files = RunFiles(
-        out / f"round-{index}",
-        best_names={"student": "teacher.pt"},
-        report_names={"val_acc_student": "val_acc_teacher"},
-        fingerprint={
-            "step": "teacher",
-            "round": index,
-            "teacher": tp.model_dump(),
-            "augment": params.augment.model_dump(),
-            "data_version": data.data_version,
-        },
-        desc=f"teacher round {index}",
+    networks, run_files = _teacher_as_trained_network(
+        params, data, model, out / f"round-{index}", f"teacher round {index}", round=index
     )
     trainer = Trainer(
         noisy_supervised_recipe(),
