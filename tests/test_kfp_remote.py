@@ -39,6 +39,13 @@ class FakeKfp:
         self.fail_create = False  # POST recurringruns answers 500
         self.pipelines: dict[str, dict] = {}
         self.versions: dict[str, dict] = {}
+        # what successive reads of one run report, the last one from then on: a run moves on
+        # by one state per read, so a waiting client sees every transition, deterministically
+        self.run_states = ["RUNNING", "SUCCEEDED"]
+        self.reads: dict[str, int] = {}
+        self.read_errors = 0  # the next N reads of a run answer 503 (a gateway restarting)
+        # called with a new run's id before the create call answers: what "the cluster" does with it
+        self.on_run_created = None
 
     def _add_version(self, pipeline_id: str, name: str, package: str) -> dict:
         version = {
@@ -49,6 +56,16 @@ class FakeKfp:
         }
         self.versions[version["pipeline_version_id"]] = version
         return version
+
+    def _read_run(self, run_id: str) -> tuple[int, dict]:
+        if run_id not in self.runs:
+            return 404, {"error": f"no run {run_id}"}
+        if self.read_errors:
+            self.read_errors -= 1
+            return 503, {"error": "upstream connect error"}
+        seen = self.reads[run_id] = self.reads.get(run_id, 0) + 1
+        self.runs[run_id]["state"] = self.run_states[min(seen, len(self.run_states)) - 1]
+        return 200, self.runs[run_id]
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}-{next(self._ids)}"
@@ -78,7 +95,11 @@ class FakeKfp:
             if (method, path) == ("POST", f"{API}/runs"):
                 run = {**body, "run_id": self.new_id("run"), "state": "PENDING"}
                 self.runs[run["run_id"]] = run
+                if self.on_run_created:
+                    self.on_run_created(run["run_id"])
                 return 200, run
+            if method == "GET" and path.startswith(f"{API}/runs/"):
+                return self._read_run(path.rsplit("/", 1)[1])
             if (method, path) == ("GET", f"{API}/recurringruns"):
                 found = self._named(self.recurring.values(), query)
                 if "experiment_id" in query:
@@ -444,3 +465,87 @@ def test_a_run_is_named_after_its_data_version_and_commit(kfp_server, capsys):
     assert cli.main(args) == 0, capsys.readouterr().err
     (run,) = calls(kfp_server, "POST", f"{API}/runs")
     assert run["display_name"] == "kdpipe data 2026-12-01 code abababababab"
+
+
+# --- retrain's use of the API: run an uploaded version, wait for a run (issue 29) ---
+
+
+def submitted_run(fake: FakeKfp, capsys) -> str:
+    assert cli.main(["pipeline", "submit", "--host", fake.url]) == 0, capsys.readouterr().err
+    (run_id,) = fake.runs
+    return run_id
+
+
+@pytest.mark.parametrize("final", ["SUCCEEDED", "FAILED", "CANCELED", "SKIPPED"])
+def test_waiting_follows_a_run_through_its_states_to_the_final_one(kfp_server, capsys, final):
+    """kfp's own wait_for_run_completion does not count CANCELED as final: a canceled run would be
+    waited for until the timeout."""
+    from kdpipe.pipelines.remote import wait_for_run
+
+    run_id = submitted_run(kfp_server, capsys)
+    kfp_server.run_states = ["PENDING", "RUNNING", final]
+    assert wait_for_run(kfp_server.url, run_id, poll_s=0) == final
+    assert kfp_server.reads[run_id] == 3  # every transition seen, then it stopped asking
+
+
+def test_waiting_gives_up_at_its_timeout_with_one_line_naming_the_run(kfp_server, capsys):
+    from kdpipe.core.errors import KdpipeError
+    from kdpipe.pipelines.remote import wait_for_run
+
+    run_id = submitted_run(kfp_server, capsys)
+    kfp_server.run_states = ["RUNNING"]
+    with pytest.raises(KdpipeError, match=rf"run {run_id} .* did not finish within 0 s \(state RUNNING\)"):
+        wait_for_run(kfp_server.url, run_id, timeout_s=0, poll_s=0)
+    assert kfp_server.reads[run_id] == 1  # read once before giving up: a finished run is never missed
+
+
+def test_waiting_survives_a_few_server_errors_but_not_many(kfp_server, capsys):
+    from kdpipe.core.errors import KdpipeError
+    from kdpipe.pipelines.remote import POLL_RETRIES, wait_for_run
+
+    run_id = submitted_run(kfp_server, capsys)
+    kfp_server.read_errors = POLL_RETRIES  # a gateway restarting during hours of waiting
+    assert wait_for_run(kfp_server.url, run_id, poll_s=0) == "SUCCEEDED"
+    kfp_server.read_errors = POLL_RETRIES + 1
+    with pytest.raises(KdpipeError, match=f"failed {POLL_RETRIES + 1} times in a row"):
+        wait_for_run(kfp_server.url, run_id, poll_s=0)
+    with pytest.raises(KdpipeError, match=r"reading the state of run run-999 failed: 404"):
+        wait_for_run(kfp_server.url, "run-999", poll_s=0)  # not a server error: at once
+
+
+def test_a_poll_without_a_connection_is_worth_another_try():
+    """An ingress restarting during hours of waiting refuses connections: such a poll counts like a
+    server error (retried), not a traceback."""
+    from kdpipe.pipelines.remote import _run_state, client
+
+    fake = FakeKfp()
+    with serve(lambda method, path, query, body, headers: fake.handle(method, path, query, body)) as url:
+        kfp_client = client(url)  # the client checks the server when it is made
+    assert _run_state(kfp_client, "run-1") is None  # the server is gone now
+
+
+def test_an_uploaded_version_runs_by_reference_not_as_an_inline_package(kfp_server, capsys):
+    from kdpipe.core.errors import KdpipeError
+    from kdpipe.pipelines.remote import run_version
+
+    upload = ["pipeline", "upload", "--host", kfp_server.url, "--name", "kdpipe", "--version", "v1.2.0"]
+    assert cli.main(upload) == 0, capsys.readouterr().err
+    (version,) = [v for v in kfp_server.versions.values() if v["display_name"] == "v1.2.0"]
+    arguments = {"data_rev": "abc123", "data_repo": "https://ci:ghp_SECRETTOKEN@github.com/o/r.git"}
+    run_id = run_version(kfp_server.url, "kdpipe", "v1.2.0", arguments)
+    (run,) = calls(kfp_server, "POST", f"{API}/runs")
+    assert kfp_server.runs[run_id]["pipeline_version_reference"] == {
+        "pipeline_id": version["pipeline_id"],
+        "pipeline_version_id": version["pipeline_version_id"],
+    }
+    assert "pipeline_spec" not in run  # the release's package, as uploaded, is what runs
+    assert run["runtime_config"]["parameters"] == {
+        "data_rev": "abc123",
+        "data_repo": "https://github.com/o/r.git",  # credentials never travel
+    }
+    assert run["display_name"] == "kdpipe data abc123 release v1.2.0"
+
+    with pytest.raises(KdpipeError, match=r"pipeline 'kdpipe' has no version 'v9.9.9'.*pipeline upload"):
+        run_version(kfp_server.url, "kdpipe", "v9.9.9", arguments)
+    assert len(calls(kfp_server, "POST", f"{API}/runs")) == 1
+    capsys.readouterr()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -169,43 +168,25 @@ def test_retrain_pulls_reproduces_pushes_and_writes_the_metrics_diff(tmp_path):
     )
 
 
-def test_with_a_kubeflow_endpoint_retrain_submits_the_pipeline_instead(tmp_path):
-    steps = plan(kfp_host="https://kfp.example.com")
-    assert [s.argv for s in steps] == [
-        [sys.executable, "-m", "kdpipe.cli", "pipeline", "submit", "--host", "https://kfp.example.com"]
-    ]
+def test_the_local_plan_and_the_data_a_cluster_run_reads(tmp_path):
+    local = plan(dvc="dvc")
+    assert [s.argv for s in local] == [["dvc", "pull"], ["dvc", "repro"], ["dvc", "push"]]
+    assert [s.tolerate_failure for s in local] == [True, False, False]
+    assert [s.argv for s in plan(dvc="dvc", push=False)] == [["dvc", "pull"], ["dvc", "repro"]]
     env = repo_env()
     repo = init_repo(tmp_path / "repo", env)
     (repo / "f").write_text("x")
     commit(repo, env, "one")
     run(["git", "remote", "add", "origin", "https://git.example.com/team/data.git"], repo, env)
-    data = kfp_data_arguments(repo)
     head = run(["git", "rev-parse", "HEAD"], repo, env).strip()
-    assert data == {
+    assert kfp_data_arguments(repo) == {
         "data_repo": "https://git.example.com/team/data.git",
         "data_rev": head,
         "data_version": head,
     }
-    assert plan(kfp_host="https://kfp.example.com", data=data)[0].argv[-6:] == [
-        "-S",
-        f"data_repo={data['data_repo']}",
-        "-S",
-        f"data_rev={head}",
-        "-S",
-        f"data_version={head}",
-    ]
-    local = plan(dvc="dvc")
-    assert [s.argv for s in local] == [["dvc", "pull"], ["dvc", "repro"], ["dvc", "push"]]
-    assert [s.tolerate_failure for s in local] == [True, False, False]
-    assert [s.argv for s in plan(dvc="dvc", push=False)] == [["dvc", "pull"], ["dvc", "repro"]]
-    # the command the KFP branch runs exists in this CLI
-    from kdpipe.cli import build_parser
-
-    args = build_parser().parse_args(plan(kfp_host="https://kfp.example.com", data=data)[0].argv[3:])
-    assert args.host == "https://kfp.example.com" and args.overrides[0] == f"data_repo={data['data_repo']}"
 
 
-def test_a_kubeflow_submission_carries_the_dvc_remote_namespace_and_never_credentials(tmp_path, monkeypatch):
+def test_a_kubeflow_submission_reads_the_dvc_remote_and_never_its_credentials(tmp_path, monkeypatch):
     from kdpipe.core.errors import KdpipeError
     from kdpipe.orchestration.retrain import kfp_remote_arguments
 
@@ -227,18 +208,6 @@ def test_a_kubeflow_submission_carries_the_dvc_remote_namespace_and_never_creden
     }
     monkeypatch.setenv("KDPIPE_DVC_REMOTE", "gs://other/kdpipe")
     assert kfp_remote_arguments(repo) == {"dvc_remote_config": {"url": "gs://other/kdpipe"}}
-
-    argv = plan(kfp_host="https://kfp.example.com", data=found, namespace="team-a")[0].argv
-    assert argv[5:9] == ["--host", "https://kfp.example.com", "--namespace", "team-a"]
-    assert "hush-9f2" not in " ".join(argv) and "AKIAEXAMPLE" not in " ".join(argv)
-    # the submit command parses it into the pipeline's dvc_remote_config parameter
-    from kdpipe.cli import _pipelines, build_parser
-
-    args = build_parser().parse_args(argv[3:])
-    assert args.namespace == "team-a"
-    package = Path(__file__).resolve().parents[1] / "pipelines" / "kdpipe_pipeline.yaml"
-    sent = _pipelines("remote").pipeline_arguments(package, args.overrides)
-    assert sent["dvc_remote_config"] == found["dvc_remote_config"]
 
 
 def test_the_metrics_diff_shows_the_numbers_that_changed_only():
@@ -355,3 +324,256 @@ def test_a_token_in_the_git_origin_never_becomes_a_pipeline_parameter(tmp_path):
     repo = init_repo(tmp_path / "repo", env)
     run(["git", "remote", "add", "origin", "https://ci:ghp_SECRETTOKEN@github.com/team/data.git"], repo, env)
     assert kfp_data_arguments(repo)["data_repo"] == "https://github.com/team/data.git"
+
+
+# --- the loop on Kubeflow: submit, wait, pull the result back from MLflow, diff (issue 29) ---
+
+IMAGE = "registry.example.com/team/kdpipe@sha256:" + "0123456789abcdef" * 4
+GPU_IMAGE = "registry.example.com/team/kdpipe-gpu@sha256:" + "fedcba9876543210" * 4
+METRIC_FILES = {
+    "prepare": "manifest.json",
+    "teacher": "metrics.json",
+    "distill": "metrics.json",
+    "evaluate": "metrics.json",
+}
+CLUSTER_DVC_YAML = "stages:\n" + "".join(
+    f"  {step}:\n    cmd: kdpipe {step} --reports-dir reports/{step}\n"
+    f"    metrics:\n      - reports/{step}/{name}:\n          cache: false\n"
+    for step, name in METRIC_FILES.items()
+)
+# the reports of the commit retrain compares with, as `make repro` wrote them
+BASE_REPORTS = {
+    "prepare/manifest.json": {"data_version": "a" * 64, "counts": {"unlabeled": 20, "labeled": 18}},
+    "teacher/metrics.json": {"val_acc": 0.8, "warnings": []},
+    "distill/metrics.json": {"recipe": "kd", "iterations": 300, "val_acc_student": 0.85, "warnings": []},
+    "evaluate/metrics.json": {"accuracy": 0.9, "num_test": 60, "models": {"model.onnx": {"accuracy": 0.9}}},
+}
+# what the cluster's tasks write as their report files (and log to MLflow)
+CLUSTER_REPORTS = {
+    "prepare": {
+        "manifest.json": {"data_version": "b" * 64, "counts": {"unlabeled": 32, "labeled": 18}},
+        "rejected.json": [],
+    },
+    "teacher": {
+        "metrics.json": {"val_acc": 0.8, "warnings": []},
+        "history.json": [{"iteration": 5, "val_acc": 0.7}, {"iteration": 10, "val_acc": 0.8}],
+    },
+    "distill": {
+        "metrics.json": {
+            "recipe": "kd",
+            "iterations": 300,
+            "val_acc_student": 0.9,
+            "warnings": ["the student scores above its frozen teacher"],
+        },
+        "history.json": [
+            {"iteration": 150, "val_acc_student": 0.8},
+            {"iteration": 300, "val_acc_student": 0.9},
+        ],
+        "schedule.json": [{"epoch": 0, "lr": 0.1}, {"epoch": 1, "lr": 0.05}],
+    },
+    "evaluate": {
+        "metrics.json": {"accuracy": 0.93, "num_test": 60, "models": {"model.onnx": {"accuracy": 0.93}}},
+        "per_class.json": {"cat": {"f1": 0.92}, "dog": {"f1": 0.94}},
+    },
+}
+
+
+def log_like_the_cluster(kfp_run_id: str, folder: Path) -> None:
+    """What the pipeline's tasks do on the cluster: each step writes its report files and logs them
+    with ``tracking.log_step`` (as ``run_step`` does) under the parent run keyed by the KFP run's
+    id (``KDPIPE_EXECUTION_KEY``, which the pipeline sets from ``{{$.pipeline_job_uuid}}``)."""
+    import os
+
+    from conftest import tiny_params
+
+    from kdpipe.core.catalog import STEPS
+    from kdpipe.orchestration import tracking
+
+    os.environ[tracking.EXECUTION_ENV] = kfp_run_id
+    try:
+        for step, files in CLUSTER_REPORTS.items():
+            out = folder / kfp_run_id / step
+            out.mkdir(parents=True)
+            for name, content in files.items():
+                (out / name).write_text(json.dumps(content, indent=2))
+            tracking.log_step(step, tiny_params(), out, STEPS[step].report_files)
+    finally:
+        del os.environ[tracking.EXECUTION_ENV]
+        tracking.close_pipeline_run()
+
+
+def make_cluster_project(path: Path, env) -> Path:
+    """A project whose last commit holds reports, a cloud DVC remote (its secret only in the
+    git-ignored local config) and an origin URL with a token in it."""
+    repo = init_repo(path, env)
+    (repo / "dvc.yaml").write_text(CLUSTER_DVC_YAML)
+    (repo / "params.yaml").write_text(PARAMS)
+    (repo / "cluster.yaml").write_text("pod_labels: {kueue.x-k8s.io/queue-name: team-a}\n")
+    for name, content in BASE_REPORTS.items():
+        (repo / "reports" / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / "reports" / name).write_text(json.dumps(content, indent=2))
+    run([DVC, "remote", "add", "--default", "store", "s3://bucket/kdpipe"], repo, env)
+    run([DVC, "remote", "modify", "--local", "store", "secret_access_key", "hush-9f2"], repo, env)
+    run(["git", "remote", "add", "origin", "https://ci:ghp_SECRETTOKEN@git.example.com/t/d.git"], repo, env)
+    commit(repo, env, "baseline")
+    return repo
+
+
+@pytest.fixture
+def kfp_cluster(monkeypatch, tmp_path):
+    """The fake KFP API (tests/test_kfp_remote.py) on 127.0.0.1, an MLflow SQLite store both "the
+    cluster" and retrain use, and the images by digest; stopped at the end."""
+    from fake_http import serve
+    from test_kfp_remote import TOKEN, FakeKfp
+
+    monkeypatch.setenv("KFP_TOKEN", TOKEN)
+    monkeypatch.setenv("KDPIPE_IMAGE", IMAGE)
+    monkeypatch.setenv("KDPIPE_GPU_IMAGE", GPU_IMAGE)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{(tmp_path / 'mlflow.db').as_posix()}")
+    monkeypatch.setenv("KDPIPE_MLFLOW_RUN_FILE", str(tmp_path / "mlflow_run.json"))
+    for name in ("KDPIPE_KFP_HOST", "KDPIPE_CLUSTER_FILE", "KDPIPE_PIPELINE_VERSION", "KDPIPE_DVC_REMOTE"):
+        monkeypatch.delenv(name, raising=False)
+    fake = FakeKfp()
+
+    def handle(method, path, query, body, headers):
+        fake.requests.append((method, path, query, body, headers))
+        return fake.handle(method, path, query, body)
+
+    with serve(handle) as url:
+        fake.url = url
+        yield fake
+
+
+def test_retrain_on_kubeflow_waits_pulls_the_reports_back_and_diffs_them(
+    tmp_path, kfp_cluster, monkeypatch, capsys
+):
+    from test_kfp_remote import API, TOKEN, calls
+
+    from kdpipe import cli
+
+    env = repo_env()
+    repo = make_cluster_project(tmp_path / "repo", env)
+    head = run(["git", "rev-parse", "HEAD"], repo, env).strip()
+    kfp_cluster.on_run_created = lambda run_id: log_like_the_cluster(run_id, tmp_path / "cluster")
+    summary = tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    monkeypatch.chdir(repo)
+    argv = [
+        "retrain",
+        "--kfp-host",
+        kfp_cluster.url,
+        "--kfp-namespace",
+        "team-a",
+        "--cluster",
+        "cluster.yaml",
+    ]
+    code = cli.main([*argv, "--poll-interval", "0"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+
+    # sent: the package compiled with the settings file, GPU tasks on the GPU image, this commit's data
+    (sent,) = calls(kfp_cluster, "POST", f"{API}/runs")
+    (run_id,) = kfp_cluster.runs
+    images = {
+        name.removeprefix("exec-"): e["container"]["image"]
+        for name, e in sent["pipeline_spec"]["pipeline_spec"]["deploymentSpec"]["executors"].items()
+    }
+    assert {name for name, image in images.items() if image == GPU_IMAGE} == {"teacher", "augment", "distill"}
+    assert {image for name, image in images.items() if image != GPU_IMAGE} == {IMAGE}
+    platform = sent["pipeline_spec"]["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]
+    assert {
+        e["podMetadata"]["labels"]["kueue.x-k8s.io/queue-name"] for e in platform["executors"].values()
+    } == {"team-a"}
+    parameters = sent["runtime_config"]["parameters"]
+    assert parameters["data_repo"] == "https://git.example.com/t/d.git" and parameters["data_rev"] == head
+    assert parameters["dvc_remote_config"] == {"url": "s3://bucket/kdpipe"}
+    assert [e["namespace"] for e in kfp_cluster.experiments.values()] == ["team-a"]
+    wire = json.dumps([(m, p, q, b) for m, p, q, b, *_ in kfp_cluster.requests])
+    assert "ghp_SECRETTOKEN" not in wire and "hush-9f2" not in wire and TOKEN not in out + err
+
+    # waited: it read the run until it reported a final state
+    assert kfp_cluster.reads[run_id] == 2 and f"Kubeflow run {run_id}" in err
+
+    # pulled back: metrics files from the MLflow metrics (their keys), marked; the rest as logged
+    reports = repo / "reports"
+    evaluate = json.loads((reports / "evaluate" / "metrics.json").read_text())
+    source = evaluate.pop("source")
+    assert source.startswith(f"Kubeflow run {run_id}, MLflow run ")
+    assert evaluate == {
+        "accuracy": 0.93,
+        "models.model.onnx.accuracy": 0.93,
+        "num_test": 60.0,
+        "warnings": 0.0,
+    }
+    distill = json.loads((reports / "distill" / "metrics.json").read_text())
+    assert set(distill) == {"iterations", "val_acc_student", "warnings", "source"}  # no curves, no text
+    assert distill["warnings"] == 1.0  # MLflow holds the warnings' count
+    for step, files in CLUSTER_REPORTS.items():
+        for name, content in files.items():
+            if name != "metrics.json":
+                assert json.loads((reports / step / name).read_text()) == content, (step, name)
+
+    # the summary: what ran, and the metrics diff against the base, as on the runner path
+    assert out == summary.read_text() and out.startswith("## kdpipe retrain")
+    assert f"run `{run_id}`" in out and "ended SUCCEEDED" in out and "cluster settings `cluster.yaml`" in out
+    assert "| reports/evaluate/metrics.json | accuracy | 0.9 | 0.93 | +0.03 |" in out
+    assert "| reports/prepare/manifest.json | counts.unlabeled | 20 | 32 | +12 |" in out
+    assert "| reports/distill/metrics.json | val_acc_student | 0.85 | 0.9 | +0.05 |" in out
+    # what the workflow's pull-request step commits: the reports changed, dvc.lock not
+    changed = run(["git", "status", "--porcelain", "--", "reports", "dvc.lock"], repo, env)
+    assert "reports/evaluate/metrics.json" in changed and "dvc.lock" not in changed
+
+
+def test_retrain_on_kubeflow_fails_in_one_line_on_a_failed_run_or_a_missing_result(
+    tmp_path, kfp_cluster, monkeypatch, capsys
+):
+    """An uploaded release version runs by reference; a run that failed, or one whose tasks logged
+    nothing to MLflow, ends retrain with one line naming the run, and leaves the reports alone."""
+    from test_kfp_remote import API, calls
+
+    from kdpipe import cli
+
+    env = repo_env()
+    repo = make_cluster_project(tmp_path / "repo", env)
+    monkeypatch.chdir(repo)
+    package = Path(__file__).resolve().parents[1] / "pipelines" / "kdpipe_pipeline.yaml"
+    upload = [
+        "pipeline",
+        "upload",
+        "--host",
+        kfp_cluster.url,
+        "--package",
+        str(package),
+        "--version",
+        "v1.2.0",
+    ]
+    assert cli.main(upload) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    monkeypatch.setenv("KDPIPE_KFP_HOST", kfp_cluster.url)
+    monkeypatch.setenv("KDPIPE_PIPELINE_VERSION", "v1.2.0")
+    kfp_cluster.run_states = ["RUNNING", "FAILED"]
+    assert cli.main(["retrain", "--poll-interval", "0"]) == 2
+    out, err = capsys.readouterr()
+    (run_id,) = kfp_cluster.runs
+    assert f"kdpipe retrain: error: Kubeflow run {run_id} on {kfp_cluster.url} ended FAILED" in err
+    assert "KDPIPE_IMAGE, KDPIPE_GPU_IMAGE not applied" in err  # the version carries its own
+    (sent,) = calls(kfp_cluster, "POST", f"{API}/runs")
+    assert sent["pipeline_version_reference"]["pipeline_version_id"] in kfp_cluster.versions
+    assert "pipeline_spec" not in sent and out == ""
+
+    kfp_cluster.run_states = ["SUCCEEDED"]  # ... but its tasks logged nowhere this machine reads
+    assert cli.main(["retrain", "--poll-interval", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no MLflow run tagged kdpipe.execution=" in err and "Traceback" not in err
+    assert run(["git", "status", "--porcelain", "--", "reports"], repo, env) == ""
+
+
+def test_retrain_on_kubeflow_needs_the_tracking_server_before_it_submits(tmp_path, kfp_cluster, monkeypatch):
+    from kdpipe.core.errors import KdpipeError
+    from kdpipe.orchestration.retrain import Cluster
+    from kdpipe.pipelines.remote import retrain_on_cluster
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with pytest.raises(KdpipeError, match="set MLFLOW_TRACKING_URI .* nothing was submitted"):
+        retrain_on_cluster(tmp_path, "HEAD", Cluster(kfp_cluster.url))
+    assert kfp_cluster.requests == []

@@ -433,13 +433,23 @@ def _distill_node(args: argparse.Namespace) -> int:
 
 
 def _retrain(args: argparse.Namespace) -> None:
-    from kdpipe.orchestration.retrain import retrain
+    from dataclasses import replace
 
-    sys.stdout.write(
-        retrain(
-            ".", rev=args.rev, kfp_host=args.kfp_host, push=not args.no_push, namespace=args.kfp_namespace
-        )
-    )
+    from kdpipe.orchestration.retrain import cluster_from_env, retrain
+
+    cluster = cluster_from_env(args.kfp_host, args.kfp_namespace)
+    if cluster is None:
+        sys.stdout.write(retrain(".", rev=args.rev, push=not args.no_push))
+        return
+    given = {  # the options win over their environment variables
+        "settings_file": args.cluster,
+        "pipeline_version": args.pipeline_version,
+        "pipeline_name": args.pipeline_name,
+        "timeout_s": args.wait_timeout,
+        "poll_s": args.poll_interval,
+    }
+    cluster = replace(cluster, **{k: v for k, v in given.items() if v is not None})
+    sys.stdout.write(_pipelines("remote").retrain_on_cluster(".", args.rev, cluster))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -571,11 +581,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ret = sub.add_parser(
         "retrain",
-        help="dvc pull + repro + push and a metrics diff (or submit the Kubeflow pipeline)",
+        help="dvc pull + repro + push and a metrics diff (or the same loop on Kubeflow)",
         description="Retrain on the current data: `dvc pull` (tolerated when the workspace already has the data), "
         "`dvc repro`, `dvc push`, then `dvc metrics diff REV` as Markdown on stdout and in "
-        "$GITHUB_STEP_SUMMARY. With a Kubeflow endpoint (--kfp-host or $KDPIPE_KFP_HOST) it runs "
-        "`kdpipe pipeline submit --host HOST` instead.",
+        "$GITHUB_STEP_SUMMARY. With a Kubeflow endpoint (--kfp-host or $KDPIPE_KFP_HOST) the pipeline "
+        "runs on the cluster instead: retrain submits it (or runs an uploaded version), waits for the "
+        "run, writes its reports from MLflow ($MLFLOW_TRACKING_URI) to reports/ and diffs the metrics.",
     )
     ret.add_argument(
         "--rev", default="HEAD", help="git revision to compare the metrics with (default: %(default)s)"
@@ -589,6 +600,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="Kubernetes namespace of a multi-user Kubeflow (default: $KDPIPE_KFP_NAMESPACE)",
     )
     ret.add_argument("--no-push", action="store_true", help="skip `dvc push`")
+    ret.add_argument(
+        "--cluster",
+        default=None,
+        metavar="FILE",
+        help="Kubeflow: cluster settings to compile the pipeline with, as `pipeline compile --cluster` "
+        "(default: $KDPIPE_CLUSTER_FILE; unset: the committed package)",
+    )
+    ret.add_argument(
+        "--pipeline-version",
+        default=None,
+        metavar="NAME",
+        help="Kubeflow: run this version uploaded with `pipeline upload` instead of sending the package "
+        "(default: $KDPIPE_PIPELINE_VERSION)",
+    )
+    ret.add_argument(
+        "--pipeline-name",
+        default=None,
+        metavar="NAME",
+        help="Kubeflow: the uploaded pipeline of --pipeline-version (default: kdpipe)",
+    )
+    ret.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="Kubeflow: how long to wait for the run to finish (default: 21600, six hours)",
+    )
+    ret.add_argument(
+        "--poll-interval",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="Kubeflow: seconds between two reads of the run's state (default: 60)",
+    )
     ret.set_defaults(handler=_retrain)
     return parser
 

@@ -3,15 +3,17 @@
 Locally (the default): clear the executable bit on the DVC-tracked data files, ``dvc pull``,
 ``dvc repro``, ``dvc push``, then ``dvc metrics diff <rev>`` as Markdown (also appended to
 ``$GITHUB_STEP_SUMMARY`` when set). With a Kubeflow endpoint (``--kfp-host`` or env
-``KDPIPE_KFP_HOST``) it submits the KFP pipeline instead, with what the cluster needs to read this
-revision's data; the endpoint is only ever shown masked.
+``KDPIPE_KFP_HOST``: :func:`cluster_from_env`) the same loop runs on the cluster: submitting and
+waiting are :func:`kdpipe.pipelines.remote.retrain_on_cluster` (the Kubeflow layer); this module
+gives it what the cluster reads (:func:`kfp_data_arguments`, :func:`kfp_remote_arguments`) and
+brings the result back (:func:`cluster_result`: the run's reports from MLflow into
+``reports/<step>/``, then the same metrics diff). The endpoint is only ever shown masked.
 
 Design notes: docs/design-notes.md.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import subprocess
@@ -25,8 +27,13 @@ from kdpipe.data.ingest import dvc_executable
 
 KFP_HOST_ENV = "KDPIPE_KFP_HOST"
 KFP_NAMESPACE_ENV = "KDPIPE_KFP_NAMESPACE"
+CLUSTER_FILE_ENV = "KDPIPE_CLUSTER_FILE"
+PIPELINE_VERSION_ENV = "KDPIPE_PIPELINE_VERSION"
 DVC_REMOTE_ENV = "KDPIPE_DVC_REMOTE"
 SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
+REPORTS = Path("reports")
+# The key that marks a metrics file written from a cluster run's MLflow metrics.
+SOURCE_KEY = "source"
 
 
 @dataclass(frozen=True)
@@ -36,39 +43,21 @@ class Step:
     tolerate_failure: bool = False  # dvc pull: a failure is checked against the workspace instead
 
 
-def plan(
-    kfp_host: str | None = None,
-    push: bool = True,
-    dvc: str | None = None,
-    data: dict[str, Any] | None = None,
-    namespace: str | None = None,
-) -> list[Step]:
-    """The commands ``retrain`` runs, in order (the metrics diff comes after them). ``data``: the
-    pipeline's data arguments for a Kubeflow submission (``data_repo``, ``data_rev``, ``data_version``,
-    ``dvc_remote_config``)."""
-    if kfp_host:
-        overrides = [
-            arg
-            for key, value in (data or {}).items()
-            for arg in ("-S", f"{key}={json.dumps(value) if isinstance(value, dict) else value}")
-        ]
-        where = ["--namespace", namespace] if namespace else []
-        return [
-            Step(
-                "submit",
-                [
-                    sys.executable,
-                    "-m",
-                    "kdpipe.cli",
-                    "pipeline",
-                    "submit",
-                    "--host",
-                    kfp_host,
-                    *where,
-                    *overrides,
-                ],
-            )
-        ]
+@dataclass(frozen=True)
+class Cluster:
+    """Where and how ``retrain`` runs the pipeline on Kubeflow."""
+
+    host: str
+    namespace: str | None = None
+    settings_file: str | None = None  # cluster settings the package is compiled with (else the committed one)
+    pipeline_version: str | None = None  # an uploaded version to run instead of a package sent inline
+    pipeline_name: str = "kdpipe"
+    timeout_s: float = 6 * 3600  # a GitHub-hosted job stops after 6 hours
+    poll_s: float = 60.0
+
+
+def plan(push: bool = True, dvc: str | None = None) -> list[Step]:
+    """The commands a local ``retrain`` runs, in order (the metrics diff comes after them)."""
     dvc = dvc or dvc_executable()
     steps = [Step("pull", [dvc, "pull"], tolerate_failure=True), Step("repro", [dvc, "repro"])]
     if push:
@@ -79,35 +68,53 @@ def plan(
 def retrain(
     repo: str | os.PathLike = ".",
     rev: str = "HEAD",
-    kfp_host: str | None = None,
     push: bool = True,
     summary_path: str | os.PathLike | None = None,
-    namespace: str | None = None,
 ) -> str:
-    """Run the plan in ``repo``; return the Markdown summary (also appended to ``summary_path``)."""
+    """Retrain here, in ``repo``; return the Markdown summary (also appended to ``summary_path``,
+    default ``$GITHUB_STEP_SUMMARY``)."""
+    return write_summary(retrain_here(Path(repo), rev, push), summary_path)
+
+
+def write_summary(lines: list[str], summary_path: str | os.PathLike | None = None) -> str:
+    """The summary's Markdown from its body ``lines``, appended to ``summary_path`` (default
+    ``$GITHUB_STEP_SUMMARY``) when there is one."""
+    text = "\n".join(["## kdpipe retrain", "", *lines]).rstrip() + "\n"
+    summary_path = summary_path if summary_path is not None else os.environ.get(SUMMARY_ENV)
+    if summary_path:
+        with open(summary_path, "a", encoding="utf-8") as fh:
+            fh.write(text)
+    return text
+
+
+def cluster_from_env(kfp_host: str | None = None, namespace: str | None = None) -> Cluster | None:
+    """The cluster named by ``kfp_host`` or ``$KDPIPE_KFP_HOST``, with its settings from the
+    environment; None when there is no endpoint (retrain runs here)."""
+    host = kfp_host if kfp_host is not None else os.environ.get(KFP_HOST_ENV) or None
+    if not host:
+        return None
+    namespace = namespace if namespace is not None else os.environ.get(KFP_NAMESPACE_ENV) or None
+    return Cluster(
+        host,
+        namespace,
+        settings_file=os.environ.get(CLUSTER_FILE_ENV) or None,
+        pipeline_version=os.environ.get(PIPELINE_VERSION_ENV) or None,
+    )
+
+
+def retrain_here(repo: Path, rev: str, push: bool) -> list[str]:
+    """The local loop: pull, repro, push; the summary's lines with the metrics diff."""
     from kdpipe.orchestration.tracking import redact
 
-    repo = Path(repo)
-    kfp_host = kfp_host if kfp_host is not None else os.environ.get(KFP_HOST_ENV) or None
-    namespace = namespace if namespace is not None else os.environ.get(KFP_NAMESPACE_ENV) or None
-    data = None
-    if kfp_host:
-        data = {**kfp_data_arguments(repo), **kfp_remote_arguments(repo)}
-        if not os.environ.get("KFP_TOKEN"):
-            print(
-                "kdpipe retrain: warning: KFP_TOKEN is unset; the submission is unauthenticated",
-                file=sys.stderr,
-            )
-    lines = ["## kdpipe retrain", ""]
-    if not kfp_host:
-        cleared = clear_executable_bits(repo)
-        if cleared:
-            print(
-                f"kdpipe retrain: cleared the executable bit on {len(cleared)} data file(s) (e.g. {cleared[0]}): "
-                "DVC reports such files as modified on every pull",
-                file=sys.stderr,
-            )
-    for step in plan(kfp_host, push, data=data, namespace=namespace):
+    lines = []
+    cleared = clear_executable_bits(repo)
+    if cleared:
+        print(
+            f"kdpipe retrain: cleared the executable bit on {len(cleared)} data file(s) (e.g. {cleared[0]}): "
+            "DVC reports such files as modified on every pull",
+            file=sys.stderr,
+        )
+    for step in plan(push):
         shown = " ".join([Path(step.argv[0]).name, *(redact(a) for a in step.argv[1:])])
         print(f"kdpipe retrain: {shown}", file=sys.stderr, flush=True)
         # The commands' own output goes to stderr: stdout carries only the Markdown summary.
@@ -127,22 +134,159 @@ def retrain(
             )
             lines += ["- `dvc pull` failed; trained on the data already in the workspace", ""]
             continue
-        if step.name == "submit":
-            raise KdpipeError(f"submitting the Kubeflow pipeline to {redact(kfp_host)} failed (exit {code})")
         raise KdpipeError(f"`dvc {step.name}` failed (exit {code}); see its output above")
-    if kfp_host:
-        lines += [
-            f"Submitted the Kubeflow pipeline to `{redact(kfp_host)}`; training runs on the cluster.",
-            "",
-        ]
-    else:
-        lines += [f"Metrics against `{rev}` (`dvc metrics diff {rev}`):", "", metrics_diff(repo, rev)]
-    text = "\n".join(lines).rstrip() + "\n"
-    summary_path = summary_path if summary_path is not None else os.environ.get(SUMMARY_ENV)
-    if summary_path:
-        with open(summary_path, "a", encoding="utf-8") as fh:
-            fh.write(text)
-    return text
+    return [*lines, f"Metrics against `{rev}` (`dvc metrics diff {rev}`):", "", metrics_diff(repo, rev)]
+
+
+# ---------------------------------------------------------------- the result of a Kubeflow run
+
+
+def cluster_tracking_uri(repo: Path) -> str:
+    """The MLflow server the cluster's tasks log to, as this machine reaches it:
+    ``$MLFLOW_TRACKING_URI``, else ``register.tracking_uri`` of the project's params. There is no
+    local fallback: a store on this machine would never hold the cluster run's metrics."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if not uri and (repo / "params.yaml").is_file():
+        from kdpipe.core.params import load_params
+
+        uri = load_params(repo / "params.yaml").register.tracking_uri or ""
+    if not uri:
+        raise KdpipeError(
+            "a Kubeflow retrain reads the run's metrics back from MLflow: set MLFLOW_TRACKING_URI to "
+            "the server the cluster logs to (the kdpipe-mlflow secret's); nothing was submitted"
+        )
+    return uri
+
+
+def cluster_result(repo: Path, rev: str, uri: str, run_id: str) -> list[str]:
+    """After KFP run ``run_id`` succeeded: its reports pulled from MLflow into ``reports/`` and the
+    metrics diff against ``rev``, as the summary's lines."""
+    from kdpipe.orchestration.tracking import redact
+
+    pulled = pull_cluster_reports(repo, uri, run_id)
+    return [
+        f"Reports pulled back from MLflow (`{redact(uri)}`, runs tagged `kdpipe.execution={run_id}`); "
+        f"metrics files hold the run's MLflow metrics, marked by their `{SOURCE_KEY}` key. "
+        "`dvc.lock` is not changed: the cluster's outputs stay in its artifact store and the model "
+        "in the MLflow registry.",
+        "",
+        *pulled,
+        "",
+        f"Metrics against `{rev}` (`dvc metrics diff {rev}`):",
+        "",
+        metrics_diff(repo, rev),
+    ]
+
+
+def pull_cluster_reports(repo: Path, uri: str, run_id: str) -> list[str]:
+    """Write each step's reports from the MLflow runs of KFP run ``run_id`` into
+    ``reports/<step>/``; return one summary line per step (and one for the steps not found)."""
+    from mlflow import MlflowClient
+
+    from kdpipe.core.catalog import STEPS
+    from kdpipe.orchestration.tracking import redact
+
+    client = MlflowClient(uri)
+    runs = cluster_step_runs(client, run_id)
+    if not runs:
+        raise KdpipeError(
+            f"Kubeflow run {run_id} succeeded, but {redact(uri)} holds no MLflow run tagged "
+            f"kdpipe.execution={run_id}: do the cluster's tasks log there (the kdpipe-mlflow secret)?"
+        )
+    lines = []
+    for step, run in runs.items():
+        written, failed = write_step_reports(client, repo / REPORTS / step, step, run, run_id)
+        shown = ", ".join(f"`{(REPORTS / step / name).as_posix()}`" for name in written) or "no report"
+        lines.append(f"- {step}: {shown}" + (f" (not pulled: {failed})" if failed else ""))
+    missing = [step for step in STEPS if step not in runs]
+    if missing:
+        lines.append(f"- no MLflow run, reports left as they were: {', '.join(missing)}")
+    return lines
+
+
+def cluster_step_runs(client, run_id: str) -> dict[str, Any]:
+    """``{step: its MLflow run}`` for KFP run ``run_id``: the nested runs of the parent run(s)
+    tagged ``kdpipe.execution=<run id>`` (every task of that run logs under it), in the catalog's
+    order; of a step logged twice (a retried task) the latest."""
+    from kdpipe.core.catalog import STEPS
+    from kdpipe.orchestration.tracking import TAG_EXECUTION, TAG_STEP
+
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return {}
+    parents = client.search_runs(experiments, filter_string=f"tags.`{TAG_EXECUTION}` = '{run_id}'")
+    found: dict[str, Any] = {}
+    for parent in parents:
+        children = client.search_runs(
+            experiments,
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+            order_by=["attributes.start_time ASC"],
+        )
+        for child in children:
+            found[child.data.tags.get(TAG_STEP, "")] = child
+    return {step: found[step] for step in STEPS if step in found}
+
+
+def write_step_reports(client, folder: Path, step: str, run, kfp_run_id: str) -> tuple[list[str], str]:
+    """The step's report files from its MLflow run, into ``folder``: ``metrics.json`` from the run's
+    metrics (the keys MLflow holds, marked with their source), the others downloaded from its
+    artifacts as the step wrote them. Returns the names written and what could not be pulled."""
+    from kdpipe.core.catalog import STEPS
+
+    wanted = STEPS[step].report_files
+    written = []
+    if "metrics.json" in wanted and run.data.metrics:
+        write_cluster_metrics(folder / "metrics.json", run, kfp_run_id)
+        written.append("metrics.json")
+    try:
+        written += download_reports(
+            client, run.info.run_id, [n for n in wanted if n != "metrics.json"], folder
+        )
+    except Exception as exc:  # MLflow's artifact stores raise many types (a missing bucket credential...)
+        return written, f"artifacts: {_first_line(exc)}"
+    return written, ""
+
+
+def _first_line(exc: BaseException) -> str:
+    from kdpipe.orchestration.tracking import redact
+
+    text = str(exc).strip()
+    return redact(text.splitlines()[0])[:200] if text else type(exc).__name__
+
+
+def cluster_metrics(run) -> dict[str, float]:
+    """A step run's summary numbers: its MLflow metrics without the per-evaluation curves (those
+    are the step's plots, ``history.json`` and ``schedule.json``)."""
+    from kdpipe.orchestration.tracking import HISTORY_PREFIX
+
+    curves = (HISTORY_PREFIX, "schedule_")
+    return {k: v for k, v in sorted(run.data.metrics.items()) if not k.startswith(curves)}
+
+
+def write_cluster_metrics(path: Path, run, kfp_run_id: str) -> None:
+    from kdpipe.core.atomic import write_json
+
+    source = f"Kubeflow run {kfp_run_id}, MLflow run {run.info.run_id} (metrics as logged there)"
+    write_json(path, {**cluster_metrics(run), SOURCE_KEY: source})
+
+
+def download_reports(client, mlflow_run_id: str, names: list[str], folder: Path) -> list[str]:
+    """Download the artifacts of ``names`` that the run holds (at its root, where a step logs its
+    report files) into ``folder``, each replaced in one step; returns the names written."""
+    import shutil
+    import tempfile
+
+    from kdpipe.core.atomic import atomic_path
+
+    present = {a.path for a in client.list_artifacts(mlflow_run_id) if not a.is_dir}
+    written = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in (n for n in names if n in present):
+            local = client.download_artifacts(mlflow_run_id, name, tmp)
+            with atomic_path(folder / name) as target:
+                shutil.copyfile(local, target)
+            written.append(name)
+    return written
 
 
 def kfp_data_arguments(repo: Path) -> dict[str, str]:

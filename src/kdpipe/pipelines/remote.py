@@ -4,7 +4,9 @@ Arguments start from the defaults compiled into the package and take ``-S`` over
 (``-S train.lr=0.1``, ``-S register.min_accuracy=0.9``, ``-S data_rev=v2``), validated with the
 params schema. The API token comes only from ``$KFP_TOKEN``. Before anything is sent, the server's
 backend version is checked, the tasks are pointed at the ``--image`` / ``$KDPIPE_IMAGE`` (registry
-and digest required), and the run gets ``git_commit``.
+and digest required), and the run gets ``git_commit``. :func:`run_version` runs an uploaded version
+instead of a package, :func:`wait_for_run` follows a run until it stops, and
+:func:`retrain_on_cluster` is ``kdpipe retrain``'s loop on Kubeflow (submit, wait, pull the result back).
 
 Design notes: docs/design-notes.md.
 """
@@ -16,14 +18,18 @@ import json
 import os
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from kdpipe.orchestration.retrain import Cluster
 
 TOKEN_ENV = "KFP_TOKEN"
 
@@ -238,17 +244,22 @@ def _api_errors(what: str, outcome: str) -> Iterator[None]:
     """A refusal of the KFP API as one line (its status and message), not a client traceback."""
     from kfp_server_api.exceptions import ApiException
 
-    from kdpipe.core.errors import KdpipeError
-
     try:
         yield
     except ApiException as exc:
-        detail = (exc.body or "").strip() if isinstance(exc.body, str) else ""
-        try:
-            detail = json.loads(detail).get("error") or json.loads(detail).get("message") or detail
-        except (ValueError, AttributeError):
-            pass
-        raise KdpipeError(f"{what} failed: {exc.status} {exc.reason}: {detail[:300]}; {outcome}") from None
+        raise _api_error(exc, what, outcome) from None
+
+
+def _api_error(exc, what: str, outcome: str):
+    """The KdpipeError for an ``ApiException``: its status and the server's message, in one line."""
+    from kdpipe.core.errors import KdpipeError
+
+    detail = (exc.body or "").strip() if isinstance(exc.body, str) else ""
+    try:
+        detail = json.loads(detail).get("error") or json.loads(detail).get("message") or detail
+    except (ValueError, AttributeError):
+        pass
+    return KdpipeError(f"{what} failed: {exc.status} {exc.reason}: {detail[:300]}; {outcome}")
 
 
 def release_version(cwd: str | os.PathLike = ".") -> str | None:
@@ -295,11 +306,7 @@ def upload(
                 description="kdpipe: semi-supervised distillation",
                 namespace=namespace,
             ).pipeline_id
-        by_name = json.dumps(
-            {"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": version}]}
-        )
-        listed = kfp_client.list_pipeline_versions(pipeline_id, filter=by_name, page_size=10)
-        if any(v.display_name == version for v in listed.pipeline_versions or []):
+        if find_version(kfp_client, pipeline_id, version) is not None:
             raise KdpipeError(
                 f"pipeline {name!r} already has a version {version!r}: a release is never replaced; "
                 "name a new one (--version)"
@@ -308,6 +315,118 @@ def upload(
             str(sent), pipeline_version_name=version, pipeline_id=pipeline_id, description=f"kdpipe {version}"
         )
     return {"pipeline_id": pipeline_id, "version_id": created.pipeline_version_id, "version": version}
+
+
+def find_version(kfp_client, pipeline_id: str, version: str):
+    """The version named ``version`` of the pipeline ``pipeline_id``, or None."""
+    by_name = json.dumps(
+        {"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": version}]}
+    )
+    listed = kfp_client.list_pipeline_versions(pipeline_id, filter=by_name, page_size=10)
+    return next((v for v in listed.pipeline_versions or [] if v.display_name == version), None)
+
+
+def version_run_name(arguments: dict[str, Any], version: str) -> str:
+    """``kdpipe data <version> release <version name>``: an uploaded version names its own code."""
+    data = str(arguments.get("data_version") or arguments.get("data_rev") or "?")
+    return f"kdpipe data {data[:20]} release {version[:40]}"
+
+
+def run_version(
+    host: str,
+    name: str,
+    version: str,
+    arguments: dict[str, Any],
+    experiment: str = "kdpipe",
+    run_name: str | None = None,
+    namespace: str | None = None,
+    force_version: bool = False,
+) -> str:
+    """Create one run of the uploaded version ``version`` of the pipeline ``name`` (what
+    :func:`upload` made: its images and cluster settings are the ones it was uploaded with), so the
+    KFP UI lists the run under that release. Returns the run id."""
+    from kdpipe.core.errors import KdpipeError
+
+    check_server(host, force_version)
+    arguments = scrub_credentials(arguments)
+    with _api_errors(f"running version {version!r} of pipeline {name!r}", "nothing was submitted"):
+        kfp_client = client(host, namespace)
+        pipeline_id = kfp_client.get_pipeline_id(name)
+        found = None if pipeline_id is None else find_version(kfp_client, pipeline_id, version)
+        if found is None:
+            raise KdpipeError(
+                f"pipeline {name!r} has no version {version!r} on this server: upload it first "
+                f"(kdpipe pipeline upload --name {name} --version {version})"
+            )
+        experiment_id = kfp_client.create_experiment(experiment, namespace=namespace).experiment_id
+        run = kfp_client.run_pipeline(
+            experiment_id,
+            run_name or version_run_name(arguments, version),
+            params=arguments,
+            pipeline_id=pipeline_id,
+            version_id=found.pipeline_version_id,
+        )
+    return run.run_id
+
+
+# KFP's run states (v2beta1 RuntimeState) after which nothing more happens to a run.
+FINAL_STATES = frozenset({"SUCCEEDED", "SKIPPED", "FAILED", "CANCELED"})
+# Failed polls in a row that are tolerated: over hours of waiting a gateway or API server restarts.
+POLL_RETRIES = 3
+
+
+def wait_for_run(
+    host: str,
+    run_id: str,
+    namespace: str | None = None,
+    timeout_s: float = 6 * 3600,
+    poll_s: float = 60.0,
+) -> str:
+    """Poll the run until it reaches one of :data:`FINAL_STATES` and return that state. Raises a
+    one-line :class:`KdpipeError` when ``timeout_s`` passes first (the run goes on on the cluster)
+    or when the API refuses the poll. kfp's own ``wait_for_run_completion`` is not used: it does
+    not count CANCELED as final and would wait for a canceled run until its timeout."""
+    from kdpipe.core.errors import KdpipeError
+    from kdpipe.orchestration.tracking import redact
+
+    kfp_client = client(host, namespace)
+    deadline = time.monotonic() + timeout_s
+    failures, state = 0, "not reported yet"
+    while True:
+        polled = _run_state(kfp_client, run_id)
+        failures = failures + 1 if polled is None else 0
+        if failures > POLL_RETRIES:
+            raise KdpipeError(
+                f"reading the state of Kubeflow run {run_id} on {redact(host)} failed {failures} times "
+                "in a row (server errors or no connection); the run itself goes on on the cluster"
+            )
+        state = polled or state
+        if state in FINAL_STATES:
+            return state
+        if time.monotonic() >= deadline:
+            raise KdpipeError(
+                f"Kubeflow run {run_id} on {redact(host)} did not finish within {timeout_s:g} s "
+                f"(state {state}); it goes on on the cluster: follow it in the KFP UI"
+            )
+        time.sleep(poll_s)
+
+
+def _run_state(kfp_client, run_id: str) -> str | None:
+    """The run's state, or None when the server answered with a server error (5xx) or could not be
+    reached, which is worth another poll; any other refusal (unknown run, no access) is one line."""
+    from kfp_server_api.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    try:
+        return str(kfp_client.get_run(run_id).state or "RUNTIME_STATE_UNSPECIFIED").upper()
+    except HTTPError:  # no connection (after urllib3's own retries)
+        return None
+    except ApiException as exc:
+        if (exc.status or 0) >= 500:
+            return None
+        raise _api_error(
+            exc, f"reading the state of run {run_id}", "the run itself is not affected"
+        ) from None
 
 
 def check_cron(cron: str) -> str:
@@ -362,3 +481,116 @@ def schedule(
         for recurring_run_id in replaced:  # only once the new one exists
             kfp_client.delete_recurring_run(recurring_run_id)
     return {"recurring_run_id": created.recurring_run_id, "replaced": replaced, "cron": cron}
+
+
+# ---------------------------------------------------------------- kdpipe retrain on Kubeflow
+
+# The compiled package a project commits (kfp_pipeline.PACKAGE, named here to spare that import).
+COMMITTED_PACKAGE = Path("pipelines") / "kdpipe_pipeline.yaml"
+
+
+def retrain_on_cluster(
+    repo: str | os.PathLike, rev: str, cluster: Cluster, summary_path: str | os.PathLike | None = None
+) -> str:
+    """``kdpipe retrain`` with a Kubeflow endpoint (``cluster``): run the pipeline for ``repo``'s
+    commit and data, wait for the run, pull its reports back from MLflow into ``reports/`` and diff
+    the metrics against ``rev``. Returns the Markdown summary (also appended to ``summary_path``)."""
+    from kdpipe.orchestration import retrain as loop
+    from kdpipe.orchestration.tracking import redact
+
+    repo = Path(repo)
+    uri = loop.cluster_tracking_uri(repo)  # first: without it the run's result cannot come back
+    arguments = {**loop.kfp_data_arguments(repo), **loop.kfp_remote_arguments(repo)}
+    if not os.environ.get(TOKEN_ENV):
+        print(
+            "kdpipe retrain: warning: KFP_TOKEN is unset; the submission is unauthenticated", file=sys.stderr
+        )
+    # kfp prints run links on stdout, which carries only the Markdown summary
+    with contextlib.redirect_stdout(sys.stderr):
+        run_id, what = start_retrain_run(repo, cluster, arguments)
+        print(f"kdpipe retrain: Kubeflow run {run_id} ({what}); waiting for it to finish", file=sys.stderr)
+        state = wait_until_succeeded(cluster, run_id)
+    ran = f"Trained on Kubeflow (`{redact(cluster.host)}`): run `{run_id}`, {what}, ended {state}."
+    return loop.write_summary([ran, "", *loop.cluster_result(repo, rev, uri, run_id)], summary_path)
+
+
+def start_retrain_run(repo: Path, cluster: Cluster, arguments: dict[str, Any]) -> tuple[str, str]:
+    """Start the run: the uploaded ``cluster.pipeline_version``, else the package compiled with the
+    cluster settings file (else the committed one) on ``$KDPIPE_IMAGE`` and ``$KDPIPE_GPU_IMAGE``.
+    Returns the run id and, for the summary, what runs."""
+    if cluster.pipeline_version:
+        _note_version_ignores(cluster)
+        run_id = run_version(
+            cluster.host,
+            cluster.pipeline_name,
+            cluster.pipeline_version,
+            arguments,
+            namespace=cluster.namespace,
+        )
+        return run_id, f"uploaded version `{cluster.pipeline_version}` of pipeline `{cluster.pipeline_name}`"
+    with package_for_retrain(repo, cluster.settings_file) as package:
+        run_id = submit(cluster.host, package, arguments, namespace=cluster.namespace)
+    settings = (
+        f"cluster settings `{cluster.settings_file}`" if cluster.settings_file else "default cluster settings"
+    )
+    return run_id, f"the pipeline with {settings}"
+
+
+def _note_version_ignores(cluster: Cluster) -> None:
+    """An uploaded version carries the images and settings it was uploaded with: say so when others
+    are configured, rather than let them look applied."""
+    from kdpipe.orchestration.retrain import CLUSTER_FILE_ENV
+
+    unused = [
+        name
+        for name, value in (
+            (CLUSTER_FILE_ENV, cluster.settings_file),
+            ("KDPIPE_IMAGE", os.environ.get("KDPIPE_IMAGE")),
+            ("KDPIPE_GPU_IMAGE", os.environ.get("KDPIPE_GPU_IMAGE")),
+        )
+        if value
+    ]
+    if unused:
+        print(
+            f"kdpipe retrain: note: version {cluster.pipeline_version!r} runs with the images and "
+            f"cluster settings it was uploaded with; {', '.join(unused)} not applied",
+            file=sys.stderr,
+        )
+
+
+@contextmanager
+def package_for_retrain(repo: Path, settings_file: str | None) -> Iterator[Path]:
+    """The package to submit: compiled from the project's params and ``settings_file`` (relative to
+    the project) into a temporary folder, as ``kdpipe pipeline compile --cluster`` does; without a
+    settings file, the committed one."""
+    from kdpipe.core.errors import KdpipeError
+
+    if not settings_file:
+        yield repo / COMMITTED_PACKAGE
+        return
+    from kdpipe.pipelines.kfp_pipeline import compile_pipeline
+
+    params = repo / "params.yaml"
+    settings = Path(settings_file) if Path(settings_file).is_absolute() else repo / settings_file
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            package = compile_pipeline(
+                Path(tmp) / COMMITTED_PACKAGE.name, params if params.is_file() else None, settings
+            )
+        except ValueError as exc:  # compile's one-line refusals
+            raise KdpipeError(str(exc)) from None
+        yield package
+
+
+def wait_until_succeeded(cluster: Cluster, run_id: str) -> str:
+    """Wait for the run; its final state when it succeeded, else one line naming it and its state."""
+    from kdpipe.core.errors import KdpipeError
+    from kdpipe.orchestration.tracking import redact
+
+    state = wait_for_run(cluster.host, run_id, cluster.namespace, cluster.timeout_s, cluster.poll_s)
+    if state != "SUCCEEDED":
+        raise KdpipeError(
+            f"Kubeflow run {run_id} on {redact(cluster.host)} ended {state}: nothing was pulled back; "
+            "its tasks' logs are in the KFP UI"
+        )
+    return state
