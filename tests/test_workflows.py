@@ -21,10 +21,10 @@ def _secrets(value) -> set[str]:
     return set(re.findall(r"secrets\.([A-Z_]+)", str(value)))
 
 
-def evaluate_expression(expression: str, github: dict) -> object:
+def evaluate_expression(expression: str, github: dict, secrets: dict | None = None) -> object:
     """A GitHub Actions ``${{ }}`` expression of the kinds the workflows use (``==``, ``!=``, ``||``,
-    ``&&``, ``format()``, string literals, ``github.*`` context), evaluated on ``github``; a missing
-    property is ``''`` (falsy, as in Actions)."""
+    ``&&``, ``format()``, string literals, ``github.*`` and ``secrets.*`` contexts), evaluated on
+    ``github`` and ``secrets``; a missing property (an unset secret) is ``''`` (falsy, as in Actions)."""
     body = expression.strip().removeprefix("${{").removesuffix("}}").strip()
 
     class Missing(str):  # '' that still answers property access, like a missing context value
@@ -41,7 +41,8 @@ def evaluate_expression(expression: str, github: dict) -> object:
 
     python = body.replace("||", " or ").replace("&&", " and ").replace("format(", "fmt(")
     assert re.fullmatch(r"[\w.'{}()\[\]/ ,=!-]*", python), f"unsupported expression: {body}"
-    return eval(python, {"__builtins__": {}}, {"github": Context(github), "fmt": fmt})  # noqa: S307 (a test's own workflow file)
+    names = {"github": Context(github), "secrets": Context(secrets or {}), "fmt": fmt}
+    return eval(python, {"__builtins__": {}}, names)  # noqa: S307 (a test's own workflow file)
 
 
 # what GitHub puts in the context for each event (the schedule event has no repository object)
@@ -97,21 +98,86 @@ def test_retrain_gives_each_secret_only_to_the_steps_that_need_it():
     }
     assert "KDPIPE_KFP_NAMESPACE" in steps["retrain"]["env"] and "KDPIPE_IMAGE" in steps["retrain"]["env"]
     assert _secrets(steps["DVC remote from the secrets"]["env"]) == {"DVC_REMOTE_URL", "DVC_REMOTE_ENDPOINT"}
+    assert _secrets(steps[PR_STEP]) == {"RETRAIN_TOKEN"}  # the token its pull request is opened with
     for name, step in steps.items():
-        if name not in ("retrain", "DVC remote from the secrets"):
+        if name not in ("retrain", "DVC remote from the secrets", PR_STEP):
             assert not _secrets(step), f"step {name!r} sees secrets"
 
 
-def test_local_retraining_opens_a_pull_request_with_the_new_lock_file():
+PR_STEP = "pull request with the new dvc.lock and the metrics diff"
+
+
+def test_the_kubeflow_path_gets_both_images_the_cluster_settings_and_a_bounded_wait():
+    job = _workflow("retrain.yml")["jobs"]["retrain"]
+    step = {s["name"]: s for s in job["steps"] if "name" in s}["retrain"]
+    assert step["env"]["KDPIPE_IMAGE"] == "${{ vars.KDPIPE_IMAGE }}"
+    assert step["env"]["KDPIPE_GPU_IMAGE"] == "${{ vars.KDPIPE_GPU_IMAGE }}"
+    assert step["env"]["KDPIPE_CLUSTER_FILE"] == "${{ vars.KDPIPE_CLUSTER_FILE }}"
+    assert step["env"]["KDPIPE_PIPELINE_VERSION"] == "${{ vars.KDPIPE_PIPELINE_VERSION }}"
+    # retrain's own timeout ends first, with its one line naming the run, before the job is killed
+    wait = int(re.search(r"--wait-timeout (\d+)", step["run"])[1])
+    assert wait < job["timeout-minutes"] * 60 <= 6 * 3600  # a GitHub-hosted job's limit
+    # the options the step relies on exist, and read the variables it sets
+    from kdpipe.cli import build_parser
+
+    args = build_parser().parse_args(["retrain", "--wait-timeout", str(wait)])
+    assert args.wait_timeout == wait
+    from kdpipe.orchestration import retrain
+
+    assert {retrain.CLUSTER_FILE_ENV, retrain.PIPELINE_VERSION_ENV, retrain.KFP_HOST_ENV} <= set(step["env"])
+
+
+def test_both_paths_open_a_pull_request_with_the_new_lock_file_or_reports():
     job = _workflow("retrain.yml")["jobs"]["retrain"]
     assert job["permissions"] == {"contents": "write", "pull-requests": "write"}
     steps = {s["name"]: s for s in job["steps"] if "name" in s}
-    pr = steps["pull request with the new dvc.lock and the metrics diff"]
-    assert "HAS_KFP_HOST != 'true'" in pr["if"]
+    pr = steps[PR_STEP]
+    assert "if" not in pr  # a cluster run's reports come back too (kdpipe retrain writes them)
     assert "git add dvc.lock reports" in pr["run"] and "gh pr create" in pr["run"]
     assert "--body-file retrain-summary.md" in pr["run"]  # the metrics diff is the PR's description
     assert steps["venv cache"]["with"]["path"] == ".venv"
     assert "TORCH_CPU_INDEX" in steps["set up (venv with CPU-only torch, DVC config)"]["run"]
+
+
+def test_the_pull_request_is_opened_with_a_token_whose_events_start_ci():
+    """Events caused by the workflow's own token start no workflow: its pull request would get no
+    CI. RETRAIN_TOKEN (a fine-grained token or a GitHub App's) is used when set, for the push too."""
+    pr = {s["name"]: s for s in _workflow("retrain.yml")["jobs"]["retrain"]["steps"] if "name" in s}[PR_STEP]
+    github = {**EVENTS["push to main"], "token": "ghs_workflow"}
+    token = pr["env"]["GH_TOKEN"]
+    assert evaluate_expression(token, github, {"RETRAIN_TOKEN": "github_pat_x"}) == "github_pat_x"
+    assert evaluate_expression(token, github) == "ghs_workflow"  # unset: the fallback, without CI
+    script = pr["run"]
+    assert script.index("gh auth setup-git") < script.index("git push")  # git pushes with GH_TOKEN
+    assert "gh pr create" in script
+
+
+def test_the_pull_request_step_sees_new_report_files_as_a_change(tmp_path):
+    """Its "nothing changed" check, run in a throw-away repository: a report file the base commit
+    lacks (a cluster run's reports may include one) is untracked, which `git diff` does not see."""
+    import subprocess
+
+    pr = {s["name"]: s for s in _workflow("retrain.yml")["jobs"]["retrain"]["steps"] if "name" in s}[PR_STEP]
+    check = next(line for line in pr["run"].splitlines() if "nothing changed" in line)
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "old.json").write_text("{}")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "base")
+
+    def outcome() -> str:
+        done = subprocess.run(
+            ["bash", "-c", f"{check}\necho go on"], cwd=tmp_path, capture_output=True, text=True, check=True
+        )
+        return done.stdout.strip()
+
+    assert outcome() == "nothing changed"
+    (tmp_path / "reports" / "new.json").write_text("{}")
+    assert outcome() == "go on"
 
 
 def test_release_compiles_the_pipeline_against_the_pushed_images_by_digest():
@@ -291,6 +357,17 @@ def test_every_job_has_least_privilege_token_permissions():
                     )
 
 
+def _pushes_with_its_own_token(step: dict) -> bool:
+    """A step that pushes with the token in its own environment (gh as git's credential helper),
+    not with one that checkout left in .git/config."""
+    script = step.get("run", "")
+    return (
+        "GH_TOKEN" in step.get("env", {})
+        and "gh auth setup-git" in script
+        and script.index("gh auth setup-git") < script.index("git push")
+    )
+
+
 def test_checkout_keeps_no_token_unless_the_job_pushes_with_it():
     for name in WORKFLOWS:
         for job_name, job in _jobs(name).items():
@@ -299,7 +376,8 @@ def test_checkout_keeps_no_token_unless_the_job_pushes_with_it():
                 if not str(step.get("uses", "")).startswith("actions/checkout@"):
                     continue
                 persist = step.get("with", {}).get("persist-credentials", True)
-                if _pushes(steps[i + 1 :]):
+                pushing = [s for s in steps[i + 1 :] if _pushes([s])]
+                if pushing and not all(_pushes_with_its_own_token(s) for s in pushing):
                     assert persist is not False, f"{name}/{job_name}: pushes, but checkout dropped the token"
                 else:
                     assert persist is False, f"{name}/{job_name}: checkout leaves the token in .git/config"
