@@ -549,3 +549,25 @@ def test_an_uploaded_version_runs_by_reference_not_as_an_inline_package(kfp_serv
         run_version(kfp_server.url, "kdpipe", "v9.9.9", arguments)
     assert len(calls(kfp_server, "POST", f"{API}/runs")) == 1
     capsys.readouterr()
+
+
+def test_runs_and_schedules_carry_the_service_account_asked_for(kfp_server, capsys):
+    """KFP sets a run's service account per run (it is not in the package): submit and schedule send it."""
+    host = ["--host", kfp_server.url]
+    assert cli.main(["pipeline", "submit", *host, "--service-account", "kdpipe-runner"]) == 0
+    assert cli.main(["pipeline", "submit", *host]) == 0
+    assert (
+        cli.main(["pipeline", "schedule", *host, "--cron", "0 0 3 * * *", "--service-account", "ml-sa"]) == 0
+    )
+    first, second = calls(kfp_server, "POST", f"{API}/runs")
+    assert first["service_account"] == "kdpipe-runner" and not second.get("service_account")
+    (recurring,) = calls(kfp_server, "POST", f"{API}/recurringruns")
+    assert recurring["service_account"] == "ml-sa"
+
+
+def test_retrain_takes_the_service_account_from_the_cluster_settings_file(tmp_path):
+    from kdpipe.pipelines.remote import _service_account
+
+    (tmp_path / "cluster.yaml").write_text("service_account: kdpipe-runner\n")
+    assert _service_account(tmp_path, "cluster.yaml") == "kdpipe-runner"
+    assert _service_account(tmp_path, None) is None

@@ -294,12 +294,14 @@ def test_a_restarted_node_resumes_from_the_state_claim(
     assert f"resuming from {state / 'last.pt'} at iteration 4" in capfd.readouterr().out
 
 
-def test_the_nodes_mount_the_state_claim_and_train_in_the_runs_folder():
+def test_the_nodes_mount_the_state_claim_use_the_service_account_and_train_in_the_runs_folder():
     from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
 
     from kdpipe.orchestration.cluster import ClusterSettings
 
-    settings = ClusterSettings.model_validate({"state_pvc": "kdpipe-state", "state_mount": "/state"})
+    settings = ClusterSettings.model_validate(
+        {"state_pvc": "kdpipe-state", "state_mount": "/state", "service_account": "kdpipe-nodes"}
+    )
     job = trainjob.manifest(
         "kdpipe-distill-run-4",
         "team-a",
@@ -320,6 +322,7 @@ def test_the_nodes_mount_the_state_claim_and_train_in_the_runs_folder():
     pod = node["template"]["spec"]["template"]["spec"]
     assert {"name": "kdpipe-state", "persistentVolumeClaim": {"claimName": "kdpipe-state"}} in pod["volumes"]
     assert {"name": "kdpipe-state", "mountPath": "/state"} in pod["containers"][0]["volumeMounts"]
+    assert pod["serviceAccountName"] == "kdpipe-nodes"
     # without a claim: nothing mounted, no state folder (the nodes train in their scratch space)
     plain = trainjob.manifest(
         "j", "ns", IMAGE, 2, 1, INPUTS, "s3://o", {}, node_settings=ClusterSettings().node_settings()

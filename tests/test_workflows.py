@@ -112,7 +112,8 @@ def test_the_kubeflow_path_gets_both_images_the_cluster_settings_and_a_bounded_w
     step = {s["name"]: s for s in job["steps"] if "name" in s}["retrain"]
     assert step["env"]["KDPIPE_IMAGE"] == "${{ vars.KDPIPE_IMAGE }}"
     assert step["env"]["KDPIPE_GPU_IMAGE"] == "${{ vars.KDPIPE_GPU_IMAGE }}"
-    assert step["env"]["KDPIPE_CLUSTER_FILE"] == "${{ vars.KDPIPE_CLUSTER_FILE }}"
+    # the committed cluster settings unless the repository names another file
+    assert step["env"]["KDPIPE_CLUSTER_FILE"] == "${{ vars.KDPIPE_CLUSTER_FILE || 'cluster.yaml' }}"
     assert step["env"]["KDPIPE_PIPELINE_VERSION"] == "${{ vars.KDPIPE_PIPELINE_VERSION }}"
     # retrain's own timeout ends first, with its one line naming the run, before the job is killed
     wait = int(re.search(r"--wait-timeout (\d+)", step["run"])[1])
@@ -196,6 +197,17 @@ def test_release_compiles_the_pipeline_against_the_pushed_images_by_digest():
     assert compile_step["env"]["GPU_IMAGE"].endswith("@${{ needs.images.outputs.gpu }}")
     assert '--image "$CPU_IMAGE" --gpu-image "$GPU_IMAGE"' in compile_step["run"]
     assert "gh release upload" in steps["release with the compiled pipeline"]["run"]
+
+
+def test_the_release_compiles_with_the_committed_cluster_settings(tmp_path):
+    """The release runs as the platform team set it in cluster.yaml, and that file is valid settings
+    (a broken one would only show when a release is tagged)."""
+    from kdpipe.orchestration.cluster import load_cluster_settings
+
+    steps = {s["name"]: s for s in _workflow("release.yml")["jobs"]["pipeline"]["steps"] if "name" in s}
+    assert "--cluster cluster.yaml" in steps["compile the pipeline against the images, by digest"]["run"]
+    settings = load_cluster_settings(ROOT / "cluster.yaml")
+    assert settings.tasks["distill"].timeout_seconds  # a full file, every task bounded
 
 
 def test_the_release_images_are_accepted_by_submit_and_compile(tmp_path):

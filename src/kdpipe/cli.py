@@ -229,6 +229,7 @@ def _pipeline_submit(args: argparse.Namespace) -> None:
         image=args.image,
         gpu_image=args.gpu_image,
         force_version=args.force_backend_version,
+        service_account=args.service_account,
     )
     print(f"pipeline submitted: run {run_id} in experiment {args.experiment!r}")
 
@@ -275,6 +276,7 @@ def _pipeline_schedule(args: argparse.Namespace) -> None:
         image=args.image,
         gpu_image=args.gpu_image,
         force_version=args.force_backend_version,
+        service_account=args.service_account,
     )
     action = f"replaced {len(done['replaced'])}" if done["replaced"] else "created"
     print(
@@ -395,6 +397,13 @@ def _add_pipeline_commands(sub) -> None:
             action="store_true",
             help="submit even when the backend's version is unknown or cannot be read (it must be 2.15+)",
         )
+        if name != "upload":  # KFP sets a run's service account per run, not in the package
+            cmd.add_argument(
+                "--service-account",
+                default=None,
+                help="Kubernetes service account of the run's pods (default: the namespace's pipeline "
+                "runner); retrain reads it from the cluster settings file",
+            )
         if name == "upload":
             cmd.add_argument("--name", default="kdpipe", help="pipeline name in KFP (default: %(default)s)")
             cmd.add_argument("--version", default=None, help="version name (default: the commit's git tag)")

@@ -121,6 +121,12 @@ class ClusterSettings(_Strict):
         default_factory=dict,
         description="annotations on every task's pod (PodDefaults, sidecar injection...)",
     )
+    service_account: str | None = Field(
+        None,
+        description="the Kubernetes service account of the run's pods (KFP sets it per run: submit, "
+        "schedule and retrain pass it) and of a multi-node distill's nodes; null = the namespace's "
+        "pipeline runner",
+    )
     gpu_resource: str = Field(
         "nvidia.com/gpu",
         pattern=r"^[a-z0-9.-]+/[A-Za-z0-9._-]+$",
@@ -159,6 +165,7 @@ class ClusterSettings(_Strict):
             "deadline_seconds": distill.timeout_seconds or None,
             # every node mounts the state claim where the launcher does, and trains in the run's
             # folder there: a restarted TrainJob resumes from its last.pt (needs ReadWriteMany)
+            "service_account": self.service_account,
             "state_pvc": self.state_pvc,
             "state_mount": self.state_mount,
         }

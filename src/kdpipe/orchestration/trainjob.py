@@ -141,8 +141,8 @@ def manifest(
 
 def _node_patches(node: Mapping[str, Any]) -> list:
     """The cluster settings as a runtime patch of the node pods (the fields Trainer lets a TrainJob
-    patch): GPU node selector and tolerations, pull secrets, a memory-backed /dev/shm, the state
-    claim, labels."""
+    patch): service account, GPU node selector and tolerations, pull secrets, a memory-backed
+    /dev/shm, the state claim, labels."""
     from kubeflow_trainer_api import models as m
 
     shm, state = "dshm", "kdpipe-state"
@@ -167,6 +167,7 @@ def _node_patches(node: Mapping[str, Any]) -> list:
         )
         mounts.append(m.IoK8sApiCoreV1VolumeMount(name=state, mount_path=node["state_mount"]))
     pod = m.TrainerV1alpha1PodSpecPatch(
+        service_account_name=node.get("service_account") or None,
         node_selector=node.get("node_selector") or None,
         tolerations=[m.IoK8sApiCoreV1Toleration(**t) for t in node.get("tolerations", [])] or None,
         image_pull_secrets=[

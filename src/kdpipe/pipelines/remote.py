@@ -220,8 +220,10 @@ def submit(
     image: str | None = None,
     gpu_image: str | None = None,
     force_version: bool = False,
+    service_account: str | None = None,
 ) -> str:
-    """Create one run of the package on ``image`` (GPU tasks on ``gpu_image``); returns the run id."""
+    """Create one run of the package on ``image`` (GPU tasks on ``gpu_image``), its pods under
+    ``service_account`` (else the namespace's default runner); returns the run id."""
     check_server(host, force_version)
     arguments = scrub_credentials(arguments)
     with (
@@ -235,6 +237,7 @@ def submit(
             run_name=run_name or default_run_name(arguments),
             experiment_name=experiment,
             namespace=namespace,
+            service_account=service_account,
         )
     return result.run_id
 
@@ -341,6 +344,7 @@ def run_version(
     run_name: str | None = None,
     namespace: str | None = None,
     force_version: bool = False,
+    service_account: str | None = None,
 ) -> str:
     """Create one run of the uploaded version ``version`` of the pipeline ``name`` (what
     :func:`upload` made: its images and cluster settings are the ones it was uploaded with), so the
@@ -365,6 +369,7 @@ def run_version(
             params=arguments,
             pipeline_id=pipeline_id,
             version_id=found.pipeline_version_id,
+            service_account=service_account,
         )
     return run.run_id
 
@@ -451,8 +456,9 @@ def schedule(
     image: str | None = None,
     gpu_image: str | None = None,
     force_version: bool = False,
+    service_account: str | None = None,
 ) -> dict[str, Any]:
-    """Create the recurring run ``name`` on ``image``, replacing any recurring run of that name in the
+    """Create the recurring run ``name`` on ``image`` (pods under ``service_account``), replacing any recurring run of that name in the
     experiment. KFP has no update call: the new one is created first and the old ones deleted after,
     so a failed create leaves the old schedule running (never no schedule at all).
     One run at a time, no catch-up. Caching is off by default, so each run reads the data anew."""
@@ -477,6 +483,7 @@ def schedule(
                 pipeline_package_path=str(sent),
                 params=with_git_commit(sent, arguments),
                 enable_caching=enable_caching,
+                service_account=service_account,
             )
         for recurring_run_id in replaced:  # only once the new one exists
             kfp_client.delete_recurring_run(recurring_run_id)
@@ -526,14 +533,31 @@ def start_retrain_run(repo: Path, cluster: Cluster, arguments: dict[str, Any]) -
             cluster.pipeline_version,
             arguments,
             namespace=cluster.namespace,
+            service_account=_service_account(repo, cluster.settings_file),
         )
         return run_id, f"uploaded version `{cluster.pipeline_version}` of pipeline `{cluster.pipeline_name}`"
     with package_for_retrain(repo, cluster.settings_file) as package:
-        run_id = submit(cluster.host, package, arguments, namespace=cluster.namespace)
+        run_id = submit(
+            cluster.host,
+            package,
+            arguments,
+            namespace=cluster.namespace,
+            service_account=_service_account(repo, cluster.settings_file),
+        )
     settings = (
         f"cluster settings `{cluster.settings_file}`" if cluster.settings_file else "default cluster settings"
     )
     return run_id, f"the pipeline with {settings}"
+
+
+def _service_account(repo: Path, settings_file: str | None) -> str | None:
+    """The cluster settings file's service account: KFP sets it per run, not in the package."""
+    from kdpipe.orchestration.cluster import load_cluster_settings
+
+    if not settings_file:
+        return None
+    path = Path(settings_file) if Path(settings_file).is_absolute() else repo / settings_file
+    return load_cluster_settings(path).service_account
 
 
 def _note_version_ignores(cluster: Cluster) -> None:
