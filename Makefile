@@ -104,7 +104,7 @@ gpu-check: setup ## run every CUDA path once and write benchmarks/results/gpu_ch
 bench-large: setup ## the data-path benchmarks at scale (memory at N = 10k, 50k, 200k images: ~30 min)
 	$(BIN)/python -m benchmarks.memory_scaling --large
 
-retrain: data ## dvc pull + repro + push + metrics diff (or submit to Kubeflow when KDPIPE_KFP_HOST is set)
+retrain: data ## dvc pull + repro + push + metrics diff (with KDPIPE_KFP_HOST: run on Kubeflow, wait, pull the reports back)
 	$(BIN)/kdpipe retrain
 
 test: setup ## run the whole test suite (what CI runs); the 15 slowest tests are listed at the end
