@@ -347,6 +347,7 @@ def test_every_job_has_least_privilege_token_permissions():
     needs = {
         "contents": (r"\bgit\s+push\b", r"\bgh\s+release\b"),
         "pull-requests": (r"\bgh\s+pr\b",),
+        "id-token": (r"\bcosign\s+sign\b",),  # keyless signing: the OIDC token is the identity
     }
     for name in WORKFLOWS:
         flow = _workflow(name)
@@ -393,3 +394,119 @@ def test_checkout_keeps_no_token_unless_the_job_pushes_with_it():
                     assert persist is not False, f"{name}/{job_name}: pushes, but checkout dropped the token"
                 else:
                     assert persist is False, f"{name}/{job_name}: checkout leaves the token in .git/config"
+
+
+# --- release: the pushed images are scanned and signed, by digest (issue 29) ---
+
+CPU_BY_DIGEST = "${{ vars.IMAGE_REPOSITORY }}@${{ needs.images.outputs.cpu }}"
+GPU_BY_DIGEST = "${{ vars.IMAGE_REPOSITORY }}@${{ needs.images.outputs.gpu }}"
+COSIGN_SIGN = r"\bcosign\s+sign\b"
+
+
+def _needs(job: dict) -> set[str]:
+    needs = job.get("needs", [])
+    return {needs} if isinstance(needs, str) else set(needs)
+
+
+def _uses(step: dict, action: str) -> bool:
+    return str(step.get("uses", "")).startswith(action + "@")
+
+
+def _logged_in_to_the_image_registry(steps: list[dict]) -> bool:
+    """A registry login with the REGISTRY_* secrets, as the images job pushes with."""
+    return any(
+        _uses(s, "docker/login-action")
+        and s["with"]["registry"] == "${{ vars.IMAGE_REPOSITORY }}"
+        and _secrets(s["with"]) == {"REGISTRY_USERNAME", "REGISTRY_PASSWORD"}
+        for s in steps
+    )
+
+
+def test_the_release_scans_both_pushed_images_by_digest_and_stops_on_fixable_critical():
+    jobs = _jobs("release.yml")
+    reports: dict[str, tuple[str, str]] = {}  # image -> (job, report file)
+    for job_name, job in jobs.items():
+        steps = job.get("steps", [])
+        for i, step in enumerate(steps):
+            if not _uses(step, "aquasecurity/trivy-action"):
+                continue
+            scan = step["with"]
+            assert scan["severity"] == "CRITICAL" and scan["ignore-unfixed"] is True
+            assert str(scan["exit-code"]) == "1"  # a finding fails the step, the job, the release
+            # the action reports every severity in SARIF (and so fails on any of them): JSON keeps the filter
+            assert scan["format"] == "json"
+            assert _logged_in_to_the_image_registry(steps[:i]), (
+                f"{job_name}: scans a private image logged out"
+            )
+            reports[scan["image-ref"]] = (job_name, scan["output"])
+    assert set(reports) == {CPU_BY_DIGEST, GPU_BY_DIGEST}  # both images, by the digest that was pushed
+    (scan_job,) = {job for job, _ in reports.values()}
+    files = {file for _, file in reports.values()}
+    assert len(files) == 2
+    # the second scan runs (and reports) when the first failed
+    scans = [s for s in jobs[scan_job]["steps"] if _uses(s, "aquasecurity/trivy-action")]
+    assert all("!cancelled()" in s["if"] for s in scans[1:])
+    # no release without a passed scan
+    assert scan_job in _needs(jobs["pipeline"])
+    # the reports are kept as an artifact even when a scan fails, and attached to the release
+    (upload,) = [s for s in jobs[scan_job]["steps"] if _uses(s, "actions/upload-artifact")]
+    assert "!cancelled()" in upload["if"] and files <= set(upload["with"]["path"].split())
+    release_steps = jobs["pipeline"]["steps"]
+    (download,) = [s for s in release_steps if _uses(s, "actions/download-artifact")]
+    assert download["with"]["name"] == upload["with"]["name"]
+    release = next(s["run"] for s in release_steps if "gh release upload" in s.get("run", ""))
+    assert all(file in release.split() for file in files)
+
+
+def _signed_images(step: dict) -> list[str]:
+    """The image references a step's `cosign sign` lines sign, read through the step's environment."""
+    images = []
+    for line in step.get("run", "").splitlines():
+        if not re.search(COSIGN_SIGN, line):
+            continue
+        args = line.split()
+        assert "--yes" in args, line  # no prompt on a runner
+        assert not any(a.startswith(("--key", "--sk")) for a in args), line  # keyless: no key to keep
+        ref = args[-1].strip("\"'")
+        variable = re.fullmatch(r"\$\{?(\w+)\}?", ref)
+        images.append(step["env"][variable[1]] if variable else ref)
+    return images
+
+
+def test_the_release_signs_both_pushed_images_by_digest_keylessly():
+    jobs = _jobs("release.yml")
+    signed: dict[str, str] = {}  # image -> job
+    for job_name, job in jobs.items():
+        steps = job.get("steps", [])
+        for i, step in enumerate(steps):
+            for image in _signed_images(step):
+                assert any(_uses(s, "sigstore/cosign-installer") for s in steps[:i]), job_name
+                # cosign pushes the signature with the registry login, not the job's token
+                assert _logged_in_to_the_image_registry(steps[:i]), job_name
+                signed[image] = job_name
+    assert set(signed) == {CPU_BY_DIGEST, GPU_BY_DIGEST}  # a tag could be moved; a digest names the image
+    (sign_job,) = set(signed.values())
+    scan_job = next(
+        name for name, job in jobs.items() if any(_uses(s, "aquasecurity/trivy-action") for s in job["steps"])
+    )
+    assert scan_job in _needs(jobs[sign_job])  # only an image that passed the scan is signed
+    assert sign_job in _needs(jobs["pipeline"])  # and the release lists signed images only
+
+
+def test_only_the_signing_job_gets_an_id_token():
+    granted = {
+        (name, job_name)
+        for name in WORKFLOWS
+        for job_name, job in _jobs(name).items()
+        if (job.get("permissions") or {}).get("id-token") == "write"
+    }
+    signing = {
+        (name, job_name)
+        for name in WORKFLOWS
+        for job_name, job in _jobs(name).items()
+        if any(re.search(COSIGN_SIGN, s.get("run", "")) for s in job.get("steps", []))
+    }
+    assert len(signing) == 1 and granted == signing
+    ((name, job_name),) = signing
+    # the signatures are pushed with the REGISTRY_* login: the job's token writes no packages
+    assert _jobs(name)[job_name]["permissions"] == {"contents": "read", "id-token": "write"}
