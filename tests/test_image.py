@@ -215,10 +215,12 @@ HASH_TREE = (
 
 
 def test_dvc_pull_and_a_minio_artifact_over_s3_inside_the_image(cpu_image, moto_s3, tmp_path):
-    """Needs the image's object-store drivers. Without dvc-s3, `dvc pull` fails with "ERROR: ... s3
-    is supported, but requires 'dvc-s3' to be installed"; without s3fs the artifact read fails with
-    kdpipe's "s3://mlpipeline/...: no filesystem for 's3' (... Install s3fs to access S3); install its
-    driver (pip install 'kdpipe[cloud]')". Either fails this test at its `buildah run`."""
+    """Needs the image's object-store drivers. Checked on a copy of the image with dvc-s3 and s3fs
+    uninstalled, this test fails at its `buildah run` with, from `dvc pull`: "ERROR: unexpected
+    error - s3 is supported, but requires 'dvc-s3' to be installed: No module named 'dvc_s3'"; and,
+    with the pull skipped, from the artifact read: "KdpipeError: s3://mlpipeline/v2/artifacts/...:
+    no filesystem for 's3' (Install s3fs to access S3); install its driver (pip install
+    'kdpipe[cloud]')"."""
     import boto3
     from dvc_repo import DVC, commit, init_repo, repo_env, run
 
