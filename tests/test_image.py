@@ -16,15 +16,13 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from test_s3_remote import FAKE_CREDENTIALS  # moto accepts any; given to the container as environment
+from test_s3_remote import s3_endpoint as s3_endpoint  # a fixture, used by name
 
 # The first test also pays for the image build (the module fixture), which took about 15 minutes on
 # two cores: the suite-wide 900 s limit would cut it off, so these tests get the build's own bound.
@@ -150,52 +148,9 @@ def test_the_prepare_step_runs_in_the_image_on_tiny_data(cpu_image, tmp_path):
 # `buildah run --isolation=chroot` shares the host's network namespace, so a server the test binds
 # to the host's 127.0.0.1 answers inside the container at the same address.
 
-MOTO = Path(sys.executable).parent / "moto_server"
-FAKE_CREDENTIALS = {  # moto accepts any; given to the container as environment, never written to a file
-    "AWS_ACCESS_KEY_ID": "image-test-key-id",
-    "AWS_SECRET_ACCESS_KEY": "image-test-secret",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
 DVC_BUCKET = "kdpipe-dvc"
 KFP_BUCKET = "mlpipeline"  # the bucket a stock Kubeflow Pipelines install writes its artifacts to
 KFP_ARTIFACT = "v2/artifacts/kdpipe/run-0001/distill/model"
-
-
-@pytest.fixture
-def moto_s3(tmp_path):
-    """Endpoint URL of a moto S3 server on 127.0.0.1; stopped by its PID when the test ends."""
-    if not MOTO.exists():
-        pytest.skip("moto_server is not installed (pip install 'moto[server]')")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    log_path = tmp_path / "moto.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [str(MOTO), "-H", "127.0.0.1", "-p", str(port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **FAKE_CREDENTIALS},
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:  # ready when its API answers, not after a guessed delay
-            try:
-                urllib.request.urlopen(f"{url}/moto-api/", timeout=2).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"moto_server did not start:\n{log_path.read_text()}")
-                time.sleep(0.2)
-        yield url
-    finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def _sha256s(folder: Path) -> dict[str, str]:
@@ -214,7 +169,7 @@ HASH_TREE = (
 )
 
 
-def test_dvc_pull_and_a_minio_artifact_over_s3_inside_the_image(cpu_image, moto_s3, tmp_path):
+def test_dvc_pull_and_a_minio_artifact_over_s3_inside_the_image(cpu_image, s3_endpoint, tmp_path):
     """Needs the image's object-store drivers. Checked on a copy of the image with dvc-s3 and s3fs
     uninstalled, this test fails at its `buildah run` with, from `dvc pull`: "ERROR: unexpected
     error - s3 is supported, but requires 'dvc-s3' to be installed: No module named 'dvc_s3'"; and,
@@ -226,7 +181,7 @@ def test_dvc_pull_and_a_minio_artifact_over_s3_inside_the_image(cpu_image, moto_
 
     s3 = boto3.client(
         "s3",
-        endpoint_url=moto_s3,
+        endpoint_url=s3_endpoint,
         region_name=FAKE_CREDENTIALS["AWS_DEFAULT_REGION"],
         aws_access_key_id=FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
@@ -244,7 +199,7 @@ def test_dvc_pull_and_a_minio_artifact_over_s3_inside_the_image(cpu_image, moto_
     (data / "notes.txt").write_text("pulled through S3 inside the image\n")
     run([DVC, "add", "-q", "data"], origin, env)
     run([DVC, "remote", "add", "-d", "store", f"s3://{DVC_BUCKET}/dvc-store"], origin, env)
-    run([DVC, "remote", "modify", "store", "endpointurl", moto_s3], origin, env)
+    run([DVC, "remote", "modify", "store", "endpointurl", s3_endpoint], origin, env)
     commit(origin, env, "data on an s3 remote")
     run([DVC, "push", "-q"], origin, env)
     expected_data = _sha256s(data)
@@ -264,7 +219,7 @@ def test_dvc_pull_and_a_minio_artifact_over_s3_inside_the_image(cpu_image, moto_
     work = "/home/kdpipe/work/s3check"
     _run(["buildah", "copy", "--chown", "10001:10001", cpu_image["container"], str(stage), work])
 
-    inside_env = {**FAKE_CREDENTIALS, "KDPIPE_MINIO_ENDPOINT": moto_s3, "DVC_NO_ANALYTICS": "1"}
+    inside_env = {**FAKE_CREDENTIALS, "KDPIPE_MINIO_ENDPOINT": s3_endpoint, "DVC_NO_ANALYTICS": "1"}
     _inside(cpu_image, "sh", "-c", f"cd {work}/project && dvc pull", env=inside_env)
     pulled = json.loads(_inside(cpu_image, "python", "-c", HASH_TREE, f"{work}/project/data"))
     assert pulled == expected_data

@@ -7,6 +7,7 @@ end of each test. The real ``kfp.Client`` and its generated API client build the
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import threading
@@ -140,9 +141,9 @@ class FakeKfp:
             return 404, {"error": f"not implemented: {method} {path}"}
 
 
-@pytest.fixture
-def kfp_server():
-    fake = FakeKfp()
+@contextlib.contextmanager
+def serving(fake: FakeKfp):
+    """``fake`` answering on 127.0.0.1 (its ``url``), every request recorded in ``fake.requests``."""
 
     def handle(method, path, query, body, headers):
         fake.requests.append((method, path, query, body, headers))
@@ -150,6 +151,12 @@ def kfp_server():
 
     with serve(handle) as url:
         fake.url = url
+        yield fake
+
+
+@pytest.fixture
+def kfp_server():
+    with serving(FakeKfp()) as fake:
         yield fake
 
 

@@ -423,8 +423,7 @@ def make_cluster_project(path: Path, env) -> Path:
 def kfp_cluster(monkeypatch, tmp_path):
     """The fake KFP API (tests/test_kfp_remote.py) on 127.0.0.1, an MLflow SQLite store both "the
     cluster" and retrain use, and the images by digest; stopped at the end."""
-    from fake_http import serve
-    from test_kfp_remote import TOKEN, FakeKfp
+    from test_kfp_remote import TOKEN, FakeKfp, serving
 
     monkeypatch.setenv("KFP_TOKEN", TOKEN)
     monkeypatch.setenv("KDPIPE_IMAGE", IMAGE)
@@ -433,14 +432,7 @@ def kfp_cluster(monkeypatch, tmp_path):
     monkeypatch.setenv("KDPIPE_MLFLOW_RUN_FILE", str(tmp_path / "mlflow_run.json"))
     for name in ("KDPIPE_KFP_HOST", "KDPIPE_CLUSTER_FILE", "KDPIPE_PIPELINE_VERSION", "KDPIPE_DVC_REMOTE"):
         monkeypatch.delenv(name, raising=False)
-    fake = FakeKfp()
-
-    def handle(method, path, query, body, headers):
-        fake.requests.append((method, path, query, body, headers))
-        return fake.handle(method, path, query, body)
-
-    with serve(handle) as url:
-        fake.url = url
+    with serving(FakeKfp()) as fake:
         yield fake
 
 

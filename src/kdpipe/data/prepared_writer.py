@@ -223,7 +223,6 @@ def build_manifest(
     linked: dict[str, str],
     decoding: dict[str, Any],
 ) -> dict[str, Any]:
-    per_class = {name: ledger.class_counts(SPLITS.index(name)) for name in ("train", "val", "test")}
     images = [
         f[0] for kind in ("x", "xt" if teacher_image_size else None) if kind for f in layout.files(kind)
     ]
@@ -234,12 +233,7 @@ def build_manifest(
         for name in sorted((*images, *labels), key=file_order) + [ROWS, SOURCES, REJECTED]
     }
     return {
-        "class_names": ledger.class_names,
-        "counts": _counts(ledger),
-        "per_class": per_class,
-        "image_size": params.prepare.image_size,
-        # the size of the *_xt.npy copies; null when the teacher upsamples the student-size arrays
-        "teacher_image_size": teacher_image_size,
+        **_counts_head(params, ledger, teacher_image_size),
         "data_version": _data_version(ledger),
         "files": files,
         # rows per file of a split kept in several files (kdpipe.data.segments); absent when each split is one file
@@ -256,14 +250,18 @@ def build_manifest(
 
 def summary_manifest(params: Params, ledger: Ledger, teacher_image_size: int | None) -> dict[str, Any]:
     """The manifest's counts for ``--check`` (no files, so no hashes)."""
-    per_class = {name: ledger.class_counts(SPLITS.index(name)) for name in ("train", "val", "test")}
+    return {**_counts_head(params, ledger, teacher_image_size), "check_only": True}
+
+
+def _counts_head(params: Params, ledger: Ledger, teacher_image_size: int | None) -> dict[str, Any]:
+    """The manifest's first keys, in order: classes, counts, image sizes (--check prints these too)."""
     return {
         "class_names": ledger.class_names,
         "counts": _counts(ledger),
-        "per_class": per_class,
+        "per_class": {name: ledger.class_counts(SPLITS.index(name)) for name in ("train", "val", "test")},
         "image_size": params.prepare.image_size,
+        # the size of the *_xt.npy copies; null when the teacher upsamples the student-size arrays
         "teacher_image_size": teacher_image_size,
-        "check_only": True,
     }
 
 

@@ -107,19 +107,30 @@ def build_trainer(params, data, out_dir, runtime, model=None):
     """The fine-tuning run of the teacher (the ``supervised`` recipe, the teacher in the student's seat
     of the loop, under its own report names) on ``data`` from :func:`kdpipe.steps.common.training_data`;
     ``model`` is the network to start from (by default a freshly built :func:`build_network`)."""
-    from kdpipe.training.augmentation import AugmentConfig
-    from kdpipe.training.engine import LoopConfig, Trainer
-    from kdpipe.training.recipes import Hyper, build_recipe
+    from kdpipe.training.engine import LoopConfig
+    from kdpipe.training.recipes import build_recipe
 
     tp = params.teacher
     tuned = fine_tuning_data(data)
-    networks, run_files = _teacher_as_trained_network(params, data, model, out_dir, "teacher")
     loop = LoopConfig.from_teacher(tp, fine_tuning_iterations(tp, len(tuned.train_x)))
+    return _teacher_trainer(
+        params, build_recipe("supervised"), tuned, loop, runtime, data, model, out_dir, "teacher"
+    )
+
+
+def _teacher_trainer(params, recipe, train_data, loop, runtime, data, model, out_dir, desc, **fingerprint):
+    """A training run of the teacher (fine-tuning or an unlabeled round) on ``train_data``; ``data``
+    is the prepared data it came from (its image size and version)."""
+    from kdpipe.training.augmentation import AugmentConfig
+    from kdpipe.training.engine import Trainer
+    from kdpipe.training.recipes import Hyper
+
+    networks, run_files = _teacher_as_trained_network(params, data, model, out_dir, desc, **fingerprint)
     return Trainer(
-        build_recipe("supervised"),
-        tuned,
+        recipe,
+        train_data,
         loop,
-        Hyper(label_smoothing=tp.label_smoothing),
+        Hyper(label_smoothing=params.teacher.label_smoothing),
         runtime,
         networks,
         run_files,
@@ -262,9 +273,7 @@ def unlabeled_round(params, data, model, runtime, out: Path, index: int):
     ``None`` when no unlabeled image passes the threshold."""
     from dataclasses import replace
 
-    from kdpipe.training.augmentation import AugmentConfig
-    from kdpipe.training.engine import LoopConfig, Trainer
-    from kdpipe.training.recipes import Hyper
+    from kdpipe.training.engine import LoopConfig
 
     tp = params.teacher
     tuned = fine_tuning_data(data)
@@ -282,18 +291,17 @@ def unlabeled_round(params, data, model, runtime, out: Path, index: int):
         1, min(int(tp.max_iterations), math.ceil(tp.unlabeled_epochs * len(images) / tp.batch_size))
     )
     loop = LoopConfig.from_teacher(tp, iterations)
-    networks, run_files = _teacher_as_trained_network(
-        params, data, model, out / f"round-{index}", f"teacher round {index}", round=index
-    )
-    trainer = Trainer(
+    trainer = _teacher_trainer(
+        params,
         noisy_supervised_recipe(),
         round_data,
         loop,
-        Hyper(label_smoothing=tp.label_smoothing),
         runtime,
-        networks,
-        run_files,
-        augment_cfg=AugmentConfig.from_params(params.augment),
+        data,
+        model,
+        out / f"round-{index}",
+        f"teacher round {index}",
+        round=index,
     )
     result = trainer.run()
     trainer.write_reports()
